@@ -1,0 +1,124 @@
+"""The ``ssr`` command line.
+
+    ssr data prepare glyphs|download|import-landmarks ...   data sets (storage)
+    ssr services start|stop                                   local Prefect server, worker, MLflow UI
+    ssr run fewshot|retrieval [--preset NAME] [--set k=v]     run a pipeline in-process, no server needed
+    ssr models                                                registered models, versions and aliases
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+PRESETS_FILE = Path(__file__).resolve().parent.parent / "deploy" / "prefect.yaml"
+
+
+def presets() -> dict[str, dict]:
+    """Deployment parameter presets from deploy/prefect.yaml, by deployment name."""
+    import yaml
+
+    doc = yaml.safe_load(PRESETS_FILE.read_text())
+    return {d["name"]: d.get("parameters", {}) for d in doc.get("deployments", [])}
+
+
+def _parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"ssr run: --set expects key=value, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def cmd_run(args) -> int:
+    from pydantic import ValidationError
+
+    from ssr_tasks.config import FewShotParams, RetrievalParams
+
+    model = FewShotParams if args.pipeline == "fewshot" else RetrievalParams
+    base = {}
+    if args.preset:
+        table = presets()
+        if args.preset not in table:
+            raise SystemExit(f"ssr run: unknown preset {args.preset!r}; known: {', '.join(table)}")
+        base = table[args.preset].get(args.pipeline, {})
+    try:
+        params = model(**{**base, **_parse_sets(args.set)})
+    except ValidationError as exc:
+        for err in exc.errors():
+            print(f"ssr run: parameter {'.'.join(map(str, err['loc'])) or '?'}: {err['msg']}", file=sys.stderr)
+        return 2
+    from flows.ssr_flow import ssr
+
+    result = ssr(pipeline=args.pipeline, **{args.pipeline: params})
+    print(result["markdown"])
+    print(f"registered model: {result['model_uri']} (aliases moved: {', '.join(result['aliases']) or 'none'})")
+    return 0
+
+
+def cmd_services(args) -> int:
+    from flows import local_services
+
+    if args.action == "start":
+        addrs = local_services.start(worker=not args.no_worker, mlflow_ui=not args.no_mlflow_ui)
+        for name, url in addrs.items():
+            print(f"{name}: {url}")
+    else:
+        print("stopped: " + (", ".join(local_services.stop()) or "nothing was running"))
+    return 0
+
+
+def cmd_models(args) -> int:
+    import mlflow
+
+    from ssr_tasks.services import mlflow_tracking_uri, redact_uri
+
+    uri = mlflow_tracking_uri()
+    client = mlflow.MlflowClient(uri, uri)
+    models = client.search_registered_models()
+    print(f"registry: {redact_uri(uri)}")
+    if not models:
+        print("no registered models yet")
+    for rm in models:
+        aliases = ", ".join(f"{a}->v{v}" for a, v in sorted((rm.aliases or {}).items()))
+        print(f"{rm.name}: aliases {aliases or 'none'}")
+        for mv in client.search_model_versions(f"name='{rm.name}'"):
+            tags = ", ".join(f"{k}={v}" for k, v in sorted(mv.tags.items()))
+            print(f"  v{mv.version}  {tags}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    from storage import cli as storage_cli
+
+    storage_cli.register(sub)
+    p = sub.add_parser("services", help="start or stop the local Prefect server, worker and MLflow UI (127.0.0.1)")
+    p.add_argument("action", choices=["start", "stop"])
+    p.add_argument("--no-worker", action="store_true", help="do not start a process worker")
+    p.add_argument("--no-mlflow-ui", action="store_true", help="do not start the MLflow UI")
+    p.set_defaults(func=cmd_services)
+    p = sub.add_parser("run", help="run a pipeline in this process (Prefect runs it without a server)")
+    p.add_argument("pipeline", choices=["fewshot", "retrieval"])
+    p.add_argument("--preset", help="parameters of a deployment in deploy/prefect.yaml, e.g. reproduce-fewshot-tiny")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one parameter (JSON value)")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("models", help="registered models, versions, tags and aliases")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

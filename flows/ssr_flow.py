@@ -1,0 +1,26 @@
+"""The entry flow ``ssr``: deployments read ``ssr/<name>``."""
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect import flow
+
+from flows.fewshot import fewshot_pipeline
+from ssr_tasks.config import FewShotParams, RetrievalParams
+
+
+@flow(name="ssr", log_prints=True)
+def ssr(
+    pipeline: Literal["fewshot", "retrieval"] = "fewshot",
+    fewshot: FewShotParams = FewShotParams(),
+    retrieval: RetrievalParams = RetrievalParams(),
+) -> dict:
+    """SSR re-ranking: reproduce the few-shot or the retrieval table.
+
+    Pick ``pipeline`` and edit the matching parameter group; the other group is ignored.
+    """
+    if pipeline == "fewshot":
+        return fewshot_pipeline(fewshot)
+    from flows.retrieval import retrieval_pipeline
+
+    return retrieval_pipeline(retrieval)

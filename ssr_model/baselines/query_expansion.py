@@ -1,0 +1,79 @@
+"""Query expansion baselines for retrieval (SSR_METHOD section 6), plain numpy.
+
+Rows are items: ``query_feats`` (Q, D) and ``db_feats`` (N, D), both L2-normalised;
+``ranks`` (Q, N) holds database indices best first. Every function returns the expanded
+queries (Q, D), L2-normalised. ``n`` is the number of top-ranked database items used
+(``n = 0`` returns the queries unchanged, up to normalisation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.svm import SVC
+
+__all__ = ["aqe", "aqe_wd", "alpha_qe", "dqe"]
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _query_and_top(query_feats: np.ndarray, db_feats: np.ndarray, ranks: np.ndarray, n: int) -> np.ndarray:
+    """(Q, n+1, D) stack of each query followed by its top-n database items."""
+    Q, D = query_feats.shape
+    if ranks.shape[0] != Q:
+        raise ValueError(f"ranks: {ranks.shape[0]} rows, expected one per query ({Q})")
+    if not 0 <= n <= ranks.shape[1]:
+        raise ValueError(f"n = {n}, expected 0 <= n <= {ranks.shape[1]} (ranked items per query)")
+    top = db_feats[ranks[:, :n]]  # (Q, n, D)
+    return np.concatenate([query_feats[:, None, :], top], axis=1)
+
+
+def _weighted(items: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """items (Q, K, D), weights (Q, K) or (K,) -> normalised weighted sums (Q, D)."""
+    weights = np.broadcast_to(weights, items.shape[:2])
+    return _normalise(np.einsum("qk,qkd->qd", weights, items)).astype(items.dtype, copy=False)
+
+
+def aqe(query_feats: np.ndarray, db_feats: np.ndarray, ranks: np.ndarray, n: int) -> np.ndarray:
+    """Average query expansion: normalised sum of the query and its top-n items."""
+    items = _query_and_top(query_feats, db_feats, ranks, n)
+    return _weighted(items, np.ones(n + 1))
+
+
+def aqe_wd(query_feats: np.ndarray, db_feats: np.ndarray, ranks: np.ndarray, n: int) -> np.ndarray:
+    """AQE with decay: weights (K - i) / K over the K = n + 1 items, query first (i = 0)."""
+    items = _query_and_top(query_feats, db_feats, ranks, n)
+    K = n + 1
+    return _weighted(items, (K - np.arange(K)) / K)
+
+
+def alpha_qe(query_feats: np.ndarray, db_feats: np.ndarray, ranks: np.ndarray, n: int, alpha: float = 3) -> np.ndarray:
+    """alpha-QE: weights (q . x)^alpha over the query (weight 1) and its top-n items.
+
+    The power is taken of the signed similarity (odd alpha keeps negative weights negative).
+    """
+    items = _query_and_top(query_feats, db_feats, ranks, n)
+    sims = np.einsum("qd,qkd->qk", query_feats, items)
+    return _weighted(items, np.power(sims, alpha))
+
+
+def dqe(query_feats: np.ndarray, db_feats: np.ndarray, ranks: np.ndarray, n: int, C: float = 1.0) -> np.ndarray:
+    """Discriminative QE: linear SVM (``SVC(kernel='linear')``) fitted per query.
+
+    Positives: the query and its top-n items; negatives: the n + 1 lowest-ranked items.
+    Expanded query = normalised sum_i alpha_i y_i x_i over the support vectors
+    (``dual_coef_ @ support_vectors_``, i.e. the primal weight vector).
+    """
+    items = _query_and_top(query_feats, db_feats, ranks, n)
+    Q, K, D = items.shape
+    if 2 * K > ranks.shape[1] + 1:
+        raise ValueError(f"dqe: n = {n} needs {K} negatives disjoint from the top-n, ranks have {ranks.shape[1]} columns")
+    negatives = db_feats[ranks[:, ranks.shape[1] - K :]]  # (Q, K, D)
+    labels = np.concatenate([np.ones(K), -np.ones(K)])
+    out = np.empty((Q, D), dtype=np.float64)
+    for q in range(Q):
+        svm = SVC(kernel="linear", C=C)
+        svm.fit(np.concatenate([items[q], negatives[q]], axis=0), labels)
+        out[q] = svm.dual_coef_[0] @ svm.support_vectors_
+    return _normalise(out).astype(query_feats.dtype, copy=False)

@@ -1,0 +1,165 @@
+"""Backbone: load a released checkpoint, or pretrain one on the base classes; extract features.
+
+Pretraining follows what the SSR/SIB authors did for tiered-ImageNet: a cosine classifier
+over the base (train) classes, cross-entropy, SGD. Each epoch is checkpointed, so an
+interrupted pretraining resumes. Plain code; the Prefect tasks wrap it.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ssr_model.backbones import CosineClassifier, build_backbone
+from storage.checkpoints import file_sha256, load_state_dict, save_checkpoint
+from storage.fewshot import DATASET_SPECS, SplitIndex, list_split, load_images
+
+log = logging.getLogger(__name__)
+
+
+def _image_cache(index: SplitIndex, spec, limit_bytes: int = 2 << 30) -> np.ndarray | None:
+    """All images of a split in memory when they fit in ``limit_bytes`` (the built-in data does)."""
+    size = len(index.paths) * spec.channels * spec.image_size * spec.image_size * 4
+    if size > limit_bytes:
+        return None
+    return load_images(index, index.paths, spec)
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random translation by up to 4 px (pad + crop), the usual few-shot pretraining augmentation."""
+    B, C, H, W = x.shape
+    padded = F.pad(x, (4, 4, 4, 4), mode="replicate")
+    dx, dy = torch.randint(0, 9, (2,), generator=gen).tolist()
+    return padded[:, :, dy : dy + H, dx : dx + W]
+
+
+def pretrain_backbone(
+    data_root: Path,
+    dataset: str,
+    backbone: str,
+    out_path: Path,
+    epochs: int = 12,
+    batch_size: int = 128,
+    lr: float = 0.05,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int, float, float], None] | None = None,
+) -> Path:
+    """Train ``backbone`` + cosine classifier on ``<data_root>/train``; saves the backbone state dict."""
+    out_path = Path(out_path)
+    if out_path.exists():
+        return out_path
+    device = torch.device(device)
+    spec = DATASET_SPECS[dataset]
+    index = list_split(Path(data_root), "train")
+    cache = _image_cache(index, spec)
+    torch.manual_seed(seed)
+    net = build_backbone(backbone, spec.image_size, in_channels=spec.channels).to(device)
+    head = CosineClassifier(net.out_dim, len(index.classes)).to(device)
+    params = list(net.parameters()) + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    ckpt = out_path.with_suffix(".last.pt")
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["net"])
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["optim"])
+        sched.load_state_dict(state["sched"])
+        start = int(state["epoch"])
+        log.info("backbone pretraining: resuming after epoch %d", start)
+    labels = torch.from_numpy(index.labels)
+    for epoch in range(start, epochs):
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order = torch.randperm(len(labels), generator=gen)
+        net.train()
+        head.train()
+        total, correct, loss_sum = 0, 0, 0.0
+        for start_b in range(0, len(order), batch_size):
+            idx = order[start_b : start_b + batch_size]
+            if cache is not None:
+                x = torch.from_numpy(cache[idx.numpy()])
+            else:
+                x = torch.from_numpy(load_images(index, [index.paths[i] for i in idx.tolist()], spec))
+            x, y = _augment(x, gen).to(device), labels[idx].to(device)
+            logits = head(net(x))
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += float(loss) * len(y)
+        sched.step()
+        acc, mean_loss = correct / total, loss_sum / total
+        log.info("backbone %s epoch %d/%d: loss %.3f, train acc %.1f%%", backbone, epoch + 1, epochs, mean_loss, 100 * acc)
+        if progress is not None:
+            progress(epoch + 1, epochs, mean_loss, acc)
+        save_checkpoint(ckpt, {"net": net.state_dict(), "head": head.state_dict(), "optim": opt.state_dict(),
+                               "sched": sched.state_dict(), "epoch": epoch + 1})
+    save_checkpoint(out_path, {k: v.cpu() for k, v in net.state_dict().items()})
+    ckpt.unlink(missing_ok=True)
+    return out_path
+
+
+def load_backbone(backbone: str, dataset: str, checkpoint: Path, device="cpu") -> torch.nn.Module:
+    spec = DATASET_SPECS[dataset]
+    net = build_backbone(backbone, spec.image_size, in_channels=spec.channels)
+    state = load_state_dict(Path(checkpoint))
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ValueError(f"{checkpoint}: not a {backbone} state dict for {dataset} ({first})") from None
+    return net.to(device).eval()
+
+
+@torch.no_grad()
+def extract_split_features(
+    net: torch.nn.Module, index: SplitIndex, spec, device, batch_size: int = 256
+) -> np.ndarray:
+    """(N, D) float32 features of every image of a split, in ``index.paths`` order."""
+    out = []
+    for start in range(0, len(index.paths), batch_size):
+        x = torch.from_numpy(load_images(index, index.paths[start : start + batch_size], spec)).to(device)
+        out.append(net(x).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, getattr(net, "out_dim", 0)), np.float32)
+
+
+def extract_features(
+    data_root: Path,
+    dataset: str,
+    backbone: str,
+    checkpoint: Path,
+    out_path: Path,
+    splits: tuple[str, ...] = ("train", "val", "test"),
+    device="cpu",
+    batch_size: int = 256,
+) -> Path:
+    """Features of all splits into one Parquet features table (ids are global row numbers)."""
+    from storage.features import write_features
+
+    out_path = Path(out_path)
+    if out_path.exists():
+        return out_path
+    spec = DATASET_SPECS[dataset]
+    net = load_backbone(backbone, dataset, checkpoint, device)
+    ids, labels, split_col, paths, embs = [], [], [], [], []
+    for split in splits:
+        index = list_split(Path(data_root), split)
+        feats = extract_split_features(net, index, spec, device, batch_size)
+        log.info("features: %s split, %d images, dim %d", split, len(feats), feats.shape[1])
+        embs.append(feats)
+        labels += [index.classes[c] for c in index.labels]
+        split_col += [split] * len(feats)
+        paths += list(index.paths)
+    emb = np.concatenate(embs)
+    ids = np.arange(len(emb), dtype=np.int64)
+    meta = {"dataset": dataset, "backbone": backbone, "checkpoint_hash": file_sha256(Path(checkpoint)), "dim": str(emb.shape[1])}
+    write_features(out_path, ids=ids, labels=labels, splits=split_col, embeddings=emb, paths=paths, metadata=meta)
+    return out_path

@@ -1,0 +1,106 @@
+"""Few-shot episodes over extracted features (plain numpy/torch, no services).
+
+A split's features are grouped by class; an episode is index arrays into that split:
+``support_idx`` (n_way, n_shot) and ``query_idx`` (n_way, n_query). Queries are laid out
+class-major, so the query labels of an episode are ``repeat(arange(n_way), n_query)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class SplitFeatures:
+    """Features of one split. embeddings (N, D) float32; labels (N,) int64 class index."""
+
+    embeddings: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    paths: list[str] | None
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def class_members(self) -> list[np.ndarray]:
+        return [np.flatnonzero(self.labels == c) for c in range(len(self.classes))]
+
+
+def load_split(features_path: Path, split: str, expected_dim: int | None = None) -> SplitFeatures:
+    from storage.features import read_features
+
+    table = read_features(Path(features_path), split=split, expected_dim=expected_dim)
+    if len(table.ids) == 0:
+        raise ValueError(f"{features_path}: split {split!r} is empty (expected images of that split)")
+    names = np.asarray([str(x) for x in table.labels])
+    classes, labels = np.unique(names, return_inverse=True)
+    paths = [str(p) for p in table.paths] if table.paths is not None else None
+    return SplitFeatures(table.embeddings.astype(np.float32, copy=False), labels.astype(np.int64), list(classes), paths)
+
+
+@dataclass(frozen=True)
+class EpisodeIndices:
+    """support (E, n_way, n_shot) and query (E, n_way, n_query) row indices of a split."""
+
+    support: np.ndarray
+    query: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.support.shape[0])
+
+    def chunk(self, start: int, stop: int) -> "EpisodeIndices":
+        return EpisodeIndices(self.support[start:stop], self.query[start:stop])
+
+
+def sample_episodes(split: SplitFeatures, n_episodes: int, n_way: int, n_shot: int, n_query: int, seed: int) -> EpisodeIndices:
+    """Random episodes, deterministic for a seed; refuses splits that are too small."""
+    members = split.class_members()
+    need = n_shot + n_query
+    eligible = [c for c, m in enumerate(members) if len(m) >= need]
+    if len(eligible) < n_way:
+        small = [(split.classes[c], len(m)) for c, m in enumerate(members) if len(m) < need][:3]
+        raise ValueError(
+            f"split has {len(eligible)} classes with >= {need} images (n_shot {n_shot} + n_query {n_query}), "
+            f"need n_way={n_way}; e.g. too small: {small}"
+        )
+    rng = np.random.default_rng(seed)
+    support = np.empty((n_episodes, n_way, n_shot), np.int64)
+    query = np.empty((n_episodes, n_way, n_query), np.int64)
+    for e in range(n_episodes):
+        classes = rng.choice(eligible, size=n_way, replace=False)
+        for w, c in enumerate(classes):
+            pick = rng.choice(members[c], size=need, replace=False)
+            support[e, w], query[e, w] = pick[:n_shot], pick[n_shot:]
+    return EpisodeIndices(support, query)
+
+
+def episodes_from_json(split: SplitFeatures, json_path: Path, limit: int | None = None) -> EpisodeIndices:
+    """Map SIB fixed episodes (paths relative to the split folder) onto feature rows."""
+    import json
+
+    if split.paths is None:
+        raise ValueError(f"{json_path}: the features table has no 'path' column to match episodes against")
+    where = {p: i for i, p in enumerate(split.paths)}
+    raw = json.loads(Path(json_path).read_text())[: limit or None]
+    sup, qry = [], []
+    for e, ep in enumerate(raw):
+        try:
+            sup.append([[where[p] for p in row] for row in ep["Support"]])
+            qry.append([[where[p] for p in row] for row in ep["Query"]])
+        except KeyError as exc:
+            raise ValueError(f"{json_path}: episode {e} refers to {exc.args[0]!r}, not in the features table") from None
+    return EpisodeIndices(np.asarray(sup, np.int64), np.asarray(qry, np.int64))
+
+
+def gather(split: SplitFeatures, episodes: EpisodeIndices, device: torch.device | str = "cpu"):
+    """Tensors for a batch: support (E, n_way, n_shot, D), query (E, n_way*n_query, D), labels (E, n_way*n_query)."""
+    emb = torch.from_numpy(split.embeddings)
+    E, W, Q = episodes.query.shape
+    support = emb[torch.from_numpy(episodes.support)]
+    query = emb[torch.from_numpy(episodes.query)].reshape(E, W * Q, -1)
+    labels = torch.arange(W).repeat_interleave(Q).expand(E, W * Q)
+    return support.to(device), query.to(device), labels.to(device)

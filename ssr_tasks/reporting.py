@@ -1,0 +1,96 @@
+"""Results tables and plots (matplotlib, Agg backend) built from evaluation outputs."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ssr_model.metrics import accuracy_ci95
+
+
+def fmt_ci(accs: np.ndarray) -> str:
+    mean, ci = accuracy_ci95(accs)
+    return f"{mean:.2f} ± {ci:.2f}"
+
+
+def fewshot_rows(per_shot: Mapping[int, Mapping[str, np.ndarray]], krecip_label: str, best_steps: int) -> list[dict]:
+    """Rows Baseline / k-reciprocal / SSR, one column per shot count."""
+    rows = []
+    names = [("Baseline (cosine to prototypes)", "baseline"), (f"k-reciprocal ({krecip_label})", "krecip"),
+             (f"SSR (steps={best_steps})", f"ssr_step{best_steps}")]
+    for label, key in names:
+        row = {"method": label}
+        for shot, res in per_shot.items():
+            row[f"{shot}-shot acc (%)"] = fmt_ci(res[key])
+        rows.append(row)
+    return rows
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_by_step(per_shot: Mapping[int, Mapping[str, np.ndarray]], max_step: int):
+    """Accuracy (mean with 95% CI bars) after each refinement step, per shot count."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for shot, res in per_shot.items():
+        steps = [s for s in range(max_step + 1) if f"ssr_step{s}" in res]
+        stats = [accuracy_ci95(res[f"ssr_step{s}"]) for s in steps]
+        ax.errorbar(steps, [m for m, _ in stats], yerr=[c for _, c in stats], marker="o", capsize=3, label=f"{shot}-shot")
+    ax.set_xlabel("refinement step")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("SSR accuracy by refinement step")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(trials: list[dict]):
+    """Validation accuracy against iteration for every trial and curriculum stage."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for trial in trials:
+        offset = 0
+        for stage in trial["stages"]:
+            hist = stage["history"]
+            if not hist:
+                continue
+            its = [offset + h["iteration"] for h in hist]
+            ax.plot(its, [100 * h["val_acc"] for h in hist], marker=".", label=f"lr_dni={trial['lr_dni']:g} steps={stage['steps']}")
+            offset = its[-1]
+    ax.set_xlabel("iteration (stages concatenated)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def plot_map_by_method(rows: list[dict]):
+    """Grouped bars of revisited mAP (Easy / Medium / Hard) per method."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 3.8))
+    x = np.arange(len(rows))
+    for i, proto in enumerate(("easy", "medium", "hard")):
+        ax.bar(x + (i - 1) * 0.27, [r[f"mAP {proto}"] for r in rows], width=0.27, label=proto.capitalize())
+    ax.set_xticks(x)
+    ax.set_xticklabels([r["method"] for r in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("mAP (%)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    _plt().close(fig)
+    return path

@@ -1,0 +1,193 @@
+"""The one MLflow adapter of the project: runs, metrics, artefacts and the registry.
+
+Model code returns metrics; only this module talks to MLflow.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from ssr_tasks.services import check_mlflow, mlflow_artifact_root, mlflow_tracking_uri, redact_uri
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+PIP_REQUIREMENTS = ["torch", "numpy", "ssr-pipeline"]
+
+
+def _mlflow():
+    import mlflow
+
+    return mlflow
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> flat ``a.b`` string params (MLflow params are strings)."""
+    out: dict[str, str] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+def metric_name(name: str) -> str:
+    """MLflow refuses some characters (``@`` among them) in metric names."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
+
+
+class Tracker:
+    """MLflow tracking for one pipeline (one experiment per task)."""
+
+    def __init__(self, experiment: str, run_dir: Path, tracking_uri: str | None = None):
+        self.uri = tracking_uri or mlflow_tracking_uri(run_dir)
+        check_mlflow(self.uri)
+        mlflow = _mlflow()
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        self.client = mlflow.MlflowClient(self.uri, self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            artifact_location = None
+            if not self.uri.startswith(("http://", "https://", "databricks")):
+                artifact_location = mlflow_artifact_root(run_dir) + f"/{experiment}"
+            exp_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+        else:
+            exp_id = exp.experiment_id
+        self.experiment_id = exp_id
+        self.experiment = experiment
+
+    @property
+    def safe_uri(self) -> str:
+        return redact_uri(self.uri)
+
+    @contextlib.contextmanager
+    def run(self, name: str, tags: Mapping[str, str] | None = None, nested: bool = False) -> Iterator[Any]:
+        mlflow = _mlflow()
+        with mlflow.start_run(experiment_id=self.experiment_id, run_name=name, nested=nested, tags=dict(tags or {})) as run:
+            yield run
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        _mlflow().log_params(flatten(params))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        _mlflow().log_metrics({metric_name(k): float(v) for k, v in metrics.items()}, step=step)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        _mlflow().log_dict(obj, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        _mlflow().log_text(text, artifact_file)
+
+    def log_file(self, path: Path, artifact_path: str | None = None) -> None:
+        _mlflow().log_artifact(str(path), artifact_path)
+
+    def log_figure(self, fig: Any, artifact_file: str) -> None:
+        _mlflow().log_figure(fig, artifact_file)
+
+    def log_history(self, history: list[Mapping[str, float]], step_key: str = "iteration") -> None:
+        """Per-validation metrics of a trial as metric series."""
+        for row in history:
+            step = int(row[step_key])
+            self.log_metrics({k: v for k, v in row.items() if k != step_key}, step=step)
+
+    # ---- registry -----------------------------------------------------------------
+
+    def log_and_register(
+        self,
+        model: Any,
+        name: str,
+        tags: Mapping[str, str],
+        val_metric: float,
+        compare_on: tuple[str, ...] = ("dataset", "backbone"),
+    ) -> dict[str, Any]:
+        """Log ``model`` in the active run, register it and move ``champion`` if it wins.
+
+        ``champion-<dataset>-<backbone>`` follows the best version per dataset and
+        backbone; ``champion`` moves when the registry has none yet or when the new version
+        beats the current champion trained on the same dataset and backbone. A failed
+        registration deletes the half-made version before re-raising.
+        """
+        mlflow = _mlflow()
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            serialization_format="pickle",
+            pip_requirements=PIP_REQUIREMENTS,
+        )
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(name)
+        version = None
+        try:
+            mv = self.client.create_model_version(name, info.model_uri, run_id=info.run_id)
+            version = mv.version
+            all_tags = {**tags, "val_metric": f"{val_metric:.6f}"}
+            for key, value in all_tags.items():
+                self.client.set_model_version_tag(name, version, key, str(value))
+            moved = self._move_champions(name, version, all_tags, val_metric, compare_on)
+        except Exception:
+            if version is not None:
+                with contextlib.suppress(Exception):
+                    self.client.delete_model_version(name, version)
+            raise
+        return {"name": name, "version": int(version), "model_uri": f"models:/{name}/{version}", "aliases": moved}
+
+    def _alias_version(self, name: str, alias: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            return None
+
+    def _move_champions(self, name, version, tags, val_metric, compare_on) -> list[str]:
+        moved = []
+        key = "-".join(str(tags.get(k, "")) for k in compare_on)
+        pair_alias = f"{CHAMPION}-{key}".replace("_", "-")
+        for alias, same_only in ((pair_alias, True), (CHAMPION, False)):
+            current = self._alias_version(name, alias)
+            wins = current is None
+            if current is not None:
+                same = all(current.tags.get(k) == str(tags.get(k)) for k in compare_on)
+                cur_val = float(current.tags.get("val_metric", "-inf"))
+                wins = same and val_metric > cur_val
+            if wins:
+                self.client.set_registered_model_alias(name, alias, version)
+                moved.append(alias)
+        return moved
+
+
+def write_results_table(rows: list[dict[str, Any]], columns: list[str], out_dir: Path) -> tuple[Path, Path, str]:
+    """Results as CSV and Markdown (atomic writes). Returns (csv, md, markdown text)."""
+    import csv
+    import io
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: row.get(c, "") for c in columns})
+    md = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    for row in rows:
+        md += "| " + " | ".join(str(row.get(c, "")) for c in columns) + " |\n"
+    csv_path, md_path = out_dir / "results.csv", out_dir / "results.md"
+    for path, text in ((csv_path, buf.getvalue()), (md_path, md)):
+        with tempfile.NamedTemporaryFile("w", dir=out_dir, delete=False, suffix=".tmp") as fh:
+            fh.write(text)
+        Path(fh.name).replace(path)
+    return csv_path, md_path, md
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)

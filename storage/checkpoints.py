@@ -1,0 +1,77 @@
+"""Backbone and SSR checkpoints: read with ``torch.load(weights_only=True)`` only."""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from storage.atomic import atomic_path
+from storage.errors import CorruptFileError, SchemaError, StorageError, UnsafePickleError
+from storage.hashing import file_sha256
+
+__all__ = ["load_state_dict", "load_ssr_checkpoint", "save_checkpoint", "file_sha256"]
+
+SSR_KEYS = ("netFeat", "SSR", "nbStep")
+
+
+def _torch_load(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise StorageError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses arbitrary globals with an UnpicklingError
+        if "weights_only" in str(exc) or "global" in str(exc).lower():
+            raise UnsafePickleError(f"{path}: checkpoint needs objects beyond tensors and containers; "
+                                    f"refusing to load it ({str(exc).splitlines()[0]})") from exc
+        raise CorruptFileError(f"{path}: not a readable torch checkpoint ({exc})") from exc
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise CorruptFileError(f"{path}: not a readable torch checkpoint ({str(exc).splitlines()[0]})") from exc
+
+
+def _clean_state_dict(obj: Any, source: str, field: str = "state_dict") -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj:
+        raise SchemaError(f"{source}: {field} must be a non-empty dict of tensors, got {type(obj).__name__}")
+    out = {}
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise SchemaError(f"{source}: {field} entry {key!r} is {type(value).__name__}, expected a tensor")
+        out[key[len("module."):] if key.startswith("module.") else key] = value
+    return out
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A plain state dict from ``path``: unwraps ``{"state_dict": ...}`` and strips the
+    ``module.`` prefix DataParallel adds."""
+    return _clean_state_dict(_torch_load(path), os.fspath(path))
+
+
+def load_ssr_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The authors' SSR checkpoint ``{"netFeat": state_dict, "SSR": state_dict, "nbStep": int}``."""
+    source = os.fspath(path)
+    obj = _torch_load(path)
+    if not isinstance(obj, Mapping):
+        raise SchemaError(f"{source}: expected a dict with keys {list(SSR_KEYS)}, got {type(obj).__name__}")
+    missing = [k for k in SSR_KEYS if k not in obj]
+    if missing:
+        raise SchemaError(f"{source}: missing key(s) {missing} (expected {list(SSR_KEYS)}, found {sorted(obj)})")
+    step = obj["nbStep"]
+    if isinstance(step, torch.Tensor) and step.numel() == 1:
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise SchemaError(f"{source}: nbStep is {step!r}, expected a positive int")
+    return {"netFeat": _clean_state_dict(obj["netFeat"], source, "netFeat"),
+            "SSR": _clean_state_dict(obj["SSR"], source, "SSR"), "nbStep": step}
+
+
+def save_checkpoint(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save`` atomically (temp file + rename)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)

@@ -1,0 +1,94 @@
+"""``ssr data ...`` commands: prepare the built-in dataset, download published data,
+import the authors' landmark features. ``flows.cli`` mounts them with :func:`register`;
+``python -m storage.cli data ...`` runs them standalone."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from storage.errors import StorageError
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from storage.glyphs import prepare_glyphs
+    info = prepare_glyphs(Path(args.root), seed=args.seed, size=args.size)
+    print(json.dumps(info, indent=1, default=str))
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from storage.download import download
+    print(download(args.name, Path(args.root), url=args.url, sha256=args.sha256))
+    return 0
+
+
+def _import_landmarks(args: argparse.Namespace) -> int:
+    from storage.landmarks import import_landmarks
+    written = import_landmarks(Path(args.pickle), Path(args.out), gnd_path=args.gnd)
+    for key, path in written.items():
+        print(f"{key}: {path}")
+    return 0
+
+
+def _guarded(fn):
+    """Handler wrapper: StorageError (or a missing input file) -> one line on stderr, exit 2."""
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (StorageError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    handler.__name__ = fn.__name__
+    return handler
+
+
+def _set_handler(p: argparse.ArgumentParser, fn) -> None:
+    h = _guarded(fn)
+    p.set_defaults(handler=h, func=h)
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``data`` command group to an argparse subparsers object."""
+    from storage.download import SOURCES
+
+    data = subparsers.add_parser("data", help="prepare, download and import data sets")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="{prepare,download,import-landmarks}")
+
+    p = sub.add_parser("prepare", help="render the built-in glyphs dataset (no download)")
+    p.add_argument("--root", default="data/glyphs", help="output folder (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", default="default", help="dataset size preset (default: %(default)s)")
+    _set_handler(p, _prepare)
+
+    p = sub.add_parser("download", help="download a published data set or model")
+    p.add_argument("name", choices=sorted(SOURCES), metavar="NAME", help=f"one of: {', '.join(sorted(SOURCES))}")
+    p.add_argument("--root", default="data", help="data root (default: %(default)s)")
+    p.add_argument("--url", default=None, help="override the URL (also SSR_DATA_URL_<NAME>)")
+    p.add_argument("--sha256", default=None, help="expected SHA-256 of the downloaded file")
+    _set_handler(p, _download)
+
+    p = sub.add_parser("import-landmarks", help="convert an authors' landmark pickle to features tables")
+    p.add_argument("pickle", help="e.g. landmark/gl18_resnet101_roxford5k.pkl")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--gnd", default=None, help="revisitop ground-truth pickle (gnd_<dataset>.pkl)")
+    _set_handler(p, _import_landmarks)
+    return data
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed ``data`` command (handlers already turn StorageError into exit 2)."""
+    return args.handler(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ssr", description="SSR pipeline data commands")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

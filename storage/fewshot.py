@@ -1,0 +1,271 @@
+"""Few-shot datasets in the folder layout ``<root>/<split>/<class>/<image>``, their
+normalisation specs, episode sampling and the SIB fixed-episode JSON format.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from storage.atomic import atomic_write_text
+from storage.errors import CorruptFileError, DatasetLayoutError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How test images of a data set are turned into network input.
+
+    Transforms run in this order: ``resize`` (shorter side, bilinear, as torchvision's
+    ``Resize(int)``), ``center_crop`` (square), then scaling to [0, 1] and normalisation
+    ``(x - mean) / std`` per channel. After them the image must be ``image_size`` square.
+    """
+
+    name: str
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: int | None = None
+    center_crop: int | None = None
+
+
+def _div255(values: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(v / 255.0 for v in values)
+
+
+DATASET_SPECS: dict[str, DatasetSpec] = {
+    "cifar-fs": DatasetSpec("cifar-fs", 32, 3, _div255((129.38, 124.11, 112.48)),
+                            _div255((68.21, 65.43, 70.46))),
+    "mini-imagenet": DatasetSpec("mini-imagenet", 80, 3, _div255((120.40, 115.59, 104.54)),
+                                 _div255((70.68, 68.28, 72.55)), center_crop=80),
+    "tiered-imagenet": DatasetSpec("tiered-imagenet", 84, 3, _div255((125.3, 123.0, 113.9)),
+                                   _div255((63.0, 62.1, 66.7)), resize=92, center_crop=84),
+    "glyphs": DatasetSpec("glyphs", 32, 1, (0.5,), (0.5,)),
+}
+
+
+@dataclass
+class SplitIndex:
+    """The images of one split.
+
+    root: the split folder (``<root>/<split>``); paths: image paths relative to it,
+    ``<class>/<image>``, sorted; labels: (N,) int64 index into ``classes``; classes:
+    class folder names, sorted.
+    """
+
+    root: Path
+    paths: list[str]
+    labels: np.ndarray
+    classes: list[str]
+    _lookup: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def index_of(self, rel_path: str) -> int | None:
+        """Index of ``rel_path`` (``<class>/<image>``) or None if it is not in the split."""
+        if self._lookup is None:
+            self._lookup = {p: i for i, p in enumerate(self.paths)}
+        return self._lookup.get(rel_path)
+
+    def class_indices(self) -> list[np.ndarray]:
+        """For each class, the (n_c,) int64 indices of its images."""
+        order = np.argsort(self.labels, kind="stable")
+        counts = np.bincount(self.labels, minlength=len(self.classes))
+        return np.split(order, np.cumsum(counts)[:-1])
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_split(root: str | os.PathLike, split: str) -> SplitIndex:
+    """Index ``<root>/<split>/<class>/<image>``: classes and paths sorted by name."""
+    split_dir = Path(root) / split
+    if not split_dir.is_dir():
+        raise DatasetLayoutError(f"{split_dir}: split folder not found (expected <root>/{split}/<class>/<image>)")
+    class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DatasetLayoutError(f"{split_dir}: split is empty (expected one folder per class)")
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, class_dir in enumerate(class_dirs):
+        images = sorted(f.name for f in class_dir.iterdir() if f.is_file() and _is_image(f.name))
+        if not images:
+            raise DatasetLayoutError(f"{class_dir}: class '{class_dir.name}' has no images "
+                                     f"(expected files ending in {', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
+        paths.extend(f"{class_dir.name}/{name}" for name in images)
+        labels.extend([label] * len(images))
+    return SplitIndex(split_dir, paths, np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs])
+
+
+def _transform(img: Image.Image, spec: DatasetSpec, source: Path) -> np.ndarray:
+    img = img.convert("L" if spec.channels == 1 else "RGB")
+    if spec.resize is not None:
+        w, h = img.size
+        if w <= h:
+            size = (spec.resize, max(1, int(spec.resize * h / w)))
+        else:
+            size = (max(1, int(spec.resize * w / h)), spec.resize)
+        img = img.resize(size, Image.BILINEAR)
+    if spec.center_crop is not None:
+        c = spec.center_crop
+        w, h = img.size
+        if w < c or h < c:
+            raise DatasetLayoutError(f"{source}: image is {w}x{h}, smaller than center crop {c}")
+        top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
+        img = img.crop((left, top, left + c, top + c))
+    if img.size != (spec.image_size, spec.image_size):
+        w, h = img.size
+        raise DatasetLayoutError(f"{source}: image is {w}x{h} after transforms, expected "
+                                 f"{spec.image_size}x{spec.image_size} for dataset '{spec.name}'")
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    return ((arr - mean) / std).transpose(2, 0, 1)
+
+
+def load_images(split: SplitIndex | str | os.PathLike, rel_paths: Sequence[str],
+                spec: DatasetSpec) -> np.ndarray:
+    """Read, transform and normalise images.
+
+    split: a SplitIndex or the split folder; rel_paths: B paths relative to it.
+    Returns (B, C, H, W) float32 with C = spec.channels, H = W = spec.image_size.
+    """
+    root = split.root if isinstance(split, SplitIndex) else Path(split)
+    out = np.empty((len(rel_paths), spec.channels, spec.image_size, spec.image_size), dtype=np.float32)
+    for i, rel in enumerate(rel_paths):
+        path = root / rel
+        try:
+            with Image.open(path) as img:
+                out[i] = _transform(img, spec, path)
+        except FileNotFoundError:
+            raise DatasetLayoutError(f"{path}: image not found") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise CorruptFileError(f"{path}: not a readable image ({exc})") from exc
+    return out
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One few-shot task as indices into a SplitIndex.
+
+    support: (n_way, n_shot) int64; query: (n_way, n_query) int64. Row w holds images of
+    the episode's w-th class.
+    """
+
+    support: np.ndarray
+    query: np.ndarray
+
+    @property
+    def n_way(self) -> int:
+        return self.support.shape[0]
+
+    def way_labels(self, split: SplitIndex) -> np.ndarray:
+        """(n_way,) int64 split-level label of each way."""
+        return split.labels[self.support[:, 0]]
+
+
+class EpisodeSampler:
+    """Random n_way-way n_shot-shot episodes with n_query queries per class, seeded."""
+
+    def __init__(self, split: SplitIndex, n_way: int, n_shot: int, n_query: int, seed: int = 0) -> None:
+        if n_way < 2:
+            raise ValueError(f"n_way must be >= 2, got {n_way}")
+        if n_shot < 1:
+            raise ValueError(f"n_shot must be >= 1, got {n_shot}")
+        if n_query < 1:
+            raise ValueError(f"n_query must be >= 1, got {n_query}")
+        if len(split.classes) < n_way:
+            raise DatasetLayoutError(f"{split.root}: split has {len(split.classes)} classes, "
+                                     f"fewer than n_way={n_way}")
+        self.per_class = split.class_indices()
+        need = n_shot + n_query
+        for name, idx in zip(split.classes, self.per_class):
+            if len(idx) < need:
+                raise DatasetLayoutError(
+                    f"{split.root}: class '{name}' has {len(idx)} images, fewer than "
+                    f"n_shot + n_query = {n_shot} + {n_query} = {need}")
+        self.split, self.n_way, self.n_shot, self.n_query = split, n_way, n_shot, n_query
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self) -> Episode:
+        ways = self.rng.choice(len(self.per_class), size=self.n_way, replace=False)
+        picks = np.stack([self.rng.choice(self.per_class[c], size=self.n_shot + self.n_query, replace=False)
+                          for c in ways]).astype(np.int64)
+        return Episode(picks[:, :self.n_shot], picks[:, self.n_shot:])
+
+    def episodes(self, n: int) -> list[Episode]:
+        return [self.sample() for _ in range(n)]
+
+
+def _resolve(split: SplitIndex, raw: object, json_path: Path, ep_no: int, key: str) -> int:
+    if not isinstance(raw, str):
+        raise DatasetLayoutError(f"{json_path}: episode {ep_no}: {key} entry {raw!r} is not a path string")
+    parts = [p for p in raw.replace("\\", "/").split("/") if p and p != "."]
+    # Accept `<class>/<image>` and any prefix before it (`val/<class>/<image>`, absolute paths).
+    for start in range(len(parts) - 1):
+        idx = split.index_of("/".join(parts[start:]))
+        if idx is not None:
+            return idx
+    raise DatasetLayoutError(f"{json_path}: episode {ep_no}: {key} image '{raw}' not found in {split.root}")
+
+
+def _rows(obj: dict, key: str, json_path: Path, ep_no: int) -> list[list]:
+    rows = obj.get(key)
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
+        raise DatasetLayoutError(f"{json_path}: episode {ep_no}: '{key}' must be a non-empty list "
+                                 "of non-empty lists of image paths (one list per class)")
+    if len({len(r) for r in rows}) != 1:
+        raise DatasetLayoutError(f"{json_path}: episode {ep_no}: '{key}' rows have different lengths "
+                                 f"{[len(r) for r in rows]}")
+    return rows
+
+
+def read_episode_json(json_path: str | os.PathLike, split: SplitIndex) -> list[Episode]:
+    """Read SIB fixed episodes: a JSON list of ``{"Support": [[path] * n_shot] * n_way,
+    "Query": [[path] * n_query] * n_way}``, paths relative to the split folder."""
+    json_path = Path(json_path)
+    try:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetLayoutError(f"{json_path}: episode file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{json_path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, list) or not data:
+        raise DatasetLayoutError(f"{json_path}: expected a non-empty JSON list of episodes")
+    episodes = []
+    for ep_no, obj in enumerate(data):
+        if not isinstance(obj, dict):
+            raise DatasetLayoutError(f"{json_path}: episode {ep_no}: expected an object with 'Support' and 'Query'")
+        support_rows, query_rows = _rows(obj, "Support", json_path, ep_no), _rows(obj, "Query", json_path, ep_no)
+        if len(support_rows) != len(query_rows):
+            raise DatasetLayoutError(f"{json_path}: episode {ep_no}: 'Support' has {len(support_rows)} "
+                                     f"classes, 'Query' has {len(query_rows)}")
+        support = np.array([[_resolve(split, p, json_path, ep_no, "Support") for p in r] for r in support_rows],
+                           dtype=np.int64)
+        query = np.array([[_resolve(split, p, json_path, ep_no, "Query") for p in r] for r in query_rows],
+                         dtype=np.int64)
+        for w in range(len(support)):
+            labels = np.unique(np.concatenate([split.labels[support[w]], split.labels[query[w]]]))
+            if len(labels) != 1:
+                names = [split.classes[i] for i in labels]
+                raise DatasetLayoutError(f"{json_path}: episode {ep_no}: way {w} mixes classes {names}")
+        episodes.append(Episode(support, query))
+    return episodes
+
+
+def write_episode_json(path: str | os.PathLike, episodes: Sequence[Episode], split: SplitIndex) -> Path:
+    """Write episodes in the SIB JSON format (paths relative to the split folder), atomically."""
+    data = [{"Support": [[split.paths[i] for i in row] for row in ep.support],
+             "Query": [[split.paths[i] for i in row] for row in ep.query]} for ep in episodes]
+    return atomic_write_text(path, json.dumps(data))

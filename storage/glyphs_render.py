@@ -1,0 +1,204 @@
+"""Rendering of one glyph sample: base rendering, random augmentation, PNG bytes.
+
+A sample is drawn on a 64 x 64 canvas (font size 48 px, centred by the ink box, scaled down
+only when larger than 52 px), changed in stroke width and by an affine map there, then
+box-downsampled 2x to a 32 x 32 grey image: light strokes (255) on a dark background (0).
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+IMAGE_SIZE = 32
+_HI = 2 * IMAGE_SIZE      # working canvas, downsampled 2x at the end
+_EM_HI = 48               # font size on the working canvas (an em is 24 px in the output)
+_MAX_GLYPH_HI = 52        # larger glyphs are scaled down to fit
+_MIN_INK_KEPT = 0.35      # a thinning that keeps less ink than this is skipped
+
+
+@dataclass(frozen=True)
+class Aug:
+    """Parameters of one rendering.
+
+    rotation_deg: counter-clockwise rotation; scale: isotropic scale; shear: x-shear factor;
+    dx, dy: translation in output pixels; stroke: -1 thinner, 0 as drawn, +1 thicker;
+    occlusion: None or (side, fraction): the part of the ink box from ``side`` ("left",
+    "right", "top", "bottom") covering ``fraction`` of its extent is blanked.
+    """
+
+    rotation_deg: float = 0.0
+    scale: float = 1.0
+    shear: float = 0.0
+    dx: float = 0.0
+    dy: float = 0.0
+    stroke: int = 0
+    occlusion: tuple[str, float] | None = None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
+        if self.occlusion is not None:
+            d["occlusion"] = [self.occlusion[0], round(self.occlusion[1], 4)]
+        return d
+
+
+def sample_mild_aug(rng: np.random.Generator) -> Aug:
+    """The few-shot augmentation: rotation +-10 deg, scale 0.9-1.1, shear +-0.15,
+    translation +-2 px, stroke thinner / as drawn / thicker with equal probability."""
+    return Aug(rotation_deg=float(rng.uniform(-10, 10)), scale=float(rng.uniform(0.9, 1.1)),
+               shear=float(rng.uniform(-0.15, 0.15)), dx=float(rng.uniform(-2, 2)),
+               dy=float(rng.uniform(-2, 2)), stroke=int(rng.integers(-1, 2)))
+
+
+def transform_magnitude(aug: Aug) -> float:
+    """How far ``aug`` is from the identity, in units of the few-shot range (<= 1 inside it)."""
+    return max(abs(aug.rotation_deg) / 10.0, abs(math.log(aug.scale)) / math.log(1.1),
+               abs(aug.shear) / 0.15, abs(aug.dx) / 2.0, abs(aug.dy) / 2.0)
+
+
+class GlyphRenderer:
+    """Draws samples from font files; caches loaded fonts and base renderings.
+
+    font_paths: font file name -> path. Base renderings are cached until ``clear()``.
+    """
+
+    def __init__(self, font_paths: dict[str, str]) -> None:
+        self.font_paths = font_paths
+        self._fonts: dict[str, ImageFont.FreeTypeFont] = {}
+        self._bases: dict[tuple[str, str], Image.Image | None] = {}
+        self._notdefs: dict[str, Image.Image | None] = {}
+
+    def clear(self) -> None:
+        self._bases.clear()
+
+    def _font(self, name: str) -> ImageFont.FreeTypeFont:
+        if name not in self._fonts:
+            self._fonts[name] = ImageFont.truetype(self.font_paths[name], _EM_HI)
+        return self._fonts[name]
+
+    def _draw(self, name: str, ch: str) -> Image.Image | None:
+        big = Image.new("L", (3 * _EM_HI, 3 * _EM_HI))
+        ImageDraw.Draw(big).text((1.5 * _EM_HI, 1.5 * _EM_HI), ch, font=self._font(name), fill=255, anchor="mm")
+        box = big.getbbox()
+        if box is None:
+            return None
+        glyph = big.crop(box)
+        w, h = glyph.size
+        if max(w, h) > _MAX_GLYPH_HI:
+            s = _MAX_GLYPH_HI / max(w, h)
+            glyph = glyph.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+            w, h = glyph.size
+        base = Image.new("L", (_HI, _HI))
+        base.paste(glyph, ((_HI - w) // 2, (_HI - h) // 2))
+        return base
+
+    def base(self, name: str, ch: str) -> Image.Image | None:
+        """(64, 64) 'L' rendering of ``ch`` by font ``name`` centred by its ink box, or None
+        when the font draws nothing or its .notdef box."""
+        key = (name, ch)
+        if key not in self._bases:
+            img = self._draw(name, ch)
+            if img is not None:
+                if name not in self._notdefs:
+                    self._notdefs[name] = self._draw(name, "\U0010FFFD")
+                notdef = self._notdefs[name]
+                if notdef is not None and img.tobytes() == notdef.tobytes():
+                    img = None
+            self._bases[key] = img
+        return self._bases[key]
+
+    def render(self, name: str, ch: str, aug: Aug) -> tuple[Image.Image, float]:
+        """One (32, 32) 'L' sample and the fraction of its ink removed by the occlusion."""
+        base = self.base(name, ch)
+        if base is None:
+            raise ValueError(f"{self.font_paths[name]}: font draws no glyph for U+{ord(ch):04X}")
+        img = base
+        if aug.stroke > 0:
+            img = img.filter(ImageFilter.MaxFilter(3))
+        elif aug.stroke < 0:
+            thin = img.filter(ImageFilter.MinFilter(3))
+            if _ink(thin) >= _MIN_INK_KEPT * _ink(img):
+                img = thin
+        img = img.transform((_HI, _HI), Image.AFFINE, _inverse_affine(aug), resample=Image.BILINEAR)
+        img = img.reduce(2)
+        removed = 0.0
+        if aug.occlusion is not None:
+            img, removed = _occlude(img, *aug.occlusion)
+        return img, removed
+
+
+def _ink(img: Image.Image) -> float:
+    return float(np.asarray(img, dtype=np.float32).sum())
+
+
+def _inverse_affine(aug: Aug) -> tuple[float, ...]:
+    """PIL AFFINE data (output -> input map) of: centre, scale, shear, rotate, translate."""
+    c = _HI / 2.0
+    t = math.radians(aug.rotation_deg)
+    rot = np.array([[math.cos(t), math.sin(t)], [-math.sin(t), math.cos(t)]])  # y axis points down
+    lin = rot @ np.array([[1.0, aug.shear], [0.0, 1.0]]) @ (aug.scale * np.eye(2))
+    inv = np.linalg.inv(lin)
+    shift = np.array([c + 2.0 * aug.dx, c + 2.0 * aug.dy])   # output pixels are 2 working pixels
+    offset = np.array([c, c]) - inv @ shift
+    return (inv[0, 0], inv[0, 1], offset[0], inv[1, 0], inv[1, 1], offset[1])
+
+
+def _occlude(img: Image.Image, side: str, fraction: float) -> tuple[Image.Image, float]:
+    arr = np.array(img)
+    box = img.getbbox()
+    if box is None:
+        return img, 0.0
+    x0, y0, x1, y1 = box
+    before = float(arr.sum())
+    if side == "left":
+        arr[:, : x0 + round((x1 - x0) * fraction)] = 0
+    elif side == "right":
+        arr[:, x1 - round((x1 - x0) * fraction):] = 0
+    elif side == "top":
+        arr[: y0 + round((y1 - y0) * fraction), :] = 0
+    elif side == "bottom":
+        arr[y1 - round((y1 - y0) * fraction):, :] = 0
+    else:
+        raise ValueError(f"occlusion side must be left/right/top/bottom, got {side!r}")
+    return Image.fromarray(arr, mode="L"), 1.0 - float(arr.sum()) / max(before, 1.0)
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """PNG encoding without ancillary chunks (no time stamp), so equal images give equal bytes."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """One image to write: ``path`` relative to the output root, character, font, augmentation."""
+
+    path: str
+    char: str
+    font: str
+    aug: Aug
+
+
+def run_jobs(root: str, font_paths: dict[str, str], chunks: list[list[RenderJob]]) -> list[list[dict]]:
+    """Render and write every job; returns, per job, ``{"removed": float, "bbox": [x0, y0, x1, y1]}``
+    (the ink box of the written image, [0, 0, 0, 0] if empty). Chunks share base renderings."""
+    renderer = GlyphRenderer(font_paths)
+    out_root = Path(root)
+    results = []
+    for chunk in chunks:
+        res = []
+        for job in chunk:
+            img, removed = renderer.render(job.font, job.char, job.aug)
+            path = out_root / job.path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(png_bytes(img))
+            res.append({"removed": round(removed, 4), "bbox": list(img.getbbox() or (0, 0, 0, 0))})
+        results.append(res)
+        renderer.clear()
+    return results
