@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    # Without a server Prefect starts a temporary one; on a busy 2-core machine that takes
+    # longer than Prefect's default wait.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "ssr_tasks,flows")
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

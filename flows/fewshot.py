@@ -24,7 +24,7 @@ def fewshot_pipeline(params: FewShotParams = FewShotParams()) -> dict:
     tracker = Tracker("ssr-fewshot", run_dir)  # fails fast when a remote MLflow is unreachable
     init_ray()
     data = steps.prepare_fewshot_data(params, str(run_dir))
-    ckpt = steps.get_backbone(params, data["root"], str(work))
+    ckpt = steps.get_backbone(params, data["root"], str(run_dir / "backbones"))
     features = steps.extract(params, data["root"], ckpt, str(work))
     from storage.features import read_features
 

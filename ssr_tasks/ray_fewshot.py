@@ -53,38 +53,21 @@ def run_grid(
     storage_path: Path,
     max_failures: int = 2,
 ) -> list[dict]:
-    """Train one trial per lr_dni in parallel; returns each trial's summary (read from disk)."""
-    from ray import tune
+    """Train one trial per lr_dni in parallel; returns each trial's summary (read from disk).
 
-    from ssr_tasks.services import cluster_has_gpu
+    Finished trials (a summary on disk) are not run again; interrupted ones resume from
+    their last checkpoint inside the trainable.
+    """
+    from ssr_tasks.ray_grid import tune_grid
 
-    use_gpu = cluster_has_gpu()
-    resources = {"cpu": 1, "gpu": 1} if use_gpu else {"cpu": 1}
     pending = [lr for lr in lr_grid if not (trial_dir(ckpt_root, lr) / "summary.json").exists()]
-    if pending:
-        space = {
-            "train": {k: v for k, v in asdict(base).items() if k != "lr_dni"},
-            "lr_dni": tune.grid_search(pending),
-            "features": str(features),
-            "val_episodes": str(val_episodes_npz),
-            "ckpt_root": str(ckpt_root),
-            "use_gpu": use_gpu,
-            "threads": 1,
-        }
-        tuner = tune.Tuner(
-            tune.with_resources(fewshot_trial, resources),
-            param_space=space,
-            run_config=tune.RunConfig(
-                name="fewshot-ssr",
-                storage_path=str(storage_path),
-                failure_config=tune.FailureConfig(max_failures=max_failures),
-                verbose=0,
-            ),
-        )
-        grid = tuner.fit()
-        if grid.errors:
-            msgs = "; ".join(str(e).strip().splitlines()[-1] for e in grid.errors)
-            raise RuntimeError(f"{len(grid.errors)} SSR trial(s) failed after {max_failures} retries: {msgs}")
+    space = {
+        "train": {k: v for k, v in asdict(base).items() if k != "lr_dni"},
+        "features": str(features),
+        "val_episodes": str(val_episodes_npz),
+        "ckpt_root": str(ckpt_root),
+    }
+    tune_grid(fewshot_trial, "lr_dni", pending, space, "fewshot-ssr", storage_path, max_failures)
     return [{"lr_dni": lr, **json.loads((trial_dir(ckpt_root, lr) / "summary.json").read_text())} for lr in lr_grid]
 
 

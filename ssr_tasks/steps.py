@@ -77,7 +77,7 @@ def get_backbone(params: FewShotParams | object, data_root: str, work_dir: str) 
         load_backbone(params.backbone, _spec_name(params), Path(params.backbone_checkpoint))
         logger.info("backbone: using released checkpoint %s", params.backbone_checkpoint)
         return str(Path(params.backbone_checkpoint).resolve())
-    out = Path(work_dir) / f"backbone-{params.backbone}-e{params.pretrain_epochs}-s{params.seed}.pt"
+    out = Path(work_dir) / f"{_spec_name(params)}-{short_hash(str(Path(data_root).resolve()))}-{params.backbone}-e{params.pretrain_epochs}-s{params.seed}.pt"
     logger.info("backbone: pretraining %s on the base classes for %d epochs", params.backbone, params.pretrain_epochs)
     progress = Progress(f"pretrain-{short_hash([work_dir, params.backbone])}", "Backbone pretraining (epochs)")
     return str(pretrain_backbone(Path(data_root), _spec_name(params), params.backbone, out,
@@ -172,3 +172,85 @@ def evaluate_fewshot(params: FewShotParams, features: str, model_path: str, mode
                              n_actors=params.n_eval_actors, progress=progress)
     res["krecip"] = res.pop(f"krecip:{krecip[0]}:{krecip[1]}:{krecip[2]}")
     return {k: v.tolist() for k, v in res.items()}
+
+
+# ---- retrieval ---------------------------------------------------------------------------
+
+
+@task(name="prepare-retrieval-data", cache_policy=CACHE, persist_result=True, retries=1)
+def prepare_retrieval_data(params, run_dir: str) -> dict:
+    """The built-in glyph retrieval set: training clusters, test queries/database and ground truth."""
+    from storage.glyphs import prepare_glyphs
+    from storage.landmarks import read_revisited_gnd
+
+    info = prepare_glyphs(Path(run_dir) / "data", seed=params.data_seed, size=params.glyphs_size)
+    root = Path(info["retrieval_root"])
+    gnd_path = root / "test" / "gnd_glyphs-retrieval.pkl"
+    gt = read_revisited_gnd(gnd_path)
+    get_run_logger().info("data: %d queries, %d database images, training clusters in %s",
+                          len(gt.qimlist), len(gt.imlist), root / "train")
+    return {"root": str(root), "gnd": str(gnd_path), "fewshot_root": info["fewshot_root"]}
+
+
+@task(name="extract-retrieval-features", cache_policy=CACHE, persist_result=True, retries=1)
+def extract_retrieval(params, data: dict, checkpoint: str, work_dir: str) -> str:
+    """One features table: split 'database' (ids 0..N-1 in imlist order), 'query' (ids N..), 'train' (cluster labels)."""
+    from storage.features import write_features
+    from storage.fewshot import DATASET_SPECS, list_split
+    from storage.landmarks import read_revisited_gnd
+    from storage.checkpoints import file_sha256
+    from ssr_tasks.backbone_step import extract_split_features, load_backbone
+
+    out = Path(work_dir) / f"retrieval-features-{short_hash([checkpoint, data])}.parquet"
+    if out.exists():
+        return str(out)
+    spec = DATASET_SPECS["glyphs"]
+    device = pick_device(params.device)
+    net = load_backbone(params.backbone, "glyphs", Path(checkpoint), device)
+    gt = read_revisited_gnd(Path(data["gnd"]))
+    jpg = Path(data["root"]) / "test" / "jpg"
+    from storage.fewshot import SplitIndex
+
+    def names_index(names):
+        return SplitIndex(root=jpg, paths=[f"{n}.png" for n in names], labels=np.zeros(len(names), np.int64), classes=["-"])
+
+    db = extract_split_features(net, names_index(gt.imlist), spec, device)
+    qs = extract_split_features(net, names_index(gt.qimlist), spec, device)
+    train_idx = list_split(Path(data["root"]), "train")
+    tr = extract_split_features(net, train_idx, spec, device)
+    emb = np.concatenate([db, qs, tr])
+    labels = ["db"] * len(db) + ["query"] * len(qs) + [train_idx.classes[c] for c in train_idx.labels]
+    splits = ["database"] * len(db) + ["query"] * len(qs) + ["train"] * len(tr)
+    paths = [f"test/jpg/{n}.png" for n in gt.imlist] + [f"test/jpg/{n}.png" for n in gt.qimlist] + [f"train/{p}" for p in train_idx.paths]
+    meta = {"dataset": params.dataset, "backbone": params.backbone, "checkpoint_hash": file_sha256(Path(checkpoint)), "dim": str(emb.shape[1])}
+    write_features(out, ids=np.arange(len(emb), dtype=np.int64), labels=labels, splits=splits, embeddings=emb, paths=paths, metadata=meta)
+    get_run_logger().info("features: %d database, %d queries, %d training images", len(db), len(qs), len(tr))
+    return str(out)
+
+
+def retrieval_train_config(params, feat_dim: int):
+    from ssr_tasks.retrieval_train import RetrievalTrainConfig
+
+    return RetrievalTrainConfig(feat_dim=feat_dim, k=params.k, steps=params.steps, hidden=params.hidden,
+                                lr_dni=params.lr_dni_grid[0], sequence_length=params.sequence_length,
+                                iterations=params.iterations, batch_queries=params.batch_queries, lr=params.lr,
+                                val_every=params.val_every, seed=params.seed)
+
+
+@task(name="train-retrieval-ssr", retries=1, retry_delay_seconds=5)
+def train_retrieval_ssr(params, features: str, work_dir: str, feat_dim: int) -> list[dict]:
+    from ssr_tasks.ray_retrieval import run_grid
+
+    base = retrieval_train_config(params, feat_dim)
+    root = Path(work_dir) / f"ssr-{short_hash({k: v for k, v in asdict(base).items() if k != 'lr_dni'})}"
+    get_run_logger().info("SSR: %d retrieval trial(s) lr_dni=%s, k=%d, steps=%d", len(params.lr_dni_grid), params.lr_dni_grid, params.k, params.steps)
+    return run_grid(base, list(params.lr_dni_grid), Path(features), root / "trials", Path(work_dir) / "ray_results")
+
+
+@task(name="rerank-store", retries=1)
+def rerank(store_dir: str, query_features: str, db_features: str, out_dir: str, model_path: str, model_kwargs: dict, n_actors: int) -> str:
+    from ssr_tasks.rerank import rerank_store
+
+    progress = Progress(f"rerank-{short_hash([store_dir, model_path])}", f"Re-ranking shards of {Path(store_dir).name}")
+    return str(rerank_store(Path(store_dir), Path(query_features), Path(db_features), Path(out_dir), model_path,
+                            model_kwargs, n_actors=n_actors, progress=progress))

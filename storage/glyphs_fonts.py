@@ -102,9 +102,9 @@ def _is_candidate_char(ch: str) -> bool:
 def load_fonts(directory: Path | None = None) -> list[FontFile]:
     """Read the cmap of every ``*.ttf`` file and keep the code points with a real glyph.
 
-    A code point counts when it maps to a glyph other than ``.notdef`` whose name does not
-    name a different character (Adobe glyph list); for the TeX-encoded Computer Modern files
-    the glyph name must name exactly that character.
+    A code point counts when it maps to a glyph other than ``.notdef``; for the TeX-encoded
+    Computer Modern files (``cm*.ttf``, whose cmaps reuse ASCII code points for other glyphs)
+    the glyph name must name exactly that character in the Adobe glyph list.
     """
     directory = font_dir() if directory is None else Path(directory)
     fonts = []
@@ -119,8 +119,7 @@ def load_fonts(directory: Path | None = None) -> list[FontFile]:
             ch = chr(code)
             if glyph_name == ".notdef" or not _is_candidate_char(ch):
                 continue
-            named = agl.toUnicode(glyph_name)
-            if named == ch or (not strict and named == ""):
+            if not strict or agl.toUnicode(glyph_name) == ch:
                 chars.add(ch)
         tt.close()
         if chars:

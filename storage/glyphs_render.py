@@ -9,10 +9,9 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 IMAGE_SIZE = 32
 _HI = 2 * IMAGE_SIZE      # working canvas, downsampled 2x at the end
@@ -57,7 +56,7 @@ def sample_mild_aug(rng: np.random.Generator) -> Aug:
 
 def transform_magnitude(aug: Aug) -> float:
     """How far ``aug`` is from the identity, in units of the few-shot range (<= 1 inside it)."""
-    return max(abs(aug.rotation_deg) / 10.0, abs(math.log(aug.scale)) / math.log(1.1),
+    return max(abs(aug.rotation_deg) / 10.0, abs(aug.scale - 1.0) / 0.1,
                abs(aug.shear) / 0.15, abs(aug.dx) / 2.0, abs(aug.dy) / 2.0)
 
 
@@ -118,12 +117,11 @@ class GlyphRenderer:
         if base is None:
             raise ValueError(f"{self.font_paths[name]}: font draws no glyph for U+{ord(ch):04X}")
         img = base
-        if aug.stroke > 0:
-            img = img.filter(ImageFilter.MaxFilter(3))
-        elif aug.stroke < 0:
-            thin = img.filter(ImageFilter.MinFilter(3))
-            if _ink(thin) >= _MIN_INK_KEPT * _ink(img):
-                img = thin
+        if aug.stroke != 0:
+            arr = np.asarray(base)
+            changed = _rank3(arr, np.maximum if aug.stroke > 0 else np.minimum)
+            if aug.stroke > 0 or changed.sum(dtype=np.int64) >= _MIN_INK_KEPT * arr.sum(dtype=np.int64):
+                img = Image.fromarray(changed, mode="L")
         img = img.transform((_HI, _HI), Image.AFFINE, _inverse_affine(aug), resample=Image.BILINEAR)
         img = img.reduce(2)
         removed = 0.0
@@ -132,8 +130,12 @@ class GlyphRenderer:
         return img, removed
 
 
-def _ink(img: Image.Image) -> float:
-    return float(np.asarray(img, dtype=np.float32).sum())
+def _rank3(arr: np.ndarray, op) -> np.ndarray:
+    """3x3 grey dilation (op=np.maximum) or erosion (np.minimum) of an (H, W) uint8 image."""
+    H, W = arr.shape
+    pad = np.pad(arr, 1)
+    rows = op(op(pad[:, 0:W], pad[:, 1:W + 1]), pad[:, 2:W + 2])        # (H + 2, W)
+    return op(op(rows[0:H], rows[1:H + 1]), rows[2:H + 2])               # (H, W)
 
 
 def _inverse_affine(aug: Aug) -> tuple[float, ...]:
@@ -141,8 +143,9 @@ def _inverse_affine(aug: Aug) -> tuple[float, ...]:
     c = _HI / 2.0
     t = math.radians(aug.rotation_deg)
     rot = np.array([[math.cos(t), math.sin(t)], [-math.sin(t), math.cos(t)]])  # y axis points down
-    lin = rot @ np.array([[1.0, aug.shear], [0.0, 1.0]]) @ (aug.scale * np.eye(2))
-    inv = np.linalg.inv(lin)
+    lin = rot @ np.array([[1.0, aug.shear], [0.0, 1.0]]) * aug.scale
+    (a, b), (c2, d) = lin
+    inv = np.array([[d, -b], [-c2, a]]) / (a * d - b * c2)
     shift = np.array([c + 2.0 * aug.dx, c + 2.0 * aug.dy])   # output pixels are 2 working pixels
     offset = np.array([c, c]) - inv @ shift
     return (inv[0, 0], inv[0, 1], offset[0], inv[1, 0], inv[1, 1], offset[1])
@@ -174,31 +177,3 @@ def png_bytes(img: Image.Image) -> bytes:
     img.save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
 
-
-@dataclass(frozen=True)
-class RenderJob:
-    """One image to write: ``path`` relative to the output root, character, font, augmentation."""
-
-    path: str
-    char: str
-    font: str
-    aug: Aug
-
-
-def run_jobs(root: str, font_paths: dict[str, str], chunks: list[list[RenderJob]]) -> list[list[dict]]:
-    """Render and write every job; returns, per job, ``{"removed": float, "bbox": [x0, y0, x1, y1]}``
-    (the ink box of the written image, [0, 0, 0, 0] if empty). Chunks share base renderings."""
-    renderer = GlyphRenderer(font_paths)
-    out_root = Path(root)
-    results = []
-    for chunk in chunks:
-        res = []
-        for job in chunk:
-            img, removed = renderer.render(job.font, job.char, job.aug)
-            path = out_root / job.path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(png_bytes(img))
-            res.append({"removed": round(removed, 4), "bbox": list(img.getbbox() or (0, 0, 0, 0))})
-        results.append(res)
-        renderer.clear()
-    return results

@@ -330,52 +330,80 @@ def _array_hash(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def topk_inner_product(queries: np.ndarray, index: Any, k: int, database_ids: np.ndarray,
-                       query_ids: np.ndarray | None = None, exclude_self: bool = False,
-                       block_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k database items by inner product for a block of queries.
+def _topk_block(q: "torch.Tensor", db: "torch.Tensor", k: int, db_block_size: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Top-k of q @ db.T, scanning db in tiles of db_block_size rows and merging.
 
-    queries: (B, D) float32; index: a faiss IndexFlatIP over the (Nd, D) database;
-    database_ids: (Nd,) int64. With exclude_self, the database item whose id equals the
-    query id is dropped. Returns neighbor_ids (B, k) int64 and scores (B, k) float32.
+    q: (B, D); db: (Nd, D). Returns scores (B, k) and row indices into db (B, k), best first.
+    Peak extra memory: one (B, db_block_size) score tile.
     """
+    import torch
+
+    best_v = best_i = None
+    for c in range(0, db.shape[0], db_block_size):
+        tile = q @ db[c:c + db_block_size].T  # (B, tile)
+        v, i = torch.topk(tile, min(k, tile.shape[1]), dim=1)
+        i += c
+        if best_v is None:
+            best_v, best_i = v, i
+        else:
+            v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
+            best_v, j = torch.topk(v, min(k, v.shape[1]), dim=1)
+            best_i = torch.gather(i, 1, j)
+    return best_v, best_i
+
+
+def topk_inner_product(queries: np.ndarray, database: np.ndarray, k: int, database_ids: np.ndarray,
+                       query_ids: np.ndarray | None = None, exclude_self: bool = False,
+                       block_size: int = 1024, db_block_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k database items by inner product for a set of queries, block by block.
+
+    queries: (B, D) float32; database: (Nd, D) float32 (used in place, no copy);
+    database_ids: (Nd,) int64; query_ids: (B,) int64, needed with exclude_self, which drops
+    the database item whose id equals the query id. Returns neighbor_ids (B, k) int64 and
+    scores (B, k) float32, best first. Extra memory: one (block_size, db_block_size)
+    float32 score tile plus O(block_size * k), whatever B and Nd are.
+    """
+    import torch
+
     B = queries.shape[0]
     kk = k + 1 if exclude_self else k
+    db = torch.from_numpy(np.ascontiguousarray(database, dtype=np.float32))
     out_ids = np.empty((B, k), dtype=np.int64)
     out_scores = np.empty((B, k), dtype=np.float32)
-    for a in range(0, B, block_size):
-        b = min(B, a + block_size)
-        scores, idx = index.search(np.ascontiguousarray(queries[a:b]), kk)
-        ids = database_ids[idx]
-        if exclude_self:
-            is_self = ids == query_ids[a:b, None]
-            # drop the self match when present, else the last (k+1-th) neighbour
-            drop = np.where(is_self.any(axis=1), np.argmax(is_self, axis=1), kk - 1)
-            keep = np.ones_like(is_self)
-            keep[np.arange(b - a), drop] = False
-            ids = ids[keep].reshape(b - a, k)
-            scores = scores[keep].reshape(b - a, k)
-        out_ids[a:b] = ids
-        out_scores[a:b] = scores
+    with torch.inference_mode():
+        for a in range(0, B, block_size):
+            b = min(B, a + block_size)
+            q = torch.from_numpy(np.ascontiguousarray(queries[a:b], dtype=np.float32))
+            v, i = _topk_block(q, db, kk, db_block_size)
+            scores, ids = v.numpy(), database_ids[i.numpy()]
+            if exclude_self:
+                is_self = ids == query_ids[a:b, None]
+                # drop the self match when present, else the last (k+1-th) neighbour
+                drop = np.where(is_self.any(axis=1), np.argmax(is_self, axis=1), kk - 1)
+                keep = np.ones_like(is_self)
+                keep[np.arange(b - a), drop] = False
+                ids = ids[keep].reshape(b - a, k)
+                scores = scores[keep].reshape(b - a, k)
+            out_ids[a:b] = ids
+            out_scores[a:b] = scores
     return out_ids, out_scores
 
 
 def build_topk_store(queries: np.ndarray, query_ids: np.ndarray, database: np.ndarray, database_ids: np.ndarray,
-                     out_dir: str | os.PathLike, k: int, *, shard_size: int = 10_000, block_size: int = 4096,
-                     exclude_self: bool = False, source_hashes: Mapping[str, str] | None = None,
-                     metric: str = "ip", n_threads: int | None = None) -> SimilarityStore:
+                     out_dir: str | os.PathLike, k: int, *, shard_size: int = 10_000, block_size: int = 1024,
+                     db_block_size: int = 16384, exclude_self: bool = False,
+                     source_hashes: Mapping[str, str] | None = None, metric: str = "ip") -> SimilarityStore:
     """Build (or resume) the top-k inner-product store of ``queries`` against ``database``.
 
     queries: (Nq, D) float32, database: (Nd, D) float32, both L2-normalised by the caller
     when cosine similarity is meant; query_ids: (Nq,), database_ids: (Nd,) int64.
-    The database is held once in a faiss IndexFlatIP and queries are searched
-    ``block_size`` at a time, so the extra memory is O(block_size * K + shard_size * K),
-    never Nq x Nd. Shards already complete (file, row count and checksum match the
+    Scores are computed with torch matmul + topk on (block_size, db_block_size) tiles
+    (64 MiB by default) merged into a running top-k, so the memory beyond the inputs is
+    O(block_size * db_block_size + shard_size * K), never Nq x Nd; the device is the CPU
+    (the pipeline may run it inside a Ray task). Shards already complete (file, row count and checksum match the
     manifest) are skipped; the manifest is rewritten after each shard.
     source_hashes: recorded in the manifest; by default hashes of the input arrays.
     """
-    import faiss
-
     if metric != "ip":
         raise ValueError(f"metric must be 'ip' (inner product), got {metric!r}")
     q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -402,14 +430,10 @@ def build_topk_store(queries: np.ndarray, query_ids: np.ndarray, database: np.nd
     pending = store.pending_shards()
     if not pending:
         return store
-    if n_threads is not None:
-        faiss.omp_set_num_threads(n_threads)
-    index = faiss.IndexFlatIP(D)
-    index.add(db)
     for i in pending:
         first, n_rows = store.shard_rows(i)
         rows = slice(first, first + n_rows)
-        nids, scores = topk_inner_product(q[rows], index, k, dbids, qids[rows], exclude_self, block_size)
+        nids, scores = topk_inner_product(q[rows], db, k, dbids, qids[rows], exclude_self, block_size, db_block_size)
         info = store.write_shard(i, qids[rows], nids, scores)
         store.mark_complete(i, info)
     return store

@@ -17,8 +17,9 @@ Where the time goes in the loop formulation is vectorised here: only the top
 max(k1+1, k2) ranks of each row are found (``argpartition``); the reciprocal tests,
 the 2/3-overlap test and the expansion are sparse boolean products over all nodes at
 once; V and its query expansion are sparse CSR matrices; the Jaccard sums of minimums
-are dense ``np.minimum`` over row blocks restricted to the columns where the block's
-queries are non-zero, with a bounded temporary.
+visit only pairs of non-zero entries (CSR query rows against CSC columns) and are
+accumulated with ``np.bincount`` (float64, then float32) in chunks of bounded size
+(dense ``np.minimum`` over query blocks when V is nearly dense, as in few-shot episodes).
 
 Tie caveat: only set membership of the top-m ranks matters. A row whose m-th and
 (m+1)-th smallest values are equal (m in {k1+1, h+1, k2}) falls back to the same
@@ -33,7 +34,7 @@ import scipy.sparse as sp
 
 __all__ = ["k_reciprocal", "fewshot_k_reciprocal"]
 
-_BLOCK_ELEMENTS = 1 << 23  # bound on the (rows, N, cols) temporary of the Jaccard step
+_GATHER_ELEMENTS = 1 << 22  # bound on the gathered entries per Jaccard chunk
 
 
 def _full_distance(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np.ndarray) -> np.ndarray:
@@ -112,25 +113,46 @@ def _expanded_sets(ranks: np.ndarray, k1: int, N: int) -> sp.csr_matrix:
 
 
 def _jaccard(V: sp.csr_matrix, n_query: int) -> np.ndarray:
-    """(n_query, N) float32 Jaccard distances 1 - s / (2 - s), s = sum_c min(V[q, c], V[j, c])."""
+    """(n_query, N) float32 Jaccard distances 1 - s / (2 - s), s = sum_c min(V[q, c], V[j, c]).
+
+    Only pairs where both entries are non-zero contribute, so for each non-zero (q, c) of the
+    query rows the non-zeros of column c are gathered (CSC) and their minimums scattered into
+    s with ``np.bincount``. Queries are processed in chunks of bounded gathered size. When V
+    is nearly dense (small graphs) dense ``np.minimum`` over query blocks is cheaper.
+    """
     N = V.shape[0]
-    Vq = V[:n_query].toarray()
+    Vq = V[:n_query].tocsr()
     Vc = V.tocsc()
+    col_len = np.diff(Vc.indptr)
+    pair_query = np.repeat(np.arange(n_query), np.diff(Vq.indptr))  # query of each non-zero (q, c)
+    pair_len = col_len[Vq.indices]  # gathered entries per (q, c)
+    per_query = np.bincount(pair_query, weights=pair_len, minlength=n_query)
     out = np.empty((n_query, N), dtype=np.float32)
-    start = 0
-    while start < n_query:
-        stop = start + 1
-        cols = np.flatnonzero(Vq[start])
-        # grow the block while the (rows, N, cols) temporary stays bounded
-        while stop < n_query:
-            grown = np.union1d(cols, np.flatnonzero(Vq[stop]))
-            if (stop + 1 - start) * N * max(grown.size, 1) > _BLOCK_ELEMENTS:
-                break
-            cols, stop = grown, stop + 1
-        dense_cols = Vc[:, cols].toarray()  # (N, |cols|)
-        s = np.minimum(Vq[start:stop, None, cols], dense_cols[None, :, :]).sum(axis=2, dtype=np.float32)
-        out[start:stop] = 1 - s / (2.0 - s)
-        start = stop
+    if n_query * N * N <= 4 * per_query.sum():
+        # V is nearly dense (small graphs such as few-shot episodes): plain dense minimums
+        Vd = V.toarray()
+        step = max(1, _GATHER_ELEMENTS // (N * N))
+        for q0 in range(0, n_query, step):
+            q1 = min(q0 + step, n_query)
+            s = np.minimum(Vd[q0:q1, None, :], Vd[None, :, :]).sum(axis=2, dtype=np.float32)
+            out[q0:q1] = 1 - s / (2.0 - s)
+        return out
+    q0 = 0
+    while q0 < n_query:
+        q1, total = q0 + 1, per_query[q0]
+        while q1 < n_query and total + per_query[q1] + (q1 + 1 - q0) * N <= _GATHER_ELEMENTS:
+            total += per_query[q1]
+            q1 += 1
+        p0, p1 = Vq.indptr[q0], Vq.indptr[q1]
+        lens = pair_len[p0:p1]
+        pair_of = np.repeat(np.arange(p1 - p0), lens)  # (n_gathered,) pair of each gathered entry
+        offsets = np.arange(pair_of.size) - np.repeat(np.cumsum(lens) - lens, lens)
+        pos = Vc.indptr[Vq.indices[p0:p1]][pair_of] + offsets
+        mins = np.minimum(Vq.data[p0:p1][pair_of], Vc.data[pos])
+        flat = (pair_query[p0:p1][pair_of] - q0) * N + Vc.indices[pos]
+        s = np.bincount(flat, weights=mins, minlength=(q1 - q0) * N).astype(np.float32).reshape(q1 - q0, N)
+        out[q0:q1] = 1 - s / (2.0 - s)
+        q0 = q1
     return out
 
 

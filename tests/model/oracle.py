@@ -56,7 +56,7 @@ def subgraph_vector(A: torch.Tensor, node_list: list[int], first_dropped: int) -
     for i in range(L):
         for j in range(i + 1, L):
             if i >= first_dropped and j >= first_dropped:
-                continue
+                break  # j > i, so every later j of this row is dropped as well
             rows.append(node_list[i])
             cols.append(node_list[j])
     return A[rows, cols]

@@ -1,0 +1,32 @@
+"""A Ray Tune grid over one swept parameter, one trial per value (GPU per trial when the cluster has GPUs)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+
+def tune_grid(trainable: Callable[[dict], None], key: str, values: list, base_space: dict, name: str,
+              storage_path: Path, max_failures: int = 2) -> None:
+    """Run ``trainable`` for each value of ``key``; raise with the reasons if trials still fail after retries."""
+    from ray import tune
+
+    from ssr_tasks.services import cluster_has_gpu
+
+    if not values:
+        return
+    use_gpu = cluster_has_gpu()
+    resources = {"cpu": 1, "gpu": 1} if use_gpu else {"cpu": 1}
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, resources),
+        param_space={**base_space, key: tune.grid_search(values), "use_gpu": use_gpu, "threads": 1},
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(storage_path),
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            verbose=0,
+        ),
+    )
+    grid = tuner.fit()
+    if grid.errors:
+        msgs = "; ".join(str(e).strip().splitlines()[-1] for e in grid.errors)
+        raise RuntimeError(f"{len(grid.errors)} trial(s) of {name} failed after {max_failures} retries: {msgs}")

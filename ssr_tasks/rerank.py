@@ -1,0 +1,113 @@
+"""Re-ranking similarity stores with SSR: a plain per-shard worker and the Ray actor pool.
+
+``ShardReranker`` loads the database features and the model once, then re-ranks whole
+shards: the first ``k`` neighbours of each query are re-ordered by SSR's refined
+similarity (their scores become the refined ones); neighbours beyond ``k`` keep their order
+and scores. Each output shard is written atomically by the worker; only the driver
+touches the manifest, marking a shard complete after its worker returned. A worker killed
+mid-shard leaves no file under the final name; Ray restarts the actor and retries the
+shard, and a rerun redoes only pending shards, so every query ends up exactly once.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ssr_model import RetrievalSSR
+
+log = logging.getLogger(__name__)
+
+
+class ShardReranker:
+    """Plain class behind the Ray actor. Database features: ids must be 0..N-1 (row = id)."""
+
+    def __init__(self, db_features: str, model_path: str, model_kwargs: dict, device: str = "cpu", threads: int | None = None, db_split: str | None = "database"):
+        from storage.features import read_features
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        table = read_features(Path(db_features), split=db_split)
+        if not np.array_equal(table.ids, np.arange(len(table.ids))):
+            raise ValueError(f"{db_features}: database ids must be 0..N-1 in order (row = id)")
+        self.db = F.normalize(torch.from_numpy(table.embeddings).float(), dim=-1, eps=1e-12)
+        self.model = RetrievalSSR(**model_kwargs)
+        self.model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+        self.model.to(self.device).eval()
+        self.k = int(model_kwargs["k"])
+        self._queries: dict[str, tuple[dict, torch.Tensor]] = {}
+
+    def _query_table(self, path: str):
+        if path not in self._queries:
+            from storage.features import read_features
+
+            t = read_features(Path(path))
+            self._queries[path] = ({int(i): r for r, i in enumerate(t.ids)},
+                                   F.normalize(torch.from_numpy(t.embeddings).float(), dim=-1, eps=1e-12))
+        return self._queries[path]
+
+    @torch.no_grad()
+    def rerank_arrays(self, query: torch.Tensor, neighbor_ids: np.ndarray, scores: np.ndarray, batch: int = 512):
+        """query (n, D), neighbor_ids / scores (n, K) -> re-ranked (ids, scores), same shapes."""
+        k = min(self.k, neighbor_ids.shape[1])
+        ids_out, sc_out = neighbor_ids.copy(), scores.astype(np.float32).copy()
+        for s in range(0, len(query), batch):
+            ids = torch.from_numpy(neighbor_ids[s : s + batch, :k])
+            nb = self.db[ids].to(self.device)
+            refined = self.model(query[s : s + batch].to(self.device), nb).float().cpu()
+            order = refined.argsort(dim=-1, descending=True, stable=True)
+            ids_out[s : s + batch, :k] = ids.gather(1, order).numpy()
+            sc_out[s : s + batch, :k] = refined.gather(1, order).numpy()
+        return ids_out, sc_out
+
+    def rerank_shard(self, store_dir: str, query_features: str, out_dir: str, shard: int) -> tuple[int, dict]:
+        from storage.simstore import SimilarityStore
+
+        part = SimilarityStore(Path(store_dir)).read_shard(shard)
+        where, qemb = self._query_table(query_features)
+        try:
+            rows = torch.as_tensor([where[int(q)] for q in part.query_ids])
+        except KeyError as exc:
+            raise ValueError(f"{query_features}: query id {exc.args[0]} of shard {shard} has no features") from None
+        ids, scores = self.rerank_arrays(qemb[rows], part.neighbor_ids, part.scores)
+        info = SimilarityStore(Path(out_dir)).write_shard(shard, part.query_ids, ids, scores)
+        return shard, info
+
+
+def rerank_store(store_dir: Path, query_features: Path, db_features: Path, out_dir: Path, model_path: str,
+                 model_kwargs: dict, n_actors: int = 0, progress: Callable[[int, int], None] | None = None,
+                 max_restarts: int = 3) -> Path:
+    """Re-rank every pending shard of ``store_dir`` into ``out_dir`` with a pool of Ray actors."""
+    import ray
+    from ray.util import ActorPool
+
+    from storage.simstore import SimilarityStore, create_store
+    from ssr_tasks.services import cluster_has_gpu, pool_size
+
+    src = SimilarityStore(Path(store_dir))
+    out = create_store(Path(out_dir), src.k, src.n_queries, src.n_shards, src.shard_size,
+                       {**src.source_hashes, "reranked_by": Path(model_path).name})
+    pending = out.pending_shards()
+    if not pending:
+        return Path(out_dir)
+    use_gpu = cluster_has_gpu()
+    n = min(pool_size(n_actors, use_gpu), len(pending))
+    Actor = ray.remote(ShardReranker).options(num_cpus=1, num_gpus=1 if use_gpu else 0,
+                                              max_restarts=max_restarts, max_task_retries=max_restarts)
+    actors = [Actor.remote(str(db_features), model_path, model_kwargs, "cuda" if use_gpu else "cpu", 1) for _ in range(n)]
+    pool = ActorPool(actors)
+    done = 0
+    for shard, info in pool.map_unordered(lambda a, i: a.rerank_shard.remote(str(store_dir), str(query_features), str(out_dir), i), pending):
+        out.mark_complete(shard, info)
+        done += 1
+        if progress is not None:
+            progress(done, len(pending))
+    for a in actors:
+        ray.kill(a)
+    log.info("re-ranking: %d shard(s) of %s done with %d actor(s)", len(pending), Path(store_dir).name, n)
+    return Path(out_dir)

@@ -1,0 +1,140 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from storage.errors import CorruptFileError, DatasetLayoutError
+from storage.fewshot import (DATASET_SPECS, DatasetSpec, EpisodeSampler, list_split, load_images,
+                             read_episode_json, write_episode_json)
+
+
+def make_split(root, split="val", n_classes=4, n_images=6, size=32, mode="RGB"):
+    rng = np.random.default_rng(0)
+    for c in range(n_classes):
+        d = root / split / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(n_images):
+            shape = (size, size, 3) if mode == "RGB" else (size, size)
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(d / f"img{i:02d}.png")
+    return root
+
+
+def test_specs_follow_the_table():
+    cifar = DATASET_SPECS["cifar-fs"]
+    assert cifar.image_size == 32 and cifar.channels == 3
+    assert cifar.mean[0] == pytest.approx(129.38 / 255) and cifar.std[2] == pytest.approx(70.46 / 255)
+    tiered = DATASET_SPECS["tiered-imagenet"]
+    assert (tiered.resize, tiered.center_crop, tiered.image_size) == (92, 84, 84)
+    assert DATASET_SPECS["mini-imagenet"].center_crop == 80
+    glyphs = DATASET_SPECS["glyphs"]
+    assert (glyphs.channels, glyphs.mean, glyphs.std, glyphs.image_size) == (1, (0.5,), (0.5,), 32)
+
+
+def test_list_split_and_load(tmp_path):
+    make_split(tmp_path)
+    idx = list_split(tmp_path, "val")
+    assert idx.classes == ["class0", "class1", "class2", "class3"]
+    assert len(idx) == 24 and idx.paths[0] == "class0/img00.png" and idx.labels.dtype == np.int64
+    assert list(np.bincount(idx.labels)) == [6, 6, 6, 6]
+    x = load_images(idx, idx.paths[:3], DATASET_SPECS["cifar-fs"])
+    assert x.shape == (3, 3, 32, 32) and x.dtype == np.float32
+    raw = np.asarray(Image.open(tmp_path / "val" / idx.paths[0]), dtype=np.float32) / 255
+    spec = DATASET_SPECS["cifar-fs"]
+    np.testing.assert_allclose(x[0, 1], (raw[:, :, 1] - spec.mean[1]) / spec.std[1], rtol=1e-5)
+    grey = load_images(idx.root, idx.paths[:2], DATASET_SPECS["glyphs"])
+    assert grey.shape == (2, 1, 32, 32) and grey.min() >= -1 and grey.max() <= 1
+
+
+def test_resize_and_center_crop(tmp_path):
+    make_split(tmp_path, n_classes=1, n_images=1, size=100)
+    idx = list_split(tmp_path, "val")
+    assert load_images(idx, idx.paths, DATASET_SPECS["tiered-imagenet"]).shape == (1, 3, 84, 84)
+    assert load_images(idx, idx.paths, DATASET_SPECS["mini-imagenet"]).shape == (1, 3, 80, 80)
+    with pytest.raises(DatasetLayoutError, match=r"img00\.png: image is 100x100 after transforms, expected 32x32"):
+        load_images(idx, idx.paths, DATASET_SPECS["cifar-fs"])
+
+
+def test_layout_errors(tmp_path):
+    with pytest.raises(DatasetLayoutError, match=r"train: split folder not found"):
+        list_split(tmp_path, "train")
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DatasetLayoutError, match="split is empty"):
+        list_split(tmp_path, "train")
+    (tmp_path / "train" / "cat").mkdir()
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("x")
+    with pytest.raises(DatasetLayoutError, match="class 'cat' has no images"):
+        list_split(tmp_path, "train")
+
+
+def test_missing_and_corrupt_image(tmp_path):
+    make_split(tmp_path, n_classes=1, n_images=2)
+    idx = list_split(tmp_path, "val")
+    with pytest.raises(DatasetLayoutError, match=r"nope\.png: image not found"):
+        load_images(idx, ["class0/nope.png"], DATASET_SPECS["cifar-fs"])
+    (tmp_path / "val" / "class0" / "img00.png").write_bytes(b"garbage")
+    with pytest.raises(CorruptFileError, match=r"img00\.png: not a readable image"):
+        load_images(idx, ["class0/img00.png"], DATASET_SPECS["cifar-fs"])
+
+
+def test_sampler_is_seeded_and_valid(tmp_path):
+    make_split(tmp_path, n_classes=5, n_images=6)
+    idx = list_split(tmp_path, "val")
+    eps = EpisodeSampler(idx, n_way=3, n_shot=2, n_query=3, seed=7).episodes(4)
+    again = EpisodeSampler(idx, n_way=3, n_shot=2, n_query=3, seed=7).episodes(4)
+    assert all(np.array_equal(a.support, b.support) and np.array_equal(a.query, b.query) for a, b in zip(eps, again))
+    for ep in eps:
+        assert ep.support.shape == (3, 2) and ep.query.shape == (3, 3)
+        for w in range(3):
+            assert len(set(idx.labels[ep.support[w]]) | set(idx.labels[ep.query[w]])) == 1
+        assert len(set(ep.way_labels(idx))) == 3
+        assert len(np.unique(np.concatenate([ep.support.ravel(), ep.query.ravel()]))) == 15
+
+
+def test_sampler_refusals(tmp_path):
+    make_split(tmp_path, n_classes=3, n_images=4)
+    idx = list_split(tmp_path, "val")
+    with pytest.raises(DatasetLayoutError, match="split has 3 classes, fewer than n_way=5"):
+        EpisodeSampler(idx, 5, 1, 1)
+    with pytest.raises(DatasetLayoutError, match=r"class 'class0' has 4 images, fewer than n_shot \+ n_query = 1 \+ 15 = 16"):
+        EpisodeSampler(idx, 2, 1, 15)
+    for kwargs, msg in (({"n_way": 1}, "n_way must be >= 2"), ({"n_shot": 0}, "n_shot must be >= 1"),
+                        ({"n_query": 0}, "n_query must be >= 1")):
+        args = {"n_way": 2, "n_shot": 1, "n_query": 1, **kwargs}
+        with pytest.raises(ValueError, match=msg):
+            EpisodeSampler(idx, **args)
+
+
+def test_episode_json_round_trip_and_prefixes(tmp_path):
+    make_split(tmp_path, n_classes=4, n_images=5)
+    idx = list_split(tmp_path, "val")
+    eps = EpisodeSampler(idx, 3, 1, 2, seed=1).episodes(3)
+    path = tmp_path / "val1000Episode_3_way_1_shot.json"
+    write_episode_json(path, eps, idx)
+    back = read_episode_json(path, idx)
+    assert all(np.array_equal(a.support, b.support) and np.array_equal(a.query, b.query) for a, b in zip(eps, back))
+    data = json.loads(path.read_text())
+    data[0]["Support"] = [["/some/where/val/" + p for p in row] for row in data[0]["Support"]]
+    data[1]["Query"] = [["val\\" + p.replace("/", "\\") for p in row] for row in data[1]["Query"]]
+    path.write_text(json.dumps(data))
+    back = read_episode_json(path, idx)
+    assert np.array_equal(back[0].support, eps[0].support) and np.array_equal(back[1].query, eps[1].query)
+
+
+def test_episode_json_errors(tmp_path):
+    make_split(tmp_path, n_classes=2, n_images=3)
+    idx = list_split(tmp_path, "val")
+    path = tmp_path / "eps.json"
+    good = {"Support": [["class0/img00.png"], ["class1/img00.png"]], "Query": [["class0/img01.png"], ["class1/img01.png"]]}
+    path.write_text(json.dumps([good, {**good, "Query": [["class0/img01.png"], ["class1/missing.png"]]}]))
+    with pytest.raises(DatasetLayoutError, match=r"eps\.json: episode 1: Query image 'class1/missing.png' not found"):
+        read_episode_json(path, idx)
+    path.write_text(json.dumps([{**good, "Query": [["class0/img01.png"], ["class0/img02.png"]]}]))
+    with pytest.raises(DatasetLayoutError, match=r"episode 0: way 1 mixes classes"):
+        read_episode_json(path, idx)
+    path.write_text(json.dumps([{"Support": good["Support"]}]))
+    with pytest.raises(DatasetLayoutError, match=r"episode 0: 'Query' must be"):
+        read_episode_json(path, idx)
+    path.write_text("[{")
+    with pytest.raises(CorruptFileError, match=r"eps\.json: not valid JSON"):
+        read_episode_json(path, idx)
