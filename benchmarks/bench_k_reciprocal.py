@@ -21,11 +21,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "model"))
-
-from k_reciprocal_oracle import k_reciprocal_loop  # noqa: E402
 
 from ssr_model.baselines import k_reciprocal  # noqa: E402
+from tests.model.k_reciprocal_oracle import k_reciprocal_loop  # noqa: E402
 
 
 def _graph(n_query: int, n_gallery: int, dim: int, seed: int):

@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     # longer than Prefect's default wait.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "ssr_tasks,flows")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

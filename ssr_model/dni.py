@@ -18,13 +18,11 @@ bit-identical to ``nn.InstanceNorm1d`` and, measured on CPU, as fast as a hand-w
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DNI", "dni_update", "row_instance_norm"]
+__all__ = ["DNI", "row_instance_norm"]
 
 
 def row_instance_norm(x: torch.Tensor, norm: nn.InstanceNorm1d) -> torch.Tensor:
@@ -78,53 +76,12 @@ class DNI(nn.Module):
             raise ValueError(f"DNI input: expected last dim d_in={self.d_in}, got shape {tuple(x.shape)}")
         norm_in, fc1, _, norm1 = self.layer1
         fc2, _, norm2 = self.layer2
+        inplace = not torch.is_grad_enabled()  # the ReLU may overwrite its input at inference
         h = row_instance_norm(x, norm_in)
-        h = row_instance_norm(F.relu(fc1(h)), norm1)
-        h = row_instance_norm(F.relu(fc2(h)), norm2)
+        h = row_instance_norm(F.relu(fc1(h), inplace=inplace), norm1)
+        h = row_instance_norm(F.relu(fc2(h), inplace=inplace), norm2)
         return self.layer3(h)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, hidden={self.hidden}"
 
-
-def dni_update(
-    target: torch.Tensor,
-    build_vectors: Callable[[torch.Tensor], torch.Tensor],
-    dni: DNI,
-    lr_dni: float,
-    keep_graph: bool,
-) -> torch.Tensor:
-    """One synthetic-gradient step: ``target - lr_dni * d<X, DNI(X)>/d target``.
-
-    ``X = build_vectors(target)`` are the subgraph vectors; the DNI output is used as the
-    upstream gradient of X. The derivative is the partial derivative with respect to this
-    ``target`` only: the other features that ``build_vectors`` closes over are held fixed
-    even when they were themselves computed from ``target`` earlier (a fresh alias of
-    ``target`` is differentiated), so training and inference follow the same formula.
-
-    Args:
-        target: features to update, any shape (e.g. (E, n_way, D)).
-        build_vectors: maps features shaped like ``target`` to X of shape (E, M, d_in).
-        dni: the synthetic-gradient network applied to X.
-        lr_dni: step size.
-        keep_graph: True while training: the update stays differentiable, second-order
-            terms included (``create_graph=True``). False at inference: the gradient is
-            computed on a detached leaf with a detached DNI output and the result is
-            detached, so no graph is kept; the value is the same.
-
-    Returns:
-        The updated features, shape of ``target``.
-    """
-    if keep_graph:
-        alias = target.view_as(target) if target.requires_grad else target.detach().requires_grad_(True)
-        vectors = build_vectors(alias)
-        upstream = dni(vectors)
-        (grad,) = torch.autograd.grad(vectors, alias, grad_outputs=upstream, create_graph=True)
-        return alias - lr_dni * grad
-    with torch.enable_grad():
-        leaf = target.detach().requires_grad_(True)
-        vectors = build_vectors(leaf)
-        with torch.no_grad():
-            upstream = dni(vectors.detach())
-        (grad,) = torch.autograd.grad(vectors, leaf, grad_outputs=upstream)
-    return target.detach() - lr_dni * grad

@@ -6,8 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssr_model.dni import DNI, dni_update
-from ssr_model.subgraph import NORMALIZE_EPS, fewshot_pair_positions, fewshot_subgraph_vectors
+from ssr_model.dni import DNI
+from ssr_model.subgraph import (
+    NORMALIZE_EPS,
+    fewshot_pair_positions,
+    fewshot_subgraph_order,
+    synthetic_gradient_step,
+)
 
 __all__ = ["FewShotSSR", "fewshot_dni_input_dim"]
 
@@ -126,32 +131,33 @@ class FewShotSSR(nn.Module):
 
         prototypes = support.mean(2)  # (E, n_way, D)
         queries = query  # (E, n_query, D)
-        if not keep_graph:
-            prototypes, queries = prototypes.detach(), queries.detach()
         rows, cols = self.pair_rows, self.pair_cols
         if rows.device != support.device:
             rows, cols = rows.to(support.device), cols.to(support.device)
+        n_way = self.n_way
 
-        all_scores = [self.class_scores(prototypes, queries)] if return_all_steps else []
-        for _ in range(self.steps):
-            prototypes = dni_update(
-                prototypes,
-                lambda p: fewshot_subgraph_vectors(p, queries, rows, cols),
-                self.dni_support,
-                self.lr_dni,
-                keep_graph,
-            )
-            queries = dni_update(
-                queries,
-                lambda q: fewshot_subgraph_vectors(prototypes, q, rows, cols),
-                self.dni_query,
-                self.lr_dni,
-                keep_graph,
-            )
-            if return_all_steps:
-                all_scores.append(self.class_scores(prototypes, queries))
+        def order_fn(sim: torch.Tensor) -> torch.Tensor:
+            return fewshot_subgraph_order(sim, n_way)
 
-        scores = torch.stack(all_scores) if return_all_steps else self.class_scores(prototypes, queries)
+        states = [(prototypes, queries)]  # refined features after 0, 1, ... steps
+        # Inference: the refinement itself runs without autograd; scoring below follows the
+        # ambient mode (so in eval mode with grad enabled, scale_cls stays differentiable).
+        with torch.set_grad_enabled(keep_graph):
+            for _ in range(self.steps):
+                nodes = torch.cat((prototypes, queries), dim=1)  # (E, M, D)
+                prototypes = synthetic_gradient_step(
+                    nodes, slice(0, n_way), order_fn, rows, cols, self.dni_support, self.lr_dni
+                )
+                nodes = torch.cat((prototypes, queries), dim=1)
+                queries = synthetic_gradient_step(
+                    nodes, slice(n_way, None), order_fn, rows, cols, self.dni_query, self.lr_dni
+                )
+                states.append((prototypes, queries))
+
+        if return_all_steps:
+            scores = torch.stack([self.class_scores(p, q) for p, q in states])
+        else:
+            scores = self.class_scores(prototypes, queries)
         if unbatched:
             scores = scores.squeeze(-3)
         return scores

@@ -6,8 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssr_model.dni import DNI, dni_update
-from ssr_model.subgraph import NORMALIZE_EPS, retrieval_pair_positions, retrieval_subgraph_vectors
+from ssr_model.dni import DNI
+from ssr_model.subgraph import (
+    NORMALIZE_EPS,
+    retrieval_pair_positions,
+    retrieval_subgraph_order,
+    synthetic_gradient_step,
+)
 
 __all__ = ["RetrievalSSR", "retrieval_dni_input_dim"]
 
@@ -110,33 +115,28 @@ class RetrievalSSR(nn.Module):
         self._check_inputs(query, neighbours)
         keep_graph = self.training and torch.is_grad_enabled()
 
-        q, database = query, neighbours  # (B, D), (B, k, D)
-        if not keep_graph:
-            q, database = q.detach(), database.detach()
         rows, cols = self.pair_rows, self.pair_cols
         if rows.device != query.device:
             rows, cols = rows.to(query.device), cols.to(query.device)
 
-        all_sims = [self.query_similarities(q, database)] if return_all_steps else []
-        for _ in range(self.steps):
-            q = dni_update(
-                q,
-                lambda x: retrieval_subgraph_vectors(x, database, rows, cols),
-                self.dni_query,
-                self.lr_dni,
-                keep_graph,
-            )
-            database = dni_update(
-                database,
-                lambda x: retrieval_subgraph_vectors(q, x, rows, cols),
-                self.dni_database,
-                self.lr_dni,
-                keep_graph,
-            )
-            if return_all_steps:
-                all_sims.append(self.query_similarities(q, database))
+        nodes = torch.cat((query.unsqueeze(1), neighbours), dim=1)  # (B, 1 + k, D)
+        states = [nodes]  # refined nodes after 0, 1, ... steps
+        with torch.set_grad_enabled(keep_graph):  # inference: no autograd in the refinement
+            for _ in range(self.steps):
+                q = synthetic_gradient_step(
+                    nodes, slice(0, 1), retrieval_subgraph_order, rows, cols, self.dni_query, self.lr_dni
+                )
+                nodes = torch.cat((q, nodes[:, 1:]), dim=1)
+                database = synthetic_gradient_step(
+                    nodes, slice(1, None), retrieval_subgraph_order, rows, cols, self.dni_database, self.lr_dni
+                )
+                nodes = torch.cat((q, database), dim=1)
+                states.append(nodes)
 
-        sims = torch.stack(all_sims) if return_all_steps else self.query_similarities(q, database)
+        if return_all_steps:
+            sims = torch.stack([self.query_similarities(n[:, 0], n[:, 1:]) for n in states])
+        else:
+            sims = self.query_similarities(nodes[:, 0], nodes[:, 1:])
         if unbatched:
             sims = sims.squeeze(-2)
         return sims

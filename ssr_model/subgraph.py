@@ -1,4 +1,4 @@
-"""Pure functions that turn node features into SSR subgraph vectors (SSR_METHOD.md 3-4).
+"""Pure functions for SSR subgraphs (SSR_METHOD.md sections 3-4).
 
 Every function works on a batch of E independent graphs (episodes or queries) at once;
 no Python loop runs over nodes or graphs. A subgraph is described by
@@ -10,26 +10,71 @@ no Python loop runs over nodes or graphs. A subgraph is described by
 
 The vector of reference r is ``A[order[r, pair_rows], order[r, pair_cols]]``, gathered
 from the flattened similarity matrix ``A`` so that the gathered values carry gradient.
+
+:func:`synthetic_gradient_step` performs one DNI update. Instead of calling
+``torch.autograd.grad(X, features, grad_outputs=DNI(X))`` it applies the chain rule in
+closed form (scatter the DNI output onto A, ``(G + G^T) U`` for the unit features U,
+then the normalisation Jacobian), restricted to the rows being updated. The formula is
+made of ordinary differentiable torch ops, so during training autograd differentiates
+through it (the second-order terms of the paper), and at inference it runs under
+``torch.no_grad()`` with no graph at all. tests/model/oracle.py checks it against
+autograd.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "unit_rows",
+    "unit_rows_backward",
     "cosine_similarity_matrix",
     "kept_pair_positions",
     "fewshot_pair_positions",
     "retrieval_pair_positions",
     "fewshot_subgraph_order",
     "retrieval_subgraph_order",
+    "subgraph_flat_index",
     "gather_subgraph_vectors",
+    "scatter_subgraph_gradient",
+    "synthetic_gradient_step",
     "fewshot_subgraph_vectors",
     "retrieval_subgraph_vectors",
 ]
 
 NORMALIZE_EPS = 1e-12
+
+
+def unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalise the last axis exactly as ``F.normalize(x, dim=-1, eps=1e-12)``.
+
+    Args:
+        x: features of shape (..., D).
+
+    Returns:
+        ``(unit, norm)``: unit of shape (..., D) and the unclamped norms (..., 1).
+    """
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x / norm.clamp_min(NORMALIZE_EPS), norm
+
+
+def unit_rows_backward(unit: torch.Tensor, norm: torch.Tensor, grad_unit: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. x of ``<grad_unit, x / max(||x||, eps)>``, grad_unit held fixed.
+
+    Args:
+        unit, norm: from :func:`unit_rows`, shapes (..., D) and (..., 1).
+        grad_unit: upstream gradient w.r.t. the unit vectors, shape (..., D).
+
+    Returns:
+        ``(grad_unit - unit <grad_unit, unit>) / ||x||`` where ``||x|| > eps``, and
+        ``grad_unit / eps`` elsewhere (there the map is ``x / eps``); shape (..., D).
+    """
+    radial = torch.linalg.vecdot(grad_unit, unit, dim=-1).unsqueeze(-1)  # (..., 1)
+    radial = torch.where(norm > NORMALIZE_EPS, radial, torch.zeros_like(radial))
+    return torch.addcmul(grad_unit, unit, radial, value=-1.0) / norm.clamp_min(NORMALIZE_EPS)
 
 
 def cosine_similarity_matrix(nodes: torch.Tensor) -> torch.Tensor:
@@ -126,24 +171,88 @@ def retrieval_subgraph_order(sim: torch.Tensor) -> torch.Tensor:
     return torch.cat((ref, query, db_order), dim=-1)
 
 
-def gather_subgraph_vectors(
-    sim: torch.Tensor, order: torch.Tensor, pair_rows: torch.Tensor, pair_cols: torch.Tensor
-) -> torch.Tensor:
-    """Gather the flattened subgraph vectors of every reference.
+def subgraph_flat_index(order: torch.Tensor, pair_rows: torch.Tensor, pair_cols: torch.Tensor) -> torch.Tensor:
+    """Positions in the flattened (M * M) similarity matrix of every subgraph entry.
 
     Args:
-        sim: similarities of shape (E, M, M) (may carry gradient).
         order: subgraph node lists of shape (E, M, L).
         pair_rows, pair_cols: kept positions of shape (d_in,), values in [0, L).
 
     Returns:
-        X of shape (E, M, d_in), ``X[e, r, p] = sim[e, order[e, r, pair_rows[p]],
-        order[e, r, pair_cols[p]]]``.
+        long tensor of shape (E, M * d_in); entry (e, r * d_in + p) is
+        ``order[e, r, pair_rows[p]] * M + order[e, r, pair_cols[p]]``.
+    """
+    E, M, _ = order.shape
+    flat = order[:, :, pair_rows] * M + order[:, :, pair_cols]  # (E, M, d_in)
+    return flat.reshape(E, -1)
+
+
+def gather_subgraph_vectors(sim: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """Gather the subgraph vectors of every reference.
+
+    Args:
+        sim: similarities of shape (E, M, M) (may carry gradient).
+        flat_index: from :func:`subgraph_flat_index`, shape (E, M * d_in).
+
+    Returns:
+        X of shape (E, M, d_in).
     """
     E, M, _ = sim.shape
-    d_in = pair_rows.shape[0]
-    flat_index = order[:, :, pair_rows] * M + order[:, :, pair_cols]  # (E, M, d_in)
-    return sim.reshape(E, M * M).gather(1, flat_index.reshape(E, M * d_in)).reshape(E, M, d_in)
+    return sim.reshape(E, M * M).gather(1, flat_index).reshape(E, M, -1)
+
+
+def scatter_subgraph_gradient(upstream: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``<X, upstream>`` w.r.t. the similarity matrix (X gathered with flat_index).
+
+    Args:
+        upstream: gradient w.r.t. X, shape (E, M, d_in).
+        flat_index: from :func:`subgraph_flat_index`, shape (E, M * d_in).
+
+    Returns:
+        G of shape (E, M, M): each entry sums the upstream values gathered from it.
+    """
+    E, M, _ = upstream.shape
+    flat = upstream.new_zeros(E, M * M).scatter_add(1, flat_index, upstream.reshape(E, -1))
+    return flat.reshape(E, M, M)
+
+
+def synthetic_gradient_step(
+    nodes: torch.Tensor,
+    rows: slice,
+    order_fn: Callable[[torch.Tensor], torch.Tensor],
+    pair_rows: torch.Tensor,
+    pair_cols: torch.Tensor,
+    dni: Callable[[torch.Tensor], torch.Tensor],
+    lr_dni: float,
+) -> torch.Tensor:
+    """One DNI update of the nodes ``rows``: ``x - lr_dni * d<X, DNI(X)>/dx``.
+
+    X are the subgraph vectors of all M references built from ``nodes``; the DNI output
+    is the upstream gradient of X (not differentiated as a function of x in the inner
+    gradient); the derivative is the partial one w.r.t. ``nodes[:, rows]``, all other
+    nodes held fixed.
+
+    Args:
+        nodes: all node features of shape (E, M, D).
+        rows: the nodes to update, e.g. ``slice(0, n_way)``; R of them.
+        order_fn: detached similarities (E, M, M) -> subgraph node lists (E, M, L).
+        pair_rows, pair_cols: kept positions, shape (d_in,).
+        dni: maps (E, M, d_in) to (E, M, d_in).
+        lr_dni: step size.
+
+    Returns:
+        the updated features of the selected nodes, shape (E, R, D).
+    """
+    unit, norm = unit_rows(nodes)  # (E, M, D), (E, M, 1)
+    sim = torch.bmm(unit, unit.transpose(1, 2))  # (E, M, M)
+    flat_index = subgraph_flat_index(order_fn(sim.detach()), pair_rows, pair_cols)
+    vectors = gather_subgraph_vectors(sim, flat_index)  # (E, M, d_in)
+    grad_sim = scatter_subgraph_gradient(dni(vectors), flat_index)  # (E, M, M)
+    # sim = U U^T, so d<sim, G>/dU = (G + G^T) U; keep only the updated rows.
+    grad_sim_rows = grad_sim[:, rows, :] + grad_sim[:, :, rows].transpose(1, 2)  # (E, R, M)
+    grad_unit = torch.bmm(grad_sim_rows, unit)  # (E, R, D)
+    grad = unit_rows_backward(unit[:, rows], norm[:, rows], grad_unit)
+    return nodes[:, rows] - lr_dni * grad
 
 
 def fewshot_subgraph_vectors(
@@ -163,7 +272,7 @@ def fewshot_subgraph_vectors(
     E, n_way, D = prototypes.shape
     sim = cosine_similarity_matrix(torch.cat((prototypes, queries), dim=1))
     order = fewshot_subgraph_order(sim.detach(), n_way)
-    return gather_subgraph_vectors(sim, order, pair_rows, pair_cols)
+    return gather_subgraph_vectors(sim, subgraph_flat_index(order, pair_rows, pair_cols))
 
 
 def retrieval_subgraph_vectors(
@@ -182,4 +291,4 @@ def retrieval_subgraph_vectors(
     """
     sim = cosine_similarity_matrix(torch.cat((query.unsqueeze(1), database), dim=1))
     order = retrieval_subgraph_order(sim.detach())
-    return gather_subgraph_vectors(sim, order, pair_rows, pair_cols)
+    return gather_subgraph_vectors(sim, subgraph_flat_index(order, pair_rows, pair_cols))

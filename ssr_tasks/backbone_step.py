@@ -94,7 +94,7 @@ def pretrain_backbone(
             opt.step()
             total += len(y)
             correct += int((logits.argmax(1) == y).sum())
-            loss_sum += float(loss) * len(y)
+            loss_sum += loss.item() * len(y)
         sched.step()
         acc, mean_loss = correct / total, loss_sum / total
         log.info("backbone %s epoch %d/%d: loss %.3f, train acc %.1f%%", backbone, epoch + 1, epochs, mean_loss, 100 * acc)

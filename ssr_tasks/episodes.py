@@ -39,7 +39,10 @@ def load_split(features_path: Path, split: str, expected_dim: int | None = None)
     names = np.asarray([str(x) for x in table.labels])
     classes, labels = np.unique(names, return_inverse=True)
     paths = [str(p) for p in table.paths] if table.paths is not None else None
-    return SplitFeatures(table.embeddings.astype(np.float32, copy=False), labels.astype(np.int64), list(classes), paths)
+    emb = table.embeddings.astype(np.float32, copy=False)
+    if not emb.flags.writeable:  # Arrow-backed buffers are read-only; torch wants writable memory
+        emb = emb.copy()
+    return SplitFeatures(emb, labels.astype(np.int64), list(classes), paths)
 
 
 @dataclass(frozen=True)

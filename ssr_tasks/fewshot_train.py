@@ -121,7 +121,7 @@ def train_stage(
         if (it + 1) % cfg.val_every == 0 or it + 1 == iterations:
             accs = evaluate(model, val, val_episodes, device)
             val_acc = float(accs.mean())
-            row = {"iteration": it + 1, "steps": steps, "loss": float(loss), "val_acc": val_acc}
+            row = {"iteration": it + 1, "steps": steps, "loss": loss.item(), "val_acc": val_acc}
             history.append(row)
             if val_acc > best_val:
                 best_val = val_acc
@@ -129,7 +129,7 @@ def train_stage(
             _save(last, {"model": model.state_dict(), "optim": opt.state_dict(), "iteration": it + 1,
                          "best_val": best_val, "history": json.dumps(history)})
             log.info("steps=%d iteration %d/%d loss %.4f val acc %.2f%% (best %.2f%%)",
-                     steps, it + 1, iterations, float(loss), 100 * val_acc, 100 * best_val)
+                     steps, it + 1, iterations, loss.item(), 100 * val_acc, 100 * best_val)
             if report is not None:
                 report({**row, "best_val_acc": best_val})
     result = {"steps": steps, "best_val": best_val, "best_path": str(stage_dir / "best.pt"), "history": history}

@@ -8,12 +8,16 @@ from typing import Callable
 def tune_grid(trainable: Callable[[dict], None], key: str, values: list, base_space: dict, name: str,
               storage_path: Path, max_failures: int = 2) -> None:
     """Run ``trainable`` for each value of ``key``; raise with the reasons if trials still fail after retries."""
+    import os
+
     from ray import tune
 
     from ssr_tasks.services import cluster_has_gpu
 
     if not values:
         return
+    # Tune's console tables are noise in a Prefect log; trial progress is logged by the trainable.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     use_gpu = cluster_has_gpu()
     resources = {"cpu": 1, "gpu": 1} if use_gpu else {"cpu": 1}
     tuner = tune.Tuner(

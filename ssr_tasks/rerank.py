@@ -35,7 +35,7 @@ class ShardReranker:
         table = read_features(Path(db_features), split=db_split)
         if not np.array_equal(table.ids, np.arange(len(table.ids))):
             raise ValueError(f"{db_features}: database ids must be 0..N-1 in order (row = id)")
-        self.db = F.normalize(torch.from_numpy(table.embeddings).float(), dim=-1, eps=1e-12)
+        self.db = F.normalize(torch.tensor(table.embeddings, dtype=torch.float32), dim=-1, eps=1e-12)
         self.model = RetrievalSSR(**model_kwargs)
         self.model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
         self.model.to(self.device).eval()
@@ -48,7 +48,7 @@ class ShardReranker:
 
             t = read_features(Path(path))
             self._queries[path] = ({int(i): r for r, i in enumerate(t.ids)},
-                                   F.normalize(torch.from_numpy(t.embeddings).float(), dim=-1, eps=1e-12))
+                                   F.normalize(torch.tensor(t.embeddings, dtype=torch.float32), dim=-1, eps=1e-12))
         return self._queries[path]
 
     @torch.no_grad()

@@ -157,16 +157,16 @@ def train_retrieval(cfg: RetrievalTrainConfig, emb: np.ndarray, train: Sequences
         opt.step()
         if (it + 1) % cfg.val_every == 0 or it + 1 == cfg.iterations:
             val_ap = evaluate_sequences(model, emb_t, val, device)
-            history.append({"iteration": it + 1, "val_ap": val_ap, "loss": float(loss)})
+            history.append({"iteration": it + 1, "val_ap": val_ap, "loss": loss.item()})
             if val_ap > best:
                 best = val_ap
                 save_checkpoint(out_dir / "best.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})
             save_checkpoint(last, {"model": model.state_dict(), "optim": opt.state_dict(), "iteration": it + 1,
                                    "best": best, "history": json.dumps(history)})
             log.info("retrieval SSR iteration %d/%d loss %.4f val AP %.2f%% (best %.2f%%)",
-                     it + 1, cfg.iterations, float(loss), 100 * val_ap, 100 * best)
+                     it + 1, cfg.iterations, loss.item(), 100 * val_ap, 100 * best)
             if report is not None:
-                report({"iteration": it + 1, "loss": float(loss), "val_ap": val_ap, "best_val_ap": best})
+                report({"iteration": it + 1, "loss": loss.item(), "val_ap": val_ap, "best_val_ap": best})
     summary = {"best_val": best, "best_path": str(out_dir / "best.pt"), "history": history, "config": asdict(cfg)}
     atomic_write_text(done, json.dumps(summary))
     return summary

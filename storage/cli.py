@@ -34,11 +34,12 @@ def _import_landmarks(args: argparse.Namespace) -> int:
 
 
 def _guarded(fn):
-    """Handler wrapper: StorageError (or a missing input file) -> one line on stderr, exit 2."""
+    """Handler wrapper: bad input (StorageError, other ValueError, a missing input file)
+    -> one line on stderr, exit 2; anything else is a bug and keeps its traceback."""
     def handler(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except (StorageError, FileNotFoundError) as exc:
+        except (StorageError, ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     handler.__name__ = fn.__name__
@@ -58,9 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     sub = data.add_subparsers(dest="data_command", required=True, metavar="{prepare,download,import-landmarks}")
 
     p = sub.add_parser("prepare", help="render the built-in glyphs dataset (no download)")
-    p.add_argument("--root", default="data/glyphs", help="output folder (default: %(default)s)")
+    p.add_argument("--root", default="data", help="data root; the dataset lands in <root>/glyphs (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", default="default", help="dataset size preset (default: %(default)s)")
+    p.add_argument("--size", default="default", help="size preset: small (tests, smoke runs) or default (default: %(default)s)")
     _set_handler(p, _prepare)
 
     p = sub.add_parser("download", help="download a published data set or model")

@@ -4,7 +4,7 @@ import torch
 
 from ssr_model.baselines import fewshot_k_reciprocal, k_reciprocal
 
-from k_reciprocal_oracle import k_reciprocal_loop  # tests/model is on sys.path (prepend import mode)
+from tests.model.k_reciprocal_oracle import k_reciprocal_loop
 
 
 def _blocks(feats: np.ndarray, n_query: int):

@@ -1,0 +1,74 @@
+"""Session-wide test services: one local Ray instance, one Prefect test harness, one run folder.
+
+Both services are real (a local Ray bound to 127.0.0.1 and Prefect's SQLite-backed test
+server); they take seconds to start, so the whole pytest session shares them.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def ssr_home():
+    """A run folder for the session (SSR_HOME), removed at the end."""
+    path = Path(tempfile.mkdtemp(prefix="ssr-test-home-"))
+    old = os.environ.get("SSR_HOME")
+    os.environ["SSR_HOME"] = str(path)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield path
+    if old is None:
+        os.environ.pop("SSR_HOME", None)
+    else:
+        os.environ["SSR_HOME"] = old
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole test session."""
+    import ray
+
+    from ssr_tasks.services import init_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray(num_cpus=2, object_store_mb=256)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness (a temporary SQLite-backed API server), shared by the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
+def glyphs_small(ssr_home):
+    """The small built-in dataset, rendered once per session under the session's run folder."""
+    from storage.glyphs import prepare_glyphs
+
+    return prepare_glyphs(ssr_home / "data", seed=0, size="small")

@@ -1,0 +1,63 @@
+"""Re-ranking stores: the plain worker, then the Ray actor pool on real Parquet shards."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ssr_model import RetrievalSSR
+from ssr_tasks.rerank import ShardReranker, rerank_store
+from storage.features import write_features
+from storage.simstore import SimilarityStore, build_topk_store
+
+D, K_STORE, K = 12, 10, 6
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rerank")
+    rng = np.random.default_rng(0)
+    db = rng.normal(size=(80, D)).astype(np.float32)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    q = rng.normal(size=(25, D)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    meta = {"dataset": "t", "backbone": "t", "checkpoint_hash": "-", "dim": str(D)}
+    write_features(root / "db.parquet", ids=np.arange(80), labels=["db"] * 80, splits=["database"] * 80, embeddings=db, metadata=meta)
+    write_features(root / "q.parquet", ids=np.arange(25), labels=["q"] * 25, splits=["query"] * 25, embeddings=q, metadata=meta)
+    build_topk_store(q, np.arange(25), db, np.arange(80), root / "topk", K_STORE, shard_size=7)
+    torch.manual_seed(0)
+    kwargs = {"feat_dim": D, "k": K, "steps": 1, "lr_dni": 0.5, "hidden": 16}
+    torch.save(RetrievalSSR(**kwargs).state_dict(), root / "model.pt")
+    return root, kwargs, q
+
+
+def expected(root, kwargs, q):
+    worker = ShardReranker(str(root / "db.parquet"), str(root / "model.pt"), kwargs)
+    rows = []
+    for shard in SimilarityStore(root / "topk").iter_shards():
+        ids, _ = worker.rerank_arrays(torch.from_numpy(q[shard.query_ids]), shard.neighbor_ids, shard.scores)
+        rows.append((shard.query_ids, ids))
+    return rows
+
+
+def test_plain_worker_reorders_only_the_top_k(setup):
+    root, kwargs, q = setup
+    for (qids, ids), shard in zip(expected(root, kwargs, q), SimilarityStore(root / "topk").iter_shards()):
+        assert np.array_equal(np.sort(ids[:, :K], 1), np.sort(shard.neighbor_ids[:, :K], 1))
+        assert np.array_equal(ids[:, K:], shard.neighbor_ids[:, K:])
+
+
+def test_actor_pool_reranks_every_query_exactly_once(setup, ray_local):
+    root, kwargs, q = setup
+    out = rerank_store(root / "topk", root / "q.parquet", root / "db.parquet", root / "reranked", str(root / "model.pt"), kwargs, n_actors=2)
+    store = SimilarityStore(out)
+    assert store.is_complete() and store.k == K_STORE
+    got = {int(qid): ids for shard in store.iter_shards() for qid, ids in zip(shard.query_ids, shard.neighbor_ids)}
+    assert sorted(got) == list(range(25))
+    for qids, ids in expected(root, kwargs, q):
+        for qid, row in zip(qids, ids):
+            assert np.array_equal(got[int(qid)], row)
+    # a deleted output shard is redone on rerun, the others are kept
+    store.shard_path(1).unlink()
+    rerank_store(root / "topk", root / "q.parquet", root / "db.parquet", root / "reranked", str(root / "model.pt"), kwargs, n_actors=1)
+    assert SimilarityStore(out).is_complete()

@@ -1,0 +1,73 @@
+"""The MLflow adapter against a real SQLite tracking store and registry."""
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+
+from ssr_model import FewShotSSR
+from ssr_model.packaged import FewShotClassifier
+from ssr_tasks.services import ServiceUnreachable, redact_uri
+from ssr_tasks.tracking import Tracker, flatten, metric_name
+
+
+@pytest.fixture
+def tracker(tmp_path):
+    return Tracker("test-exp", tmp_path, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def _model():
+    torch.manual_seed(0)
+    return FewShotClassifier(FewShotSSR(8, 2, 4, 1, hidden=8).eval())
+
+
+def test_champion_moves_only_when_better_for_same_dataset_and_backbone(tracker):
+    tags = {"dataset": "glyphs", "backbone": "conv4-64", "steps": "1"}
+    with tracker.run("a"):
+        v1 = tracker.log_and_register(_model(), "m", tags, val_metric=50.0)
+    assert set(v1["aliases"]) == {"champion", "champion-glyphs-conv4-64"}
+    with tracker.run("b"):
+        v2 = tracker.log_and_register(_model(), "m", tags, val_metric=40.0)
+    assert v2["aliases"] == []
+    with tracker.run("c"):
+        v3 = tracker.log_and_register(_model(), "m", {**tags, "dataset": "cifar-fs"}, val_metric=90.0)
+    assert v3["aliases"] == ["champion-cifar-fs-conv4-64"]  # another dataset never takes "champion"
+    with tracker.run("d"):
+        v4 = tracker.log_and_register(_model(), "m", tags, val_metric=60.0)
+    assert set(v4["aliases"]) == {"champion", "champion-glyphs-conv4-64"}
+    champ = tracker.client.get_model_version_by_alias("m", "champion")
+    assert int(champ.version) == v4["version"] and champ.tags["val_metric"] == "60.000000"
+
+
+def test_failed_registration_leaves_no_half_made_version(tracker, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("registry write failed")
+
+    with tracker.run("a"):
+        monkeypatch.setattr(tracker.client, "set_registered_model_alias", boom)
+        with pytest.raises(RuntimeError, match="registry write failed"):
+            tracker.log_and_register(_model(), "m2", {"dataset": "d", "backbone": "b"}, val_metric=1.0)
+    assert tracker.client.search_model_versions("name='m2'") == []
+
+
+def test_registered_model_loads_back_and_classifies(tracker):
+    model = _model()
+    with tracker.run("a"):
+        reg = tracker.log_and_register(model, "m3", {"dataset": "d", "backbone": "b"}, val_metric=1.0)
+    loaded = mlflow.pytorch.load_model("models:/m3@champion")
+    support, query = torch.randn(2, 3, 8), torch.randn(4, 8)
+    torch.testing.assert_close(loaded(support, query), model(support, query))
+    assert loaded.predict(support, query).shape == (4,)
+    assert reg["model_uri"] == "models:/m3/1"
+
+
+def test_unreachable_tracking_server_fails_fast_naming_the_url(tmp_path):
+    with pytest.raises(ServiceUnreachable, match=r"http://bob:\*\*\*@127.0.0.1:9"):
+        Tracker("x", tmp_path, tracking_uri="http://bob:secret@127.0.0.1:9")
+
+
+def test_helpers():
+    assert redact_uri("http://u:pw@h:1/x") == "http://u:***@h:1/x"
+    assert redact_uri("sqlite:///a.db") == "sqlite:///a.db"
+    assert flatten({"a": {"b": 1}, "c": [1, 2]}) == {"a.b": "1", "c": "[1, 2]"}
+    assert metric_name("acc@1 shot") == "acc_1 shot"
