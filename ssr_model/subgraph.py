@@ -243,16 +243,29 @@ def synthetic_gradient_step(
     Returns:
         the updated features of the selected nodes, shape (E, R, D).
     """
-    unit, norm = unit_rows(nodes)  # (E, M, D), (E, M, 1)
-    sim = torch.bmm(unit, unit.transpose(1, 2))  # (E, M, M)
+    E, M, D = nodes.shape
+    norm = torch.linalg.vector_norm(nodes, dim=-1)  # (E, M)
+    inv_norm = 1.0 / norm.clamp_min(NORMALIZE_EPS)  # (E, M)
+    gram = torch.bmm(nodes, nodes.transpose(1, 2))  # (E, M, M)
+    sim = gram * inv_norm.unsqueeze(2) * inv_norm.unsqueeze(1)  # cosine, = U U^T
     flat_index = subgraph_flat_index(order_fn(sim.detach()), pair_rows, pair_cols)
     vectors = gather_subgraph_vectors(sim, flat_index)  # (E, M, d_in)
     grad_sim = scatter_subgraph_gradient(dni(vectors), flat_index)  # (E, M, M)
-    # sim = U U^T, so d<sim, G>/dU = (G + G^T) U; keep only the updated rows.
-    grad_sim_rows = grad_sim[:, rows, :] + grad_sim[:, :, rows].transpose(1, 2)  # (E, R, M)
-    grad_unit = torch.bmm(grad_sim_rows, unit)  # (E, R, D)
-    grad = unit_rows_backward(unit[:, rows], norm[:, rows], grad_unit)
-    return nodes[:, rows] - lr_dni * grad
+
+    # Chain rule, written so that the (E, M, D) features are read by two matmuls only.
+    # sim = U U^T gives d<sim, G>/dU_r = (S U)_r with S = (G + G^T) restricted to rows r.
+    # U = x / max(|x|, eps) gives grad_x_r = ((S U)_r - radial_r U_r) / n_r with
+    # radial_r = <(S U)_r, U_r> = sum_j S_rj sim_rj (zero where |x_r| <= eps). Hence
+    # x_r - lr grad_x_r = (1 + lr radial_r / n_r^2) x_r - (lr / n_r) sum_j S_rj / n_j x_j.
+    start, stop, _ = rows.indices(M)
+    inv_rows = inv_norm[:, start:stop]  # (E, R)
+    grad_sim_rows = grad_sim[:, start:stop, :] + grad_sim[:, :, start:stop].transpose(1, 2)  # (E, R, M)
+    radial = (grad_sim_rows * sim[:, start:stop, :]).sum(-1)  # (E, R)
+    radial = torch.where(norm[:, start:stop] > NORMALIZE_EPS, radial, torch.zeros_like(radial))
+    mix = grad_sim_rows * (-lr_dni * inv_rows).unsqueeze(2) * inv_norm.unsqueeze(1)  # (E, R, M)
+    keep = torch.diag_embed(1.0 + lr_dni * radial * inv_rows * inv_rows)  # (E, R, R)
+    mix = mix + F.pad(keep, (start, M - stop))  # identity part placed on the updated columns
+    return torch.bmm(mix, nodes)  # (E, R, D)
 
 
 def fewshot_subgraph_vectors(

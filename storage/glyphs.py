@@ -66,8 +66,8 @@ class GlyphsSize:
 SIZES = {
     "small": GlyphsSize(n_classes=100, images_per_class=20, n_val_episodes=50, n_queries=20,
                         n_database=500, train_per_cluster=5, per_query=(2, 4, 2)),
-    "default": GlyphsSize(n_classes=1200, images_per_class=20, n_val_episodes=1000, n_queries=70,
-                          n_database=5000, train_per_cluster=8, per_query=(6, 12, 6)),
+    "default": GlyphsSize(n_classes=1000, images_per_class=20, n_val_episodes=1000, n_queries=70,
+                          n_database=5000, train_per_cluster=6, per_query=(6, 12, 6)),
 }
 
 
@@ -293,7 +293,7 @@ def prepare_glyphs(root: Path | str, *, seed: int = 0, size: str = "default", wo
 
     root: folder that receives ``glyphs/`` and ``glyphs-retrieval/``; seed: every random
     choice; size: ``"small"`` (100 classes, tests and smoke runs) or ``"default"``
-    (1,200 classes); workers: processes to render with (default: min(2, CPUs)).
+    (1,000 classes); workers: processes to render with (default: min(2, CPUs)).
 
     When both ``dataset.json`` files exist, are complete and match seed, size and
     ``GENERATOR_VERSION``, nothing is written. Otherwise everything is built in a temporary

@@ -13,6 +13,7 @@ from PIL import Image
 
 from storage import glyphs_fonts as gf
 from storage import glyphs_retrieval as gr
+from storage import glyphs
 from storage.glyphs import GND_NAME, prepare_glyphs
 
 SPLITS = ("train", "val", "test")
@@ -20,8 +21,11 @@ SPLITS = ("train", "val", "test")
 
 @pytest.fixture(scope="module")
 def build_a(tmp_path_factory) -> tuple[Path, dict]:
+    """Rendered by two worker processes (as the default size is), not in-process."""
     root = tmp_path_factory.mktemp("glyphs_a")
-    return root, prepare_glyphs(root, seed=0, size="small")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(glyphs, "_MIN_IMAGES_FOR_WORKERS", 0)
+        return root, prepare_glyphs(root, seed=0, size="small", workers=2)
 
 
 @pytest.fixture(scope="module")

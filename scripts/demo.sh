@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The main job on the built-in dataset, from a fresh clone:
+#   installs, starts a local Prefect server + process worker + MLflow UI (127.0.0.1),
+#   registers the deployments, runs `prefect deployment run ssr/reproduce-fewshot --watch`,
+#   then prints the results table, the UI addresses and the registered model.
+# DEPLOYMENT=reproduce-retrieval (or reproduce-fewshot-tiny) picks another deployment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+bash scripts/bootstrap.sh
+. .venv/bin/activate
+export SSR_HOME="${SSR_HOME:-$PWD/runs}"
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+DEPLOYMENT="${DEPLOYMENT:-reproduce-fewshot}"
+echo "== starting local services =="
+ssr services start | tee "$SSR_HOME/services.txt"
+export PREFECT_API_URL="$(awk '/^prefect_api:/{print $2}' "$SSR_HOME/services.txt")"
+echo "== running ssr/$DEPLOYMENT (watching until it ends) =="
+prefect deployment run "ssr/$DEPLOYMENT" --watch --watch-timeout 5400
+echo
+echo "== results =="
+case "$DEPLOYMENT" in *retrieval*) kind=retrieval ;; *) kind=fewshot ;; esac
+latest=$(ls -t "$SSR_HOME"/$kind/*/results/*/results.md | head -n 1)
+cat "$latest"
+echo
+ssr models
+echo
+grep -E "prefect_ui|mlflow_ui" "$SSR_HOME/services.txt"
+echo "results: $latest"
+echo "wall time: $(( $(date +%s) - start )) s  (services keep running; stop them with: .venv/bin/ssr services stop)"

@@ -1,0 +1,55 @@
+"""Integration: a real Prefect server and process worker on 127.0.0.1, deployments from
+deploy/prefect.yaml, `prefect deployment run ssr/reproduce-fewshot-tiny --watch`, then the
+MLflow registry and the Prefect artifacts are checked."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_deployment_run_from_the_cli(tmp_path, glyphs_small, ssr_home):
+    home = tmp_path / "runs"
+    home.mkdir()
+    (home / "data").symlink_to(ssr_home / "data")  # reuse the session's rendered dataset
+    env = {**os.environ, "SSR_HOME": str(home), "SSR_PREFECT_PORT": str(free_port()), "SSR_MLFLOW_PORT": str(free_port())}
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PREFECT_PROFILES_PATH"):
+        env.pop(key, None)
+    ssr_bin = str(Path(sys.executable).parent / "ssr")
+    try:
+        started = subprocess.run([ssr_bin, "services", "start"], env=env, capture_output=True, text=True, timeout=300)
+        assert started.returncode == 0, started.stderr[-3000:]
+        addrs = dict(line.split(": ", 1) for line in started.stdout.strip().splitlines())
+        assert addrs["prefect_api"].startswith("http://127.0.0.1:")
+        env["PREFECT_API_URL"] = addrs["prefect_api"]
+        run = subprocess.run([str(Path(sys.executable).parent / "prefect"), "deployment", "run", "ssr/reproduce-fewshot-tiny",
+                              "--watch", "--watch-timeout", "900"], env=env, capture_output=True, text=True, timeout=960, cwd=ROOT)
+        assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+        assert "Completed" in run.stdout + run.stderr
+
+        import mlflow
+
+        client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+        mv = client.get_model_version_by_alias("ssr-fewshot-tiny", "champion")
+        assert mv.tags["dataset"] == "glyphs"
+        check = subprocess.run([sys.executable, "-c",
+                                "from prefect.client.orchestration import get_client\n"
+                                "with get_client(sync_client=True) as c: print(sorted({a.key for a in c.read_artifacts()}))"],
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert "fewshot-results" in check.stdout and "fewshot-report" in check.stdout, check.stdout + check.stderr
+    finally:
+        subprocess.run([ssr_bin, "services", "stop"], env=env, capture_output=True, timeout=120)

@@ -1,0 +1,99 @@
+"""The `ssr` flow end to end under the shared Prefect harness, tiny sizes, real Ray and MLflow (SQLite)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ssr_tasks.config import FewShotParams, RetrievalParams
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY_FEWSHOT = dict(
+    dataset="glyphs", glyphs_size="small", pretrain_epochs=1, max_steps=2, hidden=32, lr_dni_grid=[1e-3],
+    iterations_first=6, iterations_next=4, val_every=3, n_val_episodes=10, n_test_episodes=20, eval_shots=[1, 5],
+    krecip_k1=[10], krecip_k2=[5], krecip_lambda=[0.3], model_name="ssr-fewshot",
+)
+TINY_RETRIEVAL = dict(glyphs_size="small", pretrain_epochs=1, k=10, hidden=32, lr_dni_grid=[1e-4], sequence_length=100,
+                      iterations=6, val_every=3, batch_queries=4, shard_size=8, model_name="ssr-retrieval")
+
+
+def readme_snippet(name: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    m = re.search(rf"<!-- snippet:{name} -->\s*```python\n(.*?)```", text, re.S)
+    assert m, f"README.md has no snippet {name}"
+    return m.group(1)
+
+
+def run_snippet_fresh(name: str, ssr_home: Path) -> str:
+    """Run a README snippet in a fresh Python process, from a folder where ./runs is the run folder."""
+    cwd = ssr_home.parent / f"{ssr_home.name}-cwd"
+    cwd.mkdir(exist_ok=True)
+    if not (cwd / "runs").exists():
+        (cwd / "runs").symlink_to(ssr_home)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SSR_HOME")}
+    out = subprocess.run([sys.executable, "-c", readme_snippet(name)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_fewshot_flow_end_to_end(ssr_home, ray_local, prefect_harness, glyphs_small):
+    from prefect.client.orchestration import get_client
+
+    from flows.ssr_flow import ssr
+
+    result = ssr(pipeline="fewshot", fewshot=FewShotParams(**TINY_FEWSHOT))
+    methods = [r["method"] for r in result["results"]]
+    assert methods[0].startswith("Baseline") and methods[1].startswith("k-reciprocal") and methods[2].startswith("SSR")
+    assert set(result["results"][0]) == {"method", "1-shot acc (%)", "5-shot acc (%)"}
+    assert result["model_uri"] == "models:/ssr-fewshot/1" and "champion" in result["aliases"]
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{ssr_home / 'mlflow.db'}")
+    mv = client.get_model_version_by_alias("ssr-fewshot", "champion")
+    assert mv.tags["dataset"] == "glyphs" and mv.tags["backbone"] == "conv4-64"
+    run = client.get_run(result["run_id"])
+    assert run.data.tags["prefect_flow_run_id"]
+    assert "test_1shot_baseline" in run.data.metrics and "test_5shot_krecip" in run.data.metrics
+    assert any(k.startswith("test_5shot_ssr_step") for k in run.data.metrics)
+    arts = {a.path for a in client.list_artifacts(result["run_id"], "plots")}
+    assert arts == {"plots/accuracy_by_step.png", "plots/training_curves.png"}
+    nested = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{result['run_id']}'")
+    assert len(nested) == 1 and "val_acc" in nested[0].data.metrics
+
+    with get_client(sync_client=True) as pc:
+        keys = {a.key for a in pc.read_artifacts()}
+    assert {"fewshot-results", "fewshot-report"} <= keys
+
+    out = run_snippet_fresh("fewshot", ssr_home)
+    assert re.search(r"predicted classes: tensor\(\[", out), out
+
+    # A second run reuses data, backbone, features and the finished trial (no retraining).
+    trial = next((ssr_home / "fewshot").rglob("lr_dni=0.001/summary.json"))
+    before = trial.stat().st_mtime_ns
+    again = ssr(pipeline="fewshot", fewshot=FewShotParams(**TINY_FEWSHOT))
+    assert trial.stat().st_mtime_ns == before
+    assert again["results"] == result["results"]
+    assert again["version"] == 2 and again["aliases"] == []  # same validation score: champion stays
+
+
+@pytest.mark.slow
+def test_retrieval_flow_end_to_end(ssr_home, ray_local, prefect_harness, glyphs_small):
+    from flows.ssr_flow import ssr
+
+    result = ssr(pipeline="retrieval", retrieval=RetrievalParams(**TINY_RETRIEVAL))
+    methods = [r["method"] for r in result["results"]]
+    assert methods == ["features", "features + SSR", "AQE", "AQE + SSR", "AQEwD", "AQEwD + SSR", "alpha-QE",
+                       "alpha-QE + SSR", "DQE", "DQE + SSR", "k-reciprocal", "k-reciprocal + SSR"]
+    for row in result["results"]:
+        for p in ("easy", "medium", "hard"):
+            assert 0.0 <= row[f"mAP {p}"] <= 100.0
+    assert result["model_uri"] == "models:/ssr-retrieval/1"
+    out = run_snippet_fresh("retrieval", ssr_home)
+    assert "re-ranked ids" in out
