@@ -57,7 +57,7 @@ def retrieval_pipeline(params: RetrievalParams = RetrievalParams()) -> dict:
         stores.parent.mkdir(parents=True, exist_ok=True)
         if not q_path.exists():
             write_features(q_path, ids=np.arange(len(m.query)), labels=["query"] * len(m.query), splits=["query"] * len(m.query),
-                           embeddings=m.query.astype(np.float32), metadata={"method": m.name, "dim": str(feat_dim)})
+                           embeddings=m.query.astype(np.float32), metadata={**db.metadata, "method": m.name})
         store = write_ranking_store(stores / "topk", m, min(len(db.ids), max(params.k, 100)), params.shard_size, source=features)
         reranked = steps.rerank(str(store.path), str(q_path), str(db_path), str(stores / "reranked"), best["best_path"],
                                 model_kwargs, params.n_rerank_actors)

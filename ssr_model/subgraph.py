@@ -14,7 +14,9 @@ from the flattened similarity matrix ``A`` so that the gathered values carry gra
 :func:`synthetic_gradient_step` performs one DNI update. Instead of calling
 ``torch.autograd.grad(X, features, grad_outputs=DNI(X))`` it applies the chain rule in
 closed form (scatter the DNI output onto A, ``(G + G^T) U`` for the unit features U,
-then the normalisation Jacobian), restricted to the rows being updated. The formula is
+then the normalisation Jacobian), restricted to the rows being updated and folded into
+one (R, M) mixing matrix, so the features are touched by one Gram matmul and one mixing
+matmul per update. The formula is
 made of ordinary differentiable torch ops, so during training autograd differentiates
 through it (the second-order terms of the paper), and at inference it runs under
 ``torch.no_grad()`` with no graph at all. tests/model/oracle.py checks it against
@@ -29,8 +31,6 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "unit_rows",
-    "unit_rows_backward",
     "cosine_similarity_matrix",
     "kept_pair_positions",
     "fewshot_pair_positions",
@@ -46,35 +46,6 @@ __all__ = [
 ]
 
 NORMALIZE_EPS = 1e-12
-
-
-def unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalise the last axis exactly as ``F.normalize(x, dim=-1, eps=1e-12)``.
-
-    Args:
-        x: features of shape (..., D).
-
-    Returns:
-        ``(unit, norm)``: unit of shape (..., D) and the unclamped norms (..., 1).
-    """
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x / norm.clamp_min(NORMALIZE_EPS), norm
-
-
-def unit_rows_backward(unit: torch.Tensor, norm: torch.Tensor, grad_unit: torch.Tensor) -> torch.Tensor:
-    """Gradient w.r.t. x of ``<grad_unit, x / max(||x||, eps)>``, grad_unit held fixed.
-
-    Args:
-        unit, norm: from :func:`unit_rows`, shapes (..., D) and (..., 1).
-        grad_unit: upstream gradient w.r.t. the unit vectors, shape (..., D).
-
-    Returns:
-        ``(grad_unit - unit <grad_unit, unit>) / ||x||`` where ``||x|| > eps``, and
-        ``grad_unit / eps`` elsewhere (there the map is ``x / eps``); shape (..., D).
-    """
-    radial = torch.linalg.vecdot(grad_unit, unit, dim=-1).unsqueeze(-1)  # (..., 1)
-    radial = torch.where(norm > NORMALIZE_EPS, radial, torch.zeros_like(radial))
-    return torch.addcmul(grad_unit, unit, radial, value=-1.0) / norm.clamp_min(NORMALIZE_EPS)
 
 
 def cosine_similarity_matrix(nodes: torch.Tensor) -> torch.Tensor:
@@ -252,11 +223,12 @@ def synthetic_gradient_step(
     vectors = gather_subgraph_vectors(sim, flat_index)  # (E, M, d_in)
     grad_sim = scatter_subgraph_gradient(dni(vectors), flat_index)  # (E, M, M)
 
-    # Chain rule, written so that the (E, M, D) features are read by two matmuls only.
-    # sim = U U^T gives d<sim, G>/dU_r = (S U)_r with S = (G + G^T) restricted to rows r.
-    # U = x / max(|x|, eps) gives grad_x_r = ((S U)_r - radial_r U_r) / n_r with
+    # Chain rule, written so that the (E, M, D) features are only read by the norm and
+    # two matmuls (U is never materialised). With n = max(|x|, eps) and U = x / n:
+    # sim = U U^T gives d<sim, G>/dU_r = (S U)_r with S = (G + G^T) restricted to rows r;
+    # the normalisation gives grad_x_r = ((S U)_r - radial_r U_r) / n_r with
     # radial_r = <(S U)_r, U_r> = sum_j S_rj sim_rj (zero where |x_r| <= eps). Hence
-    # x_r - lr grad_x_r = (1 + lr radial_r / n_r^2) x_r - (lr / n_r) sum_j S_rj / n_j x_j.
+    # x_r - lr grad_x_r = (1 + lr radial_r / n_r^2) x_r - (lr / n_r) sum_j (S_rj / n_j) x_j.
     start, stop, _ = rows.indices(M)
     inv_rows = inv_norm[:, start:stop]  # (E, R)
     grad_sim_rows = grad_sim[:, start:stop, :] + grad_sim[:, :, start:stop].transpose(1, 2)  # (E, R, M)

@@ -102,6 +102,9 @@ class RetrievalParams(_Params):
     hidden: int = Field(1024, ge=4)
     lr_dni_grid: list[PositiveFloat] = Field(default_factory=lambda: [1e-4, 5e-4])
     sequence_length: int = Field(1000, ge=2, description="Database items per training sequence")
+    min_positives: int = Field(
+        3, ge=1, description="Keep sequences with at least this many positives in the top-k (paper, SfM-120k: 6); "
+        "the built-in training clusters hold 5-6 renderings")
     iterations: int = Field(1000, ge=1, description="Paper: 60,000")
     val_every: int = Field(250, ge=1)
     batch_queries: int = Field(16, ge=1)

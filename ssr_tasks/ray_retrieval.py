@@ -35,7 +35,8 @@ def load_training_sequences(features: str, cfg: RetrievalTrainConfig, n_train: i
     tr, va = split_clusters(labels, 0.1, cfg.seed)
     out = []
     for rows, n, seed in ((tr, n_train, cfg.seed), (va, n_val, cfg.seed + 1)):
-        s = make_sequences(emb[rows], labels[rows], cfg.k, min(cfg.sequence_length, len(rows) - 1), n, seed)
+        s = make_sequences(emb[rows], labels[rows], cfg.k, min(cfg.sequence_length, len(rows) - 1), n, seed,
+                           min_pos=cfg.min_positives)
         out.append(Sequences(rows[s.query], rows[s.neighbours], s.positives))
     return emb.astype(np.float32), out[0], out[1]
 

@@ -33,6 +33,7 @@ class RetrievalTrainConfig:
     hidden: int = 1024
     lr_dni: float = 1e-4
     sequence_length: int = 1000
+    min_positives: int = 6
     iterations: int = 1000
     batch_queries: int = 16
     lr: float = 1e-3

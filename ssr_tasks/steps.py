@@ -232,7 +232,7 @@ def retrieval_train_config(params, feat_dim: int):
     from ssr_tasks.retrieval_train import RetrievalTrainConfig
 
     return RetrievalTrainConfig(feat_dim=feat_dim, k=params.k, steps=params.steps, hidden=params.hidden,
-                                lr_dni=params.lr_dni_grid[0], sequence_length=params.sequence_length,
+                                lr_dni=params.lr_dni_grid[0], sequence_length=params.sequence_length, min_positives=params.min_positives,
                                 iterations=params.iterations, batch_queries=params.batch_queries, lr=params.lr,
                                 val_every=params.val_every, seed=params.seed)
 

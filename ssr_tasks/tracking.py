@@ -160,7 +160,8 @@ class Tracker:
             if current is not None:
                 same = all(current.tags.get(k) == str(tags.get(k)) for k in compare_on)
                 cur_val = float(current.tags.get("val_metric", "-inf"))
-                wins = same and val_metric > cur_val
+                # compare at the precision the tag stores, so an equal score never counts as a win
+                wins = same and round(val_metric, 6) > cur_val
             if wins:
                 self.client.set_registered_model_alias(name, alias, version)
                 moved.append(alias)

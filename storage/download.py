@@ -204,6 +204,9 @@ def download(name: str, dest_root: str | os.PathLike, *, url: str | None = None,
             os.replace(dest, bad)
             raise ChecksumError(f"{dest}: sha256 is {got}, expected {expected.lower()} "
                                 f"(moved to {bad.name}; check the URL and download again)")
+    if src.post == "post_gnd":
+        from storage.landmarks import read_revisited_gnd
+        read_revisited_gnd(dest)  # validate before it lands; errors name the downloaded file
     target = root / src.target
     with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=root) as tmp:
         unpacked = Path(tmp) / "unpacked"
@@ -287,9 +290,7 @@ def post_mini_imagenet(unpacked: Path, target: Path, root: Path) -> None:
 
 
 def post_gnd(unpacked: Path, target: Path, root: Path) -> None:
-    from storage.landmarks import read_revisited_gnd
-    for p in unpacked.glob("*.pkl"):
-        read_revisited_gnd(p)  # validate before it lands
+    """Ground-truth pickle (validated in download()) goes to <root>/revisitop/."""
     _move_children(unpacked, target)
 
 

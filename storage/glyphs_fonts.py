@@ -7,6 +7,7 @@ Greek ``Α``, Cyrillic ``А``) are reduced to one class. Nothing here is compute
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import unicodedata
 from dataclasses import dataclass
@@ -76,10 +77,11 @@ def class_folder(char: str) -> str:
 
 
 def font_dir() -> Path:
-    """The folder of TrueType files inside the installed matplotlib package."""
-    import matplotlib  # local import: matplotlib is only needed to locate its data folder
-
-    return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    """The folder of TrueType files inside the installed matplotlib package (not imported)."""
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("matplotlib is not installed: its bundled fonts are the glyph dataset's source")
+    return Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf"
 
 
 def family_of(font_name: str) -> str:
@@ -107,26 +109,29 @@ def load_fonts(directory: Path | None = None) -> list[FontFile]:
     the glyph name must name exactly that character in the Adobe glyph list.
     """
     directory = font_dir() if directory is None else Path(directory)
-    fonts = []
-    for path in sorted(directory.glob("*.ttf")):
-        if path.name.startswith(_EXCLUDED_FONTS):
-            continue
-        tt = TTFont(str(path), lazy=True)
-        cmap = tt.getBestCmap() or {}
-        strict = path.name.startswith(_TEX_ENCODED_PREFIX)
-        chars = set()
-        for code, glyph_name in cmap.items():
-            ch = chr(code)
-            if glyph_name == ".notdef" or not _is_candidate_char(ch):
-                continue
-            if not strict or agl.toUnicode(glyph_name) == ch:
-                chars.add(ch)
-        tt.close()
-        if chars:
-            fonts.append(FontFile(str(path), path.name, family_of(path.name), frozenset(chars)))
+    fonts = [f for f in (_load_font(p) for p in sorted(directory.glob("*.ttf"))) if f is not None]
     if not fonts:
         raise FileNotFoundError(f"{directory}: no usable *.ttf font files (expected matplotlib's mpl-data fonts)")
     return fonts
+
+
+def _load_font(path: Path) -> FontFile | None:
+    if path.name.startswith(_EXCLUDED_FONTS):
+        return None
+    tt = TTFont(str(path), lazy=True)
+    try:
+        cmap = tt.getBestCmap() or {}
+    finally:
+        tt.close()
+    strict = path.name.startswith(_TEX_ENCODED_PREFIX)
+    chars = set()
+    for code, glyph_name in cmap.items():
+        ch = chr(code)
+        if glyph_name == ".notdef" or not _is_candidate_char(ch):
+            continue
+        if not strict or agl.toUnicode(glyph_name) == ch:
+            chars.add(ch)
+    return FontFile(str(path), path.name, family_of(path.name), frozenset(chars)) if chars else None
 
 
 def _render_centred(font: ImageFont.FreeTypeFont, ch: str, canvas: int) -> np.ndarray | None:

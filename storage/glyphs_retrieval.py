@@ -16,6 +16,7 @@ image of character ``c`` rendered from font ``f`` with augmentation ``a``:
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -79,9 +80,9 @@ def sample_item(design: str, query_font: str | None, fonts: list[str], family_of
         base = sample_mild_aug(rng)
         if rng.random() < 0.5:
             occlusion = (str(rng.choice(_SIDES)), float(rng.uniform(0.5, 0.7)))
-            return str(rng.choice(fonts)), Aug(**{**base.__dict__, "occlusion": occlusion})
+            return str(rng.choice(fonts)), replace(base, occlusion=occlusion)
         rot = float(rng.choice((-1.0, 1.0))) * float(rng.uniform(60, 180))
-        return str(rng.choice(fonts)), Aug(**{**base.__dict__, "rotation_deg": rot})
+        return str(rng.choice(fonts)), replace(base, rotation_deg=rot)
     raise ValueError(f"design must be easy/hard/junk/distractor, got {design!r}")
 
 

@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +27,9 @@ import pyarrow.parquet as pq
 from storage.atomic import atomic_path, atomic_write_text
 from storage.errors import CorruptFileError, DataValueError, ManifestError, SchemaError
 from storage.hashing import file_sha256
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST = "manifest.json"
 FORMAT = "ssr-topk-store"
@@ -296,9 +299,11 @@ def create_store(out_dir: str | os.PathLike, k: int, n_queries: int, n_shards: i
     out = Path(out_dir)
     hashes = {str(a): str(b) for a, b in (source_hashes or {}).items()}
     if k < 1 or shard_size < 1 or n_queries < 0:
-        raise ValueError(f"{out}: k and shard_size must be >= 1 and n_queries >= 0 (got {k}, {shard_size}, {n_queries})")
+        raise ValueError(f"{out}: k and shard_size must be >= 1 and n_queries >= 0 "
+                         f"(got {k}, {shard_size}, {n_queries})")
     if n_shards != math.ceil(n_queries / shard_size):
-        raise ValueError(f"{out}: n_shards {n_shards} does not match ceil(n_queries {n_queries} / shard_size {shard_size})")
+        raise ValueError(f"{out}: n_shards {n_shards} does not match "
+                         f"ceil(n_queries {n_queries} / shard_size {shard_size})")
     if (out / MANIFEST).exists():
         store = SimilarityStore(out)
         want = {"k": k, "n_queries": n_queries, "n_shards": n_shards, "shard_size": shard_size,
@@ -330,7 +335,8 @@ def _array_hash(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _topk_block(q: "torch.Tensor", db: "torch.Tensor", k: int, db_block_size: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+def _topk_block(q: torch.Tensor, db: torch.Tensor, k: int,
+                db_block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of q @ db.T, scanning db in tiles of db_block_size rows and merging.
 
     q: (B, D); db: (Nd, D). Returns scores (B, k) and row indices into db (B, k), best first.
@@ -399,9 +405,9 @@ def build_topk_store(queries: np.ndarray, query_ids: np.ndarray, database: np.nd
     when cosine similarity is meant; query_ids: (Nq,), database_ids: (Nd,) int64.
     Scores are computed with torch matmul + topk on (block_size, db_block_size) tiles
     (64 MiB by default) merged into a running top-k, so the memory beyond the inputs is
-    O(block_size * db_block_size + shard_size * K), never Nq x Nd; the device is the CPU
-    (the pipeline may run it inside a Ray task). Shards already complete (file, row count and checksum match the
-    manifest) are skipped; the manifest is rewritten after each shard.
+    O(block_size * db_block_size + shard_size * K), never Nq x Nd (CPU tensors; the
+    pipeline decides where this runs). Shards already complete (file, row count and
+    checksum match the manifest) are skipped; the manifest is rewritten after each shard.
     source_hashes: recorded in the manifest; by default hashes of the input arrays.
     """
     if metric != "ip":

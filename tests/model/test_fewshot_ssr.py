@@ -9,7 +9,7 @@ from torch import nn
 from ssr_model.dni import DNI
 from ssr_model.fewshot import FewShotSSR, fewshot_dni_input_dim
 from ssr_model.losses import fewshot_cross_entropy
-from ssr_model.subgraph import fewshot_pair_positions
+from ssr_model.subgraph import fewshot_pair_positions, fewshot_subgraph_vectors
 
 import oracle  # tests/model is put on sys.path by pytest (rootdir-less "prepend" import mode)
 
@@ -97,6 +97,17 @@ def test_pair_positions(n_way, n_query):
         if not (i > n_way and j > n_way)
     ]
     assert list(zip(rows.tolist(), cols.tolist())) == expected
+
+
+@pytest.mark.parametrize("n_way,n_query", [(2, 1), (5, 15), (10, 30)])
+def test_subgraph_vectors_match_oracle(n_way, n_query):
+    support, query, _ = make_episodes(2, n_way, 1, n_query)
+    rows, cols = fewshot_pair_positions(n_way, n_query)
+    vectors = fewshot_subgraph_vectors(support.mean(2), query, rows, cols)
+    assert vectors.shape == (2, n_way + n_query, fewshot_dni_input_dim(n_way, n_query))
+    for e in range(2):
+        expected = oracle.fewshot_vectors(support[e].mean(1), query[e])
+        torch.testing.assert_close(vectors[e], expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("n_way,n_shot,n_query,steps", SHAPES)
@@ -233,3 +244,14 @@ def test_rejects_wrong_shapes():
 
 def test_module_is_plain_torch():
     assert isinstance(make_model(2, 1, 1).dni_query, nn.Module)
+
+
+def test_zero_feature_stays_finite():
+    model = make_model(3, 4, 2)
+    support, query, labels = make_episodes(1, 3, 1, 4)
+    query[0, 1] = 0.0  # a zero query: its cosines are 0 (eps clamp), its update stays finite
+    model.train()
+    scores = model(support, query)
+    assert torch.isfinite(scores).all()
+    fewshot_cross_entropy(scores, labels).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -8,7 +8,7 @@ import torch
 import oracle  # tests/model is put on sys.path by pytest (rootdir-less "prepend" import mode)
 from ssr_model.losses import info_bce
 from ssr_model.retrieval import RetrievalSSR, retrieval_dni_input_dim
-from ssr_model.subgraph import retrieval_pair_positions
+from ssr_model.subgraph import retrieval_pair_positions, retrieval_subgraph_vectors
 
 D = 12
 HIDDEN = 32
@@ -55,6 +55,17 @@ def test_pair_positions(k):
     expected = [(i, j) for i in range(k + 2) for j in range(i + 1, k + 2) if not (i >= 2 and j >= 2)]
     assert list(zip(rows.tolist(), cols.tolist())) == expected
     assert retrieval_dni_input_dim(100) == 201
+
+
+@pytest.mark.parametrize("k", [1, 7, 50])
+def test_subgraph_vectors_match_oracle(k):
+    query, neighbours, _ = make_batch(2, k)
+    rows, cols = retrieval_pair_positions(k)
+    vectors = retrieval_subgraph_vectors(query, neighbours, rows, cols)
+    assert vectors.shape == (2, 1 + k, 2 * k + 1)
+    for b in range(2):
+        expected = oracle.retrieval_vectors(query[b], neighbours[b])
+        torch.testing.assert_close(vectors[b], expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("k,steps", SHAPES)

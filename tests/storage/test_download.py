@@ -11,7 +11,7 @@ import pytest
 
 from storage.cli import main as cli_main
 from storage.download import SOURCES, direct_url, download
-from storage.errors import ChecksumError, DownloadError
+from storage.errors import ChecksumError, DataValueError, DownloadError
 from storage.fewshot import list_split
 
 
@@ -178,3 +178,26 @@ def test_cifar_fs_is_built_from_cifar100(server, tmp_path):
     assert train.classes == ["apple", "bear"] and len(train) == 8
     assert list_split(root, "test").paths[0] == "dog/dog_s_000003.png"
     assert (root / "val1000Episode_5_way_1_shot.json").is_file()
+
+
+def test_backbones_and_tiered_merge(server, tmp_path):
+    server.files["/pre_trained_models.zip"] = _zip({
+        "pre_trained_models/CIFAR-FS/Conv4_64_Cos_netFeatBest.pth": b"c",
+        "pre_trained_models/MiniImageNet/WRN_Cos_netFeatBest64.653.pth": b"m",
+        "pre_trained_models/TieredImageNet/old.pth": b"old"})
+    server.files["/TieredImageNet.zip"] = _zip({"TieredImageNet/WRN_netFeatBest.pth": b"t"})
+    download("fewshot-backbones-tiered", tmp_path, url=server.url + "/TieredImageNet.zip")
+    out = download("fewshot-backbones", tmp_path, url=server.url + "/pre_trained_models.zip")
+    assert sorted(p.name for p in out.iterdir()) == ["CIFAR-FS", "MiniImageNet", "TieredImageNet"]
+    assert [p.name for p in (out / "TieredImageNet").iterdir()] == ["WRN_netFeatBest.pth"]
+
+
+def test_gnd_file_download_is_validated(server, tmp_path):
+    gnd = {"imlist": ["a", "b"], "qimlist": ["q"], "gnd": [{"easy": [0], "hard": [], "junk": [1], "bbx": None}]}
+    server.files["/gnd_roxford5k.pkl"] = pickle.dumps(gnd)
+    out = download("roxford5k-gnd", tmp_path, url=server.url + "/gnd_roxford5k.pkl")
+    assert (out / "gnd_roxford5k.pkl").is_file()
+    gnd["gnd"][0]["easy"] = [5]
+    server.files["/gnd_rparis6k.pkl"] = pickle.dumps(gnd)
+    with pytest.raises(DataValueError, match=r"downloads/gnd_rparis6k\.pkl: query 0: field 'easy' has index 5 outside \[0, 2\)"):
+        download("rparis6k-gnd", tmp_path, url=server.url + "/gnd_rparis6k.pkl")
