@@ -66,10 +66,13 @@ def retrieval_pipeline(params: RetrievalParams = RetrievalParams()) -> dict:
         logger.info("mAP %s: M %.2f H %.2f -> + SSR: M %.2f H %.2f", m.name, rows[-2]["mAP medium"], rows[-2]["mAP hard"],
                     rows[-1]["mAP medium"], rows[-1]["mAP hard"])
 
+    example = _example_figure(data, methods[0], ranks_after_rerank(work / "stores" / tag / methods[0].name / "reranked", methods[0].ranks), gnd)
+
     columns = ["method", "mAP easy", "mAP medium", "mAP hard", "mP@10 medium", "mP@10 hard"]
     out_dir = work / "results" / str(runtime.flow_run.id or "local")
     csv_path, md_path, md = write_results_table(rows, columns, out_dir)
     fig_path = reporting.save_figure(reporting.plot_map_by_method(rows), out_dir / "map_by_method.png")
+    example_path = reporting.save_figure(example, out_dir / "reranked_example.png")
 
     flow_run_id = str(runtime.flow_run.id or "")
     with tracker.run(f"retrieval-{params.dataset}-{params.backbone}", tags={"prefect_flow_run_id": flow_run_id}) as parent:
@@ -87,6 +90,7 @@ def retrieval_pipeline(params: RetrievalParams = RetrievalParams()) -> dict:
         tracker.log_file(csv_path, "results")
         tracker.log_file(md_path, "results")
         tracker.log_file(fig_path, "plots")
+        tracker.log_file(example_path, "plots")
         ssr = RetrievalSSR(**model_kwargs)
         ssr.load_state_dict(torch.load(best["best_path"], map_location="cpu", weights_only=True))
         reg = tracker.log_and_register(RetrievalReranker(ssr.eval()), params.model_name,
@@ -99,3 +103,30 @@ def retrieval_pipeline(params: RetrievalParams = RetrievalParams()) -> dict:
                              f"Model: `{reg['model_uri']}` (aliases moved: {reg['aliases'] or 'none'}); MLflow run `{run_id}`.\n")
     print(md)
     return {"results": rows, "markdown": md, **reg, "run_id": run_id, "tracking_uri": tracker.safe_uri}
+
+
+def _example_figure(data: dict, method, reranked: np.ndarray, gnd: list[dict], top: int = 8):
+    """Query whose medium AP SSR improved most: top results before and after, framed by ground truth."""
+    from PIL import Image
+
+    from storage.landmarks import read_revisited_gnd
+    from ssr_model.metrics import revisited_map
+
+    names = read_revisited_gnd(Path(data["gnd"]))
+    jpg = Path(data["root"]) / "test" / "jpg"
+    gains = []
+    for q in range(len(gnd)):
+        if len(gnd[q]["easy"]) + len(gnd[q]["hard"]) == 0:
+            gains.append(-np.inf)
+            continue
+        before = revisited_map(method.ranks[q : q + 1], gnd[q : q + 1])["medium"]["map"]
+        after = revisited_map(reranked[q : q + 1], gnd[q : q + 1])["medium"]["map"]
+        gains.append(after - before)
+    q = int(np.argmax(gains))
+    load = lambda name: np.asarray(Image.open(jpg / f"{name}.png"))
+    rows = {
+        label: [(load(names.imlist[i]), reporting.gt_label(gnd[q], int(i))) for i in ranks[q, :top]]
+        for label, ranks in (("features", method.ranks), ("features + SSR", reranked))
+    }
+    return reporting.plot_reranked_example(load(names.qimlist[q]), rows,
+                                           f"query {names.qimlist[q]}: medium AP {gains[q]:+.1f} points with SSR")

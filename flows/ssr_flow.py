@@ -1,6 +1,7 @@
 """The entry flow ``ssr``: deployments read ``ssr/<name>``."""
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from prefect import flow
@@ -19,6 +20,10 @@ def ssr(
 
     Pick ``pipeline`` and edit the matching parameter group; the other group is ignored.
     """
+    # The plain code logs progress through the standard loggers of these packages; Prefect
+    # forwards them (PREFECT_LOGGING_EXTRA_LOGGERS) when their level lets INFO through.
+    for name in ("ssr_tasks", "flows"):
+        logging.getLogger(name).setLevel(logging.INFO)
     if pipeline == "fewshot":
         return fewshot_pipeline(fewshot)
     from flows.retrieval import retrieval_pipeline

@@ -10,6 +10,7 @@ start=$(date +%s)
 bash scripts/bootstrap.sh
 . .venv/bin/activate
 export SSR_HOME="${SSR_HOME:-$PWD/runs}"
+mkdir -p "$SSR_HOME"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 DEPLOYMENT="${DEPLOYMENT:-reproduce-fewshot}"
 echo "== starting local services =="

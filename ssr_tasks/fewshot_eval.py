@@ -45,11 +45,14 @@ class FewShotEvaluator:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        self.split = load_split(Path(features_path), split)
+        expected_dim = int(model_kwargs["feat_dim"]) if model_kwargs else None
+        self.split = load_split(Path(features_path), split, expected_dim=expected_dim)
         self.model = None
         if model_path is not None:
+            from ssr_tasks.faults import load_weights
+
             self.model = FewShotSSR(**model_kwargs)
-            self.model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+            load_weights(self.model, model_path, f"FewShotSSR({', '.join(f'{k}={v}' for k, v in model_kwargs.items())})")
             self.model.to(self.device).eval()
 
     @torch.no_grad()

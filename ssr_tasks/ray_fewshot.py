@@ -37,11 +37,20 @@ def fewshot_trial(config: dict) -> None:
     val_eps = EpisodeIndices(eps["support"], eps["query"])
     device = "cuda" if config.get("use_gpu") and torch.cuda.is_available() else "cpu"
     out = trial_dir(Path(config["ckpt_root"]), cfg.lr_dni)
-    summary = train_curriculum(cfg, train, val, val_eps, out, device=device, report=lambda row: tune.report(row))
+    total = cfg.iterations_first + (cfg.max_steps - 1) * cfg.iterations_next
+
+    def report(row: dict) -> None:
+        done = row["iteration"] + (0 if row["steps"] == 1 else cfg.iterations_first + (row["steps"] - 2) * cfg.iterations_next)
+        tune.report({**row, "progress": done / total})
+        from ssr_tasks.faults import maybe_kill
+
+        maybe_kill(f"fewshot-trial-lr_dni={cfg.lr_dni:g}-after-validation")  # test-only, inert by default
+
+    summary = train_curriculum(cfg, train, val, val_eps, out, device=device, report=report)
     from storage.atomic import atomic_write_text
 
     atomic_write_text(out / "summary.json", json.dumps(summary))
-    tune.report({"best_val_acc": summary["best_val"], "best_steps": summary["best_steps"], "done": 1})
+    tune.report({"best_val_acc": summary["best_val"], "best_steps": summary["best_steps"], "done": 1, "progress": 1.0})
 
 
 def run_grid(
@@ -52,6 +61,7 @@ def run_grid(
     ckpt_root: Path,
     storage_path: Path,
     max_failures: int = 2,
+    progress=None,
 ) -> list[dict]:
     """Train one trial per lr_dni in parallel; returns each trial's summary (read from disk).
 
@@ -67,7 +77,7 @@ def run_grid(
         "val_episodes": str(val_episodes_npz),
         "ckpt_root": str(ckpt_root),
     }
-    tune_grid(fewshot_trial, "lr_dni", pending, space, "fewshot-ssr", storage_path, max_failures)
+    tune_grid(fewshot_trial, "lr_dni", pending, space, "fewshot-ssr", storage_path, max_failures, progress)
     return [{"lr_dni": lr, **json.loads((trial_dir(ckpt_root, lr) / "summary.json").read_text())} for lr in lr_grid]
 
 

@@ -5,9 +5,28 @@ from pathlib import Path
 from typing import Callable
 
 
+def _progress_callback(n_trials: int, progress: Callable[[float], None]):
+    """A Tune callback turning trials' reported ``progress`` (0..1) into one overall fraction."""
+    from ray import tune
+
+    class _Progress(tune.Callback):
+        def __init__(self):
+            self.done: dict[str, float] = {}
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "progress" in result:
+                self.done[trial.trial_id] = float(result["progress"])
+                progress(sum(self.done.values()) / n_trials)
+
+    return _Progress()
+
+
 def tune_grid(trainable: Callable[[dict], None], key: str, values: list, base_space: dict, name: str,
-              storage_path: Path, max_failures: int = 2) -> None:
-    """Run ``trainable`` for each value of ``key``; raise with the reasons if trials still fail after retries."""
+              storage_path: Path, max_failures: int = 2, progress: Callable[[float], None] | None = None) -> None:
+    """Run ``trainable`` for each value of ``key``; raise with the reasons if trials still fail after retries.
+
+    ``progress`` receives the overall fraction done whenever a trial reports.
+    """
     import os
 
     from ray import tune
@@ -28,6 +47,7 @@ def tune_grid(trainable: Callable[[dict], None], key: str, values: list, base_sp
             storage_path=str(storage_path),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             verbose=0,
+            callbacks=[_progress_callback(len(values), progress)] if progress else None,
         ),
     )
     grid = tuner.fit()

@@ -53,17 +53,17 @@ def retrieval_trial(config: dict) -> None:
     emb, train, val = load_training_sequences(config["features"], cfg)
     device = "cuda" if config.get("use_gpu") and torch.cuda.is_available() else "cpu"
     out = trial_dir(Path(config["ckpt_root"]), cfg.lr_dni)
-    summary = train_retrieval(cfg, emb, train, val, out, device=device, report=lambda row: tune.report(row))
+    summary = train_retrieval(cfg, emb, train, val, out, device=device, report=lambda row: tune.report({**row, "progress": row["iteration"] / cfg.iterations}))
     summary["n_train_sequences"], summary["n_val_sequences"] = len(train), len(val)
     atomic_write_text(out / "summary.json", json.dumps(summary))
-    tune.report({"best_val_ap": summary["best_val"], "done": 1})
+    tune.report({"best_val_ap": summary["best_val"], "done": 1, "progress": 1.0})
 
 
 def run_grid(base: RetrievalTrainConfig, lr_grid: list[float], features: Path, ckpt_root: Path, storage_path: Path,
-             max_failures: int = 2) -> list[dict]:
+             max_failures: int = 2, progress=None) -> list[dict]:
     from ssr_tasks.ray_grid import tune_grid
 
     pending = [lr for lr in lr_grid if not (trial_dir(ckpt_root, lr) / "summary.json").exists()]
     space = {"train": {k: v for k, v in asdict(base).items() if k != "lr_dni"}, "features": str(features), "ckpt_root": str(ckpt_root)}
-    tune_grid(retrieval_trial, "lr_dni", pending, space, "retrieval-ssr", storage_path, max_failures)
+    tune_grid(retrieval_trial, "lr_dni", pending, space, "retrieval-ssr", storage_path, max_failures, progress)
     return [{"lr_dni": lr, **json.loads((trial_dir(ckpt_root, lr) / "summary.json").read_text())} for lr in lr_grid]

@@ -94,3 +94,46 @@ def save_figure(fig, path: Path) -> Path:
     tmp.replace(path)
     _plt().close(fig)
     return path
+
+
+GT_COLOURS = {"easy": "#2ca02c", "hard": "#1f77b4", "junk": "#7f7f7f", "negative": "#d62728"}
+
+
+def gt_label(gnd_q: dict, idx: int) -> str:
+    for key in ("easy", "hard", "junk"):
+        if idx in set(int(i) for i in gnd_q[key]):
+            return key
+    return "negative"
+
+
+def plot_reranked_example(query_img: np.ndarray, rows: Mapping[str, list[tuple[np.ndarray, str]]], title: str):
+    """Query image and, per row (e.g. "features" / "features + SSR"), the top results framed by ground truth.
+
+    query_img: (H, W) grey or (H, W, 3); rows: name -> list of (image, label in GT_COLOURS).
+    """
+    plt = _plt()
+    n = max(len(v) for v in rows.values())
+    fig, axes = plt.subplots(len(rows), n + 1, figsize=(1.2 * (n + 1), 1.45 * len(rows)), squeeze=False)
+    for r, (name, items) in enumerate(rows.items()):
+        ax = axes[r, 0]
+        ax.imshow(query_img, cmap="gray")
+        ax.set_title("query" if r == 0 else "", fontsize=7)
+        ax.set_ylabel(name, fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for c in range(n):
+            ax = axes[r, c + 1]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(items):
+                ax.axis("off")
+                continue
+            img, label = items[c]
+            ax.imshow(img, cmap="gray")
+            for spine in ax.spines.values():
+                spine.set_edgecolor(GT_COLOURS[label])
+                spine.set_linewidth(3)
+            ax.set_title(f"{c + 1}: {label}", fontsize=6, color=GT_COLOURS[label])
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return fig

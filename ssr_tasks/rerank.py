@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ssr_model import RetrievalSSR
+from ssr_tasks.faults import load_weights, maybe_kill
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +33,38 @@ class ShardReranker:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        table = read_features(Path(db_features), split=db_split)
+        table = read_features(Path(db_features), split=db_split, expected_dim=int(model_kwargs["feat_dim"]))
         if not np.array_equal(table.ids, np.arange(len(table.ids))):
             raise ValueError(f"{db_features}: database ids must be 0..N-1 in order (row = id)")
         self.db = F.normalize(torch.tensor(table.embeddings, dtype=torch.float32), dim=-1, eps=1e-12)
         self.model = RetrievalSSR(**model_kwargs)
-        self.model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+        load_weights(self.model, model_path, f"RetrievalSSR({', '.join(f'{k}={v}' for k, v in model_kwargs.items())})")
         self.model.to(self.device).eval()
         self.k = int(model_kwargs["k"])
-        self._queries: dict[str, tuple[dict, torch.Tensor]] = {}
+        self.dim = int(model_kwargs["feat_dim"])
 
-    def _query_table(self, path: str):
-        if path not in self._queries:
-            from storage.features import read_features
+    def _shard_queries(self, path: str, query_ids: np.ndarray, shard: int) -> torch.Tensor:
+        """L2-normalised features (n, D) of ``query_ids``, streamed from the query table.
 
-            t = read_features(Path(path))
-            self._queries[path] = ({int(i): r for r, i in enumerate(t.ids)},
-                                   F.normalize(torch.tensor(t.embeddings, dtype=torch.float32), dim=-1, eps=1e-12))
-        return self._queries[path]
+        Only one batch of the table and the shard's rows are in memory, whatever the
+        number of queries; reading the table once per shard is small next to re-ranking.
+        """
+        from storage.features import iter_features
+
+        want = np.asarray(query_ids, dtype=np.int64)
+        order = np.argsort(want, kind="stable")
+        sorted_want = want[order]
+        out = np.zeros((len(want), self.dim), np.float32)
+        found = np.zeros(len(want), bool)
+        for batch in iter_features(Path(path), batch_size=65_536, expected_dim=self.dim):
+            pos = np.minimum(np.searchsorted(sorted_want, batch.ids), len(want) - 1)
+            hit = sorted_want[pos] == batch.ids
+            rows = order[pos[hit]]
+            out[rows] = batch.embeddings[hit]
+            found[rows] = True
+        if not found.all():
+            raise ValueError(f"{path}: query id {int(want[~found][0])} of shard {shard} has no features")
+        return F.normalize(torch.from_numpy(out), dim=-1, eps=1e-12)
 
     @torch.no_grad()
     def rerank_arrays(self, query: torch.Tensor, neighbor_ids: np.ndarray, scores: np.ndarray, batch: int = 512):
@@ -69,13 +84,11 @@ class ShardReranker:
         from storage.simstore import SimilarityStore
 
         part = SimilarityStore(Path(store_dir)).read_shard(shard)
-        where, qemb = self._query_table(query_features)
-        try:
-            rows = torch.as_tensor([where[int(q)] for q in part.query_ids])
-        except KeyError as exc:
-            raise ValueError(f"{query_features}: query id {exc.args[0]} of shard {shard} has no features") from None
-        ids, scores = self.rerank_arrays(qemb[rows], part.neighbor_ids, part.scores)
+        qemb = self._shard_queries(query_features, part.query_ids, shard)
+        ids, scores = self.rerank_arrays(qemb, part.neighbor_ids, part.scores)
+        maybe_kill(f"rerank-shard-{shard}-before-write")
         info = SimilarityStore(Path(out_dir)).write_shard(shard, part.query_ids, ids, scores)
+        maybe_kill(f"rerank-shard-{shard}-after-write")
         return shard, info
 
 

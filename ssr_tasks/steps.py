@@ -37,13 +37,28 @@ def pick_device(pref: str) -> str:
 
 
 class Progress:
-    """A Prefect progress artifact that a plain-code callback can move."""
+    """Progress of a long step, shown twice: a Prefect progress artifact (UI) and a tqdm bar (terminal).
+
+    Call it with ``(done, total)`` or with a fraction ``(f,)``; updates of the artifact are
+    throttled to whole percents.
+    """
 
     def __init__(self, key: str, description: str):
-        self.id = create_progress_artifact(progress=0.0, key=key, description=description)
+        from tqdm.auto import tqdm
 
-    def __call__(self, done: int, total: int, *_):
-        update_progress_artifact(self.id, progress=100.0 * done / max(1, total))
+        self.id = create_progress_artifact(progress=0.0, key=key, description=description)
+        self.bar = tqdm(total=100, desc=description, unit="%", leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total}%")
+        self.last = -1
+
+    def __call__(self, done: float, total: float = 1.0, *_):
+        pct = int(100.0 * done / max(total, 1e-12))
+        if pct == self.last:
+            return
+        self.bar.update(pct - max(self.last, 0))
+        self.last = pct
+        update_progress_artifact(self.id, progress=float(pct))
+        if pct >= 100:
+            self.bar.close()
 
 
 @task(name="prepare-data", cache_policy=CACHE, persist_result=True, retries=1)
@@ -139,7 +154,9 @@ def train_ssr(params: FewShotParams, features: str, val_npz: str, work_dir: str,
     root = Path(work_dir) / f"ssr-{short_hash({k: v for k, v in asdict(base).items() if k != 'lr_dni'})}"
     get_run_logger().info("SSR: training %d trial(s) lr_dni=%s, steps 1..%d, checkpoints in %s",
                           len(params.lr_dni_grid), params.lr_dni_grid, params.max_steps, root)
-    return run_grid(base, list(params.lr_dni_grid), Path(features), Path(val_npz), root / "trials", Path(work_dir) / "ray_results")
+    progress = Progress(f"train-{short_hash([features, str(root)])}", "SSR training (all trials)")
+    return run_grid(base, list(params.lr_dni_grid), Path(features), Path(val_npz), root / "trials", Path(work_dir) / "ray_results",
+                    progress=progress)
 
 
 @task(name="choose-k-reciprocal", cache_policy=CACHE, persist_result=True)
@@ -244,7 +261,8 @@ def train_retrieval_ssr(params, features: str, work_dir: str, feat_dim: int) -> 
     base = retrieval_train_config(params, feat_dim)
     root = Path(work_dir) / f"ssr-{short_hash({k: v for k, v in asdict(base).items() if k != 'lr_dni'})}"
     get_run_logger().info("SSR: %d retrieval trial(s) lr_dni=%s, k=%d, steps=%d", len(params.lr_dni_grid), params.lr_dni_grid, params.k, params.steps)
-    return run_grid(base, list(params.lr_dni_grid), Path(features), root / "trials", Path(work_dir) / "ray_results")
+    progress = Progress(f"train-{short_hash([features, str(root)])}", "Retrieval SSR training (all trials)")
+    return run_grid(base, list(params.lr_dni_grid), Path(features), root / "trials", Path(work_dir) / "ray_results", progress=progress)
 
 
 @task(name="rerank-store", retries=1)

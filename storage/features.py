@@ -98,6 +98,8 @@ def write_features(path: str | os.PathLike, *, ids: Sequence[int] | np.ndarray, 
     if missing:
         raise SchemaError(f"{name}: metadata lacks {missing} (expected keys {list(REQUIRED_METADATA)})")
     meta = {str(k): str(v) for k, v in metadata.items()}
+    if meta.get("dim", str(dim)) != str(dim):
+        raise SchemaError(f"{name}: embedding has dim {dim}, but metadata dim says {meta['dim']}")
     meta["dim"] = str(dim)
     columns = {"id": pa.array(ids_arr, type=pa.int64()), "label": label_arr,
                "split": pa.array(split_list, type=pa.string())}

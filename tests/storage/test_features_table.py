@@ -64,6 +64,9 @@ def test_write_validation(tmp_path):
                        metadata={"dataset": "x", "backbone": "y"})
     with pytest.raises(SchemaError, match="label has 2 rows, expected 3"):
         write_features(p, ids=[0, 1, 2], labels=[0, 1], splits="train", embeddings=_emb(3, 4), metadata=META)
+    with pytest.raises(SchemaError, match="embedding has dim 4, but metadata dim says 8"):
+        write_features(p, ids=[0, 1, 2], labels=[0, 1, 2], splits="train", embeddings=_emb(3, 4),
+                       metadata={**META, "dim": "8"})
     assert not p.exists()
 
 
