@@ -54,12 +54,35 @@ def cmd_run(args) -> int:
         for err in exc.errors():
             print(f"ssr run: parameter {'.'.join(map(str, err['loc'])) or '?'}: {err['msg']}", file=sys.stderr)
         return 2
+    unreachable = _unreachable_services()
+    if unreachable:
+        print(f"ssr run: {unreachable}", file=sys.stderr)
+        return 3
     from flows.ssr_flow import ssr
 
     result = ssr(pipeline=args.pipeline, **{args.pipeline: params})
     print(result["markdown"])
     print(f"registered model: {result['model_uri']} (aliases moved: {', '.join(result['aliases']) or 'none'})")
     return 0
+
+
+def _unreachable_services() -> str | None:
+    """Servers named by PREFECT_API_URL / MLFLOW_TRACKING_URI that do not answer (checked in seconds).
+
+    Without this, Prefect retries an unreachable API before failing with a long traceback.
+    """
+    import os
+
+    from ssr_tasks.services import ServiceUnreachable, check_mlflow, check_tcp
+
+    try:
+        if os.environ.get("PREFECT_API_URL"):
+            check_tcp(os.environ["PREFECT_API_URL"], timeout=5, what="Prefect API (PREFECT_API_URL)")
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            check_mlflow(os.environ["MLFLOW_TRACKING_URI"], timeout=5)
+    except ServiceUnreachable as exc:
+        return str(exc)
+    return None
 
 
 def cmd_services(args) -> int:

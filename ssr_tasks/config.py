@@ -41,22 +41,24 @@ class FewShotParams(_Params):
     data_seed: int = 0
     backbone: BackboneName = "conv4-64"
     backbone_checkpoint: str | None = Field(None, description="Released backbone state dict; pretrained when empty")
-    pretrain_epochs: int = Field(12, ge=1)
-    pretrain_batch_size: int = Field(128, ge=2)
+    pretrain_epochs: int = Field(3, ge=1)
+    pretrain_batch_size: int = Field(256, ge=2)
     pretrain_lr: PositiveFloat = 0.05
     n_way: int = Field(5, ge=2)
     n_shot_train: int = Field(1, ge=1)
     n_query: int = Field(15, ge=1, description="Queries per class")
     eval_shots: list[int] = Field(default_factory=lambda: [1, 5])
     max_steps: int = Field(3, ge=1, le=8, description="Curriculum 1 -> ... -> max_steps refinement steps")
-    hidden: int = Field(1024, ge=4, description="DNI hidden width (paper: 4096)")
-    lr_dni_grid: list[PositiveFloat] = Field(default_factory=lambda: [1e-3, 5e-3])
-    iterations_first: int = Field(1500, ge=1, description="Iterations at steps=1 (paper: 30,000)")
-    iterations_next: int = Field(500, ge=1, description="Iterations per later step (paper: 10,000)")
+    hidden: int = Field(256, ge=4, description="DNI hidden width (paper: 4096; 256 keeps CPU runs short)")
+    lr_dni_grid: list[PositiveFloat] = Field(
+        default_factory=lambda: [0.01, 0.1],
+        description="DNI step sizes swept (paper, WRN features: 1e-3, 2e-3, 5e-3); the right scale depends on the features' norms")
+    iterations_first: int = Field(600, ge=1, description="Iterations at steps=1 (paper: 30,000)")
+    iterations_next: int = Field(200, ge=1, description="Iterations per later step (paper: 10,000)")
     lr_first: PositiveFloat = 0.1
     lr_next: PositiveFloat = 0.01
     batch_episodes: int = Field(4, ge=1)
-    val_every: int = Field(250, ge=1)
+    val_every: int = Field(200, ge=1)
     n_val_episodes: int = Field(300, ge=1)
     n_test_episodes: int = Field(600, ge=1)
     krecip_k1: list[int] = Field(default_factory=lambda: [10, 20, 30])
@@ -96,16 +98,18 @@ class RetrievalParams(_Params):
     data_seed: int = 0
     backbone: BackboneName = "conv4-64"
     backbone_checkpoint: str | None = None
-    pretrain_epochs: int = Field(12, ge=1)
+    pretrain_epochs: int = Field(3, ge=1, description="Same as the few-shot default, so both share one backbone")
     k: int = Field(50, ge=2, description="Neighbours re-ranked per query (paper: 100-300)")
     steps: int = Field(1, ge=1, le=8)
-    hidden: int = Field(1024, ge=4)
-    lr_dni_grid: list[PositiveFloat] = Field(default_factory=lambda: [1e-4, 5e-4])
+    hidden: int = Field(256, ge=4, description="DNI hidden width (paper: 1024)")
+    lr_dni_grid: list[PositiveFloat] = Field(
+        default_factory=lambda: [1e-3, 1e-2],
+        description="DNI step sizes swept (paper, GeM features: 1e-4, 2e-4, 5e-4); the scale depends on the features")
     sequence_length: int = Field(1000, ge=2, description="Database items per training sequence")
     min_positives: int = Field(
         3, ge=1, description="Keep sequences with at least this many positives in the top-k (paper, SfM-120k: 6); "
         "the built-in training clusters hold 5-6 renderings")
-    iterations: int = Field(1000, ge=1, description="Paper: 60,000")
+    iterations: int = Field(600, ge=1, description="Paper: 60,000")
     val_every: int = Field(250, ge=1)
     batch_queries: int = Field(16, ge=1)
     lr: PositiveFloat = 1e-3

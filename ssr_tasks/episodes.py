@@ -21,6 +21,7 @@ class SplitFeatures:
     labels: np.ndarray
     classes: list[str]
     paths: list[str] | None
+    source: str = ""  # "<features file>, split <name>", for error messages
 
     @property
     def dim(self) -> int:
@@ -42,7 +43,7 @@ def load_split(features_path: Path, split: str, expected_dim: int | None = None)
     emb = table.embeddings.astype(np.float32, copy=False)
     if not emb.flags.writeable:  # Arrow-backed buffers are read-only; torch wants writable memory
         emb = emb.copy()
-    return SplitFeatures(emb, labels.astype(np.int64), list(classes), paths)
+    return SplitFeatures(emb, labels.astype(np.int64), list(classes), paths, f"{features_path}, split {split!r}")
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def sample_episodes(split: SplitFeatures, n_episodes: int, n_way: int, n_shot: i
     if len(eligible) < n_way:
         small = [(split.classes[c], len(m)) for c, m in enumerate(members) if len(m) < need][:3]
         raise ValueError(
-            f"split has {len(eligible)} classes with >= {need} images (n_shot {n_shot} + n_query {n_query}), "
+            f"{split.source or 'features'}: split has {len(eligible)} classes with >= {need} images (n_shot {n_shot} + n_query {n_query}), "
             f"need n_way={n_way}; e.g. too small: {small}"
         )
     rng = np.random.default_rng(seed)
@@ -88,15 +89,25 @@ def episodes_from_json(split: SplitFeatures, json_path: Path, limit: int | None 
     if split.paths is None:
         raise ValueError(f"{json_path}: the features table has no 'path' column to match episodes against")
     where = {p: i for i, p in enumerate(split.paths)}
-    raw = json.loads(Path(json_path).read_text())[: limit or None]
+    try:
+        raw = json.loads(Path(json_path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{json_path}: not a readable episode JSON file ({exc})") from None
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{json_path}: expected a non-empty JSON list of episodes, got {type(raw).__name__}")
     sup, qry = [], []
-    for e, ep in enumerate(raw):
+    for e, ep in enumerate(raw[: limit or None]):
+        if not isinstance(ep, dict) or not {"Support", "Query"} <= set(ep):
+            raise ValueError(f"{json_path}: episode {e}: expected an object with 'Support' and 'Query' lists of paths")
         try:
             sup.append([[where[p] for p in row] for row in ep["Support"]])
             qry.append([[where[p] for p in row] for row in ep["Query"]])
-        except KeyError as exc:
+        except (KeyError, TypeError) as exc:
             raise ValueError(f"{json_path}: episode {e} refers to {exc.args[0]!r}, not in the features table") from None
-    return EpisodeIndices(np.asarray(sup, np.int64), np.asarray(qry, np.int64))
+    try:
+        return EpisodeIndices(np.asarray(sup, np.int64), np.asarray(qry, np.int64))
+    except ValueError:
+        raise ValueError(f"{json_path}: episodes must all have the same n_way and n_shot / n_query per way") from None
 
 
 def gather(split: SplitFeatures, episodes: EpisodeIndices, device: torch.device | str = "cpu"):

@@ -112,7 +112,8 @@ class Tracker:
         ``champion-<dataset>-<backbone>`` follows the best version per dataset and
         backbone; ``champion`` moves when the registry has none yet or when the new version
         beats the current champion trained on the same dataset and backbone. A failed
-        registration deletes the half-made version before re-raising.
+        registration deletes the half-made version and puts back the aliases it had
+        already moved before re-raising, so no alias is lost or left on a missing version.
         """
         mlflow = _mlflow()
         info = mlflow.pytorch.log_model(
@@ -128,17 +129,22 @@ class Tracker:
         except MlflowException:
             self.client.create_registered_model(name)
         version = None
+        previous: dict[str, str | None] = {}  # aliases moved so far -> version they pointed at
         try:
             mv = self.client.create_model_version(name, info.model_uri, run_id=info.run_id)
             version = mv.version
             all_tags = {**tags, "val_metric": f"{val_metric:.6f}"}
             for key, value in all_tags.items():
                 self.client.set_model_version_tag(name, version, key, str(value))
-            moved = self._move_champions(name, version, all_tags, val_metric, compare_on)
+            moved = self._move_champions(name, version, all_tags, val_metric, compare_on, previous)
         except Exception:
             if version is not None:
                 with contextlib.suppress(Exception):
                     self.client.delete_model_version(name, version)
+            for alias, old in previous.items():
+                if old is not None:
+                    with contextlib.suppress(Exception):
+                        self.client.set_registered_model_alias(name, alias, old)
             raise
         return {"name": name, "version": int(version), "model_uri": f"models:/{name}/{version}", "aliases": moved}
 
@@ -150,7 +156,7 @@ class Tracker:
         except MlflowException:
             return None
 
-    def _move_champions(self, name, version, tags, val_metric, compare_on) -> list[str]:
+    def _move_champions(self, name, version, tags, val_metric, compare_on, previous: dict) -> list[str]:
         moved = []
         key = "-".join(str(tags.get(k, "")) for k in compare_on)
         pair_alias = f"{CHAMPION}-{key}".replace("_", "-")
@@ -163,6 +169,7 @@ class Tracker:
                 # compare at the precision the tag stores, so an equal score never counts as a win
                 wins = same and round(val_metric, 6) > cur_val
             if wins:
+                previous[alias] = None if current is None else current.version
                 self.client.set_registered_model_alias(name, alias, version)
                 moved.append(alias)
         return moved

@@ -1,0 +1,233 @@
+"""Browser: Debian's Chromium, driven by Playwright, does what a newcomer does in the UIs.
+
+It starts the local services (`ssr services start`: Prefect server, process worker, MLflow
+UI), triggers a custom run of ssr/reproduce-fewshot-tiny from the Prefect UI with one
+parameter changed in the form, waits for the run page to say Completed, and finds the
+registered model (alias `champion`) and the run's plots in the MLflow UI. Screenshots go to
+test-artifacts/browser/ (docs/ui-tour.md uses a few of them).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = Path(os.environ.get("SSR_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SHOTS = ROOT / "test-artifacts" / "browser"
+DEPLOYMENT = "reproduce-fewshot-tiny"
+RUN_TIMEOUT_S = 600
+UI_TIMEOUT_MS = 90_000  # single-page apps on a busy 2-core machine
+
+pytestmark = [pytest.mark.slow, pytest.mark.services, pytest.mark.browser]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flow_run_facts(env: dict, flow_run_id: str) -> dict:
+    """State, parameters, subflow runs and artifact keys of a flow run, read with the Prefect client."""
+    code = (
+        "import json, sys\n"
+        "from prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    run = c.read_flow_run(sys.argv[1])\n"
+        "    subs = c.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))\n"
+        "    ids = {str(run.id)} | {str(s.id) for s in subs}\n"
+        "    keys = sorted({a.key for a in c.read_artifacts() if a.key and str(a.flow_run_id) in ids})\n"
+        "    print(json.dumps({'state': run.state.type.value, 'state_name': run.state.name, 'parameters': run.parameters,\n"
+        "                      'subflow_ids': sorted(str(s.id) for s in subs), 'artifact_keys': keys}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, flow_run_id], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture()
+def chromium_page():
+    """A Chromium page (Debian's /usr/bin/chromium, headless); skips when Chromium is missing."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    if not CHROMIUM.exists():
+        pytest.skip(f"Chromium not found at {CHROMIUM}: install Debian's `chromium` package "
+                    "(scripts/test.sh does it with apt-get when it can)")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(UI_TIMEOUT_MS)
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def shot(page, name: str) -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path))
+    return path
+
+
+def wait_completed_in_ui(page, env: dict, flow_run_id: str) -> dict:
+    """Waits for the flow-run page to show Completed; fails early when the run ends otherwise."""
+    badge = page.get_by_text("Completed", exact=True).first
+    deadline = time.time() + RUN_TIMEOUT_S
+    facts, final_since = {}, None
+    while time.time() < deadline:
+        if badge.is_visible():
+            return facts or flow_run_facts(env, flow_run_id)
+        facts = flow_run_facts(env, flow_run_id)
+        if facts["state"] in ("FAILED", "CRASHED", "CANCELLED"):
+            pytest.fail(f"flow run {flow_run_id} ended {facts['state_name']}; worker log: "
+                        f"{(Path(env['SSR_HOME']) / 'services' / 'prefect-worker.log').read_text()[-3000:]}")
+        if facts["state"] == "COMPLETED":
+            final_since = final_since or time.time()
+            if time.time() - final_since > 30:  # the page polls; reload if it missed the change
+                page.reload()
+                final_since = time.time()
+        time.sleep(5)
+    pytest.fail(f"flow run {flow_run_id} not Completed in the UI within {RUN_TIMEOUT_S} s (API: {facts})")
+
+
+def trigger_custom_run(page, prefect_ui: str) -> str:
+    """Deployments page -> ssr / reproduce-fewshot-tiny -> Run -> Custom run, n_test_episodes 20 -> 10."""
+    page.goto(f"{prefect_ui}/deployments")
+    row = page.get_by_role("row").filter(has=page.get_by_role("link", name=DEPLOYMENT, exact=True))
+    page.get_by_role("link", name=DEPLOYMENT, exact=True).wait_for()
+    assert "ssr" in row.inner_text().split(), row.inner_text()  # the flow name under the deployment name
+    shot(page, "01-prefect-deployments")
+
+    page.get_by_role("link", name=DEPLOYMENT, exact=True).click()
+    page.wait_for_url("**/deployments/deployment/**")
+    page.get_by_role("button", name="Run", exact=True).click()
+    shot(page, "02-prefect-run-menu")
+    page.get_by_text("Custom run", exact=True).click()
+    page.wait_for_url("**/run**")
+
+    # The `fewshot` group is a pydantic model, rendered as a nested form; each number field
+    # follows its label (the labels are not tied to the inputs, so get_by_label cannot be used).
+    n_test = page.get_by_text("N Test Episodes (Optional)", exact=True).locator("xpath=following::input[1]")
+    n_test.wait_for()
+    assert n_test.input_value() == "20", "the form should start from the deployment's parameters"
+    page.get_by_text("fewshot (Optional)", exact=True).scroll_into_view_if_needed()
+    shot(page, "03-prefect-custom-run-form")
+    n_test.fill("10")
+    n_test.press("Tab")
+    n_test.scroll_into_view_if_needed()
+    shot(page, "04-prefect-custom-run-edited")
+
+    page.get_by_role("button", name="Submit", exact=True).click()
+    page.get_by_role("button", name="View run").click()  # the toast: "<name> scheduled to start now"
+    page.wait_for_url(re.compile(r".*/runs/flow-run/[0-9a-f-]{36}.*"))
+    return re.search(r"/runs/flow-run/([0-9a-f-]{36})", page.url).group(1)
+
+
+def check_results_artifact(page) -> None:
+    """Run page -> Subflow Runs -> ssr-fewshot run -> Artifacts: the results table."""
+    page.get_by_role("tab", name="Subflow Runs").click()
+    page.get_by_role("link").filter(has_text=re.compile(r"^ssr-fewshot$")).first.click()
+    page.wait_for_url(re.compile(r".*/runs/flow-run/.*"))
+    page.get_by_role("tab", name="Artifacts").click()
+    page.get_by_text("fewshot-results").first.wait_for()
+    shot(page, "06-prefect-subflow-artifacts")
+    page.get_by_text("fewshot-results").first.click()
+    page.get_by_text("SSR").first.wait_for()
+    time.sleep(1)
+    shot(page, "07-prefect-results-table")
+
+
+def dismiss_mlflow_popups(page) -> None:
+    """The MLflow 3.17 UI opens a 'new model registry' dialog and an assistant panel."""
+    page.keyboard.press("Escape")
+    close = page.get_by_role("button", name="Close")
+    for i in range(close.count()):
+        if close.nth(i).is_visible():
+            close.nth(i).click()
+
+
+def check_mlflow(page, mlflow_ui: str, subflow_ids: list[str]) -> None:
+    page.goto(f"{mlflow_ui}/#/models")
+    page.get_by_role("link", name="ssr-fewshot-tiny", exact=True).wait_for()
+    time.sleep(1)
+    dismiss_mlflow_popups(page)
+    shot(page, "08-mlflow-registered-models")
+    page.get_by_role("link", name="ssr-fewshot-tiny", exact=True).click()
+    page.wait_for_url("**/models/ssr-fewshot-tiny")
+    champion = page.get_by_text(re.compile(r"^@\s*champion$"))
+    champion.first.wait_for()
+    dismiss_mlflow_popups(page)
+    shot(page, "09-mlflow-model-champion")
+
+    page.goto(f"{mlflow_ui}/#/experiments")
+    training = page.get_by_role("button", name="Model training")  # the UI opens in GenAI mode
+    if training.count():
+        training.first.click()
+    page.get_by_role("link", name="ssr-fewshot", exact=True).click()
+    runs = page.get_by_role("link", name="fewshot-glyphs-conv4-64")
+    runs.first.wait_for()
+    dismiss_mlflow_popups(page)
+    page.get_by_text("Sort: Created").wait_for()  # newest first
+    shot(page, "10-mlflow-experiment-runs")
+    runs.first.click()  # the latest parent run
+    page.wait_for_url(re.compile(r".*/runs/[0-9a-f]{32}.*"))
+    page.get_by_text("prefect_flow_run_id").first.wait_for()
+    body = page.inner_text("body")
+    assert any(i in body for i in subflow_ids), f"the latest MLflow run is not from flow runs {subflow_ids}"
+    page.get_by_role("tab", name="Artifacts").click()
+    page.get_by_text("plots", exact=True).click()
+    page.get_by_text("training_curves.png", exact=True).wait_for()
+    page.get_by_text("accuracy_by_step.png", exact=True).click()
+    page.locator("img[src*='accuracy_by_step']").first.wait_for()  # the preview pane
+    time.sleep(2)
+    shot(page, "11-mlflow-run-plots")
+
+
+def test_custom_run_from_the_prefect_ui_then_mlflow_ui(tmp_path, glyphs_small, ssr_home, chromium_page):
+    page = chromium_page
+    home = tmp_path / "runs"
+    home.mkdir()
+    (home / "data").symlink_to(ssr_home / "data")  # reuse the session's rendered dataset
+    env = {**os.environ, "SSR_HOME": str(home), "SSR_PREFECT_PORT": str(free_port()), "SSR_MLFLOW_PORT": str(free_port())}
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PREFECT_PROFILES_PATH"):
+        env.pop(key, None)
+    ssr_bin = str(Path(sys.executable).parent / "ssr")
+    try:
+        t0 = time.time()
+        started = subprocess.run([ssr_bin, "services", "start"], env=env, capture_output=True, text=True, timeout=300)
+        assert started.returncode == 0, started.stderr[-3000:]
+        addrs = dict(line.split(": ", 1) for line in started.stdout.strip().splitlines())
+        env["PREFECT_API_URL"] = addrs["prefect_api"]
+        print(f"\nservices started in {time.time() - t0:.0f} s: {addrs}")
+
+        t0 = time.time()
+        flow_run_id = trigger_custom_run(page, addrs["prefect_ui"])
+        print(f"custom run {flow_run_id} submitted from the UI in {time.time() - t0:.0f} s")
+        t0 = time.time()
+        facts = wait_completed_in_ui(page, env, flow_run_id)
+        shot(page, "05-prefect-flow-run-completed")
+        print(f"flow run Completed in the UI after {time.time() - t0:.0f} s")
+
+        facts = flow_run_facts(env, flow_run_id)
+        assert facts["state"] == "COMPLETED", facts
+        assert facts["parameters"]["fewshot"]["n_test_episodes"] == 10, facts["parameters"]
+        assert facts["parameters"]["fewshot"]["model_name"] == "ssr-fewshot-tiny", facts["parameters"]
+        assert {"fewshot-results", "fewshot-report"} <= set(facts["artifact_keys"]), facts
+        check_results_artifact(page)
+
+        t0 = time.time()
+        check_mlflow(page, addrs["mlflow_ui"], [flow_run_id, *facts["subflow_ids"]])
+        print(f"MLflow UI checked in {time.time() - t0:.0f} s; screenshots in {SHOTS}")
+    finally:
+        subprocess.run([ssr_bin, "services", "stop"], env=env, capture_output=True, timeout=120)

@@ -1,0 +1,326 @@
+"""Bad input through the pipeline's entry points: each error names the file, the field and
+what was expected; CLI paths exit non-zero; nothing is written under a final name.
+
+The storage readers' own checks are tested in tests/storage; here they are reached the way
+a run reaches them (episode loading, the re-ranking worker and actor pool, the few-shot
+evaluator, the backbone loader, the ``ssr`` command line and the flow's parameter form).
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ssr_tasks.episodes import episodes_from_json, load_split, sample_episodes
+
+SSR = str(Path(sys.executable).parent / "ssr")
+META = {b"dataset": b"t", b"backbone": b"t", b"checkpoint_hash": b"-"}
+
+
+def raw_features(path: Path, ids, labels, splits, emb, paths=None) -> Path:
+    """A features table written with pyarrow directly, bypassing the writer's checks (as a foreign tool might)."""
+    emb = np.asarray(emb, np.float32)
+    cols = {"id": pa.array(ids, pa.int64()), "label": pa.array(labels, pa.string()), "split": pa.array(splits, pa.string())}
+    if paths is not None:
+        cols["path"] = pa.array(paths, pa.string())
+    cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1])
+    pq.write_table(pa.table(cols).replace_schema_metadata({**META, b"dim": str(emb.shape[1]).encode()}), path)
+    return path
+
+
+def good_rows(n=12, dim=4):
+    rng = np.random.default_rng(0)
+    return (list(range(n)), [f"c{i % 3}" for i in range(n)], ["val"] * n, rng.normal(size=(n, dim)))
+
+
+# ---- features tables ---------------------------------------------------------------------------
+
+
+def test_nan_features_are_refused_naming_file_and_id(tmp_path):
+    ids, labels, splits, emb = good_rows()
+    emb[5, 1] = np.nan
+    path = raw_features(tmp_path / "feat.parquet", ids, labels, splits, emb)
+    with pytest.raises(ValueError, match=r"feat\.parquet: embedding of id 5 has NaN or inf values"):
+        load_split(path, "val")
+    emb[5, 1] = np.inf
+    with pytest.raises(ValueError, match=r"feat\.parquet: embedding of id 5 has NaN or inf"):
+        load_split(raw_features(tmp_path / "feat.parquet", ids, labels, splits, emb), "val")
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    ids, labels, splits, emb = good_rows()
+    ids[7] = 2
+    with pytest.raises(ValueError, match=r"feat\.parquet: id 2 is duplicated; ids must be unique"):
+        load_split(raw_features(tmp_path / "feat.parquet", ids, labels, splits, emb), "val")
+
+
+def test_missing_labels_are_refused(tmp_path):
+    ids, labels, splits, emb = good_rows()
+    labels[4] = None
+    with pytest.raises(ValueError, match=r"feat\.parquet: label is missing for id 4"):
+        load_split(raw_features(tmp_path / "feat.parquet", ids, labels, splits, emb), "val")
+
+
+def test_empty_split_is_refused(tmp_path):
+    path = raw_features(tmp_path / "feat.parquet", *good_rows())
+    with pytest.raises(ValueError, match=r"feat\.parquet: no rows with split 'test' \(found \['val'\]\)"):
+        load_split(path, "test")
+
+
+def test_class_with_too_few_images_names_the_file_split_and_need(tmp_path):
+    ids, labels, splits, emb = good_rows(n=12)  # 3 classes x 4 images
+    val = load_split(raw_features(tmp_path / "feat.parquet", ids, labels, splits, emb), "val")
+    with pytest.raises(ValueError, match=r"feat\.parquet, split 'val': split has 0 classes with >= 6 images "
+                                         r"\(n_shot 1 \+ n_query 5\), need n_way=3"):
+        sample_episodes(val, 2, 3, 1, 5, seed=0)
+
+
+def test_truncated_parquet_is_a_corrupt_file_error(tmp_path):
+    path = raw_features(tmp_path / "feat.parquet", *good_rows())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"feat\.parquet: not a readable Parquet file \(truncated or wrong format"):
+        load_split(path, "val")
+
+
+def test_features_of_the_wrong_dimension_for_the_model(tmp_path):
+    from ssr_model import FewShotSSR
+    from ssr_tasks.fewshot_eval import FewShotEvaluator
+
+    ids, labels, splits, emb = good_rows(dim=4)
+    path = raw_features(tmp_path / "feat.parquet", ids, labels, splits, emb)
+    kwargs = {"feat_dim": 6, "n_way": 3, "n_query": 6, "steps": 1, "hidden": 8}
+    torch.save(FewShotSSR(**kwargs).state_dict(), tmp_path / "ssr.pt")
+    with pytest.raises(ValueError, match=r"feat\.parquet: embedding has dim 4, expected 6"):
+        FewShotEvaluator(str(path), "val", str(tmp_path / "ssr.pt"), kwargs)
+
+
+# ---- episode files -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content, message", [
+    ([{"Support": [["c0/0.png"], ["c1/1.png"]], "Query": [["c0/3.png"], ["c9/404.png"]]}],
+     r"eps\.json: episode 0 refers to 'c9/404\.png', not in the features table"),
+    ([{"Support": [["c0/0.png"]]}], r"eps\.json: episode 0: expected an object with 'Support' and 'Query'"),
+    ({"Support": []}, r"eps\.json: expected a non-empty JSON list of episodes, got dict"),
+    ("{not json", r"eps\.json: not a readable episode JSON file"),
+])
+def test_bad_episode_json(tmp_path, content, message):
+    ids, labels, splits, emb = good_rows()
+    paths = [f"{lab}/{i}.png" for i, lab in zip(ids, labels)]
+    val = load_split(raw_features(tmp_path / "feat.parquet", ids, labels, splits, emb, paths), "val")
+    (tmp_path / "eps.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ValueError, match=message):
+        episodes_from_json(val, tmp_path / "eps.json")
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+
+def test_backbone_checkpoint_of_another_architecture(tmp_path):
+    from ssr_model.backbones import build_backbone
+    from ssr_tasks.backbone_step import load_backbone
+
+    torch.save(build_backbone("resnet12", 32, in_channels=3).state_dict(), tmp_path / "resnet12.pt")
+    with pytest.raises(ValueError, match=r"resnet12\.pt: not a conv4-64 state dict for glyphs"):
+        load_backbone("conv4-64", "glyphs", tmp_path / "resnet12.pt")
+
+
+def test_checkpoint_pickle_with_foreign_globals_is_refused(tmp_path):
+    from ssr_tasks.backbone_step import load_backbone
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(tmp_path / "evil.pt", "wb") as fh:
+        pickle.dump({"w": Evil()}, fh)
+    with pytest.raises(ValueError, match=r"evil\.pt: "):
+        load_backbone("conv4-64", "glyphs", tmp_path / "evil.pt")
+
+
+# ---- re-ranking inputs -------------------------------------------------------------------------
+
+D, N_DB, N_Q = 8, 40, 10
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from ssr_model import RetrievalSSR
+    from storage.features import write_features
+    from storage.simstore import build_topk_store
+
+    root = tmp_path_factory.mktemp("bad-rerank")
+    rng = np.random.default_rng(0)
+    db, q = rng.normal(size=(N_DB, D)).astype(np.float32), rng.normal(size=(N_Q, D)).astype(np.float32)
+    meta = {"dataset": "t", "backbone": "t", "checkpoint_hash": "-"}
+    write_features(root / "db.parquet", ids=np.arange(N_DB), labels=[0] * N_DB, splits="database", embeddings=db, metadata=meta)
+    write_features(root / "q.parquet", ids=np.arange(N_Q), labels=[0] * N_Q, splits="query", embeddings=q, metadata=meta)
+    build_topk_store(q, np.arange(N_Q), db, np.arange(N_DB), root / "topk", 10, shard_size=4)
+    kwargs = {"feat_dim": D, "k": 6, "steps": 1, "lr_dni": 0.5, "hidden": 16}
+    torch.save(RetrievalSSR(**kwargs).state_dict(), root / "model.pt")
+    return root, kwargs
+
+
+def test_reranker_checkpoint_of_another_hidden_size(store, tmp_path):
+    from ssr_model import RetrievalSSR
+    from ssr_tasks.rerank import ShardReranker
+
+    root, kwargs = store
+    torch.save(RetrievalSSR(**{**kwargs, "hidden": 32}).state_dict(), tmp_path / "wide.pt")
+    with pytest.raises(ValueError, match=r"wide\.pt: \S+ has shape \(\d*, ?\d*\)?.*RetrievalSSR\(.*hidden=16\) expects"):
+        ShardReranker(str(root / "db.parquet"), str(tmp_path / "wide.pt"), kwargs)
+
+
+def test_fewshot_checkpoint_of_another_model_kind(store, tmp_path):
+    from ssr_tasks.fewshot_eval import FewShotEvaluator
+
+    root, kwargs = store  # a retrieval SSR state dict given to the few-shot evaluator
+    ids, labels, splits, emb = good_rows(dim=D)
+    path = raw_features(tmp_path / "feat.parquet", ids, labels, splits, emb)
+    fs_kwargs = {"feat_dim": D, "n_way": 3, "n_query": 6, "steps": 1, "hidden": 16}
+    with pytest.raises(ValueError, match=r"model\.pt: (not a state dict of FewShotSSR|\S+ has shape .* FewShotSSR)"):
+        FewShotEvaluator(str(path), "val", str(root / "model.pt"), fs_kwargs)
+
+
+def test_reranker_refuses_database_of_the_wrong_dimension(store):
+    from ssr_tasks.rerank import ShardReranker
+
+    root, kwargs = store
+    with pytest.raises(ValueError, match=rf"db\.parquet: embedding has dim {D}, expected {D + 4}"):
+        ShardReranker(str(root / "db.parquet"), str(root / "model.pt"), {**kwargs, "feat_dim": D + 4})
+
+
+def test_truncated_database_parquet(store, tmp_path):
+    from ssr_tasks.rerank import ShardReranker
+
+    root, kwargs = store
+    data = (root / "db.parquet").read_bytes()
+    (tmp_path / "db.parquet").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match=r"db\.parquet: not a readable Parquet file"):
+        ShardReranker(str(tmp_path / "db.parquet"), str(root / "model.pt"), kwargs)
+
+
+def test_store_whose_shards_disagree_on_k_fails_the_actor_pool_run(store, tmp_path, ray_local):
+    import shutil
+
+    from ssr_tasks.rerank import rerank_store
+    from storage.simstore import SimilarityStore
+
+    root, kwargs = store
+    bad = tmp_path / "topk"
+    shutil.copytree(root / "topk", bad)
+    part = SimilarityStore(bad).read_shard(1)
+    n = len(part)
+    offsets = pa.array(np.arange(0, n * 5 + 1, 5, dtype=np.int32))
+    pq.write_table(pa.table({  # K=5 in a store whose manifest says K=10
+        "query_id": pa.array(part.query_ids),
+        "neighbor_ids": pa.ListArray.from_arrays(offsets, pa.array(part.neighbor_ids[:, :5].reshape(-1))),
+        "scores": pa.ListArray.from_arrays(offsets, pa.array(part.scores[:, :5].reshape(-1))),
+    }), bad / "part-00001.parquet")
+    with pytest.raises(Exception, match=r"part-00001\.parquet: neighbor_ids row 0 has length 5, manifest K is 10"):
+        rerank_store(bad, root / "q.parquet", root / "db.parquet", tmp_path / "out", str(root / "model.pt"), kwargs, n_actors=1)
+    assert not (tmp_path / "out" / "part-00001.parquet").exists()
+    assert 1 in SimilarityStore(tmp_path / "out").pending_shards()
+
+
+def test_query_without_features_names_the_query_table(store, tmp_path):
+    from ssr_tasks.rerank import ShardReranker
+    from storage.features import write_features
+    from storage.simstore import create_store
+
+    root, kwargs = store
+    q = np.ones((N_Q - 1, D), np.float32)  # the last query is missing
+    write_features(tmp_path / "q.parquet", ids=np.arange(N_Q - 1), labels=[0] * (N_Q - 1), splits="query", embeddings=q,
+                   metadata={"dataset": "t", "backbone": "t", "checkpoint_hash": "-"})
+    create_store(tmp_path / "out", 10, N_Q, 3, 4)
+    worker = ShardReranker(str(root / "db.parquet"), str(root / "model.pt"), kwargs)
+    with pytest.raises(ValueError, match=rf"q\.parquet: query id {N_Q - 1} of shard 2 has no features"):
+        worker.rerank_shard(str(root / "topk"), str(tmp_path / "q.parquet"), str(tmp_path / "out"), 2)
+    assert not (tmp_path / "out" / "part-00002.parquet").exists()
+
+
+# ---- revisited ground truth and pickles through `ssr data import-landmarks` --------------------
+
+
+def _landmarks(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    with open(tmp_path / "landmarks.pkl", "wb") as fh:
+        pickle.dump({"X": rng.normal(size=(6, 4)).astype(np.float32), "Q": rng.normal(size=(2, 4)).astype(np.float32)}, fh)
+    return tmp_path / "landmarks.pkl"
+
+
+def _gnd(**change):
+    g = {"imlist": [f"i{i}" for i in range(6)], "qimlist": ["q0", "q1"],
+         "gnd": [{"easy": [0], "hard": [1], "junk": []}, {"easy": [2], "hard": [], "junk": [3]}]}
+    return {**g, **change}
+
+
+@pytest.mark.parametrize("gnd, message", [
+    (_gnd(gnd=[{"easy": [0], "hard": [99], "junk": []}, {"easy": [2], "hard": [], "junk": [3]}]),
+     r"gnd\.pkl: query 0: field 'hard' has index 99 outside \[0, 6\)"),
+    (_gnd(gnd=[{"easy": [0], "hard": [1]}, {"easy": [2], "hard": [], "junk": [3]}]), r"gnd\.pkl: query 0: missing field 'junk'"),
+    ({"imlist": ["i0"], "gnd": []}, r"gnd\.pkl: missing key 'qimlist'"),
+])
+def test_malformed_ground_truth_through_the_cli(tmp_path, capsys, gnd, message):
+    from flows.cli import main
+
+    with open(tmp_path / "gnd.pkl", "wb") as fh:
+        pickle.dump(gnd, fh)
+    code = main(["data", "import-landmarks", str(_landmarks(tmp_path)), "--out", str(tmp_path / "out"), "--gnd", str(tmp_path / "gnd.pkl")])
+    assert code != 0
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_pickle_with_foreign_globals_through_the_cli(tmp_path, capsys):
+    from flows.cli import main
+
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    with open(tmp_path / "gnd.pkl", "wb") as fh:
+        pickle.dump({"imlist": [], "qimlist": [], "gnd": Evil()}, fh)
+    code = main(["data", "import-landmarks", str(_landmarks(tmp_path)), "--out", str(tmp_path / "out"), "--gnd", str(tmp_path / "gnd.pkl")])
+    assert code != 0
+    assert "gnd.pkl: pickle references forbidden global" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists()
+
+
+# ---- parameters out of range -------------------------------------------------------------------
+
+
+def test_out_of_range_retrieval_parameters_are_refused_by_the_cli(tmp_path):
+    out = subprocess.run([SSR, "run", "retrieval", "--set", "steps=0", "--set", "lr=-1", "--set", "k=1", "--set", "iterations=0"],
+                         capture_output=True, text=True, timeout=180, env={**__import__("os").environ, "SSR_HOME": str(tmp_path / "h")})
+    assert out.returncode == 2
+    for field in ("steps", "lr", "k", "iterations"):
+        assert f"parameter {field}:" in out.stderr
+    assert not (tmp_path / "h").exists()
+
+
+@pytest.mark.parametrize("group, values, field", [
+    ("fewshot", {"n_way": 1}, "n_way"), ("fewshot", {"max_steps": 0}, "max_steps"),
+    ("fewshot", {"lr_dni_grid": [-1e-3]}, "lr_dni_grid"), ("fewshot", {"n_query": 0}, "n_query"),
+    ("retrieval", {"steps": 0}, "steps"), ("retrieval", {"lr": -0.1}, "lr"), ("retrieval", {"k": 1}, "k"),
+])
+def test_flow_form_refuses_out_of_range_values(group, values, field):
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.ssr_flow import ssr
+
+    with pytest.raises(ParameterTypeError, match=field):
+        ssr.validate_parameters({"pipeline": group, group: values})

@@ -1,0 +1,303 @@
+"""Nothing lost: killed actors and trials, failing trials, unreachable services, full disks.
+
+Processes are killed for real (SIGKILL) through ``ssr_tasks.faults.maybe_kill``: a marker
+file in ``$SSR_FAULT_DIR`` makes the first process reaching that point kill itself once.
+The variable is set when this module is imported, i.e. at collection, before the session's
+Ray instance starts, so Ray workers inherit it.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ssr_tasks.faults import FAULT_DIR_ENV
+
+FAULT_DIR = Path(tempfile.gettempdir()) / f"ssr-faults-{os.getpid()}"
+os.environ[FAULT_DIR_ENV] = str(FAULT_DIR)
+SSR = str(Path(sys.executable).parent / "ssr")
+
+
+@pytest.fixture
+def faults(ray_local):
+    """The fault-marker folder, checked to be visible to Ray workers."""
+    FAULT_DIR.mkdir(exist_ok=True)
+    seen = ray_local.get(ray_local.remote(num_cpus=0)(lambda: os.environ.get(FAULT_DIR_ENV)).remote())
+    assert seen == str(FAULT_DIR), "Ray started before this module set SSR_FAULT_DIR"
+    yield FAULT_DIR
+    for marker in FAULT_DIR.iterdir():
+        marker.unlink()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- a re-ranking actor killed mid-shard -------------------------------------------------------
+
+D, K_STORE, K, N_DB, N_Q, SHARD = 12, 10, 6, 80, 25, 7  # 4 shards: 0, 1, 2, 3
+
+
+@pytest.fixture(scope="module")
+def rerank_setup(tmp_path_factory):
+    from ssr_model import RetrievalSSR
+    from ssr_tasks.rerank import ShardReranker
+    from storage.features import write_features
+    from storage.simstore import SimilarityStore, build_topk_store, create_store
+
+    root = tmp_path_factory.mktemp("rerank-faults")
+    rng = np.random.default_rng(1)
+    db = rng.normal(size=(N_DB, D)).astype(np.float32)
+    q = rng.normal(size=(N_Q, D)).astype(np.float32)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    meta = {"dataset": "t", "backbone": "t", "checkpoint_hash": "-", "dim": str(D)}
+    write_features(root / "db.parquet", ids=np.arange(N_DB), labels=["db"] * N_DB, splits="database", embeddings=db, metadata=meta)
+    write_features(root / "q.parquet", ids=np.arange(N_Q), labels=["q"] * N_Q, splits="query", embeddings=q, metadata=meta)
+    build_topk_store(q, np.arange(N_Q), db, np.arange(N_DB), root / "topk", K_STORE, shard_size=SHARD)
+    torch.manual_seed(0)
+    kwargs = {"feat_dim": D, "k": K, "steps": 1, "lr_dni": 0.5, "hidden": 16}
+    torch.save(RetrievalSSR(**kwargs).state_dict(), root / "model.pt")
+    # the undisturbed result, computed in this process shard by shard
+    worker = ShardReranker(str(root / "db.parquet"), str(root / "model.pt"), kwargs)
+    clean = {}
+    create_store(root / "clean", K_STORE, N_Q, 4, SHARD)
+    for i in range(SimilarityStore(root / "topk").n_shards):
+        worker.rerank_shard(str(root / "topk"), str(root / "q.parquet"), str(root / "clean"), i)
+    src = SimilarityStore(root / "topk")
+    # read the clean shards directly (the plain worker does not touch the manifest)
+    import pyarrow.parquet as pq
+
+    for i in range(src.n_shards):
+        t = pq.read_table(root / "clean" / f"part-{i:05d}.parquet").to_pydict()
+        for qid, ids, sc in zip(t["query_id"], t["neighbor_ids"], t["scores"]):
+            clean[qid] = (np.asarray(ids), np.asarray(sc, np.float32))
+    return root, kwargs, clean
+
+
+def rows_of(store_dir: Path) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    from storage.simstore import SimilarityStore
+
+    return [(int(qid), ids, sc) for shard in SimilarityStore(store_dir).iter_shards()
+            for qid, ids, sc in zip(shard.query_ids, shard.neighbor_ids, shard.scores)]
+
+
+@pytest.mark.parametrize("shard, phase", [(0, "before-write"), (2, "after-write"), (3, "before-write")],
+                         ids=["first-shard", "middle-shard", "last-shard"])
+def test_actor_killed_mid_shard_completes_with_every_query_once(rerank_setup, faults, tmp_path, shard, phase):
+    from ssr_tasks.rerank import rerank_store
+    from storage.simstore import SimilarityStore
+
+    root, kwargs, clean = rerank_setup
+    marker = faults / f"rerank-shard-{shard}-{phase}"
+    marker.touch()
+    out = rerank_store(root / "topk", root / "q.parquet", root / "db.parquet", tmp_path / "reranked", str(root / "model.pt"),
+                       kwargs, n_actors=2)
+    assert not marker.exists(), "the actor was not killed (marker still there)"
+    store = SimilarityStore(out)
+    assert store.is_complete()
+    store.validate()
+    rows = rows_of(out)
+    assert sorted(q for q, _, _ in rows) == list(range(N_Q))  # every query exactly once
+    for qid, ids, sc in rows:
+        np.testing.assert_array_equal(ids, clean[qid][0])
+        np.testing.assert_array_equal(sc, clean[qid][1])
+    assert not list(Path(out).glob(".*.tmp"))  # no temporary file left behind
+
+
+# ---- training killed ---------------------------------------------------------------------------
+
+
+def small_cfg(**kw):
+    from ssr_tasks.fewshot_train import TrainConfig
+
+    base = dict(feat_dim=16, n_way=3, n_shot=1, n_query=4, hidden=16, lr_dni=1e-2, max_steps=2,
+                iterations_first=8, iterations_next=4, batch_episodes=2, val_every=4, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.slow
+def test_killed_tune_trial_resumes_to_the_undisturbed_model(synthetic_features, faults, tmp_path):
+    from ssr_tasks.episodes import load_split, sample_episodes
+    from ssr_tasks.fewshot_train import train_curriculum
+    from ssr_tasks.ray_fewshot import run_grid, trial_dir
+
+    cfg = small_cfg()
+    train, val = load_split(synthetic_features, "train"), load_split(synthetic_features, "val")
+    eps = sample_episodes(val, 6, 3, 1, 4, seed=5)
+    np.savez(tmp_path / "val.npz", support=eps.support, query=eps.query)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the trial
+    try:
+        clean = train_curriculum(cfg, train, val, eps, tmp_path / "clean")
+    finally:
+        torch.set_num_threads(threads)
+
+    marker = faults / "fewshot-trial-lr_dni=0.01-after-validation"
+    marker.touch()
+    ckpts = tmp_path / "trials"
+    with pytest.raises(RuntimeError, match=r"1 trial\(s\) of fewshot-ssr failed"):
+        run_grid(cfg, [0.01], synthetic_features, tmp_path / "val.npz", ckpts, tmp_path / "ray", max_failures=0)
+    assert not marker.exists()
+    tdir = trial_dir(ckpts, 0.01)
+    assert (tdir / "steps1" / "last.pt").exists() and not (tdir / "summary.json").exists()
+    assert torch.load(tdir / "steps1" / "last.pt", weights_only=True)["iteration"] == 4  # killed after the first validation
+
+    [resumed] = run_grid(cfg, [0.01], synthetic_features, tmp_path / "val.npz", ckpts, tmp_path / "ray", max_failures=0)
+    assert resumed["best_val"] == pytest.approx(clean["best_val"]) and resumed["best_steps"] == clean["best_steps"]
+    a = torch.load(clean["best_path"], weights_only=True)
+    b = torch.load(resumed["best_path"], weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+
+
+def test_transient_trial_failure_is_retried(ray_local, tmp_path):
+    from ssr_tasks.ray_grid import tune_grid
+
+    def flaky(config):
+        from pathlib import Path
+
+        from ray import tune
+
+        marker = Path(config["marker"])
+        if not marker.exists():
+            marker.write_text("failed once")
+            raise RuntimeError("transient glitch")
+        tune.report({"ok": 1})
+
+    tune_grid(flaky, "x", [1], {"marker": str(tmp_path / "m")}, "flaky", tmp_path / "ray", max_failures=2)
+    assert (tmp_path / "m").exists()
+
+
+def test_trial_that_always_fails_is_reported_with_its_reason(ray_local, tmp_path):
+    from ssr_tasks.ray_grid import tune_grid
+
+    def broken(config):
+        raise RuntimeError(f"features file {config['x']} is unreadable")
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"1 trial\(s\) of broken failed after 1 retries: .*features file 7 is unreadable"):
+        tune_grid(broken, "x", [7], {}, "broken", tmp_path / "ray", max_failures=1)
+    assert time.monotonic() - t0 < 240
+
+
+# ---- unreachable services ----------------------------------------------------------------------
+
+
+def test_unreachable_mlflow_fails_within_seconds_naming_the_url(tmp_path):
+    from ssr_tasks.services import ServiceUnreachable
+    from ssr_tasks.tracking import Tracker
+
+    port = closed_port()
+    t0 = time.monotonic()
+    with pytest.raises(ServiceUnreachable, match=rf"MLflow tracking server at http://127.0.0.1:{port} is unreachable"):
+        Tracker("x", tmp_path, tracking_uri=f"http://127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("var, named", [("PREFECT_API_URL", "Prefect API"), ("MLFLOW_TRACKING_URI", "MLflow tracking server")])
+def test_cli_run_with_unreachable_server_fails_fast(tmp_path, var, named):
+    port = closed_port()
+    url = f"http://127.0.0.1:{port}" + ("/api" if var == "PREFECT_API_URL" else "")
+    env = {**os.environ, var: url, "SSR_HOME": str(tmp_path / "home")}
+    t0 = time.monotonic()
+    out = subprocess.run([SSR, "run", "fewshot", "--preset", "reproduce-fewshot-tiny"], env=env, capture_output=True,
+                         text=True, timeout=180)
+    took = time.monotonic() - t0
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert f"{named}" in out.stderr and url in out.stderr and "unreachable" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "home").exists()  # nothing ran
+    assert took < 120  # mostly interpreter start and imports on a loaded machine; the check itself is 5 s at most
+
+
+def test_failed_alias_move_never_leaves_an_alias_on_a_missing_version(tmp_path, monkeypatch):
+    from ssr_model import FewShotSSR
+    from ssr_model.packaged import FewShotClassifier
+    from ssr_tasks.tracking import Tracker
+
+    tracker = Tracker("aliases", tmp_path, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model = FewShotClassifier(FewShotSSR(8, 2, 4, 1, hidden=8).eval())
+    tags = {"dataset": "d", "backbone": "b"}
+    with tracker.run("v1"):
+        tracker.log_and_register(model, "m", tags, val_metric=10.0)
+    real = tracker.client.set_registered_model_alias
+
+    def fail_on_champion(name, alias, version):
+        if alias == "champion":
+            raise RuntimeError("registry write failed")
+        return real(name, alias, version)
+
+    monkeypatch.setattr(tracker.client, "set_registered_model_alias", fail_on_champion)
+    with tracker.run("v2"), pytest.raises(RuntimeError, match="registry write failed"):
+        tracker.log_and_register(model, "m", tags, val_metric=20.0)  # moves the pair alias, then fails
+    versions = {int(mv.version) for mv in tracker.client.search_model_versions("name='m'")}
+    assert versions == {1}
+    aliases = {a: str(v) for a, v in tracker.client.get_registered_model("m").aliases.items()}
+    assert aliases == {"champion": "1", "champion-d-b": "1"}  # both still on the surviving version
+
+
+# ---- a full disk or an unwritable output folder ------------------------------------------------
+
+
+def test_disk_full_while_writing_a_shard_leaves_no_partial_file(rerank_setup, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from ssr_tasks.rerank import ShardReranker
+    from storage.simstore import SimilarityStore, create_store
+
+    root, kwargs, _ = rerank_setup
+    src = SimilarityStore(root / "topk")
+    out = create_store(tmp_path / "out", src.k, src.n_queries, src.n_shards, src.shard_size, src.source_hashes)
+    worker = ShardReranker(str(root / "db.parquet"), str(root / "model.pt"), kwargs)
+    real_write = pq.write_table
+
+    def write_then_fill_disk(table, where, **kw):
+        real_write(table.slice(0, 1), where, **kw)  # something reached the disk, then it is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(where))
+
+    monkeypatch.setattr(pq, "write_table", write_then_fill_disk)
+    with pytest.raises(OSError, match="No space left on device") as exc:
+        worker.rerank_shard(str(root / "topk"), str(root / "q.parquet"), str(out.path), 1)
+    assert exc.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in out.path.iterdir()) == ["manifest.json"]  # no part file, no temp file
+    assert SimilarityStore(out.path).pending_shards() == [0, 1, 2, 3]
+
+
+def test_disk_full_at_rename_while_writing_features_leaves_no_file(tmp_path, monkeypatch):
+    from storage.features import write_features
+
+    def no_space(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_features(tmp_path / "features.parquet", ids=np.arange(3), labels=[0, 1, 2], splits="train",
+                       embeddings=np.ones((3, 4), np.float32), metadata={"dataset": "d", "backbone": "b", "checkpoint_hash": "-"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_folder_under_a_file_is_a_clear_error(rerank_setup, tmp_path, ray_local):
+    from ssr_tasks.rerank import rerank_store
+
+    root, kwargs, _ = rerank_setup
+    (tmp_path / "not-a-dir").write_text("x")
+    bad = tmp_path / "not-a-dir" / "reranked"
+    with pytest.raises(OSError) as exc:
+        rerank_store(root / "topk", root / "q.parquet", root / "db.parquet", bad, str(root / "model.pt"), kwargs, n_actors=1)
+    assert "not-a-dir" in str(exc.value)
+    assert (tmp_path / "not-a-dir").read_text() == "x"
