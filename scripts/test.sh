@@ -8,5 +8,12 @@ bash scripts/bootstrap.sh
 export PYTHONHASHSEED=0
 echo "== import-linter (package layering) =="
 lint-imports --no-cache
+# The browser tests drive Debian's Chromium (never a Playwright browser download). Without
+# it they skip, saying so; install it here when we are root and apt works.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "== installing chromium for the browser tests (apt-get) =="
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+    >/tmp/ssr-apt-chromium.log 2>&1 || echo "chromium not installed (see /tmp/ssr-apt-chromium.log); browser tests will skip"
+fi
 echo "== pytest =="
 exec python -m pytest -q "$@"

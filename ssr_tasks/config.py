@@ -42,8 +42,8 @@ class FewShotParams(_Params):
     backbone: BackboneName = "conv4-64"
     backbone_checkpoint: str | None = Field(None, description="Released backbone state dict; pretrained when empty")
     pretrain_epochs: int = Field(3, ge=1)
-    pretrain_batch_size: int = Field(256, ge=2)
-    pretrain_lr: PositiveFloat = 0.05
+    pretrain_batch_size: int = Field(64, ge=2)
+    pretrain_lr: PositiveFloat = 0.1
     n_way: int = Field(5, ge=2)
     n_shot_train: int = Field(1, ge=1)
     n_query: int = Field(15, ge=1, description="Queries per class")

@@ -59,10 +59,12 @@ def check_mlflow(uri: str, timeout: float = 5.0) -> None:
 
 
 def init_ray(num_cpus: int | None = None, object_store_mb: int = 512) -> dict:
-    """Connect to ``RAY_ADDRESS`` or start a local Ray bound to 127.0.0.1.
+    """Connect to ``RAY_ADDRESS`` or start a local Ray instance.
 
     Returns ``ray.cluster_resources()``. A local instance keeps Ray's token authentication
-    (the default) and leaves the dashboard off.
+    (the default) and leaves the dashboard off. Ray 2.60 replaces the 127.0.0.1 node
+    address by the machine's address and its gRPC servers listen on all interfaces; the
+    token is what keeps other hosts out (docs/reliability.md, security).
     """
     import ray
 

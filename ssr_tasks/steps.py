@@ -47,7 +47,11 @@ class Progress:
         from tqdm.auto import tqdm
 
         self.id = create_progress_artifact(progress=0.0, key=key, description=description)
-        self.bar = tqdm(total=100, desc=description, unit="%", leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total}%")
+        import sys
+
+        # a bar only on a terminal: in worker logs it would be a smear of carriage returns
+        self.bar = tqdm(total=100, desc=description, unit="%", leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total}%",
+                        disable=not sys.stderr.isatty())
         self.last = -1
 
     def __call__(self, done: float, total: float = 1.0, *_):
@@ -92,12 +96,13 @@ def get_backbone(params: FewShotParams | object, data_root: str, work_dir: str) 
         load_backbone(params.backbone, _spec_name(params), Path(params.backbone_checkpoint))
         logger.info("backbone: using released checkpoint %s", params.backbone_checkpoint)
         return str(Path(params.backbone_checkpoint).resolve())
-    out = Path(work_dir) / f"{_spec_name(params)}-{short_hash(str(Path(data_root).resolve()))}-{params.backbone}-e{params.pretrain_epochs}-s{params.seed}.pt"
+    batch_size, lr = getattr(params, "pretrain_batch_size", 64), getattr(params, "pretrain_lr", 0.1)
+    recipe = short_hash([str(Path(data_root).resolve()), params.pretrain_epochs, batch_size, lr, params.seed])
+    out = Path(work_dir) / f"{_spec_name(params)}-{params.backbone}-{recipe}.pt"
     logger.info("backbone: pretraining %s on the base classes for %d epochs", params.backbone, params.pretrain_epochs)
     progress = Progress(f"pretrain-{short_hash([work_dir, params.backbone])}", "Backbone pretraining (epochs)")
     return str(pretrain_backbone(Path(data_root), _spec_name(params), params.backbone, out,
-                                 epochs=params.pretrain_epochs, batch_size=getattr(params, "pretrain_batch_size", 128),
-                                 lr=getattr(params, "pretrain_lr", 0.05), seed=params.seed,
+                                 epochs=params.pretrain_epochs, batch_size=batch_size, lr=lr, seed=params.seed,
                                  device=pick_device(params.device), progress=progress))
 
 

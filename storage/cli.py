@@ -59,10 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     sub = data.add_subparsers(dest="data_command", required=True, metavar="{prepare,download,import-landmarks}")
 
     p = sub.add_parser("prepare", help="render the built-in glyphs dataset (no download)")
+    p.add_argument("name", nargs="?", default="glyphs", choices=["glyphs"],
+                   help="the built-in dataset to render (only 'glyphs'; real data sets: `ssr data download`)")
     p.add_argument("--root", default="data",
                    help="data root; the dataset lands in <root>/glyphs (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", default="default",
+    p.add_argument("--size", default="default", choices=["small", "default"],
                    help="size preset: small (tests, smoke runs) or default (default: %(default)s)")
     _set_handler(p, _prepare)
 

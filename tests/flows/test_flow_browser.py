@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -42,14 +43,17 @@ def flow_run_facts(env: dict, flow_run_id: str) -> dict:
     code = (
         "import json, sys\n"
         "from prefect.client.orchestration import get_client\n"
-        "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId\n"
+        "from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,\n"
+        "                                           FlowRunFilterParentFlowRunId)\n"
         "with get_client(sync_client=True) as c:\n"
         "    run = c.read_flow_run(sys.argv[1])\n"
         "    subs = c.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))\n"
         "    ids = {str(run.id)} | {str(s.id) for s in subs}\n"
         "    keys = sorted({a.key for a in c.read_artifacts() if a.key and str(a.flow_run_id) in ids})\n"
+        "    n_runs = len(c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[run.deployment_id]))))\n"
         "    print(json.dumps({'state': run.state.type.value, 'state_name': run.state.name, 'parameters': run.parameters,\n"
-        "                      'subflow_ids': sorted(str(s.id) for s in subs), 'artifact_keys': keys}))\n"
+        "                      'subflow_ids': sorted(str(s.id) for s in subs), 'artifact_keys': keys,\n"
+        "                      'deployment_runs': n_runs}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code, flow_run_id], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -80,25 +84,31 @@ def shot(page, name: str) -> Path:
     return path
 
 
-def wait_completed_in_ui(page, env: dict, flow_run_id: str) -> dict:
+def flow_run_state(api_url: str, flow_run_id: str) -> str:
+    """The state type of a flow run (a plain REST read: cheaper than a client per poll)."""
+    with urllib.request.urlopen(f"{api_url}/flow_runs/{flow_run_id}", timeout=30) as resp:
+        return json.load(resp)["state"]["type"]
+
+
+def wait_completed_in_ui(page, env: dict, flow_run_id: str) -> None:
     """Waits for the flow-run page to show Completed; fails early when the run ends otherwise."""
     badge = page.get_by_text("Completed", exact=True).first
     deadline = time.time() + RUN_TIMEOUT_S
-    facts, final_since = {}, None
+    state, completed_since = None, None
     while time.time() < deadline:
         if badge.is_visible():
-            return facts or flow_run_facts(env, flow_run_id)
-        facts = flow_run_facts(env, flow_run_id)
-        if facts["state"] in ("FAILED", "CRASHED", "CANCELLED"):
-            pytest.fail(f"flow run {flow_run_id} ended {facts['state_name']}; worker log: "
-                        f"{(Path(env['SSR_HOME']) / 'services' / 'prefect-worker.log').read_text()[-3000:]}")
-        if facts["state"] == "COMPLETED":
-            final_since = final_since or time.time()
-            if time.time() - final_since > 30:  # the page polls; reload if it missed the change
+            return
+        state = flow_run_state(env["PREFECT_API_URL"], flow_run_id)
+        if state in ("FAILED", "CRASHED", "CANCELLED"):
+            log = Path(env["SSR_HOME"]) / "services" / "prefect-worker.log"
+            pytest.fail(f"flow run {flow_run_id} ended {state}; worker log: {log.read_text()[-3000:]}")
+        if state == "COMPLETED":
+            completed_since = completed_since or time.time()
+            if time.time() - completed_since > 30:  # the page polls; reload if it missed the change
                 page.reload()
-                final_since = time.time()
+                completed_since = time.time()
         time.sleep(5)
-    pytest.fail(f"flow run {flow_run_id} not Completed in the UI within {RUN_TIMEOUT_S} s (API: {facts})")
+    pytest.fail(f"flow run {flow_run_id} not Completed in the UI within {RUN_TIMEOUT_S} s (API state: {state})")
 
 
 def trigger_custom_run(page, prefect_ui: str) -> str:
@@ -129,17 +139,18 @@ def trigger_custom_run(page, prefect_ui: str) -> str:
     shot(page, "04-prefect-custom-run-edited")
 
     page.get_by_role("button", name="Submit", exact=True).click()
-    page.get_by_role("button", name="View run").click()  # the toast: "<name> scheduled to start now"
+    # The toast "<name> scheduled to start now" (Prefect 3.9 shows it twice, both for the same run).
+    page.get_by_role("button", name="View run").first.click()
     page.wait_for_url(re.compile(r".*/runs/flow-run/[0-9a-f-]{36}.*"))
     return re.search(r"/runs/flow-run/([0-9a-f-]{36})", page.url).group(1)
 
 
-def check_results_artifact(page) -> None:
-    """Run page -> Subflow Runs -> ssr-fewshot run -> Artifacts: the results table."""
-    page.get_by_role("tab", name="Subflow Runs").click()
-    page.get_by_role("link").filter(has_text=re.compile(r"^ssr-fewshot$")).first.click()
-    page.wait_for_url(re.compile(r".*/runs/flow-run/.*"))
-    page.get_by_role("tab", name="Artifacts").click()
+def check_results_artifact(page, subflow_id: str) -> None:
+    """Run page -> Subflow Runs -> the ssr-fewshot run -> Artifacts: the results table."""
+    page.get_by_role("tablist").get_by_text("Subflow Runs", exact=True).click()
+    page.locator(f"a[href$='/runs/flow-run/{subflow_id}']").first.click()  # the run's name
+    page.wait_for_url(f"**/runs/flow-run/{subflow_id}**")
+    page.get_by_role("tablist").get_by_text("Artifacts", exact=True).click()
     page.get_by_text("fewshot-results").first.wait_for()
     shot(page, "06-prefect-subflow-artifacts")
     page.get_by_text("fewshot-results").first.click()
@@ -189,7 +200,7 @@ def check_mlflow(page, mlflow_ui: str, subflow_ids: list[str]) -> None:
     page.get_by_text("plots", exact=True).click()
     page.get_by_text("training_curves.png", exact=True).wait_for()
     page.get_by_text("accuracy_by_step.png", exact=True).click()
-    page.locator("img[src*='accuracy_by_step']").first.wait_for()  # the preview pane
+    page.get_by_role("img", name="plots/accuracy_by_step.png").wait_for()  # the preview pane
     time.sleep(2)
     shot(page, "11-mlflow-run-plots")
 
@@ -215,7 +226,7 @@ def test_custom_run_from_the_prefect_ui_then_mlflow_ui(tmp_path, glyphs_small, s
         flow_run_id = trigger_custom_run(page, addrs["prefect_ui"])
         print(f"custom run {flow_run_id} submitted from the UI in {time.time() - t0:.0f} s")
         t0 = time.time()
-        facts = wait_completed_in_ui(page, env, flow_run_id)
+        wait_completed_in_ui(page, env, flow_run_id)
         shot(page, "05-prefect-flow-run-completed")
         print(f"flow run Completed in the UI after {time.time() - t0:.0f} s")
 
@@ -224,7 +235,8 @@ def test_custom_run_from_the_prefect_ui_then_mlflow_ui(tmp_path, glyphs_small, s
         assert facts["parameters"]["fewshot"]["n_test_episodes"] == 10, facts["parameters"]
         assert facts["parameters"]["fewshot"]["model_name"] == "ssr-fewshot-tiny", facts["parameters"]
         assert {"fewshot-results", "fewshot-report"} <= set(facts["artifact_keys"]), facts
-        check_results_artifact(page)
+        assert facts["deployment_runs"] == 1, f"the form should have started exactly one run: {facts}"
+        check_results_artifact(page, facts["subflow_ids"][0])
 
         t0 = time.time()
         check_mlflow(page, addrs["mlflow_ui"], [flow_run_id, *facts["subflow_ids"]])

@@ -1,0 +1,92 @@
+"""Share of wall time taken by orchestration (Prefect + Ray + MLflow) in a few-shot run.
+
+Runs the same few-shot job twice from the same prepared data (rendered once beforehand,
+not timed):
+  A. the `ssr` flow: Prefect (temporary local API), Ray Tune trials and evaluation actors,
+     MLflow tracking + registration;
+  B. the same plain functions called directly in one process: pretraining, feature
+     extraction, the curriculum for each lr_dni in turn, the k-reciprocal grid, evaluation.
+Overhead share = (A - B) / A. Prints a Markdown table.
+
+    python benchmarks/bench_orchestration.py --preset reproduce-fewshot-tiny
+    python benchmarks/bench_orchestration.py --preset reproduce-fewshot   # the demo's sizes
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def plain_run(params, home: Path) -> float:
+    import numpy as np
+
+    from ssr_tasks.backbone_step import extract_features, pretrain_backbone
+    from ssr_tasks.episodes import load_split, sample_episodes
+    from ssr_tasks.fewshot_eval import FewShotEvaluator
+    from ssr_tasks.steps import train_config
+    from ssr_tasks.fewshot_train import train_curriculum
+    from dataclasses import replace
+
+    t0 = time.perf_counter()
+    root = home / "data" / "glyphs"
+    ckpt = pretrain_backbone(root, "glyphs", params.backbone, home / "plain" / "bb.pt", epochs=params.pretrain_epochs,
+                             batch_size=params.pretrain_batch_size, lr=params.pretrain_lr, seed=params.seed)
+    feats = extract_features(root, "glyphs", params.backbone, ckpt, home / "plain" / "features.parquet")
+    train, val = load_split(feats, "train"), load_split(feats, "val")
+    val_eps = sample_episodes(val, params.n_val_episodes, params.n_way, params.n_shot_train, params.n_query, seed=1)
+    base = train_config(params, train.dim)
+    trials = [train_curriculum(replace(base, lr_dni=lr), train, val, val_eps, home / "plain" / f"lr{lr}") | {"lr_dni": lr}
+              for lr in params.lr_dni_grid]
+    best = max(trials, key=lambda t: t["best_val"])
+    ev = FewShotEvaluator(str(feats), "val", None, None)
+    grid = [(a, b, c) for a in params.krecip_k1 for b in params.krecip_k2 for c in params.krecip_lambda]
+    ev.evaluate(val_eps, krecip=grid, with_ssr=False)
+    kw = {"feat_dim": train.dim, "n_way": params.n_way, "n_query": params.n_way * params.n_query,
+          "steps": best["best_steps"], "lr_dni": best["lr_dni"], "hidden": params.hidden}
+    test_ev = FewShotEvaluator(str(feats), "test", best["best_path"], kw)
+    for shot in params.eval_shots:
+        eps = sample_episodes(load_split(feats, "test"), params.n_test_episodes, params.n_way, shot, params.n_query, seed=shot)
+        test_ev.evaluate(eps, krecip=[grid[0]])
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="reproduce-fewshot-tiny")
+    args = ap.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="bench-orch-"))
+    os.environ["SSR_HOME"] = str(home)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    from flows.cli import presets
+    from ssr_tasks.config import FewShotParams
+    from storage.glyphs import prepare_glyphs
+
+    params = FewShotParams(**presets()[args.preset]["fewshot"])
+    prepare_glyphs(home / "data", seed=params.data_seed, size=params.glyphs_size)
+
+    from flows.ssr_flow import ssr
+
+    t0 = time.perf_counter()
+    ssr(pipeline="fewshot", fewshot=params)
+    flow_s = time.perf_counter() - t0
+    plain_s = plain_run(params, home)
+    print(f"\npreset {args.preset}, {os.cpu_count()} CPUs\n")
+    print("| run | wall (s) |")
+    print("|---|---|")
+    print(f"| A. `ssr` flow (Prefect + Ray + MLflow) | {flow_s:.1f} |")
+    print(f"| B. same steps as plain calls | {plain_s:.1f} |")
+    print(f"| orchestration share (A - B) / A | {100 * (flow_s - plain_s) / flow_s:.1f}% |")
+    shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
