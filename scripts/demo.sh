@@ -25,6 +25,8 @@ latest=$(ls -t "$SSR_HOME"/$kind/*/results/*/results.md | head -n 1)
 cat "$latest"
 echo
 ssr models
+model=ssr-fewshot; [ "$kind" = retrieval ] && model=ssr-retrieval
+echo "registered model URI: models:/$model@champion  (mlflow.pytorch.load_model; see README)"
 echo
 grep -E "prefect_ui|mlflow_ui" "$SSR_HOME/services.txt"
 echo "results: $latest"
