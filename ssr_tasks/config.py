@@ -58,7 +58,7 @@ class FewShotParams(_Params):
     lr_first: PositiveFloat = 0.1
     lr_next: PositiveFloat = 0.01
     batch_episodes: int = Field(4, ge=1)
-    val_every: int = Field(200, ge=1)
+    val_every: int = Field(100, ge=1)
     n_val_episodes: int = Field(300, ge=1)
     n_test_episodes: int = Field(600, ge=1)
     krecip_k1: list[int] = Field(default_factory=lambda: [10, 20, 30])

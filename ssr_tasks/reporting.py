@@ -44,7 +44,8 @@ def plot_accuracy_by_step(per_shot: Mapping[int, Mapping[str, np.ndarray]], max_
         steps = [s for s in range(max_step + 1) if f"ssr_step{s}" in res]
         stats = [accuracy_ci95(res[f"ssr_step{s}"]) for s in steps]
         ax.errorbar(steps, [m for m, _ in stats], yerr=[c for _, c in stats], marker="o", capsize=3, label=f"{shot}-shot")
-    ax.set_xlabel("refinement step")
+    ax.set_xticks(range(max_step + 1))
+    ax.set_xlabel("refinement step (0 = no SSR)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("SSR accuracy by refinement step")
     ax.legend()
@@ -53,21 +54,24 @@ def plot_accuracy_by_step(per_shot: Mapping[int, Mapping[str, np.ndarray]], max_
 
 
 def plot_training_curves(trials: list[dict]):
-    """Validation accuracy against iteration for every trial and curriculum stage."""
+    """Validation accuracy against iteration, one line per trial across the curriculum stages."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    boundaries: set[int] = set()
     for trial in trials:
-        offset = 0
+        offset, xs, ys = 0, [], []
         for stage in trial["stages"]:
-            hist = stage["history"]
-            if not hist:
-                continue
-            its = [offset + h["iteration"] for h in hist]
-            ax.plot(its, [100 * h["val_acc"] for h in hist], marker=".", label=f"lr_dni={trial['lr_dni']:g} steps={stage['steps']}")
-            offset = its[-1]
-    ax.set_xlabel("iteration (stages concatenated)")
+            for h in stage["history"]:
+                xs.append(offset + h["iteration"])
+                ys.append(100 * h["val_acc"])
+            offset = xs[-1] if xs else offset
+            boundaries.add(offset)
+        ax.plot(xs, ys, marker="o", label=f"lr_dni={trial['lr_dni']:g}")
+    for b in sorted(boundaries)[:-1]:
+        ax.axvline(b, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("iteration (curriculum stages steps=1, 2, ... separated by dotted lines)")
     ax.set_ylabel("validation accuracy (%)")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
