@@ -1,13 +1,13 @@
 """The few-shot subflow: data -> backbone -> features -> SSR on Ray -> evaluation -> MLflow."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.common import prefect_tags
 from ssr_tasks import reporting, steps
 from ssr_tasks.config import FewShotParams, default_run_dir
 from ssr_tasks.services import init_ray
@@ -17,11 +17,19 @@ from ssr_tasks.tracking import Tracker, write_results_table
 @flow(name="ssr-fewshot", log_prints=True)
 def fewshot_pipeline(params: FewShotParams = FewShotParams()) -> dict:
     """Reproduce the transductive few-shot table (Baseline / k-reciprocal / SSR)."""
-    logger = get_run_logger()
     run_dir = default_run_dir()
     work = run_dir / "fewshot" / f"{params.dataset}-{params.backbone}-seed{params.seed}"
     work.mkdir(parents=True, exist_ok=True)
     tracker = Tracker("ssr-fewshot", run_dir)  # fails fast when a remote MLflow is unreachable
+    # The parent MLflow run spans the whole flow run (its duration is the pipeline's).
+    with tracker.run(f"fewshot-{params.dataset}-{params.backbone}", tags=prefect_tags()) as parent:
+        tracker.log_params(params.model_dump())
+        tracker.log_dict(params.model_dump(), "config.json")
+        return _fewshot(params, tracker, parent.info.run_id, run_dir, work)
+
+
+def _fewshot(params: FewShotParams, tracker: Tracker, run_id: str, run_dir: Path, work: Path) -> dict:
+    logger = get_run_logger()
     init_ray()
     data = steps.prepare_fewshot_data(params, str(run_dir))
     ckpt = steps.get_backbone(params, data["root"], str(run_dir / "backbones"))
@@ -52,7 +60,7 @@ def fewshot_pipeline(params: FewShotParams = FewShotParams()) -> dict:
     }
     fig_paths = {name: reporting.save_figure(fig, out_dir / name) for name, fig in figs.items()}
 
-    registered = _track(tracker, params, trials, best, per_shot, krecip, csv_path, md_path, fig_paths, model_kwargs, ckpt)
+    registered = _track(tracker, run_id, params, trials, best, per_shot, krecip, csv_path, md_path, fig_paths, model_kwargs, ckpt)
     mlflow_ui = f"runs/{registered['run_id']}"
     create_table_artifact(key="fewshot-results", table=rows, description=f"Few-shot results ({params.dataset}, {params.backbone})")
     create_markdown_artifact(
@@ -67,51 +75,47 @@ def fewshot_pipeline(params: FewShotParams = FewShotParams()) -> dict:
     return {"results": rows, "markdown": md, **registered}
 
 
-def _track(tracker: Tracker, params, trials, best, per_shot, krecip, csv_path, md_path, fig_paths, model_kwargs, backbone_ckpt) -> dict:
-    """Parent run with nested runs per Ray trial, tables, plots and the registered model."""
+def _track(tracker: Tracker, run_id: str, params, trials, best, per_shot, krecip, csv_path, md_path, fig_paths, model_kwargs, backbone_ckpt) -> dict:
+    """Into the open parent run: nested runs per Ray trial, tables, plots and the registered model."""
     import torch
 
     from ssr_model.metrics import accuracy_ci95
     from ssr_model.packaged import FewShotClassifier
     from ssr_tasks.backbone_step import load_backbone
 
-    flow_run_id = str(runtime.flow_run.id or "")
-    with tracker.run(f"fewshot-{params.dataset}-{params.backbone}", tags={"prefect_flow_run_id": flow_run_id}) as parent:
-        tracker.log_params(params.model_dump())
-        tracker.log_dict(params.model_dump(), "config.json")
-        for trial in trials:
-            with tracker.run(f"trial lr_dni={trial['lr_dni']:g}", nested=True, tags={"prefect_flow_run_id": flow_run_id}):
-                tracker.log_params({"lr_dni": trial["lr_dni"], "max_steps": params.max_steps})
-                offset = 0
-                for stage in trial["stages"]:
-                    for h in stage["history"]:
-                        tracker.log_metrics({"val_acc": 100 * h["val_acc"], "loss": h["loss"], "steps": stage["steps"]},
-                                            step=offset + h["iteration"])
-                    offset += stage["history"][-1]["iteration"] if stage["history"] else 0
-                tracker.log_metrics({"best_val_acc": 100 * trial["best_val"], "best_steps": trial["best_steps"]})
-        metrics = {"best_val_acc": 100 * best["best_val"], "best_steps": best["best_steps"],
-                   "krecip_k1": krecip[0], "krecip_k2": krecip[1], "krecip_lambda": krecip[2]}
-        for shot, res in per_shot.items():
-            for key, accs in res.items():
-                mean, ci = accuracy_ci95(accs)
-                metrics[f"test_{shot}shot_{key}"] = mean
-                metrics[f"test_{shot}shot_{key}_ci95"] = ci
-        tracker.log_metrics(metrics)
-        tracker.log_file(csv_path, "results")
-        tracker.log_file(md_path, "results")
-        for path in fig_paths.values():
-            tracker.log_file(path, "plots")
-        from ssr_model import FewShotSSR
+    for trial in trials:
+        with tracker.run(f"trial lr_dni={trial['lr_dni']:g}", nested=True, tags=prefect_tags()):
+            tracker.log_params({"lr_dni": trial["lr_dni"], "max_steps": params.max_steps})
+            offset = 0
+            for stage in trial["stages"]:
+                for h in stage["history"]:
+                    tracker.log_metrics({"val_acc": 100 * h["val_acc"], "loss": h["loss"], "steps": stage["steps"]},
+                                        step=offset + h["iteration"])
+                offset += stage["history"][-1]["iteration"] if stage["history"] else 0
+            tracker.log_metrics({"best_val_acc": 100 * trial["best_val"], "best_steps": trial["best_steps"]})
+    metrics = {"best_val_acc": 100 * best["best_val"], "best_steps": best["best_steps"],
+               "krecip_k1": krecip[0], "krecip_k2": krecip[1], "krecip_lambda": krecip[2]}
+    for shot, res in per_shot.items():
+        for key, accs in res.items():
+            mean, ci = accuracy_ci95(accs)
+            metrics[f"test_{shot}shot_{key}"] = mean
+            metrics[f"test_{shot}shot_{key}_ci95"] = ci
+    tracker.log_metrics(metrics)
+    tracker.log_file(csv_path, "results")
+    tracker.log_file(md_path, "results")
+    for path in fig_paths.values():
+        tracker.log_file(path, "plots")
+    from ssr_model import FewShotSSR
 
-        ssr = FewShotSSR(**model_kwargs)
-        ssr.load_state_dict(torch.load(best["best_path"], map_location="cpu", weights_only=True))
-        backbone = load_backbone(params.backbone, "glyphs" if params.dataset == "glyphs" else params.dataset, Path(backbone_ckpt))
-        model = FewShotClassifier(ssr.eval(), backbone.cpu().eval())
-        reg = tracker.log_and_register(
-            model, params.model_name,
-            tags={"dataset": params.dataset, "backbone": params.backbone, "steps": str(best["best_steps"]),
-                  "val_metric_name": "val_acc_1shot"},
-            val_metric=100 * best["best_val"],
-        )
-        tracker.log_metrics({"registered_version": reg["version"]})
-        return {**reg, "run_id": parent.info.run_id, "tracking_uri": tracker.safe_uri}
+    ssr = FewShotSSR(**model_kwargs)
+    ssr.load_state_dict(torch.load(best["best_path"], map_location="cpu", weights_only=True))
+    backbone = load_backbone(params.backbone, "glyphs" if params.dataset == "glyphs" else params.dataset, Path(backbone_ckpt))
+    model = FewShotClassifier(ssr.eval(), backbone.cpu().eval())
+    reg = tracker.log_and_register(
+        model, params.model_name,
+        tags={"dataset": params.dataset, "backbone": params.backbone, "steps": str(best["best_steps"]),
+              "val_metric_name": "val_acc_1shot"},
+        val_metric=100 * best["best_val"],
+    )
+    tracker.log_metrics({"registered_version": reg["version"]})
+    return {**reg, "run_id": run_id, "tracking_uri": tracker.safe_uri}

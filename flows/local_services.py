@@ -73,6 +73,25 @@ def wait_http(url: str, timeout: float, what: str) -> None:
     raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f} s ({last})")
 
 
+def wait_pool_ready(api_url: str, timeout: float) -> None:
+    """Return once the worker has polled, so deployments show Ready (not Not Ready) in the UI."""
+    import json
+
+    deadline = time.time() + timeout
+    status = None
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{api_url}/work_pools/{POOL}", timeout=5) as resp:
+                status = json.load(resp).get("status")
+            if status == "READY":
+                return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"work pool {POOL} at {api_url} is {status} after {timeout:.0f} s: is the worker running? "
+                       "(see its log under <run dir>/services/prefect-worker.log)")
+
+
 def service_env(run_dir: Path) -> dict:
     env = dict(os.environ)
     env["PREFECT_API_URL"] = prefect_api_url()
@@ -101,6 +120,7 @@ def start(run_dir: Path | None = None, worker: bool = True, mlflow_ui: bool = Tr
                        env=env, check=True, capture_output=True, cwd=PROJECT_DIR)
     if worker:
         _spawn("prefect-worker", [_bin("prefect"), "worker", "start", "--pool", POOL, "--type", "process"], run_dir, env)
+        wait_pool_ready(env["PREFECT_API_URL"], 120)
     if mlflow_ui and not os.environ.get("MLFLOW_TRACKING_URI", "").startswith("http"):
         (run_dir / "mlartifacts").mkdir(parents=True, exist_ok=True)
         _spawn("mlflow-ui", [_bin("mlflow"), "ui", "--host", HOST, "--port", str(MLFLOW_PORT),

@@ -7,6 +7,7 @@ import numpy as np
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.common import prefect_tags
 from ssr_tasks import reporting, steps
 from ssr_tasks.config import RetrievalParams, default_run_dir
 from ssr_tasks.services import init_ray
@@ -16,6 +17,18 @@ from ssr_tasks.tracking import Tracker, write_results_table
 @flow(name="ssr-retrieval", log_prints=True)
 def retrieval_pipeline(params: RetrievalParams = RetrievalParams()) -> dict:
     """Reproduce the retrieval table: features only, QE variants, k-reciprocal, each + SSR."""
+    run_dir = default_run_dir()
+    work = run_dir / "retrieval" / f"{params.dataset}-{params.backbone}-seed{params.seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker("ssr-retrieval", run_dir)  # fails fast when a remote MLflow is unreachable
+    # The parent MLflow run spans the whole flow run.
+    with tracker.run(f"retrieval-{params.dataset}-{params.backbone}", tags=prefect_tags()) as parent:
+        tracker.log_params(params.model_dump())
+        tracker.log_dict(params.model_dump(), "config.json")
+        return _retrieval(params, tracker, parent.info.run_id, run_dir, work)
+
+
+def _retrieval(params: RetrievalParams, tracker: Tracker, run_id: str, run_dir: Path, work: Path) -> dict:
     import torch
 
     from storage.features import read_features, write_features
@@ -25,10 +38,6 @@ def retrieval_pipeline(params: RetrievalParams = RetrievalParams()) -> dict:
     from ssr_tasks.retrieval_eval import map_row, method_rankings, ranks_after_rerank, write_ranking_store
 
     logger = get_run_logger()
-    run_dir = default_run_dir()
-    work = run_dir / "retrieval" / f"{params.dataset}-{params.backbone}-seed{params.seed}"
-    work.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker("ssr-retrieval", run_dir)
     init_ray()
     data = steps.prepare_retrieval_data(params, str(run_dir))
     ckpt = steps.get_backbone(params, data["fewshot_root"], str(run_dir / "backbones"))
@@ -74,30 +83,25 @@ def retrieval_pipeline(params: RetrievalParams = RetrievalParams()) -> dict:
     fig_path = reporting.save_figure(reporting.plot_map_by_method(rows), out_dir / "map_by_method.png")
     example_path = reporting.save_figure(example, out_dir / "reranked_example.png")
 
-    flow_run_id = str(runtime.flow_run.id or "")
-    with tracker.run(f"retrieval-{params.dataset}-{params.backbone}", tags={"prefect_flow_run_id": flow_run_id}) as parent:
-        tracker.log_params(params.model_dump())
-        tracker.log_dict(params.model_dump(), "config.json")
-        for trial in trials:
-            with tracker.run(f"trial lr_dni={trial['lr_dni']:g}", nested=True, tags={"prefect_flow_run_id": flow_run_id}):
-                tracker.log_params({"lr_dni": trial["lr_dni"]})
-                for h in trial["history"]:
-                    tracker.log_metrics({"val_ap": 100 * h["val_ap"]}, step=int(h["iteration"]))
-                tracker.log_metrics({"best_val_ap": 100 * trial["best_val"]})
-        for r in rows:
-            key = r["method"].replace(" + ", "_plus_").replace(" ", "_")
-            tracker.log_metrics({f"{key}_map_{p}": r[f"mAP {p}"] for p in ("easy", "medium", "hard")})
-        tracker.log_file(csv_path, "results")
-        tracker.log_file(md_path, "results")
-        tracker.log_file(fig_path, "plots")
-        tracker.log_file(example_path, "plots")
-        ssr = RetrievalSSR(**model_kwargs)
-        ssr.load_state_dict(torch.load(best["best_path"], map_location="cpu", weights_only=True))
-        reg = tracker.log_and_register(RetrievalReranker(ssr.eval()), params.model_name,
-                                       tags={"dataset": params.dataset, "backbone": params.backbone, "steps": str(params.steps),
-                                             "k": str(params.k), "val_metric_name": "val_ap"},
-                                       val_metric=100 * best["best_val"])
-        run_id = parent.info.run_id
+    for trial in trials:
+        with tracker.run(f"trial lr_dni={trial['lr_dni']:g}", nested=True, tags=prefect_tags()):
+            tracker.log_params({"lr_dni": trial["lr_dni"]})
+            for h in trial["history"]:
+                tracker.log_metrics({"val_ap": 100 * h["val_ap"]}, step=int(h["iteration"]))
+            tracker.log_metrics({"best_val_ap": 100 * trial["best_val"]})
+    for r in rows:
+        key = r["method"].replace(" + ", "_plus_").replace(" ", "_")
+        tracker.log_metrics({f"{key}_map_{p}": r[f"mAP {p}"] for p in ("easy", "medium", "hard")})
+    tracker.log_file(csv_path, "results")
+    tracker.log_file(md_path, "results")
+    tracker.log_file(fig_path, "plots")
+    tracker.log_file(example_path, "plots")
+    ssr = RetrievalSSR(**model_kwargs)
+    ssr.load_state_dict(torch.load(best["best_path"], map_location="cpu", weights_only=True))
+    reg = tracker.log_and_register(RetrievalReranker(ssr.eval()), params.model_name,
+                                   tags={"dataset": params.dataset, "backbone": params.backbone, "steps": str(params.steps),
+                                         "k": str(params.k), "val_metric_name": "val_ap"},
+                                   val_metric=100 * best["best_val"])
     create_table_artifact(key="retrieval-results", table=rows, description="Revisited mAP per method")
     create_markdown_artifact(key="retrieval-report", markdown=f"# SSR retrieval: {params.dataset}\n\n{md}\n"
                              f"Model: `{reg['model_uri']}` (aliases moved: {reg['aliases'] or 'none'}); MLflow run `{run_id}`.\n")

@@ -14,7 +14,7 @@ from ssr_tasks.config import FewShotParams, RetrievalParams
 ROOT = Path(__file__).resolve().parents[2]
 
 TINY_FEWSHOT = dict(
-    dataset="glyphs", glyphs_size="small", pretrain_epochs=1, max_steps=2, hidden=32, lr_dni_grid=[1e-3],
+    dataset="glyphs", glyphs_size="small", pretrain_epochs=1, max_steps=2, hidden=32, lr_dni_grid=[0.1],
     iterations_first=6, iterations_next=4, val_every=3, n_val_episodes=10, n_test_episodes=20, eval_shots=[1, 5],
     krecip_k1=[10], krecip_k2=[5], krecip_lambda=[0.3], model_name="ssr-fewshot",
 )
@@ -75,7 +75,7 @@ def test_fewshot_flow_end_to_end(ssr_home, ray_local, prefect_harness, glyphs_sm
     assert re.search(r"predicted classes: tensor\(\[", out), out
 
     # A second run reuses data, backbone, features and the finished trial (no retraining).
-    trial = next((ssr_home / "fewshot").rglob("lr_dni=0.001/summary.json"))
+    trial = next((ssr_home / "fewshot").rglob("lr_dni=0.1/summary.json"))
     before = trial.stat().st_mtime_ns
     again = ssr(pipeline="fewshot", fewshot=FewShotParams(**TINY_FEWSHOT))
     assert trial.stat().st_mtime_ns == before
