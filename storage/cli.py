@@ -34,12 +34,13 @@ def _import_landmarks(args: argparse.Namespace) -> int:
 
 
 def _guarded(fn):
-    """Handler wrapper: bad input (StorageError, other ValueError, a missing input file)
-    -> one line on stderr, exit 2; anything else is a bug and keeps its traceback."""
+    """Handler wrapper: bad input (StorageError, other ValueError) or a file-system problem
+    (missing input, unwritable or full output folder) -> one line on stderr, exit 2;
+    anything else is a bug and keeps its traceback."""
     def handler(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except (StorageError, ValueError, FileNotFoundError) as exc:
+        except (StorageError, ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     handler.__name__ = fn.__name__

@@ -1,32 +1,24 @@
 import argparse
 import subprocess
 import sys
-import types
 
 from storage.cli import main, register
-from storage.errors import DatasetLayoutError
 
 
-def test_prepare_delegates_to_glyphs(monkeypatch, tmp_path, capsys):
-    calls = []
-    fake = types.ModuleType("storage.glyphs")
+def test_prepare_renders_the_builtin_dataset(tmp_path, capsys):
+    assert main(["data", "prepare", "glyphs", "--root", str(tmp_path), "--seed", "3", "--size", "small"]) == 0
+    out = capsys.readouterr().out
+    assert '"size": "small"' in out and '"seed": 3' in out
+    assert (tmp_path / "glyphs" / "train").is_dir() and (tmp_path / "glyphs" / "dataset.json").exists()
+    assert (tmp_path / "glyphs-retrieval" / "test" / "gnd_glyphs-retrieval.pkl").exists()
 
-    def prepare_glyphs(root, *, seed=0, size="default"):
-        calls.append((root, seed, size))
-        return {"root": str(root), "classes": 3}
 
-    fake.prepare_glyphs = prepare_glyphs
-    monkeypatch.setitem(sys.modules, "storage.glyphs", fake)
-    assert main(["data", "prepare", "--root", str(tmp_path), "--seed", "3", "--size", "tiny"]) == 0
-    assert calls == [(tmp_path, 3, "tiny")] and '"classes": 3' in capsys.readouterr().out
-
-    def failing(root, *, seed=0, size="default"):
-        raise DatasetLayoutError(f"{root}: cannot write here")
-
-    fake.prepare_glyphs = failing
-    assert main(["data", "prepare", "--root", str(tmp_path)]) == 2
+def test_prepare_reports_an_unwritable_root_in_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["data", "prepare", "glyphs", "--root", str(blocker / "data"), "--size", "small"]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {tmp_path}: cannot write here\n"
+    assert err.startswith("error: ") and str(blocker) in err and err.count("\n") == 1
 
 
 def test_register_into_an_outer_parser(tmp_path):
