@@ -51,6 +51,8 @@ def test_local_services_bind_127_0_0_1(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(local_services, "_spawn", lambda name, cmd, run_dir, env: spawned.__setitem__(name, (cmd, env)))
     monkeypatch.setattr(local_services, "wait_http", lambda *a, **k: None)
+    if hasattr(local_services, "wait_pool_ready"):
+        monkeypatch.setattr(local_services, "wait_pool_ready", lambda *a, **k: None)
     monkeypatch.setattr(local_services.subprocess, "run", lambda cmd, **k: ran.append(cmd))
     addresses = local_services.start(tmp_path)
     assert set(spawned) == {"prefect-server", "prefect-worker", "mlflow-ui"}
