@@ -19,13 +19,6 @@ LR = 1e-2  # large enough that refinement visibly moves the scores at D = 12
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: one thread avoids OpenMP barrier stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # (n_way, n_shot, n_query, steps)
 SHAPES = [

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import oracle  # tests/model is put on sys.path by pytest (rootdir-less "prepend" import mode)
 from ssr_model.losses import fewshot_cross_entropy, info_bce
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: one thread avoids OpenMP barrier stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_fewshot_cross_entropy_batched_and_single():

@@ -16,13 +16,6 @@ LR = 5e-2
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: one thread avoids OpenMP barrier stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # (k, steps)
 SHAPES = [(5, 1), (20, 2), (64, 4), (100, 3), (300, 1)]
