@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -37,11 +36,6 @@ pytestmark = [
                        "package (scripts/test.sh does it with apt-get when it can)"),
 ]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def flow_run_facts(env: dict, flow_run_id: str) -> dict:
@@ -217,14 +211,9 @@ def check_mlflow(page, mlflow_ui: str, flow_run_ids: list[str]) -> None:
     shot(page, "11-mlflow-run-plots")
 
 
-def test_custom_run_from_the_prefect_ui_then_mlflow_ui(tmp_path, glyphs_small, ssr_home, chromium_page):
+def test_custom_run_from_the_prefect_ui_then_mlflow_ui(services_env, chromium_page):
     page = chromium_page
-    home = tmp_path / "runs"
-    home.mkdir()
-    (home / "data").symlink_to(ssr_home / "data")  # reuse the session's rendered dataset
-    env = {**os.environ, "SSR_HOME": str(home), "SSR_PREFECT_PORT": str(free_port()), "SSR_MLFLOW_PORT": str(free_port())}
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PREFECT_PROFILES_PATH"):
-        env.pop(key, None)
+    home, env = services_env
     ssr_bin = str(Path(sys.executable).parent / "ssr")
     try:
         t0 = time.time()

@@ -3,8 +3,6 @@ deploy/prefect.yaml, `prefect deployment run ssr/reproduce-fewshot-tiny --watch`
 MLflow registry and the Prefect artifacts are checked."""
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,21 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 @pytest.mark.services
-def test_deployment_run_from_the_cli(tmp_path, glyphs_small, ssr_home):
-    home = tmp_path / "runs"
-    home.mkdir()
-    (home / "data").symlink_to(ssr_home / "data")  # reuse the session's rendered dataset
-    env = {**os.environ, "SSR_HOME": str(home), "SSR_PREFECT_PORT": str(free_port()), "SSR_MLFLOW_PORT": str(free_port())}
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PREFECT_PROFILES_PATH"):
-        env.pop(key, None)
+def test_deployment_run_from_the_cli(services_env):
+    home, env = services_env
     ssr_bin = str(Path(sys.executable).parent / "ssr")
     try:
         started = subprocess.run([ssr_bin, "services", "start"], env=env, capture_output=True, text=True, timeout=300)
