@@ -10,11 +10,16 @@ it starts) and each actor's peak RSS (``VmHWM`` of the ``ray::ShardReranker`` pr
 this driver started, sampled every 0.5 s).
 
 ``topk``: ``storage.simstore.build_topk_store`` for N x D=128 L2-normalised features
-against a database of the first M of them (M = N: all against all), K=100, shards of
-50,000. Reports wall time and peak RSS before and after the build.
+against a database of the first M of them (M = N: all against all, self excluded), K=100,
+shards of 50,000, exact (``--search exact``) or with a faiss IVF index (``--search ivf``).
+The features are ``--clusters`` Gaussian clusters (centre + ``--spread`` x noise per
+dimension; 0 clusters: uniform on the sphere, where no index can beat a scan). Reports wall
+time, peak RSS before and after the build and, with ``--recall R``, the recall@K of the
+store against the exact top-K of R sampled queries.
 
     python benchmarks/bench_scale.py rerank --queries 100000 300000 1000000
     python benchmarks/bench_scale.py topk --queries 1000000 --database 100000
+    python benchmarks/bench_scale.py topk --queries 1000000 --search ivf --recall 2000
 
 Prints Markdown tables.
 """
@@ -89,10 +94,14 @@ class ActorMemory(threading.Thread):
             self.stop.wait(self.every)
 
 
-def unit_vectors(rng, n: int, dim: int, chunk: int = 100_000) -> np.ndarray:
+def unit_vectors(rng, n: int, dim: int, chunk: int = 100_000, clusters: int = 0, spread: float = 1.0) -> np.ndarray:
+    """n unit vectors: uniform on the sphere, or around ``clusters`` random centres."""
+    centres = rng.standard_normal((clusters, dim), dtype=np.float32) if clusters else None
     out = np.empty((n, dim), np.float32)
     for s in range(0, n, chunk):
         x = rng.standard_normal((min(chunk, n - s), dim), dtype=np.float32)
+        if centres is not None:
+            x = centres[rng.integers(0, clusters, len(x))] + spread * x
         out[s : s + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
@@ -185,34 +194,65 @@ def common(args) -> list[str]:
 # ---- topk ----------------------------------------------------------------------------------
 
 
-def cmd_topk(args) -> None:
-    from storage.simstore import SimilarityStore, build_topk_store
+def store_recall(store, x: np.ndarray, m: int, k: int, n_sample: int, seed: int = 1) -> tuple[float, float]:
+    """Mean recall@k of ``store`` against the exact top-k of n_sample random queries, and
+    the exact scan's queries/s on that sample (to project an exact build of the whole store)."""
+    from storage.simstore import topk_inner_product
 
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(store.n_queries, min(n_sample, store.n_queries), replace=False))
+    t0 = time.perf_counter()
+    exact, _ = topk_inner_product(x[rows], x[:m], k, np.arange(m), rows, exclude_self=(m == len(x)))
+    qps = len(rows) / (time.perf_counter() - t0)
+    hits = 0
+    for i in range(store.n_shards):
+        first, n_rows = store.shard_rows(i)
+        mine = rows[(rows >= first) & (rows < first + n_rows)]
+        if mine.size:
+            got = store.read_shard(i).neighbor_ids[mine - first]
+            want = exact[np.searchsorted(rows, mine)]
+            hits += sum(len(np.intersect1d(g, w)) for g, w in zip(got, want))
+    return hits / (len(rows) * k), qps
+
+
+def cmd_topk(args) -> None:
+    from storage.simstore import SimilarityStore, TopkSearch, build_topk_store
+
+    search = TopkSearch(method=args.search, nlist=args.nlist, nprobe=args.nprobe)
     rows = []
     for n in args.queries:
         m = min(args.database or n, n)
         work = Path(args.workdir) / f"topk-{n}-{m}"
         shutil.rmtree(work, ignore_errors=True)
         rng = np.random.default_rng(0)
-        x = unit_vectors(rng, n, args.dim)
+        x = unit_vectors(rng, n, args.dim, clusters=args.clusters, spread=args.spread)
         ids = np.arange(n)
-        build_topk_store(x[:2000], ids[:2000], x[:5000], ids[:5000], work / "warmup", args.k, shard_size=1000)  # libraries loaded
+        build_topk_store(x[:2000], ids[:2000], x[:5000], ids[:5000], work / "warmup", args.k, shard_size=1000,
+                         search=TopkSearch(args.search, nlist=8, nprobe=2))  # libraries loaded
         before = status_kb("self", "VmHWM") / 1024
         t0 = time.perf_counter()
-        build_topk_store(x, ids, x[:m], ids[:m], work / "store", args.k, shard_size=args.shard_size, exclude_self=(m == n))
+        build_topk_store(x, ids, x[:m], ids[:m], work / "store", args.k, shard_size=args.shard_size, exclude_self=(m == n),
+                         search=search, progress=lambda d, t: print(f"  {n:,} x {m:,}: shard {d}/{t} at "
+                                                                     f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True))
         secs = time.perf_counter() - t0
         after = status_kb("self", "VmHWM") / 1024
         store = SimilarityStore(work / "store")
         assert store.is_complete()
+        recall = store_recall(store, x, m, args.k, args.recall) if args.recall else (None, None)
         disk = sum(p.stat().st_size for p in (work / "store").glob("part-*.parquet")) / 2**20
-        rows.append((n, m, x.nbytes / 2**20, disk, secs, before, after))
+        rows.append((n, m, x.nbytes / 2**20, disk, secs, before, after, store.manifest["search"], recall))
         shutil.rmtree(work, ignore_errors=True)
         del x
-    print(f"\ntop-K store: D={args.dim}, K={args.k}, shards of {args.shard_size:,}, default tiles (1,024 x 16,384)\n")
-    print("| queries | database | inputs (MiB) | output on disk (MiB) | wall (s) | peak RSS before (MiB) | peak RSS after (MiB) | growth (MiB) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n, m, inp, disk, secs, before, after in rows:
-        print(f"| {n:,} | {m:,} | {inp:.0f} | {disk:.0f} | {secs:.0f} | {before:.0f} | {after:.0f} | {after - before:.0f} |")
+    data = f"{args.clusters:,} clusters (spread {args.spread})" if args.clusters else "uniform on the sphere"
+    print(f"\ntop-K store: D={args.dim}, K={args.k}, shards of {args.shard_size:,}, data {data}\n")
+    print("| queries | database | search | inputs (MiB) | output on disk (MiB) | wall (s) | peak RSS before (MiB) "
+          "| peak RSS after (MiB) | growth (MiB) | recall@K | exact scan (queries/s) |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, m, inp, disk, secs, before, after, how, (recall, qps) in rows:
+        how = ", ".join(f"{k} {v}" for k, v in how.items() if k != "seed").replace("method ", "")
+        rec, exact = ("-", "-") if recall is None else (f"{recall:.4f}", f"{qps:.0f}")
+        print(f"| {n:,} | {m:,} | {how} | {inp:.0f} | {disk:.0f} | {secs:.0f} | {before:.0f} | {after:.0f} "
+              f"| {after - before:.0f} | {rec} | {exact} |")
 
 
 def main() -> None:
@@ -229,6 +269,12 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true", help="keep the rerank work folders")
+    ap.add_argument("--search", choices=["exact", "ivf"], default="exact", help="topk: exact scan or faiss IVF index")
+    ap.add_argument("--nlist", type=int, default=0, help="topk ivf: inverted lists (0: about 4 sqrt(database))")
+    ap.add_argument("--nprobe", type=int, default=32, help="topk ivf: lists scanned per query")
+    ap.add_argument("--clusters", type=int, default=10_000, help="topk: Gaussian clusters in the data (0: uniform)")
+    ap.add_argument("--spread", type=float, default=1.0, help="topk: noise scale around each cluster centre")
+    ap.add_argument("--recall", type=int, default=0, help="topk: measure recall@K on this many sampled queries")
     args = ap.parse_args()
     rerank_like = args.what != "topk"
     args.database = args.database or (20_000 if rerank_like else 0)

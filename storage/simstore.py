@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -293,9 +293,13 @@ class SimilarityStore:
 
 
 def create_store(out_dir: str | os.PathLike, k: int, n_queries: int, n_shards: int, shard_size: int,
-                 source_hashes: Mapping[str, str] | None = None, *, n_db: int | None = None) -> SimilarityStore:
+                 source_hashes: Mapping[str, str] | None = None, *, n_db: int | None = None,
+                 search: Mapping[str, Any] | None = None) -> SimilarityStore:
     """Create an empty store (manifest with every shard incomplete), or reopen an existing
-    one with the same parameters for resume. A different existing store is an error."""
+    one with the same parameters for resume. A different existing store is an error.
+
+    search: how the neighbours were found (``TopkSearch.manifest_entry``); recorded in the
+    manifest and, when given, must match on resume."""
     out = Path(out_dir)
     hashes = {str(a): str(b) for a, b in (source_hashes or {}).items()}
     if k < 1 or shard_size < 1 or n_queries < 0:
@@ -308,6 +312,9 @@ def create_store(out_dir: str | os.PathLike, k: int, n_queries: int, n_shards: i
         store = SimilarityStore(out)
         want = {"k": k, "n_queries": n_queries, "n_shards": n_shards, "shard_size": shard_size,
                 "source_hashes": hashes, "n_db": n_db}
+        if search is not None:
+            want["search"] = dict(search)
+            store.manifest.setdefault("search", {"method": "exact"})  # stores from before the option
         for key, value in want.items():
             if store.manifest.get(key) != value:
                 raise ManifestError(f"{out / MANIFEST}: existing store has {key}={store.manifest.get(key)!r}, "
@@ -319,6 +326,7 @@ def create_store(out_dir: str | os.PathLike, k: int, n_queries: int, n_shards: i
         raise ManifestError(f"{out / MANIFEST}: manifest missing but {strays[0]} exists; refusing to mix stores")
     manifest = {"format": FORMAT, "version": VERSION, "k": k, "n_queries": n_queries, "n_shards": n_shards,
                 "shard_size": shard_size, "source_hashes": hashes, "n_db": n_db,
+                **({"search": dict(search)} if search is not None else {}),
                 "shards": [{"file": shard_file(i), "first_row": i * shard_size,
                             "n_rows": min(shard_size, n_queries - i * shard_size), "complete": False}
                            for i in range(n_shards)]}
@@ -360,14 +368,16 @@ def _topk_block(q: torch.Tensor, db: torch.Tensor, k: int,
 
 def topk_inner_product(queries: np.ndarray, database: np.ndarray, k: int, database_ids: np.ndarray,
                        query_ids: np.ndarray | None = None, exclude_self: bool = False,
-                       block_size: int = 1024, db_block_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+                       block_size: int = 1024, db_block_size: int = 16384,
+                       index: "_IvfIndex | None" = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k database items by inner product for a set of queries, block by block.
 
     queries: (B, D) float32; database: (Nd, D) float32 (used in place, no copy);
     database_ids: (Nd,) int64; query_ids: (B,) int64, needed with exclude_self, which drops
     the database item whose id equals the query id. Returns neighbor_ids (B, k) int64 and
     scores (B, k) float32, best first. Extra memory: one (block_size, db_block_size)
-    float32 score tile plus O(block_size * k), whatever B and Nd are.
+    float32 score tile plus O(block_size * k), whatever B and Nd are. index: an approximate
+    index built over ``database`` to search instead of scoring every item.
     """
     import torch
 
@@ -379,9 +389,13 @@ def topk_inner_product(queries: np.ndarray, database: np.ndarray, k: int, databa
     with torch.inference_mode():
         for a in range(0, B, block_size):
             b = min(B, a + block_size)
-            q = torch.from_numpy(np.ascontiguousarray(queries[a:b], dtype=np.float32))
-            v, i = _topk_block(q, db, kk, db_block_size)
-            scores, ids = v.numpy(), database_ids[i.numpy()]
+            if index is not None:
+                scores, rows = index.search(np.ascontiguousarray(queries[a:b], dtype=np.float32), kk)
+            else:
+                q = torch.from_numpy(np.ascontiguousarray(queries[a:b], dtype=np.float32))
+                v, i = _topk_block(q, db, kk, db_block_size)
+                scores, rows = v.numpy(), i.numpy()
+            ids = database_ids[rows]
             if exclude_self:
                 is_self = ids == query_ids[a:b, None]
                 # drop the self match when present, else the last (k+1-th) neighbour
@@ -395,10 +409,108 @@ def topk_inner_product(queries: np.ndarray, database: np.ndarray, k: int, databa
     return out_ids, out_scores
 
 
+SEARCH_METHODS = ("exact", "ivf")
+IVF_CENTROIDS = "ivf-centroids.npy"
+
+
+@dataclass(frozen=True)
+class TopkSearch:
+    """How ``build_topk_store`` finds each query's top k; recorded in the manifest.
+
+    ``exact``: every database item is scored (torch matmul + topk on tiles); the reference.
+    ``ivf``: approximate, a faiss IVF-Flat inner-product index (spherical k-means coarse
+    quantiser with ``nlist`` lists, ``nprobe`` lists scanned per query). Its cost per query
+    is about ``nprobe / nlist`` of the exact search, for a recall below 1 that depends on
+    the data; measure it (``benchmarks/bench_scale.py topk --recall``) before relying on it.
+    The trained centroids are kept next to the shards, so a resumed build uses the same
+    index. nlist 0 means about 4 * sqrt(Nd); seed fixes the training sample and k-means.
+    """
+
+    method: str = "exact"
+    nlist: int = 0
+    nprobe: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in SEARCH_METHODS:
+            raise ValueError(f"search method must be one of {SEARCH_METHODS}, got {self.method!r}")
+        if self.nlist < 0 or self.nprobe < 1:
+            raise ValueError(f"ivf search needs nlist >= 0 (0: automatic) and nprobe >= 1, "
+                             f"got nlist={self.nlist}, nprobe={self.nprobe}")
+
+    def n_lists(self, n_db: int) -> int:
+        """Inverted lists for a database of n_db items (at least 39 training points each)."""
+        want = self.nlist or int(round(4 * math.sqrt(n_db)))
+        return max(1, min(want, n_db // 39))
+
+    def manifest_entry(self, n_db: int) -> dict[str, Any]:
+        if self.method == "exact":
+            return {"method": "exact"}
+        return {"method": "ivf", "nlist": self.n_lists(n_db), "nprobe": self.nprobe, "seed": self.seed}
+
+
+class _IvfIndex:
+    """A faiss IVF-Flat inner-product index over ``db``; centroids cached in ``centroids_path``."""
+
+    def __init__(self, db: np.ndarray, spec: TopkSearch, centroids_path: Path) -> None:
+        import faiss
+
+        Nd, D = db.shape
+        nlist = spec.n_lists(Nd)
+        self.quantizer = faiss.IndexFlatIP(D)
+        centroids = self._load_centroids(centroids_path, nlist, D)
+        if centroids is None:
+            sample_size = min(Nd, 64 * nlist)
+            rows = np.sort(np.random.default_rng(spec.seed).choice(Nd, sample_size, replace=False))
+            clus = faiss.Clustering(D, nlist)
+            clus.seed, clus.spherical, clus.max_points_per_centroid = spec.seed, True, 64
+            clus.train(np.ascontiguousarray(db[rows]), self.quantizer)
+            centroids = faiss.vector_to_array(clus.centroids).reshape(nlist, D).astype(np.float32)
+            with atomic_path(centroids_path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, centroids, allow_pickle=False)
+            self.quantizer.reset()
+        self.quantizer.add(centroids)
+        self.index = faiss.IndexIVFFlat(self.quantizer, D, nlist, faiss.METRIC_INNER_PRODUCT)
+        self.index.is_trained = True
+        for a in range(0, Nd, 100_000):  # IVF-Flat keeps its own copy of the vectors
+            self.index.add(np.ascontiguousarray(db[a:a + 100_000]))
+        self.index.nprobe = min(spec.nprobe, nlist)
+        self.db = db
+
+    @staticmethod
+    def _load_centroids(path: Path, nlist: int, D: int) -> np.ndarray | None:
+        if not path.exists():
+            return None
+        try:
+            c = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise CorruptFileError(f"{path}: unreadable IVF centroids ({e}); delete it to retrain") from e
+        if c.shape != (nlist, D) or c.dtype != np.float32:
+            raise CorruptFileError(f"{path}: IVF centroids have shape {c.shape} {c.dtype}, "
+                                   f"expected ({nlist}, {D}) float32; delete it to retrain")
+        return c
+
+    def search(self, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and row indices (B, kk), best first. Rows whose probed lists hold fewer
+        than kk items (faiss pads them with -1) are answered by the exact search."""
+        import torch
+
+        scores, rows = self.index.search(np.ascontiguousarray(q), kk)
+        short = np.flatnonzero((rows < 0).any(axis=1))
+        if short.size:
+            with torch.inference_mode():
+                v, i = _topk_block(torch.from_numpy(np.ascontiguousarray(q[short])), torch.from_numpy(self.db), kk, 16384)
+            scores[short], rows[short] = v.numpy(), i.numpy()
+        return scores, rows
+
+
 def build_topk_store(queries: np.ndarray, query_ids: np.ndarray, database: np.ndarray, database_ids: np.ndarray,
                      out_dir: str | os.PathLike, k: int, *, shard_size: int = 10_000, block_size: int = 1024,
                      db_block_size: int = 16384, exclude_self: bool = False,
-                     source_hashes: Mapping[str, str] | None = None, metric: str = "ip") -> SimilarityStore:
+                     source_hashes: Mapping[str, str] | None = None, metric: str = "ip",
+                     search: TopkSearch | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> SimilarityStore:
     """Build (or resume) the top-k inner-product store of ``queries`` against ``database``.
 
     queries: (Nq, D) float32, database: (Nd, D) float32, both L2-normalised by the caller
@@ -409,7 +521,11 @@ def build_topk_store(queries: np.ndarray, query_ids: np.ndarray, database: np.nd
     pipeline decides where this runs). Shards already complete (file, row count and
     checksum match the manifest) are skipped; the manifest is rewritten after each shard.
     source_hashes: recorded in the manifest; by default hashes of the input arrays.
+    search: exact (default) or approximate (``TopkSearch(method="ivf")``: a faiss IVF index
+    over the database, which holds one more copy of it, O(Nd * D)). progress(done, total)
+    is called after each shard.
     """
+    search = search or TopkSearch()
     if metric != "ip":
         raise ValueError(f"metric must be 'ip' (inner product), got {metric!r}")
     q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -432,14 +548,18 @@ def build_topk_store(queries: np.ndarray, query_ids: np.ndarray, database: np.nd
         "queries": _array_hash(q, qids), "database": _array_hash(db, dbids)}
     n_db = int(dbids.max()) + 1 if Nd and dbids.min() >= 0 else None
     n_shards = math.ceil(Nq / shard_size)
-    store = create_store(out_dir, k, Nq, n_shards, shard_size, hashes, n_db=n_db)
+    store = create_store(out_dir, k, Nq, n_shards, shard_size, hashes, n_db=n_db, search=search.manifest_entry(Nd))
     pending = store.pending_shards()
     if not pending:
         return store
-    for i in pending:
+    index = _IvfIndex(db, search, store.path / IVF_CENTROIDS) if search.method == "ivf" else None
+    for n_done, i in enumerate(pending, start=n_shards - len(pending) + 1):
         first, n_rows = store.shard_rows(i)
         rows = slice(first, first + n_rows)
-        nids, scores = topk_inner_product(q[rows], db, k, dbids, qids[rows], exclude_self, block_size, db_block_size)
+        nids, scores = topk_inner_product(q[rows], db, k, dbids, qids[rows], exclude_self, block_size, db_block_size,
+                                          index=index)
         info = store.write_shard(i, qids[rows], nids, scores)
         store.mark_complete(i, info)
+        if progress is not None:
+            progress(n_done, n_shards)
     return store

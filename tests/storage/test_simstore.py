@@ -174,3 +174,76 @@ def test_non_parquet_shard_and_manifest_mismatches(tmp_path):
         SimilarityStore(tmp_path / "s")
     with pytest.raises(ManifestError, match="manifest not found"):
         SimilarityStore(tmp_path / "nothing")
+
+
+# ---- approximate search (faiss IVF) ------------------------------------------------------------
+
+
+def _clustered(n, d=16, centres=12, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centres, d)).astype(np.float32)
+    x = c[rng.integers(0, centres, n)] + 0.3 * rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _ids(store):
+    return np.concatenate([s.neighbor_ids for s in store.iter_shards()])
+
+
+def test_ivf_probing_every_list_is_exact(tmp_path):
+    x = _clustered(400)
+    spec = simstore.TopkSearch(method="ivf", nlist=8, nprobe=8)
+    store = build_topk_store(x, np.arange(400), x, np.arange(400), tmp_path / "s", 10, shard_size=150,
+                             exclude_self=True, search=spec)
+    ids, scores = _brute(x, x, 10, exclude_diag=True)
+    np.testing.assert_array_equal(_ids(store), ids)
+    np.testing.assert_allclose(np.concatenate([s.scores for s in store.iter_shards()]), scores, rtol=1e-5, atol=1e-6)
+    assert store.manifest["search"] == {"method": "ivf", "nlist": 8, "nprobe": 8, "seed": 0}
+    assert (tmp_path / "s" / simstore.IVF_CENTROIDS).is_file()
+
+
+def test_ivf_recall_and_resume_with_the_same_index(tmp_path):
+    x = _clustered(2000, seed=1)
+    spec = simstore.TopkSearch(method="ivf", nlist=16, nprobe=1)
+    args = (x, np.arange(2000), x, np.arange(2000), tmp_path / "s", 20)
+    done = []
+    store = build_topk_store(*args, shard_size=500, search=spec, progress=lambda d, t: done.append((d, t)))
+    assert done == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    got, (want, _) = _ids(store), _brute(x, x, 20)
+    recall = np.mean([len(set(g) & set(w)) / 20 for g, w in zip(got, want)])
+    assert 0.85 < recall < 1.0  # approximate, but finds most true neighbours on clustered data
+    before = store.read_shard(2).neighbor_ids
+    store.shard_path(2).unlink()
+    done.clear()
+    store = build_topk_store(*args, shard_size=500, search=spec, progress=lambda d, t: done.append((d, t)))
+    assert done == [(4, 4)] and store.is_complete()
+    np.testing.assert_array_equal(store.read_shard(2).neighbor_ids, before)  # same centroids reused
+    with pytest.raises(ManifestError, match="existing store has search=.*'nprobe': 1.*requested .*'nprobe': 4"):
+        build_topk_store(*args, shard_size=500, search=simstore.TopkSearch(method="ivf", nlist=16, nprobe=4))
+    with pytest.raises(ManifestError, match="existing store has search="):
+        build_topk_store(*args, shard_size=500)  # exact into an approximate store
+
+
+def test_ivf_short_lists_fall_back_to_exact(tmp_path):
+    x = _feats(400, seed=5)  # no cluster structure: one probed list holds fewer than k items
+    spec = simstore.TopkSearch(method="ivf", nlist=10, nprobe=1)
+    store = build_topk_store(x, np.arange(400), x, np.arange(400), tmp_path / "s", 60, shard_size=400, search=spec)
+    got = _ids(store)
+    assert got.min() >= 0 and all(len(set(r)) == 60 for r in got)
+    s = store.read_shard(0).scores
+    assert (np.diff(s, axis=1) <= 1e-6).all()
+
+
+def test_ivf_bad_settings_and_damaged_centroids(tmp_path):
+    with pytest.raises(ValueError, match="search method must be one of"):
+        simstore.TopkSearch(method="hnsw")
+    with pytest.raises(ValueError, match="nprobe >= 1"):
+        simstore.TopkSearch(method="ivf", nprobe=0)
+    x = _clustered(300)
+    spec = simstore.TopkSearch(method="ivf", nlist=4, nprobe=2)
+    store = build_topk_store(x, np.arange(300), x, np.arange(300), tmp_path / "s", 5, shard_size=100, search=spec)
+    store.shard_path(0).unlink()
+    (tmp_path / "s" / simstore.IVF_CENTROIDS).write_bytes(b"not numpy")
+    with pytest.raises(CorruptFileError, match=r"ivf-centroids\.npy: unreadable IVF centroids"):
+        build_topk_store(x, np.arange(300), x, np.arange(300), tmp_path / "s", 5, shard_size=100, search=spec)
+    assert not store.shard_path(0).exists()
