@@ -1,5 +1,5 @@
 """``ssr data ...`` commands: prepare the built-in dataset, download published data,
-import the authors' landmark features. ``flows.cli`` mounts them with :func:`register`;
+import the authors' landmark features, build a top-K similarity store from features. ``flows.cli`` mounts them with :func:`register`;
 ``python -m storage.cli data ...`` runs them standalone."""
 from __future__ import annotations
 
@@ -33,6 +33,33 @@ def _import_landmarks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _topk(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from storage.features import features_hash, read_features
+    from storage.simstore import TopkSearch, build_topk_store
+
+    search = TopkSearch(method=args.search, nlist=args.nlist, nprobe=args.nprobe)
+    q = read_features(args.queries, split=args.query_split)
+    same = Path(args.database).resolve() == Path(args.queries).resolve() and args.database_split == args.query_split
+    db = q if same else read_features(args.database, split=args.database_split, expected_dim=q.dim)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        return x / np.maximum(norms, 1e-12) if args.normalise else x
+
+    hashes = {"queries": features_hash(args.queries), "database": features_hash(args.database),
+              "splits": f"{args.query_split}/{args.database_split}", "normalised": str(args.normalise)}
+    xq = unit(q.embeddings)
+    xdb = xq if same else unit(db.embeddings)
+    store = build_topk_store(xq, q.ids, xdb, db.ids, Path(args.out), args.k, shard_size=args.shard_size,
+                             exclude_self=args.exclude_self, source_hashes=hashes, search=search,
+                             progress=lambda d, t: print(f"shard {d}/{t}", file=sys.stderr, flush=True))
+    print(json.dumps({"store": str(store.path), "queries": store.n_queries, "k": store.k,
+                      "shards": store.n_shards, "search": store.manifest["search"]}, indent=1))
+    return 0
+
+
 def _guarded(fn):
     """Handler wrapper: bad input (StorageError, other ValueError) or a file-system problem
     (missing input, unwritable or full output folder) -> one line on stderr, exit 2;
@@ -57,7 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from storage.download import SOURCES
 
     data = subparsers.add_parser("data", help="prepare, download and import data sets")
-    sub = data.add_subparsers(dest="data_command", required=True, metavar="{prepare,download,import-landmarks}")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="{prepare,download,import-landmarks,topk}")
 
     p = sub.add_parser("prepare", help="render the built-in glyphs dataset (no download)")
     p.add_argument("name", nargs="?", default="glyphs", choices=["glyphs"],
@@ -81,6 +108,23 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--gnd", default=None, help="revisitop ground-truth pickle (gnd_<dataset>.pkl)")
     _set_handler(p, _import_landmarks)
+
+    p = sub.add_parser("topk", help="build (or resume) a top-K similarity store from features tables")
+    p.add_argument("queries", help="features table (Parquet) of the queries")
+    p.add_argument("database", help="features table of the database (may be the same file)")
+    p.add_argument("--out", required=True, help="store folder (Parquet shards + manifest.json)")
+    p.add_argument("--k", type=int, default=100, help="neighbours per query (default: %(default)s)")
+    p.add_argument("--query-split", default=None, help="only rows of this split as queries (e.g. query)")
+    p.add_argument("--database-split", default=None, help="only rows of this split as database (e.g. database)")
+    p.add_argument("--shard-size", type=int, default=50_000, help="queries per shard (default: %(default)s)")
+    p.add_argument("--exclude-self", action="store_true", help="drop the database item with the query's own id")
+    p.add_argument("--no-normalise", dest="normalise", action="store_false",
+                   help="score raw inner products (default: cosine, rows L2-normalised)")
+    p.add_argument("--search", choices=["exact", "ivf"], default="exact",
+                   help="exact scan, or an approximate faiss IVF index for large databases (default: %(default)s)")
+    p.add_argument("--nlist", type=int, default=0, help="ivf: inverted lists (default: about 4 sqrt(database size))")
+    p.add_argument("--nprobe", type=int, default=32, help="ivf: lists scanned per query (default: %(default)s)")
+    _set_handler(p, _topk)
     return data
 
 
