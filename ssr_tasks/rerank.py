@@ -44,27 +44,17 @@ class ShardReranker:
         self.dim = int(model_kwargs["feat_dim"])
 
     def _shard_queries(self, path: str, query_ids: np.ndarray, shard: int) -> torch.Tensor:
-        """L2-normalised features (n, D) of ``query_ids``, streamed from the query table.
+        """L2-normalised features (n, D) of ``query_ids``, looked up in the query table.
 
-        Only one batch of the table and the shard's rows are in memory, whatever the
-        number of queries; reading the table once per shard is small next to re-ranking.
+        Only the row groups holding the shard's id range are read, so each shard costs its
+        own rows, whatever the number of queries in the table.
         """
-        from storage.features import iter_features
+        from storage.features import lookup_embeddings
 
-        want = np.asarray(query_ids, dtype=np.int64)
-        order = np.argsort(want, kind="stable")
-        sorted_want = want[order]
-        out = np.zeros((len(want), self.dim), np.float32)
-        found = np.zeros(len(want), bool)
-        for batch in iter_features(Path(path), batch_size=65_536, expected_dim=self.dim):
-            pos = np.minimum(np.searchsorted(sorted_want, batch.ids), len(want) - 1)
-            hit = sorted_want[pos] == batch.ids
-            rows = order[pos[hit]]
-            out[rows] = batch.embeddings[hit]
-            found[rows] = True
+        emb, found = lookup_embeddings(Path(path), query_ids, expected_dim=self.dim)
         if not found.all():
-            raise ValueError(f"{path}: query id {int(want[~found][0])} of shard {shard} has no features")
-        return F.normalize(torch.from_numpy(out), dim=-1, eps=1e-12)
+            raise ValueError(f"{path}: query id {int(np.asarray(query_ids)[~found][0])} of shard {shard} has no features")
+        return F.normalize(torch.from_numpy(emb), dim=-1, eps=1e-12)
 
     @torch.no_grad()
     def rerank_arrays(self, query: torch.Tensor, neighbor_ids: np.ndarray, scores: np.ndarray, batch: int = 512):
@@ -72,7 +62,7 @@ class ShardReranker:
         k = min(self.k, neighbor_ids.shape[1])
         ids_out, sc_out = neighbor_ids.copy(), scores.astype(np.float32).copy()
         for s in range(0, len(query), batch):
-            ids = torch.from_numpy(neighbor_ids[s : s + batch, :k])
+            ids = torch.from_numpy(np.array(neighbor_ids[s : s + batch, :k], dtype=np.int64))
             nb = self.db[ids].to(self.device)
             refined = self.model(query[s : s + batch].to(self.device), nb).float().cpu()
             order = refined.argsort(dim=-1, descending=True, stable=True)

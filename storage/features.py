@@ -231,6 +231,74 @@ def iter_features(path: str | os.PathLike, batch_size: int = 65_536, split: str 
         raise CorruptFileError(f"{path}: cannot read rows (truncated or corrupt: {exc})") from exc
 
 
+def _row_groups_overlapping(pf: pq.ParquetFile, lo: int, hi: int) -> list[int]:
+    """Row groups whose ``id`` statistics overlap [lo, hi] (all of them where a row group
+    has no statistics)."""
+    meta = pf.metadata
+    col = next(j for j in range(meta.num_columns) if meta.schema.column(j).path == "id")
+    keep = []
+    for g in range(meta.num_row_groups):
+        st = meta.row_group(g).column(col).statistics
+        if st is None or not st.has_min_max or (st.max >= lo and st.min <= hi):
+            keep.append(g)
+    return keep
+
+
+def lookup_embeddings(path: str | os.PathLike, ids: np.ndarray, *,
+                      expected_dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings of the rows with these ids: ``(emb (n, D) float32, found (n,) bool)``, in
+    the order of ``ids``; rows not in the table are zero with ``found`` False.
+
+    Reads only the ``id`` and ``embedding`` columns of the row groups whose id statistics
+    overlap [min(ids), max(ids)], so a lookup costs about the rows asked for, not the whole
+    table, when the table is stored in id order (as tables written from sorted ids are).
+    The rows read are checked: no duplicate ids, no NaN or inf.
+    """
+    path = Path(path)
+    pf = _open(path)
+    dim, _, _ = _check_schema(path, pf, expected_dim)
+    want = np.asarray(ids, dtype=np.int64)
+    emb = np.zeros((len(want), dim), np.float32)
+    found = np.zeros(len(want), bool)
+    if not len(want):
+        return emb, found
+    order = np.argsort(want, kind="stable")
+    sorted_want = want[order]
+    seen: set[int] = set()
+    groups = _row_groups_overlapping(pf, int(sorted_want[0]), int(sorted_want[-1]))
+    try:
+        batches = pf.iter_batches(batch_size=65_536, row_groups=groups, columns=["id", "embedding"]) if groups else []
+        for batch in batches:
+            bids = batch.column("id").to_numpy(zero_copy_only=False).astype(np.int64)
+            pos = np.minimum(np.searchsorted(sorted_want, bids), len(want) - 1)
+            hit = sorted_want[pos] == bids
+            if not hit.any():
+                continue
+            hit_ids = bids[hit]
+            if len(np.unique(hit_ids)) != len(hit_ids) or seen.intersection(hit_ids.tolist()):
+                dup = next(int(i) for i in hit_ids if int(i) in seen or (hit_ids == i).sum() > 1)
+                raise DataValueError(f"{path.name}: id {dup} is duplicated; ids must be unique")
+            seen.update(hit_ids.tolist())
+            col = batch.column("embedding")
+            if col.null_count:
+                raise DataValueError(f"{path.name}: embedding is missing for id {int(bids[np.argmin(np.asarray(col.is_valid()))])}")
+            values = col.flatten().to_numpy(zero_copy_only=False).reshape(len(bids), dim)[hit]
+            bad = _first_nonfinite(hit_ids, values)
+            if bad is not None:
+                raise DataValueError(f"{path.name}: embedding of id {bad} has NaN or inf values")
+            rows = order[pos[hit]]
+            emb[rows] = values
+            found[rows] = True
+    except (pa.ArrowException, OSError) as exc:
+        raise CorruptFileError(f"{path}: cannot read rows (truncated or corrupt: {exc})") from exc
+    # ids asked for twice share their row
+    if len(np.unique(sorted_want)) != len(sorted_want):
+        first = np.searchsorted(sorted_want, sorted_want)
+        emb[order] = emb[order][first]
+        found[order] = found[order][first]
+    return emb, found
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The file metadata of a features table (validates the schema, reads no rows)."""
     path = Path(path)

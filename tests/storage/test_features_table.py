@@ -120,3 +120,46 @@ def test_truncated_missing_and_non_parquet(tmp_path):
         read_features(p)
     with pytest.raises(StorageError, match=r"nothere\.parquet: features file not found"):
         read_features(tmp_path / "nothere.parquet")
+
+
+def test_lookup_reads_only_the_row_groups_of_the_ids_asked_for(tmp_path, monkeypatch):
+    import storage.features as features
+    from storage.features import lookup_embeddings
+
+    monkeypatch.setattr(features, "ROW_GROUP_SIZE", 10)
+    p = tmp_path / "q.parquet"
+    emb = _emb(55, 4)
+    write_features(p, ids=np.arange(55), labels=np.zeros(55, np.int64), splits="query", embeddings=emb, metadata=META)
+    assert pq.ParquetFile(p).metadata.num_row_groups == 6
+    read = []
+    real = pq.ParquetFile.iter_batches
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches",
+                        lambda self, *a, **kw: read.append(kw.get("row_groups")) or real(self, *a, **kw))
+    got, found = lookup_embeddings(p, np.array([23, 12, 29, 12]), expected_dim=4)
+    assert read == [[1, 2]] and found.all()
+    np.testing.assert_array_equal(got, emb[[23, 12, 29, 12]])
+    got, found = lookup_embeddings(p, np.array([54, 70]))
+    assert found.tolist() == [True, False] and not got[1].any()
+    with pytest.raises(SchemaError, match="q.parquet: embedding has dim 4, expected 8"):
+        lookup_embeddings(p, np.array([1]), expected_dim=8)
+
+
+def test_lookup_in_an_unsorted_table_and_bad_rows(tmp_path):
+    from storage.features import lookup_embeddings
+
+    p = tmp_path / "u.parquet"
+    ids = np.random.default_rng(0).permutation(40)
+    emb = _emb(40, 4)
+    write_features(p, ids=ids, labels=np.zeros(40, np.int64), splits="query", embeddings=emb, metadata=META)
+    got, found = lookup_embeddings(p, np.arange(40))
+    assert found.all()
+    np.testing.assert_array_equal(got[ids], emb)
+    bad = _emb(4, 8)
+    bad[2, 1] = np.nan
+    pq.write_table(_raw_table(emb=bad), tmp_path / "nan.parquet")
+    assert lookup_embeddings(tmp_path / "nan.parquet", np.array([0, 1]))[1].all()  # row 2 not asked for
+    with pytest.raises(DataValueError, match="nan.parquet: embedding of id 2 has NaN or inf values"):
+        lookup_embeddings(tmp_path / "nan.parquet", np.array([2]))
+    pq.write_table(_raw_table(id=pa.array([0, 1, 1, 3], pa.int64())), tmp_path / "dup.parquet")
+    with pytest.raises(DataValueError, match="dup.parquet: id 1 is duplicated"):
+        lookup_embeddings(tmp_path / "dup.parquet", np.array([1, 3]))
