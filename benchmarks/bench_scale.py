@@ -73,11 +73,14 @@ def _descends_from(pid: int, ancestor: int) -> bool:
 
 
 class ActorMemory(threading.Thread):
-    """Peak RSS of this driver's ``ray::<name>`` worker processes, sampled from /proc."""
+    """Peak RSS (``VmHWM``) and RSS samples (``VmRSS``) of this driver's ``ray::<name>``
+    worker processes, read from /proc every ``every`` seconds."""
 
     def __init__(self, name: str, every: float = 0.5):
         super().__init__(daemon=True)
-        self.name_tag, self.every, self.peaks, self.stop = f"ray::{name}", every, {}, threading.Event()
+        self.name_tag, self.every, self.stop = f"ray::{name}", every, threading.Event()
+        self.peaks: dict[int, int] = {}
+        self.samples: dict[int, list[int]] = {}
 
     def run(self) -> None:
         me = os.getpid()
@@ -91,6 +94,7 @@ class ActorMemory(threading.Thread):
                     continue
                 if cmd.startswith(self.name_tag.encode()) and _descends_from(int(d.name), me):
                     self.peaks[int(d.name)] = max(self.peaks.get(int(d.name), 0), status_kb(d.name, "VmHWM"))
+                    self.samples.setdefault(int(d.name), []).append(status_kb(d.name, "VmRSS"))
             self.stop.wait(self.every)
 
 
@@ -158,7 +162,11 @@ def rerank_one(work: Path, n: int, args) -> dict:
     assert store.is_complete() and store.n_queries == n
     ray.shutdown()
     return {"queries": n, "secs": secs, "qps": n / secs, "driver_mb": driver_peak / 1024,
-            "actor_mb": sorted(v / 1024 for v in mem.peaks.values()), "shards": store.n_shards}
+            "actor_mb": sorted(v / 1024 for v in mem.peaks.values()),
+            "actor_median_mb": sorted(float(np.median(v)) / 1024 for v in mem.samples.values() if v),
+            "actor_last_quarter_mb": sorted(max(v[-max(1, len(v) // 4):]) / 1024 for v in mem.samples.values() if v),
+            "actor_first_quarter_mb": sorted(max(v[: max(1, len(v) // 4)]) / 1024 for v in mem.samples.values() if v),
+            "shards": store.n_shards}
 
 
 def cmd_rerank(args) -> None:
@@ -179,11 +187,14 @@ def cmd_rerank(args) -> None:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\nre-ranking: database {args.database:,}, D={args.dim}, K={args.k}, hidden={args.hidden}, steps=1, "
           f"shards of {args.shard_size:,}, {args.actors} actor(s), Ray CPUs {args.cpus}\n")
-    print("| queries | shards | wall (s) | queries/s | driver peak RSS (MiB) | actor peak RSS (MiB) |")
-    print("|---:|---:|---:|---:|---:|---|")
+    print("| queries | shards | wall (s) | queries/s | driver peak RSS (MiB) | actor peak RSS (MiB) "
+          "| actor median RSS (MiB) | actor max RSS, first / last quarter of the run (MiB) |")
+    print("|---:|---:|---:|---:|---:|---|---|---|")
+    mib = lambda xs: ", ".join(f"{m:.0f}" for m in xs)
     for r in rows:
-        actors = ", ".join(f"{m:.0f}" for m in r["actor_mb"])
-        print(f"| {r['queries']:,} | {r['shards']} | {r['secs']:.0f} | {r['qps']:.0f} | {r['driver_mb']:.0f} | {actors} |")
+        quarters = " / ".join(f"{a:.0f}" for a in (max(r["actor_first_quarter_mb"]), max(r["actor_last_quarter_mb"])))
+        print(f"| {r['queries']:,} | {r['shards']} | {r['secs']:.0f} | {r['qps']:.0f} | {r['driver_mb']:.0f} "
+              f"| {mib(r['actor_mb'])} | {mib(r['actor_median_mb'])} | {quarters} |")
 
 
 def common(args) -> list[str]:
