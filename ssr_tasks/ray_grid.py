@@ -17,6 +17,9 @@ def _progress_callback(n_trials: int, progress: Callable[[float], None]):
             if "progress" in result:
                 self.done[trial.trial_id] = float(result["progress"])
                 progress(sum(self.done.values()) / n_trials)
+            from ssr_tasks.faults import maybe_kill
+
+            maybe_kill("tune-driver-after-trial-result")  # test-only: the flow process dies mid-training
 
     return _Progress()
 

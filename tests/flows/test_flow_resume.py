@@ -1,0 +1,118 @@
+"""The flow process SIGKILLed during SSR training, then the same command again.
+
+``ssr run fewshot --preset reproduce-fewshot-tiny`` runs the flow in its own process (the
+Ray driver). A fault marker kills that process from Tune's driver-side callback, right
+after a trial reported its first validation (its ``last.pt`` is written by then). The rerun
+resumes the trial from that checkpoint and reuses the data, backbone and features; its
+results table and SSR weights equal those of an undisturbed run in another run folder.
+
+A SIGKILLed flow process leaves orphans behind: Prefect's temporary API server and Ray's
+dashboard and runtime-env agents (Ray's GCS, raylet and workers die with the driver). The
+rerun works with them still alive; the test reaps them at the end. Output goes to files, not
+pipes, because the orphans keep inherited pipes open.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssr_tasks.faults import FAULT_DIR_ENV
+
+SSR = str(Path(sys.executable).parent / "ssr")
+MARKER = "tune-driver-after-trial-result"
+_GROUPS: list[int] = []  # process groups of the runs, reaped at the end
+
+
+def _home(tmp_path: Path, name: str, ssr_home: Path) -> Path:
+    home = tmp_path / name
+    home.mkdir()
+    (home / "data").symlink_to(ssr_home / "data")  # the session's rendered dataset
+    return home
+
+
+class Run:
+    def __init__(self, returncode: int, stdout: str, stderr: str, pgid: int):
+        self.returncode, self.stdout, self.stderr, self.pgid = returncode, stdout, stderr, pgid
+
+
+def _run(home: Path, faults: Path | None = None) -> Run:
+    env = {**os.environ, "SSR_HOME": str(home)}
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", FAULT_DIR_ENV):
+        env.pop(key, None)
+    if faults is not None:
+        env[FAULT_DIR_ENV] = str(faults)
+    tag = f"{home.name}-{os.urandom(3).hex()}"
+    out, err = home.parent / f"{tag}.out", home.parent / f"{tag}.err"
+    with open(out, "w") as fo, open(err, "w") as fe:
+        proc = subprocess.Popen([SSR, "run", "fewshot", "--preset", "reproduce-fewshot-tiny"], env=env,
+                                stdout=fo, stderr=fe, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            _reap(proc.pid)
+            raise
+    _GROUPS.append(proc.pid)
+    return Run(rc, out.read_text(), err.read_text(), proc.pid)
+
+
+def _reap(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _table(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if re.match(r"\| *(Baseline|k-reciprocal|SSR)", line)]
+
+
+@pytest.mark.slow
+def test_flow_killed_during_training_resumes_to_the_undisturbed_result(tmp_path, glyphs_small, ssr_home):
+    try:
+        _kill_and_resume(tmp_path, ssr_home)
+    finally:
+        while _GROUPS:
+            _reap(_GROUPS.pop())
+
+
+def _kill_and_resume(tmp_path: Path, ssr_home: Path) -> None:
+    clean_home = _home(tmp_path, "clean", ssr_home)
+    clean = _run(clean_home)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    assert len(_table(clean.stdout)) == 3, clean.stdout
+
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / MARKER).touch()
+    home = _home(tmp_path, "killed", ssr_home)
+    killed = _run(home, faults)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (faults / MARKER).exists()
+    assert list(home.rglob("steps1/last.pt")) and not list(home.rglob("summary.json"))  # mid-training
+    assert not _table(killed.stdout)
+    cached = sorted(home.rglob("features*.parquet")) + sorted((home / "backbones").glob("*.pt"))
+    assert len(cached) == 2
+    stamps = [p.stat().st_mtime_ns for p in cached]
+
+    resumed = _run(home)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _table(resumed.stdout) == _table(clean.stdout)
+    assert [p.stat().st_mtime_ns for p in cached] == stamps  # backbone and features reused, not redone
+    import json
+
+    [a_sum], [b_sum] = list(clean_home.rglob("trials/*/summary.json")), list(home.rglob("trials/*/summary.json"))
+    a_s, b_s = json.loads(a_sum.read_text()), json.loads(b_sum.read_text())
+    assert (b_s["best_val"], b_s["best_steps"]) == (a_s["best_val"], a_s["best_steps"])
+    for stage in ("steps1", "steps2"):  # every stage's best weights, the registered model's included
+        a = torch.load(a_sum.parent / stage / "best.pt", weights_only=True)
+        b = torch.load(b_sum.parent / stage / "best.pt", weights_only=True)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key])
