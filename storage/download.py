@@ -172,7 +172,15 @@ def _safe_extract(archive: Path, kind: str, out: Path) -> None:
                 zf.extractall(out)
         elif kind == "tar.gz":
             with tarfile.open(archive, "r:gz") as tf:
-                tf.extractall(out, filter="data")
+                if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4: the standard library's own checks
+                    tf.extractall(out, filter="data")
+                else:  # older 3.11: allow only plain files and folders inside ``out``
+                    for m in tf.getmembers():
+                        p = Path(m.name)
+                        if p.is_absolute() or ".." in p.parts or not (m.isfile() or m.isdir()):
+                            raise DownloadError(f"{archive}: unsafe member '{m.name}' (absolute, outside the "
+                                                f"folder, or a link/device); refusing to unpack")
+                    tf.extractall(out)
         else:
             raise DownloadError(f"{archive}: unknown archive kind '{kind}'")
     except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:

@@ -201,3 +201,21 @@ def test_gnd_file_download_is_validated(server, tmp_path):
     server.files["/gnd_rparis6k.pkl"] = pickle.dumps(gnd)
     with pytest.raises(DataValueError, match=r"downloads/gnd_rparis6k\.pkl: query 0: field 'easy' has index 5 outside \[0, 2\)"):
         download("rparis6k-gnd", tmp_path, url=server.url + "/gnd_rparis6k.pkl")
+
+
+def test_unsafe_tar_members_are_refused(tmp_path):
+    import io
+
+    from storage.download import DownloadError, _safe_extract
+
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        data = b"owned"
+        info = tarfile.TarInfo("../evil.txt")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DownloadError, match="evil.tar.gz"):
+        _safe_extract(archive, "tar.gz", out)
+    assert not (tmp_path / "evil.txt").exists()
