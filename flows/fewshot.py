@@ -7,9 +7,9 @@ import numpy as np
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import prefect_tags
+from flows.common import pipeline_run, prefect_tags
 from ssr_tasks import reporting, steps
-from ssr_tasks.config import FewShotParams, default_run_dir
+from ssr_tasks.config import FewShotParams
 from ssr_tasks.services import init_ray
 from ssr_tasks.tracking import Tracker, write_results_table
 
@@ -17,15 +17,8 @@ from ssr_tasks.tracking import Tracker, write_results_table
 @flow(name="ssr-fewshot", log_prints=True)
 def fewshot_pipeline(params: FewShotParams = FewShotParams()) -> dict:
     """Reproduce the transductive few-shot table (Baseline / k-reciprocal / SSR)."""
-    run_dir = default_run_dir()
-    work = run_dir / "fewshot" / f"{params.dataset}-{params.backbone}-seed{params.seed}"
-    work.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker("ssr-fewshot", run_dir)  # fails fast when a remote MLflow is unreachable
-    # The parent MLflow run spans the whole flow run (its duration is the pipeline's).
-    with tracker.run(f"fewshot-{params.dataset}-{params.backbone}", tags=prefect_tags()) as parent:
-        tracker.log_params(params.model_dump())
-        tracker.log_dict(params.model_dump(), "config.json")
-        return _fewshot(params, tracker, parent.info.run_id, run_dir, work)
+    with pipeline_run("fewshot", params) as (tracker, run_id, run_dir, work):
+        return _fewshot(params, tracker, run_id, run_dir, work)
 
 
 def _fewshot(params: FewShotParams, tracker: Tracker, run_id: str, run_dir: Path, work: Path) -> dict:

@@ -7,9 +7,9 @@ import numpy as np
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import prefect_tags
+from flows.common import pipeline_run, prefect_tags
 from ssr_tasks import reporting, steps
-from ssr_tasks.config import RetrievalParams, default_run_dir
+from ssr_tasks.config import RetrievalParams
 from ssr_tasks.services import init_ray
 from ssr_tasks.tracking import Tracker, write_results_table
 
@@ -17,15 +17,8 @@ from ssr_tasks.tracking import Tracker, write_results_table
 @flow(name="ssr-retrieval", log_prints=True)
 def retrieval_pipeline(params: RetrievalParams = RetrievalParams()) -> dict:
     """Reproduce the retrieval table: features only, QE variants, k-reciprocal, each + SSR."""
-    run_dir = default_run_dir()
-    work = run_dir / "retrieval" / f"{params.dataset}-{params.backbone}-seed{params.seed}"
-    work.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker("ssr-retrieval", run_dir)  # fails fast when a remote MLflow is unreachable
-    # The parent MLflow run spans the whole flow run.
-    with tracker.run(f"retrieval-{params.dataset}-{params.backbone}", tags=prefect_tags()) as parent:
-        tracker.log_params(params.model_dump())
-        tracker.log_dict(params.model_dump(), "config.json")
-        return _retrieval(params, tracker, parent.info.run_id, run_dir, work)
+    with pipeline_run("retrieval", params) as (tracker, run_id, run_dir, work):
+        return _retrieval(params, tracker, run_id, run_dir, work)
 
 
 def _retrieval(params: RetrievalParams, tracker: Tracker, run_id: str, run_dir: Path, work: Path) -> dict:

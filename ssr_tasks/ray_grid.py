@@ -9,6 +9,8 @@ def _progress_callback(n_trials: int, progress: Callable[[float], None]):
     """A Tune callback turning trials' reported ``progress`` (0..1) into one overall fraction."""
     from ray import tune
 
+    from ssr_tasks.faults import maybe_kill
+
     class _Progress(tune.Callback):
         def __init__(self):
             self.done: dict[str, float] = {}
@@ -17,8 +19,6 @@ def _progress_callback(n_trials: int, progress: Callable[[float], None]):
             if "progress" in result:
                 self.done[trial.trial_id] = float(result["progress"])
                 progress(sum(self.done.values()) / n_trials)
-            from ssr_tasks.faults import maybe_kill
-
             maybe_kill("tune-driver-after-trial-result")  # test-only: the flow process dies mid-training
 
     return _Progress()

@@ -48,7 +48,9 @@ def _topk(args: argparse.Namespace) -> int:
         norms = np.linalg.norm(x, axis=1, keepdims=True)
         return x / np.maximum(norms, 1e-12) if args.normalise else x
 
-    hashes = {"queries": features_hash(args.queries), "database": features_hash(args.database),
+    q_hash = features_hash(args.queries)
+    db_hash = q_hash if Path(args.database).resolve() == Path(args.queries).resolve() else features_hash(args.database)
+    hashes = {"queries": q_hash, "database": db_hash,
               "splits": f"{args.query_split}/{args.database_split}", "normalised": str(args.normalise)}
     xq = unit(q.embeddings)
     xdb = xq if same else unit(db.embeddings)

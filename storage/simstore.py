@@ -235,7 +235,6 @@ class SimilarityStore:
         """Read and validate shard i (must be complete)."""
         info = self.manifest["shards"][self._check_index(i)]
         path = self.path / info["file"]
-        name = info["file"]
         if not info["complete"]:
             raise ManifestError(f"{path}: shard {i} is not complete (build or resume the store first)")
         if not path.is_file():
