@@ -9,24 +9,29 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
+from storage.download import SOURCES, download
 from storage.errors import StorageError
+from storage.features import features_hash, read_features
+from storage.glyphs import prepare_glyphs
+from storage.landmarks import import_landmarks
+from storage.simstore import build_topk_store
+from storage.topk import TopkSearch
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from storage.glyphs import prepare_glyphs
     info = prepare_glyphs(Path(args.root), seed=args.seed, size=args.size)
     print(json.dumps(info, indent=1, default=str))
     return 0
 
 
 def _download(args: argparse.Namespace) -> int:
-    from storage.download import download
     print(download(args.name, Path(args.root), url=args.url, sha256=args.sha256))
     return 0
 
 
 def _import_landmarks(args: argparse.Namespace) -> int:
-    from storage.landmarks import import_landmarks
     written = import_landmarks(Path(args.pickle), Path(args.out), gnd_path=args.gnd)
     for key, path in written.items():
         print(f"{key}: {path}")
@@ -34,11 +39,6 @@ def _import_landmarks(args: argparse.Namespace) -> int:
 
 
 def _topk(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from storage.features import features_hash, read_features
-    from storage.simstore import TopkSearch, build_topk_store
-
     search = TopkSearch(method=args.search, nlist=args.nlist, nprobe=args.nprobe)
     q = read_features(args.queries, split=args.query_split)
     same = Path(args.database).resolve() == Path(args.queries).resolve() and args.database_split == args.query_split
@@ -83,8 +83,6 @@ def _set_handler(p: argparse.ArgumentParser, fn) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``data`` command group to an argparse subparsers object."""
-    from storage.download import SOURCES
-
     data = subparsers.add_parser("data", help="prepare, download and import data sets")
     sub = data.add_subparsers(dest="data_command", required=True, metavar="{prepare,download,import-landmarks,topk}")
 

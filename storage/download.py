@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from PIL import Image
 
 from storage.errors import ChecksumError, DatasetLayoutError, DownloadError, SchemaError
 from storage.hashing import file_sha256
+from storage.landmarks import read_revisited_gnd
 from storage.safe_pickle import safe_load, str_keys
 
 _CHUNK = 1 << 20
@@ -213,7 +215,6 @@ def download(name: str, dest_root: str | os.PathLike, *, url: str | None = None,
             raise ChecksumError(f"{dest}: sha256 is {got}, expected {expected.lower()} "
                                 f"(moved to {bad.name}; check the URL and download again)")
     if src.post == "post_gnd":
-        from storage.landmarks import read_revisited_gnd
         read_revisited_gnd(dest)  # validate before it lands; errors name the downloaded file
     target = root / src.target
     with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=root) as tmp:
@@ -354,8 +355,6 @@ def build_cifar_fs(cifar100_dir: str | os.PathLike, splits_dir: str | os.PathLik
     """Sort CIFAR-100 images into ``<out_dir>/{train,val,test}/<class>/<name>.png`` per the
     class lists in ``splits_dir``; copies the episode JSONs found there into ``out_dir``.
     Built in a temporary folder and renamed into place."""
-    from PIL import Image
-
     cifar, splits, out = Path(cifar100_dir), Path(splits_dir), Path(out_dir)
     lists = _find_split_lists(splits)
     meta = _read_cifar_pickle(cifar / "meta", ("fine_label_names",))

@@ -5,8 +5,6 @@ what was expected, e.g. ``features.parquet: embedding has dim 512, expected 640`
 """
 from __future__ import annotations
 
-import os
-
 
 class StorageError(ValueError):
     """Base class: bad input found while reading or writing project data."""
@@ -42,8 +40,3 @@ class ChecksumError(CorruptFileError):
 
 class DownloadError(StorageError):
     """A download failed (HTTP error, unknown source name, bad archive)."""
-
-
-def fmt_path(path: str | os.PathLike) -> str:
-    """Path as shown in error messages."""
-    return os.fspath(path)

@@ -11,6 +11,8 @@ import pickle
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 from storage.errors import CorruptFileError, UnsafePickleError
 
 # (module, name) pairs a pickle may reference. Containers and numbers mostly use opcodes
@@ -53,7 +55,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 "only containers, numbers, strings and numpy arrays are allowed")
         if module == "__builtin__":
             module = "builtins"
-        import numpy as np
         if module.startswith("numpy.core") and int(np.__version__.split(".")[0]) >= 2:
             module = "numpy._core" + module[len("numpy.core"):]
         return super().find_class(module, name)

@@ -8,6 +8,8 @@ shard, ``{file, first_row, n_rows, complete, sha256}``. Shard i holds query rows
 
 Writers: ``write_shard`` may run in parallel processes (it only writes its own part
 file); ``mark_complete`` rewrites the manifest and belongs to one driver process.
+``build_topk_store`` fills (or resumes) a store from query and database arrays with the
+search of ``storage.topk``; an IVF store also keeps its centroids (``ivf-centroids.npy``).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -27,9 +29,7 @@ import pyarrow.parquet as pq
 from storage.atomic import atomic_path, atomic_write_text
 from storage.errors import CorruptFileError, DataValueError, ManifestError, SchemaError
 from storage.hashing import file_sha256
-
-if TYPE_CHECKING:
-    import torch
+from storage.topk import TopkSearch, ivf_index, row_blocks, topk_search, train_ivf_centroids
 
 MANIFEST = "manifest.json"
 FORMAT = "ssr-topk-store"
@@ -214,10 +214,6 @@ class SimilarityStore:
         self.manifest["shards"][i] = {**dict(info), "complete": True}
         self._write_manifest()
 
-    def mark_incomplete(self, i: int) -> None:
-        self.manifest["shards"][self._check_index(i)]["complete"] = False
-        self._write_manifest()
-
     # ---- reading --------------------------------------------------------------------
     def _check_values(self, name: str, qids: np.ndarray, nids: np.ndarray, sc: np.ndarray) -> None:
         if self.n_db is not None and nids.size:
@@ -342,166 +338,27 @@ def _array_hash(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _topk_block(q: torch.Tensor, db: torch.Tensor, k: int,
-                db_block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of q @ db.T, scanning db in tiles of db_block_size rows and merging.
-
-    q: (B, D); db: (Nd, D). Returns scores (B, k) and row indices into db (B, k), best first.
-    Peak extra memory: one (B, db_block_size) score tile.
-    """
-    import torch
-
-    best_v = best_i = None
-    for c in range(0, db.shape[0], db_block_size):
-        tile = q @ db[c:c + db_block_size].T  # (B, tile)
-        v, i = torch.topk(tile, min(k, tile.shape[1]), dim=1)
-        i += c
-        if best_v is None:
-            best_v, best_i = v, i
-        else:
-            v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
-            best_v, j = torch.topk(v, min(k, v.shape[1]), dim=1)
-            best_i = torch.gather(i, 1, j)
-    return best_v, best_i
-
-
-def topk_inner_product(queries: np.ndarray, database: np.ndarray, k: int, database_ids: np.ndarray,
-                       query_ids: np.ndarray | None = None, exclude_self: bool = False,
-                       block_size: int = 1024, db_block_size: int = 16384,
-                       index: "_IvfIndex | None" = None) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k database items by inner product for a set of queries, block by block.
-
-    queries: (B, D) float32; database: (Nd, D) float32 (used in place, no copy);
-    database_ids: (Nd,) int64; query_ids: (B,) int64, needed with exclude_self, which drops
-    the database item whose id equals the query id. Returns neighbor_ids (B, k) int64 and
-    scores (B, k) float32, best first. Extra memory: one (block_size, db_block_size)
-    float32 score tile plus O(block_size * k), whatever B and Nd are. index: an approximate
-    index built over ``database`` to search instead of scoring every item.
-    """
-    import torch
-
-    B = queries.shape[0]
-    kk = k + 1 if exclude_self else k
-    db = torch.from_numpy(np.ascontiguousarray(database, dtype=np.float32))
-    out_ids = np.empty((B, k), dtype=np.int64)
-    out_scores = np.empty((B, k), dtype=np.float32)
-    with torch.inference_mode():
-        for a in range(0, B, block_size):
-            b = min(B, a + block_size)
-            if index is not None:
-                scores, rows = index.search(np.ascontiguousarray(queries[a:b], dtype=np.float32), kk)
-            else:
-                q = torch.from_numpy(np.ascontiguousarray(queries[a:b], dtype=np.float32))
-                v, i = _topk_block(q, db, kk, db_block_size)
-                scores, rows = v.numpy(), i.numpy()
-            ids = database_ids[rows]
-            if exclude_self:
-                is_self = ids == query_ids[a:b, None]
-                # drop the self match when present, else the last (k+1-th) neighbour
-                drop = np.where(is_self.any(axis=1), np.argmax(is_self, axis=1), kk - 1)
-                keep = np.ones_like(is_self)
-                keep[np.arange(b - a), drop] = False
-                ids = ids[keep].reshape(b - a, k)
-                scores = scores[keep].reshape(b - a, k)
-            out_ids[a:b] = ids
-            out_scores[a:b] = scores
-    return out_ids, out_scores
-
-
-SEARCH_METHODS = ("exact", "ivf")
 IVF_CENTROIDS = "ivf-centroids.npy"
 
 
-@dataclass(frozen=True)
-class TopkSearch:
-    """How ``build_topk_store`` finds each query's top k; recorded in the manifest.
-
-    ``exact``: every database item is scored (torch matmul + topk on tiles); the reference.
-    ``ivf``: approximate, a faiss IVF-Flat inner-product index (spherical k-means coarse
-    quantiser with ``nlist`` lists, ``nprobe`` lists scanned per query). Its cost per query
-    is about ``nprobe / nlist`` of the exact search, for a recall below 1 that depends on
-    the data; measure it (``benchmarks/bench_scale.py topk --recall``) before relying on it.
-    The trained centroids are kept next to the shards, so a resumed build uses the same
-    index. nlist 0 means about 4 * sqrt(Nd); seed fixes the training sample and k-means.
-    """
-
-    method: str = "exact"
-    nlist: int = 0
-    nprobe: int = 32
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.method not in SEARCH_METHODS:
-            raise ValueError(f"search method must be one of {SEARCH_METHODS}, got {self.method!r}")
-        if self.nlist < 0 or self.nprobe < 1:
-            raise ValueError(f"ivf search needs nlist >= 0 (0: automatic) and nprobe >= 1, "
-                             f"got nlist={self.nlist}, nprobe={self.nprobe}")
-
-    def n_lists(self, n_db: int) -> int:
-        """Inverted lists for a database of n_db items (at least 39 training points each)."""
-        want = self.nlist or int(round(4 * math.sqrt(n_db)))
-        return max(1, min(want, n_db // 39))
-
-    def manifest_entry(self, n_db: int) -> dict[str, Any]:
-        if self.method == "exact":
-            return {"method": "exact"}
-        return {"method": "ivf", "nlist": self.n_lists(n_db), "nprobe": self.nprobe, "seed": self.seed}
-
-
-class _IvfIndex:
-    """A faiss IVF-Flat inner-product index over ``db``; centroids cached in ``centroids_path``."""
-
-    def __init__(self, db: np.ndarray, spec: TopkSearch, centroids_path: Path) -> None:
-        import faiss
-
-        Nd, D = db.shape
-        nlist = spec.n_lists(Nd)
-        self.quantizer = faiss.IndexFlatIP(D)
-        centroids = self._load_centroids(centroids_path, nlist, D)
-        if centroids is None:
-            sample_size = min(Nd, 64 * nlist)
-            rows = np.sort(np.random.default_rng(spec.seed).choice(Nd, sample_size, replace=False))
-            clus = faiss.Clustering(D, nlist)
-            clus.seed, clus.spherical, clus.max_points_per_centroid = spec.seed, True, 64
-            clus.train(np.ascontiguousarray(db[rows]), self.quantizer)
-            centroids = faiss.vector_to_array(clus.centroids).reshape(nlist, D).astype(np.float32)
-            with atomic_path(centroids_path) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, centroids, allow_pickle=False)
-            self.quantizer.reset()
-        self.quantizer.add(centroids)
-        self.index = faiss.IndexIVFFlat(self.quantizer, D, nlist, faiss.METRIC_INNER_PRODUCT)
-        self.index.is_trained = True
-        for a in range(0, Nd, 100_000):  # IVF-Flat keeps its own copy of the vectors
-            self.index.add(np.ascontiguousarray(db[a:a + 100_000]))
-        self.index.nprobe = min(spec.nprobe, nlist)
-        self.db = db
-
-    @staticmethod
-    def _load_centroids(path: Path, nlist: int, D: int) -> np.ndarray | None:
-        if not path.exists():
-            return None
-        try:
-            c = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise CorruptFileError(f"{path}: unreadable IVF centroids ({e}); delete it to retrain") from e
-        if c.shape != (nlist, D) or c.dtype != np.float32:
-            raise CorruptFileError(f"{path}: IVF centroids have shape {c.shape} {c.dtype}, "
-                                   f"expected ({nlist}, {D}) float32; delete it to retrain")
-        return c
-
-    def search(self, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and row indices (B, kk), best first. Rows whose probed lists hold fewer
-        than kk items (faiss pads them with -1) are answered by the exact search."""
-        import torch
-
-        scores, rows = self.index.search(np.ascontiguousarray(q), kk)
-        short = np.flatnonzero((rows < 0).any(axis=1))
-        if short.size:
-            with torch.inference_mode():
-                v, i = _topk_block(torch.from_numpy(np.ascontiguousarray(q[short])), torch.from_numpy(self.db), kk, 16384)
-            scores[short], rows[short] = v.numpy(), i.numpy()
-        return scores, rows
+def _ivf_centroids(path: Path, db: np.ndarray, nlist: int, seed: int) -> np.ndarray:
+    """The store's IVF centroids (nlist, D): read from ``path``, or trained and saved there
+    so that a resumed build searches the same index."""
+    D = db.shape[1]
+    if not path.exists():
+        centroids = train_ivf_centroids(db, nlist, seed)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, centroids, allow_pickle=False)
+        return centroids
+    try:
+        c = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CorruptFileError(f"{path}: unreadable IVF centroids ({e}); delete it to retrain") from e
+    if c.shape != (nlist, D) or c.dtype != np.float32:
+        raise CorruptFileError(f"{path}: IVF centroids have shape {c.shape} {c.dtype}, "
+                               f"expected ({nlist}, {D}) float32; delete it to retrain")
+    return c
 
 
 def build_topk_store(queries: np.ndarray, query_ids: np.ndarray, database: np.ndarray, database_ids: np.ndarray,
@@ -514,15 +371,16 @@ def build_topk_store(queries: np.ndarray, query_ids: np.ndarray, database: np.nd
 
     queries: (Nq, D) float32, database: (Nd, D) float32, both L2-normalised by the caller
     when cosine similarity is meant; query_ids: (Nq,), database_ids: (Nd,) int64.
-    Scores are computed with torch matmul + topk on (block_size, db_block_size) tiles
-    (64 MiB by default) merged into a running top-k, so the memory beyond the inputs is
-    O(block_size * db_block_size + shard_size * K), never Nq x Nd (CPU tensors; the
-    pipeline decides where this runs). Shards already complete (file, row count and
-    checksum match the manifest) are skipped; the manifest is rewritten after each shard.
-    source_hashes: recorded in the manifest; by default hashes of the input arrays.
-    search: exact (default) or approximate (``TopkSearch(method="ivf")``: a faiss IVF index
-    over the database, which holds one more copy of it, O(Nd * D)). progress(done, total)
-    is called after each shard.
+    Queries are searched ``block_size`` at a time against the database in blocks of
+    ``db_block_size`` rows (:func:`storage.topk.topk_search`), so the memory beyond the
+    inputs is O(db_block_size * D + shard_size * K), never Nq x Nd. Shards already complete
+    (file, row count and checksum match the manifest) are skipped; the manifest is
+    rewritten after each shard. source_hashes: recorded in the manifest; by default hashes
+    of the input arrays. search: exact (default) or approximate
+    (``TopkSearch(method="ivf")``: a faiss IVF index over the database, which holds one
+    more copy of it, O(Nd * D); its centroids are kept in the store as ``ivf-centroids.npy``
+    so that a resumed build uses the same index). progress(done, total) is called after
+    each shard.
     """
     search = search or TopkSearch()
     if metric != "ip":
@@ -551,13 +409,20 @@ def build_topk_store(queries: np.ndarray, query_ids: np.ndarray, database: np.nd
     pending = store.pending_shards()
     if not pending:
         return store
-    index = _IvfIndex(db, search, store.path / IVF_CENTROIDS) if search.method == "ivf" else None
+    ivf = None
+    if search.method == "ivf":
+        centroids = _ivf_centroids(store.path / IVF_CENTROIDS, db, search.n_lists(Nd), search.seed)
+        ivf = ivf_index(centroids, row_blocks(db, 100_000), search.nprobe)
     for n_done, i in enumerate(pending, start=n_shards - len(pending) + 1):
         first, n_rows = store.shard_rows(i)
-        rows = slice(first, first + n_rows)
-        nids, scores = topk_inner_product(q[rows], db, k, dbids, qids[rows], exclude_self, block_size, db_block_size,
-                                          index=index)
-        info = store.write_shard(i, qids[rows], nids, scores)
+        nids = np.empty((n_rows, k), dtype=np.int64)
+        scores = np.empty((n_rows, k), dtype=np.float32)
+        for a in range(0, n_rows, block_size):
+            rows = slice(first + a, first + min(n_rows, a + block_size))
+            nids[a:a + block_size], scores[a:a + block_size] = topk_search(
+                q[rows], row_blocks(db, db_block_size), k, database_ids=dbids, query_ids=qids[rows],
+                exclude_self=exclude_self, ivf=ivf)
+        info = store.write_shard(i, qids[first:first + n_rows], nids, scores)
         store.mark_complete(i, info)
         if progress is not None:
             progress(n_done, n_shards)

@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import storage.simstore as simstore
+import storage.topk as topk
 from storage.errors import CorruptFileError, DataValueError, ManifestError, SchemaError
 from storage.simstore import SimilarityStore, build_topk_store, create_store
 
@@ -75,8 +76,8 @@ def test_resume_redoes_only_damaged_shard(tmp_path, monkeypatch, damage):
     with pytest.raises((ManifestError, CorruptFileError), match="part-00001.parquet"):
         SimilarityStore(tmp_path / "s").read_shard(1)
     calls = []
-    real = simstore.topk_inner_product
-    monkeypatch.setattr(simstore, "topk_inner_product", lambda qq, *a, **kw: calls.append(len(qq)) or real(qq, *a, **kw))
+    real = simstore.topk_search
+    monkeypatch.setattr(simstore, "topk_search", lambda qq, *a, **kw: calls.append(len(qq)) or real(qq, *a, **kw))
     store = build_topk_store(*args, shard_size=20)
     assert calls == [20] and store.is_complete()
     for i in range(3):
@@ -192,7 +193,7 @@ def _ids(store):
 
 def test_ivf_probing_every_list_is_exact(tmp_path):
     x = _clustered(400)
-    spec = simstore.TopkSearch(method="ivf", nlist=8, nprobe=8)
+    spec = topk.TopkSearch(method="ivf", nlist=8, nprobe=8)
     store = build_topk_store(x, np.arange(400), x, np.arange(400), tmp_path / "s", 10, shard_size=150,
                              exclude_self=True, search=spec)
     ids, scores = _brute(x, x, 10, exclude_diag=True)
@@ -204,7 +205,7 @@ def test_ivf_probing_every_list_is_exact(tmp_path):
 
 def test_ivf_recall_and_resume_with_the_same_index(tmp_path):
     x = _clustered(2000, seed=1)
-    spec = simstore.TopkSearch(method="ivf", nlist=16, nprobe=1)
+    spec = topk.TopkSearch(method="ivf", nlist=16, nprobe=1)
     args = (x, np.arange(2000), x, np.arange(2000), tmp_path / "s", 20)
     done = []
     store = build_topk_store(*args, shard_size=500, search=spec, progress=lambda d, t: done.append((d, t)))
@@ -219,14 +220,14 @@ def test_ivf_recall_and_resume_with_the_same_index(tmp_path):
     assert done == [(4, 4)] and store.is_complete()
     np.testing.assert_array_equal(store.read_shard(2).neighbor_ids, before)  # same centroids reused
     with pytest.raises(ManifestError, match="existing store has search=.*'nprobe': 1.*requested .*'nprobe': 4"):
-        build_topk_store(*args, shard_size=500, search=simstore.TopkSearch(method="ivf", nlist=16, nprobe=4))
+        build_topk_store(*args, shard_size=500, search=topk.TopkSearch(method="ivf", nlist=16, nprobe=4))
     with pytest.raises(ManifestError, match="existing store has search="):
         build_topk_store(*args, shard_size=500)  # exact into an approximate store
 
 
 def test_ivf_short_lists_fall_back_to_exact(tmp_path):
     x = _feats(400, seed=5)  # no cluster structure: one probed list holds fewer than k items
-    spec = simstore.TopkSearch(method="ivf", nlist=10, nprobe=1)
+    spec = topk.TopkSearch(method="ivf", nlist=10, nprobe=1)
     store = build_topk_store(x, np.arange(400), x, np.arange(400), tmp_path / "s", 60, shard_size=400, search=spec)
     got = _ids(store)
     assert got.min() >= 0 and all(len(set(r)) == 60 for r in got)
@@ -236,11 +237,11 @@ def test_ivf_short_lists_fall_back_to_exact(tmp_path):
 
 def test_ivf_bad_settings_and_damaged_centroids(tmp_path):
     with pytest.raises(ValueError, match="search method must be one of"):
-        simstore.TopkSearch(method="hnsw")
+        topk.TopkSearch(method="hnsw")
     with pytest.raises(ValueError, match="nprobe >= 1"):
-        simstore.TopkSearch(method="ivf", nprobe=0)
+        topk.TopkSearch(method="ivf", nprobe=0)
     x = _clustered(300)
-    spec = simstore.TopkSearch(method="ivf", nlist=4, nprobe=2)
+    spec = topk.TopkSearch(method="ivf", nlist=4, nprobe=2)
     store = build_topk_store(x, np.arange(300), x, np.arange(300), tmp_path / "s", 5, shard_size=100, search=spec)
     store.shard_path(0).unlink()
     (tmp_path / "s" / simstore.IVF_CENTROIDS).write_bytes(b"not numpy")
