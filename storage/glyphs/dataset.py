@@ -16,7 +16,7 @@ layout, both from the same renderings (see docs/glyphs.md):
 
 Every random choice comes from ``numpy.random.default_rng`` seeded by ``seed`` (and, per
 character, by its code point), so one seed gives byte-identical files. The ground-truth
-rule of the retrieval variant is in ``storage.glyphs_retrieval``.
+rule of the retrieval variant is in ``storage.glyphs.retrieval``.
 """
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ from typing import Iterator
 
 import numpy as np
 
-from storage import glyphs_fonts as gf
-from storage import glyphs_retrieval as gr
-from storage.glyphs_render import GlyphRenderer, png_bytes, sample_mild_aug
+from storage.glyphs import fonts as gf
+from storage.glyphs import retrieval as gr
+from storage.glyphs.render import GlyphRenderer, png_bytes, sample_mild_aug
 
 GENERATOR_VERSION = "1"
 FEWSHOT_DIR = "glyphs"

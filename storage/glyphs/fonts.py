@@ -177,7 +177,7 @@ def class_pool(fonts: list[FontFile], min_fonts: int = MIN_FONTS) -> list[GlyphC
     and (4) its 24x24 signature (rendered at a fixed size, centred by the ink box, so ``o``
     and ``O`` differ by size) is at least ``LOOKALIKE_DISTANCE`` away from every already
     kept character's. Per-font checks (empty or .notdef renderings) happen
-    when a class is used, see ``storage.glyphs_render``.
+    when a class is used, see ``storage.glyphs.render``.
     """
     cover: dict[str, list[str]] = {}
     for f in fonts:

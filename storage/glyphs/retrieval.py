@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.glyphs_render import IMAGE_SIZE, Aug, sample_mild_aug, transform_magnitude
+from storage.glyphs.render import IMAGE_SIZE, Aug, sample_mild_aug, transform_magnitude
 
 JUNK_REMOVED = 0.4
 JUNK_ROTATION_DEG = 45.0

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storage import glyphs_fonts as gf
-from storage import glyphs_retrieval as gr
-from storage import glyphs
-from storage.glyphs import GND_NAME, prepare_glyphs
+from storage.glyphs import GND_NAME, dataset, prepare_glyphs
+from storage.glyphs import fonts as gf
+from storage.glyphs import retrieval as gr
 
 SPLITS = ("train", "val", "test")
 
@@ -24,7 +23,7 @@ def build_a(tmp_path_factory) -> tuple[Path, dict]:
     """Rendered by two worker processes (as the default size is), not in-process."""
     root = tmp_path_factory.mktemp("glyphs_a")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(glyphs, "_MIN_IMAGES_FOR_WORKERS", 0)
+        mp.setattr(dataset, "_MIN_IMAGES_FOR_WORKERS", 0)
         return root, prepare_glyphs(root, seed=0, size="small", workers=2)
 
 
