@@ -1,5 +1,5 @@
 """Few-shot datasets in the folder layout ``<root>/<split>/<class>/<image>``, their
-normalisation specs, episode sampling and the SIB fixed-episode JSON format.
+normalisation specs and the SIB fixed-episode JSON format.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from storage.atomic import atomic_write_text
 from storage.errors import CorruptFileError, DatasetLayoutError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
@@ -74,12 +73,6 @@ class SplitIndex:
         if self._lookup is None:
             self._lookup = {p: i for i, p in enumerate(self.paths)}
         return self._lookup.get(rel_path)
-
-    def class_indices(self) -> list[np.ndarray]:
-        """For each class, the (n_c,) int64 indices of its images."""
-        order = np.argsort(self.labels, kind="stable")
-        counts = np.bincount(self.labels, minlength=len(self.classes))
-        return np.split(order, np.cumsum(counts)[:-1])
 
 
 def _is_image(name: str) -> bool:
@@ -166,47 +159,6 @@ class Episode:
     support: np.ndarray
     query: np.ndarray
 
-    @property
-    def n_way(self) -> int:
-        return self.support.shape[0]
-
-    def way_labels(self, split: SplitIndex) -> np.ndarray:
-        """(n_way,) int64 split-level label of each way."""
-        return split.labels[self.support[:, 0]]
-
-
-class EpisodeSampler:
-    """Random n_way-way n_shot-shot episodes with n_query queries per class, seeded."""
-
-    def __init__(self, split: SplitIndex, n_way: int, n_shot: int, n_query: int, seed: int = 0) -> None:
-        if n_way < 2:
-            raise ValueError(f"n_way must be >= 2, got {n_way}")
-        if n_shot < 1:
-            raise ValueError(f"n_shot must be >= 1, got {n_shot}")
-        if n_query < 1:
-            raise ValueError(f"n_query must be >= 1, got {n_query}")
-        if len(split.classes) < n_way:
-            raise DatasetLayoutError(f"{split.root}: split has {len(split.classes)} classes, "
-                                     f"fewer than n_way={n_way}")
-        self.per_class = split.class_indices()
-        need = n_shot + n_query
-        for name, idx in zip(split.classes, self.per_class):
-            if len(idx) < need:
-                raise DatasetLayoutError(
-                    f"{split.root}: class '{name}' has {len(idx)} images, fewer than "
-                    f"n_shot + n_query = {n_shot} + {n_query} = {need}")
-        self.split, self.n_way, self.n_shot, self.n_query = split, n_way, n_shot, n_query
-        self.rng = np.random.default_rng(seed)
-
-    def sample(self) -> Episode:
-        ways = self.rng.choice(len(self.per_class), size=self.n_way, replace=False)
-        picks = np.stack([self.rng.choice(self.per_class[c], size=self.n_shot + self.n_query, replace=False)
-                          for c in ways]).astype(np.int64)
-        return Episode(picks[:, :self.n_shot], picks[:, self.n_shot:])
-
-    def episodes(self, n: int) -> list[Episode]:
-        return [self.sample() for _ in range(n)]
-
 
 def _resolve(split: SplitIndex, raw: object, json_path: Path, ep_no: int, key: str) -> int:
     if not isinstance(raw, str):
@@ -263,9 +215,3 @@ def read_episode_json(json_path: str | os.PathLike, split: SplitIndex) -> list[E
         episodes.append(Episode(support, query))
     return episodes
 
-
-def write_episode_json(path: str | os.PathLike, episodes: Sequence[Episode], split: SplitIndex) -> Path:
-    """Write episodes in the SIB JSON format (paths relative to the split folder), atomically."""
-    data = [{"Support": [[split.paths[i] for i in row] for row in ep.support],
-             "Query": [[split.paths[i] for i in row] for row in ep.query]} for ep in episodes]
-    return atomic_write_text(path, json.dumps(data))
