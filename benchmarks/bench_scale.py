@@ -3,7 +3,7 @@
 Two measurements, each N in its own process so each peak memory is its own:
 
 ``rerank``: a top-K store (K=100) of N synthetic queries against a 20,000-item database
-is written as Parquet shards (setup, not timed), then ``ssr_tasks.rerank.rerank_store``
+is written as Parquet shards (setup, not timed), then ``ssr_tasks.retrieval.rerank.rerank_store``
 re-ranks every shard with a pool of Ray actors (small model: hidden 64, D 32, steps 1).
 Reports queries/s, the driver's peak RSS during the re-ranking (``VmHWM``, reset before
 it starts) and each actor's peak RSS (``VmHWM`` of the ``ray::ShardReranker`` processes
@@ -140,7 +140,7 @@ def rerank_one(work: Path, n: int, args) -> dict:
     """Re-rank the store of ``work`` (this process is the driver); returns the measurements."""
     import ray
 
-    from ssr_tasks.rerank import rerank_store
+    from ssr_tasks.retrieval.rerank import rerank_store
     from ssr_tasks.services import init_ray
     from storage.simstore import SimilarityStore
 
@@ -208,12 +208,12 @@ def common(args) -> list[str]:
 def store_recall(store, x: np.ndarray, m: int, k: int, n_sample: int, seed: int = 1) -> tuple[float, float]:
     """Mean recall@k of ``store`` against the exact top-k of n_sample random queries, and
     the exact scan's queries/s on that sample (to project an exact build of the whole store)."""
-    from storage.simstore import topk_inner_product
+    from storage.topk import row_blocks, topk_search
 
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(store.n_queries, min(n_sample, store.n_queries), replace=False))
     t0 = time.perf_counter()
-    exact, _ = topk_inner_product(x[rows], x[:m], k, np.arange(m), rows, exclude_self=(m == len(x)))
+    exact, _ = topk_search(x[rows], row_blocks(x[:m], 16384), k, query_ids=rows, exclude_self=(m == len(x)))
     qps = len(rows) / (time.perf_counter() - t0)
     hits = 0
     for i in range(store.n_shards):
@@ -227,7 +227,8 @@ def store_recall(store, x: np.ndarray, m: int, k: int, n_sample: int, seed: int 
 
 
 def cmd_topk(args) -> None:
-    from storage.simstore import SimilarityStore, TopkSearch, build_topk_store
+    from storage.simstore import SimilarityStore, build_topk_store
+    from storage.topk import TopkSearch
 
     search = TopkSearch(method=args.search, nlist=args.nlist, nprobe=args.nprobe)
     rows = []

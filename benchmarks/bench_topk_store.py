@@ -4,9 +4,10 @@
     python benchmarks/bench_topk_store.py --n 50000 --n 200000  # each size in its own process
 
 Prints, per N: wall time, the size of the inputs, peak RSS (VmHWM) before and after the
-build, and the growth of the peak during the build. The build searches the database in
-place, tile by tile (torch matmul + topk), and writes one shard at a time, so the growth stays at a few tens
-of MiB whatever N is (it depends on block_size, shard_size and K only).
+build, and the growth of the peak during the build. The build searches the database block by
+block (faiss IndexFlatIP per block, results merged in a faiss ResultHeap; ``storage.topk``) and writes one
+shard at a time, so the growth stays at a few tens of MiB whatever N is (it depends on block_size,
+db_block_size, shard_size and K only).
 """
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def _features(n: int, dim: int, seed: int) -> np.ndarray:
 
 def run_one(n: int, dim: int, k: int, shard_size: int, block_size: int, db_block_size: int,
             out: Path | None) -> dict:
-    import pyarrow.parquet  # noqa: F401  (libraries loaded before the baseline is taken)
-    import torch  # noqa: F401
+    import faiss  # noqa: F401  (libraries loaded before the baseline is taken)
+    import pyarrow.parquet  # noqa: F401
 
     from storage.simstore import build_topk_store
 
@@ -78,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--shard-size", type=int, default=10_000)
-    ap.add_argument("--block-size", type=int, default=1024, help="query rows per tile")
-    ap.add_argument("--db-block-size", type=int, default=16384, help="database rows per tile")
+    ap.add_argument("--block-size", type=int, default=1024, help="query rows per search call")
+    ap.add_argument("--db-block-size", type=int, default=16384, help="database rows per block")
     ap.add_argument("--tmp", type=Path, default=None, help="folder for the temporary store")
     args = ap.parse_args(argv)
     sizes = args.n or [200_000]
