@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ssr_model.dni import DNI
-from ssr_model.subgraph import (
-    NORMALIZE_EPS,
-    fewshot_pair_positions,
-    fewshot_subgraph_order,
-    synthetic_gradient_step,
-)
+from ssr_model.subgraph import fewshot_pair_positions, fewshot_subgraph_vectors, refine, unit_rows
 
 __all__ = ["FewShotSSR", "fewshot_dni_input_dim"]
 
@@ -49,10 +43,13 @@ class FewShotSSR(nn.Module):
             (E, n_query, n_way); with ``return_all_steps`` a tensor of shape
             (steps + 1, [E,] n_query, n_way) whose entry t is the score after t steps.
 
-    Training (module in train mode with grad enabled) keeps the second-order graph of
-    the updates. Otherwise (eval mode, or under ``torch.no_grad()``) the refinement runs
-    on detached tensors and keeps no graph; the values are the same. In eval mode with
-    grad enabled the only differentiable path left is through ``scale_cls``.
+    Every update uses the total derivative of SSR_METHOD.md section 3.4 (autograd along
+    all paths of the refinement graph), so the scores equal the authors' code.
+    Training (module in train mode with grad enabled) keeps the whole graph: the scores
+    are differentiable w.r.t. the inputs and every parameter. Otherwise (eval mode, or
+    under ``torch.no_grad()``) the refinement enables grad internally, because each
+    update is itself a gradient, and the returned scores are detached; the values are
+    the same in every mode.
     """
 
     def __init__(
@@ -116,8 +113,7 @@ class FewShotSSR(nn.Module):
         Returns:
             scores of shape (E, n_query, n_way).
         """
-        p = F.normalize(prototypes, dim=-1, eps=NORMALIZE_EPS)
-        q = F.normalize(queries, dim=-1, eps=NORMALIZE_EPS)
+        p, q = unit_rows(prototypes), unit_rows(queries)
         return self.scale_cls * torch.bmm(q, p.transpose(1, 2))
 
     def forward(
@@ -129,35 +125,23 @@ class FewShotSSR(nn.Module):
         self._check_inputs(support, query)
         keep_graph = self.training and torch.is_grad_enabled()
 
-        prototypes = support.mean(2)  # (E, n_way, D)
-        queries = query  # (E, n_query, D)
         rows, cols = self.pair_rows, self.pair_cols
         if rows.device != support.device:
             rows, cols = rows.to(support.device), cols.to(support.device)
-        n_way = self.n_way
 
-        def order_fn(sim: torch.Tensor) -> torch.Tensor:
-            return fewshot_subgraph_order(sim, n_way)
+        def build_vectors(prototypes: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+            return fewshot_subgraph_vectors(prototypes, queries, rows, cols)
 
-        states = [(prototypes, queries)]  # refined features after 0, 1, ... steps
-        # Inference: the refinement itself runs without autograd; scoring below follows the
-        # ambient mode (so in eval mode with grad enabled, scale_cls stays differentiable).
+        states = refine(
+            support.mean(2),  # prototypes (E, n_way, D)
+            query,  # (E, n_query, D)
+            build_vectors, self.dni_support, self.dni_query, self.lr_dni, self.steps, keep_graph,
+        )  # fmt: skip
         with torch.set_grad_enabled(keep_graph):
-            for _ in range(self.steps):
-                nodes = torch.cat((prototypes, queries), dim=1)  # (E, M, D)
-                prototypes = synthetic_gradient_step(
-                    nodes, slice(0, n_way), order_fn, rows, cols, self.dni_support, self.lr_dni
-                )
-                nodes = torch.cat((prototypes, queries), dim=1)
-                queries = synthetic_gradient_step(
-                    nodes, slice(n_way, None), order_fn, rows, cols, self.dni_query, self.lr_dni
-                )
-                states.append((prototypes, queries))
-
-        if return_all_steps:
-            scores = torch.stack([self.class_scores(p, q) for p, q in states])
-        else:
-            scores = self.class_scores(prototypes, queries)
+            if return_all_steps:
+                scores = torch.stack([self.class_scores(p, q) for p, q in states])
+            else:
+                scores = self.class_scores(*states[-1])
         if unbatched:
             scores = scores.squeeze(-3)
         return scores

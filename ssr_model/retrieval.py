@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ssr_model.dni import DNI
-from ssr_model.subgraph import (
-    NORMALIZE_EPS,
-    retrieval_pair_positions,
-    retrieval_subgraph_order,
-    synthetic_gradient_step,
-)
+from ssr_model.subgraph import refine, retrieval_pair_positions, retrieval_subgraph_vectors, unit_rows
 
 __all__ = ["RetrievalSSR", "retrieval_dni_input_dim"]
 
@@ -46,8 +40,10 @@ class RetrievalSSR(nn.Module):
             or (B, k); with ``return_all_steps`` shape (steps + 1, [B,] k). The caller
             re-orders the neighbours by it (items beyond the top-k keep their order).
 
-    Gradient behaviour as in :class:`ssr_model.fewshot.FewShotSSR`: second-order graph in
-    train mode with grad enabled, no graph otherwise, same values.
+    Gradient behaviour as in :class:`ssr_model.fewshot.FewShotSSR`: total derivatives in
+    every update (the database update follows ``B -> q_new -> X`` too); the whole graph
+    in train mode with grad enabled; otherwise grad is enabled internally for the
+    updates and the output is detached. Same values in every mode.
     """
 
     def __init__(
@@ -102,8 +98,7 @@ class RetrievalSSR(nn.Module):
         Returns:
             shape (B, k).
         """
-        q = F.normalize(query, dim=-1, eps=NORMALIZE_EPS)
-        db = F.normalize(database, dim=-1, eps=NORMALIZE_EPS)
+        q, db = unit_rows(query), unit_rows(database)
         return torch.bmm(db, q.unsqueeze(2)).squeeze(2)
 
     def forward(
@@ -119,24 +114,17 @@ class RetrievalSSR(nn.Module):
         if rows.device != query.device:
             rows, cols = rows.to(query.device), cols.to(query.device)
 
-        nodes = torch.cat((query.unsqueeze(1), neighbours), dim=1)  # (B, 1 + k, D)
-        states = [nodes]  # refined nodes after 0, 1, ... steps
-        with torch.set_grad_enabled(keep_graph):  # inference: no autograd in the refinement
-            for _ in range(self.steps):
-                q = synthetic_gradient_step(
-                    nodes, slice(0, 1), retrieval_subgraph_order, rows, cols, self.dni_query, self.lr_dni
-                )
-                nodes = torch.cat((q, nodes[:, 1:]), dim=1)
-                database = synthetic_gradient_step(
-                    nodes, slice(1, None), retrieval_subgraph_order, rows, cols, self.dni_database, self.lr_dni
-                )
-                nodes = torch.cat((q, database), dim=1)
-                states.append(nodes)
+        def build_vectors(q: torch.Tensor, database: torch.Tensor) -> torch.Tensor:
+            return retrieval_subgraph_vectors(q, database, rows, cols)
 
-        if return_all_steps:
-            sims = torch.stack([self.query_similarities(n[:, 0], n[:, 1:]) for n in states])
-        else:
-            sims = self.query_similarities(nodes[:, 0], nodes[:, 1:])
+        states = refine(
+            query, neighbours, build_vectors, self.dni_query, self.dni_database, self.lr_dni, self.steps, keep_graph
+        )
+        with torch.set_grad_enabled(keep_graph):
+            if return_all_steps:
+                sims = torch.stack([self.query_similarities(q, db) for q, db in states])
+            else:
+                sims = self.query_similarities(*states[-1])
         if unbatched:
             sims = sims.squeeze(-2)
         return sims

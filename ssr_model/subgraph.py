@@ -1,4 +1,5 @@
-"""Pure functions for SSR subgraphs (SSR_METHOD.md sections 3-4).
+"""Pure functions for SSR subgraphs and the synthetic-gradient refinement
+(SSR_METHOD.md sections 3-4).
 
 Every function works on a batch of E independent graphs (episodes or queries) at once;
 no Python loop runs over nodes or graphs. A subgraph is described by
@@ -11,16 +12,15 @@ no Python loop runs over nodes or graphs. A subgraph is described by
 The vector of reference r is ``A[order[r, pair_rows], order[r, pair_cols]]``, gathered
 from the flattened similarity matrix ``A`` so that the gathered values carry gradient.
 
-:func:`synthetic_gradient_step` performs one DNI update. Instead of calling
-``torch.autograd.grad(X, features, grad_outputs=DNI(X))`` it applies the chain rule in
-closed form (scatter the DNI output onto A, ``(G + G^T) U`` for the unit features U,
-then the normalisation Jacobian), restricted to the rows being updated and folded into
-one (R, M) mixing matrix, so the features are touched by one Gram matmul and one mixing
-matmul per update. The formula is
-made of ordinary differentiable torch ops, so during training autograd differentiates
-through it (the second-order terms of the paper), and at inference it runs under
-``torch.no_grad()`` with no graph at all. tests/model/oracle.py checks it against
-autograd.
+:func:`refine` runs the alternating DNI updates. Each update is
+``x <- x - lr_dni * d<X, DNI(X)>/dx`` taken with ``torch.autograd.grad(X, x,
+grad_outputs=DNI(X), create_graph=True)`` on the whole batch, exactly as the authors do:
+the derivative is *total*. The other node set was computed from ``x`` by the previous
+update, so the gradient also follows ``x -> other set -> X`` (through the similarities
+and through the previous DNI's output), and so on back to the inputs. This path cannot
+be written as a function of the current features alone: half-step i needs i - 1 extra
+passes through earlier DNIs (a 3-step few-shot episode: 6 DNI forwards and 15 DNI
+vector-Jacobian or Jacobian-vector passes), and autograd schedules exactly those.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
+    "unit_rows",
     "cosine_similarity_matrix",
     "kept_pair_positions",
     "fewshot_pair_positions",
@@ -39,13 +39,29 @@ __all__ = [
     "retrieval_subgraph_order",
     "subgraph_flat_index",
     "gather_subgraph_vectors",
-    "scatter_subgraph_gradient",
-    "synthetic_gradient_step",
+    "dni_update",
+    "refine",
     "fewshot_subgraph_vectors",
     "retrieval_subgraph_vectors",
 ]
 
 NORMALIZE_EPS = 1e-12
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x / max(|x|, 1e-12)`` over the last axis, written as ``x * rsqrt(max(|x|^2, 1e-24))``.
+
+    Same values as ``F.normalize(x, dim=-1, eps=1e-12)`` (the authors' call), but every
+    derivative order stays finite at a zero row (``F.normalize``'s second derivative is
+    0/0 there), which the nested refinement gradients need.
+
+    Args:
+        x: shape (..., D).
+
+    Returns:
+        shape (..., D).
+    """
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True).clamp_min(NORMALIZE_EPS * NORMALIZE_EPS))
 
 
 def cosine_similarity_matrix(nodes: torch.Tensor) -> torch.Tensor:
@@ -58,7 +74,7 @@ def cosine_similarity_matrix(nodes: torch.Tensor) -> torch.Tensor:
         A of shape (E, M, M), ``A[e, i, j] = cos(nodes[e, i], nodes[e, j])`` with the
         features L2-normalised with eps 1e-12.
     """
-    unit = F.normalize(nodes, dim=-1, eps=NORMALIZE_EPS)
+    unit = unit_rows(nodes)
     return torch.bmm(unit, unit.transpose(1, 2))
 
 
@@ -172,74 +188,6 @@ def gather_subgraph_vectors(sim: torch.Tensor, flat_index: torch.Tensor) -> torc
     return sim.reshape(E, M * M).gather(1, flat_index).reshape(E, M, -1)
 
 
-def scatter_subgraph_gradient(upstream: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
-    """Gradient of ``<X, upstream>`` w.r.t. the similarity matrix (X gathered with flat_index).
-
-    Args:
-        upstream: gradient w.r.t. X, shape (E, M, d_in).
-        flat_index: from :func:`subgraph_flat_index`, shape (E, M * d_in).
-
-    Returns:
-        G of shape (E, M, M): each entry sums the upstream values gathered from it.
-    """
-    E, M, _ = upstream.shape
-    flat = upstream.new_zeros(E, M * M).scatter_add(1, flat_index, upstream.reshape(E, -1))
-    return flat.reshape(E, M, M)
-
-
-def synthetic_gradient_step(
-    nodes: torch.Tensor,
-    rows: slice,
-    order_fn: Callable[[torch.Tensor], torch.Tensor],
-    pair_rows: torch.Tensor,
-    pair_cols: torch.Tensor,
-    dni: Callable[[torch.Tensor], torch.Tensor],
-    lr_dni: float,
-) -> torch.Tensor:
-    """One DNI update of the nodes ``rows``: ``x - lr_dni * d<X, DNI(X)>/dx``.
-
-    X are the subgraph vectors of all M references built from ``nodes``; the DNI output
-    is the upstream gradient of X (not differentiated as a function of x in the inner
-    gradient); the derivative is the partial one w.r.t. ``nodes[:, rows]``, all other
-    nodes held fixed.
-
-    Args:
-        nodes: all node features of shape (E, M, D).
-        rows: the nodes to update, e.g. ``slice(0, n_way)``; R of them.
-        order_fn: detached similarities (E, M, M) -> subgraph node lists (E, M, L).
-        pair_rows, pair_cols: kept positions, shape (d_in,).
-        dni: maps (E, M, d_in) to (E, M, d_in).
-        lr_dni: step size.
-
-    Returns:
-        the updated features of the selected nodes, shape (E, R, D).
-    """
-    E, M, D = nodes.shape
-    norm = torch.linalg.vector_norm(nodes, dim=-1)  # (E, M)
-    inv_norm = 1.0 / norm.clamp_min(NORMALIZE_EPS)  # (E, M)
-    gram = torch.bmm(nodes, nodes.transpose(1, 2))  # (E, M, M)
-    sim = gram * inv_norm.unsqueeze(2) * inv_norm.unsqueeze(1)  # cosine, = U U^T
-    flat_index = subgraph_flat_index(order_fn(sim.detach()), pair_rows, pair_cols)
-    vectors = gather_subgraph_vectors(sim, flat_index)  # (E, M, d_in)
-    grad_sim = scatter_subgraph_gradient(dni(vectors), flat_index)  # (E, M, M)
-
-    # Chain rule, written so that the (E, M, D) features are only read by the norm and
-    # two matmuls (U is never materialised). With n = max(|x|, eps) and U = x / n:
-    # sim = U U^T gives d<sim, G>/dU_r = (S U)_r with S = (G + G^T) restricted to rows r;
-    # the normalisation gives grad_x_r = ((S U)_r - radial_r U_r) / n_r with
-    # radial_r = <(S U)_r, U_r> = sum_j S_rj sim_rj (zero where |x_r| <= eps). Hence
-    # x_r - lr grad_x_r = (1 + lr radial_r / n_r^2) x_r - (lr / n_r) sum_j (S_rj / n_j) x_j.
-    start, stop, _ = rows.indices(M)
-    inv_rows = inv_norm[:, start:stop]  # (E, R)
-    grad_sim_rows = grad_sim[:, start:stop, :] + grad_sim[:, :, start:stop].transpose(1, 2)  # (E, R, M)
-    radial = (grad_sim_rows * sim[:, start:stop, :]).sum(-1)  # (E, R)
-    radial = torch.where(norm[:, start:stop] > NORMALIZE_EPS, radial, torch.zeros_like(radial))
-    mix = grad_sim_rows * (-lr_dni * inv_rows).unsqueeze(2) * inv_norm.unsqueeze(1)  # (E, R, M)
-    keep = torch.diag_embed(1.0 + lr_dni * radial * inv_rows * inv_rows)  # (E, R, R)
-    mix = mix + F.pad(keep, (start, M - stop))  # identity part placed on the updated columns
-    return torch.bmm(mix, nodes)  # (E, R, D)
-
-
 def fewshot_subgraph_vectors(
     prototypes: torch.Tensor, queries: torch.Tensor, pair_rows: torch.Tensor, pair_cols: torch.Tensor
 ) -> torch.Tensor:
@@ -277,3 +225,94 @@ def retrieval_subgraph_vectors(
     sim = cosine_similarity_matrix(torch.cat((query.unsqueeze(1), database), dim=1))
     order = retrieval_subgraph_order(sim.detach())
     return gather_subgraph_vectors(sim, subgraph_flat_index(order, pair_rows, pair_cols))
+
+
+def dni_update(
+    vectors: torch.Tensor,
+    target: torch.Tensor,
+    dni: Callable[[torch.Tensor], torch.Tensor],
+    lr_dni: float,
+    create_graph: bool,
+) -> torch.Tensor:
+    """One synthetic-gradient update ``target - lr_dni * d<X, DNI(X)>/d target``.
+
+    The derivative is autograd's, along every path of the current graph from ``target``
+    to ``X`` (the total derivative of SSR_METHOD.md section 3.4).
+
+    Args:
+        vectors: X, the subgraph vectors built from ``target`` (and the other node set),
+            shape (E, M, d_in).
+        target: the node features being updated, shape (E, R, D) (or (E, D)); must be part
+            of the graph of ``vectors``.
+        dni: maps (E, M, d_in) to (E, M, d_in); its output is the upstream gradient of X.
+        lr_dni: step size.
+        create_graph: keep the graph of the update (training, and every inference update
+            that a later update differentiates through). Without it the DNI runs without
+            autograd and the update is a plain value.
+
+    Returns:
+        the updated features, same shape as ``target``.
+    """
+    if create_graph:
+        upstream = dni(vectors)
+    else:
+        with torch.no_grad():
+            upstream = dni(vectors.detach())
+    (grad,) = torch.autograd.grad(vectors, target, grad_outputs=upstream, create_graph=create_graph)
+    return target - lr_dni * grad
+
+
+def refine(
+    first: torch.Tensor,
+    second: torch.Tensor,
+    build_vectors: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    first_dni: Callable[[torch.Tensor], torch.Tensor],
+    second_dni: Callable[[torch.Tensor], torch.Tensor],
+    lr_dni: float,
+    steps: int,
+    keep_graph: bool,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Alternating SSR refinement: per step, update ``first`` with ``first_dni``, rebuild
+    the subgraphs, then update ``second`` with ``second_dni``.
+
+    Args:
+        first: the set updated first (few-shot prototypes (E, n_way, D); retrieval query
+            (E, D)).
+        second: the set updated second (few-shot queries (E, n_query, D); retrieval
+            neighbours (E, k, D)).
+        build_vectors: ``(first, second) -> X`` of shape (E, M, d_in).
+        first_dni, second_dni: the two DNIs.
+        lr_dni: step size.
+        steps: number of refinement steps.
+        keep_graph: True in training: every update keeps its graph, so the returned
+            features are differentiable w.r.t. the inputs and the DNI parameters.
+            False at inference: the refinement runs under ``torch.enable_grad()`` on
+            detached copies of the inputs (the updates need autograd whatever the
+            ambient mode), the last update builds no graph, and every returned tensor
+            is detached. The values are the same either way.
+
+    Returns:
+        ``[(first, second)]`` after 0, 1, ..., ``steps`` steps.
+    """
+    if not keep_graph:
+        first, second = first.detach(), second.detach()
+    states = [(first, second)]
+    n_updates = 2 * steps
+    with torch.enable_grad():
+        # autograd.grad needs both sets in the graph; a tensor that does not require grad
+        # (features from a frozen backbone) enters as a leaf that does.
+        if not first.requires_grad:
+            first = first.detach().requires_grad_(True)
+        if not second.requires_grad:
+            second = second.detach().requires_grad_(True)
+        for step in range(steps):
+            first = dni_update(
+                build_vectors(first, second), first, first_dni, lr_dni, keep_graph or 2 * step + 1 < n_updates
+            )
+            second = dni_update(
+                build_vectors(first, second), second, second_dni, lr_dni, keep_graph or 2 * step + 2 < n_updates
+            )
+            states.append((first, second))
+    if not keep_graph:
+        states = [(a.detach(), b.detach()) for a, b in states]
+    return states

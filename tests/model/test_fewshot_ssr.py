@@ -111,9 +111,9 @@ def test_matches_oracle_all_steps(n_way, n_shot, n_query, steps):
         batched = model(support, query, return_all_steps=True)  # (steps + 1, E, n_query, n_way)
     assert batched.shape == (steps + 1, 2, n_query, n_way)
     for e in range(2):
-        expected = oracle.fewshot_episode(model, support[e], query[e], create_graph=False)
+        expected = oracle.fewshot_episode(model, support[e], query[e])
         for t in range(steps + 1):
-            torch.testing.assert_close(batched[t, e], expected[t].detach(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(batched[t, e], expected[t].detach(), rtol=1e-9, atol=1e-9)
     # The refinement is not a no-op at this learning rate.
     assert (batched[-1] - batched[0]).abs().max() > 1e-3
 
@@ -151,9 +151,9 @@ def test_gradients_match_oracle(n_way, n_shot, n_query, steps):
     ) / 2
     grads_ref = torch.autograd.grad(loss_ref, params + [support])
 
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-9, atol=1e-9)
     for name, g, g_ref in zip(names + ["support"], grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-9, msg=lambda m: f"{name}: {m}")
     # Second-order terms reach the first DNI layer.
     assert grads[names.index("dni_support.layer1.1.weight")].abs().max() > 0
     assert grads[names.index("dni_query.layer3.weight")].abs().max() > 0
@@ -174,14 +174,63 @@ def test_inference_equals_training_and_keeps_no_graph():
     assert no_grad_out.grad_fn is None and not no_grad_out.requires_grad
 
     model.eval()
-    eval_out = model(support, query)
-    # In eval mode only scale_cls stays differentiable: no path to the DNIs or the inputs.
-    dni_params = list(model.dni_support.parameters()) + list(model.dni_query.parameters())
-    unreached = torch.autograd.grad(eval_out.sum(), dni_params + [support], allow_unused=True)
-    assert all(g is None for g in unreached)
+    eval_out = model(support, query)  # grad enabled, eval mode: inference, detached
+    assert eval_out.grad_fn is None and not eval_out.requires_grad
 
     torch.testing.assert_close(no_grad_out, trained.detach(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(eval_out.detach(), trained.detach(), rtol=1e-10, atol=1e-10)
+
+
+def make_mixed_episodes(n_way: int, n_shot: int, n_query: int):
+    """Four episodes of different character in one batch: plain Gaussian, scaled by 100,
+    queries clustered around their class's support, and one with a zero query."""
+    support, query, labels = make_episodes(4, n_way, n_shot, n_query, seed=7)
+    support[1] *= 100.0
+    query[1] *= 100.0
+    gen = torch.Generator().manual_seed(8)
+    query[2] = support[2].mean(1)[labels[2]] + 0.3 * torch.randn(n_query, D, generator=gen, dtype=DTYPE)
+    query[3, 0] = 0.0
+    return support, query, labels
+
+
+@pytest.mark.parametrize("n_way,n_shot,n_query,steps", [(3, 2, 6, 2), (5, 1, 15, 3)])
+def test_mixed_batch_matches_oracle(n_way, n_shot, n_query, steps):
+    """A batch of unlike episodes: each equals the one-episode oracle, values and gradients
+    (episodes never interact through the batched autograd calls)."""
+    model = make_model(n_way, n_query, steps)
+    support, query, labels = make_mixed_episodes(n_way, n_shot, n_query)
+    with torch.no_grad():
+        inferred = model(support, query)
+    model.train()
+    params = list(model.parameters())
+    scores = model(support, query)
+    torch.testing.assert_close(scores.detach(), inferred, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad(fewshot_cross_entropy(scores, labels), params)
+    expected = [oracle.fewshot_episode(model, support[e], query[e])[-1] for e in range(4)]
+    for e in range(4):
+        torch.testing.assert_close(inferred[e], expected[e].detach(), rtol=1e-9, atol=1e-9)
+    loss_ref = sum(oracle.fewshot_cross_entropy(expected[e], labels[e]) for e in range(4)) / 4
+    for g, g_ref in zip(grads, torch.autograd.grad(loss_ref, params)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-9)
+
+
+def test_total_derivative_differs_from_partial():
+    """The cross path Q -> P_new -> X changes the scores: a version whose query update holds
+    the prototypes fixed (the old, wrong reading) disagrees with the model."""
+    model = make_model(5, 15, 2)
+    support, query, _ = make_episodes(1, 5, 1, 15)
+    P, Q = support[0].mean(1), query[0]
+    p_sup = dict(model.dni_support.named_parameters())
+    p_qry = dict(model.dni_query.named_parameters())
+    for _ in range(model.steps):
+        leaf = P.detach().requires_grad_(True)
+        P = oracle.dni_step(leaf, oracle.fewshot_vectors(leaf, Q.detach()), p_sup, LR)
+        leaf = Q.detach().requires_grad_(True)
+        Q = oracle.dni_step(leaf, oracle.fewshot_vectors(P.detach(), leaf), p_qry, LR)
+    partial = model.scale_cls * (oracle.unit_rows(Q) @ oracle.unit_rows(P).T)
+    with torch.no_grad():
+        total = model(support[0], query[0])
+    assert (total - partial.detach()).abs().max() > 1e-3
 
 
 def test_float32_matches_float64():
