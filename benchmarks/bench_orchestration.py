@@ -27,11 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def plain_run(params, home: Path) -> float:
     import numpy as np
 
-    from ssr_tasks.backbone_step import extract_features, pretrain_backbone
-    from ssr_tasks.episodes import load_split, sample_episodes
-    from ssr_tasks.fewshot_eval import FewShotEvaluator
-    from ssr_tasks.steps import train_config
-    from ssr_tasks.fewshot_train import train_curriculum
+    from ssr_tasks.backbone import extract_features, pretrain_backbone
+    from ssr_tasks.fewshot.episodes import load_split, sample_episodes
+    from ssr_tasks.fewshot.evaluate import FewShotEvaluator
+    from ssr_tasks.fewshot.handoffs import FewShotModel, KReciprocal
+    from ssr_tasks.fewshot.tasks import train_config
+    from ssr_tasks.fewshot.train import train_curriculum
     from dataclasses import replace
 
     t0 = time.perf_counter()
@@ -42,15 +43,13 @@ def plain_run(params, home: Path) -> float:
     train, val = load_split(feats, "train"), load_split(feats, "val")
     val_eps = sample_episodes(val, params.n_val_episodes, params.n_way, params.n_shot_train, params.n_query, seed=1)
     base = train_config(params, train.dim)
-    trials = [train_curriculum(replace(base, lr_dni=lr), train, val, val_eps, home / "plain" / f"lr{lr}") | {"lr_dni": lr}
+    trials = [(replace(base, lr_dni=lr), train_curriculum(replace(base, lr_dni=lr), train, val, val_eps, home / "plain" / f"lr{lr}"))
               for lr in params.lr_dni_grid]
-    best = max(trials, key=lambda t: t["best_val"])
-    ev = FewShotEvaluator(str(feats), "val", None, None)
-    grid = [(a, b, c) for a in params.krecip_k1 for b in params.krecip_k2 for c in params.krecip_lambda]
+    cfg, best = max(trials, key=lambda t: t[1]["best_val"])
+    ev = FewShotEvaluator(str(feats), "val", None)
+    grid = [KReciprocal(a, b, c) for a in params.krecip_k1 for b in params.krecip_k2 for c in params.krecip_lambda]
     ev.evaluate(val_eps, krecip=grid, with_ssr=False)
-    kw = {"feat_dim": train.dim, "n_way": params.n_way, "n_query": params.n_way * params.n_query,
-          "steps": best["best_steps"], "lr_dni": best["lr_dni"], "hidden": params.hidden}
-    test_ev = FewShotEvaluator(str(feats), "test", best["best_path"], kw)
+    test_ev = FewShotEvaluator(str(feats), "test", FewShotModel(best["best_path"], cfg, best["best_steps"]))
     for shot in params.eval_shots:
         eps = sample_episodes(load_split(feats, "test"), params.n_test_episodes, params.n_way, shot, params.n_query, seed=shot)
         test_ev.evaluate(eps, krecip=[grid[0]])

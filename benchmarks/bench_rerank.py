@@ -1,7 +1,7 @@
 """Re-ranking throughput of the Ray actor pool over Parquet shards (queries/s), 1 vs 2 actors.
 
 Synthetic L2-normalised features; the top-K store is built first (not timed), then
-``ssr_tasks.rerank.rerank_store`` re-ranks every shard with a pool of N actors, each
+``ssr_tasks.retrieval.rerank.rerank_store`` re-ranks every shard with a pool of N actors, each
 loading the database features and the model once. Prints a Markdown table.
 
     python benchmarks/bench_rerank.py --queries 100000 --k 100 --actors 1 2
@@ -44,7 +44,9 @@ def main() -> None:
     import torch
 
     from ssr_model import RetrievalSSR
-    from ssr_tasks.rerank import rerank_store
+    from ssr_tasks.retrieval.handoffs import RetrievalModel
+    from ssr_tasks.retrieval.rerank import rerank_store
+    from ssr_tasks.retrieval.train import RetrievalTrainConfig
     from ssr_tasks.services import init_ray
     from storage.features import write_features
     from storage.simstore import SimilarityStore, build_topk_store
@@ -67,6 +69,7 @@ def main() -> None:
     torch.manual_seed(0)
     kwargs = {"feat_dim": args.dim, "k": args.k, "steps": 1, "lr_dni": 1e-4, "hidden": args.hidden}
     torch.save(RetrievalSSR(**kwargs).state_dict(), work / "model.pt")
+    model = RetrievalModel(str(work / "model.pt"), RetrievalTrainConfig(**kwargs))
 
     init_ray()
 
@@ -75,7 +78,7 @@ def main() -> None:
         out = work / f"reranked-{n}"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        rerank_store(work / "topk", work / "q.parquet", work / "db.parquet", out, str(work / "model.pt"), kwargs, n_actors=n)
+        rerank_store(work / "topk", work / "q.parquet", work / "db.parquet", out, model, n_actors=n)
         secs = time.perf_counter() - t0
         assert SimilarityStore(out).is_complete()
         rows.append((n, secs, args.queries / secs))

@@ -144,7 +144,8 @@ def rerank_one(work: Path, n: int, args) -> dict:
     from ssr_tasks.services import init_ray
     from storage.simstore import SimilarityStore
 
-    kwargs = {"feat_dim": args.dim, "k": args.k, "steps": 1, "lr_dni": 1e-4, "hidden": args.hidden}
+    cfg = RetrievalTrainConfig(feat_dim=args.dim, k=args.k, steps=1, lr_dni=1e-4, hidden=args.hidden)
+    model = RetrievalModel(str(work / "model.pt"), cfg)
     init_ray(num_cpus=args.cpus)
     out = work / "reranked"
     shutil.rmtree(out, ignore_errors=True)
@@ -152,7 +153,7 @@ def rerank_one(work: Path, n: int, args) -> dict:
     mem = ActorMemory("ShardReranker")
     mem.start()
     t0 = time.perf_counter()
-    rerank_store(work / "topk", work / "q.parquet", work / "db.parquet", out, str(work / "model.pt"), kwargs, n_actors=args.actors,
+    rerank_store(work / "topk", work / "q.parquet", work / "db.parquet", out, model, n_actors=args.actors,
                  progress=lambda d, t: print(f"  {n:,} queries: shard {d}/{t} at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True))
     secs = time.perf_counter() - t0
     mem.stop.set()

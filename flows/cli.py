@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from flows import local_services
+from ssr_tasks.config import FewShotParams, RetrievalParams
+from ssr_tasks.services import ServiceUnreachable, check_mlflow, check_tcp, mlflow_tracking_uri, redact_uri
+from ssr_tasks.tracking import registered_models
+from storage import cli as storage_cli
 
 PRESETS_FILE = Path(__file__).resolve().parent.parent / "deploy" / "prefect.yaml"
 
 
 def presets() -> dict[str, dict]:
     """Deployment parameter presets from deploy/prefect.yaml, by deployment name."""
-    import yaml
-
     doc = yaml.safe_load(PRESETS_FILE.read_text())
     return {d["name"]: d.get("parameters", {}) for d in doc.get("deployments", [])}
 
@@ -37,10 +45,6 @@ def _parse_sets(items: list[str]) -> dict:
 
 
 def cmd_run(args) -> int:
-    from pydantic import ValidationError
-
-    from ssr_tasks.config import FewShotParams, RetrievalParams
-
     model = FewShotParams if args.pipeline == "fewshot" else RetrievalParams
     base = {}
     if args.preset:
@@ -58,7 +62,7 @@ def cmd_run(args) -> int:
     if unreachable:
         print(f"ssr run: {unreachable}", file=sys.stderr)
         return 3
-    from flows.ssr_flow import ssr
+    from flows.ssr_flow import ssr  # Prefect, torch and the pipelines load only for `ssr run`: the other commands stay quick
 
     result = ssr(pipeline=args.pipeline, **{args.pipeline: params})
     print(result["markdown"])
@@ -71,10 +75,6 @@ def _unreachable_services() -> str | None:
 
     Without this, Prefect retries an unreachable API before failing with a long traceback.
     """
-    import os
-
-    from ssr_tasks.services import ServiceUnreachable, check_mlflow, check_tcp
-
     try:
         if os.environ.get("PREFECT_API_URL"):
             check_tcp(os.environ["PREFECT_API_URL"], timeout=5, what="Prefect API (PREFECT_API_URL)")
@@ -86,8 +86,6 @@ def _unreachable_services() -> str | None:
 
 
 def cmd_services(args) -> int:
-    from flows import local_services
-
     if args.action == "start":
         addrs = local_services.start(worker=not args.no_worker, mlflow_ui=not args.no_mlflow_ui)
         for name, url in addrs.items():
@@ -98,30 +96,22 @@ def cmd_services(args) -> int:
 
 
 def cmd_models(args) -> int:
-    import mlflow
-
-    from ssr_tasks.services import mlflow_tracking_uri, redact_uri
-
     uri = mlflow_tracking_uri()
-    client = mlflow.MlflowClient(uri, uri)
-    models = client.search_registered_models()
+    models = registered_models(uri)
     print(f"registry: {redact_uri(uri)}")
     if not models:
         print("no registered models yet")
-    for rm in models:
-        aliases = ", ".join(f"{a}->v{v}" for a, v in sorted((rm.aliases or {}).items()))
-        print(f"{rm.name}: aliases {aliases or 'none'}")
-        for mv in client.search_model_versions(f"name='{rm.name}'"):
-            tags = ", ".join(f"{k}={v}" for k, v in sorted(mv.tags.items()))
-            print(f"  v{mv.version}  {tags}")
+    for name, aliases, versions in models:
+        listed = ", ".join(f"{a}->v{v}" for a, v in sorted(aliases.items()))
+        print(f"{name}: aliases {listed or 'none'}")
+        for version, tags in versions:
+            print(f"  v{version}  " + ", ".join(f"{k}={v}" for k, v in sorted(tags.items())))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    from storage import cli as storage_cli
-
     storage_cli.register(sub)
     p = sub.add_parser("services", help="start or stop the local Prefect server, worker and MLflow UI (127.0.0.1)")
     p.add_argument("action", choices=["start", "stop"])
@@ -139,8 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     # Without a server Prefect starts a temporary one; on a busy 2-core machine that takes
     # longer than Prefect's default wait.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")

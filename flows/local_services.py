@@ -7,6 +7,7 @@ existing servers, those are used and nothing is started for them.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -75,8 +76,6 @@ def wait_http(url: str, timeout: float, what: str) -> None:
 
 def wait_pool_ready(api_url: str, timeout: float) -> None:
     """Return once the worker has polled, so deployments show Ready (not Not Ready) in the UI."""
-    import json
-
     deadline = time.time() + timeout
     status = None
     while time.time() < deadline:

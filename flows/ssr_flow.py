@@ -7,6 +7,7 @@ from typing import Literal
 from prefect import flow
 
 from flows.fewshot import fewshot_pipeline
+from flows.retrieval import retrieval_pipeline
 from ssr_tasks.config import FewShotParams, RetrievalParams
 
 
@@ -26,6 +27,4 @@ def ssr(
         logging.getLogger(name).setLevel(logging.INFO)
     if pipeline == "fewshot":
         return fewshot_pipeline(fewshot)
-    from flows.retrieval import retrieval_pipeline
-
     return retrieval_pipeline(retrieval)

@@ -1,15 +1,29 @@
-"""A Ray Tune grid over one swept parameter, one trial per value (GPU per trial when the cluster has GPUs)."""
+"""The Ray Tune grid runner of both tracks: one trial per swept value, resumable.
+
+``run_grid`` trains one trial per ``lr_dni`` in parallel (one GPU per trial when the device
+is "cuda"). A trial's checkpoints live under ``trial_dir(ckpt_root, lr_dni)``, a name fixed
+by its parameters, so a rerun finds them: finished trials (a ``summary.json`` there) are
+not run again, interrupted ones resume inside the trainable.
+"""
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
+
+SUMMARY = "summary.json"
 
 
-def _progress_callback(n_trials: int, progress: Callable[[float], None]):
+def trial_dir(ckpt_root: Path, lr_dni: float) -> Path:
+    """Checkpoint folder of the trial with this ``lr_dni``."""
+    return Path(ckpt_root) / f"lr_dni={lr_dni:g}"
+
+
+def progress_callback(n_trials: int, progress: Callable[[float], None]):
     """A Tune callback turning trials' reported ``progress`` (0..1) into one overall fraction."""
-    from ray import tune
-
-    from ssr_tasks.faults import maybe_kill
+    from ray import tune  # Ray is heavy and only needed where a grid runs
 
     class _Progress(tune.Callback):
         def __init__(self):
@@ -19,41 +33,54 @@ def _progress_callback(n_trials: int, progress: Callable[[float], None]):
             if "progress" in result:
                 self.done[trial.trial_id] = float(result["progress"])
                 progress(sum(self.done.values()) / n_trials)
-            maybe_kill("tune-driver-after-trial-result")  # test-only: the flow process dies mid-training
 
     return _Progress()
 
 
 def tune_grid(trainable: Callable[[dict], None], key: str, values: list, base_space: dict, name: str,
-              storage_path: Path, max_failures: int = 2, progress: Callable[[float], None] | None = None) -> None:
+              storage_path: Path, max_failures: int = 2, progress: Callable[[float], None] | None = None,
+              device: str = "cpu") -> None:
     """Run ``trainable`` for each value of ``key``; raise with the reasons if trials still fail after retries.
 
-    ``progress`` receives the overall fraction done whenever a trial reports.
+    Each trial's config holds ``device`` ("cpu" or "cuda", resolved by ``ssr_tasks.device``)
+    and asks Ray for a GPU exactly when it is "cuda". ``progress`` receives the overall
+    fraction done whenever a trial reports.
     """
-    import os
-
-    from ray import tune
-
-    from ssr_tasks.services import cluster_has_gpu
+    from ray import tune  # Ray is heavy and only needed where a grid runs
 
     if not values:
         return
     # Tune's console tables are noise in a Prefect log; trial progress is logged by the trainable.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    use_gpu = cluster_has_gpu()
-    resources = {"cpu": 1, "gpu": 1} if use_gpu else {"cpu": 1}
+    resources = {"cpu": 1, "gpu": 1} if device == "cuda" else {"cpu": 1}
     tuner = tune.Tuner(
         tune.with_resources(trainable, resources),
-        param_space={**base_space, key: tune.grid_search(values), "use_gpu": use_gpu, "threads": 1},
+        param_space={**base_space, key: tune.grid_search(values), "device": device, "threads": 1},
         run_config=tune.RunConfig(
             name=name,
             storage_path=str(storage_path),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             verbose=0,
-            callbacks=[_progress_callback(len(values), progress)] if progress else None,
+            callbacks=[progress_callback(len(values), progress)] if progress else None,
         ),
     )
     grid = tuner.fit()
     if grid.errors:
         msgs = "; ".join(str(e).strip().splitlines()[-1] for e in grid.errors)
         raise RuntimeError(f"{len(grid.errors)} trial(s) of {name} failed after {max_failures} retries: {msgs}")
+
+
+def run_grid(trainable: Callable[[dict], None], name: str, base: Any, lr_grid: list[float], inputs: Mapping[str, str],
+             ckpt_root: Path, storage_path: Path, device: str = "cpu", max_failures: int = 2,
+             progress: Callable[[float], None] | None = None) -> list[tuple[float, dict]]:
+    """Train one trial per ``lr_dni`` of ``lr_grid``; returns (lr_dni, summary read from disk) per trial.
+
+    base: the training config (a dataclass with an ``lr_dni`` field, replaced per trial);
+    inputs: file paths the trainable reads (strings, they travel in the Tune config).
+    A trial's config is ``{"train": base without lr_dni, **inputs, "ckpt_root", "lr_dni",
+    "device", "threads"}``; the trainable writes ``trial_dir(...)/summary.json`` when done.
+    """
+    pending = [lr for lr in lr_grid if not (trial_dir(ckpt_root, lr) / SUMMARY).exists()]
+    space = {"train": {k: v for k, v in asdict(base).items() if k != "lr_dni"}, **inputs, "ckpt_root": str(ckpt_root)}
+    tune_grid(trainable, "lr_dni", pending, space, name, storage_path, max_failures, progress, device)
+    return [(lr, json.loads((trial_dir(ckpt_root, lr) / SUMMARY).read_text())) for lr in lr_grid]

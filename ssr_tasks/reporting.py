@@ -1,12 +1,56 @@
-"""Results tables and plots (matplotlib, Agg backend) built from evaluation outputs."""
+"""Results tables and plots (matplotlib, Agg backend) built from evaluation outputs, for both tracks."""
 from __future__ import annotations
 
+import csv
+import io
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from ssr_model.metrics import accuracy_ci95
+
+
+@dataclass(frozen=True)
+class ResultsReport:
+    """A results table (rows = method, one column per metric) as written to disk, and the plots.
+
+    csv / md: the table's files; markdown: the table's text; figures: plot name -> PNG path.
+    """
+
+    rows: tuple[dict, ...]
+    markdown: str
+    csv: str
+    md: str
+    figures: tuple[tuple[str, str], ...]
+
+
+def write_report(rows: list[dict], columns: list[str], figures: Mapping[str, Any], out_dir: Path) -> ResultsReport:
+    """Write the table (CSV + Markdown) and each matplotlib figure (name -> figure) into ``out_dir``."""
+    csv_path, md_path, md = write_results_table(rows, columns, out_dir)
+    paths = tuple((name, str(save_figure(fig, out_dir / name))) for name, fig in figures.items())
+    return ResultsReport(tuple(rows), md, str(csv_path), str(md_path), paths)
+
+
+def write_results_table(rows: list[dict[str, Any]], columns: list[str], out_dir: Path) -> tuple[Path, Path, str]:
+    """Results as CSV and Markdown (atomic writes). Returns (csv, md, markdown text)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: row.get(c, "") for c in columns})
+    md = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    for row in rows:
+        md += "| " + " | ".join(str(row.get(c, "")) for c in columns) + " |\n"
+    csv_path, md_path = out_dir / "results.csv", out_dir / "results.md"
+    for path, text in ((csv_path, buf.getvalue()), (md_path, md)):
+        with tempfile.NamedTemporaryFile("w", dir=out_dir, delete=False, suffix=".tmp") as fh:
+            fh.write(text)
+        Path(fh.name).replace(path)
+    return csv_path, md_path, md
 
 
 def fmt_ci(accs: np.ndarray) -> str:
@@ -28,7 +72,7 @@ def fewshot_rows(per_shot: Mapping[int, Mapping[str, np.ndarray]], krecip_label:
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # plotting only: matplotlib is slow to import and not needed by the rest
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -53,20 +97,23 @@ def plot_accuracy_by_step(per_shot: Mapping[int, Mapping[str, np.ndarray]], max_
     return fig
 
 
-def plot_training_curves(trials: list[dict]):
-    """Validation accuracy against iteration, one line per trial across the curriculum stages."""
+def plot_training_curves(trials) -> Any:
+    """Validation accuracy against iteration, one line per trial across the curriculum stages.
+
+    trials: few-shot trials (``ssr_tasks.fewshot.handoffs.FewShotTrial``).
+    """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     boundaries: set[int] = set()
     for trial in trials:
         offset, xs, ys = 0, [], []
-        for stage in trial["stages"]:
-            for h in stage["history"]:
-                xs.append(offset + h["iteration"])
-                ys.append(100 * h["val_acc"])
+        for stage in trial.stages:
+            for h in stage.history:
+                xs.append(offset + h.iteration)
+                ys.append(100 * h.val_acc)
             offset = xs[-1] if xs else offset
             boundaries.add(offset)
-        ax.plot(xs, ys, marker="o", label=f"lr_dni={trial['lr_dni']:g}")
+        ax.plot(xs, ys, marker="o", label=f"lr_dni={trial.lr_dni:g}")
     for b in sorted(boundaries)[:-1]:
         ax.axvline(b, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("iteration (curriculum stages steps=1, 2, ... separated by dotted lines)")

@@ -5,12 +5,11 @@ Model code returns metrics; only this module talks to MLflow.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from ssr_tasks.handoffs import RegisteredModel
 from ssr_tasks.services import check_mlflow, mlflow_artifact_root, mlflow_tracking_uri, redact_uri
 
 log = logging.getLogger(__name__)
@@ -20,7 +19,7 @@ PIP_REQUIREMENTS = ["torch", "numpy", "ssr-pipeline"]
 
 
 def _mlflow():
-    import mlflow
+    import mlflow  # MLflow takes seconds to import; only the steps that track pay for it
 
     return mlflow
 
@@ -82,20 +81,8 @@ class Tracker:
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         _mlflow().log_dict(obj, artifact_file)
 
-    def log_text(self, text: str, artifact_file: str) -> None:
-        _mlflow().log_text(text, artifact_file)
-
     def log_file(self, path: Path, artifact_path: str | None = None) -> None:
         _mlflow().log_artifact(str(path), artifact_path)
-
-    def log_figure(self, fig: Any, artifact_file: str) -> None:
-        _mlflow().log_figure(fig, artifact_file)
-
-    def log_history(self, history: list[Mapping[str, float]], step_key: str = "iteration") -> None:
-        """Per-validation metrics of a trial as metric series."""
-        for row in history:
-            step = int(row[step_key])
-            self.log_metrics({k: v for k, v in row.items() if k != step_key}, step=step)
 
     # ---- registry -----------------------------------------------------------------
 
@@ -106,7 +93,7 @@ class Tracker:
         tags: Mapping[str, str],
         val_metric: float,
         compare_on: tuple[str, ...] = ("dataset", "backbone"),
-    ) -> dict[str, Any]:
+    ) -> RegisteredModel:
         """Log ``model`` in the active run, register it and move ``champion`` if it wins.
 
         ``champion-<dataset>-<backbone>`` follows the best version per dataset and
@@ -122,7 +109,7 @@ class Tracker:
             serialization_format="pickle",
             pip_requirements=PIP_REQUIREMENTS,
         )
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # MLflow: see _mlflow
 
         try:
             self.client.get_registered_model(name)
@@ -146,10 +133,10 @@ class Tracker:
                     with contextlib.suppress(Exception):
                         self.client.set_registered_model_alias(name, alias, old)
             raise
-        return {"name": name, "version": int(version), "model_uri": f"models:/{name}/{version}", "aliases": moved}
+        return RegisteredModel(name, int(version), f"models:/{name}/{version}", tuple(moved), info.run_id, self.safe_uri)
 
     def _alias_version(self, name: str, alias: str):
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # MLflow: see _mlflow
 
         try:
             return self.client.get_model_version_by_alias(name, alias)
@@ -175,27 +162,9 @@ class Tracker:
         return moved
 
 
-def write_results_table(rows: list[dict[str, Any]], columns: list[str], out_dir: Path) -> tuple[Path, Path, str]:
-    """Results as CSV and Markdown (atomic writes). Returns (csv, md, markdown text)."""
-    import csv
-    import io
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: row.get(c, "") for c in columns})
-    md = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-    for row in rows:
-        md += "| " + " | ".join(str(row.get(c, "")) for c in columns) + " |\n"
-    csv_path, md_path = out_dir / "results.csv", out_dir / "results.md"
-    for path, text in ((csv_path, buf.getvalue()), (md_path, md)):
-        with tempfile.NamedTemporaryFile("w", dir=out_dir, delete=False, suffix=".tmp") as fh:
-            fh.write(text)
-        Path(fh.name).replace(path)
-    return csv_path, md_path, md
-
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)
+def registered_models(tracking_uri: str | None = None) -> list[tuple[str, dict[str, str], list[tuple[str, dict[str, str]]]]]:
+    """The registry's models: (name, alias -> version, [(version, tags)]) each (for ``ssr models``)."""
+    uri = tracking_uri or mlflow_tracking_uri()
+    client = _mlflow().MlflowClient(uri, uri)
+    return [(rm.name, dict(rm.aliases or {}), [(str(mv.version), dict(mv.tags)) for mv in client.search_model_versions(f"name='{rm.name}'")])
+            for rm in client.search_registered_models()]

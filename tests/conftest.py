@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
@@ -72,3 +73,28 @@ def glyphs_small(ssr_home):
     from storage.glyphs import prepare_glyphs
 
     return prepare_glyphs(ssr_home / "data", seed=0, size="small")
+
+
+def make_features(path, n_classes=(12, 6, 6), per_class=20, dim=16, seed=0, noise=0.9):
+    """A features table of Gaussian clusters: split train/val/test with disjoint classes."""
+    from storage.features import write_features
+
+    rng = np.random.default_rng(seed)
+    embs, labels, splits, paths = [], [], [], []
+    for split, n in zip(("train", "val", "test"), n_classes):
+        for c in range(n):
+            centre = rng.normal(size=dim)
+            embs.append(centre + noise * rng.normal(size=(per_class, dim)))
+            labels += [f"{split}-c{c}"] * per_class
+            splits += [split] * per_class
+            paths += [f"{split}-c{c}/{i}.png" for i in range(per_class)]
+    emb = np.concatenate(embs).astype(np.float32)
+    write_features(path, ids=np.arange(len(emb)), labels=labels, splits=splits, embeddings=emb, paths=paths,
+                   metadata={"dataset": "synthetic", "backbone": "none", "checkpoint_hash": "-", "dim": str(dim)})
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_features(tmp_path_factory):
+    """Features of 12 train, 6 val and 6 test classes of 20 rows each, D=16 (tests/tasks, tests/integration)."""
+    return make_features(tmp_path_factory.mktemp("features") / "features.parquet")

@@ -1,8 +1,9 @@
 """The flow process SIGKILLed during SSR training, then the same command again.
 
 ``ssr run fewshot --preset reproduce-fewshot-tiny`` runs the flow in its own process (the
-Ray driver). A fault marker kills that process from Tune's driver-side callback, right
-after a trial reported its first validation (its ``last.pt`` is written by then). The rerun
+Ray driver). The killed run goes through ``ssr_killed_at_first_trial_result.py``, which
+kills that process from Tune's driver-side callback, right after a trial reported its
+first validation (its ``last.pt`` is written by then). The rerun
 resumes the trial from that checkpoint and reuses the data, backbone and features; its
 results table and SSR weights equal those of an undisturbed run in another run folder.
 
@@ -23,10 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssr_tasks.faults import FAULT_DIR_ENV
-
-SSR = str(Path(sys.executable).parent / "ssr")
-MARKER = "tune-driver-after-trial-result"
+SSR = [str(Path(sys.executable).parent / "ssr")]
+SSR_KILLED = [sys.executable, str(Path(__file__).with_name("ssr_killed_at_first_trial_result.py"))]
 _GROUPS: list[int] = []  # process groups of the runs, reaped at the end
 
 
@@ -42,16 +41,14 @@ class Run:
         self.returncode, self.stdout, self.stderr, self.pgid = returncode, stdout, stderr, pgid
 
 
-def _run(home: Path, faults: Path | None = None) -> Run:
+def _run(home: Path, command: list[str] = SSR) -> Run:
     env = {**os.environ, "SSR_HOME": str(home)}
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", FAULT_DIR_ENV):
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
         env.pop(key, None)
-    if faults is not None:
-        env[FAULT_DIR_ENV] = str(faults)
     tag = f"{home.name}-{os.urandom(3).hex()}"
     out, err = home.parent / f"{tag}.out", home.parent / f"{tag}.err"
     with open(out, "w") as fo, open(err, "w") as fe:
-        proc = subprocess.Popen([SSR, "run", "fewshot", "--preset", "reproduce-fewshot-tiny"], env=env,
+        proc = subprocess.Popen([*command, "run", "fewshot", "--preset", "reproduce-fewshot-tiny"], env=env,
                                 stdout=fo, stderr=fe, start_new_session=True)
         try:
             rc = proc.wait(timeout=600)
@@ -88,13 +85,9 @@ def _kill_and_resume(tmp_path: Path, ssr_home: Path) -> None:
     assert clean.returncode == 0, clean.stderr[-3000:]
     assert len(_table(clean.stdout)) == 3, clean.stdout
 
-    faults = tmp_path / "faults"
-    faults.mkdir()
-    (faults / MARKER).touch()
     home = _home(tmp_path, "killed", ssr_home)
-    killed = _run(home, faults)
+    killed = _run(home, SSR_KILLED)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert not (faults / MARKER).exists()
     assert list(home.rglob("steps1/last.pt")) and not list(home.rglob("summary.json"))  # mid-training
     assert not _table(killed.stdout)
     cached = sorted(home.rglob("features*.parquet")) + sorted((home / "backbones").glob("*.pt"))

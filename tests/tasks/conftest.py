@@ -1,28 +1,71 @@
+"""Fixtures of the task tests: small synthetic inputs, and Prefect's run logger and progress
+artifacts switched off so that a task's ``.fn`` runs without a Prefect server."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from ssr_tasks.config import FewShotParams, RetrievalParams
+
+# The smallest settings of each pipeline that still run every step.
+TINY_FEWSHOT = dict(pretrain_epochs=1, pretrain_batch_size=8, n_way=3, n_shot_train=1, n_query=4, eval_shots=[1, 2],
+                    max_steps=2, hidden=16, lr_dni_grid=[0.1], iterations_first=4, iterations_next=2, val_every=2,
+                    batch_episodes=2, n_val_episodes=6, n_test_episodes=8, krecip_k1=[3], krecip_k2=[2],
+                    krecip_lambda=[0.3, 0.5], n_eval_actors=1, device="cpu")
+TINY_RETRIEVAL = dict(glyphs_size="small", pretrain_epochs=1, k=10, hidden=16, lr_dni_grid=[1e-3], sequence_length=60,
+                      min_positives=1, iterations=4, val_every=2, batch_queries=4, shard_size=16, n_rerank_actors=1,
+                      device="cpu")
 
 
-def make_features(path, n_classes=(12, 6, 6), per_class=20, dim=16, seed=0, noise=0.9):
-    """A features table of Gaussian clusters: split train/val/test with disjoint classes."""
-    from storage.features import write_features
+class NoProgress:
+    """Stands in for ``ssr_tasks.taskkit.Progress`` (no Prefect artifact); records the updates."""
 
-    rng = np.random.default_rng(seed)
-    embs, labels, splits, paths = [], [], [], []
-    for split, n in zip(("train", "val", "test"), n_classes):
-        for c in range(n):
-            centre = rng.normal(size=dim)
-            embs.append(centre + noise * rng.normal(size=(per_class, dim)))
-            labels += [f"{split}-c{c}"] * per_class
-            splits += [split] * per_class
-            paths += [f"{split}-c{c}/{i}.png" for i in range(per_class)]
-    emb = np.concatenate(embs).astype(np.float32)
-    write_features(path, ids=np.arange(len(emb)), labels=labels, splits=splits, embeddings=emb, paths=paths,
-                   metadata={"dataset": "synthetic", "backbone": "none", "checkpoint_hash": "-", "dim": str(dim)})
-    return path
+    calls: list = []
+
+    def __init__(self, key: str, description: str):
+        self.key = key
+
+    def __call__(self, done: float, total: float = 1.0, *_):
+        NoProgress.calls.append((self.key, done, total))
+
+
+@pytest.fixture
+def task_env(monkeypatch):
+    """Run Prefect tasks' ``.fn`` outside a flow: no run logger, no progress artifacts."""
+    from prefect.logging import disable_run_logger
+
+    import ssr_tasks.backbone
+    import ssr_tasks.fewshot.tasks
+    import ssr_tasks.retrieval.tasks
+
+    for module in (ssr_tasks.backbone, ssr_tasks.fewshot.tasks, ssr_tasks.retrieval.tasks):
+        monkeypatch.setattr(module, "Progress", NoProgress)
+    with disable_run_logger():
+        yield
 
 
 @pytest.fixture(scope="session")
-def synthetic_features(tmp_path_factory):
-    return make_features(tmp_path_factory.mktemp("features") / "features.parquet")
+def tiny_image_dataset(tmp_path_factory):
+    """A CIFAR-FS-layout folder: 4 train, 3 val, 3 test classes of 8 random 32x32 RGB images."""
+    root = tmp_path_factory.mktemp("tiny-cifar-fs")
+    rng = np.random.default_rng(0)
+    for split, n_classes in (("train", 4), ("val", 3), ("test", 3)):
+        for c in range(n_classes):
+            folder = root / split / f"{split}{c}"
+            folder.mkdir(parents=True)
+            base = rng.integers(0, 256, size=(32, 32, 3))
+            for i in range(8):
+                img = np.clip(base + rng.normal(0, 30, size=base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_fewshot_params(tiny_image_dataset):
+    return FewShotParams(dataset="cifar-fs", data_root=str(tiny_image_dataset), **TINY_FEWSHOT)
+
+
+@pytest.fixture(scope="session")
+def tiny_retrieval_params():
+    return RetrievalParams(**TINY_RETRIEVAL)

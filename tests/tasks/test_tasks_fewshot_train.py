@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ssr_tasks.episodes import episodes_from_json, load_split, sample_episodes
-from ssr_tasks.fewshot_train import TrainConfig, train_curriculum
+from ssr_tasks.fewshot.episodes import episodes_from_json, load_split, sample_episodes
+from ssr_tasks.fewshot.train import TrainConfig, train_curriculum
 
 
 def small_cfg(**kw):

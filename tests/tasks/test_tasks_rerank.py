@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from ssr_model import RetrievalSSR
-from ssr_tasks.rerank import ShardReranker, rerank_store
+from ssr_tasks.retrieval.handoffs import RetrievalModel
+from ssr_tasks.retrieval.rerank import ShardReranker, rerank_store
+from ssr_tasks.retrieval.train import RetrievalTrainConfig
 from storage.features import write_features
 from storage.simstore import SimilarityStore, build_topk_store
 
@@ -26,13 +27,13 @@ def setup(tmp_path_factory):
     write_features(root / "q.parquet", ids=np.arange(25), labels=["q"] * 25, splits=["query"] * 25, embeddings=q, metadata=meta)
     build_topk_store(q, np.arange(25), db, np.arange(80), root / "topk", K_STORE, shard_size=7)
     torch.manual_seed(0)
-    kwargs = {"feat_dim": D, "k": K, "steps": 1, "lr_dni": 0.5, "hidden": 16}
-    torch.save(RetrievalSSR(**kwargs).state_dict(), root / "model.pt")
-    return root, kwargs, q
+    cfg = RetrievalTrainConfig(feat_dim=D, k=K, steps=1, lr_dni=0.5, hidden=16)
+    torch.save(cfg.build().state_dict(), root / "model.pt")
+    return root, RetrievalModel(str(root / "model.pt"), cfg), q
 
 
-def expected(root, kwargs, q):
-    worker = ShardReranker(str(root / "db.parquet"), str(root / "model.pt"), kwargs)
+def expected(root, model, q):
+    worker = ShardReranker(str(root / "db.parquet"), model)
     rows = []
     for shard in SimilarityStore(root / "topk").iter_shards():
         ids, _ = worker.rerank_arrays(torch.from_numpy(q[shard.query_ids]), shard.neighbor_ids, shard.scores)
@@ -41,23 +42,23 @@ def expected(root, kwargs, q):
 
 
 def test_plain_worker_reorders_only_the_top_k(setup):
-    root, kwargs, q = setup
-    for (qids, ids), shard in zip(expected(root, kwargs, q), SimilarityStore(root / "topk").iter_shards()):
+    root, model, q = setup
+    for (qids, ids), shard in zip(expected(root, model, q), SimilarityStore(root / "topk").iter_shards()):
         assert np.array_equal(np.sort(ids[:, :K], 1), np.sort(shard.neighbor_ids[:, :K], 1))
         assert np.array_equal(ids[:, K:], shard.neighbor_ids[:, K:])
 
 
 def test_actor_pool_reranks_every_query_exactly_once(setup, ray_local):
-    root, kwargs, q = setup
-    out = rerank_store(root / "topk", root / "q.parquet", root / "db.parquet", root / "reranked", str(root / "model.pt"), kwargs, n_actors=2)
+    root, model, q = setup
+    out = rerank_store(root / "topk", root / "q.parquet", root / "db.parquet", root / "reranked", model, n_actors=2)
     store = SimilarityStore(out)
     assert store.is_complete() and store.k == K_STORE
     got = {int(qid): ids for shard in store.iter_shards() for qid, ids in zip(shard.query_ids, shard.neighbor_ids)}
     assert sorted(got) == list(range(25))
-    for qids, ids in expected(root, kwargs, q):
+    for qids, ids in expected(root, model, q):
         for qid, row in zip(qids, ids):
             assert np.array_equal(got[int(qid)], row)
     # a deleted output shard is redone on rerun, the others are kept
     store.shard_path(1).unlink()
-    rerank_store(root / "topk", root / "q.parquet", root / "db.parquet", root / "reranked", str(root / "model.pt"), kwargs, n_actors=1)
+    rerank_store(root / "topk", root / "q.parquet", root / "db.parquet", root / "reranked", model, n_actors=1)
     assert SimilarityStore(out).is_complete()

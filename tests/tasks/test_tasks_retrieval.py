@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from ssr_tasks.retrieval_eval import MethodRanking, method_rankings, ranks_after_rerank, write_ranking_store
-from ssr_tasks.retrieval_train import RetrievalTrainConfig, make_sequences, topk_ap, train_retrieval
+from ssr_tasks.retrieval.evaluate import method_rankings, ranks_after_rerank, write_ranking_store
+from ssr_tasks.retrieval.train import RetrievalTrainConfig, make_sequences, topk_ap, train_retrieval
+from storage.simstore import create_store
 
 
 def clusters(n_clusters=30, per=8, dim=16, noise=1.2, seed=0):
@@ -66,8 +67,6 @@ def test_method_rankings_and_rerank_order(tmp_path):
     store = write_ranking_store(tmp_path / "s", m, k_store=4, shard_size=2, source="t")
     assert store.is_complete() and store.n_shards == 3
     # reversing the stored top-4 must reverse exactly those 4 and keep the rest
-    from storage.simstore import create_store
-
     out = create_store(tmp_path / "r", 4, 5, 3, 2)
     for shard in store.iter_shards():
         out.mark_complete(shard.index, out.write_shard(shard.index, shard.query_ids, shard.neighbor_ids[:, ::-1].copy(), shard.scores))

@@ -25,18 +25,18 @@ def test_champion_moves_only_when_better_for_same_dataset_and_backbone(tracker):
     tags = {"dataset": "glyphs", "backbone": "conv4-64", "steps": "1"}
     with tracker.run("a"):
         v1 = tracker.log_and_register(_model(), "m", tags, val_metric=50.0)
-    assert set(v1["aliases"]) == {"champion", "champion-glyphs-conv4-64"}
+    assert set(v1.aliases) == {"champion", "champion-glyphs-conv4-64"}
     with tracker.run("b"):
         v2 = tracker.log_and_register(_model(), "m", tags, val_metric=40.0)
-    assert v2["aliases"] == []
+    assert v2.aliases == ()
     with tracker.run("c"):
         v3 = tracker.log_and_register(_model(), "m", {**tags, "dataset": "cifar-fs"}, val_metric=90.0)
-    assert v3["aliases"] == ["champion-cifar-fs-conv4-64"]  # another dataset never takes "champion"
+    assert v3.aliases == ("champion-cifar-fs-conv4-64",)  # another dataset never takes "champion"
     with tracker.run("d"):
         v4 = tracker.log_and_register(_model(), "m", tags, val_metric=60.0)
-    assert set(v4["aliases"]) == {"champion", "champion-glyphs-conv4-64"}
+    assert set(v4.aliases) == {"champion", "champion-glyphs-conv4-64"}
     champ = tracker.client.get_model_version_by_alias("m", "champion")
-    assert int(champ.version) == v4["version"] and champ.tags["val_metric"] == "60.000000"
+    assert int(champ.version) == v4.version and champ.tags["val_metric"] == "60.000000"
 
 
 def test_failed_registration_leaves_no_half_made_version(tracker, monkeypatch):
@@ -58,7 +58,7 @@ def test_registered_model_loads_back_and_classifies(tracker):
     support, query = torch.randn(2, 3, 8), torch.randn(4, 8)
     torch.testing.assert_close(loaded(support, query), model(support, query))
     assert loaded.predict(support, query).shape == (4,)
-    assert reg["model_uri"] == "models:/m3/1"
+    assert reg.model_uri == "models:/m3/1" and sorted(reg.as_dict()["aliases"]) == ["champion", "champion-d-b"]
 
 
 def test_unreachable_tracking_server_fails_fast_naming_the_url(tmp_path):

@@ -11,6 +11,7 @@ import json
 import pickle
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ssr_tasks.episodes import episodes_from_json, load_split, sample_episodes
+from ssr_model.backbones import build_backbone
+from ssr_tasks.backbone import load_backbone
+from ssr_tasks.fewshot.episodes import episodes_from_json, load_split, sample_episodes
+from ssr_tasks.fewshot.evaluate import FewShotEvaluator
+from ssr_tasks.fewshot.handoffs import FewShotModel
+from ssr_tasks.fewshot.train import TrainConfig
+from ssr_tasks.retrieval.handoffs import RetrievalModel
+from ssr_tasks.retrieval.rerank import ShardReranker, rerank_store
+from ssr_tasks.retrieval.train import RetrievalTrainConfig
+from storage.features import write_features
+from storage.simstore import SimilarityStore, build_topk_store, create_store
 
 SSR = str(Path(sys.executable).parent / "ssr")
 META = {b"dataset": b"t", b"backbone": b"t", b"checkpoint_hash": b"-"}
@@ -92,15 +103,12 @@ def test_truncated_parquet_is_a_corrupt_file_error(tmp_path):
 
 
 def test_features_of_the_wrong_dimension_for_the_model(tmp_path):
-    from ssr_model import FewShotSSR
-    from ssr_tasks.fewshot_eval import FewShotEvaluator
-
     ids, labels, splits, emb = good_rows(dim=4)
     path = raw_features(tmp_path / "feat.parquet", ids, labels, splits, emb)
-    kwargs = {"feat_dim": 6, "n_way": 3, "n_query": 6, "steps": 1, "hidden": 8}
-    torch.save(FewShotSSR(**kwargs).state_dict(), tmp_path / "ssr.pt")
+    cfg = TrainConfig(feat_dim=6, n_way=3, n_query=2, hidden=8)
+    torch.save(cfg.build(1).state_dict(), tmp_path / "ssr.pt")
     with pytest.raises(ValueError, match=r"feat\.parquet: embedding has dim 4, expected 6"):
-        FewShotEvaluator(str(path), "val", str(tmp_path / "ssr.pt"), kwargs)
+        FewShotEvaluator(str(path), "val", FewShotModel(str(tmp_path / "ssr.pt"), cfg, 1))
 
 
 # ---- episode files -----------------------------------------------------------------------------
@@ -126,17 +134,12 @@ def test_bad_episode_json(tmp_path, content, message):
 
 
 def test_backbone_checkpoint_of_another_architecture(tmp_path):
-    from ssr_model.backbones import build_backbone
-    from ssr_tasks.backbone_step import load_backbone
-
     torch.save(build_backbone("resnet12", 32, in_channels=3).state_dict(), tmp_path / "resnet12.pt")
     with pytest.raises(ValueError, match=r"resnet12\.pt: not a conv4-64 state dict for glyphs"):
         load_backbone("conv4-64", "glyphs", tmp_path / "resnet12.pt")
 
 
 def test_checkpoint_pickle_with_foreign_globals_is_refused(tmp_path):
-    from ssr_tasks.backbone_step import load_backbone
-
     class Evil:
         def __reduce__(self):
             return (print, ("pwned",))
@@ -154,10 +157,6 @@ D, N_DB, N_Q = 8, 40, 10
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from ssr_model import RetrievalSSR
-    from storage.features import write_features
-    from storage.simstore import build_topk_store
-
     root = tmp_path_factory.mktemp("bad-rerank")
     rng = np.random.default_rng(0)
     db, q = rng.normal(size=(N_DB, D)).astype(np.float32), rng.normal(size=(N_Q, D)).astype(np.float32)
@@ -165,57 +164,45 @@ def store(tmp_path_factory):
     write_features(root / "db.parquet", ids=np.arange(N_DB), labels=[0] * N_DB, splits="database", embeddings=db, metadata=meta)
     write_features(root / "q.parquet", ids=np.arange(N_Q), labels=[0] * N_Q, splits="query", embeddings=q, metadata=meta)
     build_topk_store(q, np.arange(N_Q), db, np.arange(N_DB), root / "topk", 10, shard_size=4)
-    kwargs = {"feat_dim": D, "k": 6, "steps": 1, "lr_dni": 0.5, "hidden": 16}
-    torch.save(RetrievalSSR(**kwargs).state_dict(), root / "model.pt")
-    return root, kwargs
+    cfg = RetrievalTrainConfig(feat_dim=D, k=6, steps=1, lr_dni=0.5, hidden=16)
+    torch.save(cfg.build().state_dict(), root / "model.pt")
+    return root, RetrievalModel(str(root / "model.pt"), cfg)
 
 
 def test_reranker_checkpoint_of_another_hidden_size(store, tmp_path):
-    from ssr_model import RetrievalSSR
-    from ssr_tasks.rerank import ShardReranker
-
-    root, kwargs = store
-    torch.save(RetrievalSSR(**{**kwargs, "hidden": 32}).state_dict(), tmp_path / "wide.pt")
+    root, model = store
+    torch.save(replace(model.config, hidden=32).build().state_dict(), tmp_path / "wide.pt")
     with pytest.raises(ValueError, match=r"wide\.pt: \S+ has shape \(\d*, ?\d*\)?.*RetrievalSSR\(.*hidden=16\) expects"):
-        ShardReranker(str(root / "db.parquet"), str(tmp_path / "wide.pt"), kwargs)
+        ShardReranker(str(root / "db.parquet"), replace(model, weights=str(tmp_path / "wide.pt")))
 
 
 def test_fewshot_checkpoint_of_another_model_kind(store, tmp_path):
-    from ssr_tasks.fewshot_eval import FewShotEvaluator
-
-    root, kwargs = store  # a retrieval SSR state dict given to the few-shot evaluator
+    root, model = store  # a retrieval SSR state dict given to the few-shot evaluator
     ids, labels, splits, emb = good_rows(dim=D)
     path = raw_features(tmp_path / "feat.parquet", ids, labels, splits, emb)
-    fs_kwargs = {"feat_dim": D, "n_way": 3, "n_query": 6, "steps": 1, "hidden": 16}
+    cfg = TrainConfig(feat_dim=D, n_way=3, n_query=2, hidden=16)
     with pytest.raises(ValueError, match=r"model\.pt: (not a state dict of FewShotSSR|\S+ has shape .* FewShotSSR)"):
-        FewShotEvaluator(str(path), "val", str(root / "model.pt"), fs_kwargs)
+        FewShotEvaluator(str(path), "val", FewShotModel(model.weights, cfg, 1))
 
 
 def test_reranker_refuses_database_of_the_wrong_dimension(store):
-    from ssr_tasks.rerank import ShardReranker
-
-    root, kwargs = store
+    root, model = store
     with pytest.raises(ValueError, match=rf"db\.parquet: embedding has dim {D}, expected {D + 4}"):
-        ShardReranker(str(root / "db.parquet"), str(root / "model.pt"), {**kwargs, "feat_dim": D + 4})
+        ShardReranker(str(root / "db.parquet"), replace(model, config=replace(model.config, feat_dim=D + 4)))
 
 
 def test_truncated_database_parquet(store, tmp_path):
-    from ssr_tasks.rerank import ShardReranker
-
-    root, kwargs = store
+    root, model = store
     data = (root / "db.parquet").read_bytes()
     (tmp_path / "db.parquet").write_bytes(data[:-100])
     with pytest.raises(ValueError, match=r"db\.parquet: not a readable Parquet file"):
-        ShardReranker(str(tmp_path / "db.parquet"), str(root / "model.pt"), kwargs)
+        ShardReranker(str(tmp_path / "db.parquet"), model)
 
 
 def test_store_whose_shards_disagree_on_k_fails_the_actor_pool_run(store, tmp_path, ray_local):
     import shutil
 
-    from ssr_tasks.rerank import rerank_store
-    from storage.simstore import SimilarityStore
-
-    root, kwargs = store
+    root, model = store
     bad = tmp_path / "topk"
     shutil.copytree(root / "topk", bad)
     part = SimilarityStore(bad).read_shard(1)
@@ -227,22 +214,18 @@ def test_store_whose_shards_disagree_on_k_fails_the_actor_pool_run(store, tmp_pa
         "scores": pa.ListArray.from_arrays(offsets, pa.array(part.scores[:, :5].reshape(-1))),
     }), bad / "part-00001.parquet")
     with pytest.raises(Exception, match=r"part-00001\.parquet: neighbor_ids row 0 has length 5, manifest K is 10"):
-        rerank_store(bad, root / "q.parquet", root / "db.parquet", tmp_path / "out", str(root / "model.pt"), kwargs, n_actors=1)
+        rerank_store(bad, root / "q.parquet", root / "db.parquet", tmp_path / "out", model, n_actors=1)
     assert not (tmp_path / "out" / "part-00001.parquet").exists()
     assert 1 in SimilarityStore(tmp_path / "out").pending_shards()
 
 
 def test_query_without_features_names_the_query_table(store, tmp_path):
-    from ssr_tasks.rerank import ShardReranker
-    from storage.features import write_features
-    from storage.simstore import create_store
-
-    root, kwargs = store
+    root, model = store
     q = np.ones((N_Q - 1, D), np.float32)  # the last query is missing
     write_features(tmp_path / "q.parquet", ids=np.arange(N_Q - 1), labels=[0] * (N_Q - 1), splits="query", embeddings=q,
                    metadata={"dataset": "t", "backbone": "t", "checkpoint_hash": "-"})
     create_store(tmp_path / "out", 10, N_Q, 3, 4)
-    worker = ShardReranker(str(root / "db.parquet"), str(root / "model.pt"), kwargs)
+    worker = ShardReranker(str(root / "db.parquet"), model)
     with pytest.raises(ValueError, match=rf"q\.parquet: query id {N_Q - 1} of shard 2 has no features"):
         worker.rerank_shard(str(root / "topk"), str(tmp_path / "q.parquet"), str(tmp_path / "out"), 2)
     assert not (tmp_path / "out" / "part-00002.parquet").exists()

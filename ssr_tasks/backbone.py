@@ -1,8 +1,10 @@
-"""Backbone: load a released checkpoint, or pretrain one on the base classes; extract features.
+"""Backbone of both tracks: load a released checkpoint, or pretrain one on the base classes;
+extract features.
 
 Pretraining follows what the SSR/SIB authors did for tiered-ImageNet: a cosine classifier
 over the base (train) classes, cross-entropy, SGD. Each epoch is checkpointed, so an
-interrupted pretraining resumes. Plain code; the Prefect tasks wrap it.
+interrupted pretraining resumes. Plain code, with the ``get_backbone`` Prefect task at the
+end.
 """
 from __future__ import annotations
 
@@ -13,9 +15,16 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from prefect import get_run_logger, task
 
 from ssr_model.backbones import CosineClassifier, build_backbone
+from ssr_tasks.config import FewShotParams, RetrievalParams
+from ssr_tasks.device import local_device
+from ssr_tasks.handoffs import Backbone
+from ssr_tasks.resume import LoopState, TrainingCheckpoint
+from ssr_tasks.taskkit import CACHE, Progress, short_hash
 from storage.checkpoints import file_sha256, load_state_dict, save_checkpoint
+from storage.features import write_features
 from storage.fewshot import DATASET_SPECS, SplitIndex, list_split, load_images
 
 log = logging.getLogger(__name__)
@@ -63,15 +72,10 @@ def pretrain_backbone(
     params = list(net.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    ckpt = out_path.with_suffix(".last.pt")
-    start = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["net"])
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["optim"])
-        sched.load_state_dict(state["sched"])
-        start = int(state["epoch"])
+    ckpt = TrainingCheckpoint(out_path.with_suffix(".last.pt"), net=net, head=head, optim=opt, sched=sched)
+    state = ckpt.restore() or LoopState()
+    start = state.done
+    if start:
         log.info("backbone pretraining: resuming after epoch %d", start)
     labels = torch.from_numpy(index.labels)
     for epoch in range(start, epochs):
@@ -98,12 +102,11 @@ def pretrain_backbone(
         sched.step()
         acc, mean_loss = correct / total, loss_sum / total
         log.info("backbone %s epoch %d/%d: loss %.3f, train acc %.1f%%", backbone, epoch + 1, epochs, mean_loss, 100 * acc)
+        ckpt.save(LoopState(done=epoch + 1))
         if progress is not None:
             progress(epoch + 1, epochs, mean_loss, acc)
-        save_checkpoint(ckpt, {"net": net.state_dict(), "head": head.state_dict(), "optim": opt.state_dict(),
-                               "sched": sched.state_dict(), "epoch": epoch + 1})
     save_checkpoint(out_path, {k: v.cpu() for k, v in net.state_dict().items()})
-    ckpt.unlink(missing_ok=True)
+    ckpt.remove()
     return out_path
 
 
@@ -142,8 +145,6 @@ def extract_features(
     batch_size: int = 256,
 ) -> Path:
     """Features of all splits into one Parquet features table (ids are global row numbers)."""
-    from storage.features import write_features
-
     out_path = Path(out_path)
     if out_path.exists():
         return out_path
@@ -163,3 +164,29 @@ def extract_features(
     meta = {"dataset": dataset, "backbone": backbone, "checkpoint_hash": file_sha256(Path(checkpoint)), "dim": str(emb.shape[1])}
     write_features(out_path, ids=ids, labels=labels, splits=split_col, embeddings=emb, paths=paths, metadata=meta)
     return out_path
+
+
+def spec_name(dataset: str) -> str:
+    """The image spec (``storage.fewshot.DATASET_SPECS``) of a dataset: the glyph sets share one."""
+    return "glyphs" if dataset.startswith("glyphs") else dataset
+
+
+@task(name="backbone", cache_policy=CACHE, persist_result=True)
+def get_backbone(params: FewShotParams | RetrievalParams, data_root: str, work_dir: str) -> Backbone:
+    """A released checkpoint when given (checked against the architecture), else pretrain
+    on ``<data_root>/train`` into ``work_dir``."""
+    logger = get_run_logger()
+    spec = spec_name(params.dataset)
+    if params.backbone_checkpoint:
+        load_backbone(params.backbone, spec, Path(params.backbone_checkpoint))
+        logger.info("backbone: using released checkpoint %s", params.backbone_checkpoint)
+        return Backbone(str(Path(params.backbone_checkpoint).resolve()), params.backbone, spec)
+    batch_size, lr = getattr(params, "pretrain_batch_size", 64), getattr(params, "pretrain_lr", 0.1)
+    recipe = short_hash([str(Path(data_root).resolve()), params.pretrain_epochs, batch_size, lr, params.seed])
+    out = Path(work_dir) / f"{spec}-{params.backbone}-{recipe}.pt"
+    logger.info("backbone: pretraining %s on the base classes for %d epochs", params.backbone, params.pretrain_epochs)
+    progress = Progress(f"pretrain-{short_hash([work_dir, params.backbone])}", "Backbone pretraining (epochs)")
+    path = pretrain_backbone(Path(data_root), spec, params.backbone, out, epochs=params.pretrain_epochs,
+                             batch_size=batch_size, lr=lr, seed=params.seed, device=local_device(params.device),
+                             progress=progress)
+    return Backbone(str(path), params.backbone, spec)

@@ -9,7 +9,6 @@ large clusters this reduces to the paper's uniform draw.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,9 @@ import torch.nn.functional as F
 
 from ssr_model import RetrievalSSR
 from ssr_model.losses import info_bce
+from ssr_tasks.resume import LoopState, TrainingCheckpoint, finished, mark_finished
+from storage.checkpoints import save_checkpoint
+from storage.features import read_features
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class RetrievalTrainConfig:
     seed: int = 0
 
     def build(self) -> RetrievalSSR:
+        """The untrained model (the one place its arguments are made)."""
         return RetrievalSSR(self.feat_dim, self.k, self.steps, lr_dni=self.lr_dni, hidden=self.hidden)
 
 
@@ -121,33 +124,32 @@ def evaluate_sequences(model: RetrievalSSR, emb_t: torch.Tensor, seqs: Sequences
 
 def train_retrieval(cfg: RetrievalTrainConfig, emb: np.ndarray, train: Sequences, val: Sequences, out_dir: Path,
                     device="cpu", report: Callable[[dict], None] | None = None) -> dict:
-    """SGD on InfoBCE; validation AP every ``val_every``; checkpoint/resume; keep the best."""
-    from storage.atomic import atomic_write_text
-    from storage.checkpoints import save_checkpoint
+    """SGD on InfoBCE; validation AP every ``val_every``; checkpoint/resume; keep the best.
 
+    emb (N, D) training features; train / val: sequences over rows of ``emb``. Returns the
+    summary {"best_val", "best_path", "history", "config"} (also left in ``summary.json``).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = out_dir / "summary.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    summary = finished(done)
+    if summary is not None:
+        return summary
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     emb_t = F.normalize(torch.from_numpy(emb).float(), dim=-1, eps=1e-12)
     model = cfg.build().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    last = out_dir / "last.pt"
-    if last.exists():
-        state = torch.load(last, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        start, best, history = int(state["iteration"]), float(state["best"]), json.loads(state["history"])
-        log.info("retrieval SSR: resuming at iteration %d", start)
+    ckpt = TrainingCheckpoint(out_dir / "last.pt", model=model, optim=opt)
+    state = ckpt.restore()
+    if state is not None:
+        log.info("retrieval SSR: resuming at iteration %d", state.done)
     else:
         # The untrained model is the bar to beat: a trained one is kept only if it does better.
-        start, best = 0, evaluate_sequences(model, emb_t, val, device)
-        history = [{"iteration": 0, "val_ap": best, "loss": float("nan")}]
+        best = evaluate_sequences(model, emb_t, val, device)
+        state = LoopState(0, best, [{"iteration": 0, "val_ap": best, "loss": float("nan")}])
         save_checkpoint(out_dir / "best.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})
-    for it in range(start, cfg.iterations):
+    for it in range(state.done, cfg.iterations):
         model.train()
         rng = np.random.default_rng(cfg.seed * 1_000_003 + it)
         idx = rng.choice(len(train), size=min(cfg.batch_queries, len(train)), replace=False)
@@ -158,16 +160,39 @@ def train_retrieval(cfg: RetrievalTrainConfig, emb: np.ndarray, train: Sequences
         opt.step()
         if (it + 1) % cfg.val_every == 0 or it + 1 == cfg.iterations:
             val_ap = evaluate_sequences(model, emb_t, val, device)
-            history.append({"iteration": it + 1, "val_ap": val_ap, "loss": loss.item()})
-            if val_ap > best:
-                best = val_ap
+            state.history.append({"iteration": it + 1, "val_ap": val_ap, "loss": loss.item()})
+            if val_ap > state.best:
+                state.best = val_ap
                 save_checkpoint(out_dir / "best.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})
-            save_checkpoint(last, {"model": model.state_dict(), "optim": opt.state_dict(), "iteration": it + 1,
-                                   "best": best, "history": json.dumps(history)})
+            state.done = it + 1
+            ckpt.save(state)
             log.info("retrieval SSR iteration %d/%d loss %.4f val AP %.2f%% (best %.2f%%)",
-                     it + 1, cfg.iterations, loss.item(), 100 * val_ap, 100 * best)
+                     it + 1, cfg.iterations, loss.item(), 100 * val_ap, 100 * state.best)
             if report is not None:
-                report({"iteration": it + 1, "loss": loss.item(), "val_ap": val_ap, "best_val_ap": best})
-    summary = {"best_val": best, "best_path": str(out_dir / "best.pt"), "history": history, "config": asdict(cfg)}
-    atomic_write_text(done, json.dumps(summary))
-    return summary
+                report({"iteration": it + 1, "loss": loss.item(), "val_ap": val_ap, "best_val_ap": state.best})
+    return mark_finished(done, {"best_val": state.best, "best_path": str(out_dir / "best.pt"), "history": state.history,
+                                "config": asdict(cfg)})
+
+
+def split_clusters(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of training and validation clusters (disjoint clusters, seeded)."""
+    clusters = np.unique(labels)
+    rng = np.random.default_rng(seed)
+    val_c = set(rng.choice(clusters, size=max(1, int(round(len(clusters) * val_fraction))), replace=False).tolist())
+    is_val = np.asarray([lab in val_c for lab in labels])
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def load_training_sequences(features: Path, cfg: RetrievalTrainConfig, n_train: int = 4000,
+                            n_val: int = 300) -> tuple[np.ndarray, Sequences, Sequences]:
+    """L2-normalised features (N, D) of the training split and train/validation sequences over disjoint clusters."""
+    table = read_features(Path(features), split="train")
+    emb = table.embeddings / np.maximum(np.linalg.norm(table.embeddings, axis=1, keepdims=True), 1e-12)
+    labels = np.asarray([str(x) for x in table.labels])
+    tr, va = split_clusters(labels, 0.1, cfg.seed)
+    out = []
+    for rows, n, seed in ((tr, n_train, cfg.seed), (va, n_val, cfg.seed + 1)):
+        s = make_sequences(emb[rows], labels[rows], cfg.k, min(cfg.sequence_length, len(rows) - 1), n, seed,
+                           min_pos=cfg.min_positives)
+        out.append(Sequences(rows[s.query], rows[s.neighbours], s.positives))
+    return emb.astype(np.float32), out[0], out[1]

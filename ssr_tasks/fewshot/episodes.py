@@ -6,11 +6,14 @@ class-major, so the query labels of an episode are ``repeat(arange(n_way), n_que
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from storage.features import read_features
 
 
 @dataclass(frozen=True)
@@ -32,8 +35,7 @@ class SplitFeatures:
 
 
 def load_split(features_path: Path, split: str, expected_dim: int | None = None) -> SplitFeatures:
-    from storage.features import read_features
-
+    """The rows of ``split`` grouped into classes (labels are indices into sorted class names)."""
     table = read_features(Path(features_path), split=split, expected_dim=expected_dim)
     if len(table.ids) == 0:
         raise ValueError(f"{features_path}: split {split!r} is empty (expected images of that split)")
@@ -58,6 +60,19 @@ class EpisodeIndices:
 
     def chunk(self, start: int, stop: int) -> "EpisodeIndices":
         return EpisodeIndices(self.support[start:stop], self.query[start:stop])
+
+    def save(self, path: Path) -> Path:
+        """Write as ``.npz`` (arrays ``support`` and ``query``), atomically."""
+        path = Path(path)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, support=self.support, query=self.query)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "EpisodeIndices":
+        with np.load(path) as arrays:
+            return cls(arrays["support"], arrays["query"])
 
 
 def sample_episodes(split: SplitFeatures, n_episodes: int, n_way: int, n_shot: int, n_query: int, seed: int) -> EpisodeIndices:
@@ -84,8 +99,6 @@ def sample_episodes(split: SplitFeatures, n_episodes: int, n_way: int, n_shot: i
 
 def episodes_from_json(split: SplitFeatures, json_path: Path, limit: int | None = None) -> EpisodeIndices:
     """Map SIB fixed episodes (paths relative to the split folder) onto feature rows."""
-    import json
-
     if split.paths is None:
         raise ValueError(f"{json_path}: the features table has no 'path' column to match episodes against")
     where = {p: i for i, p in enumerate(split.paths)}

@@ -1,43 +1,114 @@
 """Nothing lost: killed actors and trials, failing trials, unreachable services, full disks.
 
-Processes are killed for real (SIGKILL) through ``ssr_tasks.faults.maybe_kill``: a marker
-file in ``$SSR_FAULT_DIR`` makes the first process reaching that point kill itself once.
-The variable is set when this module is imported, i.e. at collection, before the session's
-Ray instance starts, so Ray workers inherit it.
+Processes are killed for real (SIGKILL). The fault points live here, in the tests: the
+``faults`` fixture gives a marker folder, and the product's Ray worker class or Tune
+trainable is swapped for a test subclass or wrapper (defined inside a fixture, so Ray ships
+it by value to its workers) that kills its process once at an exact point when the
+point's marker file exists: the first process to remove the marker dies, like an
+out-of-memory kill or a lost node would.
 """
 from __future__ import annotations
 
 import errno
-import json
 import os
+import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ssr_tasks.faults import FAULT_DIR_ENV
+import ssr_tasks.fewshot.ray_jobs
+import ssr_tasks.retrieval.rerank
+from ssr_model import FewShotSSR
+from ssr_model.packaged import FewShotClassifier
+from ssr_tasks.fewshot.episodes import load_split, sample_episodes
+from ssr_tasks.fewshot.ray_jobs import run_trials
+from ssr_tasks.fewshot.train import TrainConfig, train_curriculum
+from ssr_tasks.ray_grid import trial_dir, tune_grid
+from ssr_tasks.retrieval.handoffs import RetrievalModel
+from ssr_tasks.retrieval.rerank import ShardReranker, rerank_store
+from ssr_tasks.retrieval.train import RetrievalTrainConfig
+from ssr_tasks.services import ServiceUnreachable
+from ssr_tasks.tracking import Tracker
+from storage.features import write_features
+from storage.simstore import SimilarityStore, build_topk_store, create_store
 
-FAULT_DIR = Path(tempfile.gettempdir()) / f"ssr-faults-{os.getpid()}"
-os.environ[FAULT_DIR_ENV] = str(FAULT_DIR)
 SSR = str(Path(sys.executable).parent / "ssr")
 
 
 @pytest.fixture
-def faults(ray_local):
-    """The fault-marker folder, checked to be visible to Ray workers."""
-    FAULT_DIR.mkdir(exist_ok=True)
-    seen = ray_local.get(ray_local.remote(num_cpus=0)(lambda: os.environ.get(FAULT_DIR_ENV)).remote())
-    assert seen == str(FAULT_DIR), "Ray started before this module set SSR_FAULT_DIR"
-    yield FAULT_DIR
-    for marker in FAULT_DIR.iterdir():
-        marker.unlink()
+def faults(tmp_path):
+    """The fault-marker folder of a test: touch ``<faults>/<point>`` to kill at that point once."""
+    path = tmp_path / "faults"
+    path.mkdir()
+    return path
+
+
+def make_kill_once():
+    """``kill_once(marker)``: SIGKILL this process if it is the first to remove ``marker``.
+
+    Made inside a function so that Ray ships it to workers by value (this test module is
+    not importable there).
+    """
+
+    def kill_once(marker: Path) -> None:
+        try:
+            marker.unlink()  # only one process wins the unlink
+        except FileNotFoundError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill_once
+
+
+@pytest.fixture
+def killing_rerankers(faults, monkeypatch):
+    """Re-ranking actors with the fault points ``rerank-shard-<i>-before-write`` / ``-after-write``."""
+    kill = make_kill_once()
+
+    class KillingReranker(ShardReranker):
+        def rerank_shard(self, store_dir, query_features, out_dir, shard):
+            kill(faults / f"rerank-shard-{shard}-before-write")
+            done = super().rerank_shard(store_dir, query_features, out_dir, shard)
+            kill(faults / f"rerank-shard-{shard}-after-write")
+            return done
+
+    monkeypatch.setattr(ssr_tasks.retrieval.rerank, "ShardReranker", KillingReranker)
+    return faults
+
+
+@pytest.fixture
+def killing_fewshot_trials(faults, monkeypatch):
+    """Few-shot Tune trials with the fault point ``fewshot-trial-after-validation`` (after a
+    validation was reported, so its checkpoint is on disk)."""
+    kill = make_kill_once()
+
+    def killing_trial(config):
+        from ray import tune
+
+        from ssr_tasks.fewshot.ray_jobs import fewshot_trial  # the product's trainable (unpatched in the worker)
+
+        real_report = tune.report
+
+        def report(metrics, *args, **kwargs):
+            real_report(metrics, *args, **kwargs)
+            if "val_acc" in metrics:
+                kill(faults / "fewshot-trial-after-validation")
+
+        tune.report = report
+        try:
+            fewshot_trial(config)
+        finally:
+            tune.report = real_report
+
+    monkeypatch.setattr(ssr_tasks.fewshot.ray_jobs, "fewshot_trial", killing_trial)
+    return faults
 
 
 def closed_port() -> int:
@@ -53,11 +124,6 @@ D, K_STORE, K, N_DB, N_Q, SHARD = 12, 10, 6, 80, 25, 7  # 4 shards: 0, 1, 2, 3
 
 @pytest.fixture(scope="module")
 def rerank_setup(tmp_path_factory):
-    from ssr_model import RetrievalSSR
-    from ssr_tasks.rerank import ShardReranker
-    from storage.features import write_features
-    from storage.simstore import SimilarityStore, build_topk_store, create_store
-
     root = tmp_path_factory.mktemp("rerank-faults")
     rng = np.random.default_rng(1)
     db = rng.normal(size=(N_DB, D)).astype(np.float32)
@@ -69,43 +135,37 @@ def rerank_setup(tmp_path_factory):
     write_features(root / "q.parquet", ids=np.arange(N_Q), labels=["q"] * N_Q, splits="query", embeddings=q, metadata=meta)
     build_topk_store(q, np.arange(N_Q), db, np.arange(N_DB), root / "topk", K_STORE, shard_size=SHARD)
     torch.manual_seed(0)
-    kwargs = {"feat_dim": D, "k": K, "steps": 1, "lr_dni": 0.5, "hidden": 16}
-    torch.save(RetrievalSSR(**kwargs).state_dict(), root / "model.pt")
+    cfg = RetrievalTrainConfig(feat_dim=D, k=K, steps=1, lr_dni=0.5, hidden=16)
+    torch.save(cfg.build().state_dict(), root / "model.pt")
+    model = RetrievalModel(str(root / "model.pt"), cfg)
     # the undisturbed result, computed in this process shard by shard
-    worker = ShardReranker(str(root / "db.parquet"), str(root / "model.pt"), kwargs)
+    worker = ShardReranker(str(root / "db.parquet"), model)
     clean = {}
     create_store(root / "clean", K_STORE, N_Q, 4, SHARD)
     for i in range(SimilarityStore(root / "topk").n_shards):
         worker.rerank_shard(str(root / "topk"), str(root / "q.parquet"), str(root / "clean"), i)
     src = SimilarityStore(root / "topk")
     # read the clean shards directly (the plain worker does not touch the manifest)
-    import pyarrow.parquet as pq
-
     for i in range(src.n_shards):
         t = pq.read_table(root / "clean" / f"part-{i:05d}.parquet").to_pydict()
         for qid, ids, sc in zip(t["query_id"], t["neighbor_ids"], t["scores"]):
             clean[qid] = (np.asarray(ids), np.asarray(sc, np.float32))
-    return root, kwargs, clean
+    return root, model, clean
 
 
 def rows_of(store_dir: Path) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    from storage.simstore import SimilarityStore
-
     return [(int(qid), ids, sc) for shard in SimilarityStore(store_dir).iter_shards()
             for qid, ids, sc in zip(shard.query_ids, shard.neighbor_ids, shard.scores)]
 
 
 @pytest.mark.parametrize("shard, phase", [(0, "before-write"), (2, "after-write"), (3, "before-write")],
                          ids=["first-shard", "middle-shard", "last-shard"])
-def test_actor_killed_mid_shard_completes_with_every_query_once(rerank_setup, faults, tmp_path, shard, phase):
-    from ssr_tasks.rerank import rerank_store
-    from storage.simstore import SimilarityStore
-
-    root, kwargs, clean = rerank_setup
-    marker = faults / f"rerank-shard-{shard}-{phase}"
+def test_actor_killed_mid_shard_completes_with_every_query_once(rerank_setup, killing_rerankers, ray_local, tmp_path,
+                                                                shard, phase):
+    root, model, clean = rerank_setup
+    marker = killing_rerankers / f"rerank-shard-{shard}-{phase}"
     marker.touch()
-    out = rerank_store(root / "topk", root / "q.parquet", root / "db.parquet", tmp_path / "reranked", str(root / "model.pt"),
-                       kwargs, n_actors=2)
+    out = rerank_store(root / "topk", root / "q.parquet", root / "db.parquet", tmp_path / "reranked", model, n_actors=2)
     assert not marker.exists(), "the actor was not killed (marker still there)"
     store = SimilarityStore(out)
     assert store.is_complete()
@@ -122,23 +182,17 @@ def test_actor_killed_mid_shard_completes_with_every_query_once(rerank_setup, fa
 
 
 def small_cfg(**kw):
-    from ssr_tasks.fewshot_train import TrainConfig
-
     base = dict(feat_dim=16, n_way=3, n_shot=1, n_query=4, hidden=16, lr_dni=1e-2, max_steps=2,
                 iterations_first=8, iterations_next=4, batch_episodes=2, val_every=4, seed=3)
     return TrainConfig(**{**base, **kw})
 
 
 @pytest.mark.slow
-def test_killed_tune_trial_resumes_to_the_undisturbed_model(synthetic_features, faults, tmp_path):
-    from ssr_tasks.episodes import load_split, sample_episodes
-    from ssr_tasks.fewshot_train import train_curriculum
-    from ssr_tasks.ray_fewshot import run_grid, trial_dir
-
+def test_killed_tune_trial_resumes_to_the_undisturbed_model(synthetic_features, killing_fewshot_trials, ray_local, tmp_path):
     cfg = small_cfg()
     train, val = load_split(synthetic_features, "train"), load_split(synthetic_features, "val")
     eps = sample_episodes(val, 6, 3, 1, 4, seed=5)
-    np.savez(tmp_path / "val.npz", support=eps.support, query=eps.query)
+    eps.save(tmp_path / "val.npz")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the trial
     try:
@@ -146,28 +200,26 @@ def test_killed_tune_trial_resumes_to_the_undisturbed_model(synthetic_features, 
     finally:
         torch.set_num_threads(threads)
 
-    marker = faults / "fewshot-trial-lr_dni=0.01-after-validation"
+    marker = killing_fewshot_trials / "fewshot-trial-after-validation"
     marker.touch()
     ckpts = tmp_path / "trials"
     with pytest.raises(RuntimeError, match=r"1 trial\(s\) of fewshot-ssr failed"):
-        run_grid(cfg, [0.01], synthetic_features, tmp_path / "val.npz", ckpts, tmp_path / "ray", max_failures=0)
+        run_trials(cfg, [0.01], synthetic_features, tmp_path / "val.npz", ckpts, tmp_path / "ray", max_failures=0)
     assert not marker.exists()
     tdir = trial_dir(ckpts, 0.01)
     assert (tdir / "steps1" / "last.pt").exists() and not (tdir / "summary.json").exists()
-    assert torch.load(tdir / "steps1" / "last.pt", weights_only=True)["iteration"] == 4  # killed after the first validation
+    assert torch.load(tdir / "steps1" / "last.pt", weights_only=True)["done"] == 4  # killed after the first validation
 
-    [resumed] = run_grid(cfg, [0.01], synthetic_features, tmp_path / "val.npz", ckpts, tmp_path / "ray", max_failures=0)
-    assert resumed["best_val"] == pytest.approx(clean["best_val"]) and resumed["best_steps"] == clean["best_steps"]
+    [resumed] = run_trials(cfg, [0.01], synthetic_features, tmp_path / "val.npz", ckpts, tmp_path / "ray", max_failures=0)
+    assert resumed.best_val == pytest.approx(clean["best_val"]) and resumed.best_steps == clean["best_steps"]
     a = torch.load(clean["best_path"], weights_only=True)
-    b = torch.load(resumed["best_path"], weights_only=True)
+    b = torch.load(resumed.best_path, weights_only=True)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key])
 
 
 def test_transient_trial_failure_is_retried(ray_local, tmp_path):
-    from ssr_tasks.ray_grid import tune_grid
-
     def flaky(config):
         from pathlib import Path
 
@@ -184,8 +236,6 @@ def test_transient_trial_failure_is_retried(ray_local, tmp_path):
 
 
 def test_trial_that_always_fails_is_reported_with_its_reason(ray_local, tmp_path):
-    from ssr_tasks.ray_grid import tune_grid
-
     def broken(config):
         raise RuntimeError(f"features file {config['x']} is unreadable")
 
@@ -199,9 +249,6 @@ def test_trial_that_always_fails_is_reported_with_its_reason(ray_local, tmp_path
 
 
 def test_unreachable_mlflow_fails_within_seconds_naming_the_url(tmp_path):
-    from ssr_tasks.services import ServiceUnreachable
-    from ssr_tasks.tracking import Tracker
-
     port = closed_port()
     t0 = time.monotonic()
     with pytest.raises(ServiceUnreachable, match=rf"MLflow tracking server at http://127.0.0.1:{port} is unreachable"):
@@ -226,10 +273,6 @@ def test_cli_run_with_unreachable_server_fails_fast(tmp_path, var, named):
 
 
 def test_failed_alias_move_never_leaves_an_alias_on_a_missing_version(tmp_path, monkeypatch):
-    from ssr_model import FewShotSSR
-    from ssr_model.packaged import FewShotClassifier
-    from ssr_tasks.tracking import Tracker
-
     tracker = Tracker("aliases", tmp_path, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     model = FewShotClassifier(FewShotSSR(8, 2, 4, 1, hidden=8).eval())
     tags = {"dataset": "d", "backbone": "b"}
@@ -255,15 +298,10 @@ def test_failed_alias_move_never_leaves_an_alias_on_a_missing_version(tmp_path, 
 
 
 def test_disk_full_while_writing_a_shard_leaves_no_partial_file(rerank_setup, tmp_path, monkeypatch):
-    import pyarrow.parquet as pq
-
-    from ssr_tasks.rerank import ShardReranker
-    from storage.simstore import SimilarityStore, create_store
-
-    root, kwargs, _ = rerank_setup
+    root, model, _ = rerank_setup
     src = SimilarityStore(root / "topk")
     out = create_store(tmp_path / "out", src.k, src.n_queries, src.n_shards, src.shard_size, src.source_hashes)
-    worker = ShardReranker(str(root / "db.parquet"), str(root / "model.pt"), kwargs)
+    worker = ShardReranker(str(root / "db.parquet"), model)
     real_write = pq.write_table
 
     def write_then_fill_disk(table, where, **kw):
@@ -279,8 +317,6 @@ def test_disk_full_while_writing_a_shard_leaves_no_partial_file(rerank_setup, tm
 
 
 def test_disk_full_at_rename_while_writing_features_leaves_no_file(tmp_path, monkeypatch):
-    from storage.features import write_features
-
     def no_space(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device", str(dst))
 
@@ -292,12 +328,10 @@ def test_disk_full_at_rename_while_writing_features_leaves_no_file(tmp_path, mon
 
 
 def test_output_folder_under_a_file_is_a_clear_error(rerank_setup, tmp_path, ray_local):
-    from ssr_tasks.rerank import rerank_store
-
-    root, kwargs, _ = rerank_setup
+    root, model, _ = rerank_setup
     (tmp_path / "not-a-dir").write_text("x")
     bad = tmp_path / "not-a-dir" / "reranked"
     with pytest.raises(OSError) as exc:
-        rerank_store(root / "topk", root / "q.parquet", root / "db.parquet", bad, str(root / "model.pt"), kwargs, n_actors=1)
+        rerank_store(root / "topk", root / "q.parquet", root / "db.parquet", bad, model, n_actors=1)
     assert "not-a-dir" in str(exc.value)
     assert (tmp_path / "not-a-dir").read_text() == "x"

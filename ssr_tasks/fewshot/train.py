@@ -18,7 +18,9 @@ import torch
 
 from ssr_model import FewShotSSR
 from ssr_model.losses import fewshot_cross_entropy
-from ssr_tasks.episodes import EpisodeIndices, SplitFeatures, gather
+from ssr_tasks.fewshot.episodes import EpisodeIndices, SplitFeatures, gather, sample_episodes
+from ssr_tasks.resume import LoopState, TrainingCheckpoint, finished, mark_finished
+from storage.checkpoints import load_state_dict, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class TrainConfig:
     seed: int = 0
 
     def build(self, steps: int) -> FewShotSSR:
+        """The untrained model with ``steps`` refinement steps (the one place its arguments are made)."""
         return FewShotSSR(self.feat_dim, self.n_way, self.n_way * self.n_query, steps, lr_dni=self.lr_dni, hidden=self.hidden)
 
     def stage_schedule(self, steps: int) -> tuple[int, float, int | None]:
@@ -64,16 +67,6 @@ def evaluate(model: FewShotSSR, split: SplitFeatures, episodes: EpisodeIndices, 
     return np.concatenate(accs)
 
 
-def _save(path: Path, obj: dict) -> None:
-    from storage.checkpoints import save_checkpoint
-
-    save_checkpoint(path, obj)
-
-
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def train_stage(
     cfg: TrainConfig,
     steps: int,
@@ -85,29 +78,25 @@ def train_stage(
     device: torch.device,
     report: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Train one curriculum stage; returns {"best_val", "best_path", "history"}."""
-    from ssr_tasks.episodes import sample_episodes
-
+    """Train one curriculum stage; returns {"steps", "best_val", "best_path", "history"}."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     done = stage_dir / "done.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    summary = finished(done)
+    if summary is not None:
+        return summary
     iterations, lr, decay_at = cfg.stage_schedule(steps)
     model = cfg.build(steps).to(device)
     if init_state is not None:
         model.load_state_dict(init_state)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
-    start, best_val, history = 0, -1.0, []
     episode_seed = cfg.seed * 1000 + steps
-    last = stage_dir / "last.pt"
-    if last.exists():
-        state = _load(last)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        start, best_val = int(state["iteration"]), float(state["best_val"])
-        history = json.loads(state["history"])
-        log.info("steps=%d: resuming at iteration %d (best val %.2f%%)", steps, start, 100 * best_val)
-    for it in range(start, iterations):
+    ckpt = TrainingCheckpoint(stage_dir / "last.pt", model=model, optim=opt)
+    state = ckpt.restore()
+    if state is None:
+        state = LoopState(best=-1.0)
+    else:
+        log.info("steps=%d: resuming at iteration %d (best val %.2f%%)", steps, state.done, 100 * state.best)
+    for it in range(state.done, iterations):
         for group in opt.param_groups:
             group["lr"] = lr * (0.1 if decay_at is not None and it >= decay_at else 1.0)
         model.train()
@@ -122,21 +111,18 @@ def train_stage(
             accs = evaluate(model, val, val_episodes, device)
             val_acc = float(accs.mean())
             row = {"iteration": it + 1, "steps": steps, "loss": loss.item(), "val_acc": val_acc}
-            history.append(row)
-            if val_acc > best_val:
-                best_val = val_acc
-                _save(stage_dir / "best.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})
-            _save(last, {"model": model.state_dict(), "optim": opt.state_dict(), "iteration": it + 1,
-                         "best_val": best_val, "history": json.dumps(history)})
+            state.history.append(row)
+            if val_acc > state.best:
+                state.best = val_acc
+                save_checkpoint(stage_dir / "best.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})
+            state.done = it + 1
+            ckpt.save(state)
             log.info("steps=%d iteration %d/%d loss %.4f val acc %.2f%% (best %.2f%%)",
-                     steps, it + 1, iterations, loss.item(), 100 * val_acc, 100 * best_val)
+                     steps, it + 1, iterations, loss.item(), 100 * val_acc, 100 * state.best)
             if report is not None:
-                report({**row, "best_val_acc": best_val})
-    result = {"steps": steps, "best_val": best_val, "best_path": str(stage_dir / "best.pt"), "history": history}
-    from storage.atomic import atomic_write_text
-
-    atomic_write_text(done, json.dumps(result))
-    return result
+                report({**row, "best_val_acc": state.best})
+    return mark_finished(done, {"steps": steps, "best_val": state.best, "best_path": str(stage_dir / "best.pt"),
+                                "history": state.history})
 
 
 def train_curriculum(
@@ -162,6 +148,6 @@ def train_curriculum(
     for steps in range(1, cfg.max_steps + 1):
         res = train_stage(cfg, steps, train, val, val_episodes, out_dir / f"steps{steps}", init_state, device, report)
         stages.append(res)
-        init_state = _load(Path(res["best_path"]))
+        init_state = load_state_dict(Path(res["best_path"]))
     best = max(stages, key=lambda r: r["best_val"])
     return {"stages": stages, "best_steps": best["steps"], "best_val": best["best_val"], "best_path": best["best_path"]}

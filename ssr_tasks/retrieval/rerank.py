@@ -18,8 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssr_model import RetrievalSSR
-from ssr_tasks.faults import load_weights, maybe_kill
+from ssr_tasks.retrieval.handoffs import RetrievalModel
+from ssr_tasks.services import pool_size
+from storage.features import lookup_embeddings, read_features
+from storage.simstore import SimilarityStore, create_store
 
 log = logging.getLogger(__name__)
 
@@ -27,21 +29,18 @@ log = logging.getLogger(__name__)
 class ShardReranker:
     """Plain class behind the Ray actor. Database features: ids must be 0..N-1 (row = id)."""
 
-    def __init__(self, db_features: str, model_path: str, model_kwargs: dict, device: str = "cpu", threads: int | None = None, db_split: str | None = "database"):
-        from storage.features import read_features
-
+    def __init__(self, db_features: str, model: RetrievalModel, device: str = "cpu", threads: int | None = None,
+                 db_split: str | None = "database"):
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        table = read_features(Path(db_features), split=db_split, expected_dim=int(model_kwargs["feat_dim"]))
+        table = read_features(Path(db_features), split=db_split, expected_dim=model.feat_dim)
         if not np.array_equal(table.ids, np.arange(len(table.ids))):
             raise ValueError(f"{db_features}: database ids must be 0..N-1 in order (row = id)")
         self.db = F.normalize(torch.tensor(table.embeddings, dtype=torch.float32), dim=-1, eps=1e-12)
-        self.model = RetrievalSSR(**model_kwargs)
-        load_weights(self.model, model_path, f"RetrievalSSR({', '.join(f'{k}={v}' for k, v in model_kwargs.items())})")
-        self.model.to(self.device).eval()
-        self.k = int(model_kwargs["k"])
-        self.dim = int(model_kwargs["feat_dim"])
+        self.model = model.build().to(self.device)
+        self.k = model.k
+        self.dim = model.feat_dim
 
     def _shard_queries(self, path: str, query_ids: np.ndarray, shard: int) -> torch.Tensor:
         """L2-normalised features (n, D) of ``query_ids``, looked up in the query table.
@@ -49,8 +48,6 @@ class ShardReranker:
         Only the row groups holding the shard's id range are read, so each shard costs its
         own rows, whatever the number of queries in the table.
         """
-        from storage.features import lookup_embeddings
-
         emb, found = lookup_embeddings(Path(path), query_ids, expected_dim=self.dim)
         if not found.all():
             raise ValueError(f"{path}: query id {int(np.asarray(query_ids)[~found][0])} of shard {shard} has no features")
@@ -71,38 +68,33 @@ class ShardReranker:
         return ids_out, sc_out
 
     def rerank_shard(self, store_dir: str, query_features: str, out_dir: str, shard: int) -> tuple[int, dict]:
-        from storage.simstore import SimilarityStore
-
+        """Re-rank shard ``shard`` of ``store_dir`` into the same shard of ``out_dir``; returns (shard, write info)."""
         part = SimilarityStore(Path(store_dir)).read_shard(shard)
         qemb = self._shard_queries(query_features, part.query_ids, shard)
         ids, scores = self.rerank_arrays(qemb, part.neighbor_ids, part.scores)
-        maybe_kill(f"rerank-shard-{shard}-before-write")
         info = SimilarityStore(Path(out_dir)).write_shard(shard, part.query_ids, ids, scores)
-        maybe_kill(f"rerank-shard-{shard}-after-write")
         return shard, info
 
 
-def rerank_store(store_dir: Path, query_features: Path, db_features: Path, out_dir: Path, model_path: str,
-                 model_kwargs: dict, n_actors: int = 0, progress: Callable[[int, int], None] | None = None,
+def rerank_store(store_dir: Path, query_features: Path, db_features: Path, out_dir: Path, model: RetrievalModel,
+                 n_actors: int = 0, device: str = "cpu", progress: Callable[[int, int], None] | None = None,
                  max_restarts: int = 3) -> Path:
-    """Re-rank every pending shard of ``store_dir`` into ``out_dir`` with a pool of Ray actors."""
-    import ray
+    """Re-rank every pending shard of ``store_dir`` into ``out_dir`` with a pool of Ray actors
+    (one GPU each when ``device`` is "cuda")."""
+    import ray  # Ray is heavy and only needed where a pool runs
     from ray.util import ActorPool
-
-    from storage.simstore import SimilarityStore, create_store
-    from ssr_tasks.services import cluster_has_gpu, pool_size
 
     src = SimilarityStore(Path(store_dir))
     out = create_store(Path(out_dir), src.k, src.n_queries, src.n_shards, src.shard_size,
-                       {**src.source_hashes, "reranked_by": Path(model_path).name})
+                       {**src.source_hashes, "reranked_by": Path(model.weights).name})
     pending = out.pending_shards()
     if not pending:
         return Path(out_dir)
-    use_gpu = cluster_has_gpu()
+    use_gpu = device == "cuda"
     n = min(pool_size(n_actors, use_gpu), len(pending))
     Actor = ray.remote(ShardReranker).options(num_cpus=1, num_gpus=1 if use_gpu else 0,
                                               max_restarts=max_restarts, max_task_retries=max_restarts)
-    actors = [Actor.remote(str(db_features), model_path, model_kwargs, "cuda" if use_gpu else "cpu", 1) for _ in range(n)]
+    actors = [Actor.remote(str(db_features), model, device, 1) for _ in range(n)]
     pool = ActorPool(actors)
     done = 0
     for shard, info in pool.map_unordered(lambda a, i: a.rerank_shard.remote(str(store_dir), str(query_features), str(out_dir), i), pending):

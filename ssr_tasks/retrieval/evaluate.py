@@ -14,6 +14,7 @@ import numpy as np
 
 from ssr_model.baselines import aqe, aqe_wd, alpha_qe, dqe, k_reciprocal
 from ssr_model.metrics import revisited_map
+from storage.simstore import SimilarityStore, create_store
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,8 @@ def method_rankings(query: np.ndarray, db: np.ndarray, qe_n: int, krecip=(20, 6,
     return out
 
 
-def write_ranking_store(out_dir: Path, m: MethodRanking, k_store: int, shard_size: int, source: str):
+def write_ranking_store(out_dir: Path, m: MethodRanking, k_store: int, shard_size: int, source: str) -> SimilarityStore:
     """The top-``k_store`` of a method's ranking as a similarity store (query ids 0..Q-1)."""
-    from storage.simstore import create_store
-
     Q = len(m.ranks)
     n_shards = max(1, -(-Q // shard_size))
     store = create_store(out_dir, k_store, Q, n_shards, shard_size, {"source": source, "method": m.name})
@@ -70,8 +69,6 @@ def write_ranking_store(out_dir: Path, m: MethodRanking, k_store: int, shard_siz
 
 def ranks_after_rerank(store_dir: Path, initial: np.ndarray) -> np.ndarray:
     """Full (Q, N) ranking: the store's (re-ranked) top-K first, then the rest in initial order."""
-    from storage.simstore import SimilarityStore
-
     ranks = initial.copy()
     for shard in SimilarityStore(store_dir).iter_shards():
         for q, top in zip(shard.query_ids, shard.neighbor_ids):
@@ -82,6 +79,7 @@ def ranks_after_rerank(store_dir: Path, initial: np.ndarray) -> np.ndarray:
 
 
 def map_row(name: str, ranks: np.ndarray, gnd: list[dict]) -> dict:
+    """A results-table row: revisited mAP (Easy / Medium / Hard) and mP@10 of ranks (Q, N)."""
     res = revisited_map(ranks, gnd)
     return {"method": name, **{f"mAP {p}": round(res[p]["map"], 2) for p in ("easy", "medium", "hard")},
             **{f"mP@10 {p}": round(res[p]["mp"][10], 2) for p in ("medium", "hard")}}

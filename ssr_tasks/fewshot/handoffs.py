@@ -1,0 +1,138 @@
+"""Typed results the few-shot steps hand each other (paths and scalars, never tensors)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ssr_model import FewShotSSR
+from ssr_tasks.fewshot.episodes import EpisodeIndices
+from ssr_tasks.fewshot.train import TrainConfig
+from ssr_tasks.weights import load_weights
+
+
+@dataclass(frozen=True)
+class FewShotData:
+    """A dataset root with {train,val,test}/<class>/<image>, and its fixed validation episodes (SIB JSON) if any."""
+
+    root: str
+    val_episodes_json: str | None
+
+
+@dataclass(frozen=True)
+class ValidationEpisodes:
+    """Fixed validation episodes as row indices of the features' val split (``.npz``)."""
+
+    path: str
+
+    def load(self) -> EpisodeIndices:
+        return EpisodeIndices.load(Path(self.path))
+
+
+@dataclass(frozen=True)
+class KReciprocal:
+    """k-reciprocal re-ranking parameters (k1, k2, lambda)."""
+
+    k1: int
+    k2: int
+    lam: float
+
+    @property
+    def label(self) -> str:
+        return f"k1={self.k1}, k2={self.k2}, λ={self.lam}"
+
+
+@dataclass(frozen=True)
+class Validation:
+    """One validation of a curriculum stage: mean accuracy (fraction) over the fixed episodes."""
+
+    iteration: int
+    loss: float
+    val_acc: float
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A finished curriculum stage with ``steps`` refinement steps."""
+
+    steps: int
+    best_val: float
+    best_path: str
+    history: tuple[Validation, ...]
+
+
+@dataclass(frozen=True)
+class FewShotModel:
+    """Trained SSR weights and what rebuilds the model around them."""
+
+    weights: str
+    config: TrainConfig
+    steps: int
+
+    @property
+    def feat_dim(self) -> int:
+        return self.config.feat_dim
+
+    def build(self) -> FewShotSSR:
+        """The model with the weights loaded (eval mode, CPU); errors name the file and the mismatch."""
+        model = self.config.build(self.steps)
+        c = self.config
+        load_weights(model, self.weights, f"FewShotSSR(feat_dim={c.feat_dim}, n_way={c.n_way}, n_query={c.n_way * c.n_query}, "
+                                          f"steps={self.steps}, lr_dni={c.lr_dni}, hidden={c.hidden})")
+        return model.eval()
+
+
+@dataclass(frozen=True)
+class FewShotTrial:
+    """One trial of the grid: its config (``lr_dni`` included), the stages, and the best stage."""
+
+    config: TrainConfig
+    stages: tuple[Stage, ...]
+    best_steps: int
+    best_val: float
+    best_path: str
+
+    @property
+    def lr_dni(self) -> float:
+        return self.config.lr_dni
+
+    @property
+    def model(self) -> FewShotModel:
+        return FewShotModel(self.best_path, self.config, self.best_steps)
+
+    @classmethod
+    def from_summary(cls, config: TrainConfig, summary: dict) -> "FewShotTrial":
+        """From the summary ``train_curriculum`` wrote (its on-disk JSON)."""
+        stages = tuple(Stage(s["steps"], s["best_val"], s["best_path"],
+                             tuple(Validation(h["iteration"], h["loss"], h["val_acc"]) for h in s["history"]))
+                       for s in summary["stages"])
+        return cls(config, stages, summary["best_steps"], summary["best_val"], summary["best_path"])
+
+
+@dataclass(frozen=True)
+class FewShotTrials:
+    """All trials of the grid; ``best`` is chosen on validation episodes only."""
+
+    trials: tuple[FewShotTrial, ...]
+
+    @property
+    def best(self) -> FewShotTrial:
+        return max(self.trials, key=lambda t: t.best_val)
+
+
+@dataclass(frozen=True)
+class ShotResult:
+    """Per-episode test accuracies (fractions) at ``shot`` shots: Baseline, the chosen
+    k-reciprocal, and SSR after each refinement step (index 0: before refining)."""
+
+    shot: int
+    baseline: tuple[float, ...]
+    krecip: tuple[float, ...]
+    ssr_by_step: tuple[tuple[float, ...], ...]
+
+    def accuracies(self) -> dict[str, np.ndarray]:
+        """By method name as in tables and metric names: baseline, krecip, ssr_step<s>."""
+        out = {"baseline": np.asarray(self.baseline), "krecip": np.asarray(self.krecip)}
+        out.update({f"ssr_step{s}": np.asarray(a) for s, a in enumerate(self.ssr_by_step)})
+        return out

@@ -1,0 +1,82 @@
+"""Ray side of the few-shot track: the Tune trainable of SSR training and the evaluation actor pool."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ssr_tasks.fewshot.episodes import EpisodeIndices, load_split
+from ssr_tasks.fewshot.evaluate import EpisodeScores, FewShotEvaluator
+from ssr_tasks.fewshot.handoffs import FewShotModel, FewShotTrial, KReciprocal
+from ssr_tasks.fewshot.train import TrainConfig, train_curriculum
+from ssr_tasks.ray_grid import SUMMARY, run_grid, trial_dir
+from ssr_tasks.services import pool_size
+from storage.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def fewshot_trial(config: dict) -> None:
+    """Ray Tune function trainable: the steps curriculum for one lr_dni (config: see ``run_grid``)."""
+    from ray import tune  # Ray is heavy and only needed where a grid runs
+
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    cfg = TrainConfig(**{**config["train"], "lr_dni": float(config["lr_dni"])})
+    train = load_split(Path(config["features"]), "train")
+    val = load_split(Path(config["features"]), "val")
+    val_eps = EpisodeIndices.load(Path(config["val_episodes"]))
+    out = trial_dir(Path(config["ckpt_root"]), cfg.lr_dni)
+    total = cfg.iterations_first + (cfg.max_steps - 1) * cfg.iterations_next
+
+    def report(row: dict) -> None:
+        done = row["iteration"] + (0 if row["steps"] == 1 else cfg.iterations_first + (row["steps"] - 2) * cfg.iterations_next)
+        tune.report({**row, "progress": done / total})
+
+    summary = train_curriculum(cfg, train, val, val_eps, out, device=config["device"], report=report)
+    atomic_write_text(out / SUMMARY, json.dumps(summary))
+    tune.report({"best_val_acc": summary["best_val"], "best_steps": summary["best_steps"], "done": 1, "progress": 1.0})
+
+
+def run_trials(base: TrainConfig, lr_grid: Sequence[float], features: Path, val_episodes: Path, ckpt_root: Path,
+               storage_path: Path, device: str = "cpu", max_failures: int = 2,
+               progress: Callable[[float], None] | None = None) -> list[FewShotTrial]:
+    """One trial per lr_dni in parallel (``ssr_tasks.ray_grid.run_grid``); their results, in grid order."""
+    done = run_grid(fewshot_trial, "fewshot-ssr", base, list(lr_grid), {"features": str(features), "val_episodes": str(val_episodes)},
+                    ckpt_root, storage_path, device, max_failures, progress)
+    return [FewShotTrial.from_summary(replace(base, lr_dni=lr), summary) for lr, summary in done]
+
+
+def evaluate_with_pool(
+    features: Path,
+    split: str,
+    episodes: EpisodeIndices,
+    model: FewShotModel | None,
+    krecip: Sequence[KReciprocal] = (),
+    with_ssr: bool = True,
+    n_actors: int = 0,
+    device: str = "cpu",
+    chunk: int = 50,
+    progress: Callable[[int, int], None] | None = None,
+) -> EpisodeScores:
+    """Score episodes with a pool of Ray actors (model and features loaded once per actor, one GPU each on "cuda")."""
+    import ray  # Ray is heavy and only needed where a pool runs
+    from ray.util import ActorPool
+
+    use_gpu = device == "cuda"
+    n = min(pool_size(n_actors, use_gpu), max(1, -(-len(episodes) // chunk)))
+    Actor = ray.remote(FewShotEvaluator).options(num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=2, max_task_retries=2)
+    actors = [Actor.remote(str(features), split, model, device, 1) for _ in range(n)]
+    pool = ActorPool(actors)
+    chunks = [episodes.chunk(s, s + chunk) for s in range(0, len(episodes), chunk)]
+    results = []
+    for i, res in enumerate(pool.map(lambda a, c: a.evaluate.remote(c, list(krecip), with_ssr), chunks)):
+        results.append(res)
+        if progress is not None:
+            progress(i + 1, len(chunks))
+    for a in actors:
+        ray.kill(a)
+    return EpisodeScores.merge(results)

@@ -1,0 +1,73 @@
+"""The few-shot results: table and plots on disk (a Prefect task), then MLflow tracking and
+the registered model (plain code run in the flow, inside its open MLflow run)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from prefect import task
+
+from ssr_model.metrics import accuracy_ci95
+from ssr_model.packaged import FewShotClassifier
+from ssr_tasks import reporting
+from ssr_tasks.backbone import load_backbone
+from ssr_tasks.config import FewShotParams
+from ssr_tasks.fewshot.handoffs import FewShotTrials, KReciprocal, ShotResult
+from ssr_tasks.handoffs import Backbone, RegisteredModel
+from ssr_tasks.reporting import ResultsReport
+from ssr_tasks.tracking import Tracker
+
+
+@task(name="report-fewshot")
+def write_report(params: FewShotParams, trials: FewShotTrials, krecip: KReciprocal, shots: Sequence[ShotResult],
+                 out_dir: str) -> ResultsReport:
+    """Results table (Baseline / k-reciprocal / SSR, one column per shot count) and plots."""
+    best_steps = trials.best.best_steps
+    per_shot = {r.shot: r.accuracies() for r in shots}
+    rows = reporting.fewshot_rows(per_shot, krecip.label, best_steps)
+    columns = ["method"] + [f"{s}-shot acc (%)" for s in params.eval_shots]
+    figures = {
+        "accuracy_by_step.png": reporting.plot_accuracy_by_step(per_shot, best_steps),
+        "training_curves.png": reporting.plot_training_curves(trials.trials),
+    }
+    return reporting.write_report(rows, columns, figures, Path(out_dir))
+
+
+def log_and_register(tracker: Tracker, params: FewShotParams, trials: FewShotTrials, krecip: KReciprocal,
+                     shots: Sequence[ShotResult], report: ResultsReport, backbone: Backbone,
+                     tags: Mapping[str, str]) -> RegisteredModel:
+    """Into the open parent run: a nested run per trial, metrics, table, plots, and the
+    registered model (SSR + backbone), aliased ``champion`` when it wins on validation."""
+    for trial in trials.trials:
+        with tracker.run(f"trial lr_dni={trial.lr_dni:g}", nested=True, tags=tags):
+            tracker.log_params({"lr_dni": trial.lr_dni, "max_steps": params.max_steps})
+            offset = 0
+            for stage in trial.stages:
+                for h in stage.history:
+                    tracker.log_metrics({"val_acc": 100 * h.val_acc, "loss": h.loss, "steps": stage.steps},
+                                        step=offset + h.iteration)
+                offset += stage.history[-1].iteration if stage.history else 0
+            tracker.log_metrics({"best_val_acc": 100 * trial.best_val, "best_steps": trial.best_steps})
+    best = trials.best
+    metrics = {"best_val_acc": 100 * best.best_val, "best_steps": best.best_steps,
+               "krecip_k1": krecip.k1, "krecip_k2": krecip.k2, "krecip_lambda": krecip.lam}
+    for res in shots:
+        for key, accs in res.accuracies().items():
+            mean, ci = accuracy_ci95(accs)
+            metrics[f"test_{res.shot}shot_{key}"] = mean
+            metrics[f"test_{res.shot}shot_{key}_ci95"] = ci
+    tracker.log_metrics(metrics)
+    tracker.log_file(Path(report.csv), "results")
+    tracker.log_file(Path(report.md), "results")
+    for _, path in report.figures:
+        tracker.log_file(Path(path), "plots")
+    net = load_backbone(backbone.name, backbone.spec, Path(backbone.path))
+    model = FewShotClassifier(best.model.build(), net.cpu().eval())
+    reg = tracker.log_and_register(
+        model, params.model_name,
+        tags={"dataset": params.dataset, "backbone": params.backbone, "steps": str(best.best_steps),
+              "val_metric_name": "val_acc_1shot"},
+        val_metric=100 * best.best_val,
+    )
+    tracker.log_metrics({"registered_version": reg.version})
+    return reg

@@ -1,0 +1,119 @@
+"""The few-shot steps as Prefect tasks: thin wrappers over the plain code of this package.
+
+Each returns a typed hand-off (``ssr_tasks.fewshot.handoffs``) of file paths and scalars.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from ssr_tasks.backbone import extract_features as extract_features_to
+from ssr_tasks.backbone import spec_name
+from ssr_tasks.config import FewShotParams
+from ssr_tasks.device import cluster_device, local_device
+from ssr_tasks.fewshot.episodes import episodes_from_json, load_split, sample_episodes
+from ssr_tasks.fewshot.handoffs import FewShotData, FewShotModel, FewShotTrials, KReciprocal, ShotResult, ValidationEpisodes
+from ssr_tasks.fewshot.ray_jobs import evaluate_with_pool, run_trials
+from ssr_tasks.fewshot.train import TrainConfig
+from ssr_tasks.handoffs import Backbone, Features
+from ssr_tasks.taskkit import CACHE, Progress, short_hash
+from storage.features import read_metadata
+from storage.fewshot import list_split
+from storage.glyphs import prepare_glyphs
+
+
+@task(name="prepare-data", cache_policy=CACHE, persist_result=True, retries=1)
+def prepare_data(params: FewShotParams, run_dir: str) -> FewShotData:
+    """Built-in glyphs (rendered once per seed/size) or a real dataset root, checked."""
+    logger = get_run_logger()
+    if params.dataset == "glyphs":
+        info = prepare_glyphs(Path(run_dir) / "data", seed=params.data_seed, size=params.glyphs_size)
+        root = Path(info["fewshot_root"])
+        val_json = root / f"val_episodes_{params.n_shot_train}shot.json"
+    else:
+        root = Path(params.data_root).expanduser().resolve()
+        val_json = Path(params.val_episodes_json) if params.val_episodes_json else None
+    for split in ("train", "val", "test"):
+        idx = list_split(root, split)
+        logger.info("data: %s/%s has %d classes, %d images", root.name, split, len(idx.classes), len(idx.paths))
+    return FewShotData(str(root), str(val_json) if val_json and val_json.exists() else None)
+
+
+@task(name="extract-features", cache_policy=CACHE, persist_result=True, retries=1)
+def extract_features(params: FewShotParams, data: FewShotData, backbone: Backbone, work_dir: str) -> Features:
+    """Features of the train, val and test splits in one features table."""
+    splits = ("train", "val", "test")
+    out = Path(work_dir) / f"features-{short_hash([backbone.path, splits])}.parquet"
+    get_run_logger().info("features: extracting %s into %s", ", ".join(splits), out.name)
+    path = extract_features_to(Path(data.root), spec_name(params.dataset), backbone.name, Path(backbone.path), out,
+                               splits=splits, device=local_device(params.device))
+    return Features(str(path), int(read_metadata(path)["dim"]))
+
+
+@task(name="validation-episodes", cache_policy=CACHE, persist_result=True)
+def validation_episodes(params: FewShotParams, features: Features, data: FewShotData, work_dir: str) -> ValidationEpisodes:
+    """Fixed validation episodes as index arrays (.npz): the SIB JSON when present, else seeded."""
+    val = load_split(Path(features.path), "val")
+    if data.val_episodes_json:
+        eps = episodes_from_json(val, Path(data.val_episodes_json), limit=params.n_val_episodes)
+    else:
+        eps = sample_episodes(val, params.n_val_episodes, params.n_way, params.n_shot_train, params.n_query, seed=10_000 + params.seed)
+    out = Path(work_dir) / f"val-episodes-{short_hash([features.path, data.val_episodes_json, params.n_val_episodes])}.npz"
+    eps.save(out)
+    get_run_logger().info("validation: %d fixed %d-way %d-shot episodes", len(eps), params.n_way, eps.support.shape[2])
+    return ValidationEpisodes(str(out))
+
+
+def train_config(params: FewShotParams, feat_dim: int) -> TrainConfig:
+    """The training config of the first trial of the grid (each trial replaces lr_dni)."""
+    return TrainConfig(
+        feat_dim=feat_dim, n_way=params.n_way, n_shot=params.n_shot_train, n_query=params.n_query,
+        hidden=params.hidden, lr_dni=params.lr_dni_grid[0], max_steps=params.max_steps,
+        iterations_first=params.iterations_first, iterations_next=params.iterations_next,
+        lr_first=params.lr_first, lr_next=params.lr_next, batch_episodes=params.batch_episodes,
+        val_every=params.val_every, seed=params.seed,
+    )
+
+
+@task(name="train-ssr", retries=1, retry_delay_seconds=5)
+def train_ssr(params: FewShotParams, features: Features, val: ValidationEpisodes, work_dir: str) -> FewShotTrials:
+    """Ray Tune grid over lr_dni; each trial runs the steps curriculum and checkpoints."""
+    base = train_config(params, features.dim)
+    root = Path(work_dir) / f"ssr-{short_hash({k: v for k, v in asdict(base).items() if k != 'lr_dni'})}"
+    get_run_logger().info("SSR: training %d trial(s) lr_dni=%s, steps 1..%d, checkpoints in %s",
+                          len(params.lr_dni_grid), params.lr_dni_grid, params.max_steps, root)
+    progress = Progress(f"train-{short_hash([features.path, str(root)])}", "SSR training (all trials)")
+    trials = FewShotTrials(tuple(run_trials(base, params.lr_dni_grid, Path(features.path), Path(val.path), root / "trials",
+                                            Path(work_dir) / "ray_results", device=cluster_device(params.device),
+                                            progress=progress)))
+    best = trials.best
+    get_run_logger().info("SSR: best trial lr_dni=%g steps=%d val acc %.2f%%", best.lr_dni, best.best_steps, 100 * best.best_val)
+    return trials
+
+
+@task(name="choose-k-reciprocal", cache_policy=CACHE, persist_result=True)
+def choose_krecip(params: FewShotParams, features: Features, val: ValidationEpisodes) -> KReciprocal:
+    """The k-reciprocal grid evaluated on validation episodes only; returns the best setting."""
+    grid = [KReciprocal(k1, k2, lam) for k1 in params.krecip_k1 for k2 in params.krecip_k2 for lam in params.krecip_lambda]
+    res = evaluate_with_pool(Path(features.path), "val", val.load(), None, krecip=grid, with_ssr=False,
+                             n_actors=params.n_eval_actors, device=cluster_device(params.device))
+    scores = {g: float(res.krecip[g].mean()) for g in grid}
+    best = max(grid, key=scores.__getitem__)
+    get_run_logger().info("k-reciprocal: best on validation k1=%d k2=%d lambda=%.1f (%.2f%%)",
+                          best.k1, best.k2, best.lam, 100 * scores[best])
+    return best
+
+
+@task(name="evaluate-fewshot", retries=1)
+def evaluate(params: FewShotParams, features: Features, model: FewShotModel, krecip: KReciprocal, shot: int) -> ShotResult:
+    """Test episodes of the novel classes scored by Ray actors; per-episode accuracies."""
+    test = load_split(Path(features.path), "test")
+    eps = sample_episodes(test, params.n_test_episodes, params.n_way, shot, params.n_query, seed=20_000 + params.seed + shot)
+    progress = Progress(f"eval-{shot}shot-{short_hash([features.path, model.weights])}", f"Evaluation, {shot}-shot episodes")
+    get_run_logger().info("evaluation: %d test episodes, %d-way %d-shot", len(eps), params.n_way, shot)
+    res = evaluate_with_pool(Path(features.path), "test", eps, model, krecip=[krecip], n_actors=params.n_eval_actors,
+                             device=cluster_device(params.device), progress=progress)
+    return ShotResult(shot, tuple(res.baseline.tolist()), tuple(res.krecip[krecip].tolist()),
+                      tuple(tuple(a.tolist()) for a in res.ssr_by_step))

@@ -1,0 +1,43 @@
+"""Typed results that the steps of both tracks hand each other (the per-track ones live in
+``ssr_tasks.fewshot.handoffs`` and ``ssr_tasks.retrieval.handoffs``).
+
+They hold file paths and scalars, never tensors: Prefect persists them as task results and
+hashes them as the inputs of the next cached task.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """Backbone weights: the state dict at ``path`` of architecture ``name`` for images of
+    the dataset spec ``spec`` (``storage.fewshot.DATASET_SPECS``)."""
+
+    path: str
+    name: str
+    spec: str
+
+
+@dataclass(frozen=True)
+class Features:
+    """A features table (``storage.features``) and its embedding width D."""
+
+    path: str
+    dim: int
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A model version in the MLflow registry, the aliases it took, and the run that logged it."""
+
+    name: str
+    version: int
+    model_uri: str
+    aliases: tuple[str, ...]
+    run_id: str = ""
+    tracking_uri: str = ""
+
+    def as_dict(self) -> dict:
+        """The flow's output fields (aliases as a list, as before)."""
+        return {**asdict(self), "aliases": list(self.aliases)}

@@ -1,0 +1,46 @@
+"""Opening a pipeline run: its folders and the parent MLflow run that spans it."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Mapping
+
+from ssr_tasks.config import FewShotParams, RetrievalParams, default_run_dir
+from ssr_tasks.tracking import Tracker
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """tracker: the open parent run's tracker; run_id: that MLflow run; run_dir: the run
+    folder (data, backbones, MLflow store); work: this pipeline's folder for its dataset,
+    backbone and seed; results: where this flow run's tables and plots go."""
+
+    tracker: Tracker
+    run_id: str
+    run_dir: Path
+    work: Path
+    results: Path
+
+    @property
+    def backbones(self) -> Path:
+        return self.run_dir / "backbones"
+
+
+@contextlib.contextmanager
+def pipeline_run(kind: Literal["fewshot", "retrieval"], params: FewShotParams | RetrievalParams,
+                 tags: Mapping[str, str], flow_run_id: str | None) -> Iterator[PipelineRun]:
+    """Open a subflow: its run folder and work folder, and the parent MLflow run that spans
+    the whole flow run (its duration is the pipeline's), with the parameters logged.
+
+    tags: MLflow tags of the parent run (the Prefect run ids); flow_run_id names the results
+    folder ("local" without one). The Tracker fails fast when a remote MLflow is unreachable.
+    """
+    run_dir = default_run_dir()
+    work = run_dir / kind / f"{params.dataset}-{params.backbone}-seed{params.seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(f"ssr-{kind}", run_dir)
+    with tracker.run(f"{kind}-{params.dataset}-{params.backbone}", tags=tags) as parent:
+        tracker.log_params(params.model_dump())
+        tracker.log_dict(params.model_dump(), "config.json")
+        yield PipelineRun(tracker, parent.info.run_id, run_dir, work, work / "results" / str(flow_run_id or "local"))

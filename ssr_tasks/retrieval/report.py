@@ -1,0 +1,98 @@
+"""The retrieval results: revisited mAP per method with and without SSR, the table and plots
+on disk (a Prefect task), then MLflow tracking and the registered model (plain code run in
+the flow, inside its open MLflow run)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+from prefect import task
+
+from ssr_model.metrics import revisited_map
+from ssr_model.packaged import RetrievalReranker
+from ssr_tasks import reporting
+from ssr_tasks.config import RetrievalParams
+from ssr_tasks.handoffs import RegisteredModel
+from ssr_tasks.reporting import ResultsReport
+from ssr_tasks.retrieval.evaluate import map_row, ranks_after_rerank
+from ssr_tasks.retrieval.handoffs import Rankings, Reranked, RetrievalData, RetrievalTrials
+from ssr_tasks.tracking import Tracker
+from storage.landmarks import RevisitedGroundTruth, read_revisited_gnd
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["method", "mAP easy", "mAP medium", "mAP hard", "mP@10 medium", "mP@10 hard"]
+
+
+@task(name="report-retrieval")
+def write_report(params: RetrievalParams, data: RetrievalData, rankings: Rankings, reranked: Sequence[Reranked],
+                 out_dir: str) -> ResultsReport:
+    """mAP of each method's initial ranking and after SSR; the table, a bar plot and an example query."""
+    gt = read_revisited_gnd(Path(data.gnd))
+    with np.load(rankings.ranks) as arrays:
+        initial = {name: arrays[name] for name in arrays.files}
+    rows, after = [], {}
+    for r in reranked:
+        after[r.name] = ranks_after_rerank(Path(r.store), initial[r.name])
+        rows.append(map_row(r.name, initial[r.name], gt.gnd))
+        rows.append(map_row(f"{r.name} + SSR", after[r.name], gt.gnd))
+        log.info("mAP %s: M %.2f H %.2f -> + SSR: M %.2f H %.2f", r.name, rows[-2]["mAP medium"], rows[-2]["mAP hard"],
+                 rows[-1]["mAP medium"], rows[-1]["mAP hard"])
+    first = reranked[0].name
+    figures = {"map_by_method.png": reporting.plot_map_by_method(rows),
+               "reranked_example.png": example_figure(gt, Path(data.images), initial[first], after[first])}
+    return reporting.write_report(rows, COLUMNS, figures, Path(out_dir))
+
+
+def example_figure(gt: RevisitedGroundTruth, images: Path, initial: np.ndarray, reranked: np.ndarray, top: int = 8):
+    """Query whose medium AP SSR improved most: top results before and after, framed by ground truth.
+
+    initial / reranked: (Q, N) database indices, best first.
+    """
+    gnd = gt.gnd
+    gains = []
+    for q in range(len(gnd)):
+        if len(gnd[q]["easy"]) + len(gnd[q]["hard"]) == 0:
+            gains.append(-np.inf)
+            continue
+        before = revisited_map(initial[q : q + 1], gnd[q : q + 1])["medium"]["map"]
+        after = revisited_map(reranked[q : q + 1], gnd[q : q + 1])["medium"]["map"]
+        gains.append(after - before)
+    q = int(np.argmax(gains))
+
+    def load(name: str) -> np.ndarray:
+        return np.asarray(Image.open(images / f"{name}.png"))
+
+    rows = {
+        label: [(load(gt.imlist[i]), reporting.gt_label(gnd[q], int(i))) for i in ranks[q, :top]]
+        for label, ranks in (("features", initial), ("features + SSR", reranked))
+    }
+    return reporting.plot_reranked_example(load(gt.qimlist[q]), rows,
+                                           f"query {gt.qimlist[q]}: medium AP {gains[q]:+.1f} points with SSR")
+
+
+def log_and_register(tracker: Tracker, params: RetrievalParams, trials: RetrievalTrials, report: ResultsReport,
+                     tags: Mapping[str, str]) -> RegisteredModel:
+    """Into the open parent run: a nested run per trial, mAP metrics, table, plots, and the
+    registered re-ranker, aliased ``champion`` when it wins on validation."""
+    for trial in trials.trials:
+        with tracker.run(f"trial lr_dni={trial.lr_dni:g}", nested=True, tags=tags):
+            tracker.log_params({"lr_dni": trial.lr_dni})
+            for h in trial.history:
+                tracker.log_metrics({"val_ap": 100 * h.val_ap}, step=h.iteration)
+            tracker.log_metrics({"best_val_ap": 100 * trial.best_val})
+    for r in report.rows:
+        key = r["method"].replace(" + ", "_plus_").replace(" ", "_")
+        tracker.log_metrics({f"{key}_map_{p}": r[f"mAP {p}"] for p in ("easy", "medium", "hard")})
+    tracker.log_file(Path(report.csv), "results")
+    tracker.log_file(Path(report.md), "results")
+    for _, path in report.figures:
+        tracker.log_file(Path(path), "plots")
+    best = trials.best
+    return tracker.log_and_register(RetrievalReranker(best.model.build()), params.model_name,
+                                    tags={"dataset": params.dataset, "backbone": params.backbone, "steps": str(params.steps),
+                                          "k": str(params.k), "val_metric_name": "val_ap"},
+                                    val_metric=100 * best.best_val)

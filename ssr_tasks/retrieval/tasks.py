@@ -1,0 +1,139 @@
+"""The retrieval steps as Prefect tasks: thin wrappers over the plain code of this package.
+
+Each returns a typed hand-off (``ssr_tasks.retrieval.handoffs``) of file paths and scalars.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from prefect import get_run_logger, task
+
+from ssr_tasks.backbone import extract_split_features, load_backbone
+from ssr_tasks.config import RetrievalParams
+from ssr_tasks.device import cluster_device, local_device
+from ssr_tasks.handoffs import Backbone
+from ssr_tasks.retrieval.evaluate import method_rankings, write_ranking_store
+from ssr_tasks.retrieval.handoffs import (MethodStore, Rankings, Reranked, RetrievalData, RetrievalFeatures, RetrievalModel,
+                                          RetrievalTrials)
+from ssr_tasks.retrieval.ray_jobs import run_trials
+from ssr_tasks.retrieval.rerank import rerank_store
+from ssr_tasks.retrieval.train import RetrievalTrainConfig
+from ssr_tasks.taskkit import CACHE, Progress, short_hash
+from storage.checkpoints import file_sha256
+from storage.features import read_features, read_metadata, write_features
+from storage.fewshot import DATASET_SPECS, SplitIndex, list_split
+from storage.glyphs import GND_NAME, prepare_glyphs
+from storage.landmarks import read_revisited_gnd
+
+
+@task(name="prepare-retrieval-data", cache_policy=CACHE, persist_result=True, retries=1)
+def prepare_data(params: RetrievalParams, run_dir: str) -> RetrievalData:
+    """The built-in glyph retrieval set: training clusters, test queries/database and ground truth."""
+    info = prepare_glyphs(Path(run_dir) / "data", seed=params.data_seed, size=params.glyphs_size)
+    root = Path(info["retrieval_root"])
+    data = RetrievalData(str(root), str(root / "test" / GND_NAME), str(root / "test" / "jpg"), info["fewshot_root"])
+    gt = read_revisited_gnd(Path(data.gnd))
+    get_run_logger().info("data: %d queries, %d database images, training clusters in %s",
+                          len(gt.qimlist), len(gt.imlist), root / "train")
+    return data
+
+
+@task(name="extract-retrieval-features", cache_policy=CACHE, persist_result=True, retries=1)
+def extract_features(params: RetrievalParams, data: RetrievalData, backbone: Backbone, work_dir: str) -> RetrievalFeatures:
+    """One features table: split 'database' (ids 0..N-1 in imlist order), 'query' (ids N..), 'train' (cluster labels)."""
+    gt = read_revisited_gnd(Path(data.gnd))
+    if params.k > len(gt.imlist):
+        raise ValueError(f"k: {params.k} is larger than the database ({len(gt.imlist)} images)")
+    out = Path(work_dir) / f"retrieval-features-{short_hash([backbone.path, asdict(data)])}.parquet"
+    if not out.exists():
+        _extract(params, data, backbone, gt, out)
+    return RetrievalFeatures(str(out), int(read_metadata(out)["dim"]), len(gt.imlist), len(gt.qimlist))
+
+
+def _extract(params: RetrievalParams, data: RetrievalData, backbone: Backbone, gt, out: Path) -> None:
+    spec = DATASET_SPECS[backbone.spec]
+    device = local_device(params.device)
+    net = load_backbone(backbone.name, backbone.spec, Path(backbone.path), device)
+    images = Path(data.images)
+
+    def names_index(names: list[str]) -> SplitIndex:
+        return SplitIndex(root=images, paths=[f"{n}.png" for n in names], labels=np.zeros(len(names), np.int64), classes=["-"])
+
+    db = extract_split_features(net, names_index(gt.imlist), spec, device)
+    qs = extract_split_features(net, names_index(gt.qimlist), spec, device)
+    train_idx = list_split(Path(data.root), "train")
+    tr = extract_split_features(net, train_idx, spec, device)
+    emb = np.concatenate([db, qs, tr])
+    labels = ["db"] * len(db) + ["query"] * len(qs) + [train_idx.classes[c] for c in train_idx.labels]
+    splits = ["database"] * len(db) + ["query"] * len(qs) + ["train"] * len(tr)
+    rel = images.relative_to(data.root).as_posix()
+    paths = [f"{rel}/{n}.png" for n in gt.imlist] + [f"{rel}/{n}.png" for n in gt.qimlist] + [f"train/{p}" for p in train_idx.paths]
+    meta = {"dataset": params.dataset, "backbone": backbone.name, "checkpoint_hash": file_sha256(Path(backbone.path)),
+            "dim": str(emb.shape[1])}
+    write_features(out, ids=np.arange(len(emb), dtype=np.int64), labels=labels, splits=splits, embeddings=emb, paths=paths,
+                   metadata=meta)
+    get_run_logger().info("features: %d database, %d queries, %d training images", len(db), len(qs), len(tr))
+
+
+def train_config(params: RetrievalParams, feat_dim: int) -> RetrievalTrainConfig:
+    """The training config of the first trial of the grid (each trial replaces lr_dni)."""
+    return RetrievalTrainConfig(feat_dim=feat_dim, k=params.k, steps=params.steps, hidden=params.hidden,
+                                lr_dni=params.lr_dni_grid[0], sequence_length=params.sequence_length,
+                                min_positives=params.min_positives, iterations=params.iterations,
+                                batch_queries=params.batch_queries, lr=params.lr, val_every=params.val_every, seed=params.seed)
+
+
+@task(name="train-retrieval-ssr", retries=1, retry_delay_seconds=5)
+def train_ssr(params: RetrievalParams, features: RetrievalFeatures, work_dir: str) -> RetrievalTrials:
+    """Ray Tune grid over lr_dni of SSR trained on retrieval sequences from the training clusters."""
+    base = train_config(params, features.dim)
+    root = Path(work_dir) / f"ssr-{short_hash({k: v for k, v in asdict(base).items() if k != 'lr_dni'})}"
+    logger = get_run_logger()
+    logger.info("SSR: %d retrieval trial(s) lr_dni=%s, k=%d, steps=%d", len(params.lr_dni_grid), params.lr_dni_grid, params.k, params.steps)
+    progress = Progress(f"train-{short_hash([features.path, str(root)])}", "Retrieval SSR training (all trials)")
+    trials = RetrievalTrials(tuple(run_trials(base, params.lr_dni_grid, Path(features.path), root / "trials",
+                                              Path(work_dir) / "ray_results", device=cluster_device(params.device),
+                                              progress=progress)))
+    logger.info("SSR: best trial lr_dni=%g, validation AP %.2f%%", trials.best.lr_dni, 100 * trials.best.best_val)
+    return trials
+
+
+@task(name="rank-methods", cache_policy=CACHE, persist_result=True)
+def rank_methods(params: RetrievalParams, features: RetrievalFeatures, work_dir: str) -> Rankings:
+    """Initial rankings of every method (features, QE variants, k-reciprocal), each as a top-K
+    store with its query table, plus the database table (row = id) for the re-ranking actors."""
+    db = read_features(Path(features.path), split="database")
+    qt = read_features(Path(features.path), split="query")
+    methods = method_rankings(qt.embeddings, db.embeddings, params.qe_n)
+    stores = Path(work_dir) / "stores" / short_hash([features.path])
+    stores.mkdir(parents=True, exist_ok=True)
+    database = stores / "database.parquet"
+    if not database.exists():
+        write_features(database, ids=np.arange(len(db.ids)), labels=["db"] * len(db.ids), splits=["database"] * len(db.ids),
+                       embeddings=db.embeddings, metadata={**db.metadata})
+    k_store = min(len(db.ids), max(params.k, 100))
+    out = []
+    for m in methods:
+        queries = stores / f"queries-{m.name}.parquet"
+        if not queries.exists():
+            write_features(queries, ids=np.arange(len(m.query)), labels=["query"] * len(m.query), splits=["query"] * len(m.query),
+                           embeddings=m.query.astype(np.float32), metadata={**db.metadata, "method": m.name})
+        store = write_ranking_store(stores / m.name / "topk", m, k_store, params.shard_size, source=features.path)
+        out.append(MethodStore(m.name, str(store.path), str(queries)))
+    ranks = stores / f"ranks-qe{params.qe_n}.npz"
+    tmp = ranks.with_suffix(".tmp.npz")
+    np.savez(tmp, **{m.name: m.ranks for m in methods})
+    tmp.replace(ranks)
+    return Rankings(str(ranks), str(database), tuple(out))
+
+
+@task(name="rerank-store", retries=1)
+def rerank(params: RetrievalParams, rankings: Rankings, method: MethodStore, model: RetrievalModel) -> Reranked:
+    """Every shard of a method's top-K store re-ranked by SSR on a pool of Ray actors."""
+    out = Path(method.topk).parent / f"reranked-{short_hash([model.weights])}"
+    progress = Progress(f"rerank-{short_hash([method.topk, model.weights])}", f"Re-ranking shards of {method.name}")
+    rerank_store(Path(method.topk), Path(method.queries), Path(rankings.database), out, model, n_actors=params.n_rerank_actors,
+                 device=cluster_device(params.device), progress=progress)
+    return Reranked(method.name, str(out))

@@ -1,0 +1,75 @@
+"""Every retrieval Prefect task's ``.fn`` on the small built-in glyph set, in seconds."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ssr_tasks.backbone import get_backbone
+from ssr_tasks.retrieval import report, tasks
+from ssr_tasks.retrieval.handoffs import Rankings, Reranked, RetrievalData, RetrievalFeatures, RetrievalTrials
+from storage.simstore import SimilarityStore
+
+METHODS = ["features", "AQE", "AQEwD", "alpha-QE", "DQE", "k-reciprocal"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("retrieval-tasks")
+
+
+@pytest.fixture
+def data(task_env, tiny_retrieval_params, glyphs_small, ssr_home):
+    return tasks.prepare_data.fn(tiny_retrieval_params, str(ssr_home))
+
+
+@pytest.fixture
+def features(data, tiny_retrieval_params, pipeline_dir):
+    backbone = get_backbone.fn(tiny_retrieval_params, data.fewshot_root, str(pipeline_dir / "backbones"))
+    return tasks.extract_features.fn(tiny_retrieval_params, data, backbone, str(pipeline_dir))
+
+
+def test_prepare_data_names_ground_truth_and_images(data, glyphs_small):
+    assert isinstance(data, RetrievalData) and data.fewshot_root == glyphs_small["fewshot_root"]
+    assert data.gnd.endswith("test/gnd_glyphs-retrieval.pkl") and data.images.endswith("test/jpg")
+
+
+def test_extract_features_writes_database_query_and_train_splits(features, glyphs_small):
+    assert isinstance(features, RetrievalFeatures) and features.dim == 256
+    assert (features.n_database, features.n_queries) == (glyphs_small["n_retrieval"]["database"], glyphs_small["n_retrieval"]["queries"])
+
+
+def test_k_larger_than_the_database_is_refused_before_training(data, tiny_retrieval_params, pipeline_dir):
+    from ssr_tasks.handoffs import Backbone
+
+    with pytest.raises(ValueError, match=r"k: 100000 is larger than the database \(500 images\)"):
+        tasks.extract_features.fn(tiny_retrieval_params.model_copy(update={"k": 100_000}), data, Backbone("x", "conv4-64", "glyphs"),
+                                  str(pipeline_dir))
+
+
+def test_rank_methods_writes_a_store_and_query_table_per_method(features, tiny_retrieval_params, pipeline_dir):
+    rankings = tasks.rank_methods.fn(tiny_retrieval_params, features, str(pipeline_dir))
+    assert isinstance(rankings, Rankings) and [m.name for m in rankings.methods] == METHODS
+    with np.load(rankings.ranks) as ranks:
+        assert ranks["features"].shape == (features.n_queries, features.n_database)
+    for m in rankings.methods:
+        store = SimilarityStore(m.topk)
+        assert store.is_complete() and store.k == 100 and store.n_queries == features.n_queries
+
+
+def test_train_rerank_and_report(features, data, tiny_retrieval_params, pipeline_dir, ray_local):
+    p = tiny_retrieval_params
+    trials = tasks.train_ssr.fn(p, features, str(pipeline_dir))
+    assert isinstance(trials, RetrievalTrials) and [t.lr_dni for t in trials.trials] == p.lr_dni_grid
+    best = trials.best
+    assert best.history[0].iteration == 0 and best.model.build().k == p.k
+
+    rankings = tasks.rank_methods.fn(p, features, str(pipeline_dir))
+    reranked = [tasks.rerank.fn(p, rankings, m, best.model) for m in rankings.methods[:2]]
+    for r, m in zip(reranked, rankings.methods):
+        assert isinstance(r, Reranked) and r.name == m.name and SimilarityStore(r.store).is_complete()
+
+    out = report.write_report.fn(p, data, rankings, reranked, str(pipeline_dir / "results"))
+    assert [r["method"] for r in out.rows] == ["features", "features + SSR", "AQE", "AQE + SSR"]
+    for row in out.rows:
+        assert all(0.0 <= row[f"mAP {k}"] <= 100.0 for k in ("easy", "medium", "hard"))
+    assert {name for name, _ in out.figures} == {"map_by_method.png", "reranked_example.png"}
