@@ -140,7 +140,9 @@ def rerank_one(work: Path, n: int, args) -> dict:
     """Re-rank the store of ``work`` (this process is the driver); returns the measurements."""
     import ray
 
+    from ssr_tasks.retrieval.handoffs import RetrievalModel
     from ssr_tasks.retrieval.rerank import rerank_store
+    from ssr_tasks.retrieval.train import RetrievalTrainConfig
     from ssr_tasks.services import init_ray
     from storage.simstore import SimilarityStore
 
