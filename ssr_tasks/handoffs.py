@@ -7,6 +7,7 @@ hashes them as the inputs of the next cached task.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Generic, Protocol, TypeVar
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,25 @@ class Features:
 
     path: str
     dim: int
+
+
+class _Trial(Protocol):
+    @property
+    def best_val(self) -> float: ...
+
+
+TrialT = TypeVar("TrialT", bound=_Trial)
+
+
+@dataclass(frozen=True)
+class Trials(Generic[TrialT]):
+    """All trials of a grid, in grid order; ``best`` is chosen on validation only."""
+
+    trials: tuple[TrialT, ...]
+
+    @property
+    def best(self) -> TrialT:
+        return max(self.trials, key=lambda t: t.best_val)
 
 
 @dataclass(frozen=True)

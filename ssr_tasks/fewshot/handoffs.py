@@ -9,6 +9,7 @@ import numpy as np
 from ssr_model import FewShotSSR
 from ssr_tasks.fewshot.episodes import EpisodeIndices
 from ssr_tasks.fewshot.train import TrainConfig
+from ssr_tasks.handoffs import Trials
 from ssr_tasks.weights import load_weights
 
 
@@ -110,16 +111,6 @@ class FewShotTrial:
         return cls(config, stages, summary["best_steps"], summary["best_val"], summary["best_path"])
 
 
-@dataclass(frozen=True)
-class FewShotTrials:
-    """All trials of the grid; ``best`` is chosen on validation episodes only."""
-
-    trials: tuple[FewShotTrial, ...]
-
-    @property
-    def best(self) -> FewShotTrial:
-        return max(self.trials, key=lambda t: t.best_val)
-
 
 @dataclass(frozen=True)
 class ShotResult:
@@ -136,3 +127,6 @@ class ShotResult:
         out = {"baseline": np.asarray(self.baseline), "krecip": np.asarray(self.krecip)}
         out.update({f"ssr_step{s}": np.asarray(a) for s, a in enumerate(self.ssr_by_step)})
         return out
+
+
+FewShotTrials = Trials[FewShotTrial]  # the grid's trials; ``.best`` by validation score

@@ -17,7 +17,7 @@ from ssr_tasks.fewshot.episodes import episodes_from_json, load_split, sample_ep
 from ssr_tasks.fewshot.handoffs import FewShotData, FewShotModel, FewShotTrials, KReciprocal, ShotResult, ValidationEpisodes
 from ssr_tasks.fewshot.ray_jobs import evaluate_with_pool, run_trials
 from ssr_tasks.fewshot.train import TrainConfig
-from ssr_tasks.handoffs import Backbone, Features
+from ssr_tasks.handoffs import Backbone, Features, Trials
 from ssr_tasks.taskkit import CACHE, Progress, short_hash
 from storage.features import read_metadata
 from storage.fewshot import list_split
@@ -85,7 +85,7 @@ def train_ssr(params: FewShotParams, features: Features, val: ValidationEpisodes
     get_run_logger().info("SSR: training %d trial(s) lr_dni=%s, steps 1..%d, checkpoints in %s",
                           len(params.lr_dni_grid), params.lr_dni_grid, params.max_steps, root)
     progress = Progress(f"train-{short_hash([features.path, str(root)])}", "SSR training (all trials)")
-    trials = FewShotTrials(tuple(run_trials(base, params.lr_dni_grid, Path(features.path), Path(val.path), root / "trials",
+    trials = Trials(tuple(run_trials(base, params.lr_dni_grid, Path(features.path), Path(val.path), root / "trials",
                                             Path(work_dir) / "ray_results", device=cluster_device(params.device),
                                             progress=progress)))
     best = trials.best

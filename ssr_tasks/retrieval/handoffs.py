@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from ssr_model import RetrievalSSR
 from ssr_tasks.retrieval.train import RetrievalTrainConfig
+from ssr_tasks.handoffs import Trials
 from ssr_tasks.weights import load_weights
 
 
@@ -86,16 +87,6 @@ class RetrievalTrial:
         return cls(config, float(summary["best_val"]), summary["best_path"], history)
 
 
-@dataclass(frozen=True)
-class RetrievalTrials:
-    """All trials of the grid; ``best`` is chosen on validation sequences only."""
-
-    trials: tuple[RetrievalTrial, ...]
-
-    @property
-    def best(self) -> RetrievalTrial:
-        return max(self.trials, key=lambda t: t.best_val)
-
 
 @dataclass(frozen=True)
 class MethodStore:
@@ -124,3 +115,6 @@ class Reranked:
 
     name: str
     store: str
+
+
+RetrievalTrials = Trials[RetrievalTrial]  # the grid's trials; ``.best`` by validation score

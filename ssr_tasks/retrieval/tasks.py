@@ -13,7 +13,7 @@ from prefect import get_run_logger, task
 from ssr_tasks.backbone import extract_split_features, load_backbone
 from ssr_tasks.config import RetrievalParams
 from ssr_tasks.device import cluster_device, local_device
-from ssr_tasks.handoffs import Backbone
+from ssr_tasks.handoffs import Backbone, Trials
 from ssr_tasks.retrieval.evaluate import method_rankings, write_ranking_store
 from ssr_tasks.retrieval.handoffs import (MethodStore, Rankings, Reranked, RetrievalData, RetrievalFeatures, RetrievalModel,
                                           RetrievalTrials)
@@ -93,7 +93,7 @@ def train_ssr(params: RetrievalParams, features: RetrievalFeatures, work_dir: st
     logger = get_run_logger()
     logger.info("SSR: %d retrieval trial(s) lr_dni=%s, k=%d, steps=%d", len(params.lr_dni_grid), params.lr_dni_grid, params.k, params.steps)
     progress = Progress(f"train-{short_hash([features.path, str(root)])}", "Retrieval SSR training (all trials)")
-    trials = RetrievalTrials(tuple(run_trials(base, params.lr_dni_grid, Path(features.path), root / "trials",
+    trials = Trials(tuple(run_trials(base, params.lr_dni_grid, Path(features.path), root / "trials",
                                               Path(work_dir) / "ray_results", device=cluster_device(params.device),
                                               progress=progress)))
     logger.info("SSR: best trial lr_dni=%g, validation AP %.2f%%", trials.best.lr_dni, 100 * trials.best.best_val)

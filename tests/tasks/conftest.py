@@ -45,6 +45,12 @@ def task_env(monkeypatch):
         yield
 
 
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory, request):
+    """A work folder shared by the tests of one module (each step builds on the previous one's outputs)."""
+    return tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+
+
 @pytest.fixture(scope="session")
 def tiny_image_dataset(tmp_path_factory):
     """A CIFAR-FS-layout folder: 4 train, 3 val, 3 test classes of 8 random 32x32 RGB images."""

@@ -9,13 +9,8 @@ import torch
 
 from ssr_tasks.backbone import get_backbone
 from ssr_tasks.fewshot import report, tasks
-from ssr_tasks.fewshot.handoffs import FewShotData, FewShotTrials, KReciprocal, ShotResult
-from ssr_tasks.handoffs import Backbone, Features
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("fewshot-tasks")
+from ssr_tasks.fewshot.handoffs import FewShotData, KReciprocal, ShotResult
+from ssr_tasks.handoffs import Backbone, Features, Trials
 
 
 @pytest.fixture
@@ -73,7 +68,7 @@ def test_validation_episodes_follow_the_fixed_json(task_env, synthetic_features,
 def test_train_choose_evaluate_and_report(val, features, tiny_fewshot_params, pipeline_dir, ray_local):
     p = tiny_fewshot_params
     trials = tasks.train_ssr.fn(p, features, val, str(pipeline_dir))
-    assert isinstance(trials, FewShotTrials) and [t.lr_dni for t in trials.trials] == p.lr_dni_grid
+    assert isinstance(trials, Trials) and [t.lr_dni for t in trials.trials] == p.lr_dni_grid
     best = trials.best
     assert [s.steps for s in best.stages] == [1, 2] and best.best_val == max(s.best_val for s in best.stages)
     assert best.model.config.n_query == p.n_query and best.model.steps == best.best_steps

@@ -6,15 +6,11 @@ import pytest
 
 from ssr_tasks.backbone import get_backbone
 from ssr_tasks.retrieval import report, tasks
-from ssr_tasks.retrieval.handoffs import Rankings, Reranked, RetrievalData, RetrievalFeatures, RetrievalTrials
+from ssr_tasks.handoffs import Trials
+from ssr_tasks.retrieval.handoffs import Rankings, Reranked, RetrievalData, RetrievalFeatures
 from storage.simstore import SimilarityStore
 
 METHODS = ["features", "AQE", "AQEwD", "alpha-QE", "DQE", "k-reciprocal"]
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("retrieval-tasks")
 
 
 @pytest.fixture
@@ -59,7 +55,7 @@ def test_rank_methods_writes_a_store_and_query_table_per_method(features, tiny_r
 def test_train_rerank_and_report(features, data, tiny_retrieval_params, pipeline_dir, ray_local):
     p = tiny_retrieval_params
     trials = tasks.train_ssr.fn(p, features, str(pipeline_dir))
-    assert isinstance(trials, RetrievalTrials) and [t.lr_dni for t in trials.trials] == p.lr_dni_grid
+    assert isinstance(trials, Trials) and [t.lr_dni for t in trials.trials] == p.lr_dni_grid
     best = trials.best
     assert best.history[0].iteration == 0 and best.model.build().k == p.k
 
