@@ -129,8 +129,8 @@ class FewShotSSR(nn.Module):
         if rows.device != support.device:
             rows, cols = rows.to(support.device), cols.to(support.device)
 
-        def build_vectors(prototypes: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-            return fewshot_subgraph_vectors(prototypes, queries, rows, cols)
+        def build_vectors(prototypes: torch.Tensor, queries: torch.Tensor, query_gram: torch.Tensor) -> torch.Tensor:
+            return fewshot_subgraph_vectors(prototypes, queries, rows, cols, query_gram)
 
         states = refine(
             support.mean(2),  # prototypes (E, n_way, D)

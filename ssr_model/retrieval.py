@@ -114,8 +114,8 @@ class RetrievalSSR(nn.Module):
         if rows.device != query.device:
             rows, cols = rows.to(query.device), cols.to(query.device)
 
-        def build_vectors(q: torch.Tensor, database: torch.Tensor) -> torch.Tensor:
-            return retrieval_subgraph_vectors(q, database, rows, cols)
+        def build_vectors(q: torch.Tensor, database: torch.Tensor, database_gram: torch.Tensor) -> torch.Tensor:
+            return retrieval_subgraph_vectors(q, database, rows, cols, database_gram)
 
         states = refine(
             query, neighbours, build_vectors, self.dni_query, self.dni_database, self.lr_dni, self.steps, keep_graph

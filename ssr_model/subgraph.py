@@ -31,7 +31,10 @@ import torch
 
 __all__ = [
     "unit_rows",
+    "cosine_from_gram",
+    "gram_matrix",
     "cosine_similarity_matrix",
+    "two_set_cosine",
     "kept_pair_positions",
     "fewshot_pair_positions",
     "retrieval_pair_positions",
@@ -64,6 +67,28 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True).clamp_min(NORMALIZE_EPS * NORMALIZE_EPS))
 
 
+def cosine_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities from a Gram matrix: ``G_ij / (n_i n_j)``, ``n = max(sqrt(diag G), 1e-12)``.
+
+    The same values as normalising the features first (eps 1e-12, as the authors), and
+    every derivative order stays finite at a zero row (the clamp sits on the squared
+    norm, where ``F.normalize``'s second derivative is 0/0).
+
+    Args:
+        gram: ``nodes nodes^T`` of shape (E, M, M).
+
+    Returns:
+        A of shape (E, M, M).
+    """
+    inv_norm = torch.rsqrt(torch.diagonal(gram, dim1=1, dim2=2).clamp_min(NORMALIZE_EPS * NORMALIZE_EPS))  # (E, M)
+    return gram * inv_norm.unsqueeze(2) * inv_norm.unsqueeze(1)
+
+
+def gram_matrix(nodes: torch.Tensor) -> torch.Tensor:
+    """``nodes nodes^T``: (E, M, D) -> (E, M, M)."""
+    return torch.bmm(nodes, nodes.transpose(1, 2))
+
+
 def cosine_similarity_matrix(nodes: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of every pair of nodes.
 
@@ -71,11 +96,33 @@ def cosine_similarity_matrix(nodes: torch.Tensor) -> torch.Tensor:
         nodes: features of shape (E, M, D).
 
     Returns:
-        A of shape (E, M, M), ``A[e, i, j] = cos(nodes[e, i], nodes[e, j])`` with the
-        features L2-normalised with eps 1e-12.
+        A of shape (E, M, M), ``A[e, i, j] = cos(nodes[e, i], nodes[e, j])`` (eps 1e-12).
     """
-    unit = unit_rows(nodes)
-    return torch.bmm(unit, unit.transpose(1, 2))
+    return cosine_from_gram(gram_matrix(nodes))
+
+
+def two_set_cosine(first: torch.Tensor, second: torch.Tensor, second_gram: torch.Tensor | None = None) -> torch.Tensor:
+    """Cosine similarities of the nodes ``[first, second]``, assembled from Gram blocks.
+
+    The (E, S, S) block of the larger set can be passed in: the refinement computes it
+    once per step and reuses it in both half-steps (``second`` only changes in the second
+    one). Only that block's matmul reads all of the large set's features; the gradient
+    w.r.t. ``first`` never touches it.
+
+    Args:
+        first: shape (E, R, D).
+        second: shape (E, S, D).
+        second_gram: ``second second^T`` of shape (E, S, S), or None to compute it.
+
+    Returns:
+        A of shape (E, R + S, R + S), nodes ordered ``first`` then ``second``.
+    """
+    if second_gram is None:
+        second_gram = gram_matrix(second)
+    cross = torch.bmm(first, second.transpose(1, 2))  # (E, R, S)
+    top = torch.cat((gram_matrix(first), cross), dim=2)
+    bottom = torch.cat((cross.transpose(1, 2), second_gram), dim=2)
+    return cosine_from_gram(torch.cat((top, bottom), dim=1))
 
 
 def kept_pair_positions(
@@ -189,7 +236,11 @@ def gather_subgraph_vectors(sim: torch.Tensor, flat_index: torch.Tensor) -> torc
 
 
 def fewshot_subgraph_vectors(
-    prototypes: torch.Tensor, queries: torch.Tensor, pair_rows: torch.Tensor, pair_cols: torch.Tensor
+    prototypes: torch.Tensor,
+    queries: torch.Tensor,
+    pair_rows: torch.Tensor,
+    pair_cols: torch.Tensor,
+    query_gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DNI inputs of a batch of few-shot episodes.
 
@@ -197,19 +248,24 @@ def fewshot_subgraph_vectors(
         prototypes: shape (E, n_way, D).
         queries: shape (E, n_query, D).
         pair_rows, pair_cols: from :func:`fewshot_pair_positions`, shape (d_in,).
+        query_gram: ``queries queries^T`` of shape (E, n_query, n_query), if already known.
 
     Returns:
         X of shape (E, M, d_in), M = n_way + n_query; row r is the vector of reference r
         (prototypes first, then queries).
     """
     E, n_way, D = prototypes.shape
-    sim = cosine_similarity_matrix(torch.cat((prototypes, queries), dim=1))
+    sim = two_set_cosine(prototypes, queries, query_gram)
     order = fewshot_subgraph_order(sim.detach(), n_way)
     return gather_subgraph_vectors(sim, subgraph_flat_index(order, pair_rows, pair_cols))
 
 
 def retrieval_subgraph_vectors(
-    query: torch.Tensor, database: torch.Tensor, pair_rows: torch.Tensor, pair_cols: torch.Tensor
+    query: torch.Tensor,
+    database: torch.Tensor,
+    pair_rows: torch.Tensor,
+    pair_cols: torch.Tensor,
+    database_gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DNI inputs of a batch of retrieval graphs.
 
@@ -217,12 +273,13 @@ def retrieval_subgraph_vectors(
         query: shape (E, D).
         database: the top-k neighbours of each query, shape (E, k, D).
         pair_rows, pair_cols: from :func:`retrieval_pair_positions`, shape (2k + 1,).
+        database_gram: ``database database^T`` of shape (E, k, k), if already known.
 
     Returns:
         X of shape (E, 1 + k, 2k + 1); row 0 is the query's vector, row 1 + i the vector
         of neighbour i.
     """
-    sim = cosine_similarity_matrix(torch.cat((query.unsqueeze(1), database), dim=1))
+    sim = two_set_cosine(query.unsqueeze(1), database, database_gram)
     order = retrieval_subgraph_order(sim.detach())
     return gather_subgraph_vectors(sim, subgraph_flat_index(order, pair_rows, pair_cols))
 
@@ -265,7 +322,7 @@ def dni_update(
 def refine(
     first: torch.Tensor,
     second: torch.Tensor,
-    build_vectors: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    build_vectors: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     first_dni: Callable[[torch.Tensor], torch.Tensor],
     second_dni: Callable[[torch.Tensor], torch.Tensor],
     lr_dni: float,
@@ -280,7 +337,8 @@ def refine(
             (E, D)).
         second: the set updated second (few-shot queries (E, n_query, D); retrieval
             neighbours (E, k, D)).
-        build_vectors: ``(first, second) -> X`` of shape (E, M, d_in).
+        build_vectors: ``(first, second, second_gram) -> X`` of shape (E, M, d_in), where
+            ``second_gram`` is ``second second^T`` (E, S, S), computed once per step.
         first_dni, second_dni: the two DNIs.
         lr_dni: step size.
         steps: number of refinement steps.
@@ -306,11 +364,12 @@ def refine(
         if not second.requires_grad:
             second = second.detach().requires_grad_(True)
         for step in range(steps):
+            second_gram = gram_matrix(second)  # unchanged by the first half-step: reused
             first = dni_update(
-                build_vectors(first, second), first, first_dni, lr_dni, keep_graph or 2 * step + 1 < n_updates
+                build_vectors(first, second, second_gram), first, first_dni, lr_dni, keep_graph or 2 * step + 1 < n_updates
             )
             second = dni_update(
-                build_vectors(first, second), second, second_dni, lr_dni, keep_graph or 2 * step + 2 < n_updates
+                build_vectors(first, second, second_gram), second, second_dni, lr_dni, keep_graph or 2 * step + 2 < n_updates
             )
             states.append((first, second))
     if not keep_graph:
