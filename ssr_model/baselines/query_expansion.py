@@ -11,7 +11,10 @@ from __future__ import annotations
 import numpy as np
 from sklearn.svm import SVC
 
-__all__ = ["aqe", "aqe_wd", "alpha_qe", "dqe"]
+__all__ = ["aqe", "aqe_wd", "alpha_qe", "dqe", "hard_margin_dual"]
+
+# libsvm box bound standing for "no upper bound": far above the alphas of separable unit-norm data
+_HARD_C = 1e10
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -58,12 +61,32 @@ def alpha_qe(query_feats: np.ndarray, db_feats: np.ndarray, ranks: np.ndarray, n
     return _weighted(items, np.power(sims, alpha))
 
 
-def dqe(query_feats: np.ndarray, db_feats: np.ndarray, ranks: np.ndarray, n: int, C: float = 1.0) -> np.ndarray:
-    """Discriminative QE: linear SVM (``SVC(kernel='linear')``) fitted per query.
+def hard_margin_dual(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Dual variables of the hard-margin linear SVM (with bias) on X (m, D), labels y (m,) in {+1, -1}.
 
-    Positives: the query and its top-n items; negatives: the n + 1 lowest-ranked items.
-    Expanded query = normalised sum_i alpha_i y_i x_i over the support vectors
-    (``dual_coef_ @ support_vectors_``, i.e. the primal weight vector).
+    Solves ``min_a 1/2 a' H a - sum(a)`` with ``H = (y x)(y x)'``, subject to ``a >= 0``
+    (no upper bound) and ``y' a = 0``. libsvm's SMO solves it as the box-constrained
+    problem with a bound ``C`` no alpha of separable data reaches (``_HARD_C``, checked),
+    where the box is inactive and the two problems have the same solution.
+
+    Returns alphas (m,) float64. Raises ValueError when the data are not linearly
+    separable (the hard-margin dual is then unbounded).
+    """
+    m = X.shape[0]
+    svm = SVC(kernel="linear", C=_HARD_C, tol=1e-10).fit(X, y)
+    alphas = np.zeros(m)
+    alphas[svm.support_] = np.abs(svm.dual_coef_[0])
+    if alphas.max() >= 1e-3 * _HARD_C:
+        raise ValueError("dqe: positives and negatives are not linearly separable, the hard-margin SVM has no solution")
+    return alphas
+
+
+def dqe(query_feats: np.ndarray, db_feats: np.ndarray, ranks: np.ndarray, n: int) -> np.ndarray:
+    """Discriminative QE: a hard-margin linear SVM per query (SSR_METHOD section 6).
+
+    Positives: the query and its top-n items; negatives: the n + 1 lowest-ranked items
+    (the last columns of ``ranks``). Expanded query = normalised sum_i alpha_i y_i x_i with
+    the alphas of :func:`hard_margin_dual`.
     """
     items = _query_and_top(query_feats, db_feats, ranks, n)
     Q, K, D = items.shape
@@ -73,7 +96,6 @@ def dqe(query_feats: np.ndarray, db_feats: np.ndarray, ranks: np.ndarray, n: int
     labels = np.concatenate([np.ones(K), -np.ones(K)])
     out = np.empty((Q, D), dtype=np.float64)
     for q in range(Q):
-        svm = SVC(kernel="linear", C=C)
-        svm.fit(np.concatenate([items[q], negatives[q]], axis=0), labels)
-        out[q] = svm.dual_coef_[0] @ svm.support_vectors_
+        X = np.concatenate([items[q], negatives[q]], axis=0).astype(np.float64)  # (2K, D)
+        out[q] = (hard_margin_dual(X, labels) * labels) @ X
     return _normalise(out).astype(query_feats.dtype, copy=False)
