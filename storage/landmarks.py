@@ -95,11 +95,26 @@ def read_revisited_gnd(path: str | os.PathLike) -> RevisitedGroundTruth:
 
 def read_gnd_json(path: str | os.PathLike) -> RevisitedGroundTruth:
     """Read our ``gnd.json`` ground truth and validate it."""
+    return _validate_gnd(_read_json(Path(path)), os.fspath(path))
+
+
+def _read_json(path: Path) -> Any:
     try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptFileError(f"{path}: not valid JSON ({exc})") from exc
-    return _validate_gnd(obj, os.fspath(path))
+
+
+def read_gnd(path: str | os.PathLike, n_db: int | None = None) -> RevisitedGroundTruth:
+    """Ground truth in either published format: our ``gnd.json`` (``.json``) or a revisitop
+    pickle (anything else). With ``n_db`` (the database's rows) every index must be below it
+    and a non-empty ``imlist`` must have that length."""
+    path = Path(path)
+    obj = _read_json(path) if path.suffix.lower() == ".json" else safe_load(path)
+    gt = _validate_gnd(obj, os.fspath(path), n_db=n_db)
+    if n_db is not None and gt.imlist and len(gt.imlist) != n_db:
+        raise DataValueError(f"{path}: imlist has {len(gt.imlist)} images, but the database has {n_db} rows")
+    return gt
 
 
 def write_gnd_json(path: str | os.PathLike, gt: RevisitedGroundTruth) -> Path:
@@ -166,7 +181,8 @@ def read_landmark_pickle(path: str | os.PathLike) -> LandmarkFeatures:
         elif db.shape[1] == q.shape[1]:
             transpose = False
         else:
-            raise SchemaError(f"{source}: '{db_key}' {db.shape} and '{q_key}' {q.shape} share no feature dim")
+            raise DataValueError(f"{source}: '{q_key}' is {q.shape} and '{db_key}' is {db.shape}: query and database "
+                                 "features must have the same D (the authors' layout is (D, Q) and (D, N))")
     elif cluster is not None:
         if len(cluster) == db.shape[1]:
             transpose = True
