@@ -172,27 +172,38 @@ def import_train_set(data_root: str | os.PathLike, cache_root: str | os.PathLike
     return LandmarkTrainSet(table, dim, len(splits) - n_val, n_val, holdout_fraction, holdout_seed)
 
 
-def validation_ground_truth(clusters: np.ndarray, n_queries: int, seed: int) -> tuple[np.ndarray, RevisitedGroundTruth]:
+def validation_ground_truth(clusters: np.ndarray, n_queries: int,
+                            seed: int) -> tuple[np.ndarray, np.ndarray, RevisitedGroundTruth]:
     """A revisited-format validation set over held-out items with cluster labels (M,).
 
-    The database is all M items; up to ``n_queries`` queries are drawn (seeded, without
-    replacement) among items whose cluster has another member. Per query: ``easy`` = the
-    other members of its cluster, ``hard`` = none, ``junk`` = the query itself (so it is
-    ignored where it appears in its own ranking). Returns (query rows (Q,), ground truth).
+    Up to ``n_queries`` queries are drawn (seeded) so that each query's cluster keeps at
+    least one other item; the database is every item that is not a query, as in a real
+    test set. Per query: ``easy`` = the database items of its cluster, ``hard`` and
+    ``junk`` = none. Returns (query rows (Q,), database rows (M - Q,), ground truth whose
+    indices are positions in the database rows).
     """
     clusters = np.asarray(clusters)
-    M = len(clusters)
     uniq, inverse, counts = np.unique(clusters, return_inverse=True, return_counts=True)
-    eligible = np.flatnonzero(counts[inverse.reshape(-1)] > 1)
-    if not len(eligible):
+    inverse = inverse.reshape(-1)
+    if not (counts > 1).any():
         raise DataValueError(f"validation clusters: none of the {len(uniq)} held-out clusters has two images; "
                              "expected clusters with positives")
     rng = np.random.default_rng(seed)
-    queries = np.sort(rng.choice(eligible, size=min(n_queries, len(eligible)), replace=False))
-    gnd = []
-    for q in queries:
-        same = np.flatnonzero(clusters == clusters[q])
-        gnd.append({"easy": same[same != q].astype(np.int64), "hard": np.zeros(0, np.int64),
-                    "junk": np.array([q], np.int64), "bbx": None})
-    gt = RevisitedGroundTruth([str(i) for i in range(M)], [str(int(q)) for q in queries], gnd)
-    return queries, gt
+    taken = np.zeros(len(uniq), np.int64)
+    queries = []
+    for i in rng.permutation(len(clusters)):
+        if len(queries) == n_queries:
+            break
+        c = inverse[i]
+        if taken[c] < counts[c] - 1:
+            taken[c] += 1
+            queries.append(i)
+    queries = np.sort(np.asarray(queries, np.int64))
+    is_query = np.zeros(len(clusters), bool)
+    is_query[queries] = True
+    database = np.flatnonzero(~is_query)
+    db_clusters = clusters[database]
+    gnd = [{"easy": np.flatnonzero(db_clusters == clusters[q]).astype(np.int64), "hard": np.zeros(0, np.int64),
+            "junk": np.zeros(0, np.int64), "bbx": None} for q in queries]
+    gt = RevisitedGroundTruth([str(int(i)) for i in database], [str(int(q)) for q in queries], gnd)
+    return queries, database, gt

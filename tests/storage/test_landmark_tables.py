@@ -87,13 +87,18 @@ def test_train_set_split_by_holdout(tmp_path):
 
 def test_validation_ground_truth():
     clusters = np.array([7, 7, 7, 8, 9, 9])
-    queries, gt = validation_ground_truth(clusters, 10, seed=0)
-    assert list(queries) == [0, 1, 2, 4, 5]  # item 3 is alone in its cluster
-    assert len(gt.imlist) == 6 and gt.qimlist == ["0", "1", "2", "4", "5"]
-    g = gt.gnd[1]
-    assert list(g["easy"]) == [0, 2] and list(g["hard"]) == [] and list(g["junk"]) == [1]
-    q2, _ = validation_ground_truth(clusters, 2, seed=0)
-    assert len(q2) == 2 and set(q2) <= set(queries)
+    queries, database, gt = validation_ground_truth(clusters, 10, seed=0)
+    # every cluster with two items gives queries, and keeps one item in the database
+    assert set(clusters[queries]) == {7, 9} and sorted(np.r_[queries, database]) == list(range(6))
+    assert 3 in database and {7, 9} <= set(clusters[database])
+    assert gt.imlist == [str(i) for i in database] and gt.qimlist == [str(q) for q in queries]
+    for q, g in zip(queries, gt.gnd):
+        assert list(database[g["easy"]]) == [i for i in database if clusters[i] == clusters[q]]
+        assert len(g["hard"]) == 0 and len(g["junk"]) == 0
+    q2, _, _ = validation_ground_truth(clusters, 2, seed=0)
+    assert len(q2) == 2
+    again = validation_ground_truth(clusters, 2, seed=0)
+    assert list(again[0]) == list(q2)
     with pytest.raises(DataValueError, match="none of the 3 held-out clusters has two images"):
         validation_ground_truth(np.array([1, 2, 3]), 5, 0)
 
