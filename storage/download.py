@@ -21,13 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-from PIL import Image
-
-from storage.errors import ChecksumError, DatasetLayoutError, DownloadError, SchemaError
+from storage.cifar_fs import build_cifar_fs
+from storage.errors import ChecksumError, DatasetLayoutError, DownloadError
 from storage.hashing import file_sha256
 from storage.landmarks import read_revisited_gnd
-from storage.safe_pickle import safe_load, str_keys
 
 _CHUNK = 1 << 20
 
@@ -322,70 +319,3 @@ POST: dict[str, Callable[[Path, Path, Path], None]] = {
     "post_backbones_tiered": post_backbones_tiered, "post_mini_imagenet": post_mini_imagenet,
     "post_gnd": post_gnd, "post_cifar100": post_cifar100, "post_cifar_fs_splits": post_cifar_fs_splits,
 }
-
-
-# ---- CIFAR-FS from CIFAR-100 ------------------------------------------------------------
-
-def _find_split_lists(splits_dir: Path) -> dict[str, Path]:
-    for train in sorted(splits_dir.rglob("train.txt")):
-        d = train.parent
-        if (d / "val.txt").is_file() and (d / "test.txt").is_file():
-            return {s: d / f"{s}.txt" for s in ("train", "val", "test")}
-    raise DatasetLayoutError(f"{splits_dir}: no folder with train.txt, val.txt and test.txt class lists")
-
-
-def _read_cifar_pickle(path: Path, keys: tuple[str, ...]) -> dict:
-    if not path.is_file():
-        raise DatasetLayoutError(f"{path}: CIFAR-100 file not found")
-    obj = str_keys(safe_load(path))
-    if not isinstance(obj, dict):
-        raise SchemaError(f"{path}: expected a dict, got {type(obj).__name__}")
-    for key in keys:
-        if key not in obj:
-            raise SchemaError(f"{path}: missing key '{key}' (expected {list(keys)})")
-    return obj
-
-
-def _text(v: str | bytes) -> str:
-    return v.decode("latin1") if isinstance(v, bytes) else str(v)
-
-
-def build_cifar_fs(cifar100_dir: str | os.PathLike, splits_dir: str | os.PathLike,
-                   out_dir: str | os.PathLike) -> Path:
-    """Sort CIFAR-100 images into ``<out_dir>/{train,val,test}/<class>/<name>.png`` per the
-    class lists in ``splits_dir``; copies the episode JSONs found there into ``out_dir``.
-    Built in a temporary folder and renamed into place."""
-    cifar, splits, out = Path(cifar100_dir), Path(splits_dir), Path(out_dir)
-    lists = _find_split_lists(splits)
-    meta = _read_cifar_pickle(cifar / "meta", ("fine_label_names",))
-    names = [_text(n) for n in meta["fine_label_names"]]
-    class_split: dict[str, str] = {}
-    for split, path in lists.items():
-        for line in path.read_text().split():
-            cls = line.strip()
-            if cls not in names:
-                raise DatasetLayoutError(f"{path}: class '{cls}' is not a CIFAR-100 fine label")
-            class_split[cls] = split
-    tmp = Path(tempfile.mkdtemp(prefix=".cifar-fs.", dir=out.parent))
-    try:
-        for part in ("train", "test"):
-            data = _read_cifar_pickle(cifar / part, ("data", "fine_labels", "filenames"))
-            images = np.asarray(data["data"], dtype=np.uint8)
-            if images.ndim != 2 or images.shape[1] != 3072:
-                raise SchemaError(f"{cifar / part}: data has shape {images.shape}, expected (N, 3072)")
-            for row, label, fname in zip(images, data["fine_labels"], data["filenames"]):
-                cls = names[int(label)]
-                if cls not in class_split:
-                    continue
-                d = tmp / class_split[cls] / cls
-                d.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(row.reshape(3, 32, 32).transpose(1, 2, 0)).save(d / _text(fname))
-        for js in splits.rglob("*.json"):
-            shutil.copyfile(js, tmp / js.name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out

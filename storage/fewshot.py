@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from storage.augment import TrainTransform, augment
 from storage.errors import CorruptFileError, DatasetLayoutError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
@@ -19,11 +20,13 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """How test images of a data set are turned into network input.
+    """How images of a data set are turned into network input (the authors' ``dataset.py``).
 
-    Transforms run in this order: ``resize`` (shorter side, bilinear, as torchvision's
-    ``Resize(int)``), ``center_crop`` (square), then scaling to [0, 1] and normalisation
-    ``(x - mean) / std`` per channel. After them the image must be ``image_size`` square.
+    Test transforms run in this order: ``resize`` to exactly (height, width) (bilinear, as
+    torchvision's ``Resize([h, w])``), ``center_crop`` (square), then scaling to [0, 1] and
+    normalisation ``(x - mean) / std`` per channel. After them the image must be
+    ``image_size`` square. ``train`` is the augmentation that replaces the test transforms
+    when features are computed for SSR training (``storage.augment``).
     """
 
     name: str
@@ -31,7 +34,8 @@ class DatasetSpec:
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    resize: int | None = None
+    train: TrainTransform
+    resize: tuple[int, int] | None = None
     center_crop: int | None = None
 
 
@@ -39,14 +43,21 @@ def _div255(values: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(v / 255.0 for v in values)
 
 
+# Mean and std (x 1/255) exactly as in the authors' src/dataset.py (SSR_METHOD.md section 8
+# rounds them to two decimals).
 DATASET_SPECS: dict[str, DatasetSpec] = {
-    "cifar-fs": DatasetSpec("cifar-fs", 32, 3, _div255((129.38, 124.11, 112.48)),
-                            _div255((68.21, 65.43, 70.46))),
-    "mini-imagenet": DatasetSpec("mini-imagenet", 80, 3, _div255((120.40, 115.59, 104.54)),
-                                 _div255((70.68, 68.28, 72.55)), center_crop=80),
-    "tiered-imagenet": DatasetSpec("tiered-imagenet", 84, 3, _div255((125.3, 123.0, 113.9)),
-                                   _div255((63.0, 62.1, 66.7)), resize=92, center_crop=84),
-    "glyphs": DatasetSpec("glyphs", 32, 1, (0.5,), (0.5,)),
+    "cifar-fs": DatasetSpec(
+        "cifar-fs", 32, 3, _div255((129.37731888, 124.10583864, 112.47758569)),
+        _div255((68.20947949, 65.43124043, 70.45866994)),
+        train=TrainTransform("random", 32, padding=4, flip=True, jitter=0.4)),
+    "mini-imagenet": DatasetSpec(
+        "mini-imagenet", 80, 3, _div255((120.39586422, 115.59361427, 104.54012653)),
+        _div255((70.68188272, 68.27635443, 72.54505529)),
+        train=TrainTransform("random", 80, padding=8, flip=True, jitter=0.4), center_crop=80),
+    "tiered-imagenet": DatasetSpec(
+        "tiered-imagenet", 84, 3, _div255((125.3, 123.0, 113.9)), _div255((63.0, 62.1, 66.7)),
+        train=TrainTransform("random-resized", 84, flip=True), resize=(92, 92), center_crop=84),
+    "glyphs": DatasetSpec("glyphs", 32, 1, (0.5,), (0.5,), train=TrainTransform("random", 32, padding=4, flip=False)),
 }
 
 
@@ -99,22 +110,21 @@ def list_split(root: str | os.PathLike, split: str) -> SplitIndex:
     return SplitIndex(split_dir, paths, np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs])
 
 
-def _transform(img: Image.Image, spec: DatasetSpec, source: Path) -> np.ndarray:
+def _transform(img: Image.Image, spec: DatasetSpec, source: Path, rng: np.random.Generator | None) -> np.ndarray:
     img = img.convert("L" if spec.channels == 1 else "RGB")
-    if spec.resize is not None:
-        w, h = img.size
-        if w <= h:
-            size = (spec.resize, max(1, int(spec.resize * h / w)))
-        else:
-            size = (max(1, int(spec.resize * w / h)), spec.resize)
-        img = img.resize(size, Image.BILINEAR)
-    if spec.center_crop is not None:
-        c = spec.center_crop
-        w, h = img.size
-        if w < c or h < c:
-            raise DatasetLayoutError(f"{source}: image is {w}x{h}, smaller than center crop {c}")
-        top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
-        img = img.crop((left, top, left + c, top + c))
+    if rng is not None:
+        img = augment(img, spec.train, rng)
+    else:
+        if spec.resize is not None:
+            h, w = spec.resize
+            img = img.resize((w, h), Image.BILINEAR)
+        if spec.center_crop is not None:
+            c = spec.center_crop
+            w, h = img.size
+            if w < c or h < c:
+                raise DatasetLayoutError(f"{source}: image is {w}x{h}, smaller than center crop {c}")
+            top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
+            img = img.crop((left, top, left + c, top + c))
     if img.size != (spec.image_size, spec.image_size):
         w, h = img.size
         raise DatasetLayoutError(f"{source}: image is {w}x{h} after transforms, expected "
@@ -128,11 +138,12 @@ def _transform(img: Image.Image, spec: DatasetSpec, source: Path) -> np.ndarray:
 
 
 def load_images(split: SplitIndex | str | os.PathLike, rel_paths: Sequence[str],
-                spec: DatasetSpec) -> np.ndarray:
+                spec: DatasetSpec, rng: np.random.Generator | None = None) -> np.ndarray:
     """Read, transform and normalise images.
 
-    split: a SplitIndex or the split folder; rel_paths: B paths relative to it.
-    Returns (B, C, H, W) float32 with C = spec.channels, H = W = spec.image_size.
+    split: a SplitIndex or the split folder; rel_paths: B paths relative to it; rng: when
+    given, the training augmentation ``spec.train`` drawn from it replaces the test
+    transforms. Returns (B, C, H, W) float32 with C = spec.channels, H = W = spec.image_size.
     """
     root = split.root if isinstance(split, SplitIndex) else Path(split)
     out = np.empty((len(rel_paths), spec.channels, spec.image_size, spec.image_size), dtype=np.float32)
@@ -140,7 +151,7 @@ def load_images(split: SplitIndex | str | os.PathLike, rel_paths: Sequence[str],
         path = root / rel
         try:
             with Image.open(path) as img:
-                out[i] = _transform(img, spec, path)
+                out[i] = _transform(img, spec, path, rng)
         except FileNotFoundError:
             raise DatasetLayoutError(f"{path}: image not found") from None
         except (UnidentifiedImageError, OSError) as exc:
@@ -215,3 +226,17 @@ def read_episode_json(json_path: str | os.PathLike, split: SplitIndex) -> list[E
         episodes.append(Episode(support, query))
     return episodes
 
+
+
+def val_episodes_name(n_way: int = 5, n_shot: int = 1, n_query: int = 15) -> str:
+    """The authors' name of a dataset's fixed validation episodes, e.g.
+    ``val1000Episode_5_way_1_shot_15_query.json`` (placed at the dataset root)."""
+    return f"val1000Episode_{n_way}_way_{n_shot}_shot_{n_query}_query.json"
+
+
+def find_val_episodes(root: str | os.PathLike, n_way: int = 5, n_shot: int = 1, n_query: int = 15) -> Path | None:
+    """``<root>/val1000Episode_<n_way>_way_<n_shot>_shot_<n_query>_query.json`` when the
+    dataset folder holds it (CIFAR-FS, mini- and tiered-ImageNet as the authors lay them
+    out), else None."""
+    path = Path(root) / val_episodes_name(n_way, n_shot, n_query)
+    return path if path.is_file() else None

@@ -2,9 +2,7 @@ import hashlib
 import io
 import pickle
 import tarfile
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -12,64 +10,6 @@ import pytest
 from storage.cli import main as cli_main
 from storage.download import SOURCES, direct_url, download
 from storage.errors import ChecksumError, DataValueError, DownloadError
-from storage.fewshot import list_split
-
-
-class _Server:
-    """Serves ``files`` (path -> bytes) on 127.0.0.1 with HTTP Range support. A path in
-    ``drop_once`` is cut off after half its bytes the first time it is requested."""
-
-    def __init__(self):
-        self.files, self.requests, self.drop_once = {}, [], set()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                data = server.files.get(self.path.split("?")[0])
-                rng = self.headers.get("Range")
-                server.requests.append((self.path, rng))
-                if data is None:
-                    self.send_error(404)
-                    return
-                start = int(rng.split("=")[1].rstrip("-")) if rng else 0
-                if start >= len(data):
-                    self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{len(data)}")
-                    self.end_headers()
-                    return
-                self.send_response(206 if rng else 200)
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(len(data) - start))
-                if rng:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                self.end_headers()
-                body = data[start:]
-                if self.path in server.drop_once:
-                    server.drop_once.discard(self.path)
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def server():
-    s = _Server()
-    yield s
-    s.close()
 
 
 def _zip(members):
@@ -138,46 +78,6 @@ def test_http_errors_and_unknown_name(server, tmp_path, capsys):
     code = cli_main(["data", "download", "roxford5k-gnd", "--root", str(tmp_path), "--url", server.url + "/nope.pkl"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "HTTP 404" in err
-
-
-def test_mini_imagenet_layout(server, tmp_path):
-    members = {f"Mini-ImageNet/{split}/n01/{i}.jpg": b"img" for split in ("train_train", "train_val", "train_test",
-                                                                         "val", "test") for i in range(2)}
-    server.files["/mini.zip"] = _zip(members)
-    out = download("mini-imagenet", tmp_path, url=server.url + "/mini.zip")
-    assert sorted(p.name for p in out.iterdir()) == ["test", "train", "val"]
-    assert (out / "train" / "n01" / "0.jpg").read_bytes() == b"img"
-
-
-def test_cifar_fs_is_built_from_cifar100(server, tmp_path):
-    names = [b"apple", b"bear", b"cat", b"dog"]
-    rng = np.random.default_rng(0)
-
-    def part(n, offset):
-        labels = [i % 4 for i in range(n)]
-        return pickle.dumps({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"fine_labels": labels,
-                             b"filenames": [f"{names[lb].decode()}_s_{offset + i:06d}.png".encode()
-                                            for i, lb in enumerate(labels)]}, protocol=2)
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, blob in (("meta", pickle.dumps({b"fine_label_names": names}, protocol=2)),
-                           ("train", part(12, 0)), ("test", part(4, 100))):
-            info = tarfile.TarInfo(f"cifar-100-python/{name}")
-            info.size = len(blob)
-            tf.addfile(info, io.BytesIO(blob))
-    server.files["/cifar-100-python.tar.gz"] = buf.getvalue()
-    server.files["/splits.zip"] = _zip({"cifar-fs-splits/splits/train.txt": "apple\nbear\n", "cifar-fs-splits/splits/val.txt": "cat\n",
-                                        "cifar-fs-splits/splits/test.txt": "dog\n",
-                                        "cifar-fs-splits/val1000Episode_5_way_1_shot.json": "[]"})
-    download("cifar-100", tmp_path, url=server.url + "/cifar-100-python.tar.gz")
-    assert not (tmp_path / "cifar-fs").exists()  # needs the split lists too
-    download("cifar-fs-splits", tmp_path, url=server.url + "/splits.zip")
-    root = tmp_path / "cifar-fs"
-    train = list_split(root, "train")
-    assert train.classes == ["apple", "bear"] and len(train) == 8
-    assert list_split(root, "test").paths[0] == "dog/dog_s_000003.png"
-    assert (root / "val1000Episode_5_way_1_shot.json").is_file()
 
 
 def test_backbones_and_tiered_merge(server, tmp_path):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from storage.augment import TrainTransform, augment
 from storage.errors import CorruptFileError, DatasetLayoutError
 from storage.fewshot import DATASET_SPECS, DatasetSpec, list_split, load_images, read_episode_json
 
@@ -21,11 +22,21 @@ def make_split(root, split="val", n_classes=4, n_images=6, size=32, mode="RGB"):
 
 def test_specs_follow_the_table():
     cifar = DATASET_SPECS["cifar-fs"]
-    assert cifar.image_size == 32 and cifar.channels == 3
-    assert cifar.mean[0] == pytest.approx(129.38 / 255) and cifar.std[2] == pytest.approx(70.46 / 255)
+    assert cifar.image_size == 32 and cifar.channels == 3 and cifar.resize is None and cifar.center_crop is None
+    # the authors' constants, not the two-decimal ones of the paper's table
+    assert cifar.mean == tuple(v / 255 for v in (129.37731888, 124.10583864, 112.47758569))
+    assert cifar.std == tuple(v / 255 for v in (68.20947949, 65.43124043, 70.45866994))
+    mini = DATASET_SPECS["mini-imagenet"]
+    assert mini.mean == tuple(v / 255 for v in (120.39586422, 115.59361427, 104.54012653))
+    assert mini.std == tuple(v / 255 for v in (70.68188272, 68.27635443, 72.54505529))
+    assert (mini.resize, mini.center_crop, mini.image_size) == (None, 80, 80)
     tiered = DATASET_SPECS["tiered-imagenet"]
-    assert (tiered.resize, tiered.center_crop, tiered.image_size) == (92, 84, 84)
-    assert DATASET_SPECS["mini-imagenet"].center_crop == 80
+    assert (tiered.resize, tiered.center_crop, tiered.image_size) == ((92, 92), 84, 84)
+    assert tiered.mean == tuple(v / 255 for v in (125.3, 123.0, 113.9))
+    assert (cifar.train, mini.train, tiered.train) == (
+        TrainTransform("random", 32, padding=4, flip=True, jitter=0.4),
+        TrainTransform("random", 80, padding=8, flip=True, jitter=0.4),
+        TrainTransform("random-resized", 84, flip=True, jitter=0.0))
     glyphs = DATASET_SPECS["glyphs"]
     assert (glyphs.channels, glyphs.mean, glyphs.std, glyphs.image_size) == (1, (0.5,), (0.5,), 32)
 
@@ -43,6 +54,54 @@ def test_list_split_and_load(tmp_path):
     np.testing.assert_allclose(x[0, 1], (raw[:, :, 1] - spec.mean[1]) / spec.std[1], rtol=1e-5)
     grey = load_images(idx.root, idx.paths[:2], DATASET_SPECS["glyphs"])
     assert grey.shape == (2, 1, 32, 32) and grey.min() >= -1 and grey.max() <= 1
+
+
+def test_test_transforms_match_the_authors(tmp_path):
+    """tiered: Resize([92, 92]) (both sides, aspect not kept) then CenterCrop(84); mini:
+    CenterCrop(80) of the 84 px images; the pixels equal PIL's resize and crop."""
+    rng = np.random.default_rng(1)
+    (tmp_path / "val" / "c").mkdir(parents=True)
+    wide = rng.integers(0, 256, (100, 130, 3), dtype=np.uint8)
+    Image.fromarray(wide).save(tmp_path / "val" / "c" / "wide.png")
+    Image.fromarray(wide[:84, :84]).save(tmp_path / "val" / "c" / "mini.png")
+    tiered = DATASET_SPECS["tiered-imagenet"]
+    got = load_images(tmp_path / "val", ["c/wide.png"], tiered)[0]
+    want = np.asarray(Image.fromarray(wide).resize((92, 92), Image.BILINEAR).crop((4, 4, 88, 88)), np.float32) / 255
+    np.testing.assert_allclose(got, ((want - np.float32(tiered.mean)) / np.float32(tiered.std)).transpose(2, 0, 1),
+                               rtol=1e-6, atol=1e-6)
+    mini = DATASET_SPECS["mini-imagenet"]
+    got = load_images(tmp_path / "val", ["c/mini.png"], mini)[0]
+    want = wide[2:82, 2:82].astype(np.float32) / 255
+    np.testing.assert_allclose(got, ((want - np.float32(mini.mean)) / np.float32(mini.std)).transpose(2, 0, 1),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_training_augmentation_is_seeded_and_the_authors(tmp_path):
+    make_split(tmp_path, n_classes=1, n_images=3)
+    idx = list_split(tmp_path, "val")
+    spec = DATASET_SPECS["cifar-fs"]
+    a = load_images(idx, idx.paths, spec, rng=np.random.default_rng(5))
+    b = load_images(idx, idx.paths, spec, rng=np.random.default_rng(5))
+    c = load_images(idx, idx.paths, spec, rng=np.random.default_rng(6))
+    plain = load_images(idx, idx.paths, spec)
+    assert a.shape == plain.shape == (3, 3, 32, 32)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c) and not np.array_equal(a, plain)
+    # RandomCrop(32, padding=4) without flip or jitter: a shifted copy with zero borders
+    img = Image.fromarray(np.full((32, 32, 3), 200, np.uint8))
+    crops = [np.asarray(augment(img, TrainTransform("random", 32, padding=4, flip=False), np.random.default_rng(s)))
+             for s in range(20)]
+    assert all(c.shape == (32, 32, 3) and set(np.unique(c)) <= {0, 200} for c in crops)
+    assert len({int((c == 0).sum()) for c in crops}) > 1 and max((c == 0).mean() for c in crops) <= 1 - (28 / 32) ** 2 + 1e-9
+    # ColorJitter(0.4, 0.4, 0.4) keeps a grey image grey and scales it by at most 1.4 (brightness)
+    grey = Image.fromarray(np.full((32, 32, 3), 100, np.uint8))
+    for s in range(10):
+        out = np.asarray(augment(grey, TrainTransform("random", 32, flip=True, jitter=0.4), np.random.default_rng(s)))
+        assert out.std() == 0 and 60 - 1 <= out.mean() <= 140 + 1
+    # RandomResizedCrop(84) of any image gives 84 x 84
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 140, 3), dtype=np.uint8))
+    for s in range(10):
+        assert augment(big, DATASET_SPECS["tiered-imagenet"].train, np.random.default_rng(s)).size == (84, 84)
 
 
 def test_resize_and_center_crop(tmp_path):
