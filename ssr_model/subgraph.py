@@ -344,7 +344,8 @@ def refine(
         steps: number of refinement steps.
         keep_graph: True in training: every update keeps its graph, so the returned
             features are differentiable w.r.t. the inputs and the DNI parameters.
-            False at inference: the refinement runs under ``torch.enable_grad()`` on
+            False at inference: the refinement runs under ``torch.enable_grad()`` (and
+            outside ``torch.inference_mode``) on
             detached copies of the inputs (the updates need autograd whatever the
             ambient mode), the last update builds no graph, and every returned tensor
             is detached. The values are the same either way.
@@ -356,7 +357,11 @@ def refine(
         first, second = first.detach(), second.detach()
     states = [(first, second)]
     n_updates = 2 * steps
-    with torch.enable_grad():
+    # Under torch.inference_mode() autograd is off for good: leave it for the refinement
+    # (inference tensors must be copied into ordinary ones to enter a graph).
+    with torch.inference_mode(False), torch.enable_grad():
+        first = first.clone() if first.is_inference() else first
+        second = second.clone() if second.is_inference() else second
         # autograd.grad needs both sets in the graph; a tensor that does not require grad
         # (features from a frozen backbone) enters as a leaf that does.
         if not first.requires_grad:

@@ -177,8 +177,13 @@ def test_inference_equals_training_and_keeps_no_graph():
     eval_out = model(support, query)  # grad enabled, eval mode: inference, detached
     assert eval_out.grad_fn is None and not eval_out.requires_grad
 
+    with torch.inference_mode():
+        inference_out = model(support.detach() * 1.0, query * 1.0)  # inference tensors in
+    assert not inference_out.requires_grad
+
     torch.testing.assert_close(no_grad_out, trained.detach(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(eval_out.detach(), trained.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(inference_out.clone(), trained.detach(), rtol=1e-10, atol=1e-10)
 
 
 def make_mixed_episodes(n_way: int, n_shot: int, n_query: int):
