@@ -9,14 +9,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from storage.download import SOURCES, download
 from storage.errors import StorageError
-from storage.features import features_hash, read_features
 from storage.glyphs import prepare_glyphs
 from storage.landmarks import import_landmarks
-from storage.simstore import build_topk_store
+from storage.simstore import build_topk_store_from_tables
 from storage.topk import TopkSearch
 
 
@@ -40,23 +37,11 @@ def _import_landmarks(args: argparse.Namespace) -> int:
 
 def _topk(args: argparse.Namespace) -> int:
     search = TopkSearch(method=args.search, nlist=args.nlist, nprobe=args.nprobe)
-    q = read_features(args.queries, split=args.query_split)
-    same = Path(args.database).resolve() == Path(args.queries).resolve() and args.database_split == args.query_split
-    db = q if same else read_features(args.database, split=args.database_split, expected_dim=q.dim)
-
-    def unit(x: np.ndarray) -> np.ndarray:
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        return x / np.maximum(norms, 1e-12) if args.normalise else x
-
-    q_hash = features_hash(args.queries)
-    db_hash = q_hash if Path(args.database).resolve() == Path(args.queries).resolve() else features_hash(args.database)
-    hashes = {"queries": q_hash, "database": db_hash,
-              "splits": f"{args.query_split}/{args.database_split}", "normalised": str(args.normalise)}
-    xq = unit(q.embeddings)
-    xdb = xq if same else unit(db.embeddings)
-    store = build_topk_store(xq, q.ids, xdb, db.ids, Path(args.out), args.k, shard_size=args.shard_size,
-                             exclude_self=args.exclude_self, source_hashes=hashes, search=search,
-                             progress=lambda d, t: print(f"shard {d}/{t}", file=sys.stderr, flush=True))
+    store = build_topk_store_from_tables(
+        args.queries, args.database, Path(args.out), args.k, query_split=args.query_split,
+        database_split=args.database_split, normalise=args.normalise, exclude_self=args.exclude_self,
+        shard_size=args.shard_size, search=search,
+        progress=lambda d, t: print(f"shard {d}/{t}", file=sys.stderr, flush=True))
     print(json.dumps({"store": str(store.path), "queries": store.n_queries, "k": store.k,
                       "shards": store.n_shards, "search": store.manifest["search"]}, indent=1))
     return 0

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from storage.atomic import atomic_path, atomic_write_text
 from storage.errors import CorruptFileError, DataValueError, ManifestError, SchemaError
+from storage.features import features_hash, read_features
 from storage.hashing import file_sha256
 from storage.topk import TopkSearch, ivf_index, row_blocks, topk_search, train_ivf_centroids
 
@@ -427,3 +428,29 @@ def build_topk_store(queries: np.ndarray, query_ids: np.ndarray, database: np.nd
         if progress is not None:
             progress(n_done, n_shards)
     return store
+
+
+def build_topk_store_from_tables(queries: str | os.PathLike, database: str | os.PathLike, out_dir: str | os.PathLike,
+                                 k: int, *, query_split: str | None = None, database_split: str | None = None,
+                                 normalise: bool = True, exclude_self: bool = False, shard_size: int = 50_000,
+                                 search: TopkSearch | None = None,
+                                 progress: Callable[[int, int], None] | None = None) -> SimilarityStore:
+    """Build (or resume) the top-k store of two features tables (the same file may serve as
+    both, with or without splits). The database must have the queries' D; ``normalise``
+    scores cosine similarity (rows L2-normalised), else raw inner products. The manifest
+    records the files' hashes, splits and normalisation, so a store is resumed only from
+    the same inputs."""
+    q = read_features(queries, split=query_split)
+    same_file = Path(database).resolve() == Path(queries).resolve()
+    db = q if same_file and database_split == query_split else read_features(database, split=database_split, expected_dim=q.dim)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) if normalise else x
+
+    q_hash = features_hash(queries)
+    hashes = {"queries": q_hash, "database": q_hash if same_file else features_hash(database),
+              "splits": f"{query_split}/{database_split}", "normalised": str(normalise)}
+    xq = unit(q.embeddings)
+    xdb = xq if db is q else unit(db.embeddings)
+    return build_topk_store(xq, q.ids, xdb, db.ids, Path(out_dir), k, shard_size=shard_size, exclude_self=exclude_self,
+                            source_hashes=hashes, search=search, progress=progress)
