@@ -12,9 +12,24 @@ from storage.atomic import atomic_path
 from storage.errors import CorruptFileError, SchemaError, StorageError, UnsafePickleError
 from storage.hashing import file_sha256
 
-__all__ = ["load_state_dict", "load_ssr_checkpoint", "save_checkpoint", "file_sha256"]
+__all__ = ["RELEASED_BACKBONES", "load_state_dict", "load_ssr_checkpoint", "released_backbone", "save_checkpoint",
+           "file_sha256"]
 
 SSR_KEYS = ("netFeat", "SSR", "nbStep")
+
+# The backbones of ``ssr data download fewshot-backbones`` (and ``-tiered``), by (dataset,
+# backbone), relative to ``<data root>/backbones``: the files the authors' run scripts use.
+RELEASED_BACKBONES: dict[tuple[str, str], str] = {
+    ("cifar-fs", "conv4-64"): "CIFAR-FS/Conv4_64_Cos_netFeatBest.pth",
+    ("cifar-fs", "resnet12"): "CIFAR-FS/ResNet12_Cos_netFeatBest.pth",
+    ("cifar-fs", "wrn-28-10"): "CIFAR-FS/WRN_Cos_netFeatBest62.561.pth",
+    ("mini-imagenet", "conv4-64"): "MiniImageNet/Conv4_64_Cos_netFeatBest.pth",
+    ("mini-imagenet", "resnet12"): "MiniImageNet/ResNet12_Cos_netFeatBest.pth",
+    ("mini-imagenet", "wrn-28-10"): "MiniImageNet/WRN_Cos_netFeatBest64.653.pth",
+    ("tiered-imagenet", "conv4-64"): "TieredImageNet/tieredImageNet_ConvNet.pth",
+    ("tiered-imagenet", "resnet12"): "TieredImageNet/tieredImageNet_ResNet12.pth",
+    ("tiered-imagenet", "wrn-28-10"): "TieredImageNet/tieredImageNet_WRN.pth",
+}
 
 
 def _torch_load(path: str | os.PathLike) -> Any:
@@ -44,6 +59,21 @@ def _clean_state_dict(obj: Any, source: str, field: str = "state_dict") -> dict[
             raise SchemaError(f"{source}: {field} entry {key!r} is {type(value).__name__}, expected a tensor")
         out[key[len("module."):] if key.startswith("module.") else key] = value
     return out
+
+
+def released_backbone(backbones_root: str | os.PathLike, dataset: str, backbone: str) -> Path:
+    """The authors' released backbone of ``backbone`` for ``dataset`` under ``backbones_root``
+    (where ``ssr data download fewshot-backbones`` puts them); errors say what to download."""
+    rel = RELEASED_BACKBONES.get((dataset, backbone))
+    if rel is None:
+        known = sorted({d for d, _ in RELEASED_BACKBONES})
+        raise StorageError(f"no released {backbone} backbone for dataset '{dataset}' (released for: {', '.join(known)})")
+    path = Path(backbones_root) / rel
+    if not path.is_file():
+        source = "fewshot-backbones-tiered" if dataset == "tiered-imagenet" else "fewshot-backbones"
+        raise StorageError(f"{path}: released backbone not found (run `ssr data download {source} "
+                           f"--root {Path(backbones_root).parent}`)")
+    return path
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -144,3 +144,28 @@ def test_mini_imagenet_zip_is_laid_out_as_download_miniimagenet_sh(server, tmp_p
         assert img.format == "JPEG" and img.size == (84, 84)
     found = find_val_episodes(root, 5, 1, 3)
     assert found is not None and len(read_episode_json(found, list_split(root, "val"))) == 2
+
+
+def test_released_backbones_are_found_where_the_download_puts_them(server, tmp_path, capsys):
+    import zipfile
+
+    import pytest
+
+    from storage.checkpoints import RELEASED_BACKBONES, released_backbone
+    from storage.errors import StorageError
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:  # the authors' zip: pre_trained_models/<Dataset>/<file>.pth
+        for (dataset, _), rel in RELEASED_BACKBONES.items():
+            if dataset != "tiered-imagenet":
+                zf.writestr(f"pre_trained_models/{rel}", b"weights")
+        zf.writestr("pre_trained_models/TieredImageNet/stale.pth", b"old")
+    server.files["/pre_trained_models.zip"] = buf.getvalue()
+    assert _download("fewshot-backbones", tmp_path, server.url + "/pre_trained_models.zip", capsys)[0] == 0
+    root = tmp_path / "backbones"
+    assert released_backbone(root, "cifar-fs", "wrn-28-10") == root / "CIFAR-FS" / "WRN_Cos_netFeatBest62.561.pth"
+    assert released_backbone(root, "mini-imagenet", "conv4-64").read_bytes() == b"weights"
+    with pytest.raises(StorageError, match=r"TieredImageNet/tieredImageNet_ResNet12\.pth: released backbone not found "
+                                           r"\(run `ssr data download fewshot-backbones-tiered --root "):
+        released_backbone(root, "tiered-imagenet", "resnet12")
+    with pytest.raises(StorageError, match="no released conv4-64 backbone for dataset 'glyphs'"):
+        released_backbone(root, "glyphs", "conv4-64")
