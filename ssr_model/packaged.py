@@ -14,11 +14,19 @@ from torch import nn
 class FewShotClassifier(nn.Module):
     """Backbone (optional) + FewShotSSR.
 
-    ``forward(support, query)`` takes features: support (n_way, n_shot, D), query
-    (n_query, D) -> scores (n_query, n_way); batched (E, ...) inputs work too.
+    ``forward(support, query)`` takes features: support (n_way, n_shot, D), query (n, D)
+    -> scores (n, n_way), for any number of queries n >= 1; batched inputs (E, ...) must
+    hold exactly ``self.ssr.n_query`` queries per episode.
     ``classify_images(support_images, query_images)`` takes normalised images:
-    support (n_way, n_shot, C, H, W), query (n_query, C, H, W) -> predicted class (n_query,).
-    ``n_query`` must equal the number the model was trained for (``self.ssr.n_query``).
+    support (n_way, n_shot, C, H, W), query (n, C, H, W) -> predicted class (n,).
+
+    SSR refines a fixed-size graph of ``n_query`` queries. When n == n_query the scores
+    are exactly SSR's. Otherwise the queries are scored in groups of ``n_query`` (one
+    batched call): group g holds queries ``g * n_query ...``, and the last, short group
+    is filled with the first queries again, which act as context only (each query's
+    score comes from its own group). With n < n_query the queries are repeated to fill
+    the single group. The refinement is transductive, so a query's score depends on the
+    other queries of its group.
     """
 
     def __init__(self, ssr: nn.Module, backbone: nn.Module | None = None):
@@ -27,12 +35,22 @@ class FewShotClassifier(nn.Module):
         self.backbone = backbone
 
     def forward(self, support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        return self.ssr(support, query)
+        if support.dim() != 3 or query.dim() != 2 or query.shape[0] == self.ssr.n_query:
+            return self.ssr(support, query)  # exact SSR; the model checks the shapes
+        n, D = query.shape
+        if n == 0:
+            raise ValueError("FewShotClassifier query: expected at least one query, got shape (0, D)")
+        n_query = self.ssr.n_query
+        groups = -(-n // n_query)
+        index = torch.arange(groups * n_query, device=query.device) % n  # own queries first, then context
+        scores = self.ssr(support.expand(groups, *support.shape), query[index].reshape(groups, n_query, D))
+        return scores.reshape(groups * n_query, -1)[:n]
 
     @torch.no_grad()
     def predict(self, support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """Predicted class index per query, from features."""
-        return self.ssr(support, query).argmax(-1)
+        """Predicted class index per query, from features: support (n_way, n_shot, D),
+        query (n, D) -> (n,)."""
+        return self(support, query).argmax(-1)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
