@@ -30,6 +30,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_uris_restored():
+    """``mlflow.set_tracking_uri`` / ``set_registry_uri`` (called by every Tracker) also write
+    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI into os.environ; put back what was there, so a
+    test's MLflow store never leaks into later tests or the services they start."""
+    old = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def ssr_home():
     """A run folder for the session (SSR_HOME), removed at the end."""

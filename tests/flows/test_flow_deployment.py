@@ -31,7 +31,8 @@ def test_deployment_run_from_the_cli(services_env):
 
         import mlflow
 
-        client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+        uri = f"sqlite:///{home / 'mlflow.db'}"
+        client = mlflow.MlflowClient(uri, registry_uri=uri)
         mv = client.get_model_version_by_alias("ssr-fewshot-tiny", "champion")
         assert mv.tags["dataset"] == "glyphs"
         check = subprocess.run([sys.executable, "-c",

@@ -55,7 +55,8 @@ def test_fewshot_flow_end_to_end(ssr_home, ray_local, prefect_harness, glyphs_sm
 
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{ssr_home / 'mlflow.db'}")
+    uri = f"sqlite:///{ssr_home / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     mv = client.get_model_version_by_alias("ssr-fewshot", "champion")
     assert mv.tags["dataset"] == "glyphs" and mv.tags["backbone"] == "conv4-64"
     run = client.get_run(result["run_id"])
