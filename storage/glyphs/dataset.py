@@ -38,9 +38,9 @@ import numpy as np
 
 from storage.glyphs import fonts as gf
 from storage.glyphs import retrieval as gr
-from storage.glyphs.render import GlyphRenderer, png_bytes, sample_mild_aug
+from storage.glyphs.render import GlyphRenderer, png_bytes, sample_fewshot_aug, sample_mild_aug
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 FEWSHOT_DIR = "glyphs"
 RETRIEVAL_DIR = "glyphs-retrieval"
 GND_NAME = "gnd_glyphs-retrieval.pkl"
@@ -108,7 +108,7 @@ def _render_class(task: ClassTask, renderer: GlyphRenderer, seed: int, fs_root: 
     fewshot_fonts = []
     for k in range(task.n_fewshot):
         font = order[k % len(order)]
-        img, _ = renderer.render(font, ch, sample_mild_aug(rng))
+        img, _ = renderer.render(font, ch, sample_fewshot_aug(rng))
         _write(fs_root / task.split / folder / f"{folder}_{k:02d}.png", png_bytes(img))
         fewshot_fonts.append(font)
     rng = np.random.default_rng([seed, ord(ch), 1])

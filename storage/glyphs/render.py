@@ -27,7 +27,9 @@ class Aug:
     rotation_deg: counter-clockwise rotation; scale: isotropic scale; shear: x-shear factor;
     dx, dy: translation in output pixels; stroke: -1 thinner, 0 as drawn, +1 thicker;
     occlusion: None or (side, fraction): the part of the ink box from ``side`` ("left",
-    "right", "top", "bottom") covering ``fraction`` of its extent is blanked.
+    "right", "top", "bottom") covering ``fraction`` of its extent is blanked;
+    noise: standard deviation (grey levels) of Gaussian pixel noise added last, drawn from
+    ``noise_seed``.
     """
 
     rotation_deg: float = 0.0
@@ -37,6 +39,8 @@ class Aug:
     dy: float = 0.0
     stroke: int = 0
     occlusion: tuple[str, float] | None = None
+    noise: float = 0.0
+    noise_seed: int = 0
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -47,15 +51,32 @@ class Aug:
 
 
 def sample_mild_aug(rng: np.random.Generator) -> Aug:
-    """The few-shot augmentation: rotation +-10 deg, scale 0.9-1.1, shear +-0.15,
-    translation +-2 px, stroke thinner / as drawn / thicker with equal probability."""
+    """The mild augmentation (retrieval renderings): rotation +-10 deg, scale 0.9-1.1,
+    shear +-0.15, translation +-2 px, stroke thinner / as drawn / thicker with equal
+    probability."""
     return Aug(rotation_deg=float(rng.uniform(-10, 10)), scale=float(rng.uniform(0.9, 1.1)),
                shear=float(rng.uniform(-0.15, 0.15)), dx=float(rng.uniform(-2, 2)),
                dy=float(rng.uniform(-2, 2)), stroke=int(rng.integers(-1, 2)))
 
 
+_SIDES = ("left", "right", "top", "bottom")
+
+
+def sample_fewshot_aug(rng: np.random.Generator) -> Aug:
+    """The few-shot augmentation, strong enough that one support image is often atypical of
+    its class: rotation +-30 deg, scale 0.7-1.25, shear +-0.4, translation +-4 px, stroke
+    thinner / as drawn / thicker, with probability 0.4 an occlusion of 20-45 % of the ink
+    box from a random side, and Gaussian pixel noise of standard deviation 40 grey levels."""
+    occlusion = None
+    if rng.random() < 0.4:
+        occlusion = (_SIDES[int(rng.integers(len(_SIDES)))], float(rng.uniform(0.2, 0.45)))
+    return Aug(rotation_deg=float(rng.uniform(-30, 30)), scale=float(rng.uniform(0.7, 1.25)),
+               shear=float(rng.uniform(-0.4, 0.4)), dx=float(rng.uniform(-4, 4)), dy=float(rng.uniform(-4, 4)),
+               stroke=int(rng.integers(-1, 2)), occlusion=occlusion, noise=40.0, noise_seed=int(rng.integers(2**31)))
+
+
 def transform_magnitude(aug: Aug) -> float:
-    """How far ``aug`` is from the identity, in units of the few-shot range (<= 1 inside it)."""
+    """How far ``aug`` is from the identity, in units of the mild range (<= 1 inside it)."""
     return max(abs(aug.rotation_deg) / 10.0, abs(aug.scale - 1.0) / 0.1,
                abs(aug.shear) / 0.15, abs(aug.dx) / 2.0, abs(aug.dy) / 2.0)
 
@@ -127,6 +148,9 @@ class GlyphRenderer:
         removed = 0.0
         if aug.occlusion is not None:
             img, removed = _occlude(img, *aug.occlusion)
+        if aug.noise > 0:
+            noise = np.random.default_rng(aug.noise_seed).normal(0.0, aug.noise, (IMAGE_SIZE, IMAGE_SIZE))
+            img = Image.fromarray(np.clip(np.asarray(img, np.float64) + noise, 0, 255).round().astype(np.uint8), "L")
         return img, removed
 
 

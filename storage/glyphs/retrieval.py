@@ -8,7 +8,7 @@ image of character ``c`` rendered from font ``f`` with augmentation ``a``:
 - ``junk`` when the image is heavily degraded: the occlusion removed at least 40 % of its
   ink, or ``|rotation| >= 45`` degrees;
 - ``easy`` when ``f`` is of the same family as ``fq`` (DejaVu Sans, DejaVu Sans Mono,
-  DejaVu Serif, STIX, Computer Modern roman, ...), the transform stays inside the few-shot
+  DejaVu Serif, STIX, Computer Modern roman, ...), the transform stays inside the mild
   range (``transform_magnitude(a) <= 1``: rotation <= 10 deg, scale in [0.9, 1.1],
   shear <= 0.15, shift <= 2 px) and less than 10 % of the ink was occluded;
 - ``hard`` otherwise: another family, or a larger transform, or a light occlusion.
@@ -59,8 +59,8 @@ def sample_item(design: str, query_font: str | None, fonts: list[str], family_of
                 rng: np.random.Generator) -> tuple[str, Aug]:
     """Font and augmentation of one database image of a given design.
 
-    design: ``"easy"`` (font of the query's family, few-shot augmentation), ``"hard"``
-    (another family with few-shot augmentation, or the same family with a strong one),
+    design: ``"easy"`` (font of the query's family, mild augmentation), ``"hard"``
+    (another family with mild augmentation, or the same family with a strong one),
     ``"junk"`` (occlusion of 50-70 % of the ink box, or rotation of 60-180 deg) or
     ``"distractor"`` (a character that is not queried). fonts: the fonts that draw the
     character. The label actually stored comes from ``label_for``, not from the design.

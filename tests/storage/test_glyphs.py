@@ -100,7 +100,8 @@ def test_images_are_32x32_grey_and_enough_for_5shot_15query(build_a):
                 with Image.open(path) as img:
                     assert img.size == (32, 32) and img.mode == "L", path
                     arr = np.asarray(img)
-                assert arr.max() > 0 and arr[0, 0] == 0, path   # visible strokes on a dark background
+                # visible strokes on a dark background under the few-shot noise (std 40)
+                assert arr.max() > 128 and np.median(arr) < 64, path
                 n += 1
     assert counts == {20}
     assert n == result["n_images"] == 2000
