@@ -81,17 +81,20 @@ def sync(device: torch.device) -> None:
 
 
 def median_times(fns: dict, device: torch.device, repeats: int) -> dict[str, float]:
-    """Median wall time (seconds) of each callable, run alternately after one warm-up each."""
-    for fn in fns.values():
+    """Median wall time (seconds) of each callable, all run alternately (one round per
+    repeat) after one warm-up each, so that load from other processes hits all alike.
+    ``fns`` maps a name to ``(callable, divisor)``; each time is divided by its divisor
+    (episodes or queries per call)."""
+    for fn, _ in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        for name, fn in fns.items():
+        for name, (fn, divisor) in fns.items():
             sync(device)
             start = time.perf_counter()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append((time.perf_counter() - start) / divisor)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -147,12 +150,13 @@ def authors_retrieval(src: Path, ours: RetrievalSSR, device: torch.device):
 
 
 def authors_fewshot_episode(net, support: torch.Tensor, query: torch.Tensor, device) -> torch.Tensor:
-    with authors_device(device):
+    """Their inference call (their val/test loop: features with requires_grad, grad on)."""
+    with authors_device(device), torch.enable_grad():
         return net(support.detach().requires_grad_(True), query.detach().requires_grad_(True)).detach()
 
 
 def authors_retrieval_query(net, query: torch.Tensor, database: torch.Tensor, device) -> torch.Tensor:
-    with authors_device(device):
+    with authors_device(device), torch.enable_grad():
         return net(query.detach()[None].requires_grad_(True), database.detach().requires_grad_(True)).detach()
 
 
@@ -238,24 +242,22 @@ def bench_fewshot_inference(args, device, steps: int) -> dict:
     n_fwd, n_vjp = exact_passes(steps)
     dnis = [model.dni_support, model.dni_query]
     fns = {
-        "ours": lambda: model(support, query),
-        "exact floor": dni_floor(dnis, rows, n_fwd, n_vjp),
-        "6+5 floor": dni_floor(dnis, rows, n_fwd, n_fwd - 1),
-        "matmul floor": dni_matmul_floor(model.dni_support, rows, n_fwd + n_vjp),
+        "ours": (lambda: model(support, query), E),
+        "exact floor": (dni_floor(dnis, rows, n_fwd, n_vjp), E),
+        "6+5 floor": (dni_floor(dnis, rows, n_fwd, n_fwd - 1), E),
+        "matmul floor": (dni_matmul_floor(model.dni_support, rows, n_fwd + n_vjp), E),
     }
-    authors = None
+    check = None
     if args.authors_src:
         authors = authors_fewshot(args.authors_src, model, device).eval()
         with torch.no_grad():
             ours_out = model(support[:1], query[:1])[0]
         theirs_out = authors_fewshot_episode(authors, support[0], query[0], device)
         check = (ours_out - theirs_out).abs().max().item() / theirs_out.abs().max().item()
+        fns["authors"] = (lambda: authors_fewshot_episode(authors, support[0], query[0], device), 1)
     with torch.no_grad():
-        times = {name: t / E for name, t in median_times(fns, device, args.repeats).items()}
-    if authors is not None:
-        times["authors"] = median_times(
-            {"authors": lambda: authors_fewshot_episode(authors, support[0], query[0], device)}, device, args.repeats
-        )["authors"]
+        times = median_times(fns, device, args.repeats)
+    if check is not None:
         times["check"] = check
     return {"case": f"few-shot inference 5w1s, 75 q, D=640, h=4096, steps={steps}, E={E}", "unit": "episode", **times}
 
@@ -268,24 +270,22 @@ def bench_retrieval_inference(args, device) -> dict:
     n_fwd, n_vjp = exact_passes(RETRIEVAL["steps"])
     dnis = [model.dni_query, model.dni_database]
     fns = {
-        "ours": lambda: model(query, neighbours),
-        "exact floor": dni_floor(dnis, rows, n_fwd, n_vjp),
-        "6+5 floor": dni_floor(dnis, rows, n_fwd, n_fwd - 1),
-        "matmul floor": dni_matmul_floor(model.dni_query, rows, n_fwd + n_vjp),
+        "ours": (lambda: model(query, neighbours), B),
+        "exact floor": (dni_floor(dnis, rows, n_fwd, n_vjp), B),
+        "6+5 floor": (dni_floor(dnis, rows, n_fwd, n_fwd - 1), B),
+        "matmul floor": (dni_matmul_floor(model.dni_query, rows, n_fwd + n_vjp), B),
     }
-    authors = None
+    check = None
     if args.authors_src:
         authors = authors_retrieval(args.authors_src, model, device).eval()
         with torch.no_grad():
             ours_out = model(query[:1], neighbours[:1])[0]
         theirs_out = authors_retrieval_query(authors, query[0], neighbours[0], device)
         check = (ours_out - theirs_out).abs().max().item() / theirs_out.abs().max().item()
+        fns["authors"] = (lambda: authors_retrieval_query(authors, query[0], neighbours[0], device), 1)
     with torch.no_grad():
-        times = {name: t / B for name, t in median_times(fns, device, args.repeats).items()}
-    if authors is not None:
-        times["authors"] = median_times(
-            {"authors": lambda: authors_retrieval_query(authors, query[0], neighbours[0], device)}, device, args.repeats
-        )["authors"]
+        times = median_times(fns, device, args.repeats)
+    if check is not None:
         times["check"] = check
     k, D, h, s = RETRIEVAL["k"], RETRIEVAL["feat_dim"], RETRIEVAL["hidden"], RETRIEVAL["steps"]
     return {"case": f"retrieval inference k={k}, D={D}, h={h}, steps={s}, B={B}", "unit": "query", **times}
@@ -301,7 +301,7 @@ def bench_fewshot_train_step(args, device, steps: int = 3) -> dict:
         fewshot_cross_entropy(model(support, query), labels).backward()
         optimizer.step()
 
-    fns = {"ours": ours}
+    fns = {"ours": (ours, 1)}
     if args.authors_src:
         authors = authors_fewshot(args.authors_src, model, device).train()
         authors_optimizer = torch.optim.SGD(authors.parameters(), lr=0.0)
@@ -313,7 +313,7 @@ def bench_fewshot_train_step(args, device, steps: int = 3) -> dict:
             F.cross_entropy(scores, labels[0]).backward()
             authors_optimizer.step()
 
-        fns["authors"] = theirs
+        fns["authors"] = (theirs, 1)
     times = median_times(fns, device, args.repeats)
     return {"case": f"few-shot training step, 1 episode, steps={steps}, D=640, h=4096", "unit": "step", **times}
 
