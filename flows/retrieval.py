@@ -1,4 +1,4 @@
-"""The retrieval subflow: data -> backbone -> features -> SSR on Ray -> stores -> actor re-ranking -> mAP."""
+"""The retrieval subflow: data -> backbone (glyphs) -> features -> SSR on Ray -> stores -> actor re-ranking -> mAP."""
 from __future__ import annotations
 
 from prefect import flow, runtime
@@ -18,17 +18,19 @@ def retrieval_pipeline(params: RetrievalParams = RetrievalParams()) -> dict:
     with pipeline_run("retrieval", params, prefect_tags(), runtime.flow_run.id) as run:
         init_ray()
         data = tasks.prepare_data(params, str(run.run_dir))
-        backbone = get_backbone(params, data.fewshot_root, str(run.backbones))
+        backbone = get_backbone(params, data.fewshot_root, str(run.backbones)) if data.needs_backbone else None
         features = tasks.extract_features(params, data, backbone, str(run.work))
         trials = tasks.train_ssr(params, features, str(run.work))
         rankings = tasks.rank_methods(params, features, str(run.work))
         reranked = [tasks.rerank(params, rankings, method, trials.best.model) for method in rankings.methods]
         results = report.write_report(params, data, rankings, reranked, str(run.results))
-        registered = report.log_and_register(run.tracker, params, trials, results, prefect_tags())
+        registered = report.log_and_register(run.tracker, params, trials, rankings.choice, results, prefect_tags())
+        chosen = report.describe_choice(trials, rankings.choice)
 
         create_table_artifact(key="retrieval-results", table=list(results.rows), description="Revisited mAP per method")
         create_markdown_artifact(key="retrieval-report", markdown=f"# SSR retrieval: {params.dataset}\n\n{results.markdown}\n"
+                                 f"Chosen on validation (held-out training clusters): {chosen}\n\n"
                                  f"Model: `{registered.model_uri}` (aliases moved: {list(registered.aliases) or 'none'}); "
                                  f"MLflow run `{registered.run_id}`.\n")
         print(results.markdown)
-        return {"results": list(results.rows), "markdown": results.markdown, **registered.as_dict()}
+        return {"results": list(results.rows), "markdown": results.markdown, "chosen": chosen, **registered.as_dict()}

@@ -162,6 +162,24 @@ class Tracker:
         return moved
 
 
+def load_registered_model(uri: str, tracking_uri: str | None = None) -> Any:
+    """The Python model a registry URI names (``models:/<name>@<alias>`` or
+    ``models:/<name>/<version>``), loaded on the CPU from the tracking server at
+    ``tracking_uri`` (default: ``MLFLOW_TRACKING_URI`` or the run folder's SQLite)."""
+    tracking_uri = tracking_uri or mlflow_tracking_uri()
+    check_mlflow(tracking_uri)
+    mlflow = _mlflow()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    from mlflow.exceptions import MlflowException  # MLflow: see _mlflow
+
+    try:
+        return mlflow.pytorch.load_model(uri, map_location="cpu")
+    except MlflowException as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"model {uri}: cannot be loaded from the registry at {redact_uri(tracking_uri)} ({first})") from None
+
+
 def registered_models(tracking_uri: str | None = None) -> list[tuple[str, dict[str, str], list[tuple[str, dict[str, str]]]]]:
     """The registry's models: (name, alias -> version, [(version, tags)]) each (for ``ssr models``)."""
     uri = tracking_uri or mlflow_tracking_uri()

@@ -144,11 +144,17 @@ def import_train_set(data_root: str | os.PathLike, cache_root: str | os.PathLike
     """
     source = landmark_pickle(data_root, TRAIN_SET)
 
+    def _check_dim(dim: int) -> None:
+        if expected_dim is not None and dim != expected_dim:
+            raise DataValueError(f"{source}: database has D={dim}, but the test features have D={expected_dim}; "
+                                 "training and test features must come from the same backbone")
+
     def build(tmp: Path) -> None:
         feats = read_landmark_pickle(source)
         if feats.cluster is None:
             raise SchemaError(f"{source}: missing key 'cluster'; the SfM-120k training pickle needs 'database' (D, N) "
                               "and 'cluster' (N,) cluster ids")
+        _check_dim(feats.database.shape[1])
         held = holdout_clusters(feats.cluster, holdout_fraction, holdout_seed)
         if held.all() or not held.any():
             n = len(np.unique(feats.cluster))
@@ -164,9 +170,7 @@ def import_train_set(data_root: str | os.PathLike, cache_root: str | os.PathLike
     table = out / TRAIN_TABLE
     meta = read_metadata(table)
     dim = int(meta["dim"])
-    if expected_dim is not None and dim != expected_dim:
-        raise DataValueError(f"{source}: database has D={dim}, but the test features have D={expected_dim}; "
-                             "training and test features must come from the same backbone")
+    _check_dim(dim)  # a table imported earlier for another test set
     splits = pq.read_table(table, columns=["split"]).column("split").to_numpy(zero_copy_only=False)
     n_val = int((splits == "val").sum())
     return LandmarkTrainSet(table, dim, len(splits) - n_val, n_val, holdout_fraction, holdout_seed)

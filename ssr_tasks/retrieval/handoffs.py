@@ -3,32 +3,52 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pathlib import Path
+
 from ssr_model import RetrievalSSR
+from ssr_tasks.retrieval.evaluate import BaselineChoice
 from ssr_tasks.retrieval.train import RetrievalTrainConfig
 from ssr_tasks.handoffs import Trials
+from ssr_tasks.tracking import load_registered_model
 from ssr_tasks.weights import load_weights
 
 
 @dataclass(frozen=True)
 class RetrievalData:
-    """The revisited-format test set (``root/test/jpg`` images, ground truth at ``gnd``), its
-    training clusters under ``root/train``, and the few-shot root the backbone pretrains on."""
+    """A revisited-format test set and its training data.
+
+    Built-in glyphs: images under ``images`` (``root/test/jpg``), ground truth at ``gnd``,
+    training clusters under ``root/train``, and the few-shot root the backbone pretrains on.
+    Published features (rOxford5k / rParis6k + SfM-120k): no images; the features tables
+    ``database`` and ``queries`` of the test set, and ``train`` (SfM-120k, split ``train`` /
+    ``val`` = held-out clusters), imported from the authors' pickles under ``root``.
+    """
 
     root: str
     gnd: str
-    images: str
-    fewshot_root: str
+    images: str | None = None
+    fewshot_root: str | None = None
+    database: str | None = None
+    queries: str | None = None
+    train: str | None = None
+
+    @property
+    def needs_backbone(self) -> bool:
+        """Images to embed (glyphs) rather than published features."""
+        return self.database is None
 
 
 @dataclass(frozen=True)
 class RetrievalFeatures:
-    """One features table: split 'database' (ids 0..N-1 in imlist order), 'query' (ids N..),
-    'train' (cluster labels); D its width."""
+    """The test features table ``path``: split 'database' (ids 0..N-1 in imlist order),
+    'query' (ids N..); the training table ``train_path``: split 'train' and 'val' (held-out
+    clusters), label = cluster (the same file for the built-in glyphs); D their width."""
 
     path: str
     dim: int
     n_database: int
     n_queries: int
+    train_path: str
 
 
 @dataclass(frozen=True)
@@ -46,6 +66,10 @@ class RetrievalModel:
     def k(self) -> int:
         return self.config.k
 
+    @property
+    def name(self) -> str:
+        return Path(self.weights).name
+
     def build(self) -> RetrievalSSR:
         """The model with the weights loaded (eval mode, CPU); errors name the file and the mismatch."""
         c = self.config
@@ -56,11 +80,30 @@ class RetrievalModel:
 
 
 @dataclass(frozen=True)
+class RegisteredRetrievalModel:
+    """A retrieval model in the MLflow registry (``models:/name@alias`` or ``models:/name/version``),
+    the tracking URI that serves it, and its k and D (read once by the driver)."""
+
+    uri: str
+    tracking_uri: str
+    k: int
+    feat_dim: int
+
+    @property
+    def name(self) -> str:
+        return self.uri
+
+    def build(self) -> RetrievalSSR:
+        """The registered model's RetrievalSSR (eval mode, CPU), loaded from the registry."""
+        return load_registered_model(self.uri, self.tracking_uri).ssr.eval()
+
+
+@dataclass(frozen=True)
 class Validation:
-    """Validation AP (fraction, within the top-k of the validation sequences) at ``iteration``."""
+    """Validation mAP (fraction; medium protocol, held-out queries, top-k re-ranked) at ``iteration``."""
 
     iteration: int
-    val_ap: float
+    val_map: float
 
 
 @dataclass(frozen=True)
@@ -71,6 +114,7 @@ class RetrievalTrial:
     best_val: float
     best_path: str
     history: tuple[Validation, ...]
+    best_iteration: int = 0
 
     @property
     def lr_dni(self) -> float:
@@ -83,8 +127,8 @@ class RetrievalTrial:
     @classmethod
     def from_summary(cls, config: RetrievalTrainConfig, summary: dict) -> "RetrievalTrial":
         """From the summary ``train_retrieval`` wrote (its on-disk JSON)."""
-        history = tuple(Validation(int(h["iteration"]), float(h["val_ap"])) for h in summary["history"])
-        return cls(config, float(summary["best_val"]), summary["best_path"], history)
+        history = tuple(Validation(int(h["iteration"]), float(h["val_map"])) for h in summary["history"])
+        return cls(config, float(summary["best_val"]), summary["best_path"], history, int(summary["best_iteration"]))
 
 
 
@@ -101,12 +145,13 @@ class MethodStore:
 @dataclass(frozen=True)
 class Rankings:
     """Initial rankings of every method: full (Q, N) rankings in ``ranks`` (``.npz``, one array
-    per method name), one top-K store per method, and the database table (row = id) the
-    re-ranking actors read."""
+    per method name), one top-K store per method, the database table (row = id) the
+    re-ranking actors read, and the baseline settings chosen on validation."""
 
     ranks: str
     database: str
     methods: tuple[MethodStore, ...]
+    choice: BaselineChoice
 
 
 @dataclass(frozen=True)

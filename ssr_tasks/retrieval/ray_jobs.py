@@ -13,7 +13,7 @@ import torch
 
 from ssr_tasks.ray_grid import SUMMARY, run_grid, trial_dir
 from ssr_tasks.retrieval.handoffs import RetrievalTrial
-from ssr_tasks.retrieval.train import RetrievalTrainConfig, load_training_sequences, train_retrieval
+from ssr_tasks.retrieval.train import RetrievalTrainConfig, load_training_data, train_retrieval
 from storage.atomic import atomic_write_text
 
 
@@ -23,19 +23,20 @@ def retrieval_trial(config: dict) -> None:
 
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     cfg = RetrievalTrainConfig(**{**config["train"], "lr_dni": float(config["lr_dni"])})
-    emb, train, val = load_training_sequences(Path(config["features"]), cfg)
+    emb, labels, val = load_training_data(Path(config["features"]), cfg)
     out = trial_dir(Path(config["ckpt_root"]), cfg.lr_dni)
-    summary = train_retrieval(cfg, emb, train, val, out, device=config["device"],
+    summary = train_retrieval(cfg, emb, labels, val, out, device=config["device"],
                               report=lambda row: tune.report({**row, "progress": row["iteration"] / cfg.iterations}))
-    summary["n_train_sequences"], summary["n_val_sequences"] = len(train), len(val)
+    summary["n_train_images"], summary["n_val_queries"] = len(emb), len(val.queries)
     atomic_write_text(out / SUMMARY, json.dumps(summary))
-    tune.report({"best_val_ap": summary["best_val"], "done": 1, "progress": 1.0})
+    tune.report({"best_val_map": summary["best_val"], "done": 1, "progress": 1.0})
 
 
 def run_trials(base: RetrievalTrainConfig, lr_grid: Sequence[float], features: Path, ckpt_root: Path, storage_path: Path,
                device: str = "cpu", max_failures: int = 2,
                progress: Callable[[float], None] | None = None) -> list[RetrievalTrial]:
-    """One trial per lr_dni in parallel (``ssr_tasks.ray_grid.run_grid``); their results, in grid order."""
+    """One trial per lr_dni in parallel (``ssr_tasks.ray_grid.run_grid``) on the training table
+    ``features`` (splits 'train' and 'val'); their results, in grid order."""
     done = run_grid(retrieval_trial, "retrieval-ssr", base, list(lr_grid), {"features": str(features)},
                     ckpt_root, storage_path, device, max_failures, progress)
     return [RetrievalTrial.from_summary(replace(base, lr_dni=lr), summary) for lr, summary in done]

@@ -17,10 +17,11 @@ from ssr_tasks import reporting
 from ssr_tasks.config import RetrievalParams
 from ssr_tasks.handoffs import RegisteredModel
 from ssr_tasks.reporting import ResultsReport
-from ssr_tasks.retrieval.evaluate import map_row, ranks_after_rerank
+from ssr_tasks.retrieval.evaluate import BaselineChoice, map_row, ranks_after_rerank
 from ssr_tasks.retrieval.handoffs import Rankings, Reranked, RetrievalData, RetrievalTrials
 from ssr_tasks.tracking import Tracker
-from storage.landmarks import RevisitedGroundTruth, read_revisited_gnd
+from storage.landmark_tables import BACKBONE as LANDMARK_BACKBONE
+from storage.landmarks import RevisitedGroundTruth, read_gnd
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ COLUMNS = ["method", "mAP easy", "mAP medium", "mAP hard", "mP@10 medium", "mP@1
 def write_report(params: RetrievalParams, data: RetrievalData, rankings: Rankings, reranked: Sequence[Reranked],
                  out_dir: str) -> ResultsReport:
     """mAP of each method's initial ranking and after SSR; the table, a bar plot and an example query."""
-    gt = read_revisited_gnd(Path(data.gnd))
+    gt = read_gnd(Path(data.gnd))
     with np.load(rankings.ranks) as arrays:
         initial = {name: arrays[name] for name in arrays.files}
     rows, after = [], {}
@@ -42,8 +43,9 @@ def write_report(params: RetrievalParams, data: RetrievalData, rankings: Ranking
         log.info("mAP %s: M %.2f H %.2f -> + SSR: M %.2f H %.2f", r.name, rows[-2]["mAP medium"], rows[-2]["mAP hard"],
                  rows[-1]["mAP medium"], rows[-1]["mAP hard"])
     first = reranked[0].name
-    figures = {"map_by_method.png": reporting.plot_map_by_method(rows),
-               "reranked_example.png": example_figure(gt, Path(data.images), initial[first], after[first])}
+    figures = {"map_by_method.png": reporting.plot_map_by_method(rows)}
+    if data.images is not None:  # published features come without their images
+        figures["reranked_example.png"] = example_figure(gt, Path(data.images), initial[first], after[first])
     return reporting.write_report(rows, COLUMNS, figures, Path(out_dir))
 
 
@@ -74,16 +76,32 @@ def example_figure(gt: RevisitedGroundTruth, images: Path, initial: np.ndarray, 
                                            f"query {gt.qimlist[q]}: medium AP {gains[q]:+.1f} points with SSR")
 
 
-def log_and_register(tracker: Tracker, params: RetrievalParams, trials: RetrievalTrials, report: ResultsReport,
-                     tags: Mapping[str, str]) -> RegisteredModel:
-    """Into the open parent run: a nested run per trial, mAP metrics, table, plots, and the
-    registered re-ranker, aliased ``champion`` when it wins on validation."""
+def chosen_settings(trials: RetrievalTrials, choice: BaselineChoice) -> dict[str, str]:
+    """What validation chose: lr_dni, the checkpoint, QE's n per QE method, the k-reciprocal point."""
+    best = trials.best
+    return {"chosen.lr_dni": f"{best.lr_dni:g}", "chosen.checkpoint_iteration": str(best.best_iteration),
+            **choice.as_params()}
+
+
+def describe_choice(trials: RetrievalTrials, choice: BaselineChoice) -> str:
+    """The chosen settings in one line (the report's Markdown, the flow's log)."""
+    return ", ".join(f"{k.removeprefix('chosen.')} {v}" for k, v in chosen_settings(trials, choice).items())
+
+
+def log_and_register(tracker: Tracker, params: RetrievalParams, trials: RetrievalTrials, choice: BaselineChoice,
+                     report: ResultsReport, tags: Mapping[str, str]) -> RegisteredModel:
+    """Into the open parent run: a nested run per trial, the settings chosen on validation
+    (params ``chosen.*``, and the validation mAP of every baseline setting tried), mAP
+    metrics, table, plots, and the registered re-ranker, aliased ``champion`` when it wins
+    on validation."""
     for trial in trials.trials:
         with tracker.run(f"trial lr_dni={trial.lr_dni:g}", nested=True, tags=tags):
             tracker.log_params({"lr_dni": trial.lr_dni})
             for h in trial.history:
-                tracker.log_metrics({"val_ap": 100 * h.val_ap}, step=h.iteration)
-            tracker.log_metrics({"best_val_ap": 100 * trial.best_val})
+                tracker.log_metrics({"val_map": 100 * h.val_map}, step=h.iteration)
+            tracker.log_metrics({"best_val_map": 100 * trial.best_val, "best_iteration": trial.best_iteration})
+    tracker.log_params(chosen_settings(trials, choice))
+    tracker.log_metrics({f"val_map {setting}": value for setting, value in choice.val_map})
     for r in report.rows:
         key = r["method"].replace(" + ", "_plus_").replace(" ", "_")
         tracker.log_metrics({f"{key}_map_{p}": r[f"mAP {p}"] for p in ("easy", "medium", "hard")})
@@ -92,7 +110,8 @@ def log_and_register(tracker: Tracker, params: RetrievalParams, trials: Retrieva
     for _, path in report.figures:
         tracker.log_file(Path(path), "plots")
     best = trials.best
+    backbone = params.backbone if params.dataset == "glyphs-retrieval" else LANDMARK_BACKBONE
     return tracker.log_and_register(RetrievalReranker(best.model.build()), params.model_name,
-                                    tags={"dataset": params.dataset, "backbone": params.backbone, "steps": str(params.steps),
-                                          "k": str(params.k), "val_metric_name": "val_ap"},
+                                    tags={"dataset": params.dataset, "backbone": backbone, "steps": str(params.steps),
+                                          "k": str(params.k), "val_metric_name": "val_map"},
                                     val_metric=100 * best.best_val)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssr_tasks.retrieval.handoffs import RetrievalModel
+from ssr_tasks.retrieval.handoffs import RegisteredRetrievalModel, RetrievalModel
 from ssr_tasks.services import pool_size
 from storage.features import lookup_embeddings, read_features
 from storage.simstore import SimilarityStore, create_store
@@ -27,20 +27,34 @@ log = logging.getLogger(__name__)
 
 
 class ShardReranker:
-    """Plain class behind the Ray actor. Database features: ids must be 0..N-1 (row = id)."""
+    """Plain class behind the Ray actor: the database features (any unique int ids; the
+    stores hold those ids) and the model, each loaded once.
 
-    def __init__(self, db_features: str, model: RetrievalModel, device: str = "cpu", threads: int | None = None,
-                 db_split: str | None = "database"):
+    model: a ``RetrievalModel`` (trained weights) or a ``RegisteredRetrievalModel`` (a
+    registry URI); anything with ``build()``, ``k`` and ``feat_dim``.
+    """
+
+    def __init__(self, db_features: str, model: RetrievalModel | RegisteredRetrievalModel, device: str = "cpu",
+                 threads: int | None = None, db_split: str | None = "database"):
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
         table = read_features(Path(db_features), split=db_split, expected_dim=model.feat_dim)
-        if not np.array_equal(table.ids, np.arange(len(table.ids))):
-            raise ValueError(f"{db_features}: database ids must be 0..N-1 in order (row = id)")
+        self.db_path = db_features
+        self.db_order = np.argsort(table.ids, kind="stable")
+        self.db_sorted_ids = table.ids[self.db_order]
         self.db = F.normalize(torch.tensor(table.embeddings, dtype=torch.float32), dim=-1, eps=1e-12)
         self.model = model.build().to(self.device)
         self.k = model.k
         self.dim = model.feat_dim
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        """Database rows of the ids (n, K); an id absent from the database table is an error."""
+        pos = np.minimum(np.searchsorted(self.db_sorted_ids, ids), len(self.db_sorted_ids) - 1)
+        missing = self.db_sorted_ids[pos] != ids
+        if missing.any():
+            raise ValueError(f"{self.db_path}: neighbour id {int(ids[missing][0])} of the store is not in the database table")
+        return self.db_order[pos]
 
     def _shard_queries(self, path: str, query_ids: np.ndarray, shard: int) -> torch.Tensor:
         """L2-normalised features (n, D) of ``query_ids``, looked up in the query table.
@@ -60,7 +74,7 @@ class ShardReranker:
         ids_out, sc_out = neighbor_ids.copy(), scores.astype(np.float32).copy()
         for s in range(0, len(query), batch):
             ids = torch.from_numpy(np.array(neighbor_ids[s : s + batch, :k], dtype=np.int64))
-            nb = self.db[ids].to(self.device)
+            nb = self.db[torch.from_numpy(self._rows(ids.numpy()))].to(self.device)
             refined = self.model(query[s : s + batch].to(self.device), nb).float().cpu()
             order = refined.argsort(dim=-1, descending=True, stable=True)
             ids_out[s : s + batch, :k] = ids.gather(1, order).numpy()
@@ -76,17 +90,19 @@ class ShardReranker:
         return shard, info
 
 
-def rerank_store(store_dir: Path, query_features: Path, db_features: Path, out_dir: Path, model: RetrievalModel,
-                 n_actors: int = 0, device: str = "cpu", progress: Callable[[int, int], None] | None = None,
-                 max_restarts: int = 3) -> Path:
+def rerank_store(store_dir: Path, query_features: Path, db_features: Path, out_dir: Path,
+                 model: RetrievalModel | RegisteredRetrievalModel, n_actors: int = 0, device: str = "cpu",
+                 progress: Callable[[int, int], None] | None = None, max_restarts: int = 3,
+                 db_split: str | None = "database") -> Path:
     """Re-rank every pending shard of ``store_dir`` into ``out_dir`` with a pool of Ray actors
-    (one GPU each when ``device`` is "cuda")."""
+    (one GPU each when ``device`` is "cuda"); each actor loads the database rows of
+    ``db_split`` (all rows when None) and the model once."""
     import ray  # Ray is heavy and only needed where a pool runs
     from ray.util import ActorPool
 
     src = SimilarityStore(Path(store_dir))
     out = create_store(Path(out_dir), src.k, src.n_queries, src.n_shards, src.shard_size,
-                       {**src.source_hashes, "reranked_by": Path(model.weights).name})
+                       {**src.source_hashes, "reranked_by": model.name})
     pending = out.pending_shards()
     if not pending:
         return Path(out_dir)
@@ -94,7 +110,7 @@ def rerank_store(store_dir: Path, query_features: Path, db_features: Path, out_d
     n = min(pool_size(n_actors, use_gpu), len(pending))
     Actor = ray.remote(ShardReranker).options(num_cpus=1, num_gpus=1 if use_gpu else 0,
                                               max_restarts=max_restarts, max_task_retries=max_restarts)
-    actors = [Actor.remote(str(db_features), model, device, 1) for _ in range(n)]
+    actors = [Actor.remote(str(db_features), model, device, 1, db_split) for _ in range(n)]
     pool = ActorPool(actors)
     done = 0
     for shard, info in pool.map_unordered(lambda a, i: a.rerank_shard.remote(str(store_dir), str(query_features), str(out_dir), i), pending):

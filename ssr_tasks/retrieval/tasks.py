@@ -4,52 +4,97 @@ Each returns a typed hand-off (``ssr_tasks.retrieval.handoffs``) of file paths a
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from prefect import get_run_logger, task
 
+from ssr_model.baselines import krecip_grid
 from ssr_tasks.backbone import extract_split_features, load_backbone
 from ssr_tasks.config import RetrievalParams
 from ssr_tasks.device import cluster_device, local_device
 from ssr_tasks.handoffs import Backbone, Trials
-from ssr_tasks.retrieval.evaluate import method_rankings, write_ranking_store
+from ssr_tasks.retrieval.evaluate import choose_baselines, method_rankings, write_ranking_store
 from ssr_tasks.retrieval.handoffs import (MethodStore, Rankings, Reranked, RetrievalData, RetrievalFeatures, RetrievalModel,
                                           RetrievalTrials)
 from ssr_tasks.retrieval.ray_jobs import run_trials
 from ssr_tasks.retrieval.rerank import rerank_store
-from ssr_tasks.retrieval.train import RetrievalTrainConfig
+from ssr_tasks.retrieval.train import RetrievalTrainConfig, load_validation
 from ssr_tasks.taskkit import CACHE, Progress, short_hash
 from storage.checkpoints import file_sha256
 from storage.features import read_features, read_metadata, write_features
 from storage.fewshot import DATASET_SPECS, SplitIndex, list_split
 from storage.glyphs import GND_NAME, prepare_glyphs
-from storage.landmarks import read_revisited_gnd
+from storage.landmark_tables import holdout_clusters, import_test_set, import_train_set
+from storage.landmarks import read_gnd
+
+log = logging.getLogger(__name__)
 
 
 @task(name="prepare-retrieval-data", cache_policy=CACHE, persist_result=True, retries=1)
 def prepare_data(params: RetrievalParams, run_dir: str) -> RetrievalData:
-    """The built-in glyph retrieval set: training clusters, test queries/database and ground truth."""
+    """The test set and its training data: the built-in glyphs (images, ground truth, training
+    clusters), or rOxford5k / rParis6k with SfM-120k from the authors' pickles (features
+    tables imported once into ``<run_dir>/data/landmarks``)."""
+    if params.dataset != "glyphs-retrieval":
+        return import_landmark_data(params, run_dir)
     info = prepare_glyphs(Path(run_dir) / "data", seed=params.data_seed, size=params.glyphs_size)
     root = Path(info["retrieval_root"])
     data = RetrievalData(str(root), str(root / "test" / GND_NAME), str(root / "test" / "jpg"), info["fewshot_root"])
-    gt = read_revisited_gnd(Path(data.gnd))
+    gt = read_gnd(Path(data.gnd))
     get_run_logger().info("data: %d queries, %d database images, training clusters in %s",
                           len(gt.qimlist), len(gt.imlist), root / "train")
     return data
 
 
+def import_landmark_data(params: RetrievalParams, run_dir: str | Path) -> RetrievalData:
+    """rOxford5k / rParis6k and SfM-120k from the authors' pickles under ``params.data_root``,
+    imported once into ``<run_dir>/data/landmarks`` (plain code: ``ssr run`` calls it before
+    the flow starts, so bad input is reported in one line). Bad pickles raise StorageError."""
+    cache = Path(run_dir) / "data" / "landmarks"
+    test = import_test_set(params.data_root, params.dataset, cache)
+    train = import_train_set(params.data_root, cache, holdout_fraction=params.holdout_fraction,
+                             holdout_seed=params.holdout_seed, expected_dim=test.dim)
+    gt = read_gnd(test.gnd)
+    log.info("data: %s, %d queries, %d database images, D=%d; SfM-120k: %d training and %d held-out "
+             "images (%g of the clusters, seed %d)", params.dataset, len(gt.qimlist), len(gt.imlist), test.dim,
+             train.n_train, train.n_val, params.holdout_fraction, params.holdout_seed)
+    return RetrievalData(str(Path(params.data_root).resolve()), str(test.gnd), database=str(test.database),
+                         queries=str(test.query), train=str(train.table))
+
+
 @task(name="extract-retrieval-features", cache_policy=CACHE, persist_result=True, retries=1)
-def extract_features(params: RetrievalParams, data: RetrievalData, backbone: Backbone, work_dir: str) -> RetrievalFeatures:
-    """One features table: split 'database' (ids 0..N-1 in imlist order), 'query' (ids N..), 'train' (cluster labels)."""
-    gt = read_revisited_gnd(Path(data.gnd))
+def extract_features(params: RetrievalParams, data: RetrievalData, backbone: Backbone | None,
+                     work_dir: str) -> RetrievalFeatures:
+    """The test table: split 'database' (ids 0..N-1 in imlist order), 'query' (ids N..); and
+    the training table, split 'train' / 'val' (held-out clusters). Glyphs: both in one table
+    embedded by ``backbone``; published features: the test table joined from the imported
+    ones, the training table as imported."""
+    gt = read_gnd(Path(data.gnd))
     if params.k > len(gt.imlist):
         raise ValueError(f"k: {params.k} is larger than the database ({len(gt.imlist)} images)")
-    out = Path(work_dir) / f"retrieval-features-{short_hash([backbone.path, asdict(data)])}.parquet"
+    if not data.needs_backbone:
+        return _join_test_tables(data, Path(work_dir), len(gt.imlist), len(gt.qimlist))
+    holdout = [params.holdout_fraction, params.holdout_seed]
+    out = Path(work_dir) / f"retrieval-features-{short_hash([backbone.path, asdict(data), holdout])}.parquet"
     if not out.exists():
         _extract(params, data, backbone, gt, out)
-    return RetrievalFeatures(str(out), int(read_metadata(out)["dim"]), len(gt.imlist), len(gt.qimlist))
+    return RetrievalFeatures(str(out), int(read_metadata(out)["dim"]), len(gt.imlist), len(gt.qimlist), str(out))
+
+
+def _join_test_tables(data: RetrievalData, work_dir: Path, n_db: int, n_queries: int) -> RetrievalFeatures:
+    out = work_dir / f"retrieval-features-{short_hash([data.database, data.queries])}.parquet"
+    if not out.exists():
+        db = read_features(Path(data.database))
+        qs = read_features(Path(data.queries), expected_dim=db.dim)
+        N, Q = len(db), len(qs)
+        paths = db.paths + qs.paths if db.paths is not None and qs.paths is not None else None
+        write_features(out, ids=np.arange(N + Q), labels=["db"] * N + ["query"] * Q,
+                       splits=["database"] * N + ["query"] * Q, embeddings=np.concatenate([db.embeddings, qs.embeddings]),
+                       paths=paths, metadata=db.metadata)
+    return RetrievalFeatures(str(out), int(read_metadata(out)["dim"]), n_db, n_queries, str(data.train))
 
 
 def _extract(params: RetrievalParams, data: RetrievalData, backbone: Backbone, gt, out: Path) -> None:
@@ -66,48 +111,62 @@ def _extract(params: RetrievalParams, data: RetrievalData, backbone: Backbone, g
     train_idx = list_split(Path(data.root), "train")
     tr = extract_split_features(net, train_idx, spec, device)
     emb = np.concatenate([db, qs, tr])
-    labels = ["db"] * len(db) + ["query"] * len(qs) + [train_idx.classes[c] for c in train_idx.labels]
-    splits = ["database"] * len(db) + ["query"] * len(qs) + ["train"] * len(tr)
+    clusters = [train_idx.classes[c] for c in train_idx.labels]
+    held = holdout_clusters(np.asarray(clusters), params.holdout_fraction, params.holdout_seed)
+    labels = ["db"] * len(db) + ["query"] * len(qs) + clusters
+    splits = ["database"] * len(db) + ["query"] * len(qs) + np.where(held, "val", "train").tolist()
     rel = images.relative_to(data.root).as_posix()
     paths = [f"{rel}/{n}.png" for n in gt.imlist] + [f"{rel}/{n}.png" for n in gt.qimlist] + [f"train/{p}" for p in train_idx.paths]
     meta = {"dataset": params.dataset, "backbone": backbone.name, "checkpoint_hash": file_sha256(Path(backbone.path)),
             "dim": str(emb.shape[1])}
     write_features(out, ids=np.arange(len(emb), dtype=np.int64), labels=labels, splits=splits, embeddings=emb, paths=paths,
                    metadata=meta)
-    get_run_logger().info("features: %d database, %d queries, %d training images", len(db), len(qs), len(tr))
+    get_run_logger().info("features: %d database, %d queries, %d training images (%d held out for validation)",
+                          len(db), len(qs), len(tr), int(held.sum()))
 
 
 def train_config(params: RetrievalParams, feat_dim: int) -> RetrievalTrainConfig:
     """The training config of the first trial of the grid (each trial replaces lr_dni)."""
     return RetrievalTrainConfig(feat_dim=feat_dim, k=params.k, steps=params.steps, hidden=params.hidden,
                                 lr_dni=params.lr_dni_grid[0], sequence_length=params.sequence_length,
-                                min_positives=params.min_positives, iterations=params.iterations,
-                                batch_queries=params.batch_queries, lr=params.lr, val_every=params.val_every, seed=params.seed)
+                                min_positives=params.min_positives, max_ap=params.max_ap, iterations=params.iterations,
+                                batch_queries=params.batch_queries, lr=params.lr, val_every=params.val_every,
+                                n_val_queries=params.n_val_queries, seed=params.seed)
 
 
 @task(name="train-retrieval-ssr", retries=1, retry_delay_seconds=5)
 def train_ssr(params: RetrievalParams, features: RetrievalFeatures, work_dir: str) -> RetrievalTrials:
-    """Ray Tune grid over lr_dni of SSR trained on retrieval sequences from the training clusters."""
+    """Ray Tune grid over lr_dni of SSR trained on retrieval sequences from the training clusters;
+    the trial and its checkpoint with the best validation mAP (held-out clusters) win."""
     base = train_config(params, features.dim)
-    root = Path(work_dir) / f"ssr-{short_hash({k: v for k, v in asdict(base).items() if k != 'lr_dni'})}"
+    root = Path(work_dir) / f"ssr-{short_hash([{k: v for k, v in asdict(base).items() if k != 'lr_dni'}, features.train_path])}"
     logger = get_run_logger()
     logger.info("SSR: %d retrieval trial(s) lr_dni=%s, k=%d, steps=%d", len(params.lr_dni_grid), params.lr_dni_grid, params.k, params.steps)
     progress = Progress(f"train-{short_hash([features.path, str(root)])}", "Retrieval SSR training (all trials)")
-    trials = Trials(tuple(run_trials(base, params.lr_dni_grid, Path(features.path), root / "trials",
+    trials = Trials(tuple(run_trials(base, params.lr_dni_grid, Path(features.train_path), root / "trials",
                                               Path(work_dir) / "ray_results", device=cluster_device(params.device),
                                               progress=progress)))
-    logger.info("SSR: best trial lr_dni=%g, validation AP %.2f%%", trials.best.lr_dni, 100 * trials.best.best_val)
+    for t in trials.trials:
+        logger.info("SSR: trial lr_dni=%g, best validation mAP %.2f%% at iteration %d", t.lr_dni, 100 * t.best_val,
+                    t.best_iteration)
+    logger.info("SSR: chosen on validation: lr_dni=%g, checkpoint of iteration %d (validation mAP %.2f%%)",
+                trials.best.lr_dni, trials.best.best_iteration, 100 * trials.best.best_val)
     return trials
 
 
 @task(name="rank-methods", cache_policy=CACHE, persist_result=True)
 def rank_methods(params: RetrievalParams, features: RetrievalFeatures, work_dir: str) -> Rankings:
-    """Initial rankings of every method (features, QE variants, k-reciprocal), each as a top-K
+    """QE's n and the k-reciprocal point chosen on validation (held-out clusters), then the
+    initial rankings of every method (features, QE variants, k-reciprocal), each as a top-K
     store with its query table, plus the database table (row = id) for the re-ranking actors."""
+    val = load_validation(Path(features.train_path), params.n_val_queries, params.seed, features.dim)
+    choice = choose_baselines(val, params.qe_n_grid, krecip_grid(params.krecip_pairs, params.krecip_lambda))
+    get_run_logger().info("baselines chosen on validation (%d held-out queries): %s", len(val.queries),
+                          ", ".join(f"{k.removeprefix('chosen.')} {v}" for k, v in choice.as_params().items()))
     db = read_features(Path(features.path), split="database")
     qt = read_features(Path(features.path), split="query")
-    methods = method_rankings(qt.embeddings, db.embeddings, params.qe_n)
-    stores = Path(work_dir) / "stores" / short_hash([features.path])
+    methods = method_rankings(qt.embeddings, db.embeddings, choice)
+    stores = Path(work_dir) / "stores" / short_hash([features.path, choice.as_params()])
     stores.mkdir(parents=True, exist_ok=True)
     database = stores / "database.parquet"
     if not database.exists():
@@ -122,11 +181,11 @@ def rank_methods(params: RetrievalParams, features: RetrievalFeatures, work_dir:
                            embeddings=m.query.astype(np.float32), metadata={**db.metadata, "method": m.name})
         store = write_ranking_store(stores / m.name / "topk", m, k_store, params.shard_size, source=features.path)
         out.append(MethodStore(m.name, str(store.path), str(queries)))
-    ranks = stores / f"ranks-qe{params.qe_n}.npz"
+    ranks = stores / "ranks.npz"
     tmp = ranks.with_suffix(".tmp.npz")
     np.savez(tmp, **{m.name: m.ranks for m in methods})
     tmp.replace(ranks)
-    return Rankings(str(ranks), str(database), tuple(out))
+    return Rankings(str(ranks), str(database), tuple(out), choice)
 
 
 @task(name="rerank-store", retries=1)

@@ -1,11 +1,16 @@
-"""Retrieval SSR training on sequences (SSR_METHOD.md section 4), plain code.
+"""Retrieval SSR training on sequences drawn as published (SSR_METHOD.md section 4), plain code.
 
-A training sequence is a query and ``sequence_length`` database items drawn from the
-training features (cluster labels as in SfM-120k); its top-k by the initial score is what
-SSR refines. Sequences are kept only when the initial top-k is imperfect (AP < 0.8) and has
-more than 5 true positives. The built-in data has small clusters (tens of renderings), so a
-sequence holds every other member of the query's cluster plus random items; with SfM-120k's
-large clusters this reduces to the paper's uniform draw.
+A training sequence is a query and ``sequence_length`` items drawn uniformly without
+replacement from the whole training set (the query excluded); SSR refines the top-k of the
+items by the initial score. A sequence is kept when that top-k has AP < ``max_ap`` (0.8)
+and more than ``min_positives`` true positives (same cluster; 5 on SfM-120k). Every
+validation period draws fresh sequences, ``val_every * batch_queries`` of them, seeded by
+the period so that a resumed run draws the same ones.
+
+Validation never uses the test sets: held-out clusters of the training data form a
+revisited-format set (``storage.landmark_tables.validation_ground_truth``): queries drawn
+from it are ranked against all of it, their top-k re-ranked by SSR, and the medium-protocol
+mAP is the score that picks the checkpoint (and, across trials, ``lr_dni``).
 """
 from __future__ import annotations
 
@@ -20,9 +25,11 @@ import torch.nn.functional as F
 
 from ssr_model import RetrievalSSR
 from ssr_model.losses import info_bce
+from ssr_model.metrics import revisited_map
 from ssr_tasks.resume import LoopState, TrainingCheckpoint, finished, mark_finished
 from storage.checkpoints import save_checkpoint
 from storage.features import read_features
+from storage.landmark_tables import validation_ground_truth
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +37,20 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RetrievalTrainConfig:
     feat_dim: int
-    k: int = 50
+    k: int = 100
     steps: int = 1
     hidden: int = 1024
     lr_dni: float = 1e-4
     sequence_length: int = 1000
-    min_positives: int = 6
-    iterations: int = 1000
-    batch_queries: int = 16
+    min_positives: int = 5
+    max_ap: float = 0.8
+    iterations: int = 60_000
+    batch_queries: int = 1
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    val_every: int = 250
+    val_every: int = 1000
+    n_val_queries: int = 200
     seed: int = 0
 
     def build(self) -> RetrievalSSR:
@@ -51,7 +60,7 @@ class RetrievalTrainConfig:
 
 @dataclass(frozen=True)
 class Sequences:
-    """neighbour rows (S, k) of the initial top-k, query rows (S,), positives (S, k) bool."""
+    """query rows (S,), neighbour rows (S, k) of the initial top-k, positives (S, k) bool."""
 
     query: np.ndarray
     neighbours: np.ndarray
@@ -62,7 +71,7 @@ class Sequences:
 
 
 def topk_ap(positives: np.ndarray) -> np.ndarray:
-    """AP within the list (S, k) of booleans, over the positives present in it."""
+    """AP within each list (S, k) of booleans, over the positives present in it."""
     hits = positives.astype(np.float64)
     cum = np.cumsum(hits, axis=1)
     ranks = np.arange(1, positives.shape[1] + 1)
@@ -70,64 +79,105 @@ def topk_ap(positives: np.ndarray) -> np.ndarray:
     return (hits * cum / ranks).sum(1) / n_pos
 
 
-def make_sequences(emb: np.ndarray, labels: np.ndarray, k: int, sequence_length: int, n: int, seed: int,
-                   max_ap: float = 0.8, min_pos: int = 6, max_tries: int = 20) -> Sequences:
-    """Sample up to ``n`` filtered sequences. emb (N, D) L2-normalised rows, labels (N,)."""
-    if k >= sequence_length:
-        raise ValueError(f"k: expected fewer than sequence_length={sequence_length} neighbours, got {k}")
-    rng = np.random.default_rng(seed)
+def draw_sequences(emb: np.ndarray, labels: np.ndarray, k: int, sequence_length: int, n: int, seed: int,
+                   max_ap: float = 0.8, min_positives: int = 5, max_draws: int | None = None) -> Sequences:
+    """``n`` filtered sequences drawn uniformly. emb (N, D) L2-normalised rows, labels (N,).
+
+    Each draw is 1 + L distinct rows (L = min(sequence_length, N - 1)), the first being the
+    query; it is kept when its top-k by ``emb @ emb[query]`` holds more than
+    ``min_positives`` items of the query's label and has AP < ``max_ap``. Draws whose L items
+    hold too few positives in total are rejected before any score is computed.
+    """
     N = len(emb)
-    by_label: dict = {}
-    for i, lab in enumerate(labels):
-        by_label.setdefault(lab, []).append(i)
+    L = min(sequence_length, N - 1)
+    if not 1 <= k <= L:
+        raise ValueError(f"k: expected 1 <= k <= {L} (items per sequence), got {k}")
+    rng = np.random.default_rng(seed)
+    max_draws = max_draws or max(100_000, 1000 * n)
     qs, nbs, pos = [], [], []
-    for _ in range(max_tries):
-        cand = rng.integers(0, N, size=2 * n)
-        for q in cand:
-            same = np.asarray([i for i in by_label[labels[q]] if i != q], np.int64)
-            others = rng.choice(N, size=sequence_length, replace=False)
-            others = others[(labels[others] != labels[q])][: max(0, sequence_length - len(same))]
-            db = np.concatenate([same, others])
-            scores = emb[db] @ emb[q]
-            top = db[np.argsort(-scores, kind="stable")[:k]]
-            p = labels[top] == labels[q]
-            if p.sum() >= min_pos and topk_ap(p[None])[0] < max_ap:
-                qs.append(q)
-                nbs.append(top)
-                pos.append(p)
-                if len(qs) >= n:
-                    return Sequences(np.asarray(qs), np.stack(nbs), np.stack(pos))
-    if not qs:
-        raise ValueError(f"no training sequence passed the filter (>= {min_pos} positives in the top-{k} and AP < {max_ap}); "
-                         "the training features may be too easy or their clusters too small")
-    return Sequences(np.asarray(qs), np.stack(nbs), np.stack(pos))
+    draws = 0
+    while len(qs) < n and draws < max_draws:
+        draws += 1
+        idx = rng.choice(N, size=L + 1, replace=False)
+        q, items = idx[0], idx[1:]
+        same = labels[items] == labels[q]
+        if same.sum() <= min_positives:
+            continue
+        top = np.argsort(-(emb[items] @ emb[q]), kind="stable")[:k]
+        p = same[top]
+        if p.sum() > min_positives and topk_ap(p[None])[0] < max_ap:
+            qs.append(q)
+            nbs.append(items[top])
+            pos.append(p)
+    if len(qs) < n:
+        raise ValueError(f"training sequences: only {len(qs)} of {n} passed the filter (more than {min_positives} positives "
+                         f"in the top-{k} and AP < {max_ap}) in {draws} draws of {L} items; the training clusters are too "
+                         "small or too easy for these settings (lower min_positives or raise sequence_length)")
+    return Sequences(np.asarray(qs, np.int64), np.stack(nbs).astype(np.int64), np.stack(pos))
 
 
-def _batch(emb_t: torch.Tensor, seqs: Sequences, idx: np.ndarray, device):
-    q = emb_t[torch.from_numpy(seqs.query[idx])].to(device)
-    nb = emb_t[torch.from_numpy(seqs.neighbours[idx])].to(device)
-    return q, nb, torch.from_numpy(seqs.positives[idx]).to(device)
+@dataclass(frozen=True)
+class ValidationSet:
+    """Held-out queries (Qv, D) ranked against the held-out database (Mv, D), disjoint, both
+    L2-normalised; ``initial`` (Qv, Mv) database rows best first; ``gnd`` per query
+    (revisited format, indices into the database)."""
+
+    queries: np.ndarray
+    database: np.ndarray
+    initial: np.ndarray
+    gnd: list[dict]
+
+    @classmethod
+    def from_clusters(cls, emb: np.ndarray, labels: np.ndarray, n_queries: int, seed: int) -> "ValidationSet":
+        """emb (M, D) L2-normalised held-out rows, labels (M,) their clusters."""
+        rows, db_rows, gt = validation_ground_truth(labels, n_queries, seed)
+        q, db = emb[rows], emb[db_rows]
+        return cls(q, db, np.argsort(-(q @ db.T), axis=1, kind="stable"), gt.gnd)
+
+
+def rerank_top(model: RetrievalSSR, queries: torch.Tensor, database: torch.Tensor, ranks: np.ndarray,
+               batch: int = 64) -> np.ndarray:
+    """ranks (Q, N) with each row's first ``model.k`` entries re-ordered by SSR; queries (Q, D),
+    database (N, D) tensors on the model's device."""
+    k = model.k
+    out = ranks.copy()
+    for s in range(0, len(ranks), batch):
+        top = torch.from_numpy(ranks[s : s + batch, :k]).to(database.device)
+        refined = model(queries[s : s + batch], database[top])
+        order = refined.argsort(dim=-1, descending=True, stable=True)
+        out[s : s + batch, :k] = top.gather(1, order).cpu().numpy()
+    return out
 
 
 @torch.no_grad()
-def evaluate_sequences(model: RetrievalSSR, emb_t: torch.Tensor, seqs: Sequences, device, batch: int = 64) -> float:
-    """Mean AP within the top-k after re-ranking (validation metric)."""
+def validation_map(model: RetrievalSSR, val: ValidationSet, device) -> float:
+    """Medium-protocol mAP (fraction) of the validation queries after SSR re-ranks their top-k."""
     model.eval()
-    aps = []
-    for start in range(0, len(seqs), batch):
-        idx = np.arange(start, min(start + batch, len(seqs)))
-        q, nb, pos = _batch(emb_t, seqs, idx, device)
-        order = model(q, nb).argsort(dim=-1, descending=True).cpu().numpy()
-        aps.append(topk_ap(np.take_along_axis(pos.cpu().numpy(), order, axis=1)))
-    return float(np.concatenate(aps).mean())
+    if val.initial.shape[1] < model.k:
+        raise ValueError(f"validation: the held-out database has {val.initial.shape[1]} items, fewer than k={model.k}")
+    q = torch.from_numpy(val.queries).float().to(device)
+    db = torch.from_numpy(val.database).float().to(device)
+    ranks = rerank_top(model, q, db, val.initial)
+    return revisited_map(ranks, val.gnd)["medium"]["map"] / 100.0
 
 
-def train_retrieval(cfg: RetrievalTrainConfig, emb: np.ndarray, train: Sequences, val: Sequences, out_dir: Path,
+def period_sequences(cfg: RetrievalTrainConfig, emb: np.ndarray, labels: np.ndarray, period: int) -> Sequences:
+    return draw_sequences(emb, labels, cfg.k, cfg.sequence_length, cfg.val_every * cfg.batch_queries,
+                          seed=cfg.seed * 1_000_003 + period, max_ap=cfg.max_ap, min_positives=cfg.min_positives)
+
+
+def _save_best(model: RetrievalSSR, path: Path) -> None:
+    save_checkpoint(path, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
+def train_retrieval(cfg: RetrievalTrainConfig, emb: np.ndarray, labels: np.ndarray, val: ValidationSet, out_dir: Path,
                     device="cpu", report: Callable[[dict], None] | None = None) -> dict:
-    """SGD on InfoBCE; validation AP every ``val_every``; checkpoint/resume; keep the best.
+    """SGD on InfoBCE over fresh sequences each period; validation mAP every ``val_every``
+    iterations; checkpoint/resume at those points; the best checkpoint is kept.
 
-    emb (N, D) training features; train / val: sequences over rows of ``emb``. Returns the
-    summary {"best_val", "best_path", "history", "config"} (also left in ``summary.json``).
+    emb (N, D) L2-normalised training rows, labels (N,) their clusters. Returns the summary
+    ``{"best_val", "best_iteration", "best_path", "history", "config"}`` (also left in
+    ``summary.json``); the untrained model (iteration 0) is the bar a checkpoint must beat.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,7 +187,7 @@ def train_retrieval(cfg: RetrievalTrainConfig, emb: np.ndarray, train: Sequences
         return summary
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
-    emb_t = F.normalize(torch.from_numpy(emb).float(), dim=-1, eps=1e-12)
+    emb_t = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
     model = cfg.build().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     ckpt = TrainingCheckpoint(out_dir / "last.pt", model=model, optim=opt)
@@ -145,54 +195,53 @@ def train_retrieval(cfg: RetrievalTrainConfig, emb: np.ndarray, train: Sequences
     if state is not None:
         log.info("retrieval SSR: resuming at iteration %d", state.done)
     else:
-        # The untrained model is the bar to beat: a trained one is kept only if it does better.
-        best = evaluate_sequences(model, emb_t, val, device)
-        state = LoopState(0, best, [{"iteration": 0, "val_ap": best, "loss": float("nan")}])
-        save_checkpoint(out_dir / "best.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})
+        best = validation_map(model, val, device)
+        state = LoopState(0, best, [{"iteration": 0, "val_map": best, "loss": float("nan")}])
+        _save_best(model, out_dir / "best.pt")
+    seqs, period = None, -1
     for it in range(state.done, cfg.iterations):
+        if it // cfg.val_every != period:
+            period = it // cfg.val_every
+            seqs = period_sequences(cfg, emb, labels, period)
         model.train()
-        rng = np.random.default_rng(cfg.seed * 1_000_003 + it)
-        idx = rng.choice(len(train), size=min(cfg.batch_queries, len(train)), replace=False)
-        q, nb, pos = _batch(emb_t, train, idx, device)
-        loss = info_bce(model(q, nb), pos, model.scale_cls)
+        s = (it - period * cfg.val_every) * cfg.batch_queries
+        sl = slice(s, s + cfg.batch_queries)
+        q = emb_t[torch.from_numpy(seqs.query[sl])].to(device)
+        nb = emb_t[torch.from_numpy(seqs.neighbours[sl])].to(device)
+        loss = info_bce(model(q, nb), torch.from_numpy(seqs.positives[sl]).to(device), model.scale_cls)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if (it + 1) % cfg.val_every == 0 or it + 1 == cfg.iterations:
-            val_ap = evaluate_sequences(model, emb_t, val, device)
-            state.history.append({"iteration": it + 1, "val_ap": val_ap, "loss": loss.item()})
-            if val_ap > state.best:
-                state.best = val_ap
-                save_checkpoint(out_dir / "best.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})
+            val_map = validation_map(model, val, device)
+            state.history.append({"iteration": it + 1, "val_map": val_map, "loss": loss.item()})
+            if val_map > state.best:
+                state.best = val_map
+                _save_best(model, out_dir / "best.pt")
             state.done = it + 1
             ckpt.save(state)
-            log.info("retrieval SSR iteration %d/%d loss %.4f val AP %.2f%% (best %.2f%%)",
-                     it + 1, cfg.iterations, loss.item(), 100 * val_ap, 100 * state.best)
+            log.info("retrieval SSR iteration %d/%d loss %.4f validation mAP %.2f%% (best %.2f%%)",
+                     it + 1, cfg.iterations, loss.item(), 100 * val_map, 100 * state.best)
             if report is not None:
-                report({"iteration": it + 1, "loss": loss.item(), "val_ap": val_ap, "best_val_ap": state.best})
-    return mark_finished(done, {"best_val": state.best, "best_path": str(out_dir / "best.pt"), "history": state.history,
-                                "config": asdict(cfg)})
+                report({"iteration": it + 1, "loss": loss.item(), "val_map": val_map, "best_val_map": state.best})
+    best_iteration = max(state.history, key=lambda h: (h["val_map"], -h["iteration"]))["iteration"]
+    return mark_finished(done, {"best_val": state.best, "best_iteration": best_iteration,
+                                "best_path": str(out_dir / "best.pt"), "history": state.history, "config": asdict(cfg)})
 
 
-def split_clusters(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices of training and validation clusters (disjoint clusters, seeded)."""
-    clusters = np.unique(labels)
-    rng = np.random.default_rng(seed)
-    val_c = set(rng.choice(clusters, size=max(1, int(round(len(clusters) * val_fraction))), replace=False).tolist())
-    is_val = np.asarray([lab in val_c for lab in labels])
-    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def load_training_sequences(features: Path, cfg: RetrievalTrainConfig, n_train: int = 4000,
-                            n_val: int = 300) -> tuple[np.ndarray, Sequences, Sequences]:
-    """L2-normalised features (N, D) of the training split and train/validation sequences over disjoint clusters."""
-    table = read_features(Path(features), split="train")
-    emb = table.embeddings / np.maximum(np.linalg.norm(table.embeddings, axis=1, keepdims=True), 1e-12)
-    labels = np.asarray([str(x) for x in table.labels])
-    tr, va = split_clusters(labels, 0.1, cfg.seed)
-    out = []
-    for rows, n, seed in ((tr, n_train, cfg.seed), (va, n_val, cfg.seed + 1)):
-        s = make_sequences(emb[rows], labels[rows], cfg.k, min(cfg.sequence_length, len(rows) - 1), n, seed,
-                           min_pos=cfg.min_positives)
-        out.append(Sequences(rows[s.query], rows[s.neighbours], s.positives))
-    return emb.astype(np.float32), out[0], out[1]
+def load_validation(train_table: Path, n_queries: int, seed: int, feat_dim: int | None = None) -> ValidationSet:
+    """The validation set of the held-out rows (split ``val``) of a training table."""
+    held = read_features(Path(train_table), split="val", expected_dim=feat_dim)
+    return ValidationSet.from_clusters(_unit(held.embeddings), np.asarray(held.labels), n_queries, seed)
+
+
+def load_training_data(train_table: Path, cfg: RetrievalTrainConfig) -> tuple[np.ndarray, np.ndarray, ValidationSet]:
+    """Training rows (split ``train``: L2-normalised features (N, D), cluster labels (N,))
+    and the validation set of the held-out rows of ``train_table``."""
+    train = read_features(Path(train_table), split="train", expected_dim=cfg.feat_dim)
+    val = load_validation(Path(train_table), cfg.n_val_queries, cfg.seed, cfg.feat_dim)
+    return _unit(train.embeddings), np.asarray(train.labels), val

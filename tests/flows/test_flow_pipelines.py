@@ -19,7 +19,8 @@ TINY_FEWSHOT = dict(
     krecip_k1=[10], krecip_k2=[5], krecip_lambda=[0.3], model_name="ssr-fewshot",
 )
 TINY_RETRIEVAL = dict(glyphs_size="small", pretrain_epochs=1, k=10, hidden=32, lr_dni_grid=[1e-4], sequence_length=100,
-                      iterations=6, val_every=3, batch_queries=4, shard_size=8, model_name="ssr-retrieval")
+                      iterations=6, val_every=3, batch_queries=4, shard_size=8, holdout_fraction=0.3, n_val_queries=10,
+                      qe_n_grid=[1, 3], krecip_pairs=[(10, 5)], krecip_lambda=[0.3], model_name="ssr-retrieval")
 
 
 def readme_snippet(name: str) -> str:

@@ -134,6 +134,7 @@ def test_bad_inputs_one_line_nothing_partial(tmp_path):
     _sfm_pickle(tmp_path, dim=D + 2)
     with pytest.raises(DataValueError, match=rf"sfm120k\.pkl: database has D={D + 2}, but the test features have D={D}"):
         import_train_set(tmp_path, cache, holdout_fraction=0.2, expected_dim=D)
+    assert _nothing_left(cache)
     # query D differing from the database's
     rng = np.random.default_rng(1)
     _test_pickle(tmp_path, "rparis6k", query=rng.standard_normal((D - 2, Q)).astype(np.float32))

@@ -14,7 +14,8 @@ TINY_FEWSHOT = dict(pretrain_epochs=1, pretrain_batch_size=8, n_way=3, n_shot_tr
                     batch_episodes=2, n_val_episodes=6, n_test_episodes=8, krecip_k1=[3], krecip_k2=[2],
                     krecip_lambda=[0.3, 0.5], n_eval_actors=1, device="cpu")
 TINY_RETRIEVAL = dict(glyphs_size="small", pretrain_epochs=1, k=10, hidden=16, lr_dni_grid=[1e-3], sequence_length=60,
-                      min_positives=1, iterations=4, val_every=2, batch_queries=4, shard_size=16, n_rerank_actors=1,
+                      min_positives=0, iterations=4, val_every=2, batch_queries=4, shard_size=16, n_rerank_actors=1,
+                      holdout_fraction=0.3, n_val_queries=10, qe_n_grid=[1, 3], krecip_pairs=[(10, 5)], krecip_lambda=[0.3],
                       device="cpu")
 
 

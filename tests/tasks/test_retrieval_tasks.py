@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ssr_model.baselines import KReciprocalPoint
 from ssr_tasks.backbone import get_backbone
 from ssr_tasks.retrieval import report, tasks
 from ssr_tasks.handoffs import Trials
@@ -47,6 +48,7 @@ def test_rank_methods_writes_a_store_and_query_table_per_method(features, tiny_r
     assert isinstance(rankings, Rankings) and [m.name for m in rankings.methods] == METHODS
     with np.load(rankings.ranks) as ranks:
         assert ranks["features"].shape == (features.n_queries, features.n_database)
+    assert rankings.choice.n_for("AQE") in (1, 3) and rankings.choice.krecip == KReciprocalPoint(10, 5, 0.3)
     for m in rankings.methods:
         store = SimilarityStore(m.topk)
         assert store.is_complete() and store.k == 100 and store.n_queries == features.n_queries
@@ -58,6 +60,7 @@ def test_train_rerank_and_report(features, data, tiny_retrieval_params, pipeline
     assert isinstance(trials, Trials) and [t.lr_dni for t in trials.trials] == p.lr_dni_grid
     best = trials.best
     assert best.history[0].iteration == 0 and best.model.build().k == p.k
+    assert best.best_iteration in [h.iteration for h in best.history]
 
     rankings = tasks.rank_methods.fn(p, features, str(pipeline_dir))
     reranked = [tasks.rerank.fn(p, rankings, m, best.model) for m in rankings.methods[:2]]

@@ -62,3 +62,28 @@ def test_actor_pool_reranks_every_query_exactly_once(setup, ray_local):
     store.shard_path(1).unlink()
     rerank_store(root / "topk", root / "q.parquet", root / "db.parquet", root / "reranked", model, n_actors=1)
     assert SimilarityStore(out).is_complete()
+
+
+def test_any_unique_database_ids(setup, tmp_path):
+    """A database table with ids that are not its rows (shuffled, with gaps): the store holds
+    those ids, the worker finds each one's row."""
+    root, model, q = setup
+    from storage.features import read_features
+
+    db = read_features(root / "db.parquet")
+    perm = np.random.default_rng(1).permutation(len(db))
+    ids = 1000 + 3 * np.arange(len(db))  # id of row r before the shuffle
+    write_features(tmp_path / "db.parquet", ids=ids[perm], labels=["db"] * len(db), splits="database",
+                   embeddings=db.embeddings[perm], metadata=db.metadata)
+    build_topk_store(q, np.arange(25), db.embeddings, ids, tmp_path / "topk", K_STORE, shard_size=7)
+    worker = ShardReranker(str(tmp_path / "db.parquet"), model)
+    plain = {int(i): row for qids, rows in expected(root, model, q) for i, row in zip(qids, rows)}
+    for shard in SimilarityStore(tmp_path / "topk").iter_shards():
+        got, _ = worker.rerank_arrays(torch.from_numpy(q[shard.query_ids]), shard.neighbor_ids, shard.scores)
+        for qid, row in zip(shard.query_ids, got):
+            assert np.array_equal(row, ids[plain[int(qid)]])
+    store = SimilarityStore(tmp_path / "topk")
+    bad = store.read_shard(0).neighbor_ids.copy()
+    bad[0, 0] = 7  # not an id of the table
+    with pytest.raises(ValueError, match=r"db\.parquet: neighbour id 7 of the store is not in the database table"):
+        worker.rerank_arrays(torch.from_numpy(q[:1]), bad[:1], np.zeros_like(bad[:1], np.float32))

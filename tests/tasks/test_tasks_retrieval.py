@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from ssr_tasks.retrieval.evaluate import method_rankings, ranks_after_rerank, write_ranking_store
-from ssr_tasks.retrieval.train import RetrievalTrainConfig, make_sequences, topk_ap, train_retrieval
+from ssr_model.baselines import KReciprocalPoint, krecip_grid
+from ssr_model.metrics import revisited_map
+from ssr_tasks.retrieval.evaluate import BaselineChoice, choose_baselines, method_rankings, ranks_after_rerank, write_ranking_store
+from ssr_tasks.retrieval.train import (RetrievalTrainConfig, ValidationSet, draw_sequences, period_sequences, topk_ap,
+                                       train_retrieval, validation_map)
 from storage.simstore import create_store
 
 
@@ -23,23 +26,58 @@ def test_topk_ap_hand_computed():
     assert topk_ap(np.array([[True, False, True, False]]))[0] == pytest.approx((1 + 2 / 3) / 2)
 
 
-def test_sequences_respect_the_filter():
-    emb, labels = clusters()
-    seqs = make_sequences(emb, labels, k=10, sequence_length=100, n=50, seed=0, min_pos=3, max_ap=0.8)
-    assert len(seqs) > 0 and seqs.neighbours.shape[1] == 10
-    assert (seqs.positives.sum(1) >= 3).all() and (topk_ap(seqs.positives) < 0.8).all()
+def test_sequences_are_uniform_draws_that_pass_the_filter():
+    emb, labels = clusters(n_clusters=10, per=30, noise=2.0)
+    seqs = draw_sequences(emb, labels, k=10, sequence_length=100, n=50, seed=0, min_positives=3, max_ap=0.8)
+    assert len(seqs) == 50 and seqs.neighbours.shape == (50, 10)
+    assert (seqs.positives.sum(1) > 3).all() and (topk_ap(seqs.positives) < 0.8).all()
     assert (labels[seqs.neighbours] == labels[seqs.query][:, None]).tolist() == seqs.positives.tolist()
     assert not (seqs.neighbours == seqs.query[:, None]).any()
-    with pytest.raises(ValueError, match="no training sequence passed the filter"):
-        make_sequences(emb, labels, k=10, sequence_length=100, n=5, seed=0, min_pos=9)
+    # the neighbours are each sequence's best items by the initial score, best first
+    scores = np.einsum("sd,skd->sk", emb[seqs.query], emb[seqs.neighbours])
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+    # seeded: the same seed draws the same sequences, another seed others
+    again = draw_sequences(emb, labels, k=10, sequence_length=100, n=50, seed=0, min_positives=3, max_ap=0.8)
+    assert np.array_equal(again.neighbours, seqs.neighbours)
+    other = draw_sequences(emb, labels, k=10, sequence_length=100, n=50, seed=1, min_positives=3, max_ap=0.8)
+    assert not np.array_equal(other.query, seqs.query)
+    # uniform over the whole set: with a filter that keeps everything, every item is drawn as a
+    # query about as often, and a sequence holds the query's cluster in proportion (29/299 of 100)
+    all_kept = draw_sequences(emb, labels, k=100, sequence_length=100, n=3000, seed=2, min_positives=0, max_ap=1.01)
+    counts = np.bincount(all_kept.query, minlength=len(emb))
+    assert counts.min() >= 1 and counts.max() <= 30
+    assert all_kept.positives.sum(1).mean() == pytest.approx(100 * 29 / 299, rel=0.05)
+    with pytest.raises(ValueError, match=r"only 0 of 5 passed the filter \(more than 40 positives"):
+        draw_sequences(emb, labels, k=10, sequence_length=100, n=5, seed=0, min_positives=40, max_draws=200)
+
+
+def _validation(emb, labels, n_queries=12):
+    return ValidationSet.from_clusters(emb, labels, n_queries, seed=0)
+
+
+def test_validation_map_is_the_revisited_map_of_the_reranked_top_k():
+    emb, labels = clusters(n_clusters=8, per=8)
+    val = _validation(emb, labels)
+    assert len(val.queries) == 12 and len(val.database) == 64 - 12
+    model = RetrievalTrainConfig(feat_dim=16, k=10, hidden=16, lr_dni=0.1).build()
+    got = validation_map(model, val, "cpu")
+    with torch.no_grad():
+        refined = model(torch.from_numpy(val.queries), torch.from_numpy(val.database[val.initial[:, :10]]))
+    ranks = val.initial.copy()
+    ranks[:, :10] = np.take_along_axis(val.initial[:, :10], refined.argsort(dim=-1, descending=True).numpy(), axis=1)
+    assert got == pytest.approx(revisited_map(ranks, val.gnd)["medium"]["map"] / 100)
 
 
 def test_training_resumes_to_the_same_model(tmp_path):
-    emb, labels = clusters()
-    tr = make_sequences(emb, labels, k=10, sequence_length=100, n=40, seed=0, min_pos=3)
-    va = make_sequences(emb, labels, k=10, sequence_length=100, n=10, seed=1, min_pos=3)
-    cfg = RetrievalTrainConfig(feat_dim=16, k=10, hidden=16, lr_dni=0.1, iterations=6, val_every=2, batch_queries=4, lr=0.05)
-    clean = train_retrieval(cfg, emb, tr, va, tmp_path / "clean")
+    emb, labels = clusters(n_clusters=10, per=30, noise=2.0)
+    held = clusters(n_clusters=4, per=8, noise=2.0, seed=5)
+    val = _validation(*held)
+    cfg = RetrievalTrainConfig(feat_dim=16, k=10, hidden=16, lr_dni=0.1, iterations=6, val_every=2, batch_queries=4, lr=0.05,
+                               sequence_length=100, min_positives=3)
+    clean = train_retrieval(cfg, emb, labels, val, tmp_path / "clean")
+    assert [h["iteration"] for h in clean["history"]] == [0, 2, 4, 6]
+    assert clean["best_val"] == max(h["val_map"] for h in clean["history"])
+    assert any(h["iteration"] == clean["best_iteration"] and h["val_map"] == clean["best_val"] for h in clean["history"])
 
     def crash(row, state={"n": 0}):
         state["n"] += 1
@@ -47,18 +85,41 @@ def test_training_resumes_to_the_same_model(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_retrieval(cfg, emb, tr, va, tmp_path / "resumed", report=crash)
-    resumed = train_retrieval(cfg, emb, tr, va, tmp_path / "resumed")
+        train_retrieval(cfg, emb, labels, val, tmp_path / "resumed", report=crash)
+    resumed = train_retrieval(cfg, emb, labels, val, tmp_path / "resumed")
     assert resumed["best_val"] == pytest.approx(clean["best_val"])
     a, b = torch.load(clean["best_path"], weights_only=True), torch.load(resumed["best_path"], weights_only=True)
     for key in a:
         torch.testing.assert_close(a[key], b[key])
 
 
+def test_each_validation_period_draws_fresh_sequences():
+    emb, labels = clusters(n_clusters=10, per=30, noise=2.0)
+    cfg = RetrievalTrainConfig(feat_dim=16, k=10, val_every=5, batch_queries=2, sequence_length=100, min_positives=3)
+    first, second = (period_sequences(cfg, emb, labels, p) for p in (0, 1))
+    assert len(first) == len(second) == 10 and not np.array_equal(first.query, second.query)
+    assert np.array_equal(period_sequences(cfg, emb, labels, 1).neighbours, second.neighbours)
+
+
+def test_baselines_are_chosen_on_validation():
+    emb, labels = clusters(n_clusters=8, per=10, noise=1.5)
+    val = _validation(emb, labels, n_queries=16)
+    points = krecip_grid([(5, 3), (10, 5)], [0.3, 0.8])
+    choice = choose_baselines(val, [1, 3], points)
+    tried = dict(choice.val_map)
+    assert len(tried) == 4 * 2 + 4
+    for name, n in choice.qe_n:
+        assert tried[f"{name} n={n}"] == max(tried[f"{name} n={m}"] for m in (1, 3))
+    assert tried[f"k-reciprocal {choice.krecip.label()}"] == max(tried[f"k-reciprocal {p.label()}"] for p in points)
+    assert set(choice.as_params()) == {"chosen.qe_n.AQE", "chosen.qe_n.AQEwD", "chosen.qe_n.alpha-QE", "chosen.qe_n.DQE",
+                                       "chosen.krecip"}
+
+
 def test_method_rankings_and_rerank_order(tmp_path):
     emb, _ = clusters(n_clusters=10, per=6)
     q, db = emb[:5], emb[5:]
-    methods = method_rankings(q, db, qe_n=2)
+    choice = BaselineChoice((("AQE", 2), ("AQEwD", 2), ("alpha-QE", 2), ("DQE", 2)), KReciprocalPoint(20, 6, 0.3), ())
+    methods = method_rankings(q, db, choice)
     assert [m.name for m in methods] == ["features", "AQE", "AQEwD", "alpha-QE", "DQE", "k-reciprocal"]
     for m in methods:
         assert m.ranks.shape == (5, len(db))

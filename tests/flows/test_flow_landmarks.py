@@ -1,0 +1,112 @@
+"""The real-data retrieval path end to end, from pickles in the authors' formats to the results
+table: rOxford5k-format test set, SfM-120k-format training set with held-out clusters."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ssr_tasks.config import RetrievalParams
+from tests.landmark_pickles import write_sfm_pickle, write_test_pickle
+
+TINY_LANDMARKS = dict(dataset="roxford5k", k=10, hidden=16, lr_dni_grid=[1e-2], sequence_length=200, min_positives=2,
+                      iterations=4, val_every=2, batch_queries=2, holdout_fraction=0.2, n_val_queries=10,
+                      qe_n_grid=[1, 3], krecip_pairs=[(10, 5)], krecip_lambda=[0.3], shard_size=4,
+                      model_name="ssr-retrieval-landmarks")
+
+
+def revisitop_map(query: np.ndarray, database: np.ndarray, gt: list[dict], protocol: str) -> float:
+    """mAP (percent) of the plain dot-product ranking, written out from the revisitop protocol:
+    query (D, Q), database (D, N) as pickled; ignored items leave the ranking, AP integrates
+    precision trapezoidally, queries without positives are skipped."""
+    aps = []
+    for qi, g in enumerate(gt):
+        ranking = list(np.argsort(-(database.T @ query[:, qi]), kind="stable"))
+        easy, hard, junk = (set(g[key].tolist()) for key in ("easy", "hard", "junk"))
+        positives, ignored = {"easy": (easy, junk | hard), "medium": (easy | hard, junk), "hard": (hard, junk | easy)}[protocol]
+        if not positives:
+            continue
+        kept = [i for i in ranking if i not in ignored]
+        ap, found = 0.0, 0
+        for rank, item in enumerate(kept):
+            if item in positives:
+                before = found / rank if rank > 0 else 1.0
+                found += 1
+                ap += (before + found / (rank + 1)) / 2.0 / len(positives)
+        aps.append(ap)
+    return 100.0 * float(np.mean(aps))
+
+
+@pytest.mark.slow
+def test_landmark_pickles_to_results(ssr_home, ray_local, prefect_harness, tmp_path):
+    from flows.ssr_flow import ssr
+
+    raw = write_test_pickle(tmp_path)
+    write_sfm_pickle(tmp_path)
+    result = ssr(pipeline="retrieval", retrieval=RetrievalParams(data_root=str(tmp_path), **TINY_LANDMARKS))
+    rows = {r["method"]: r for r in result["results"]}
+    assert list(rows) == ["features", "features + SSR", "AQE", "AQE + SSR", "AQEwD", "AQEwD + SSR", "alpha-QE",
+                          "alpha-QE + SSR", "DQE", "DQE + SSR", "k-reciprocal", "k-reciprocal + SSR"]
+    for protocol in ("easy", "medium", "hard"):
+        want = revisitop_map(raw["query"], raw["database"], raw["gt"], protocol)
+        assert rows["features"][f"mAP {protocol}"] == pytest.approx(round(want, 2), abs=1e-9)
+    # what validation chose is reported, the model is registered under the landmark backbone
+    for key in ("lr_dni 0.01", "checkpoint_iteration", "qe_n.AQE", "krecip k1=10,k2=5,lambda=0.3"):
+        assert key in result["chosen"]
+    assert result["model_uri"] == "models:/ssr-retrieval-landmarks/1"
+    csv_path = max(Path(ssr_home).rglob("results.csv"), key=lambda path: path.stat().st_mtime)
+    with open(csv_path) as f:
+        assert next(csv.reader(f)) == ["method", "mAP easy", "mAP medium", "mAP hard", "mP@10 medium", "mP@10 hard"]
+
+
+def test_paper_retrieval_preset_has_the_paper_settings():
+    from pydantic import ValidationError
+
+    from flows.cli import presets
+
+    preset = presets()["paper-retrieval"]
+    assert preset["pipeline"] == "retrieval"
+    p = RetrievalParams(**{**preset["retrieval"], "data_root": "/data/landmark"})
+    assert (p.dataset, p.k, p.steps, p.hidden, p.lr_dni_grid) == ("roxford5k", 100, 1, 1024, [1e-4, 2e-4, 5e-4])
+    assert (p.iterations, p.val_every, p.batch_queries, p.lr, p.sequence_length, p.min_positives, p.max_ap) == (
+        60_000, 1000, 1, 1e-3, 1000, 5, 0.8)
+    assert (p.holdout_fraction, p.qe_n_grid, p.krecip_pairs, p.krecip_lambda) == (
+        0.05, [1, 3, 5, 7, 9], [(40, 20), (80, 40), (160, 80)], [0.1, 0.3, 0.5])
+    with pytest.raises(ValidationError, match="data_root: dataset 'roxford5k' needs data_root"):
+        RetrievalParams(**preset["retrieval"])  # only dataset and data_root are left to fill
+
+
+def test_bad_pickles_one_line_exit_2_before_the_flow(ssr_home, tmp_path, capsys):
+    """`ssr run retrieval` imports the pickles before the flow starts: bad input is one line, exit 2."""
+    import pickle
+
+    from flows.cli import main
+
+    cache = ssr_home / "data" / "landmarks"
+    raw = write_test_pickle(tmp_path)
+    sfm = write_sfm_pickle(tmp_path)
+    run = ["run", "retrieval", "--set", "dataset=roxford5k", "--set", f"data_root={tmp_path}"]
+
+    def expect(message):
+        before = sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+        assert main(run) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err
+        # nothing partial: no temporary folder left, no new cache entry for the bad file
+        after = sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+        assert not [n for n in after if n.startswith(".")] and set(after) - set(before) <= {n for n in after if "roxford5k" in n}
+
+    (tmp_path / "gl18_resnet101_sfm120k.pkl").write_bytes(pickle.dumps({"database": sfm["database"]}))
+    expect("gl18_resnet101_sfm120k.pkl: missing key 'cluster'")
+    (tmp_path / "gl18_resnet101_sfm120k.pkl").write_bytes(pickle.dumps({**sfm, "database": sfm["database"][:20]}))
+    expect("gl18_resnet101_sfm120k.pkl: database has D=20, but the test features have D=32")
+    bad_query = {**raw, "query": raw["query"][:20]}
+    (tmp_path / "gl18_resnet101_rparis6k.pkl").write_bytes(pickle.dumps(bad_query))
+    run[3] = "dataset=rparis6k"
+    expect("gl18_resnet101_rparis6k.pkl: 'query' is (20, 10) and 'database' is (32, 120): query and database features "
+           "must have the same D")
+    out_of_range = {**raw, "gt": [{**g, "junk": np.array([120])} for g in raw["gt"]]}
+    (tmp_path / "gl18_resnet101_rparis6k.pkl").write_bytes(pickle.dumps(out_of_range))
+    expect("gl18_resnet101_rparis6k.pkl['gt']: query 0: field 'junk' has index 120 outside [0, 120)")
