@@ -18,10 +18,15 @@ def fewshot_pipeline(params: FewShotParams = FewShotParams()) -> dict:
     with pipeline_run("fewshot", params, prefect_tags(), runtime.flow_run.id) as run:
         init_ray()
         data = tasks.prepare_data(params, str(run.run_dir))
-        backbone = get_backbone(params, data.root, str(run.backbones))
+        released = tasks.released_model(params, str(run.work)) if params.released_checkpoint else None
+        backbone = released.backbone if released else get_backbone(params, data.root, str(run.backbones))
         features = tasks.extract_features(params, data, backbone, str(run.work))
         val = tasks.validation_episodes(params, features, data, str(run.work))
-        trials = tasks.train_ssr(params, features, val, str(run.work))
+        if released:  # the authors' model: evaluated as it is
+            trials = tasks.released_trials(params, features, val, released)
+        else:
+            training = tasks.training_features(params, data, backbone, str(run.work))
+            trials = tasks.train_ssr(params, features, val, str(run.work), training)
         krecip = tasks.choose_krecip(params, features, val)
         shots = [tasks.evaluate(params, features, trials.best.model, krecip, shot) for shot in params.eval_shots]
         results = report.write_report(params, trials, krecip, shots, str(run.results))

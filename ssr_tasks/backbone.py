@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from prefect import get_run_logger, task
 
-from ssr_model.backbones import CosineClassifier, build_backbone
+from ssr_model.backbones import BACKBONE_NAMES, CosineClassifier, build_backbone
 from ssr_tasks.config import FewShotParams, RetrievalParams
 from ssr_tasks.device import local_device
 from ssr_tasks.handoffs import Backbone
 from ssr_tasks.resume import LoopState, TrainingCheckpoint
 from ssr_tasks.taskkit import CACHE, Progress, short_hash
-from storage.checkpoints import file_sha256, load_state_dict, save_checkpoint
+from storage.checkpoints import file_sha256, load_state_dict, released_backbone, save_checkpoint
 from storage.features import write_features
 from storage.fewshot import DATASET_SPECS, SplitIndex, list_split, load_images
 
@@ -110,16 +110,38 @@ def pretrain_backbone(
     return out_path
 
 
-def load_backbone(backbone: str, dataset: str, checkpoint: Path, device="cpu") -> torch.nn.Module:
+def _mismatch(net: torch.nn.Module, state: dict) -> str | None:
+    """What keeps ``state`` from loading into ``net`` strictly, or None when it fits."""
+    own = net.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        return f"{len(missing)} missing keys, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}"
+    return next((f"{k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}" for k, v in state.items()
+                 if tuple(v.shape) != tuple(own[k].shape)), None)
+
+
+def backbone_from_state(state: dict, backbone: str, dataset: str, source: str) -> torch.nn.Module:
+    """``backbone`` for images of ``dataset`` with ``state`` loaded (eval mode), or a
+    ValueError naming ``source``, what does not fit and which backbone the keys fit instead."""
     spec = DATASET_SPECS[dataset]
-    net = build_backbone(backbone, spec.image_size, in_channels=spec.channels)
-    state = load_state_dict(Path(checkpoint))
-    try:
+
+    def build(name: str) -> torch.nn.Module:
+        return build_backbone(name, spec.image_size, in_channels=spec.channels)
+
+    net = build(backbone)
+    what = _mismatch(net, state)
+    if what is None:
         net.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise ValueError(f"{checkpoint}: not a {backbone} state dict for {dataset} ({first})") from None
-    return net.to(device).eval()
+        return net.eval()
+    fits = [name for name in BACKBONE_NAMES if name != backbone and _mismatch(build(name), state) is None]
+    hint = f"the keys fit {fits[0]}: set backbone={fits[0]}" if fits else \
+        f"the keys fit none of {', '.join(BACKBONE_NAMES)} for {dataset} images"
+    raise ValueError(f"{source}: not a {backbone} state dict for {dataset} ({what}); {hint}")
+
+
+def load_backbone(backbone: str, dataset: str, checkpoint: Path, device="cpu") -> torch.nn.Module:
+    """The backbone with the state dict at ``checkpoint`` (SIB / SSR key names), eval mode."""
+    return backbone_from_state(load_state_dict(Path(checkpoint)), backbone, dataset, str(checkpoint)).to(device)
 
 
 @torch.no_grad()
@@ -173,14 +195,18 @@ def spec_name(dataset: str) -> str:
 
 @task(name="backbone", cache_policy=CACHE, persist_result=True)
 def get_backbone(params: FewShotParams | RetrievalParams, data_root: str, work_dir: str) -> Backbone:
-    """A released checkpoint when given (checked against the architecture), else pretrain
-    on ``<data_root>/train`` into ``work_dir``."""
+    """A released checkpoint when given (checked against the architecture; ``"released"``:
+    the authors' file for the dataset and backbone under ``<data_root>/../backbones``), else
+    pretrain on ``<data_root>/train`` into ``work_dir``."""
     logger = get_run_logger()
     spec = spec_name(params.dataset)
     if params.backbone_checkpoint:
-        load_backbone(params.backbone, spec, Path(params.backbone_checkpoint))
-        logger.info("backbone: using released checkpoint %s", params.backbone_checkpoint)
-        return Backbone(str(Path(params.backbone_checkpoint).resolve()), params.backbone, spec)
+        path = Path(params.backbone_checkpoint)
+        if params.backbone_checkpoint == "released":  # the authors' file for (dataset, backbone)
+            path = released_backbone(Path(data_root).parent / "backbones", spec, params.backbone)
+        load_backbone(params.backbone, spec, path)
+        logger.info("backbone: using released checkpoint %s", path)
+        return Backbone(str(path.resolve()), params.backbone, spec)
     batch_size, lr = getattr(params, "pretrain_batch_size", 64), getattr(params, "pretrain_lr", 0.1)
     recipe = short_hash([str(Path(data_root).resolve()), params.pretrain_epochs, batch_size, lr, params.seed])
     out = Path(work_dir) / f"{spec}-{params.backbone}-{recipe}.pt"

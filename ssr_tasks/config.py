@@ -32,42 +32,67 @@ class _Params(BaseModel):
 
 
 class FewShotParams(_Params):
-    """Transductive few-shot reproduction (SSR_METHOD.md sections 3 and 5)."""
+    """Transductive few-shot reproduction (SSR_METHOD.md sections 3 and 5).
 
-    dataset: FewShotDataset = Field("glyphs", description="Built-in glyphs, or a real dataset under data_root")
-    data_root: str | None = Field(None, description="Folder with {train,val,test}/<class>/<image> (real datasets)")
-    val_episodes_json: str | None = Field(None, description="SIB fixed validation episodes (optional)")
-    glyphs_size: Literal["small", "default"] = "default"
-    data_seed: int = 0
-    backbone: BackboneName = "conv4-64"
-    backbone_checkpoint: str | None = Field(None, description="Released backbone state dict; pretrained when empty")
-    pretrain_epochs: int = Field(3, ge=1)
-    pretrain_batch_size: int = Field(64, ge=2)
-    pretrain_lr: PositiveFloat = 0.1
-    n_way: int = Field(5, ge=2)
-    n_shot_train: int = Field(1, ge=1)
-    n_query: int = Field(15, ge=1, description="Queries per class")
-    eval_shots: list[int] = Field(default_factory=lambda: [1, 5])
-    max_steps: int = Field(3, ge=1, le=8, description="Curriculum 1 -> ... -> max_steps refinement steps")
+    Every description ends with the paper's value; the ``paper-fewshot`` deployment sets
+    them all (deploy/prefect.yaml).
+    """
+
+    dataset: FewShotDataset = Field(
+        "glyphs", description="Built-in glyphs, or a real dataset under data_root (paper: cifar-fs, mini-imagenet, "
+        "tiered-imagenet)")
+    data_root: str | None = Field(
+        None, description="Folder with {train,val,test}/<class>/<image>, e.g. data/cifar-fs after `ssr data download` "
+        "(paper: the authors' layout)")
+    val_episodes_json: str | None = Field(
+        None, description="Fixed validation episodes (SIB JSON); empty: <data_root>/val1000Episode_<n_way>_way_"
+        "<n_shot_train>_shot_<n_query>_query.json when the folder holds it, else seeded episodes (paper: the "
+        "authors' 1,000 episodes)")
+    glyphs_size: Literal["small", "default"] = Field("default", description="Built-in dataset size (paper: not used)")
+    data_seed: int = Field(0, description="Seed of the built-in dataset (paper: not used)")
+    backbone: BackboneName = Field("conv4-64", description="Feature extractor (paper: conv4-64, resnet12, wrn-28-10)")
+    backbone_checkpoint: str | None = Field(
+        None, description="'released': the authors' backbone for dataset and backbone from `ssr data download "
+        "fewshot-backbones` (<data_root>/../backbones); a path: a state dict; empty: pretrained here on the base "
+        "classes (paper: released)")
+    released_checkpoint: str | None = Field(
+        None, description="The authors' netSSRBest.pth ({netFeat, SSR, nbStep}): no pretraining, no training; "
+        "backbone and SSR come from it and are evaluated (paper: their released models)")
+    train_augment: str = Field(
+        "none", pattern=r"^(none|online|views:[1-9][0-9]*)$",
+        description="Features of training episodes: none (extracted once, test transform), online (augmented images "
+        "through the frozen backbone every episode), views:N (N augmented views per image, extracted once) "
+        "(paper: online)")
+    pretrain_epochs: int = Field(3, ge=1, description="Backbone pretraining epochs (paper: released backbones)")
+    pretrain_batch_size: int = Field(64, ge=2, description="Pretraining batch size (paper: released backbones)")
+    pretrain_lr: PositiveFloat = Field(0.1, description="Pretraining learning rate (paper: released backbones)")
+    n_way: int = Field(5, ge=2, description="Classes per episode (paper: 5)")
+    n_shot_train: int = Field(1, ge=1, description="Shots of training and validation episodes (paper: 1)")
+    n_query: int = Field(15, ge=1, description="Queries per class (paper: 15)")
+    eval_shots: list[int] = Field(default_factory=lambda: [1, 5],
+                                  description="Shots of the test episodes, one table column each (paper: 1 and 5)")
+    max_steps: int = Field(3, ge=1, le=8, description="Curriculum 1 -> ... -> max_steps refinement steps (paper: 4)")
     hidden: int = Field(256, ge=4, description="DNI hidden width (paper: 4096; 256 keeps CPU runs short)")
     lr_dni_grid: list[PositiveFloat] = Field(
         default_factory=lambda: [0.01, 0.1],
-        description="DNI step sizes swept (paper, WRN features: 1e-3, 2e-3, 5e-3); the right scale depends on the features' norms")
-    iterations_first: int = Field(600, ge=1, description="Iterations at steps=1 (paper: 30,000)")
+        description="DNI step sizes swept; with released_checkpoint the first is the one it runs with; the right "
+        "scale depends on the features' norms (paper: 1e-3, 2e-3, 5e-3)")
+    iterations_first: int = Field(600, ge=1, description="Iterations at steps=1, lr x0.1 after a sixth (paper: 30,000)")
     iterations_next: int = Field(200, ge=1, description="Iterations per later step (paper: 10,000)")
-    lr_first: PositiveFloat = 0.1
-    lr_next: PositiveFloat = 0.01
-    batch_episodes: int = Field(4, ge=1)
-    val_every: int = Field(100, ge=1)
-    n_val_episodes: int = Field(300, ge=1)
-    n_test_episodes: int = Field(600, ge=1)
-    krecip_k1: list[int] = Field(default_factory=lambda: [10, 20, 30])
-    krecip_k2: list[int] = Field(default_factory=lambda: [5, 10, 15])
-    krecip_lambda: list[float] = Field(default_factory=lambda: [0.2, 0.5, 0.8])
-    n_eval_actors: int = Field(0, ge=0, description="0: one per free CPU (GPU when present)")
-    seed: int = 0
-    device: Device = "auto"
-    model_name: str = "ssr-fewshot"
+    lr_first: PositiveFloat = Field(0.1, description="SGD learning rate at steps=1 (paper: 0.1, x0.1 at 5,000)")
+    lr_next: PositiveFloat = Field(0.01, description="SGD learning rate of later steps (paper: 0.01)")
+    batch_episodes: int = Field(4, ge=1, description="Episodes per SGD iteration (paper: 1)")
+    val_every: int = Field(100, ge=1, description="Iterations between validations (paper: 1,000)")
+    n_val_episodes: int = Field(300, ge=1, description="Fixed validation episodes used (paper: 1,000)")
+    n_test_episodes: int = Field(600, ge=1, description="Random test episodes per shot count (paper: 2,000)")
+    krecip_k1: list[int] = Field(default_factory=lambda: [10, 20, 30], description="k-reciprocal k1 grid (paper: 10, 20, 30)")
+    krecip_k2: list[int] = Field(default_factory=lambda: [5, 10, 15], description="k-reciprocal k2 grid (paper: 5, 10, 15)")
+    krecip_lambda: list[float] = Field(default_factory=lambda: [0.2, 0.5, 0.8],
+                                       description="k-reciprocal lambda grid (paper: 0.2, 0.5, 0.8)")
+    n_eval_actors: int = Field(0, ge=0, description="0: one per free CPU (GPU when present) (paper: one GPU)")
+    seed: int = Field(0, description="Seed of episodes and initialisation (paper: 300)")
+    device: Device = Field("auto", description="auto: CUDA when Ray sees a GPU (paper: one GPU)")
+    model_name: str = Field("ssr-fewshot", description="Registered model name in MLflow (paper: not used)")
 
     @field_validator("eval_shots")
     @classmethod
@@ -90,70 +115,32 @@ class FewShotParams(_Params):
         return self
 
 
-RetrievalDataset = Literal["glyphs-retrieval", "roxford5k", "rparis6k"]
-
-
 class RetrievalParams(_Params):
     """Image retrieval reproduction (SSR_METHOD.md sections 4, 6 and 7)."""
 
-    dataset: RetrievalDataset = Field(
-        "glyphs-retrieval", description="Built-in glyphs, or a revisited test set (roxford5k, rparis6k) with SSR "
-        "trained on SfM-120k; those need data_root")
-    data_root: str | None = Field(
-        None, description="Folder with the authors' landmark pickles gl18_resnet101_{roxford5k,rparis6k,sfm120k}.pkl "
-        "(`ssr data download ssr-landmark-features`)")
+    dataset: Literal["glyphs-retrieval"] = "glyphs-retrieval"
     glyphs_size: Literal["small", "default"] = "default"
     data_seed: int = 0
-    backbone: BackboneName = Field("conv4-64", description="Glyphs only (the landmark features are given)")
+    backbone: BackboneName = "conv4-64"
     backbone_checkpoint: str | None = None
     pretrain_epochs: int = Field(3, ge=1, description="Same as the few-shot default, so both share one backbone")
-    k: int = Field(50, ge=2, description="Neighbours re-ranked per query (paper: 100)")
+    k: int = Field(50, ge=2, description="Neighbours re-ranked per query (paper: 100-300)")
     steps: int = Field(1, ge=1, le=8)
     hidden: int = Field(256, ge=4, description="DNI hidden width (paper: 1024)")
     lr_dni_grid: list[PositiveFloat] = Field(
         default_factory=lambda: [1e-3, 1e-2],
         description="DNI step sizes swept (paper, GeM features: 1e-4, 2e-4, 5e-4); the scale depends on the features")
-    sequence_length: int = Field(1000, ge=2, description="Items drawn uniformly, without replacement, per training sequence")
+    sequence_length: int = Field(1000, ge=2, description="Database items per training sequence")
     min_positives: int = Field(
-        2, ge=0, description="Keep sequences with more than this many positives in the top-k (paper, SfM-120k: 5). "
-        "Glyph default 2 (at least 3 positives, the value used so far): the built-in training clusters hold 5-6 renderings")
-    max_ap: float = Field(0.8, gt=0.0, le=1.0, description="Keep sequences whose initial top-k AP is below this (paper: 0.8)")
+        3, ge=1, description="Keep sequences with at least this many positives in the top-k (paper, SfM-120k: 6); "
+        "the built-in training clusters hold 5-6 renderings")
     iterations: int = Field(600, ge=1, description="Paper: 60,000")
-    val_every: int = Field(250, ge=1, description="Validation period; fresh sequences are drawn for each (paper: 1,000)")
-    batch_queries: int = Field(16, ge=1, description="Sequences per SGD step (paper: 1)")
+    val_every: int = Field(250, ge=1)
+    batch_queries: int = Field(16, ge=1)
     lr: PositiveFloat = 1e-3
-    holdout_fraction: float = Field(
-        0.05, gt=0.0, lt=1.0, description="Share of the training clusters held out for validation (seeded hash of the "
-        "cluster id); lr_dni, the checkpoint, QE's n and the k-reciprocal point are chosen on them")
-    holdout_seed: int = 0
-    n_val_queries: int = Field(70, ge=1, description="Held-out queries of the validation mAP")
-    qe_n_grid: list[int] = Field(default_factory=lambda: [1, 3, 5, 7, 9], description="Query expansion: top-n items tried")
-    krecip_pairs: list[tuple[int, int]] = Field(
-        default_factory=lambda: [(40, 20), (80, 40), (160, 80)], description="k-reciprocal (k1, k2) pairs tried")
-    krecip_lambda: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5], description="k-reciprocal lambdas tried")
     shard_size: int = Field(1000, ge=1)
     n_rerank_actors: int = Field(0, ge=0, description="0: one per free CPU (GPU when present)")
+    qe_n: int = Field(3, ge=1)
     seed: int = 0
     device: Device = "auto"
     model_name: str = "ssr-retrieval"
-
-    @field_validator("qe_n_grid")
-    @classmethod
-    def _qe_grid(cls, v: list[int]) -> list[int]:
-        if not v or any(n < 1 for n in v):
-            raise ValueError(f"qe_n_grid: expected a non-empty list of integers >= 1, got {v}")
-        return v
-
-    @field_validator("krecip_lambda")
-    @classmethod
-    def _krecip_lambda(cls, v: list[float]) -> list[float]:
-        if not v or any(not 0.0 <= x <= 1.0 for x in v):
-            raise ValueError(f"krecip_lambda: expected values in [0, 1], got {v}")
-        return v
-
-    @model_validator(mode="after")
-    def _real_dataset_needs_root(self) -> "RetrievalParams":
-        if self.dataset != "glyphs-retrieval" and not self.data_root:
-            raise ValueError(f"data_root: dataset {self.dataset!r} needs data_root, the folder of the landmark pickles "
-                             "(run `ssr data download ssr-landmark-features`)")
-        return self

@@ -1,7 +1,7 @@
 """Typed results the few-shot steps hand each other (paths and scalars, never tensors)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +9,7 @@ import numpy as np
 from ssr_model import FewShotSSR
 from ssr_tasks.fewshot.episodes import EpisodeIndices
 from ssr_tasks.fewshot.train import TrainConfig
-from ssr_tasks.handoffs import Trials
+from ssr_tasks.handoffs import Backbone, Trials
 from ssr_tasks.weights import load_weights
 
 
@@ -19,6 +19,23 @@ class FewShotData:
 
     root: str
     val_episodes_json: str | None
+
+
+@dataclass(frozen=True)
+class TrainingFeatures:
+    """Where SSR training takes episode features from (``train_augment``): ``mode`` "none"
+    (the features table), "views" (the table at ``views_path``) or "online" (the images
+    under ``data_root`` through ``backbone``)."""
+
+    mode: str
+    data_root: str
+    backbone: Backbone
+    views_path: str | None = None
+
+    def as_inputs(self) -> dict[str, str]:
+        """The string inputs a Ray trial reads (``ssr_tasks.fewshot.ray_jobs.fewshot_trial``)."""
+        return {"augment": self.mode, "views": self.views_path or "", "data_root": self.data_root,
+                "backbone": self.backbone.name, "backbone_path": self.backbone.path, "spec": self.backbone.spec}
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,23 @@ class FewShotModel:
         load_weights(model, self.weights, f"FewShotSSR(feat_dim={c.feat_dim}, n_way={c.n_way}, n_query={c.n_way * c.n_query}, "
                                           f"steps={self.steps}, lr_dni={c.lr_dni}, hidden={c.hidden})")
         return model.eval()
+
+
+@dataclass(frozen=True)
+class ReleasedModel:
+    """The authors' ``netSSRBest.pth`` (``source``) unpacked: its backbone, its SSR weights,
+    steps (``nbStep``) and DNI hidden width."""
+
+    source: str
+    backbone: Backbone
+    ssr_path: str
+    steps: int
+    hidden: int
+
+    def model(self, base: TrainConfig) -> FewShotModel:
+        """The model to evaluate: ``base`` (feat_dim, episode shape, lr_dni) with the released
+        hidden width and steps."""
+        return FewShotModel(self.ssr_path, replace(base, hidden=self.hidden, max_steps=self.steps), self.steps)
 
 
 @dataclass(frozen=True)

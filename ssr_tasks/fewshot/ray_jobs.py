@@ -5,14 +5,16 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from ssr_tasks.fewshot.episodes import EpisodeIndices, load_split
 from ssr_tasks.fewshot.evaluate import EpisodeScores, FewShotEvaluator
 from ssr_tasks.fewshot.handoffs import FewShotModel, FewShotTrial, KReciprocal
+from ssr_tasks.backbone import load_backbone
 from ssr_tasks.fewshot.train import TrainConfig, train_curriculum
+from ssr_tasks.fewshot.train_features import TrainAugment, training_source
 from ssr_tasks.ray_grid import SUMMARY, run_grid, trial_dir
 from ssr_tasks.services import pool_size
 from storage.atomic import atomic_write_text
@@ -27,6 +29,12 @@ def fewshot_trial(config: dict) -> None:
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     cfg = TrainConfig(**{**config["train"], "lr_dni": float(config["lr_dni"])})
     train = load_split(Path(config["features"]), "train")
+    augment = TrainAugment.parse(config.get("augment", "none"))
+    net = None
+    if augment.mode == "online":
+        net = load_backbone(config["backbone"], config["spec"], Path(config["backbone_path"]), config["device"])
+    source = training_source(augment, train, cfg.seed, views_path=config.get("views") or None, net=net,
+                             data_root=config.get("data_root"), dataset=config.get("spec"), device=config["device"])
     val = load_split(Path(config["features"]), "val")
     val_eps = EpisodeIndices.load(Path(config["val_episodes"]))
     out = trial_dir(Path(config["ckpt_root"]), cfg.lr_dni)
@@ -36,17 +44,22 @@ def fewshot_trial(config: dict) -> None:
         done = row["iteration"] + (0 if row["steps"] == 1 else cfg.iterations_first + (row["steps"] - 2) * cfg.iterations_next)
         tune.report({**row, "progress": done / total})
 
-    summary = train_curriculum(cfg, train, val, val_eps, out, device=config["device"], report=report)
+    summary = train_curriculum(cfg, source, val, val_eps, out, device=config["device"], report=report)
     atomic_write_text(out / SUMMARY, json.dumps(summary))
     tune.report({"best_val_acc": summary["best_val"], "best_steps": summary["best_steps"], "done": 1, "progress": 1.0})
 
 
 def run_trials(base: TrainConfig, lr_grid: Sequence[float], features: Path, val_episodes: Path, ckpt_root: Path,
                storage_path: Path, device: str = "cpu", max_failures: int = 2,
-               progress: Callable[[float], None] | None = None) -> list[FewShotTrial]:
-    """One trial per lr_dni in parallel (``ssr_tasks.ray_grid.run_grid``); their results, in grid order."""
-    done = run_grid(fewshot_trial, "fewshot-ssr", base, list(lr_grid), {"features": str(features), "val_episodes": str(val_episodes)},
-                    ckpt_root, storage_path, device, max_failures, progress)
+               progress: Callable[[float], None] | None = None,
+               training: Mapping[str, str] | None = None) -> list[FewShotTrial]:
+    """One trial per lr_dni in parallel (``ssr_tasks.ray_grid.run_grid``); their results, in grid order.
+
+    training: where episode features come from (``TrainingFeatures.as_inputs()``; default:
+    the features table)."""
+    inputs = {"features": str(features), "val_episodes": str(val_episodes), **(training or {})}
+    done = run_grid(fewshot_trial, "fewshot-ssr", base, list(lr_grid), inputs, ckpt_root, storage_path, device,
+                    max_failures, progress)
     return [FewShotTrial.from_summary(replace(base, lr_dni=lr), summary) for lr, summary in done]
 
 

@@ -10,17 +10,21 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from ssr_tasks.backbone import extract_features as extract_features_to
-from ssr_tasks.backbone import spec_name
+from ssr_tasks.backbone import load_backbone, spec_name
 from ssr_tasks.config import FewShotParams
 from ssr_tasks.device import cluster_device, local_device
 from ssr_tasks.fewshot.episodes import episodes_from_json, load_split, sample_episodes
-from ssr_tasks.fewshot.handoffs import FewShotData, FewShotModel, FewShotTrials, KReciprocal, ShotResult, ValidationEpisodes
+from ssr_tasks.fewshot.handoffs import (FewShotData, FewShotModel, FewShotTrial, FewShotTrials, KReciprocal, ReleasedModel,
+                                        ShotResult, TrainingFeatures, ValidationEpisodes)
 from ssr_tasks.fewshot.ray_jobs import evaluate_with_pool, run_trials
+from ssr_tasks.fewshot.released import unpack_released
 from ssr_tasks.fewshot.train import TrainConfig
+from ssr_tasks.fewshot.train_features import TrainAugment, extract_views
 from ssr_tasks.handoffs import Backbone, Features, Trials
 from ssr_tasks.taskkit import CACHE, Progress, short_hash
 from storage.features import read_metadata
-from storage.fewshot import list_split
+from storage.checkpoints import file_sha256
+from storage.fewshot import find_val_episodes, list_split
 from storage.glyphs import prepare_glyphs
 
 
@@ -35,10 +39,27 @@ def prepare_data(params: FewShotParams, run_dir: str) -> FewShotData:
     else:
         root = Path(params.data_root).expanduser().resolve()
         val_json = Path(params.val_episodes_json) if params.val_episodes_json else None
+        if val_json is None:
+            val_json = find_val_episodes(root, params.n_way, params.n_shot_train, params.n_query)
+            if val_json is not None:
+                logger.info("validation: %s holds the authors' fixed episodes; validating on %s (set "
+                            "val_episodes_json to use others)", root.name, val_json.name)
     for split in ("train", "val", "test"):
         idx = list_split(root, split)
         logger.info("data: %s/%s has %d classes, %d images", root.name, split, len(idx.classes), len(idx.paths))
     return FewShotData(str(root), str(val_json) if val_json and val_json.exists() else None)
+
+
+@task(name="released-model", cache_policy=CACHE, persist_result=True)
+def released_model(params: FewShotParams, work_dir: str) -> ReleasedModel:
+    """The authors' netSSRBest.pth (``released_checkpoint``) checked and unpacked: backbone
+    and SSR weights; no pretraining and no training follow."""
+    released = unpack_released(params.released_checkpoint, params.backbone, spec_name(params.dataset), params.n_way,
+                               params.n_query, Path(work_dir))
+    get_run_logger().info("released model %s: %s backbone, SSR with %d steps, hidden %d, run with lr_dni=%g; "
+                          "skipping pretraining and training", released.source, params.backbone, released.steps,
+                          released.hidden, params.lr_dni_grid[0])
+    return released
 
 
 @task(name="extract-features", cache_policy=CACHE, persist_result=True, retries=1)
@@ -77,17 +98,44 @@ def train_config(params: FewShotParams, feat_dim: int) -> TrainConfig:
     )
 
 
+@task(name="training-features", cache_policy=CACHE, persist_result=True, retries=1)
+def training_features(params: FewShotParams, data: FewShotData, backbone: Backbone, work_dir: str) -> TrainingFeatures:
+    """Where training episodes take their features (``train_augment``); for ``views:N`` the
+    N augmented views of every training image are extracted here, once."""
+    augment = TrainAugment.parse(params.train_augment)
+    views = None
+    if augment.mode == "views":
+        out = Path(work_dir) / f"views-{short_hash([backbone.path, data.root, augment.n_views, params.seed])}.parquet"
+        get_run_logger().info("training features: %d augmented views of every training image into %s",
+                              augment.n_views, out.name)
+        net = load_backbone(backbone.name, backbone.spec, Path(backbone.path))
+        meta = {"dataset": backbone.spec, "backbone": backbone.name, "checkpoint_hash": file_sha256(Path(backbone.path))}
+        views = str(extract_views(Path(data.root), backbone.spec, net, augment.n_views, out, meta, seed=params.seed,
+                                  device=local_device(params.device)))
+    elif augment.mode == "online":
+        get_run_logger().info("training features: online, the training augmentation of %s through the frozen backbone "
+                              "every episode", backbone.spec)
+    return TrainingFeatures(augment.mode, data.root, backbone, views)
+
+
 @task(name="train-ssr", retries=1, retry_delay_seconds=5)
-def train_ssr(params: FewShotParams, features: Features, val: ValidationEpisodes, work_dir: str) -> FewShotTrials:
-    """Ray Tune grid over lr_dni; each trial runs the steps curriculum and checkpoints."""
+def train_ssr(params: FewShotParams, features: Features, val: ValidationEpisodes, work_dir: str,
+              training: TrainingFeatures | None = None) -> FewShotTrials:
+    """Ray Tune grid over lr_dni; each trial runs the steps curriculum and checkpoints.
+
+    training: where episodes take their features (``training_features``); None: the features table.
+    """
     base = train_config(params, features.dim)
-    root = Path(work_dir) / f"ssr-{short_hash({k: v for k, v in asdict(base).items() if k != 'lr_dni'})}"
-    get_run_logger().info("SSR: training %d trial(s) lr_dni=%s, steps 1..%d, checkpoints in %s",
-                          len(params.lr_dni_grid), params.lr_dni_grid, params.max_steps, root)
+    key = {k: v for k, v in asdict(base).items() if k != "lr_dni"}
+    if training is not None and training.mode != "none":  # augmented features train another model: other checkpoints
+        key["augment"] = training.as_inputs()
+    root = Path(work_dir) / f"ssr-{short_hash(key)}"
+    get_run_logger().info("SSR: training %d trial(s) lr_dni=%s, steps 1..%d, train_augment %s, checkpoints in %s",
+                          len(params.lr_dni_grid), params.lr_dni_grid, params.max_steps, params.train_augment, root)
     progress = Progress(f"train-{short_hash([features.path, str(root)])}", "SSR training (all trials)")
     trials = Trials(tuple(run_trials(base, params.lr_dni_grid, Path(features.path), Path(val.path), root / "trials",
-                                            Path(work_dir) / "ray_results", device=cluster_device(params.device),
-                                            progress=progress)))
+                                     Path(work_dir) / "ray_results", device=cluster_device(params.device),
+                                     progress=progress, training=training.as_inputs() if training else None)))
     best = trials.best
     get_run_logger().info("SSR: best trial lr_dni=%g steps=%d val acc %.2f%%", best.lr_dni, best.best_steps, 100 * best.best_val)
     return trials
@@ -117,3 +165,17 @@ def evaluate(params: FewShotParams, features: Features, model: FewShotModel, kre
                              device=cluster_device(params.device), progress=progress)
     return ShotResult(shot, tuple(res.baseline.tolist()), tuple(res.krecip[krecip].tolist()),
                       tuple(tuple(a.tolist()) for a in res.ssr_by_step))
+
+
+@task(name="validate-released", cache_policy=CACHE, persist_result=True)
+def released_trials(params: FewShotParams, features: Features, val: ValidationEpisodes,
+                    released: ReleasedModel) -> FewShotTrials:
+    """The released model as the only "trial": its accuracy on the validation episodes is
+    its score (the registry's champion rule compares it like a trained one)."""
+    model = released.model(train_config(params, features.dim))
+    res = evaluate_with_pool(Path(features.path), "val", val.load(), model, n_actors=params.n_eval_actors,
+                             device=cluster_device(params.device))
+    best_val = float(res.ssr_by_step[-1].mean())
+    get_run_logger().info("released model: validation acc %.2f%% (baseline %.2f%%)", 100 * best_val,
+                          100 * float(res.baseline.mean()))
+    return Trials((FewShotTrial(model.config, (), released.steps, best_val, released.ssr_path),))

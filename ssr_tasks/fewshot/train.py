@@ -19,6 +19,7 @@ import torch
 from ssr_model import FewShotSSR
 from ssr_model.losses import fewshot_cross_entropy
 from ssr_tasks.fewshot.episodes import EpisodeIndices, SplitFeatures, gather, sample_episodes
+from ssr_tasks.fewshot.train_features import EpisodeFeatures, TableFeatures
 from ssr_tasks.resume import LoopState, TrainingCheckpoint, finished, mark_finished
 from storage.checkpoints import load_state_dict, save_checkpoint
 
@@ -67,10 +68,14 @@ def evaluate(model: FewShotSSR, split: SplitFeatures, episodes: EpisodeIndices, 
     return np.concatenate(accs)
 
 
+def _source(train: SplitFeatures | EpisodeFeatures) -> EpisodeFeatures:
+    return TableFeatures(train) if isinstance(train, SplitFeatures) else train
+
+
 def train_stage(
     cfg: TrainConfig,
     steps: int,
-    train: SplitFeatures,
+    train: SplitFeatures | EpisodeFeatures,
     val: SplitFeatures,
     val_episodes: EpisodeIndices,
     stage_dir: Path,
@@ -78,7 +83,12 @@ def train_stage(
     device: torch.device,
     report: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Train one curriculum stage; returns {"steps", "best_val", "best_path", "history"}."""
+    """Train one curriculum stage; returns {"steps", "best_val", "best_path", "history"}.
+
+    train: the train split's features, or a source of episode features (``train_augment``,
+    ``ssr_tasks.fewshot.train_features``) whose ``split`` the episodes are drawn from.
+    """
+    train = _source(train)
     stage_dir.mkdir(parents=True, exist_ok=True)
     done = stage_dir / "done.json"
     summary = finished(done)
@@ -101,8 +111,9 @@ def train_stage(
             group["lr"] = lr * (0.1 if decay_at is not None and it >= decay_at else 1.0)
         model.train()
         # Episodes are a pure function of (seed, iteration): resume reproduces them exactly.
-        batch = sample_episodes(train, cfg.batch_episodes, cfg.n_way, cfg.n_shot, cfg.n_query, seed=episode_seed * 10_000_000 + it)
-        support, query, labels = gather(train, batch, device)
+        batch = sample_episodes(train.split, cfg.batch_episodes, cfg.n_way, cfg.n_shot, cfg.n_query,
+                                seed=episode_seed * 10_000_000 + it)
+        support, query, labels = train.gather(batch, episode_seed * 10_000_000 + it, device)
         loss = fewshot_cross_entropy(model(support, query), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -127,7 +138,7 @@ def train_stage(
 
 def train_curriculum(
     cfg: TrainConfig,
-    train: SplitFeatures,
+    train: SplitFeatures | EpisodeFeatures,
     val: SplitFeatures,
     val_episodes: EpisodeIndices,
     out_dir: Path,
