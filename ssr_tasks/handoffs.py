@@ -49,7 +49,7 @@ class Trials(Generic[TrialT]):
 
 @dataclass(frozen=True)
 class RegisteredModel:
-    """A model version in the MLflow registry, the aliases it took, and the run that logged it."""
+    """A model version in the MLflow registry, the aliases it took, the run that logged it and the logged model."""
 
     name: str
     version: int
@@ -57,6 +57,7 @@ class RegisteredModel:
     aliases: tuple[str, ...]
     run_id: str = ""
     tracking_uri: str = ""
+    model_id: str = ""  # the MLflow logged model (``models:/<model_id>``) the version points at
 
     def as_dict(self) -> dict:
         """The flow's output fields (aliases as a list, as before)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -30,18 +31,36 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def _mlflow_process_state() -> tuple:
+    """MLflow's process-wide URIs: the environment and, once MLflow is imported, its globals."""
+    env = tuple(os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"))
+    if "mlflow" not in sys.modules:
+        return env, None
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    return env, (tracking_utils._tracking_uri, registry_utils._registry_uri)
+
+
 @pytest.fixture(autouse=True)
-def _mlflow_uris_restored():
-    """``mlflow.set_tracking_uri`` / ``set_registry_uri`` (called by every Tracker) also write
-    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI into os.environ; put back what was there, so a
-    test's MLflow store never leaks into later tests or the services they start."""
-    old = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+def _mlflow_uris_not_leaked():
+    """The product never leaves MLflow URIs behind (``mlflow.set_tracking_uri`` writes
+    MLFLOW_TRACKING_URI into os.environ, so a Tracker that called it would point every later
+    pipeline of the process at its store): a test whose code changed them fails, and they
+    are put back so later tests still start clean. Tests set URIs with monkeypatch only."""
+    before = _mlflow_process_state()
     yield
-    for key, value in old.items():
+    after = _mlflow_process_state()
+    env_before, globals_before = before
+    for key, value in zip(("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"), env_before):
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+    leaked = after[0] != env_before or (globals_before is not None and after[1] != globals_before) \
+        or (globals_before is None and after[1] not in (None, (None, None)))
+    if leaked:
+        pytest.fail(f"MLflow process-wide URIs changed by the test: {before} -> {after}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,13 @@ from ssr_tasks.reporting import ResultsReport
 from ssr_tasks.tracking import Tracker
 
 
+MODEL_DESCRIPTION = (
+    "SSR transductive few-shot classifier (backbone + FewShotSSR). mlflow.pyfunc: "
+    '{"support": float32 (n_way, n_shot, D), "query": float32 (n, D)} features -> class ids (n,), any n >= 1; '
+    "mlflow.pytorch.load_model gives the nn.Module (predict, classify_images). Each version's description is its results table."
+)
+
+
 @task(name="report-fewshot")
 def write_report(params: FewShotParams, trials: FewShotTrials, krecip: KReciprocal, shots: Sequence[ShotResult],
                  out_dir: str) -> ResultsReport:
@@ -68,6 +75,8 @@ def log_and_register(tracker: Tracker, params: FewShotParams, trials: FewShotTri
         tags={"dataset": params.dataset, "backbone": params.backbone, "steps": str(best.best_steps),
               "val_metric_name": "val_acc_1shot"},
         val_metric=100 * best.best_val,
+        description=f"{params.dataset}, {params.backbone}: test accuracy (%, 95% CI)\n\n{report.markdown}",
+        model_description=MODEL_DESCRIPTION,
     )
     tracker.log_metrics({"registered_version": reg.version})
     return reg

@@ -25,6 +25,11 @@ from storage.landmarks import RevisitedGroundTruth, read_gnd
 
 log = logging.getLogger(__name__)
 
+MODEL_DESCRIPTION = (
+    "SSR re-ranker of retrieval neighbour lists (RetrievalSSR). mlflow.pyfunc: "
+    '{"query": float32 (B, D), "neighbours": float32 (B, k, D)} -> re-ranked positions (B, k), best first; '
+    "mlflow.pytorch.load_model gives the nn.Module (rerank). Each version's description is its results table."
+)
 COLUMNS = ["method", "mAP easy", "mAP medium", "mAP hard", "mP@10 medium", "mP@10 hard"]
 
 
@@ -114,4 +119,6 @@ def log_and_register(tracker: Tracker, params: RetrievalParams, trials: Retrieva
     return tracker.log_and_register(RetrievalReranker(best.model.build()), params.model_name,
                                     tags={"dataset": params.dataset, "backbone": backbone, "steps": str(params.steps),
                                           "k": str(params.k), "val_metric_name": "val_map"},
-                                    val_metric=100 * best.best_val)
+                                    val_metric=100 * best.best_val,
+                                    description=f"{params.dataset}: revisited mAP (%)\n\n{report.markdown}",
+                                    model_description=MODEL_DESCRIPTION)

@@ -1,6 +1,8 @@
 """The MLflow adapter against a real SQLite tracking store and registry."""
 from __future__ import annotations
 
+import os
+
 import mlflow
 import pytest
 import torch
@@ -50,10 +52,11 @@ def test_failed_registration_leaves_no_half_made_version(tracker, monkeypatch):
     assert tracker.client.search_model_versions("name='m2'") == []
 
 
-def test_registered_model_loads_back_and_classifies(tracker):
+def test_registered_model_loads_back_and_classifies(tracker, monkeypatch):
     model = _model()
     with tracker.run("a"):
         reg = tracker.log_and_register(model, "m3", {"dataset": "d", "backbone": "b"}, val_metric=1.0)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.uri)  # as a user points MLflow at the registry
     loaded = mlflow.pytorch.load_model("models:/m3@champion")
     support, query = torch.randn(2, 3, 8), torch.randn(4, 8)
     torch.testing.assert_close(loaded(support, query), model(support, query))
@@ -71,3 +74,17 @@ def test_helpers():
     assert redact_uri("sqlite:///a.db") == "sqlite:///a.db"
     assert flatten({"a": {"b": 1}, "c": [1, 2]}) == {"a.b": "1", "c": "[1, 2]"}
     assert metric_name("acc@1 shot") == "acc_1 shot"
+
+
+def test_two_stores_in_one_process_stay_apart(tmp_path):
+    """Two pipelines with different run folders in one process: each registers into its own
+    store, and no MLflow URI is left in the environment for the next one to inherit."""
+    env_before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    trackers = [Tracker("e", tmp_path / name, tracking_uri=f"sqlite:///{tmp_path / name / 'mlflow.db'}") for name in "ab"]
+    for i, tracker in enumerate(trackers):
+        with tracker.run(f"run {i}"):
+            tracker.log_and_register(_model(), f"m-{i}", {"dataset": "d", "backbone": "b"}, val_metric=1.0)
+        assert {k: os.environ.get(k) for k in env_before} == env_before
+    for i, tracker in enumerate(trackers):
+        assert [rm.name for rm in tracker.client.search_registered_models()] == [f"m-{i}"]
+        assert len(tracker.client.search_runs([tracker.experiment_id])) == 1
