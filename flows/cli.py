@@ -3,6 +3,7 @@
     ssr data prepare glyphs|download|import-landmarks ...   data sets (storage)
     ssr services start|stop                                   local Prefect server, worker, MLflow UI
     ssr run fewshot|retrieval [--preset NAME] [--set k=v]     run a pipeline in-process, no server needed
+    ssr rerank QUERIES DATABASE --model URI --out DIR         re-rank your own features with a registered model
     ssr models                                                registered models, versions and aliases
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from flows import local_services
-from ssr_tasks.config import FewShotParams, RetrievalParams
+from ssr_tasks.config import FewShotParams, RetrievalParams, default_run_dir
 from ssr_tasks.services import ServiceUnreachable, check_mlflow, check_tcp, mlflow_tracking_uri, redact_uri
 from ssr_tasks.tracking import registered_models
 from storage import cli as storage_cli
@@ -70,6 +71,15 @@ def cmd_run(args) -> int:
     if unreachable:
         print(f"ssr run: {unreachable}", file=sys.stderr)
         return 3
+    if args.pipeline == "retrieval" and params.dataset != "glyphs-retrieval":
+        # the authors' pickles are imported (once, cached) before the flow, so bad input is one line
+        from ssr_tasks.retrieval.tasks import import_landmark_data
+
+        try:
+            import_landmark_data(params, default_run_dir())
+        except (ValueError, OSError) as exc:  # storage errors are ValueErrors
+            print(f"ssr run: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+            return 2
     from flows.ssr_flow import ssr  # Prefect, torch and the pipelines load only for `ssr run`: the other commands stay quick
 
     result = ssr(pipeline=args.pipeline, **{args.pipeline: params})
@@ -91,6 +101,32 @@ def _unreachable_services() -> str | None:
     except ServiceUnreachable as exc:
         return str(exc)
     return None
+
+
+def cmd_rerank(args) -> int:
+    unreachable = _unreachable_services()
+    if unreachable:
+        print(f"ssr rerank: {unreachable}", file=sys.stderr)
+        return 3
+    from ssr_tasks.retrieval.user_rerank import rerank_features  # torch, Ray and MLflow load only for this command
+
+    try:
+        out = rerank_features(Path(args.queries), Path(args.database), args.model, Path(args.out), k=args.k,
+                              gnd=Path(args.gnd) if args.gnd else None, n_actors=args.actors, device=args.device,
+                              shard_size=args.shard_size)
+    except ServiceUnreachable as exc:
+        print(f"ssr rerank: {exc}", file=sys.stderr)
+        return 3
+    except (ValueError, OSError) as exc:  # bad input (storage errors are ValueErrors): one line, exit 2
+        print(f"ssr rerank: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+    print(f"top-K store: {out.topk} ({out.n_queries} queries, k={out.k})")
+    print(f"re-ranked store: {out.reranked}")
+    if out.map_before is not None:
+        print("mAP (%)    easy    medium  hard")
+        for label, maps in (("before", out.map_before), ("after", out.map_after)):
+            print(f"{label:<9} {maps['easy']:7.2f} {maps['medium']:7.2f} {maps['hard']:7.2f}")
+    return 0
 
 
 def cmd_services(args) -> int:
@@ -131,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="parameters of a deployment in deploy/prefect.yaml, e.g. reproduce-fewshot-tiny")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one parameter (JSON value)")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("rerank", help="re-rank your own features with a registered retrieval model (Ray actors)")
+    p.add_argument("queries", help="features table (Parquet) of the queries; `ssr data topk` input format")
+    p.add_argument("database", help="features table of the database")
+    p.add_argument("--model", required=True, help="registered model, e.g. models:/ssr-retrieval@champion")
+    p.add_argument("--out", required=True, help="output folder: topk/ (reused when complete) and reranked/")
+    p.add_argument("--k", type=int, default=None, help="neighbours per query; must be the model's k (default: the model's k)")
+    p.add_argument("--gnd", default=None, help="revisitop ground truth (JSON or pickle): print mAP E/M/H before and after")
+    p.add_argument("--actors", type=int, default=0, help="re-ranking actors (0: one per free CPU, or per GPU)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--shard-size", type=int, default=50_000, help="queries per shard (default: %(default)s)")
+    p.set_defaults(func=cmd_rerank)
     p = sub.add_parser("models", help="registered models, versions, tags and aliases")
     p.set_defaults(func=cmd_models)
     return parser
