@@ -7,11 +7,14 @@ named). They are frozen and are logged whole to MLflow.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
+
+from ssr_model.baselines import PEER_METHODS
 
 FewShotDataset = Literal["glyphs", "cifar-fs", "mini-imagenet", "tiered-imagenet"]
 BackboneName = Literal["conv4-64", "resnet12", "wrn-28-10"]
@@ -25,6 +28,25 @@ def default_run_dir() -> Path:
     for the README commands and for deployments, whose pull step sets the directory).
     """
     return Path(os.environ.get("SSR_HOME") or Path.cwd() / "runs").resolve()
+
+
+FEWSHOT_METHODS = ("baseline", "k-reciprocal", "ssr", *PEER_METHODS)
+
+
+def query_balance_alpha(value: str) -> float | None:
+    """None for "balanced", ALPHA for "dirichlet:ALPHA"; anything else, or ALPHA <= 0, is refused."""
+    if value == "balanced":
+        return None
+    head, _, tail = value.partition(":")
+    try:
+        alpha = float(tail) if head == "dirichlet" else math.nan
+    except ValueError:
+        alpha = math.nan
+    if math.isnan(alpha):
+        raise ValueError(f"query_balance: expected 'balanced' or 'dirichlet:ALPHA' (e.g. dirichlet:2), got {value!r}")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"query_balance: Dirichlet alpha must be a finite number > 0, got {value!r}")
+    return alpha
 
 
 class _Params(BaseModel):
@@ -85,6 +107,15 @@ class FewShotParams(_Params):
     val_every: int = Field(100, ge=1, description="Iterations between validations (paper: 1,000)")
     n_val_episodes: int = Field(300, ge=1, description="Fixed validation episodes used (paper: 1,000)")
     n_test_episodes: int = Field(600, ge=1, description="Random test episodes per shot count (paper: 2,000)")
+    methods: list[str] = Field(
+        default_factory=lambda: list(FEWSHOT_METHODS),
+        description="Rows of the results table, each with its ms and peak memory per episode: baseline, "
+        "k-reciprocal, ssr, and the peers simpleshot, bd-cspn, tim, pt-map, laplacianshot on the same features and "
+        "test episodes; SSR is trained and registered whatever the rows (paper: baseline, k-reciprocal, ssr)")
+    query_balance: str = Field(
+        "balanced", description="Test queries per class: balanced (n_query each) or dirichlet:ALPHA, the alpha-TIM "
+        "protocol: class counts of the n_way x n_query queries from Dirichlet(ALPHA), 2 their main setting "
+        "(paper: balanced)")
     krecip_k1: list[int] = Field(default_factory=lambda: [10, 20, 30], description="k-reciprocal k1 grid (paper: 10, 20, 30)")
     krecip_k2: list[int] = Field(default_factory=lambda: [5, 10, 15], description="k-reciprocal k2 grid (paper: 5, 10, 15)")
     krecip_lambda: list[float] = Field(default_factory=lambda: [0.2, 0.5, 0.8],
@@ -107,6 +138,39 @@ class FewShotParams(_Params):
         if not v or any(not 0.0 <= x <= 1.0 for x in v):
             raise ValueError(f"krecip_lambda: expected values in [0, 1], got {v}")
         return v
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in FEWSHOT_METHODS]
+        if unknown:
+            raise ValueError(f"methods: unknown method {unknown[0]!r} (known: {', '.join(FEWSHOT_METHODS)})")
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"methods: expected a non-empty list without repeats, got {v}")
+        return v
+
+    @field_validator("query_balance")
+    @classmethod
+    def _query_balance(cls, v: str) -> str:
+        query_balance_alpha(v)
+        return v
+
+    @property
+    def dirichlet_alpha(self) -> float | None:
+        """alpha of ``query_balance`` "dirichlet:ALPHA", None when balanced."""
+        return query_balance_alpha(self.query_balance)
+
+    @model_validator(mode="after")
+    def _methods_fit_the_episodes(self) -> "FewShotParams":
+        for name in self.methods:
+            if name in PEER_METHODS:
+                for shot in self.eval_shots:
+                    try:
+                        PEER_METHODS[name].check(self.n_way, shot, self.n_way * self.n_query)
+                    except ValueError as exc:
+                        raise ValueError(f"methods: {exc} ({self.n_way}-way {shot}-shot, {self.n_way * self.n_query} "
+                                         f"queries)") from None
+        return self
 
     @model_validator(mode="after")
     def _real_dataset_needs_root(self) -> "FewShotParams":

@@ -6,10 +6,11 @@ import io
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ssr_model.baselines import peer_method
 from ssr_model.metrics import accuracy_ci95
 
 
@@ -58,17 +59,78 @@ def fmt_ci(accs: np.ndarray) -> str:
     return f"{mean:.2f} ± {ci:.2f}"
 
 
-def fewshot_rows(per_shot: Mapping[int, Mapping[str, np.ndarray]], krecip_label: str, best_steps: int) -> list[dict]:
-    """Rows Baseline / k-reciprocal / SSR, one column per shot count."""
+def fewshot_rows(per_shot: Mapping[int, Mapping[str, np.ndarray]], krecip_label: str, best_steps: int,
+                 methods: Sequence[str] = ("baseline", "k-reciprocal", "ssr"),
+                 costs: Mapping[int, Mapping[str, tuple[float, float]]] | None = None,
+                 queries: str | None = None) -> list[dict]:
+    """Rows Baseline / k-reciprocal / SSR and the peers of ``methods`` (in that order), one
+    accuracy column per shot count.
+
+    methods: "baseline", "k-reciprocal", "ssr" and ``ssr_model.baselines.PEER_METHODS`` names;
+    costs: shot -> key (as in ``per_shot``, "ssr" for SSR) -> (ms per episode, peak MiB per
+    episode), adding the columns "<shot>-shot ms/episode" and "<shot>-shot peak MiB/episode";
+    queries: the query balance ("balanced", "dirichlet:ALPHA"), adding the column "queries".
+    """
     rows = []
-    names = [("Baseline (cosine to prototypes)", "baseline"), (f"k-reciprocal ({krecip_label})", "krecip"),
-             (f"SSR (steps={best_steps})", f"ssr_step{best_steps}")]
-    for label, key in names:
+    for name in methods:
+        label, key, cost_key = fewshot_method_row(name, krecip_label, best_steps)
         row = {"method": label}
+        if queries is not None:
+            row["queries"] = queries_label(queries)
         for shot, res in per_shot.items():
             row[f"{shot}-shot acc (%)"] = fmt_ci(res[key])
+            if costs is not None and cost_key in costs.get(shot, {}):
+                ms, mib = costs[shot][cost_key]
+                row[f"{shot}-shot ms/episode"] = f"{ms:.3g}"
+                row[f"{shot}-shot peak MiB/episode"] = f"{mib:.3g}"
         rows.append(row)
     return rows
+
+
+def fewshot_method_row(name: str, krecip_label: str, best_steps: int) -> tuple[str, str, str]:
+    """(table label, accuracy key, cost key) of a ``methods`` name."""
+    if name == "baseline":
+        return "Baseline (cosine to prototypes)", "baseline", "baseline"
+    if name == "k-reciprocal":
+        return f"k-reciprocal ({krecip_label})", "krecip", "krecip"
+    if name == "ssr":
+        return f"SSR (steps={best_steps})", f"ssr_step{best_steps}", "ssr"
+    key = name.replace("-", "_")
+    return peer_method(name).label, key, key
+
+
+def queries_label(query_balance: str) -> str:
+    """"balanced" or "Dirichlet α=ALPHA"."""
+    return "balanced" if query_balance == "balanced" else f"Dirichlet α={query_balance.partition(':')[2]}"
+
+
+def plot_accuracy_vs_cost(points: Sequence[tuple[str, int, np.ndarray, float]], title: str):
+    """Accuracy (mean with 95% CI bars) against ms per episode on a log axis.
+
+    points: (method label, shot, per-episode accuracies (fractions), ms per episode); one
+    colour per method, one marker per shot count.
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    labels = list(dict.fromkeys(p[0] for p in points))
+    shots = sorted({p[1] for p in points})
+    colours = plt.get_cmap("tab10")
+    markers = "os^Dv"
+    for label, shot, accs, ms in points:
+        mean, ci = accuracy_ci95(accs)
+        ax.errorbar([ms], [mean], yerr=[ci], fmt=markers[shots.index(shot) % len(markers)], capsize=3,
+                    color=colours(labels.index(label) % 10))
+    for i, label in enumerate(labels):
+        ax.plot([], [], "o", color=colours(i % 10), label=label)
+    for j, shot in enumerate(shots):
+        ax.plot([], [], markers[j % len(markers)], color="grey", label=f"{shot}-shot")
+    ax.set_xscale("log")
+    ax.set_xlabel("ms per episode (evaluation actor, log scale)")
+    ax.set_ylabel("accuracy (%), 95% interval")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig
 
 
 def _plt():

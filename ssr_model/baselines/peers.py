@@ -21,12 +21,15 @@ from .tim import tim_gd
 
 @dataclass(frozen=True)
 class PeerMethod:
-    """label: the results-table row; transductive: uses the query set; min_queries: per episode."""
+    """label: the results-table row; transductive: uses the query set; centres_on_base: its
+    features are centred on the base-class mean (``score``'s third argument, else unused);
+    min_queries: per episode."""
 
     name: str
     label: str
     transductive: bool
     score: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    centres_on_base: bool = False
     min_queries: int = 1
 
     def check(self, n_way: int, n_shot: int, n_query: int) -> None:
@@ -38,12 +41,13 @@ class PeerMethod:
 
 
 PEER_METHODS: dict[str, PeerMethod] = {m.name: m for m in (
-    PeerMethod("simpleshot", "SimpleShot (CL2N, nearest centroid)", False, lambda s, q, mean: simpleshot(s, q, mean)),
+    PeerMethod("simpleshot", "SimpleShot (CL2N, nearest centroid)", False, lambda s, q, mean: simpleshot(s, q, mean),
+               centres_on_base=True),
     PeerMethod("bd-cspn", "BD-CSPN (rectified prototypes)", True, lambda s, q, mean: bd_cspn(s, q)),
     PeerMethod("tim", "TIM-GD (1,000 Adam steps)", True, lambda s, q, mean: tim_gd(s, q)),
     PeerMethod("pt-map", "PT-MAP (power transform + Sinkhorn MAP)", True, lambda s, q, mean: pt_map(s, q)),
     PeerMethod("laplacianshot", "LaplacianShot (kNN=3, λ=0.7)", True,
-               lambda s, q, mean: laplacianshot(s, q, mean), min_queries=4),
+               lambda s, q, mean: laplacianshot(s, q, mean), centres_on_base=True, min_queries=4),
 )}
 
 

@@ -3,6 +3,8 @@
 A split's features are grouped by class; an episode is index arrays into that split:
 ``support_idx`` (n_way, n_shot) and ``query_idx`` (n_way, n_query). Queries are laid out
 class-major, so the query labels of an episode are ``repeat(arange(n_way), n_query)``.
+Imbalanced test episodes (``sample_dirichlet_episodes``) carry their query labels instead:
+``query_idx`` (n_query_total,) and ``query_labels`` (n_query_total,).
 """
 from __future__ import annotations
 
@@ -50,29 +52,36 @@ def load_split(features_path: Path, split: str, expected_dim: int | None = None)
 
 @dataclass(frozen=True)
 class EpisodeIndices:
-    """support (E, n_way, n_shot) and query (E, n_way, n_query) row indices of a split."""
+    """support (E, n_way, n_shot) and query (E, n_way, n_query) row indices of a split.
+
+    With ``query_labels`` (E, n_query_total), class indices 0..n_way-1, the query set has
+    any class counts and ``query`` is (E, n_query_total) (imbalanced test episodes).
+    """
 
     support: np.ndarray
     query: np.ndarray
+    query_labels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.support.shape[0])
 
     def chunk(self, start: int, stop: int) -> "EpisodeIndices":
-        return EpisodeIndices(self.support[start:stop], self.query[start:stop])
+        labels = None if self.query_labels is None else self.query_labels[start:stop]
+        return EpisodeIndices(self.support[start:stop], self.query[start:stop], labels)
 
     def save(self, path: Path) -> Path:
-        """Write as ``.npz`` (arrays ``support`` and ``query``), atomically."""
+        """Write as ``.npz`` (arrays ``support``, ``query`` and, if any, ``query_labels``), atomically."""
         path = Path(path)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, support=self.support, query=self.query)
+        extra = {} if self.query_labels is None else {"query_labels": self.query_labels}
+        np.savez(tmp, support=self.support, query=self.query, **extra)
         tmp.replace(path)
         return path
 
     @classmethod
     def load(cls, path: Path) -> "EpisodeIndices":
         with np.load(path) as arrays:
-            return cls(arrays["support"], arrays["query"])
+            return cls(arrays["support"], arrays["query"], arrays["query_labels"] if "query_labels" in arrays else None)
 
 
 def sample_episodes(split: SplitFeatures, n_episodes: int, n_way: int, n_shot: int, n_query: int, seed: int) -> EpisodeIndices:
@@ -95,6 +104,57 @@ def sample_episodes(split: SplitFeatures, n_episodes: int, n_way: int, n_shot: i
             pick = rng.choice(members[c], size=need, replace=False)
             support[e, w], query[e, w] = pick[:n_shot], pick[n_shot:]
     return EpisodeIndices(support, query)
+
+
+def dirichlet_counts(alpha: float, n_way: int, total: int, rng: np.random.Generator) -> np.ndarray:
+    """Query counts per class (n_way,) summing to ``total``: proportions from Dirichlet(alpha, ..., alpha)
+    (the alpha-TIM protocol), rounded by largest remainders so the total is exact."""
+    if not alpha > 0:
+        raise ValueError(f"query_balance: Dirichlet alpha must be > 0, got {alpha}")
+    share = rng.dirichlet(np.full(n_way, float(alpha))) * total
+    counts = np.floor(share).astype(np.int64)
+    counts[np.argsort(-(share - counts), kind="stable")[: total - int(counts.sum())]] += 1
+    return counts
+
+
+def sample_dirichlet_episodes(split: SplitFeatures, n_episodes: int, n_way: int, n_shot: int, n_query_total: int,
+                              alpha: float, seed: int) -> EpisodeIndices:
+    """Test episodes with imbalanced queries (alpha-TIM): per episode, class counts of the
+    ``n_query_total`` queries from ``dirichlet_counts``; deterministic for a seed.
+
+    A class's queries are drawn without replacement from its images left after the support;
+    when its count exceeds them (small classes, e.g. the built-in glyphs' 20 images), every
+    image is used and the rest are drawn again from them (repeated queries). Returns
+    ``EpisodeIndices`` with ``query`` (E, n_query_total) and ``query_labels``; queries are in
+    class order inside an episode.
+    """
+    members = split.class_members()
+    eligible = [c for c, m in enumerate(members) if len(m) > n_shot]
+    if len(eligible) < n_way:
+        raise ValueError(f"{split.source or 'features'}: split has {len(eligible)} classes with > {n_shot} images, "
+                         f"need n_way={n_way} for imbalanced episodes")
+    rng = np.random.default_rng(seed)
+    support = np.empty((n_episodes, n_way, n_shot), np.int64)
+    query = np.empty((n_episodes, n_query_total), np.int64)
+    labels = np.empty((n_episodes, n_query_total), np.int64)
+    for e in range(n_episodes):
+        counts = dirichlet_counts(alpha, n_way, n_query_total, rng)
+        classes = rng.choice(eligible, size=n_way, replace=False)
+        rows = []
+        for w, c in enumerate(classes):
+            pick = rng.permutation(members[c])
+            support[e, w], rest = pick[:n_shot], pick[n_shot:]
+            extra = rng.choice(rest, size=max(0, counts[w] - len(rest)), replace=True)
+            rows.append(np.concatenate([rest[: counts[w]], extra]))
+        query[e] = np.concatenate(rows)
+        labels[e] = np.repeat(np.arange(n_way), counts)
+    return EpisodeIndices(support, query, labels)
+
+
+def repeated_query_fraction(episodes: EpisodeIndices) -> float:
+    """Share of queries that repeat an earlier query of the same episode (0 for balanced episodes)."""
+    flat = episodes.query.reshape(len(episodes), -1)
+    return float(np.mean([1 - len(np.unique(row)) / len(row) for row in flat])) if len(flat) else 0.0
 
 
 def episodes_from_json(split: SplitFeatures, json_path: Path, limit: int | None = None) -> EpisodeIndices:
@@ -124,10 +184,14 @@ def episodes_from_json(split: SplitFeatures, json_path: Path, limit: int | None 
 
 
 def gather(split: SplitFeatures, episodes: EpisodeIndices, device: torch.device | str = "cpu"):
-    """Tensors for a batch: support (E, n_way, n_shot, D), query (E, n_way*n_query, D), labels (E, n_way*n_query)."""
+    """Tensors for a batch: support (E, n_way, n_shot, D), query (E, n_way*n_query, D), labels (E, n_way*n_query)
+    (with ``query_labels``: query (E, n_query_total, D) and those labels)."""
     emb = torch.from_numpy(split.embeddings)
-    E, W, Q = episodes.query.shape
     support = emb[torch.from_numpy(episodes.support)]
+    if episodes.query_labels is not None:
+        query = emb[torch.from_numpy(episodes.query)]
+        return support.to(device), query.to(device), torch.from_numpy(episodes.query_labels).to(device)
+    E, W, Q = episodes.query.shape
     query = emb[torch.from_numpy(episodes.query)].reshape(E, W * Q, -1)
     labels = torch.arange(W).repeat_interleave(Q).expand(E, W * Q)
     return support.to(device), query.to(device), labels.to(device)

@@ -147,20 +147,47 @@ class FewShotTrial:
 
 
 @dataclass(frozen=True)
+class MethodCostRow:
+    """Cost of one method on the test episodes, measured in the evaluation actors: key as in
+    ``ShotResult.accuracies`` ("ssr" for SSR: one call computes every step)."""
+
+    key: str
+    ms_per_episode: float
+    peak_mib_per_episode: float
+
+
+@dataclass(frozen=True)
 class ShotResult:
     """Per-episode test accuracies (fractions) at ``shot`` shots: Baseline, the chosen
-    k-reciprocal, and SSR after each refinement step (index 0: before refining)."""
+    k-reciprocal, and SSR after each refinement step (index 0: before refining); the peer
+    methods by name (``ssr_model.baselines.PEER_METHODS``); each method's cost; the query
+    balance of the episodes ("balanced" or "dirichlet:ALPHA") and the share of repeated
+    queries it needed (classes with fewer images than their Dirichlet count)."""
 
     shot: int
     baseline: tuple[float, ...]
     krecip: tuple[float, ...]
     ssr_by_step: tuple[tuple[float, ...], ...]
+    peers: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    cost: tuple[MethodCostRow, ...] = ()
+    query_balance: str = "balanced"
+    repeated_queries: float = 0.0
 
     def accuracies(self) -> dict[str, np.ndarray]:
-        """By method name as in tables and metric names: baseline, krecip, ssr_step<s>."""
+        """By method name as in tables and metric names: baseline, krecip, ssr_step<s>, then
+        the peers (``peer_key``: simpleshot, bd_cspn, tim, pt_map, laplacianshot)."""
         out = {"baseline": np.asarray(self.baseline), "krecip": np.asarray(self.krecip)}
         out.update({f"ssr_step{s}": np.asarray(a) for s, a in enumerate(self.ssr_by_step)})
+        out.update({peer_key(name): np.asarray(a) for name, a in self.peers})
         return out
+
+    def costs(self) -> dict[str, MethodCostRow]:
+        return {c.key: c for c in self.cost}
+
+
+def peer_key(name: str) -> str:
+    """Metric key of a peer method name (``bd-cspn`` -> ``bd_cspn``)."""
+    return name.replace("-", "_")
 
 
 FewShotTrials = Trials[FewShotTrial]  # the grid's trials; ``.best`` by validation score

@@ -74,8 +74,12 @@ def evaluate_with_pool(
     device: str = "cpu",
     chunk: int = 50,
     progress: Callable[[int, int], None] | None = None,
+    peers: Sequence[str] = (),
 ) -> EpisodeScores:
-    """Score episodes with a pool of Ray actors (model and features loaded once per actor, one GPU each on "cuda")."""
+    """Score episodes with a pool of Ray actors (model and features loaded once per actor, one GPU each on "cuda").
+
+    peers: peer methods (``ssr_model.baselines.PEER_METHODS`` names) scored on the same episodes;
+    every method's time and peak memory are measured in the actors."""
     import ray  # Ray is heavy and only needed where a pool runs
     from ray.util import ActorPool
 
@@ -86,7 +90,7 @@ def evaluate_with_pool(
     pool = ActorPool(actors)
     chunks = [episodes.chunk(s, s + chunk) for s in range(0, len(episodes), chunk)]
     results = []
-    for i, res in enumerate(pool.map(lambda a, c: a.evaluate.remote(c, list(krecip), with_ssr), chunks)):
+    for i, res in enumerate(pool.map(lambda a, c: a.evaluate.remote(c, list(krecip), with_ssr, list(peers)), chunks)):
         results.append(res)
         if progress is not None:
             progress(i + 1, len(chunks))

@@ -28,14 +28,24 @@ MODEL_DESCRIPTION = (
 @task(name="report-fewshot")
 def write_report(params: FewShotParams, trials: FewShotTrials, krecip: KReciprocal, shots: Sequence[ShotResult],
                  out_dir: str) -> ResultsReport:
-    """Results table (Baseline / k-reciprocal / SSR, one column per shot count) and plots."""
+    """Results table (the rows of ``params.methods``: Baseline / k-reciprocal / SSR / peers;
+    the query balance; per shot count accuracy, ms and peak MiB per episode) and plots."""
     best_steps = trials.best.best_steps
     per_shot = {r.shot: r.accuracies() for r in shots}
-    rows = reporting.fewshot_rows(per_shot, krecip.label, best_steps)
-    columns = ["method"] + [f"{s}-shot acc (%)" for s in params.eval_shots]
+    costs = {r.shot: {c.key: (c.ms_per_episode, c.peak_mib_per_episode) for c in r.cost} for r in shots}
+    rows = reporting.fewshot_rows(per_shot, krecip.label, best_steps, params.methods, costs, params.query_balance)
+    columns = ["method", "queries"] + [f"{s}-shot {what}" for s in params.eval_shots
+                                       for what in ("acc (%)", "ms/episode", "peak MiB/episode")]
+    points = []
+    for name in params.methods:
+        label, key, cost_key = reporting.fewshot_method_row(name, krecip.label, best_steps)
+        points += [(label, s, per_shot[s][key], costs[s][cost_key][0]) for s in per_shot if cost_key in costs[s]]
     figures = {
         "accuracy_by_step.png": reporting.plot_accuracy_by_step(per_shot, best_steps),
         "training_curves.png": reporting.plot_training_curves(trials.trials),
+        "accuracy_vs_cost.png": reporting.plot_accuracy_vs_cost(
+            points, f"{params.dataset}, {params.backbone}, {params.n_way}-way, queries "
+                    f"{reporting.queries_label(params.query_balance)}"),
     }
     return reporting.write_report(rows, columns, figures, Path(out_dir))
 
@@ -63,6 +73,10 @@ def log_and_register(tracker: Tracker, params: FewShotParams, trials: FewShotTri
             mean, ci = accuracy_ci95(accs)
             metrics[f"test_{res.shot}shot_{key}"] = mean
             metrics[f"test_{res.shot}shot_{key}_ci95"] = ci
+        for cost in res.cost:
+            metrics[f"test_{res.shot}shot_{cost.key}_ms_per_episode"] = cost.ms_per_episode
+            metrics[f"test_{res.shot}shot_{cost.key}_peak_mib_per_episode"] = cost.peak_mib_per_episode
+        metrics[f"test_{res.shot}shot_repeated_query_fraction"] = res.repeated_queries
     tracker.log_metrics(metrics)
     tracker.log_file(Path(report.csv), "results")
     tracker.log_file(Path(report.md), "results")

@@ -13,9 +13,12 @@ from ssr_tasks.backbone import extract_features as extract_features_to
 from ssr_tasks.backbone import load_backbone, spec_name
 from ssr_tasks.config import FewShotParams
 from ssr_tasks.device import cluster_device, local_device
-from ssr_tasks.fewshot.episodes import episodes_from_json, load_split, sample_episodes
-from ssr_tasks.fewshot.handoffs import (FewShotData, FewShotModel, FewShotTrial, FewShotTrials, KReciprocal, ReleasedModel,
-                                        ShotResult, TrainingFeatures, ValidationEpisodes)
+from ssr_model.baselines import PEER_METHODS
+from ssr_tasks.fewshot.episodes import (episodes_from_json, load_split, repeated_query_fraction, sample_dirichlet_episodes,
+                                        sample_episodes)
+from ssr_tasks.fewshot.evaluate import krecip_key
+from ssr_tasks.fewshot.handoffs import (FewShotData, FewShotModel, FewShotTrial, FewShotTrials, KReciprocal, MethodCostRow,
+                                        ReleasedModel, ShotResult, TrainingFeatures, ValidationEpisodes, peer_key)
 from ssr_tasks.fewshot.ray_jobs import evaluate_with_pool, run_trials
 from ssr_tasks.fewshot.released import unpack_released
 from ssr_tasks.fewshot.train import TrainConfig
@@ -156,15 +159,33 @@ def choose_krecip(params: FewShotParams, features: Features, val: ValidationEpis
 
 @task(name="evaluate-fewshot", retries=1)
 def evaluate(params: FewShotParams, features: Features, model: FewShotModel, krecip: KReciprocal, shot: int) -> ShotResult:
-    """Test episodes of the novel classes scored by Ray actors; per-episode accuracies."""
+    """Test episodes of the novel classes scored by Ray actors; per-episode accuracies and costs.
+
+    Baseline, k-reciprocal and SSR are always scored; the peers of ``params.methods`` on the
+    same episodes. ``query_balance`` dirichlet:ALPHA draws the class counts of the queries.
+    """
     test = load_split(Path(features.path), "test")
-    eps = sample_episodes(test, params.n_test_episodes, params.n_way, shot, params.n_query, seed=20_000 + params.seed + shot)
-    progress = Progress(f"eval-{shot}shot-{short_hash([features.path, model.weights])}", f"Evaluation, {shot}-shot episodes")
-    get_run_logger().info("evaluation: %d test episodes, %d-way %d-shot", len(eps), params.n_way, shot)
+    seed = 20_000 + params.seed + shot
+    alpha = params.dirichlet_alpha
+    if alpha is None:
+        eps = sample_episodes(test, params.n_test_episodes, params.n_way, shot, params.n_query, seed=seed)
+    else:
+        eps = sample_dirichlet_episodes(test, params.n_test_episodes, params.n_way, shot, params.n_way * params.n_query,
+                                        alpha, seed=seed)
+    repeated = repeated_query_fraction(eps)
+    peers = [m for m in params.methods if m in PEER_METHODS]
+    progress = Progress(f"eval-{shot}shot-{short_hash([features.path, model.weights, peers, params.query_balance])}",
+                        f"Evaluation, {shot}-shot episodes")
+    get_run_logger().info("evaluation: %d test episodes, %d-way %d-shot, queries %s%s, peers: %s", len(eps), params.n_way,
+                          shot, params.query_balance, f" ({100 * repeated:.1f}% repeated)" if repeated else "",
+                          ", ".join(peers) or "none")
     res = evaluate_with_pool(Path(features.path), "test", eps, model, krecip=[krecip], n_actors=params.n_eval_actors,
-                             device=cluster_device(params.device), progress=progress)
+                             device=cluster_device(params.device), progress=progress, peers=peers)
+    keys = {"baseline": "baseline", krecip_key(krecip): "krecip", "ssr": "ssr", **{p: peer_key(p) for p in peers}}
+    cost = tuple(MethodCostRow(keys[k], c.ms_per_episode, c.peak_mib_per_episode) for k, c in res.cost.items())
     return ShotResult(shot, tuple(res.baseline.tolist()), tuple(res.krecip[krecip].tolist()),
-                      tuple(tuple(a.tolist()) for a in res.ssr_by_step))
+                      tuple(tuple(a.tolist()) for a in res.ssr_by_step),
+                      tuple((p, tuple(res.peers[p].tolist())) for p in peers), cost, params.query_balance, repeated)
 
 
 @task(name="validate-released", cache_policy=CACHE, persist_result=True)

@@ -84,10 +84,16 @@ def test_train_choose_evaluate_and_report(val, features, tiny_fewshot_params, pi
         assert len(res.ssr_by_step) == best.best_steps + 1
         assert all(0.0 <= a <= 1.0 for a in res.baseline)
 
+        assert [name for name, _ in res.peers] == [m for m in p.methods if m not in ("baseline", "k-reciprocal", "ssr")]
+        assert {c.key for c in res.cost} == {"baseline", "krecip", "ssr", "simpleshot", "bd_cspn", "tim", "pt_map",
+                                             "laplacianshot"} and all(c.ms_per_episode > 0 for c in res.cost)
+
     out = report.write_report.fn(p, trials, krecip, shots, str(pipeline_dir / "results"))
-    assert [r["method"][:3] for r in out.rows] == ["Bas", "k-r", "SSR"]
-    assert set(out.rows[0]) == {"method", "1-shot acc (%)", "2-shot acc (%)"}
-    assert "| method |" in out.markdown and {name for name, _ in out.figures} == {"accuracy_by_step.png", "training_curves.png"}
+    assert [r["method"][:3] for r in out.rows] == ["Bas", "k-r", "SSR", "Sim", "BD-", "TIM", "PT-", "Lap"]
+    assert set(out.rows[0]) == {"method", "queries"} | {f"{s}-shot {what}" for s in (1, 2)
+                                                        for what in ("acc (%)", "ms/episode", "peak MiB/episode")}
+    assert "| method |" in out.markdown and {name for name, _ in out.figures} == {"accuracy_by_step.png", "training_curves.png",
+                                                                                  "accuracy_vs_cost.png"}
     for _, path in out.figures:
         assert open(path, "rb").read(4) == b"\x89PNG"
 
