@@ -20,8 +20,7 @@ from ssr_model.retrieval import RetrievalSSR
 
 GOLDEN = Path(__file__).parent / "data" / "ssr_golden.npz"
 TOL = 1e-9
-FEWSHOT_CASES = [f"fewshot{i}" for i in range(4)]
-RETRIEVAL_CASES = [f"retrieval{i}" for i in range(3)]
+CASES = [f"fewshot{i}" for i in range(4)] + [f"retrieval{i}" for i in range(3)]
 
 
 @pytest.fixture(scope="module")
@@ -51,67 +50,54 @@ def assert_gradients(model: torch.nn.Module, loss: torch.Tensor, golden: dict[st
         )
 
 
-def fewshot_model(golden, case: str) -> FewShotSSR:
+def fewshot_case(golden, case: str):
+    """(model, the two inputs, loss of the output) of a few-shot case."""
     n_way, _, n_query, steps, feat_dim, hidden = golden[f"{case}/config"].tolist()
     model = FewShotSSR(
         feat_dim, n_way, n_query, steps, lr_dni=float(golden[f"{case}/lr_dni"]), hidden=hidden, dtype=torch.float64
     )
-    load_state(model, golden, case)
-    return model
+    inputs = tensor(golden, f"{case}/support"), tensor(golden, f"{case}/query")
+    labels = tensor(golden, f"{case}/labels")
+    return model, inputs, lambda scores: fewshot_cross_entropy(scores, labels)
 
 
-def retrieval_model(golden, case: str) -> RetrievalSSR:
+def retrieval_case(golden, case: str):
+    """(model, the two inputs, loss of the output) of a retrieval case."""
     k, steps, feat_dim, hidden = golden[f"{case}/config"].tolist()
     model = RetrievalSSR(feat_dim, k, steps, lr_dni=float(golden[f"{case}/lr_dni"]), hidden=hidden, dtype=torch.float64)
+    inputs = tensor(golden, f"{case}/query"), tensor(golden, f"{case}/database")
+    positives = tensor(golden, f"{case}/labels") > 0
+    return model, inputs, lambda sims: info_bce(sims, positives, model.scale_cls)
+
+
+def load_case(golden, case: str):
+    model, inputs, loss = (fewshot_case if case.startswith("fewshot") else retrieval_case)(golden, case)
     load_state(model, golden, case)
-    return model
+    return model, inputs, loss
 
 
-@pytest.mark.parametrize("case", FEWSHOT_CASES)
-def test_fewshot_eval_scores(golden, case):
-    model = fewshot_model(golden, case).eval()
-    support, query = tensor(golden, f"{case}/support"), tensor(golden, f"{case}/query")
+@pytest.mark.parametrize("case", CASES)
+def test_eval_outputs(golden, case):
+    """Eval mode with grad enabled, under no_grad, and in a batch of two copies."""
+    model, (first, second), _ = load_case(golden, case)
+    model.eval()
     expected = tensor(golden, f"{case}/scores")
-    torch.testing.assert_close(model(support, query), expected, rtol=0, atol=TOL)  # grad enabled
+    torch.testing.assert_close(model(first, second), expected, rtol=0, atol=TOL)
     with torch.no_grad():
-        torch.testing.assert_close(model(support, query), expected, rtol=0, atol=TOL)
-        batched = model(torch.stack([support, support]), torch.stack([query, query]))
+        torch.testing.assert_close(model(first, second), expected, rtol=0, atol=TOL)
+        batched = model(torch.stack([first, first]), torch.stack([second, second]))
     torch.testing.assert_close(batched, torch.stack([expected, expected]), rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("case", FEWSHOT_CASES)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("inputs_require_grad", [True, False], ids=["inputs-grad", "inputs-plain"])
-def test_fewshot_train_loss_and_gradients(golden, case, inputs_require_grad):
-    model = fewshot_model(golden, case).train()
-    support = tensor(golden, f"{case}/support").requires_grad_(inputs_require_grad)
-    query = tensor(golden, f"{case}/query").requires_grad_(inputs_require_grad)
-    scores = model(support, query)
-    torch.testing.assert_close(scores.detach(), tensor(golden, f"{case}/scores"), rtol=0, atol=TOL)
-    loss = fewshot_cross_entropy(scores, tensor(golden, f"{case}/labels"))
-    assert abs(loss.item() - float(golden[f"{case}/loss"])) < TOL
-    assert_gradients(model, loss, golden, case)
-
-
-@pytest.mark.parametrize("case", RETRIEVAL_CASES)
-def test_retrieval_eval_similarities(golden, case):
-    model = retrieval_model(golden, case).eval()
-    query, database = tensor(golden, f"{case}/query"), tensor(golden, f"{case}/database")
-    expected = tensor(golden, f"{case}/scores")
-    torch.testing.assert_close(model(query, database), expected, rtol=0, atol=TOL)
-    with torch.no_grad():
-        torch.testing.assert_close(model(query, database), expected, rtol=0, atol=TOL)
-        batched = model(torch.stack([query, query]), torch.stack([database, database]))
-    torch.testing.assert_close(batched, torch.stack([expected, expected]), rtol=0, atol=TOL)
-
-
-@pytest.mark.parametrize("case", RETRIEVAL_CASES)
-@pytest.mark.parametrize("inputs_require_grad", [True, False], ids=["inputs-grad", "inputs-plain"])
-def test_retrieval_train_loss_and_gradients(golden, case, inputs_require_grad):
-    model = retrieval_model(golden, case).train()
-    query = tensor(golden, f"{case}/query").requires_grad_(inputs_require_grad)
-    database = tensor(golden, f"{case}/database").requires_grad_(inputs_require_grad)
-    sims = model(query, database)
-    torch.testing.assert_close(sims.detach(), tensor(golden, f"{case}/scores"), rtol=0, atol=TOL)
-    loss = info_bce(sims, tensor(golden, f"{case}/labels") > 0, model.scale_cls)
+def test_train_loss_and_gradients(golden, case, inputs_require_grad):
+    """Train mode: outputs, the loss and the gradient of every parameter (the authors'
+    training code gives its features requires_grad; plain features must give the same)."""
+    model, (first, second), loss_of = load_case(golden, case)
+    model.train()
+    out = model(first.requires_grad_(inputs_require_grad), second.requires_grad_(inputs_require_grad))
+    torch.testing.assert_close(out.detach(), tensor(golden, f"{case}/scores"), rtol=0, atol=TOL)
+    loss = loss_of(out)
     assert abs(loss.item() - float(golden[f"{case}/loss"])) < TOL
     assert_gradients(model, loss, golden, case)
