@@ -31,7 +31,11 @@ def released_params(authors_cifar_fs):
 
 def test_released_checkpoint_scores_equal_the_model_built_by_hand(task_env, ray_local, authors_cifar_fs,
                                                                   released_params, tmp_path):
-    root, _, net_state, ssr_state = authors_cifar_fs
+    root, checkpoint, net_state, ssr_state = authors_cifar_fs
+    saved = torch.load(checkpoint, weights_only=True)  # the authors' key names (their networks.py and ssr.py)
+    assert set(saved) == {"SSR", "netFeat", "nbStep"} and saved["nbStep"] == 2
+    assert {"conv_blocks.0.layers.Conv.weight", "conv_blocks.3.layers.BatchNorm.running_var"} <= set(saved["netFeat"])
+    assert {"scale_cls", "dni_support.layer1.1.weight", "dni_query.layer3.bias"} <= set(saved["SSR"])
     p, work = released_params, str(tmp_path)
     data = tasks.prepare_data.fn(p, str(tmp_path))
     assert data.val_episodes_json == str(root.resolve() / "val1000Episode_5_way_1_shot_3_query.json")
