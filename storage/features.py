@@ -153,7 +153,8 @@ def _check_schema(path: Path, pf: pq.ParquetFile, expected_dim: int | None) -> t
     return dim, meta, "path" in names
 
 
-def _check_ids(path: Path, pf: pq.ParquetFile) -> None:
+def _check_ids(path: Path, pf: pq.ParquetFile) -> np.ndarray:
+    """The ``id`` column (N,) int64 in row order, checked: no missing value, no duplicate."""
     try:
         ids = pf.read(columns=["id"]).column("id")
     except (pa.ArrowException, OSError) as exc:
@@ -164,6 +165,7 @@ def _check_ids(path: Path, pf: pq.ParquetFile) -> None:
     uniq, counts = np.unique(arr, return_counts=True)
     if len(uniq) != len(arr):
         raise DataValueError(f"{path.name}: id {int(uniq[counts > 1][0])} is duplicated; ids must be unique")
+    return arr.astype(np.int64, copy=False)
 
 
 def _batch_to_table(path: Path, batch: pa.RecordBatch | pa.Table, dim: int, meta: dict[str, str],
@@ -297,6 +299,15 @@ def lookup_embeddings(path: str | os.PathLike, ids: np.ndarray, *,
         emb[order] = emb[order][first]
         found[order] = found[order][first]
     return emb, found
+
+
+def read_ids(path: str | os.PathLike) -> np.ndarray:
+    """The ids (N,) int64 of a features table in row order (validates the schema and the
+    ids; reads no embeddings)."""
+    path = Path(path)
+    pf = _open(path)
+    _check_schema(path, pf, None)
+    return _check_ids(path, pf)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

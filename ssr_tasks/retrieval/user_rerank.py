@@ -24,7 +24,7 @@ from ssr_tasks.retrieval.handoffs import RegisteredRetrievalModel
 from ssr_tasks.retrieval.rerank import rerank_store
 from ssr_tasks.services import init_ray, mlflow_tracking_uri
 from ssr_tasks.tracking import load_registered_model
-from storage.features import read_features, read_metadata
+from storage.features import read_ids, read_metadata
 from storage.landmarks import read_gnd
 from storage.simstore import SimilarityStore, build_topk_store_from_tables
 
@@ -86,11 +86,10 @@ def rerank_features(queries: Path, database: Path, model_uri: str, out: Path, k:
         raise ValueError(f"{queries}: embedding has dim {q_dim}, the model {model_uri} expects {model.feat_dim}")
     gt = None
     if gnd is not None:
-        db_ids = read_features(database).ids
+        q_ids, db_ids = read_ids(queries), read_ids(database)
         gt = read_gnd(gnd, n_db=len(db_ids))
-        n_q = len(read_features(queries).ids)
-        if len(gt.gnd) != n_q:
-            raise ValueError(f"{gnd}: gnd has {len(gt.gnd)} queries, but {queries.name} has {n_q} rows")
+        if len(gt.gnd) != len(q_ids):
+            raise ValueError(f"{gnd}: gnd has {len(gt.gnd)} queries, but {queries.name} has {len(q_ids)} rows")
     store = build_topk_store_from_tables(queries, database, out / "topk", k, shard_size=shard_size)
     init_ray()
     reranked = rerank_store(store.path, queries, database, out / "reranked", model, n_actors=n_actors,
@@ -98,7 +97,6 @@ def rerank_features(queries: Path, database: Path, model_uri: str, out: Path, k:
     result = RerankOutput(store.path, reranked, k, store.n_queries)
     if gt is None:
         return result
-    q_ids, db_ids = read_features(queries).ids, read_features(database).ids
     before = _maps(_store_ranks(store.path, q_ids, db_ids), gt.gnd)
     after = _maps(_store_ranks(reranked, q_ids, db_ids), gt.gnd)
     return RerankOutput(store.path, reranked, k, store.n_queries, before, after)

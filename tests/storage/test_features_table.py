@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage.errors import CorruptFileError, DataValueError, SchemaError, StorageError
-from storage.features import features_hash, iter_features, read_features, read_metadata, write_features
+from storage.features import features_hash, iter_features, read_features, read_ids, read_metadata, write_features
 
 META = {"dataset": "glyphs", "backbone": "conv4", "checkpoint_hash": "abc"}
 
@@ -163,3 +163,16 @@ def test_lookup_in_an_unsorted_table_and_bad_rows(tmp_path):
     pq.write_table(_raw_table(id=pa.array([0, 1, 1, 3], pa.int64())), tmp_path / "dup.parquet")
     with pytest.raises(DataValueError, match="dup.parquet: id 1 is duplicated"):
         lookup_embeddings(tmp_path / "dup.parquet", np.array([1, 3]))
+
+
+def test_read_ids_reads_the_id_column_in_row_order(tmp_path):
+    p = tmp_path / "f.parquet"
+    ids = np.array([7, 3, 1000, 5])
+    write_features(p, ids=ids, labels=[0] * 4, splits="database", embeddings=np.ones((4, 3)), metadata=META)
+    got = read_ids(p)
+    assert got.dtype == np.int64 and got.tolist() == [7, 3, 1000, 5]
+    pq.write_table(pa.table({"id": pa.array([1, 1], pa.int64()), "label": [0, 0], "split": ["a", "a"],
+                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array([0.0, 1.0], pa.float32()), 1)}),
+                   tmp_path / "dup.parquet")
+    with pytest.raises(DataValueError, match=r"dup\.parquet: id 1 is duplicated"):
+        read_ids(tmp_path / "dup.parquet")
