@@ -104,14 +104,17 @@ def queries_label(query_balance: str) -> str:
     return "balanced" if query_balance == "balanced" else f"Dirichlet α={query_balance.partition(':')[2]}"
 
 
-def plot_accuracy_vs_cost(points: Sequence[tuple[str, int, np.ndarray, float]], title: str):
+def plot_accuracy_vs_cost(points: Sequence[tuple[str, int, np.ndarray, float]], title: str, ax=None):
     """Accuracy (mean with 95% CI bars) against ms per episode on a log axis.
 
     points: (method label, shot, per-episode accuracies (fractions), ms per episode); one
-    colour per method, one marker per shot count.
+    colour per method, one marker per shot count. ax: draw into these axes (a panel of a
+    larger figure) instead of a new figure. Returns the figure.
     """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = ax.figure
     labels = list(dict.fromkeys(p[0] for p in points))
     shots = sorted({p[1] for p in points})
     colours = plt.get_cmap("tab10")

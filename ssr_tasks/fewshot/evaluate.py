@@ -46,7 +46,9 @@ def krecip_accuracy(support: torch.Tensor, query: torch.Tensor, labels: torch.Te
 @dataclass(frozen=True)
 class MethodCost:
     """What one method cost on some episodes: wall seconds of its calls (scores only, not
-    the gathering of features), and the largest peak-memory growth per episode of a call.
+    the gathering of features), the process's CPU seconds during them (less sensitive to
+    other load on the machine; above the wall time when a call uses several threads), and
+    the largest peak-memory growth per episode of a call.
 
     Peak memory: on CUDA the growth of ``torch.cuda.max_memory_allocated`` during the call;
     on CPU the growth of the process's peak RSS over its RSS before the call (Linux, the peak
@@ -57,10 +59,15 @@ class MethodCost:
     seconds: float
     n_episodes: int
     peak_bytes_per_episode: float
+    cpu_seconds: float = math.nan
 
     @property
     def ms_per_episode(self) -> float:
         return 1000 * self.seconds / max(1, self.n_episodes)
+
+    @property
+    def cpu_ms_per_episode(self) -> float:
+        return 1000 * self.cpu_seconds / max(1, self.n_episodes)
 
     @property
     def peak_mib_per_episode(self) -> float:
@@ -69,7 +76,7 @@ class MethodCost:
     @staticmethod
     def merge(costs: Sequence["MethodCost"]) -> "MethodCost":
         return MethodCost(sum(c.seconds for c in costs), sum(c.n_episodes for c in costs),
-                          max(c.peak_bytes_per_episode for c in costs))
+                          max(c.peak_bytes_per_episode for c in costs), sum(c.cpu_seconds for c in costs))
 
 
 def _proc_status_kib(field_name: str) -> float:
@@ -97,13 +104,13 @@ class measure_cost:
                 self.rss_before = _proc_status_kib("VmRSS")
             except OSError:
                 pass
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - self.start
+        seconds, cpu_seconds = time.perf_counter() - self.start, time.process_time() - self.cpu_start
         if self.device.type == "cuda":
             peak = float(torch.cuda.max_memory_allocated(self.device) - self.alloc_before)
         else:
@@ -111,7 +118,7 @@ class measure_cost:
                 peak = max(0.0, _proc_status_kib("VmHWM") - self.rss_before) * 1024
             except OSError:
                 peak = math.nan
-        self.cost = MethodCost(seconds, self.n_episodes, peak / max(1, self.n_episodes))
+        self.cost = MethodCost(seconds, self.n_episodes, peak / max(1, self.n_episodes), cpu_seconds)
 
 
 def krecip_key(params: KReciprocal) -> str:

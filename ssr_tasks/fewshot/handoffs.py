@@ -154,6 +154,7 @@ class MethodCostRow:
     key: str
     ms_per_episode: float
     peak_mib_per_episode: float
+    cpu_ms_per_episode: float = float("nan")
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,7 @@ def log_and_register(tracker: Tracker, params: FewShotParams, trials: FewShotTri
         for cost in res.cost:
             metrics[f"test_{res.shot}shot_{cost.key}_ms_per_episode"] = cost.ms_per_episode
             metrics[f"test_{res.shot}shot_{cost.key}_peak_mib_per_episode"] = cost.peak_mib_per_episode
+            metrics[f"test_{res.shot}shot_{cost.key}_cpu_ms_per_episode"] = cost.cpu_ms_per_episode
         metrics[f"test_{res.shot}shot_repeated_query_fraction"] = res.repeated_queries
     tracker.log_metrics(metrics)
     tracker.log_file(Path(report.csv), "results")

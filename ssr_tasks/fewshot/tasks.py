@@ -182,7 +182,8 @@ def evaluate(params: FewShotParams, features: Features, model: FewShotModel, kre
     res = evaluate_with_pool(Path(features.path), "test", eps, model, krecip=[krecip], n_actors=params.n_eval_actors,
                              device=cluster_device(params.device), progress=progress, peers=peers)
     keys = {"baseline": "baseline", krecip_key(krecip): "krecip", "ssr": "ssr", **{p: peer_key(p) for p in peers}}
-    cost = tuple(MethodCostRow(keys[k], c.ms_per_episode, c.peak_mib_per_episode) for k, c in res.cost.items())
+    cost = tuple(MethodCostRow(keys[k], c.ms_per_episode, c.peak_mib_per_episode, c.cpu_ms_per_episode)
+                 for k, c in res.cost.items())
     return ShotResult(shot, tuple(res.baseline.tolist()), tuple(res.krecip[krecip].tolist()),
                       tuple(tuple(a.tolist()) for a in res.ssr_by_step),
                       tuple((p, tuple(res.peers[p].tolist())) for p in peers), cost, params.query_balance, repeated)

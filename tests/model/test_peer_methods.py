@@ -141,3 +141,32 @@ def test_errors_name_the_method():
         peer_method("tim").check(5, 0, 75)
     with pytest.raises(ValueError, match="laplacianshot: needs more than knn=3"):
         laplacianshot(torch.rand(1, 2, 1, 4), torch.rand(1, 3, 4))
+
+
+def test_tim_closed_form_gradient_matches_autograd():
+    from ssr_model.baselines.tim import _terms, tim_gradient
+    from ssr_model.baselines.episode_features import support_one_hot
+
+    support, query, _ = toy_episodes(E=2, K=2, Q=15, D=8)
+    s, q = torch.nn.functional.normalize(support, dim=-1), torch.nn.functional.normalize(query, dim=-1)
+    x = torch.cat([s.reshape(2, 10, 8), q], 1).double()
+    one_hot = support_one_hot(s).double()
+    w = (s.mean(2) + 0.1 * torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(3))).double().requires_grad_(True)
+    _terms(w, x, one_hot, 15.0, (0.1, 1.0, 0.1))["loss"].sum().backward()
+    torch.testing.assert_close(tim_gradient(w.detach(), x, one_hot), w.grad, atol=1e-9, rtol=1e-7)
+
+
+def test_tim_gd_follows_torch_adam_on_the_autograd_loss():
+    from ssr_model.baselines.tim import _terms, tim_probs
+    from ssr_model.baselines.episode_features import support_one_hot
+
+    support, query, _ = toy_episodes(E=2, Q=15, D=8)
+    s, q = torch.nn.functional.normalize(support, dim=-1), torch.nn.functional.normalize(query, dim=-1)
+    x, one_hot = torch.cat([s.reshape(2, 5, 8), q], 1), support_one_hot(s)
+    w = s.mean(2).clone().requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=1e-2)  # a large lr so that 30 steps move far
+    for _ in range(30):
+        opt.zero_grad()
+        _terms(w, x, one_hot, 15.0, (0.1, 1.0, 0.1))["loss"].sum().backward()
+        opt.step()
+    torch.testing.assert_close(tim_gd(support, query, iterations=30, lr=1e-2), tim_probs(w.detach(), q), atol=1e-4, rtol=0)

@@ -72,7 +72,7 @@ def test_evaluator_scores_every_peer_with_its_cost(synthetic_features, balance):
     assert set(res.cost) == {"baseline", *PEER_METHODS}
     tim = res.cost["tim"]
     assert tim.n_episodes == 6 and tim.seconds == pytest.approx(chunks[0].cost["tim"].seconds + chunks[1].cost["tim"].seconds)
-    assert tim.ms_per_episode > res.cost["simpleshot"].ms_per_episode  # 1,000 Adam steps against one product
+    assert tim.cpu_ms_per_episode > res.cost["simpleshot"].cpu_ms_per_episode  # 1,000 Adam steps against one product
     assert all(math.isnan(c.peak_bytes_per_episode) or c.peak_bytes_per_episode >= 0 for c in res.cost.values())
     torch.testing.assert_close(ev.base_mean(), torch.from_numpy(load_split(synthetic_features, "train").embeddings.mean(0)))
 
@@ -119,4 +119,5 @@ def test_shot_result_keys_peers_and_costs_like_metrics():
                      "dirichlet:2", 0.1)
     assert list(res.accuracies()) == ["baseline", "krecip", "ssr_step0", "ssr_step1", "bd_cspn"]
     assert res.costs()["bd_cspn"].ms_per_episode == 2.0
-    assert MethodCost.merge([MethodCost(1.0, 2, 10.0), MethodCost(3.0, 2, 4.0)]) == MethodCost(4.0, 4, 10.0)
+    assert MethodCost.merge([MethodCost(1.0, 2, 10.0, 0.5), MethodCost(3.0, 2, 4.0, 1.5)]) == MethodCost(4.0, 4, 10.0, 2.0)
+    assert MethodCost(1.0, 4, 0.0, 0.5).cpu_ms_per_episode == 125.0
