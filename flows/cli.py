@@ -80,9 +80,15 @@ def cmd_run(args) -> int:
         except (ValueError, OSError) as exc:  # storage errors are ValueErrors
             print(f"ssr run: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
             return 2
+    from flows.failures import one_line, quiet_console_tracebacks
     from flows.ssr_flow import ssr  # Prefect, torch and the pipelines load only for `ssr run`: the other commands stay quick
 
-    result = ssr(pipeline=args.pipeline, **{args.pipeline: params})
+    quiet_console_tracebacks()
+    try:
+        result = ssr(pipeline=args.pipeline, **{args.pipeline: params})
+    except Exception as exc:  # one line here; the tracebacks are in the Prefect logs of the run
+        print(f"ssr run: {one_line(exc)} (traceback in the Prefect logs of the flow run)", file=sys.stderr)
+        return 1
     print(result["markdown"])
     print(f"registered model: {result['model_uri']} (aliases moved: {', '.join(result['aliases']) or 'none'})")
     return 0

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from prefect import flow, runtime
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from flows.common import prefect_tags
 from ssr_tasks.backbone import get_backbone
@@ -32,6 +32,9 @@ def fewshot_pipeline(params: FewShotParams = FewShotParams()) -> dict:
         results = report.write_report(params, trials, krecip, shots, str(run.results))
         registered = report.log_and_register(run.tracker, params, trials, krecip, shots, results, backbone, prefect_tags())
 
+        create_link_artifact(key="fewshot-mlflow-run", link=run.tracker.run_url(registered.run_id),
+                             link_text=f"MLflow run {registered.run_id} ({registered.model_uri})",
+                             description="The MLflow run of this flow run: metrics, plots, tables and the logged model")
         create_table_artifact(key="fewshot-results", table=list(results.rows),
                               description=f"Few-shot results ({params.dataset}, {params.backbone})")
         create_markdown_artifact(

@@ -74,6 +74,14 @@ def wait_http(url: str, timeout: float, what: str) -> None:
     raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f} s ({last})")
 
 
+def _pool_exists(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/work_pools/{POOL}", timeout=10) as resp:
+            return resp.status == 200
+    except OSError:  # HTTPError 404 included
+        return False
+
+
 def wait_pool_ready(api_url: str, timeout: float) -> None:
     """Return once the worker has polled, so deployments show Ready (not Not Ready) in the UI."""
     deadline = time.time() + timeout
@@ -95,7 +103,6 @@ def service_env(run_dir: Path) -> dict:
     env = dict(os.environ)
     env["PREFECT_API_URL"] = prefect_api_url()
     env.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "ssr_tasks,flows")
-    env["SSR_PROJECT_DIR"] = str(PROJECT_DIR)
     env["SSR_HOME"] = str(run_dir)
     env.setdefault("MLFLOW_TRACKING_URI", mlflow_tracking_uri(run_dir))
     return env
@@ -106,17 +113,23 @@ def start(run_dir: Path | None = None, worker: bool = True, mlflow_ui: bool = Tr
     run_dir = run_dir or default_run_dir()
     env = service_env(run_dir)
     addresses = {"prefect_api": env["PREFECT_API_URL"], "prefect_ui": env["PREFECT_API_URL"].removesuffix("/api")}
-    if not os.environ.get("PREFECT_API_URL"):
+    own_server = not os.environ.get("PREFECT_API_URL")
+    if own_server:
         server_env = {**env, "PREFECT_HOME": str(run_dir / "prefect"), "PREFECT_SERVER_API_HOST": HOST,
                       "PREFECT_SERVER_API_PORT": str(PREFECT_PORT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                       "PREFECT_UI_API_URL": env["PREFECT_API_URL"]}
         _spawn("prefect-server", [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(PREFECT_PORT)], run_dir, server_env)
     wait_http(env["PREFECT_API_URL"] + "/health", 120, "Prefect server")
-    subprocess.run([_bin("prefect"), "work-pool", "create", POOL, "--type", "process", "--overwrite"],
-                   env=env, check=True, capture_output=True, cwd=PROJECT_DIR)
-    if deploy:
+    # On a server this command did not start, pools and deployments belong to someone else:
+    # the pool is created only when missing, and deployments are left to `prefect deploy`.
+    if own_server or not _pool_exists(env["PREFECT_API_URL"]):
+        subprocess.run([_bin("prefect"), "work-pool", "create", POOL, "--type", "process"] + (["--overwrite"] if own_server else []),
+                       env=env, check=True, capture_output=True, cwd=PROJECT_DIR)
+    if deploy and own_server:
         subprocess.run([_bin("prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"],
                        env=env, check=True, capture_output=True, cwd=PROJECT_DIR)
+    elif deploy:
+        addresses["deployments"] = "not changed on this server (run `prefect deploy --all --prefect-file deploy/prefect.yaml`)"
     if worker:
         _spawn("prefect-worker", [_bin("prefect"), "worker", "start", "--pool", POOL, "--type", "process"], run_dir, env)
         wait_pool_ready(env["PREFECT_API_URL"], 120)

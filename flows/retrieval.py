@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from prefect import flow, runtime
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from flows.common import prefect_tags
 from ssr_tasks.backbone import get_backbone
@@ -27,6 +27,9 @@ def retrieval_pipeline(params: RetrievalParams = RetrievalParams()) -> dict:
         registered = report.log_and_register(run.tracker, params, trials, rankings.choice, results, prefect_tags())
         chosen = report.describe_choice(trials, rankings.choice)
 
+        create_link_artifact(key="retrieval-mlflow-run", link=run.tracker.run_url(registered.run_id),
+                             link_text=f"MLflow run {registered.run_id} ({registered.model_uri})",
+                             description="The MLflow run of this flow run: metrics, plots, tables and the logged model")
         create_table_artifact(key="retrieval-results", table=list(results.rows), description="Revisited mAP per method")
         create_markdown_artifact(key="retrieval-report", markdown=f"# SSR retrieval: {params.dataset}\n\n{results.markdown}\n"
                                  f"Chosen on validation (held-out training clusters): {chosen}\n\n"

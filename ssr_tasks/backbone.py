@@ -22,7 +22,7 @@ from ssr_tasks.config import FewShotParams, RetrievalParams
 from ssr_tasks.device import local_device
 from ssr_tasks.handoffs import Backbone
 from ssr_tasks.resume import LoopState, TrainingCheckpoint
-from ssr_tasks.taskkit import CACHE, Progress, short_hash
+from ssr_tasks.taskkit import Progress, cached, short_hash
 from storage.checkpoints import file_sha256, load_state_dict, released_backbone, save_checkpoint
 from storage.features import write_features
 from storage.fewshot import DATASET_SPECS, SplitIndex, list_split, load_images
@@ -193,7 +193,8 @@ def spec_name(dataset: str) -> str:
     return "glyphs" if dataset.startswith("glyphs") else dataset
 
 
-@task(name="backbone", cache_policy=CACHE, persist_result=True)
+@task(name="backbone", cache_policy=cached("dataset", "backbone", "backbone_checkpoint", "pretrain_epochs",
+                                          "pretrain_batch_size", "pretrain_lr", "seed"), persist_result=True)
 def get_backbone(params: FewShotParams | RetrievalParams, data_root: str, work_dir: str) -> Backbone:
     """A released checkpoint when given (checked against the architecture; ``"released"``:
     the authors' file for the dataset and backbone under ``<data_root>/../backbones``), else

@@ -1,11 +1,12 @@
 """What every Prefect task of the pipeline shares: the cache policy, short content hashes
 for file names, and the progress reporter.
 
-Tasks return file paths inside typed hand-offs (never tensors). Cache keys are the inputs
-plus the task source, with results persisted, so a rerun of a deployment reuses prepared
-data, backbones, features and finished trials; the plain functions are idempotent as well
-(they skip outputs that already exist), which also covers reruns whose Prefect cache was
-lost.
+Tasks return file paths inside typed hand-offs (never tensors). A cached task's key is its
+source, its non-parameter inputs and only the parameter fields it uses (``cached(...)``);
+the cache records live in the run folder (``<SSR_HOME>/prefect/cache-keys``), so they go
+when the run folder goes, and a cache hit can never hand back paths of a deleted run
+folder. The plain functions are idempotent as well (they skip outputs that already exist),
+which also covers reruns whose Prefect cache was lost.
 """
 from __future__ import annotations
 
@@ -13,11 +14,75 @@ import hashlib
 import json
 import sys
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-CACHE = INPUTS + TASK_SOURCE
+from ssr_tasks.config import default_run_dir
+
+
+@dataclass
+class RunFolderCache(CachePolicy):
+    """Key = task source + inputs, where a parameter group (pydantic model) counts only with
+    the fields in ``uses`` (all of them when ``uses`` is None); records under the run folder.
+
+    ``key_storage`` is read when a task runs, so it follows ``SSR_HOME`` of that run.
+    """
+
+    uses: tuple[str, ...] | None = None
+
+    @property  # type: ignore[override]
+    def key_storage(self) -> Path:
+        return default_run_dir() / "prefect" / "cache-keys"
+
+    @key_storage.setter
+    def key_storage(self, value: Any) -> None:  # the dataclass __init__ assigns None; the run folder decides
+        pass
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        if self.uses is not None:
+            inputs = {name: value.model_dump(mode="json", include=set(self.uses)) if isinstance(value, BaseModel) else value
+                      for name, value in (inputs or {}).items()}
+        return (INPUTS + TASK_SOURCE).compute_key(task_ctx, inputs, flow_parameters, **kwargs)
+
+
+def cached(*uses: str) -> RunFolderCache:
+    """The cache policy of a task that reads only the parameter fields ``uses``."""
+    return RunFolderCache(uses=tuple(uses))
+
+
+CACHE = RunFolderCache()  # every parameter field counts
+
+
+_DETERMINISTIC_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+_RAY_TRANSIENT = ("RayActorError", "ActorUnavailableError", "WorkerCrashedError", "NodeDiedError", "ObjectLostError",
+                  "OwnerDiedError", "GetTimeoutError")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors that a second try may not meet: I/O and network errors, a lost Ray actor,
+    worker, node or object. Bad data, bad parameters and bugs (ValueError, a missing file,
+    a task error raised inside Ray, ...) are deterministic."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError):
+        return not isinstance(exc, _DETERMINISTIC_OS_ERRORS)
+    if "ray" in sys.modules:  # a Ray error can only exist once Ray was imported
+        import ray.exceptions
+
+        return isinstance(exc, tuple(getattr(ray.exceptions, name) for name in _RAY_TRANSIENT))
+    return False
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """``retry_condition_fn`` of the tasks with retries: retry transient errors only."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return isinstance(exc, BaseException) and is_transient(exc)
 
 
 def short_hash(obj) -> str:

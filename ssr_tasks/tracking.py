@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -111,6 +112,26 @@ def model_signature(model: Any):
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.int64), out_shape)]))
 
 
+def forget_deleted_sqlite(uri: str) -> None:
+    """MLflow keeps one SQLAlchemy engine per database URI for the life of the process. When
+    the SQLite file was deleted meanwhile (the run folder removed between two runs of a
+    served flow or a test), that engine writes into the unlinked file and fails with
+    "readonly database": drop it, so the next store creates a new file."""
+    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
+        return
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.tracking._model_registry.registry import ModelRegistryStoreRegistry
+    from mlflow.tracking._tracking_service.registry import TrackingStoreRegistry
+
+    for store in (SqlAlchemyStore, RegistryStore):
+        engine = store._engine_map.pop(uri, None)
+        if engine is not None:
+            engine.dispose()
+    for registry in (TrackingStoreRegistry, ModelRegistryStoreRegistry):  # the stores built on those engines
+        registry._get_store_with_resolved_uri.cache_clear()
+
+
 class Tracker:
     """MLflow tracking for one pipeline (one experiment per task).
 
@@ -122,6 +143,7 @@ class Tracker:
     def __init__(self, experiment: str, run_dir: Path, tracking_uri: str | None = None):
         self.uri = tracking_uri or mlflow_tracking_uri(run_dir)
         check_mlflow(self.uri)
+        forget_deleted_sqlite(self.uri)
         mlflow = _mlflow()
         self.client = mlflow.MlflowClient(self.uri, self.uri)
         exp = self.client.get_experiment_by_name(experiment)
@@ -139,6 +161,16 @@ class Tracker:
     @property
     def safe_uri(self) -> str:
         return redact_uri(self.uri)
+
+    def run_url(self, run_id: str) -> str:
+        """The run's page in the MLflow UI: the tracking server itself, or the local UI of
+        ``ssr services start`` (127.0.0.1, ``SSR_MLFLOW_PORT``) over a SQLite store."""
+        parts = urllib.parse.urlsplit(self.uri)
+        if parts.scheme in ("http", "https"):
+            base = urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+        else:
+            base = f"http://127.0.0.1:{os.environ.get('SSR_MLFLOW_PORT', '5000')}"
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
 
     @property
     def run_id(self) -> str:

@@ -24,14 +24,16 @@ from ssr_tasks.fewshot.released import unpack_released
 from ssr_tasks.fewshot.train import TrainConfig
 from ssr_tasks.fewshot.train_features import TrainAugment, extract_views
 from ssr_tasks.handoffs import Backbone, Features, Trials
-from ssr_tasks.taskkit import CACHE, Progress, short_hash
+from ssr_tasks.taskkit import CACHE, Progress, cached, retry_transient, short_hash
 from storage.features import read_metadata
 from storage.checkpoints import file_sha256
 from storage.fewshot import find_val_episodes, list_split
 from storage.glyphs import prepare_glyphs
 
 
-@task(name="prepare-data", cache_policy=CACHE, persist_result=True, retries=1)
+@task(name="prepare-data", cache_policy=cached("dataset", "data_root", "val_episodes_json", "glyphs_size", "data_seed",
+                                                    "n_way", "n_shot_train", "n_query"), persist_result=True,
+      retries=1, retry_condition_fn=retry_transient)
 def prepare_data(params: FewShotParams, run_dir: str) -> FewShotData:
     """Built-in glyphs (rendered once per seed/size) or a real dataset root, checked."""
     logger = get_run_logger()
@@ -65,7 +67,8 @@ def released_model(params: FewShotParams, work_dir: str) -> ReleasedModel:
     return released
 
 
-@task(name="extract-features", cache_policy=CACHE, persist_result=True, retries=1)
+@task(name="extract-features", cache_policy=cached("dataset"), persist_result=True,
+      retries=1, retry_condition_fn=retry_transient)
 def extract_features(params: FewShotParams, data: FewShotData, backbone: Backbone, work_dir: str) -> Features:
     """Features of the train, val and test splits in one features table."""
     splits = ("train", "val", "test")
@@ -76,7 +79,7 @@ def extract_features(params: FewShotParams, data: FewShotData, backbone: Backbon
     return Features(str(path), int(read_metadata(path)["dim"]))
 
 
-@task(name="validation-episodes", cache_policy=CACHE, persist_result=True)
+@task(name="validation-episodes", cache_policy=cached("n_val_episodes", "n_way", "n_shot_train", "n_query", "seed"), persist_result=True)
 def validation_episodes(params: FewShotParams, features: Features, data: FewShotData, work_dir: str) -> ValidationEpisodes:
     """Fixed validation episodes as index arrays (.npz): the SIB JSON when present, else seeded."""
     val = load_split(Path(features.path), "val")
@@ -101,7 +104,8 @@ def train_config(params: FewShotParams, feat_dim: int) -> TrainConfig:
     )
 
 
-@task(name="training-features", cache_policy=CACHE, persist_result=True, retries=1)
+@task(name="training-features", cache_policy=cached("train_augment", "seed"), persist_result=True,
+      retries=1, retry_condition_fn=retry_transient)
 def training_features(params: FewShotParams, data: FewShotData, backbone: Backbone, work_dir: str) -> TrainingFeatures:
     """Where training episodes take their features (``train_augment``); for ``views:N`` the
     N augmented views of every training image are extracted here, once."""
@@ -121,7 +125,7 @@ def training_features(params: FewShotParams, data: FewShotData, backbone: Backbo
     return TrainingFeatures(augment.mode, data.root, backbone, views)
 
 
-@task(name="train-ssr", retries=1, retry_delay_seconds=5)
+@task(name="train-ssr", retries=1, retry_condition_fn=retry_transient, retry_delay_seconds=5)
 def train_ssr(params: FewShotParams, features: Features, val: ValidationEpisodes, work_dir: str,
               training: TrainingFeatures | None = None) -> FewShotTrials:
     """Ray Tune grid over lr_dni; each trial runs the steps curriculum and checkpoints.
@@ -144,7 +148,7 @@ def train_ssr(params: FewShotParams, features: Features, val: ValidationEpisodes
     return trials
 
 
-@task(name="choose-k-reciprocal", cache_policy=CACHE, persist_result=True)
+@task(name="choose-k-reciprocal", cache_policy=cached("krecip_k1", "krecip_k2", "krecip_lambda"), persist_result=True)
 def choose_krecip(params: FewShotParams, features: Features, val: ValidationEpisodes) -> KReciprocal:
     """The k-reciprocal grid evaluated on validation episodes only; returns the best setting."""
     grid = [KReciprocal(k1, k2, lam) for k1 in params.krecip_k1 for k2 in params.krecip_k2 for lam in params.krecip_lambda]
@@ -157,7 +161,7 @@ def choose_krecip(params: FewShotParams, features: Features, val: ValidationEpis
     return best
 
 
-@task(name="evaluate-fewshot", retries=1)
+@task(name="evaluate-fewshot", retries=1, retry_condition_fn=retry_transient)
 def evaluate(params: FewShotParams, features: Features, model: FewShotModel, krecip: KReciprocal, shot: int) -> ShotResult:
     """Test episodes of the novel classes scored by Ray actors; per-episode accuracies and costs.
 

@@ -22,7 +22,7 @@ from ssr_tasks.retrieval.handoffs import (MethodStore, Rankings, Reranked, Retri
 from ssr_tasks.retrieval.ray_jobs import run_trials
 from ssr_tasks.retrieval.rerank import rerank_store
 from ssr_tasks.retrieval.train import RetrievalTrainConfig, load_validation
-from ssr_tasks.taskkit import CACHE, Progress, short_hash
+from ssr_tasks.taskkit import CACHE, Progress, retry_transient, short_hash
 from storage.checkpoints import file_sha256
 from storage.features import read_features, read_metadata, write_features
 from storage.fewshot import DATASET_SPECS, SplitIndex, list_split
@@ -33,7 +33,8 @@ from storage.landmarks import read_gnd
 log = logging.getLogger(__name__)
 
 
-@task(name="prepare-retrieval-data", cache_policy=CACHE, persist_result=True, retries=1)
+@task(name="prepare-retrieval-data", cache_policy=CACHE, persist_result=True,
+      retries=1, retry_condition_fn=retry_transient)
 def prepare_data(params: RetrievalParams, run_dir: str) -> RetrievalData:
     """The test set and its training data: the built-in glyphs (images, ground truth, training
     clusters), or rOxford5k / rParis6k with SfM-120k from the authors' pickles (features
@@ -65,7 +66,8 @@ def import_landmark_data(params: RetrievalParams, run_dir: str | Path) -> Retrie
                          queries=str(test.query), train=str(train.table))
 
 
-@task(name="extract-retrieval-features", cache_policy=CACHE, persist_result=True, retries=1)
+@task(name="extract-retrieval-features", cache_policy=CACHE, persist_result=True,
+      retries=1, retry_condition_fn=retry_transient)
 def extract_features(params: RetrievalParams, data: RetrievalData, backbone: Backbone | None,
                      work_dir: str) -> RetrievalFeatures:
     """The test table: split 'database' (ids 0..N-1 in imlist order), 'query' (ids N..); and
@@ -134,7 +136,7 @@ def train_config(params: RetrievalParams, feat_dim: int) -> RetrievalTrainConfig
                                 n_val_queries=params.n_val_queries, seed=params.seed)
 
 
-@task(name="train-retrieval-ssr", retries=1, retry_delay_seconds=5)
+@task(name="train-retrieval-ssr", retries=1, retry_condition_fn=retry_transient, retry_delay_seconds=5)
 def train_ssr(params: RetrievalParams, features: RetrievalFeatures, work_dir: str) -> RetrievalTrials:
     """Ray Tune grid over lr_dni of SSR trained on retrieval sequences from the training clusters;
     the trial and its checkpoint with the best validation mAP (held-out clusters) win."""
@@ -188,7 +190,7 @@ def rank_methods(params: RetrievalParams, features: RetrievalFeatures, work_dir:
     return Rankings(str(ranks), str(database), tuple(out), choice)
 
 
-@task(name="rerank-store", retries=1)
+@task(name="rerank-store", retries=1, retry_condition_fn=retry_transient)
 def rerank(params: RetrievalParams, rankings: Rankings, method: MethodStore, model: RetrievalModel) -> Reranked:
     """Every shard of a method's top-K store re-ranked by SSR on a pool of Ray actors."""
     out = Path(method.topk).parent / f"reranked-{short_hash([model.weights])}"

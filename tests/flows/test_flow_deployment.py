@@ -1,6 +1,7 @@
 """Integration: a real Prefect server and process worker on 127.0.0.1, deployments from
-deploy/prefect.yaml, `prefect deployment run ssr/reproduce-fewshot-tiny --watch`, then the
-MLflow registry and the Prefect artifacts are checked."""
+deploy/prefect.yaml (registered without SSR_PROJECT_DIR: the pull step finds the project),
+`prefect deployment run ssr/reproduce-fewshot-tiny --watch`, then the MLflow registry and
+the Prefect artifacts are checked."""
 from __future__ import annotations
 
 import subprocess
@@ -40,5 +41,6 @@ def test_deployment_run_from_the_cli(services_env):
                                 "with get_client(sync_client=True) as c: print(sorted({a.key for a in c.read_artifacts()}))"],
                                env=env, capture_output=True, text=True, timeout=120)
         assert "fewshot-results" in check.stdout and "fewshot-report" in check.stdout, check.stdout + check.stderr
+        assert "fewshot-mlflow-run" in check.stdout, check.stdout  # a link artifact to the MLflow run
     finally:
         subprocess.run([ssr_bin, "services", "stop"], env=env, capture_output=True, timeout=120)

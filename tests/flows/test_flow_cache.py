@@ -1,0 +1,44 @@
+"""Prefect's task cache never hands back paths of a deleted run folder, and keys only on the
+parameter fields a task uses."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from ssr_tasks.config import FewShotParams
+from tests.flows.test_flow_pipelines import TINY_FEWSHOT
+
+
+@pytest.mark.slow
+def test_second_run_completes_after_the_run_folder_is_deleted(tmp_path, monkeypatch, ray_local, prefect_harness):
+    from flows.ssr_flow import ssr
+
+    home = tmp_path / "runs"
+    monkeypatch.setenv("SSR_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = FewShotParams(**{**TINY_FEWSHOT, "eval_shots": [1], "model_name": "ssr-cache"})
+    first = ssr(pipeline="fewshot", fewshot=params)
+    assert (home / "prefect" / "cache-keys").is_dir()  # the cache records live in the run folder
+    shutil.rmtree(home)
+    second = ssr(pipeline="fewshot", fewshot=params)  # nothing cached may point into the deleted folder
+    assert second["model_uri"] == "models:/ssr-cache/1"  # a new registry: the old one went with the folder
+    assert [r["method"] for r in second["results"]] == [r["method"] for r in first["results"]]
+
+
+def test_cache_key_counts_only_the_fields_a_task_uses():
+    from prefect.context import TaskRunContext  # noqa: F401  (the policy is called with a task context)
+
+    from ssr_tasks.backbone import get_backbone
+
+    policy = get_backbone.cache_policy
+    base = FewShotParams(**TINY_FEWSHOT)
+
+    class Ctx:  # what compute_key reads of a task run context: the task (for its source)
+        task = get_backbone
+
+    def key(params):
+        return policy.compute_key(Ctx(), {"params": params, "data_root": "/d", "work_dir": "/w"}, {})
+
+    assert key(base) == key(base.model_copy(update={"n_test_episodes": 7, "lr_dni_grid": [0.5]}))
+    assert key(base) != key(base.model_copy(update={"pretrain_epochs": 2}))
