@@ -121,7 +121,7 @@ def rerank_setup(work: Path, n: int, args) -> None:
     from storage.features import write_features
     from storage.simstore import SimilarityStore, build_topk_store
 
-    if (work / "topk" / "manifest.json").exists() and SimilarityStore(work / "topk").is_complete():
+    if (work / "topk" / "_manifest.json").exists() and SimilarityStore(work / "topk").is_complete():
         return
     rng = np.random.default_rng(0)
     db = unit_vectors(rng, args.database, args.dim)

@@ -97,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("topk", help="build (or resume) a top-K similarity store from features tables")
     p.add_argument("queries", help="features table (Parquet) of the queries")
     p.add_argument("database", help="features table of the database (may be the same file)")
-    p.add_argument("--out", required=True, help="store folder (Parquet shards + manifest.json)")
+    p.add_argument("--out", required=True, help="store folder (Parquet shards + _manifest.json)")
     p.add_argument("--k", type=int, default=100, help="neighbours per query (default: %(default)s)")
     p.add_argument("--query-split", default=None, help="only rows of this split as queries (e.g. query)")
     p.add_argument("--database-split", default=None, help="only rows of this split as database (e.g. database)")

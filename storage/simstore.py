@@ -1,10 +1,14 @@
-"""Top-k similarity store: a directory of Parquet shards plus ``manifest.json``.
+"""Top-k similarity store: a directory of Parquet shards plus ``_manifest.json``.
 
-Shard rows: ``query_id`` int64, ``neighbor_ids`` list<int64> (length K, best first),
-``scores`` list<float32> (length K). The manifest records K, the number of queries, the
-shard count and size, the hashes of the source features, the database id bound and, per
-shard, ``{file, first_row, n_rows, complete, sha256}``. Shard i holds query rows
-``[i * shard_size, min((i + 1) * shard_size, n_queries))``.
+Shard rows: ``query_id`` int64, ``neighbor_ids`` fixed_size_list<int64>[K] (best first),
+``scores`` fixed_size_list<float32>[K]; each shard's file metadata holds ``ssr.k``,
+``ssr.method``, ``ssr.format`` and ``ssr.version``. The manifest records K, the number of
+queries, the shard count and size, the hashes of the source features, the database id bound
+and, per shard, ``{file, first_row, n_rows, complete, sha256}``. Shard i holds query rows
+``[i * shard_size, min((i + 1) * shard_size, n_queries))``. The manifest's name starts with
+``_``, so the folder reads as one Parquet dataset (``pyarrow.dataset.dataset(store_dir)``,
+DuckDB ``read_parquet('store_dir/*.parquet')``). Stores of version 1 (``manifest.json``,
+variable-length lists) are still read; their manifest is renamed on open.
 
 Writers: ``write_shard`` may run in parallel processes (it only writes its own part
 file); ``mark_complete`` rewrites the manifest and belongs to one driver process.
@@ -32,9 +36,10 @@ from storage.features import features_hash, read_features
 from storage.hashing import file_sha256
 from storage.topk import TopkSearch, ivf_index, row_blocks, topk_search, train_ivf_centroids
 
-MANIFEST = "manifest.json"
+MANIFEST = "_manifest.json"
+LEGACY_MANIFEST = "manifest.json"  # version 1: pyarrow took it for a data file
 FORMAT = "ssr-topk-store"
-VERSION = 1
+VERSION = 2
 COLUMNS = ("query_id", "neighbor_ids", "scores")
 
 
@@ -56,14 +61,27 @@ class Shard:
         return len(self.query_ids)
 
 
-def _shard_table(query_ids: np.ndarray, neighbor_ids: np.ndarray, scores: np.ndarray) -> pa.Table:
+def shard_schema(k: int, method: str) -> pa.Schema:
+    """The Arrow schema of every shard of a store with K neighbours (file metadata included)."""
+    return pa.schema([("query_id", pa.int64()), ("neighbor_ids", pa.list_(pa.int64(), k)),
+                      ("scores", pa.list_(pa.float32(), k))],
+                     metadata={"ssr.k": str(k), "ssr.method": method, "ssr.format": FORMAT, "ssr.version": str(VERSION)})
+
+
+def _shard_table(query_ids: np.ndarray, neighbor_ids: np.ndarray, scores: np.ndarray, method: str) -> pa.Table:
     n, k = neighbor_ids.shape
-    offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
-    return pa.table({
-        "query_id": pa.array(query_ids, type=pa.int64()),
-        "neighbor_ids": pa.ListArray.from_arrays(offsets, pa.array(neighbor_ids.reshape(-1), type=pa.int64())),
-        "scores": pa.ListArray.from_arrays(offsets, pa.array(scores.reshape(-1), type=pa.float32())),
-    })
+    return pa.Table.from_arrays([
+        pa.array(query_ids, type=pa.int64()),
+        pa.FixedSizeListArray.from_arrays(pa.array(neighbor_ids.reshape(-1), type=pa.int64()), k),
+        pa.FixedSizeListArray.from_arrays(pa.array(scores.reshape(-1), type=pa.float32()), k),
+    ], schema=shard_schema(k, method))
+
+
+def _adopt_legacy_manifest(path: Path) -> None:
+    """A version-1 store keeps its manifest as ``manifest.json``: rename it (atomic)."""
+    legacy = path / LEGACY_MANIFEST
+    if legacy.is_file() and not (path / MANIFEST).exists():
+        os.replace(legacy, path / MANIFEST)
 
 
 class SimilarityStore:
@@ -74,6 +92,7 @@ class SimilarityStore:
 
     def __init__(self, path: str | os.PathLike, *, n_db: int | None = None) -> None:
         self.path = Path(path)
+        _adopt_legacy_manifest(self.path)
         self.manifest = self._load_manifest()
         self.n_db = n_db if n_db is not None else self.manifest.get("n_db")
 
@@ -122,6 +141,15 @@ class SimilarityStore:
 
     def _write_manifest(self) -> None:
         atomic_write_text(self._mpath(), json.dumps(self.manifest, indent=1, sort_keys=True))
+
+    @property
+    def method(self) -> str:
+        """What ranked the neighbours: the manifest's ``method``, else the source's method
+        (``+ SSR`` when re-ranked), else the top-k search."""
+        hashes = self.manifest["source_hashes"]
+        search = self.manifest.get("search", {}).get("method", "exact")
+        name = self.manifest.get("method") or hashes.get("method") or f"top-k {search}"
+        return f"{name} + SSR" if "reranked_by" in hashes else name
 
     @property
     def k(self) -> int:
@@ -200,7 +228,7 @@ class SimilarityStore:
                 raise SchemaError(f"{name}: {col} has shape {arr.shape}, expected ({n_rows}, {self.k}) (n_rows, K)")
         self._check_values(name, qids, nids, sc)
         with atomic_path(self.path / name) as tmp:
-            pq.write_table(_shard_table(qids, nids, sc), tmp)
+            pq.write_table(_shard_table(qids, nids, sc, self.method), tmp)
         return {"file": name, "first_row": first, "n_rows": n_rows, "complete": True,
                 "sha256": file_sha256(self.path / name)}
 
@@ -257,8 +285,12 @@ class SimilarityStore:
         arrays = {}
         for col, vtype in (("neighbor_ids", pa.int64()), ("scores", pa.float32())):
             c = table.column(col).combine_chunks()
-            if not (pa.types.is_list(c.type) or pa.types.is_large_list(c.type)) or c.type.value_type != vtype:
-                raise SchemaError(f"{path}: {col} has type {c.type}, expected list<{vtype}>")
+            if pa.types.is_fixed_size_list(c.type):  # version 2: every row has the list size
+                if c.type.list_size != k or c.type.value_type != vtype:
+                    raise SchemaError(f"{path}: {col} has type {c.type}, "
+                                      f"expected fixed_size_list<{vtype}>[{k}] (manifest K)")
+            elif not (pa.types.is_list(c.type) or pa.types.is_large_list(c.type)) or c.type.value_type != vtype:
+                raise SchemaError(f"{path}: {col} has type {c.type}, expected fixed_size_list<{vtype}>[{k}]")
             if c.null_count:
                 raise DataValueError(f"{path}: {col} has {c.null_count} missing rows")
             lengths = pc.list_value_length(c).to_numpy(zero_copy_only=False)
@@ -290,13 +322,15 @@ class SimilarityStore:
 
 def create_store(out_dir: str | os.PathLike, k: int, n_queries: int, n_shards: int, shard_size: int,
                  source_hashes: Mapping[str, str] | None = None, *, n_db: int | None = None,
-                 search: Mapping[str, Any] | None = None) -> SimilarityStore:
+                 search: Mapping[str, Any] | None = None, method: str | None = None) -> SimilarityStore:
     """Create an empty store (manifest with every shard incomplete), or reopen an existing
     one with the same parameters for resume. A different existing store is an error.
 
     search: how the neighbours were found (``TopkSearch.manifest_entry``); recorded in the
-    manifest and, when given, must match on resume."""
+    manifest and, when given, must match on resume. method: the ranking's name, recorded
+    in the manifest and in each shard's file metadata (default: see ``SimilarityStore.method``)."""
     out = Path(out_dir)
+    _adopt_legacy_manifest(out)
     hashes = {str(a): str(b) for a, b in (source_hashes or {}).items()}
     if k < 1 or shard_size < 1 or n_queries < 0:
         raise ValueError(f"{out}: k and shard_size must be >= 1 and n_queries >= 0 "
@@ -323,6 +357,7 @@ def create_store(out_dir: str | os.PathLike, k: int, n_queries: int, n_shards: i
     manifest = {"format": FORMAT, "version": VERSION, "k": k, "n_queries": n_queries, "n_shards": n_shards,
                 "shard_size": shard_size, "source_hashes": hashes, "n_db": n_db,
                 **({"search": dict(search)} if search is not None else {}),
+                **({"method": method} if method else {}),
                 "shards": [{"file": shard_file(i), "first_row": i * shard_size,
                             "n_rows": min(shard_size, n_queries - i * shard_size), "complete": False}
                            for i in range(n_shards)]}

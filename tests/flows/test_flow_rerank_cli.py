@@ -76,9 +76,9 @@ def test_rerank_with_the_registered_champion(registry, tables, ray_local, monkey
         res = revisited_map(ranks, gnd)
         assert f"{label:<9} {res['easy']['map']:7.2f} {res['medium']['map']:7.2f} {res['hard']['map']:7.2f}" in out
     # a second run reuses the complete top-K store
-    stamp = (root / "out" / "topk" / "manifest.json").stat().st_mtime_ns
+    stamp = (root / "out" / "topk" / "_manifest.json").stat().st_mtime_ns
     assert main(args) == 0
-    assert (root / "out" / "topk" / "manifest.json").stat().st_mtime_ns == stamp
+    assert (root / "out" / "topk" / "_manifest.json").stat().st_mtime_ns == stamp
 
 
 def test_rerank_bad_input_one_line_exit_2_nothing_written(registry, tables, ray_local, monkeypatch, capsys):

@@ -312,7 +312,7 @@ def test_disk_full_while_writing_a_shard_leaves_no_partial_file(rerank_setup, tm
     with pytest.raises(OSError, match="No space left on device") as exc:
         worker.rerank_shard(str(root / "topk"), str(root / "q.parquet"), str(out.path), 1)
     assert exc.value.errno == errno.ENOSPC
-    assert sorted(p.name for p in out.path.iterdir()) == ["manifest.json"]  # no part file, no temp file
+    assert sorted(p.name for p in out.path.iterdir()) == ["_manifest.json"]  # no part file, no temp file
     assert SimilarityStore(out.path).pending_shards() == [0, 1, 2, 3]
 
 

@@ -34,13 +34,13 @@ def test_build_matches_brute_force(tmp_path):
     np.testing.assert_array_equal(np.concatenate([s.query_ids for s in shards]), np.arange(70) + 1000)
     np.testing.assert_array_equal(np.concatenate([s.neighbor_ids for s in shards]), ids)
     np.testing.assert_allclose(np.concatenate([s.scores for s in shards]), scores, rtol=1e-5, atol=1e-6)
-    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    m = json.loads((tmp_path / "s" / "_manifest.json").read_text())
     assert m["shards"][2] | {"sha256": None} == {"file": "part-00002.parquet", "first_row": 50, "n_rows": 20,
                                                  "complete": True, "sha256": None}
     assert set(m["source_hashes"]) == {"queries", "database"}
     t = pq.read_table(tmp_path / "s" / "part-00000.parquet")
-    assert t.schema.field("neighbor_ids").type == pa.list_(pa.int64())
-    assert t.schema.field("scores").type == pa.list_(pa.float32())
+    assert t.schema.field("neighbor_ids").type == pa.list_(pa.int64(), 12)
+    assert t.schema.field("scores").type == pa.list_(pa.float32(), 12)
 
 
 def test_exclude_self(tmp_path):
@@ -155,7 +155,7 @@ def test_non_parquet_shard_and_manifest_mismatches(tmp_path):
         store.read_shard(0)
     with pytest.raises(ManifestError, match=r"part-00000\.parquet: marked complete in the manifest but"):
         store.validate()
-    mpath = tmp_path / "s" / "manifest.json"
+    mpath = tmp_path / "s" / "_manifest.json"
     m = json.loads(mpath.read_text())
     (tmp_path / "s" / "part-00002.parquet").write_bytes(store.shard_path(1).read_bytes())
     with pytest.raises(ManifestError, match=r"manifest\.json: directory holds part-00002\.parquet but the manifest lists only 2 shards"):
@@ -248,3 +248,40 @@ def test_ivf_bad_settings_and_damaged_centroids(tmp_path):
     with pytest.raises(CorruptFileError, match=r"ivf-centroids\.npy: unreadable IVF centroids"):
         build_topk_store(x, np.arange(300), x, np.arange(300), tmp_path / "s", 5, shard_size=100, search=spec)
     assert not store.shard_path(0).exists()
+
+
+def test_store_reads_as_a_parquet_dataset_and_with_duckdb(tmp_path):
+    """The folder is one Parquet dataset: the manifest (``_manifest.json``) is skipped, lists
+    have the fixed size K, and the file metadata names K and the method."""
+    import duckdb
+    import pyarrow.dataset as ds
+
+    q, db = _feats(30, seed=1), _feats(80, seed=2)
+    store = build_topk_store(q, np.arange(30) + 500, db, np.arange(80), tmp_path / "s", 7, shard_size=12)
+    table = ds.dataset(tmp_path / "s", format="parquet").to_table()
+    assert table.num_rows == 30 and table.schema.field("neighbor_ids").type == pa.list_(pa.int64(), 7)
+    assert table.schema.field("scores").type == pa.list_(pa.float32(), 7)
+    assert pq.read_table(tmp_path / "s").num_rows == 30
+    meta = pq.read_schema(tmp_path / "s" / "part-00000.parquet").metadata
+    assert meta[b"ssr.k"] == b"7" and meta[b"ssr.method"] == store.method.encode() == b"top-k exact"
+    ids, _ = _brute(q, db, 7)
+    rows = duckdb.sql(f"SELECT query_id, neighbor_ids FROM read_parquet('{tmp_path / 's'}/*.parquet') ORDER BY query_id").fetchall()
+    assert [r[0] for r in rows] == list(range(500, 530))
+    np.testing.assert_array_equal(np.array([r[1] for r in rows]), ids)
+
+
+def test_version_1_store_is_still_read(tmp_path):
+    """A store written before fixed-size lists, with ``manifest.json``: opened, its manifest
+    renamed, its variable-length lists read."""
+    q, db = _feats(10, seed=1), _feats(40, seed=2)
+    build_topk_store(q, np.arange(10), db, np.arange(40), tmp_path / "s", 5, shard_size=10)
+    path = tmp_path / "s" / "part-00000.parquet"
+    table = pq.read_table(path)
+    offsets = pa.array(np.arange(0, 10 * 5 + 1, 5, dtype=np.int32))
+    old = pa.table({"query_id": table["query_id"],
+                    **{c: pa.ListArray.from_arrays(offsets, table[c].combine_chunks().flatten()) for c in ("neighbor_ids", "scores")}})
+    pq.write_table(old, path)
+    (tmp_path / "s" / "_manifest.json").rename(tmp_path / "s" / "manifest.json")
+    store = SimilarityStore(tmp_path / "s")
+    assert (tmp_path / "s" / "_manifest.json").is_file() and not (tmp_path / "s" / "manifest.json").exists()
+    np.testing.assert_array_equal(store.read_shard(0).neighbor_ids, _brute(q, db, 5)[0])
