@@ -191,13 +191,15 @@ class RetrievalParams(_Params):
     data_root: str | None = Field(
         None, description="Folder with the authors' landmark pickles gl18_resnet101_{roxford5k,rparis6k,sfm120k}.pkl "
         "(`ssr data download ssr-landmark-features`)")
-    glyphs_size: Literal["small", "default"] = "default"
-    data_seed: int = 0
+    glyphs_size: Literal["small", "default"] = Field("default", description="Built-in dataset size (paper: not used)")
+    data_seed: int = Field(0, description="Seed of the built-in dataset (paper: not used)")
     backbone: BackboneName = Field("conv4-64", description="Glyphs only (the landmark features are given)")
-    backbone_checkpoint: str | None = None
+    backbone_checkpoint: str | None = Field(
+        None, description="Glyphs: a backbone state dict; pretrained on the training clusters when empty "
+        "(paper: ResNet-101 GeM, features given)")
     pretrain_epochs: int = Field(3, ge=1, description="Same as the few-shot default, so both share one backbone")
     k: int = Field(50, ge=2, description="Neighbours re-ranked per query (paper: 100)")
-    steps: int = Field(1, ge=1, le=8)
+    steps: int = Field(1, ge=1, le=8, description="SSR refinement steps (paper: 1)")
     hidden: int = Field(256, ge=4, description="DNI hidden width (paper: 1024)")
     lr_dni_grid: list[PositiveFloat] = Field(
         default_factory=lambda: [1e-3, 1e-2],
@@ -210,21 +212,21 @@ class RetrievalParams(_Params):
     iterations: int = Field(600, ge=1, description="Paper: 60,000")
     val_every: int = Field(250, ge=1, description="Validation period; fresh sequences are drawn for each (paper: 1,000)")
     batch_queries: int = Field(16, ge=1, description="Sequences per SGD step (paper: 1)")
-    lr: PositiveFloat = 1e-3
+    lr: PositiveFloat = Field(1e-3, description="SGD learning rate, momentum 0.9, weight decay 5e-4 (paper: 1e-3)")
     holdout_fraction: float = Field(
         0.05, gt=0.0, lt=1.0, description="Share of the training clusters held out for validation (seeded hash of the "
         "cluster id); lr_dni, the checkpoint, QE's n and the k-reciprocal point are chosen on them")
-    holdout_seed: int = 0
+    holdout_seed: int = Field(0, description="Seed of the hash choosing the held-out clusters (paper: not used)")
     n_val_queries: int = Field(70, ge=1, description="Held-out queries of the validation mAP")
     qe_n_grid: list[int] = Field(default_factory=lambda: [1, 3, 5, 7, 9], description="Query expansion: top-n items tried")
     krecip_pairs: list[tuple[int, int]] = Field(
         default_factory=lambda: [(40, 20), (80, 40), (160, 80)], description="k-reciprocal (k1, k2) pairs tried")
     krecip_lambda: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5], description="k-reciprocal lambdas tried")
-    shard_size: int = Field(1000, ge=1)
+    shard_size: int = Field(1000, ge=1, description="Queries per Parquet shard of the top-K stores (paper: not used)")
     n_rerank_actors: int = Field(0, ge=0, description="0: one per free CPU (GPU when present)")
-    seed: int = 0
-    device: Device = "auto"
-    model_name: str = "ssr-retrieval"
+    seed: int = Field(0, description="Seed of sequences and initialisation (paper: not given)")
+    device: Device = Field("auto", description="auto: CUDA when Ray sees a GPU (paper: one GPU)")
+    model_name: str = Field("ssr-retrieval", description="Registered model name in MLflow (paper: not used)")
 
     @field_validator("qe_n_grid")
     @classmethod
