@@ -11,7 +11,9 @@ calls ``.cuda()`` unconditionally; on a CPU run this script makes ``Tensor.cuda`
 for the duration of their calls. Without ``--authors-src`` their column is left empty.
 
 Cases (float32, median of ``--repeats`` timed runs after one warm-up, contenders run
-alternately so that load from other processes hits all of them alike):
+alternately so that load from other processes hits all of them alike; ``--clock cpu``
+times this process's CPU time instead of wall time, which is steadier on a shared machine
+when run with ``--threads 1``):
 
 * few-shot inference: 5-way 1-shot, 75 queries, D=640, hidden 4096, steps 1 and 3, E
   episodes per batch, under ``torch.no_grad()``: ms per episode. The authors' call is one
@@ -42,6 +44,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -80,6 +83,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter  # set from --clock in main()
+
+
 def median_times(fns: dict, device: torch.device, repeats: int) -> dict[str, float]:
     """Median wall time (seconds) of each callable, all run alternately (one round per
     repeat) after one warm-up each, so that load from other processes hits all alike.
@@ -91,10 +98,10 @@ def median_times(fns: dict, device: torch.device, repeats: int) -> dict[str, flo
     for _ in range(repeats):
         for name, (fn, divisor) in fns.items():
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             sync(device)
-            times[name].append((time.perf_counter() - start) / divisor)
+            times[name].append((clock() - start) / divisor)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -386,12 +393,18 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=32, help="retrieval queries per batch (default 32)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats, median reported (default 5)")
     parser.add_argument("--authors-src", type=Path, help="checkout of github.com/XiSHEN0220/SSR")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall",
+        help="wall (default) or cpu: this process's CPU time, steadier on a shared machine with --threads 1",
+    )  # fmt: skip
     parser.add_argument("--count-passes", action="store_true", help="profile the DNI passes of one episode")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--peak-memory-child", choices=["fewshot", "retrieval"], help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    global clock
+    clock = CLOCKS[args.clock]
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -399,7 +412,10 @@ def main() -> None:
         print(json.dumps({"bytes": peak_memory_child(args.peak_memory_child, device, args.batch)}))
         return
 
-    print(f"device: {device_name(device)}; torch {torch.__version__}; float32; median of {args.repeats}\n")
+    print(
+        f"device: {device_name(device)}; torch {torch.__version__}; float32; median of {args.repeats}; "
+        f"{args.clock} clock; load average {os.getloadavg()[0]:.1f} at the start\n"
+    )
     if args.count_passes:
         print(count_dni_passes(device) + "\n")
     rows = [
