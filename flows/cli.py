@@ -4,6 +4,7 @@
     ssr services start|stop                                   local Prefect server, worker, MLflow UI
     ssr run fewshot|retrieval [--preset NAME] [--set k=v]     run a pipeline in-process, no server needed
     ssr rerank QUERIES DATABASE --model URI --out DIR         re-rank your own features with a registered model
+    ssr watch FLOW_RUN_ID                                     follow a flow run: step, progress, latest log line
     ssr models                                                registered models, versions and aliases
 """
 from __future__ import annotations
@@ -159,6 +160,13 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_watch(args) -> int:
+    from flows.watch import watch  # Prefect's client loads only for this command
+
+    state = watch(args.flow_run_id, interval=args.interval, timeout=args.timeout, out=lambda line: print(line, flush=True))
+    return 0 if state == "Completed" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--shard-size", type=int, default=50_000, help="queries per shard (default: %(default)s)")
     p.set_defaults(func=cmd_rerank)
+    p = sub.add_parser("watch", help="follow a flow run: running step, progress and latest log line every few seconds")
+    p.add_argument("flow_run_id")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between lines (default 5)")
+    p.add_argument("--timeout", type=float, default=5400.0, help="give up after this many seconds")
+    p.set_defaults(func=cmd_watch)
     p = sub.add_parser("models", help="registered models, versions, tags and aliases")
     p.set_defaults(func=cmd_models)
     return parser

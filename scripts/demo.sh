@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the built-in dataset, from a fresh clone:
 #   installs, starts a local Prefect server + process worker + MLflow UI (127.0.0.1),
-#   registers the deployments, runs `prefect deployment run ssr/reproduce-fewshot --watch`,
+#   registers the deployments, runs `prefect deployment run ssr/reproduce-fewshot` and follows it
+#   with `ssr watch` (step, progress, latest log line every 5 s),
 #   then prints the results table, the UI addresses and the registered model.
 # DEPLOYMENT=reproduce-retrieval (or reproduce-fewshot-tiny) picks another deployment.
 set -euo pipefail
@@ -16,8 +17,9 @@ DEPLOYMENT="${DEPLOYMENT:-reproduce-fewshot}"
 echo "== starting local services =="
 ssr services start | tee "$SSR_HOME/services.txt"
 export PREFECT_API_URL="$(awk '/^prefect_api:/{print $2}' "$SSR_HOME/services.txt")"
-echo "== running ssr/$DEPLOYMENT (watching until it ends) =="
-prefect deployment run "ssr/$DEPLOYMENT" --watch --watch-timeout 5400
+echo "== running ssr/$DEPLOYMENT (the running step, its progress and the latest log line every 5 s) =="
+run_id=$(prefect deployment run "ssr/$DEPLOYMENT" | awk '/UUID:/{print $NF}')
+ssr watch "$run_id" --interval 5 --timeout 5400
 echo
 echo "== results =="
 case "$DEPLOYMENT" in *retrieval*) kind=retrieval ;; *) kind=fewshot ;; esac
