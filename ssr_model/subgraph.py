@@ -345,10 +345,10 @@ def refine(
         keep_graph: True in training: every update keeps its graph, so the returned
             features are differentiable w.r.t. the inputs and the DNI parameters.
             False at inference: the refinement runs under ``torch.enable_grad()`` (and
-            outside ``torch.inference_mode``) on
-            detached copies of the inputs (the updates need autograd whatever the
-            ambient mode), the last update builds no graph, and every returned tensor
-            is detached. The values are the same either way.
+            outside ``torch.inference_mode``) on detached copies of the inputs, because
+            the updates need autograd whatever the ambient mode; the last update builds
+            no graph, and every returned tensor is detached. The values are the same
+            either way.
 
     Returns:
         ``[(first, second)]`` after 0, 1, ..., ``steps`` steps.
