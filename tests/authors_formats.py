@@ -168,3 +168,39 @@ def save_ssr_checkpoint(path, net_feat: dict, ssr: dict, nb_step: int) -> None:
     import torch
 
     torch.save({"netFeat": net_feat, "SSR": ssr, "nbStep": nb_step}, path)
+
+
+def build_authors_cifar_fs(base):
+    """A CIFAR-FS built from authors'-format CIFAR-100 pickles by ``storage.cifar_fs`` under
+    ``base`` (5 train, 5 val, 5 test classes of 8 JPEGs), with the authors' fixed validation
+    episodes ``val1000Episode_5_way_1_shot_3_query.json`` (4 episodes), and a
+    ``netSSRBest.pth``: a conv4-64 with moved BatchNorm statistics and a 2-step SSR (hidden
+    24) for 5-way, 3-query episodes. Returns (data root, checkpoint path, netFeat state, SSR state)."""
+    import torch
+
+    from ssr_model import FewShotSSR
+    from ssr_model.backbones import build_backbone
+    from storage.cifar_fs import build_cifar_fs
+
+    splits = {"train": ["apple", "bear", "cattle", "crab", "dog"], "val": ["butterfly", "lion", "shark", "tiger", "whale"],
+              "test": ["bus", "plain", "rose", "television", "tulip"]}
+    fixture = cifar_fixture(tuple(sorted(sum(splits.values(), []))), per_class=4)
+    with tarfile.open(fileobj=io.BytesIO(fixture.tarball())) as tf:
+        tf.extractall(base, filter="data")
+    (base / "splits").mkdir()
+    for split, classes in splits.items():
+        (base / "splits" / f"{split}.txt").write_text("\n".join(classes) + "\n")
+    val = {c: fixture.filenames(c) for c in splits["val"]}
+    (base / "splits" / "val1000Episode_5_way_1_shot_3_query.json").write_text(episodes_json(val, 4, 5, 1, 3))
+    root = build_cifar_fs(base / "cifar-100-python", base / "splits", base / "data" / "cifar-fs")
+
+    torch.manual_seed(0)
+    net = build_backbone("conv4-64", 32)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    ssr = FewShotSSR(256, 5, 15, steps=2, lr_dni=1e-3, hidden=24)
+    checkpoint = base / "netSSRBest.pth"
+    save_ssr_checkpoint(checkpoint, net.state_dict(), ssr.state_dict(), 2)
+    return root, checkpoint, net.state_dict(), ssr.state_dict()
