@@ -51,7 +51,9 @@ def test_fewshot_flow_end_to_end(ssr_home, ray_local, prefect_harness, glyphs_sm
     result = ssr(pipeline="fewshot", fewshot=FewShotParams(**TINY_FEWSHOT))
     methods = [r["method"] for r in result["results"]]
     assert methods[0].startswith("Baseline") and methods[1].startswith("k-reciprocal") and methods[2].startswith("SSR")
-    assert set(result["results"][0]) == {"method", "1-shot acc (%)", "5-shot acc (%)"}
+    assert set(result["results"][0]) == {"method", "queries"} | {f"{s}-shot {what}" for s in (1, 5)
+                                                                 for what in ("acc (%)", "ms/episode", "peak MiB/episode")}
+    assert [r["method"].split()[0] for r in result["results"][3:]] == ["SimpleShot", "BD-CSPN", "TIM-GD", "PT-MAP", "LaplacianShot"]
     assert result["model_uri"] == "models:/ssr-fewshot/1" and "champion" in result["aliases"]
 
     import mlflow
@@ -65,7 +67,8 @@ def test_fewshot_flow_end_to_end(ssr_home, ray_local, prefect_harness, glyphs_sm
     assert "test_1shot_baseline" in run.data.metrics and "test_5shot_krecip" in run.data.metrics
     assert any(k.startswith("test_5shot_ssr_step") for k in run.data.metrics)
     arts = {a.path for a in client.list_artifacts(result["run_id"], "plots")}
-    assert arts == {"plots/accuracy_by_step.png", "plots/training_curves.png"}
+    assert arts == {"plots/accuracy_by_step.png", "plots/training_curves.png", "plots/accuracy_vs_cost.png"}
+    assert "test_5shot_pt_map" in run.data.metrics and run.data.metrics["test_1shot_tim_ms_per_episode"] > 0
     nested = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{result['run_id']}'")
     assert len(nested) == 1 and "val_acc" in nested[0].data.metrics
 
