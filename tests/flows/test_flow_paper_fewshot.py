@@ -33,3 +33,27 @@ def test_every_form_field_gives_the_papers_value():
     fields = FewShotParams.model_json_schema()["properties"]
     missing = [name for name, f in fields.items() if "(paper" not in f.get("description", "")]
     assert not missing, f"fields without the paper's value in their description: {missing}"
+
+
+@pytest.mark.slow
+def test_released_model_published_like_a_trained_run(ssr_home, ray_local, prefect_harness, tmp_path_factory):
+    """``released_checkpoint``: no pretraining, no training; the same table, MLflow run and
+    registered model as a trained run."""
+    import mlflow
+
+    from flows.ssr_flow import ssr
+    from tests.authors_formats import build_authors_cifar_fs
+
+    root, checkpoint, _, _ = build_authors_cifar_fs(tmp_path_factory.mktemp("released-flow"))
+    params = FewShotParams(dataset="cifar-fs", data_root=str(root), backbone="conv4-64", released_checkpoint=str(checkpoint),
+                           n_query=3, eval_shots=[1], lr_dni_grid=[1e-3], n_val_episodes=4, n_test_episodes=6,
+                           krecip_k1=[3], krecip_k2=[2], krecip_lambda=[0.3], model_name="ssr-fewshot-released-test")
+    result = ssr(pipeline="fewshot", fewshot=params)
+    methods = [r["method"] for r in result["results"]]
+    assert methods[0].startswith("Baseline") and methods[1].startswith("k-reciprocal") and methods[2].startswith("SSR")
+    assert result["model_uri"] == "models:/ssr-fewshot-released-test/1" and "champion" in result["aliases"]
+    uri = f"sqlite:///{ssr_home / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    run = client.get_run(result["run_id"])
+    assert run.data.metrics["best_steps"] == 2 and "test_1shot_ssr_step2" in run.data.metrics
+    assert not list(ssr_home.rglob("cifar-fs-conv4-64-*.pt"))  # no pretrained backbone
