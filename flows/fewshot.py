@@ -26,7 +26,7 @@ def fewshot_pipeline(params: FewShotParams = FewShotParams()) -> dict:
             trials = tasks.released_trials(params, features, val, released)
         else:
             training = tasks.training_features(params, data, backbone, str(run.work))
-            trials = tasks.train_ssr(params, features, val, str(run.work), training)
+            trials = tasks.train_ssr(params, features, val, str(run.work), training, run.trial_tracking(prefect_tags()))
         krecip = tasks.choose_krecip(params, features, val)
         shots = [tasks.evaluate(params, features, trials.best.model, krecip, shot) for shot in params.eval_shots]
         results = report.write_report(params, trials, krecip, shots, str(run.results))

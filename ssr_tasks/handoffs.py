@@ -48,6 +48,17 @@ class Trials(Generic[TrialT]):
 
 
 @dataclass(frozen=True)
+class TrialTracking:
+    """Where the trials of a grid log while they train: the MLflow store, the experiment and
+    the parent run their nested runs hang under, and the tags those runs carry."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    tags: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class RegisteredModel:
     """A model version in the MLflow registry, the aliases it took, the run that logged it and the logged model."""
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterator, Literal, Mapping
 
 from ssr_tasks.config import FewShotParams, RetrievalParams, default_run_dir
+from ssr_tasks.handoffs import TrialTracking
 from ssr_tasks.tracking import Tracker
 
 
@@ -25,6 +26,10 @@ class PipelineRun:
     @property
     def backbones(self) -> Path:
         return self.run_dir / "backbones"
+
+    def trial_tracking(self, tags: Mapping[str, str]) -> TrialTracking:
+        """Where the training trials log live: nested runs of this pipeline's parent run."""
+        return TrialTracking(self.tracker.uri, self.tracker.experiment_id, self.run_id, tuple(sorted(tags.items())))
 
 
 @contextlib.contextmanager

@@ -14,6 +14,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from ssr_tasks.handoffs import TrialTracking
+from ssr_tasks.tracking import live_trial_callback
+
 SUMMARY = "summary.json"
 log = logging.getLogger(__name__)
 
@@ -67,12 +70,13 @@ def progress_callback(n_trials: int, progress: Callable[[float], None] | None, k
 
 def tune_grid(trainable: Callable[[dict], None], key: str, values: list, base_space: dict, name: str,
               storage_path: Path, max_failures: int = 2, progress: Callable[[float], None] | None = None,
-              device: str = "cpu") -> None:
+              device: str = "cpu", tracking: TrialTracking | None = None) -> None:
     """Run ``trainable`` for each value of ``key``; raise with the reasons if trials still fail after retries.
 
     Each trial's config holds ``device`` ("cpu" or "cuda", resolved by ``ssr_tasks.device``)
     and asks Ray for a GPU exactly when it is "cuda". ``progress`` receives the overall
-    fraction done whenever a trial reports.
+    fraction done whenever a trial reports. ``tracking``: each trial logs to its nested
+    MLflow run while it trains (``ssr_tasks.tracking.live_trial_callback``).
     """
     from ray import tune  # Ray is heavy and only needed where a grid runs
 
@@ -89,7 +93,8 @@ def tune_grid(trainable: Callable[[dict], None], key: str, values: list, base_sp
             storage_path=str(storage_path),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             verbose=0,
-            callbacks=[progress_callback(len(values), progress, key)],
+            callbacks=[progress_callback(len(values), progress, key)]
+            + ([live_trial_callback(tracking, key)] if tracking is not None else []),
         ),
     )
     grid = tuner.fit()
@@ -100,7 +105,8 @@ def tune_grid(trainable: Callable[[dict], None], key: str, values: list, base_sp
 
 def run_grid(trainable: Callable[[dict], None], name: str, base: Any, lr_grid: list[float], inputs: Mapping[str, str],
              ckpt_root: Path, storage_path: Path, device: str = "cpu", max_failures: int = 2,
-             progress: Callable[[float], None] | None = None) -> list[tuple[float, dict]]:
+             progress: Callable[[float], None] | None = None,
+             tracking: TrialTracking | None = None) -> list[tuple[float, dict]]:
     """Train one trial per ``lr_dni`` of ``lr_grid``; returns (lr_dni, summary read from disk) per trial.
 
     base: the training config (a dataclass with an ``lr_dni`` field, replaced per trial);
@@ -110,5 +116,5 @@ def run_grid(trainable: Callable[[dict], None], name: str, base: Any, lr_grid: l
     """
     pending = [lr for lr in lr_grid if not (trial_dir(ckpt_root, lr) / SUMMARY).exists()]
     space = {"train": {k: v for k, v in asdict(base).items() if k != "lr_dni"}, **inputs, "ckpt_root": str(ckpt_root)}
-    tune_grid(trainable, "lr_dni", pending, space, name, storage_path, max_failures, progress, device)
+    tune_grid(trainable, "lr_dni", pending, space, name, storage_path, max_failures, progress, device, tracking)
     return [(lr, json.loads((trial_dir(ckpt_root, lr) / SUMMARY).read_text())) for lr in lr_grid]

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from ssr_tasks import ssr_pyfunc
-from ssr_tasks.handoffs import RegisteredModel
+from ssr_tasks.handoffs import RegisteredModel, TrialTracking
 from ssr_tasks.services import check_mlflow, mlflow_artifact_root, mlflow_tracking_uri, redact_uri
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,54 @@ def model_signature(model: Any):
     inputs = Schema([TensorSpec(np.dtype(np.float32), shape, name) for name, shape in ssr_pyfunc.input_shapes(model).items()])
     out_shape = (-1, model.ssr.k) if hasattr(model, "rerank") else (-1,)
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.int64), out_shape)]))
+
+
+LIVE_KEYS = ("loss", "val_acc", "val_map", "best_val_acc", "best_val_map", "progress")
+
+
+def live_trial_callback(tracking: TrialTracking, key: str):
+    """A Ray Tune callback (it runs on the driver) that gives each trial a nested MLflow run
+    under ``tracking.parent_run_id`` when it starts (tag ``ssr.trial`` = ``<key>=<value>``)
+    and logs its reports there as they arrive (step = Tune's report count), so the curves
+    can be watched during training. A trial restarted after a failure keeps its run."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    from ray import tune  # Ray: only where a grid runs
+
+    client = MlflowClient(tracking.tracking_uri, tracking.tracking_uri)
+
+    class _LiveTrials(tune.Callback):
+        def __init__(self):
+            self.runs: dict[str, str] = {}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            if trial.trial_id in self.runs:
+                return
+            value = trial.config.get(key)
+            tags = {**dict(tracking.tags), "mlflow.parentRunId": tracking.parent_run_id, "ssr.trial": f"{key}={value:g}"}
+            run = client.create_run(tracking.experiment_id, run_name=f"trial {key}={value:g}", tags=tags)
+            client.log_param(run.info.run_id, key, value)
+            self.runs[trial.trial_id] = run.info.run_id
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            run_id = self.runs.get(trial.trial_id)
+            if run_id is None:
+                return
+            step, now = int(result.get("training_iteration", 0)), int(time.time() * 1000)
+            metrics = [Metric(metric_name(k), 100 * float(result[k]) if k.startswith(("val_", "best_val_")) else float(result[k]),
+                              now, step) for k in LIVE_KEYS if isinstance(result.get(k), (int, float))]
+            if metrics:
+                client.log_batch(run_id, metrics=metrics)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if trial.trial_id in self.runs:
+                client.set_terminated(self.runs[trial.trial_id], "FINISHED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            if trial.trial_id in self.runs:
+                client.set_terminated(self.runs[trial.trial_id], "FAILED")
+
+    return _LiveTrials()
 
 
 def forget_deleted_sqlite(uri: str) -> None:
@@ -217,6 +265,26 @@ class Tracker:
 
     def log_file(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    @contextlib.contextmanager
+    def trial_run(self, name: str, trial: str, tags: Mapping[str, str] | None = None) -> Iterator[bool]:
+        """Open the nested run of one training trial (tag ``ssr.trial``) under the open run:
+        the one ``live_trial_callback`` made while the trial trained, reopened, or a new one.
+        Yields whether it was logged live (its curves are then already there)."""
+        parent = self.run_id
+        found = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{parent}' and "
+                                        f"tags.`ssr.trial` = '{trial}'", max_results=1)
+        if not found:
+            with self.run(name, tags={**dict(tags or {}), "ssr.trial": trial}, nested=True):
+                yield False
+            return
+        run_id = found[0].info.run_id
+        self._open.append(run_id)
+        try:
+            yield True
+        finally:
+            self._open.pop()
+            self.client.set_terminated(run_id, "FINISHED")
 
     # ---- registry -----------------------------------------------------------------
 

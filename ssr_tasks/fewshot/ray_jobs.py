@@ -12,6 +12,7 @@ import torch
 from ssr_tasks.fewshot.episodes import EpisodeIndices, load_split
 from ssr_tasks.fewshot.evaluate import EpisodeScores, FewShotEvaluator
 from ssr_tasks.fewshot.handoffs import FewShotModel, FewShotTrial, KReciprocal
+from ssr_tasks.handoffs import TrialTracking
 from ssr_tasks.backbone import load_backbone
 from ssr_tasks.fewshot.train import TrainConfig, train_curriculum
 from ssr_tasks.fewshot.train_features import TrainAugment, training_source
@@ -52,14 +53,14 @@ def fewshot_trial(config: dict) -> None:
 def run_trials(base: TrainConfig, lr_grid: Sequence[float], features: Path, val_episodes: Path, ckpt_root: Path,
                storage_path: Path, device: str = "cpu", max_failures: int = 2,
                progress: Callable[[float], None] | None = None,
-               training: Mapping[str, str] | None = None) -> list[FewShotTrial]:
+               training: Mapping[str, str] | None = None, tracking: TrialTracking | None = None) -> list[FewShotTrial]:
     """One trial per lr_dni in parallel (``ssr_tasks.ray_grid.run_grid``); their results, in grid order.
 
     training: where episode features come from (``TrainingFeatures.as_inputs()``; default:
     the features table)."""
     inputs = {"features": str(features), "val_episodes": str(val_episodes), **(training or {})}
     done = run_grid(fewshot_trial, "fewshot-ssr", base, list(lr_grid), inputs, ckpt_root, storage_path, device,
-                    max_failures, progress)
+                    max_failures, progress, tracking)
     return [FewShotTrial.from_summary(replace(base, lr_dni=lr), summary) for lr, summary in done]
 
 

@@ -56,10 +56,10 @@ def log_and_register(tracker: Tracker, params: FewShotParams, trials: FewShotTri
     """Into the open parent run: a nested run per trial, metrics, table, plots, and the
     registered model (SSR + backbone), aliased ``champion`` when it wins on validation."""
     for trial in trials.trials:
-        with tracker.run(f"trial lr_dni={trial.lr_dni:g}", nested=True, tags=tags):
+        with tracker.trial_run(f"trial lr_dni={trial.lr_dni:g}", f"lr_dni={trial.lr_dni:g}", tags) as live:
             tracker.log_params({"lr_dni": trial.lr_dni, "max_steps": params.max_steps})
             offset = 0
-            for stage in trial.stages:
+            for stage in trial.stages if not live else ():  # a live run has its curves already
                 for h in stage.history:
                     tracker.log_metrics({"val_acc": 100 * h.val_acc, "loss": h.loss, "steps": stage.steps},
                                         step=offset + h.iteration)

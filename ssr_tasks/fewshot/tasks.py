@@ -23,7 +23,7 @@ from ssr_tasks.fewshot.ray_jobs import evaluate_with_pool, run_trials
 from ssr_tasks.fewshot.released import unpack_released
 from ssr_tasks.fewshot.train import TrainConfig
 from ssr_tasks.fewshot.train_features import TrainAugment, extract_views
-from ssr_tasks.handoffs import Backbone, Features, Trials
+from ssr_tasks.handoffs import Backbone, Features, TrialTracking, Trials
 from ssr_tasks.taskkit import CACHE, Progress, cached, retry_transient, short_hash
 from storage.features import read_metadata
 from storage.checkpoints import file_sha256
@@ -127,10 +127,11 @@ def training_features(params: FewShotParams, data: FewShotData, backbone: Backbo
 
 @task(name="train-ssr", retries=1, retry_condition_fn=retry_transient, retry_delay_seconds=5)
 def train_ssr(params: FewShotParams, features: Features, val: ValidationEpisodes, work_dir: str,
-              training: TrainingFeatures | None = None) -> FewShotTrials:
+              training: TrainingFeatures | None = None, tracking: TrialTracking | None = None) -> FewShotTrials:
     """Ray Tune grid over lr_dni; each trial runs the steps curriculum and checkpoints.
 
     training: where episodes take their features (``training_features``); None: the features table.
+    tracking: each trial logs to its nested MLflow run while it trains.
     """
     base = train_config(params, features.dim)
     key = {k: v for k, v in asdict(base).items() if k != "lr_dni"}
@@ -142,7 +143,8 @@ def train_ssr(params: FewShotParams, features: Features, val: ValidationEpisodes
     progress = Progress(f"train-{short_hash([features.path, str(root)])}", "SSR training (all trials)")
     trials = Trials(tuple(run_trials(base, params.lr_dni_grid, Path(features.path), Path(val.path), root / "trials",
                                      Path(work_dir) / "ray_results", device=cluster_device(params.device),
-                                     progress=progress, training=training.as_inputs() if training else None)))
+                                     progress=progress, training=training.as_inputs() if training else None,
+                                     tracking=tracking)))
     best = trials.best
     get_run_logger().info("SSR: best trial lr_dni=%g steps=%d val acc %.2f%%", best.lr_dni, best.best_steps, 100 * best.best_val)
     return trials

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ssr_tasks.handoffs import TrialTracking
 from ssr_tasks.ray_grid import SUMMARY, run_grid, trial_dir
 from ssr_tasks.retrieval.handoffs import RetrievalTrial
 from ssr_tasks.retrieval.train import RetrievalTrainConfig, load_training_data, train_retrieval
@@ -34,9 +35,10 @@ def retrieval_trial(config: dict) -> None:
 
 def run_trials(base: RetrievalTrainConfig, lr_grid: Sequence[float], features: Path, ckpt_root: Path, storage_path: Path,
                device: str = "cpu", max_failures: int = 2,
-               progress: Callable[[float], None] | None = None) -> list[RetrievalTrial]:
+               progress: Callable[[float], None] | None = None,
+               tracking: TrialTracking | None = None) -> list[RetrievalTrial]:
     """One trial per lr_dni in parallel (``ssr_tasks.ray_grid.run_grid``) on the training table
     ``features`` (splits 'train' and 'val'); their results, in grid order."""
     done = run_grid(retrieval_trial, "retrieval-ssr", base, list(lr_grid), {"features": str(features)},
-                    ckpt_root, storage_path, device, max_failures, progress)
+                    ckpt_root, storage_path, device, max_failures, progress, tracking)
     return [RetrievalTrial.from_summary(replace(base, lr_dni=lr), summary) for lr, summary in done]

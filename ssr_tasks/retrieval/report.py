@@ -100,9 +100,9 @@ def log_and_register(tracker: Tracker, params: RetrievalParams, trials: Retrieva
     metrics, table, plots, and the registered re-ranker, aliased ``champion`` when it wins
     on validation."""
     for trial in trials.trials:
-        with tracker.run(f"trial lr_dni={trial.lr_dni:g}", nested=True, tags=tags):
+        with tracker.trial_run(f"trial lr_dni={trial.lr_dni:g}", f"lr_dni={trial.lr_dni:g}", tags) as live:
             tracker.log_params({"lr_dni": trial.lr_dni})
-            for h in trial.history:
+            for h in trial.history if not live else ():  # a live run has its curves already
                 tracker.log_metrics({"val_map": 100 * h.val_map}, step=h.iteration)
             tracker.log_metrics({"best_val_map": 100 * trial.best_val, "best_iteration": trial.best_iteration})
     tracker.log_params(chosen_settings(trials, choice))

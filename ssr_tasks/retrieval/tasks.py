@@ -15,7 +15,7 @@ from ssr_model.baselines import krecip_grid
 from ssr_tasks.backbone import extract_split_features, load_backbone
 from ssr_tasks.config import RetrievalParams
 from ssr_tasks.device import cluster_device, local_device
-from ssr_tasks.handoffs import Backbone, Trials
+from ssr_tasks.handoffs import Backbone, TrialTracking, Trials
 from ssr_tasks.retrieval.evaluate import choose_baselines, method_rankings, write_ranking_store
 from ssr_tasks.retrieval.handoffs import (MethodStore, Rankings, Reranked, RetrievalData, RetrievalFeatures, RetrievalModel,
                                           RetrievalTrials)
@@ -137,9 +137,11 @@ def train_config(params: RetrievalParams, feat_dim: int) -> RetrievalTrainConfig
 
 
 @task(name="train-retrieval-ssr", retries=1, retry_condition_fn=retry_transient, retry_delay_seconds=5)
-def train_ssr(params: RetrievalParams, features: RetrievalFeatures, work_dir: str) -> RetrievalTrials:
+def train_ssr(params: RetrievalParams, features: RetrievalFeatures, work_dir: str,
+              tracking: TrialTracking | None = None) -> RetrievalTrials:
     """Ray Tune grid over lr_dni of SSR trained on retrieval sequences from the training clusters;
-    the trial and its checkpoint with the best validation mAP (held-out clusters) win."""
+    the trial and its checkpoint with the best validation mAP (held-out clusters) win.
+    tracking: each trial logs to its nested MLflow run while it trains."""
     base = train_config(params, features.dim)
     root = Path(work_dir) / f"ssr-{short_hash([{k: v for k, v in asdict(base).items() if k != 'lr_dni'}, features.train_path])}"
     logger = get_run_logger()
@@ -147,7 +149,7 @@ def train_ssr(params: RetrievalParams, features: RetrievalFeatures, work_dir: st
     progress = Progress(f"train-{short_hash([features.path, str(root)])}", "Retrieval SSR training (all trials)")
     trials = Trials(tuple(run_trials(base, params.lr_dni_grid, Path(features.train_path), root / "trials",
                                               Path(work_dir) / "ray_results", device=cluster_device(params.device),
-                                              progress=progress)))
+                                              progress=progress, tracking=tracking)))
     for t in trials.trials:
         logger.info("SSR: trial lr_dni=%g, best validation mAP %.2f%% at iteration %d", t.lr_dni, 100 * t.best_val,
                     t.best_iteration)

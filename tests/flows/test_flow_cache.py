@@ -20,6 +20,7 @@ def test_second_run_completes_after_the_run_folder_is_deleted(tmp_path, monkeypa
     params = FewShotParams(**{**TINY_FEWSHOT, "eval_shots": [1], "model_name": "ssr-cache"})
     first = ssr(pipeline="fewshot", fewshot=params)
     assert (home / "prefect" / "cache-keys").is_dir()  # the cache records live in the run folder
+    _assert_trials_logged_live(home, first["run_id"])
     shutil.rmtree(home)
     second = ssr(pipeline="fewshot", fewshot=params)  # nothing cached may point into the deleted folder
     assert second["model_uri"] == "models:/ssr-cache/1"  # a new registry: the old one went with the folder
@@ -27,18 +28,32 @@ def test_second_run_completes_after_the_run_folder_is_deleted(tmp_path, monkeypa
 
 
 def test_cache_key_counts_only_the_fields_a_task_uses():
-    from prefect.context import TaskRunContext  # noqa: F401  (the policy is called with a task context)
+    from types import SimpleNamespace
 
     from ssr_tasks.backbone import get_backbone
 
     policy = get_backbone.cache_policy
     base = FewShotParams(**TINY_FEWSHOT)
-
-    class Ctx:  # what compute_key reads of a task run context: the task (for its source)
-        task = get_backbone
+    # what compute_key reads of a task run context: the task (for its source). An instance
+    # attribute: a Task set as a class attribute would bind itself to that class (descriptor).
+    ctx = SimpleNamespace(task=get_backbone)
 
     def key(params):
-        return policy.compute_key(Ctx(), {"params": params, "data_root": "/d", "work_dir": "/w"}, {})
+        return policy.compute_key(ctx, {"params": params, "data_root": "/d", "work_dir": "/w"}, {})
 
     assert key(base) == key(base.model_copy(update={"n_test_episodes": 7, "lr_dni_grid": [0.5]}))
     assert key(base) != key(base.model_copy(update={"pretrain_epochs": 2}))
+
+
+def _assert_trials_logged_live(home, parent_run_id: str) -> None:
+    """Each trial's nested run got Tune's reports while training (``progress`` is logged only
+    then), and the report afterwards reused that run instead of making another."""
+    import mlflow
+
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, uri)
+    parent = client.get_run(parent_run_id)
+    nested = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    assert [r.data.tags["ssr.trial"] for r in nested] == ["lr_dni=0.1"]
+    assert len(client.get_metric_history(nested[0].info.run_id, "progress")) >= 2
+    assert "best_val_acc" in nested[0].data.metrics and nested[0].info.status == "FINISHED"
