@@ -84,7 +84,10 @@ def test_fewshot_flow_end_to_end(ssr_home, ray_local, prefect_harness, glyphs_sm
     before = trial.stat().st_mtime_ns
     again = ssr(pipeline="fewshot", fewshot=FewShotParams(**TINY_FEWSHOT))
     assert trial.stat().st_mtime_ns == before
-    assert again["results"] == result["results"]
+    def accuracies(rows):  # times and memory are measured anew by each run
+        return [{k: v for k, v in r.items() if "ms/episode" not in k and "MiB" not in k} for r in rows]
+
+    assert accuracies(again["results"]) == accuracies(result["results"])
     assert again["version"] == 2 and again["aliases"] == []  # same validation score: champion stays
 
 
