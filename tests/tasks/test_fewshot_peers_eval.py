@@ -121,3 +121,18 @@ def test_shot_result_keys_peers_and_costs_like_metrics():
     assert res.costs()["bd_cspn"].ms_per_episode == 2.0
     assert MethodCost.merge([MethodCost(1.0, 2, 10.0, 0.5), MethodCost(3.0, 2, 4.0, 1.5)]) == MethodCost(4.0, 4, 10.0, 2.0)
     assert MethodCost(1.0, 4, 0.0, 0.5).cpu_ms_per_episode == 125.0
+
+
+def test_ssr_scores_dirichlet_episodes_with_its_fixed_query_count(synthetic_features, tmp_path):
+    from ssr_tasks.fewshot.handoffs import FewShotModel
+    from ssr_tasks.fewshot.train import TrainConfig
+
+    cfg = TrainConfig(feat_dim=16, n_way=3, n_query=5, hidden=8)  # 15 queries per episode in all
+    torch.manual_seed(0)
+    torch.save(cfg.build(2).state_dict(), tmp_path / "ssr.pt")
+    ev = FewShotEvaluator(str(synthetic_features), "test", FewShotModel(str(tmp_path / "ssr.pt"), cfg, 2), threads=1)
+    eps = sample_dirichlet_episodes(ev.split, 4, 3, 1, 15, alpha=2.0, seed=3)
+    res = ev.evaluate(eps, peers=["pt-map"])
+    assert len(res.ssr_by_step) == 3 and all(a.shape == (4,) for a in res.ssr_by_step)
+    np.testing.assert_allclose(res.ssr_by_step[0], res.baseline, atol=1e-6)  # step 0: cosine to prototypes
+    assert res.cost["ssr"].n_episodes == 4 and res.cost["ssr"].seconds > 0
