@@ -240,32 +240,48 @@ def retrieval_model(device) -> RetrievalSSR:
     return RetrievalSSR(c["feat_dim"], c["k"], c["steps"], hidden=c["hidden"], device=device)
 
 
-def bench_fewshot_inference(args, device, steps: int) -> dict:
-    E = args.episodes
-    model = fewshot_model(steps, device).eval()
-    support, query, _ = fewshot_inputs(E, device)
-    M = FEWSHOT["n_way"] + FEWSHOT["n_query"]
-    rows = torch.randn(E * M, model.d_in, device=device)
+def bench_inference(args, device, ours, authors_call, dnis, rows: torch.Tensor, steps: int, batch: int) -> dict:
+    """Time ``ours()`` (a batch of ``batch`` episodes / queries), the floors on ``rows`` and,
+    if given, ``authors_call(first_only)`` (one episode / query); also their largest output
+    difference relative to the authors' scale (from the first item of the batch)."""
     n_fwd, n_vjp = exact_passes(steps)
-    dnis = [model.dni_support, model.dni_query]
     fns = {
-        "ours": (lambda: model(support, query), E),
-        "exact floor": (dni_floor(dnis, rows, n_fwd, n_vjp), E),
-        "6+5 floor": (dni_floor(dnis, rows, n_fwd, n_fwd - 1), E),
-        "matmul floor": (dni_matmul_floor(model.dni_support, rows, n_fwd + n_vjp), E),
+        "ours": (ours, batch),
+        "exact floor": (dni_floor(dnis, rows, n_fwd, n_vjp), batch),
+        "6+5 floor": (dni_floor(dnis, rows, n_fwd, n_fwd - 1), batch),
+        "matmul floor": (dni_matmul_floor(dnis[0], rows, n_fwd + n_vjp), batch),
     }
     check = None
-    if args.authors_src:
-        authors = authors_fewshot(args.authors_src, model, device).eval()
+    if authors_call is not None:
         with torch.no_grad():
-            ours_out = model(support[:1], query[:1])[0]
-        theirs_out = authors_fewshot_episode(authors, support[0], query[0], device)
+            ours_out = ours(first_only=True)
+        theirs_out = authors_call()
         check = (ours_out - theirs_out).abs().max().item() / theirs_out.abs().max().item()
-        fns["authors"] = (lambda: authors_fewshot_episode(authors, support[0], query[0], device), 1)
+        fns["authors"] = (authors_call, 1)
     with torch.no_grad():
         times = median_times(fns, device, args.repeats)
     if check is not None:
         times["check"] = check
+    return times
+
+
+def bench_fewshot_inference(args, device, steps: int) -> dict:
+    E = args.episodes
+    model = fewshot_model(steps, device).eval()
+    support, query, _ = fewshot_inputs(E, device)
+    rows = torch.randn(E * (FEWSHOT["n_way"] + FEWSHOT["n_query"]), model.d_in, device=device)
+
+    def ours(first_only: bool = False):
+        return model(support[0], query[0]) if first_only else model(support, query)
+
+    authors_call = None
+    if args.authors_src:
+        authors = authors_fewshot(args.authors_src, model, device).eval()
+
+        def authors_call():
+            return authors_fewshot_episode(authors, support[0], query[0], device)
+
+    times = bench_inference(args, device, ours, authors_call, [model.dni_support, model.dni_query], rows, steps, E)
     return {"case": f"few-shot inference 5w1s, 75 q, D=640, h=4096, steps={steps}, E={E}", "unit": "episode", **times}
 
 
@@ -274,26 +290,19 @@ def bench_retrieval_inference(args, device) -> dict:
     model = retrieval_model(device).eval()
     query, neighbours = retrieval_inputs(B, device)
     rows = torch.randn(B * (1 + RETRIEVAL["k"]), model.d_in, device=device)
-    n_fwd, n_vjp = exact_passes(RETRIEVAL["steps"])
-    dnis = [model.dni_query, model.dni_database]
-    fns = {
-        "ours": (lambda: model(query, neighbours), B),
-        "exact floor": (dni_floor(dnis, rows, n_fwd, n_vjp), B),
-        "6+5 floor": (dni_floor(dnis, rows, n_fwd, n_fwd - 1), B),
-        "matmul floor": (dni_matmul_floor(model.dni_query, rows, n_fwd + n_vjp), B),
-    }
-    check = None
+
+    def ours(first_only: bool = False):
+        return model(query[0], neighbours[0]) if first_only else model(query, neighbours)
+
+    authors_call = None
     if args.authors_src:
         authors = authors_retrieval(args.authors_src, model, device).eval()
-        with torch.no_grad():
-            ours_out = model(query[:1], neighbours[:1])[0]
-        theirs_out = authors_retrieval_query(authors, query[0], neighbours[0], device)
-        check = (ours_out - theirs_out).abs().max().item() / theirs_out.abs().max().item()
-        fns["authors"] = (lambda: authors_retrieval_query(authors, query[0], neighbours[0], device), 1)
-    with torch.no_grad():
-        times = median_times(fns, device, args.repeats)
-    if check is not None:
-        times["check"] = check
+
+        def authors_call():
+            return authors_retrieval_query(authors, query[0], neighbours[0], device)
+
+    dnis = [model.dni_query, model.dni_database]
+    times = bench_inference(args, device, ours, authors_call, dnis, rows, RETRIEVAL["steps"], B)
     k, D, h, s = RETRIEVAL["k"], RETRIEVAL["feat_dim"], RETRIEVAL["hidden"], RETRIEVAL["steps"]
     return {"case": f"retrieval inference k={k}, D={D}, h={h}, steps={s}, B={B}", "unit": "query", **times}
 
