@@ -76,7 +76,9 @@ def tune_grid(trainable: Callable[[dict], None], key: str, values: list, base_sp
     Each trial's config holds ``device`` ("cpu" or "cuda", resolved by ``ssr_tasks.device``)
     and asks Ray for a GPU exactly when it is "cuda". ``progress`` receives the overall
     fraction done whenever a trial reports. ``tracking``: each trial logs to its nested
-    MLflow run while it trains (``ssr_tasks.tracking.live_trial_callback``).
+    MLflow run while it trains (``ssr_tasks.tracking.live_trial_callback``). Tune's results
+    go to ``storage_path``, or to ``SSR_RAY_STORAGE`` when set (a shared folder or an object
+    store URI such as ``s3://bucket/ray``, for a cluster whose nodes share no file system).
     """
     from ray import tune  # Ray is heavy and only needed where a grid runs
 
@@ -90,7 +92,7 @@ def tune_grid(trainable: Callable[[dict], None], key: str, values: list, base_sp
         param_space={**base_space, key: tune.grid_search(values), "device": device, "threads": 1},
         run_config=tune.RunConfig(
             name=name,
-            storage_path=str(storage_path),
+            storage_path=os.environ.get("SSR_RAY_STORAGE") or str(storage_path),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             verbose=0,
             callbacks=[progress_callback(len(values), progress, key)]

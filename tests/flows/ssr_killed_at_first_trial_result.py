@@ -16,8 +16,8 @@ from ssr_tasks import ray_grid
 product_callback = ray_grid.progress_callback
 
 
-def progress_callback(n_trials, progress):
-    callback = product_callback(n_trials, progress)
+def progress_callback(n_trials, progress, *args, **kwargs):
+    callback = product_callback(n_trials, progress, *args, **kwargs)
     on_trial_result = callback.on_trial_result
 
     def killed_after(*args, **kwargs):
