@@ -42,5 +42,10 @@ def test_deployment_run_from_the_cli(services_env):
                                env=env, capture_output=True, text=True, timeout=120)
         assert "fewshot-results" in check.stdout and "fewshot-report" in check.stdout, check.stdout + check.stderr
         assert "fewshot-mlflow-run" in check.stdout, check.stdout  # a link artifact to the MLflow run
+        # against a server it did not start (PREFECT_API_URL set), `ssr services start` keeps
+        # the existing pool and deployments
+        again = subprocess.run([ssr_bin, "services", "start", "--no-worker", "--no-mlflow-ui"], env=env,
+                               capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0 and "deployments: not changed on this server" in again.stdout, again.stdout + again.stderr
     finally:
         subprocess.run([ssr_bin, "services", "stop"], env=env, capture_output=True, timeout=120)
