@@ -33,7 +33,6 @@ __all__ = [
     "unit_rows",
     "cosine_from_gram",
     "gram_matrix",
-    "cosine_similarity_matrix",
     "two_set_cosine",
     "kept_pair_positions",
     "fewshot_pair_positions",
@@ -87,18 +86,6 @@ def cosine_from_gram(gram: torch.Tensor) -> torch.Tensor:
 def gram_matrix(nodes: torch.Tensor) -> torch.Tensor:
     """``nodes nodes^T``: (E, M, D) -> (E, M, M)."""
     return torch.bmm(nodes, nodes.transpose(1, 2))
-
-
-def cosine_similarity_matrix(nodes: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every pair of nodes.
-
-    Args:
-        nodes: features of shape (E, M, D).
-
-    Returns:
-        A of shape (E, M, M), ``A[e, i, j] = cos(nodes[e, i], nodes[e, j])`` (eps 1e-12).
-    """
-    return cosine_from_gram(gram_matrix(nodes))
 
 
 def two_set_cosine(first: torch.Tensor, second: torch.Tensor, second_gram: torch.Tensor | None = None) -> torch.Tensor:
