@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
 from ssr_model.baselines import PEER_METHODS
 
@@ -47,6 +47,16 @@ def query_balance_alpha(value: str) -> float | None:
     if not (alpha > 0 and math.isfinite(alpha)):
         raise ValueError(f"query_balance: Dirichlet alpha must be a finite number > 0, got {value!r}")
     return alpha
+
+
+def _krecip_lambdas(v: list[float]) -> list[float]:
+    if not v or any(not 0.0 <= x <= 1.0 for x in v):
+        raise ValueError(f"krecip_lambda: expected values in [0, 1], got {v}")
+    return v
+
+
+# The k-reciprocal lambda grid of both pipelines: a non-empty list of values in [0, 1].
+KrecipLambdas = Annotated[list[float], AfterValidator(_krecip_lambdas)]
 
 
 class _Params(BaseModel):
@@ -118,8 +128,8 @@ class FewShotParams(_Params):
         "(paper: balanced)")
     krecip_k1: list[int] = Field(default_factory=lambda: [10, 20, 30], description="k-reciprocal k1 grid (paper: 10, 20, 30)")
     krecip_k2: list[int] = Field(default_factory=lambda: [5, 10, 15], description="k-reciprocal k2 grid (paper: 5, 10, 15)")
-    krecip_lambda: list[float] = Field(default_factory=lambda: [0.2, 0.5, 0.8],
-                                       description="k-reciprocal lambda grid (paper: 0.2, 0.5, 0.8)")
+    krecip_lambda: KrecipLambdas = Field(default_factory=lambda: [0.2, 0.5, 0.8],
+                                         description="k-reciprocal lambda grid (paper: 0.2, 0.5, 0.8)")
     n_eval_actors: int = Field(0, ge=0, description="0: one per free CPU (GPU when present) (paper: one GPU)")
     seed: int = Field(0, description="Seed of episodes and initialisation (paper: 300)")
     device: Device = Field("auto", description="auto: CUDA when Ray sees a GPU (paper: one GPU)")
@@ -130,13 +140,6 @@ class FewShotParams(_Params):
     def _shots_positive(cls, v: list[int]) -> list[int]:
         if not v or any(s < 1 for s in v):
             raise ValueError(f"eval_shots: expected a non-empty list of integers >= 1, got {v}")
-        return v
-
-    @field_validator("krecip_lambda")
-    @classmethod
-    def _lambda_range(cls, v: list[float]) -> list[float]:
-        if not v or any(not 0.0 <= x <= 1.0 for x in v):
-            raise ValueError(f"krecip_lambda: expected values in [0, 1], got {v}")
         return v
 
     @field_validator("methods")
@@ -221,7 +224,7 @@ class RetrievalParams(_Params):
     qe_n_grid: list[int] = Field(default_factory=lambda: [1, 3, 5, 7, 9], description="Query expansion: top-n items tried")
     krecip_pairs: list[tuple[int, int]] = Field(
         default_factory=lambda: [(40, 20), (80, 40), (160, 80)], description="k-reciprocal (k1, k2) pairs tried")
-    krecip_lambda: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5], description="k-reciprocal lambdas tried")
+    krecip_lambda: KrecipLambdas = Field(default_factory=lambda: [0.1, 0.3, 0.5], description="k-reciprocal lambdas tried")
     shard_size: int = Field(1000, ge=1, description="Queries per Parquet shard of the top-K stores (paper: not used)")
     n_rerank_actors: int = Field(0, ge=0, description="0: one per free CPU (GPU when present)")
     seed: int = Field(0, description="Seed of sequences and initialisation (paper: not given)")
@@ -233,13 +236,6 @@ class RetrievalParams(_Params):
     def _qe_grid(cls, v: list[int]) -> list[int]:
         if not v or any(n < 1 for n in v):
             raise ValueError(f"qe_n_grid: expected a non-empty list of integers >= 1, got {v}")
-        return v
-
-    @field_validator("krecip_lambda")
-    @classmethod
-    def _krecip_lambda(cls, v: list[float]) -> list[float]:
-        if not v or any(not 0.0 <= x <= 1.0 for x in v):
-            raise ValueError(f"krecip_lambda: expected values in [0, 1], got {v}")
         return v
 
     @model_validator(mode="after")

@@ -171,7 +171,7 @@ class Episode:
     query: np.ndarray
 
 
-def _resolve(split: SplitIndex, raw: object, json_path: Path, ep_no: int, key: str) -> int:
+def _resolve(split: SplitIndex, raw: object, json_path: Path, ep_no: int, key: str, source: str) -> int:
     if not isinstance(raw, str):
         raise DatasetLayoutError(f"{json_path}: episode {ep_no}: {key} entry {raw!r} is not a path string")
     parts = [p for p in raw.replace("\\", "/").split("/") if p and p != "."]
@@ -180,7 +180,7 @@ def _resolve(split: SplitIndex, raw: object, json_path: Path, ep_no: int, key: s
         idx = split.index_of("/".join(parts[start:]))
         if idx is not None:
             return idx
-    raise DatasetLayoutError(f"{json_path}: episode {ep_no}: {key} image '{raw}' not found in {split.root}")
+    raise DatasetLayoutError(f"{json_path}: episode {ep_no}: {key} image '{raw}' not found in {source}")
 
 
 def _rows(obj: dict, key: str, json_path: Path, ep_no: int) -> list[list]:
@@ -194,29 +194,43 @@ def _rows(obj: dict, key: str, json_path: Path, ep_no: int) -> list[list]:
     return rows
 
 
-def read_episode_json(json_path: str | os.PathLike, split: SplitIndex) -> list[Episode]:
+def read_episode_json(json_path: str | os.PathLike, split: SplitIndex, *, limit: int | None = None,
+                      source: str | None = None) -> list[Episode]:
     """Read SIB fixed episodes: a JSON list of ``{"Support": [[path] * n_shot] * n_way,
-    "Query": [[path] * n_query] * n_way}``, paths relative to the split folder."""
+    "Query": [[path] * n_query] * n_way}``, paths relative to the split folder (any prefix
+    before ``<class>/<image>`` is accepted).
+
+    The one reader of this format; ``split`` may also index the rows of a features table
+    (their paths, labels and classes). limit: read only the first ``limit`` episodes
+    (None: all). source: what the paths are looked up in, for error messages (default: the
+    split folder). Every way must hold one class; episodes may differ in n_way, n_shot and
+    n_query. Raises DatasetLayoutError / CorruptFileError naming the file, the episode and
+    what was expected.
+    """
     json_path = Path(json_path)
+    source = source or str(split.root)
     try:
         data = json.loads(json_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DatasetLayoutError(f"{json_path}: episode file not found") from None
+    except OSError as exc:
+        raise DatasetLayoutError(f"{json_path}: episode file not readable ({exc.strerror or exc})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptFileError(f"{json_path}: not valid JSON ({exc})") from exc
     if not isinstance(data, list) or not data:
-        raise DatasetLayoutError(f"{json_path}: expected a non-empty JSON list of episodes")
-    episodes = []
-    for ep_no, obj in enumerate(data):
+        got = "an empty list" if isinstance(data, list) else type(data).__name__
+        raise DatasetLayoutError(f"{json_path}: expected a non-empty JSON list of episodes, got {got}")
+    episodes: list[Episode] = []
+    for ep_no, obj in enumerate(data[:limit]):
         if not isinstance(obj, dict):
             raise DatasetLayoutError(f"{json_path}: episode {ep_no}: expected an object with 'Support' and 'Query'")
         support_rows, query_rows = _rows(obj, "Support", json_path, ep_no), _rows(obj, "Query", json_path, ep_no)
         if len(support_rows) != len(query_rows):
             raise DatasetLayoutError(f"{json_path}: episode {ep_no}: 'Support' has {len(support_rows)} "
                                      f"classes, 'Query' has {len(query_rows)}")
-        support = np.array([[_resolve(split, p, json_path, ep_no, "Support") for p in r] for r in support_rows],
+        support = np.array([[_resolve(split, p, json_path, ep_no, "Support", source) for p in r] for r in support_rows],
                            dtype=np.int64)
-        query = np.array([[_resolve(split, p, json_path, ep_no, "Query") for p in r] for r in query_rows],
+        query = np.array([[_resolve(split, p, json_path, ep_no, "Query", source) for p in r] for r in query_rows],
                          dtype=np.int64)
         for w in range(len(support)):
             labels = np.unique(np.concatenate([split.labels[support[w]], split.labels[query[w]]]))
@@ -225,7 +239,6 @@ def read_episode_json(json_path: str | os.PathLike, split: SplitIndex) -> list[E
                 raise DatasetLayoutError(f"{json_path}: episode {ep_no}: way {w} mixes classes {names}")
         episodes.append(Episode(support, query))
     return episodes
-
 
 
 def val_episodes_name(n_way: int = 5, n_shot: int = 1, n_query: int = 15) -> str:

@@ -8,7 +8,6 @@ Imbalanced test episodes (``sample_dirichlet_episodes``) carry their query label
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from storage.features import read_features
+from storage.fewshot import SplitIndex, read_episode_json
 
 
 @dataclass(frozen=True)
@@ -157,30 +157,22 @@ def repeated_query_fraction(episodes: EpisodeIndices) -> float:
     return float(np.mean([1 - len(np.unique(row)) / len(row) for row in flat])) if len(flat) else 0.0
 
 
-def episodes_from_json(split: SplitFeatures, json_path: Path, limit: int | None = None) -> EpisodeIndices:
-    """Map SIB fixed episodes (paths relative to the split folder) onto feature rows."""
+def fixed_episodes(split: SplitFeatures, json_path: Path, limit: int | None = None) -> EpisodeIndices:
+    """SIB fixed episodes (``storage.fewshot.read_episode_json``, the first ``limit`` of them)
+    as rows of ``split``, matched on the features table's ``path`` column: support
+    (E, n_way, n_shot), query (E, n_way, n_query); every episode must have the same shape."""
     if split.paths is None:
         raise ValueError(f"{json_path}: the features table has no 'path' column to match episodes against")
-    where = {p: i for i, p in enumerate(split.paths)}
-    try:
-        raw = json.loads(Path(json_path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{json_path}: not a readable episode JSON file ({exc})") from None
-    if not isinstance(raw, list) or not raw:
-        raise ValueError(f"{json_path}: expected a non-empty JSON list of episodes, got {type(raw).__name__}")
-    sup, qry = [], []
-    for e, ep in enumerate(raw[: limit or None]):
-        if not isinstance(ep, dict) or not {"Support", "Query"} <= set(ep):
-            raise ValueError(f"{json_path}: episode {e}: expected an object with 'Support' and 'Query' lists of paths")
-        try:
-            sup.append([[where[p] for p in row] for row in ep["Support"]])
-            qry.append([[where[p] for p in row] for row in ep["Query"]])
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"{json_path}: episode {e} refers to {exc.args[0]!r}, not in the features table") from None
-    try:
-        return EpisodeIndices(np.asarray(sup, np.int64), np.asarray(qry, np.int64))
-    except ValueError:
-        raise ValueError(f"{json_path}: episodes must all have the same n_way and n_shot / n_query per way") from None
+    # The features table's rows stand in for the split folder; no image is opened.
+    rows = SplitIndex(Path(json_path).parent, split.paths, split.labels, split.classes)
+    episodes = read_episode_json(json_path, rows, limit=limit or None,
+                                 source=split.source or "the features table")
+    shapes = [f"{ep.support.shape[0]}-way {ep.support.shape[1]}-shot {ep.query.shape[1]}-query" for ep in episodes]
+    for e, shape in enumerate(shapes):
+        if shape != shapes[0]:
+            raise ValueError(f"{json_path}: episode {e} is {shape}, episode 0 {shapes[0]} (expected the same n_way, "
+                             "n_shot and n_query in every episode)")
+    return EpisodeIndices(np.stack([ep.support for ep in episodes]), np.stack([ep.query for ep in episodes]))
 
 
 def gather(split: SplitFeatures, episodes: EpisodeIndices, device: torch.device | str = "cpu"):

@@ -14,7 +14,7 @@ from ssr_tasks.backbone import load_backbone, spec_name
 from ssr_tasks.config import FewShotParams
 from ssr_tasks.device import cluster_device, local_device
 from ssr_model.baselines import PEER_METHODS
-from ssr_tasks.fewshot.episodes import (episodes_from_json, load_split, repeated_query_fraction, sample_dirichlet_episodes,
+from ssr_tasks.fewshot.episodes import (fixed_episodes, load_split, repeated_query_fraction, sample_dirichlet_episodes,
                                         sample_episodes)
 from ssr_tasks.fewshot.evaluate import krecip_key
 from ssr_tasks.fewshot.handoffs import (FewShotData, FewShotModel, FewShotTrial, FewShotTrials, KReciprocal, MethodCostRow,
@@ -84,7 +84,7 @@ def validation_episodes(params: FewShotParams, features: Features, data: FewShot
     """Fixed validation episodes as index arrays (.npz): the SIB JSON when present, else seeded."""
     val = load_split(Path(features.path), "val")
     if data.val_episodes_json:
-        eps = episodes_from_json(val, Path(data.val_episodes_json), limit=params.n_val_episodes)
+        eps = fixed_episodes(val, Path(data.val_episodes_json), limit=params.n_val_episodes)
     else:
         eps = sample_episodes(val, params.n_val_episodes, params.n_way, params.n_shot_train, params.n_query, seed=10_000 + params.seed)
     out = Path(work_dir) / f"val-episodes-{short_hash([features.path, data.val_episodes_json, params.n_val_episodes])}.npz"

@@ -22,7 +22,7 @@ import torch
 
 from ssr_model.backbones import build_backbone
 from ssr_tasks.backbone import load_backbone
-from ssr_tasks.fewshot.episodes import episodes_from_json, load_split, sample_episodes
+from ssr_tasks.fewshot.episodes import fixed_episodes, load_split, sample_episodes
 from ssr_tasks.fewshot.evaluate import FewShotEvaluator
 from ssr_tasks.fewshot.handoffs import FewShotModel
 from ssr_tasks.fewshot.train import TrainConfig
@@ -116,10 +116,14 @@ def test_features_of_the_wrong_dimension_for_the_model(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ([{"Support": [["c0/0.png"], ["c1/1.png"]], "Query": [["c0/3.png"], ["c9/404.png"]]}],
-     r"eps\.json: episode 0 refers to 'c9/404\.png', not in the features table"),
-    ([{"Support": [["c0/0.png"]]}], r"eps\.json: episode 0: expected an object with 'Support' and 'Query'"),
+     r"eps\.json: episode 0: Query image 'c9/404\.png' not found in .*feat\.parquet, split 'val'"),
+    ([{"Support": [["c0/0.png"]]}], r"eps\.json: episode 0: 'Query' must be a non-empty list of non-empty lists"),
+    (["c0/0.png"], r"eps\.json: episode 0: expected an object with 'Support' and 'Query'"),
     ({"Support": []}, r"eps\.json: expected a non-empty JSON list of episodes, got dict"),
-    ("{not json", r"eps\.json: not a readable episode JSON file"),
+    ("{not json", r"eps\.json: not valid JSON"),
+    ([{"Support": [["c0/0.png"], ["c1/1.png"]], "Query": [["c0/3.png"], ["c1/4.png"]]},
+      {"Support": [["c0/0.png", "c0/3.png"], ["c1/1.png", "c1/4.png"]], "Query": [["c0/6.png"], ["c1/7.png"]]}],
+     r"eps\.json: episode 1 is 2-way 2-shot 1-query, episode 0 2-way 1-shot 1-query \(expected the same n_way"),
 ])
 def test_bad_episode_json(tmp_path, content, message):
     ids, labels, splits, emb = good_rows()
@@ -127,7 +131,14 @@ def test_bad_episode_json(tmp_path, content, message):
     val = load_split(raw_features(tmp_path / "feat.parquet", ids, labels, splits, emb, paths), "val")
     (tmp_path / "eps.json").write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(ValueError, match=message):
-        episodes_from_json(val, tmp_path / "eps.json")
+        fixed_episodes(val, tmp_path / "eps.json")
+
+
+def test_episode_json_needs_the_path_column(tmp_path):
+    val = load_split(raw_features(tmp_path / "feat.parquet", *good_rows()), "val")
+    (tmp_path / "eps.json").write_text(json.dumps([{"Support": [["c0/0.png"]], "Query": [["c0/3.png"]]}]))
+    with pytest.raises(ValueError, match=r"eps\.json: the features table has no 'path' column to match episodes"):
+        fixed_episodes(val, tmp_path / "eps.json")
 
 
 # ---- checkpoints -------------------------------------------------------------------------------

@@ -170,3 +170,28 @@ def test_episode_json_errors(tmp_path):
     path.write_text("[{")
     with pytest.raises(CorruptFileError, match=r"eps\.json: not valid JSON"):
         read_episode_json(path, idx)
+    path.write_text(json.dumps([good, {**good, "Support": [["class0/img00.png", 3], ["class1/img00.png", 4]]}]))
+    with pytest.raises(DatasetLayoutError, match=r"episode 1: Support entry 3 is not a path string"):
+        read_episode_json(path, idx)
+    for content, got in (({"Support": []}, "dict"), ([], "an empty list")):
+        path.write_text(json.dumps(content))
+        with pytest.raises(DatasetLayoutError, match=rf"eps\.json: expected a non-empty JSON list of episodes, got {got}"):
+            read_episode_json(path, idx)
+    with pytest.raises(DatasetLayoutError, match=r"absent\.json: episode file not found"):
+        read_episode_json(tmp_path / "absent.json", idx)
+    with pytest.raises(DatasetLayoutError, match=r"val: episode file not readable"):
+        read_episode_json(tmp_path / "val", idx)
+
+
+def test_episode_json_limit_and_source(tmp_path):
+    make_split(tmp_path, n_classes=2, n_images=3)
+    idx = list_split(tmp_path, "val")
+    good = {"Support": [["class0/img00.png"], ["class1/img00.png"]], "Query": [["class0/img01.png"], ["class1/img01.png"]]}
+    path = tmp_path / "eps.json"
+    path.write_text(json.dumps([good, good, {"Support": "broken"}]))
+    assert len(read_episode_json(path, idx, limit=2)) == 2  # episodes past the limit are not read
+    path.write_text(json.dumps([{**good, "Query": [["class0/img01.png"], ["class1/gone.png"]]}]))
+    with pytest.raises(DatasetLayoutError, match=rf"Query image 'class1/gone.png' not found in {tmp_path / 'val'}$"):
+        read_episode_json(path, idx)
+    with pytest.raises(DatasetLayoutError, match=r"Query image 'class1/gone.png' not found in feat.parquet, split 'val'$"):
+        read_episode_json(path, idx, source="feat.parquet, split 'val'")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssr_tasks.fewshot.episodes import episodes_from_json, load_split, sample_episodes
+from ssr_tasks.fewshot.episodes import fixed_episodes, load_split, sample_episodes
 from ssr_tasks.fewshot.train import TrainConfig, train_curriculum
 
 
@@ -38,16 +38,19 @@ def test_sample_episodes_refuses_too_small_split(synthetic_features):
         sample_episodes(val, 1, 3, 15, 10, seed=0)
 
 
-def test_episodes_from_json_maps_paths_and_names_missing(tmp_path, synthetic_features):
+def test_fixed_episodes_maps_paths_and_names_missing(tmp_path, synthetic_features):
     val = load_split(synthetic_features, "val")
-    good = [{"Support": [["val-c0/0.png"], ["val-c1/0.png"]], "Query": [["val-c0/1.png"], ["val-c1/1.png"]]}]
+    good = [{"Support": [["val-c0/0.png"], ["val-c1/0.png"]], "Query": [["val-c0/1.png"], ["val/val-c1/1.png"]]}] * 3
     (tmp_path / "eps.json").write_text(json.dumps(good))
-    eps = episodes_from_json(val, tmp_path / "eps.json")
-    assert val.paths[eps.support[0, 1, 0]] == "val-c1/0.png"
+    eps = fixed_episodes(val, tmp_path / "eps.json")
+    assert eps.support.shape == (3, 2, 1) and eps.query.shape == (3, 2, 1) and eps.query_labels is None
+    assert val.paths[eps.support[0, 1, 0]] == "val-c1/0.png" and val.paths[eps.query[0, 1, 0]] == "val-c1/1.png"
+    assert len(fixed_episodes(val, tmp_path / "eps.json", limit=2)) == 2
     bad = [{"Support": [["val-c0/0.png"], ["nope/9.png"]], "Query": [["val-c0/1.png"], ["val-c1/1.png"]]}]
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match=r"bad.json: episode 0 refers to 'nope/9.png'"):
-        episodes_from_json(val, tmp_path / "bad.json")
+    with pytest.raises(ValueError, match=r"bad.json: episode 0: Support image 'nope/9.png' not found in .*"
+                                         r"features.parquet, split 'val'"):
+        fixed_episodes(val, tmp_path / "bad.json")
 
 
 def test_curriculum_trains_each_stage_from_previous_best(tmp_path, synthetic_features):
