@@ -1,7 +1,6 @@
 """Ray side of the few-shot track: the Tune trainable of SSR training and the evaluation actor pool."""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -16,17 +15,17 @@ from ssr_tasks.handoffs import TrialTracking
 from ssr_tasks.backbone import load_backbone
 from ssr_tasks.fewshot.train import TrainConfig, train_curriculum
 from ssr_tasks.fewshot.train_features import TrainAugment, training_source
-from ssr_tasks.ray_grid import SUMMARY, run_grid, trial_dir
+from ssr_tasks.ray_grid import TrialWorkspace, run_grid
 from ssr_tasks.services import pool_size
-from storage.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 
 def fewshot_trial(config: dict) -> None:
-    """Ray Tune function trainable: the steps curriculum for one lr_dni (config: see ``run_grid``)."""
-    from ray import tune  # Ray is heavy and only needed where a grid runs
+    """Ray Tune function trainable: the steps curriculum for one lr_dni (config: see ``run_grid``).
 
+    It trains in a ``TrialWorkspace``: every validation is reported with the stages' files
+    as a Tune checkpoint, and a restarted or restored trial resumes from the latest one."""
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     cfg = TrainConfig(**{**config["train"], "lr_dni": float(config["lr_dni"])})
     train = load_split(Path(config["features"]), "train")
@@ -38,16 +37,19 @@ def fewshot_trial(config: dict) -> None:
                              data_root=config.get("data_root"), dataset=config.get("spec"), device=config["device"])
     val = load_split(Path(config["features"]), "val")
     val_eps = EpisodeIndices.load(Path(config["val_episodes"]))
-    out = trial_dir(Path(config["ckpt_root"]), cfg.lr_dni)
     total = cfg.iterations_first + (cfg.max_steps - 1) * cfg.iterations_next
 
-    def report(row: dict) -> None:
-        done = row["iteration"] + (0 if row["steps"] == 1 else cfg.iterations_first + (row["steps"] - 2) * cfg.iterations_next)
-        tune.report({**row, "progress": done / total})
+    with TrialWorkspace() as ws:
+        if ws.resumed:
+            log.info("trial lr_dni=%g: resuming from its last Tune checkpoint", cfg.lr_dni)
 
-    summary = train_curriculum(cfg, source, val, val_eps, out, device=config["device"], report=report)
-    atomic_write_text(out / SUMMARY, json.dumps(summary))
-    tune.report({"best_val_acc": summary["best_val"], "best_steps": summary["best_steps"], "done": 1, "progress": 1.0})
+        def report(row: dict) -> None:
+            done = row["iteration"] + (0 if row["steps"] == 1 else cfg.iterations_first + (row["steps"] - 2) * cfg.iterations_next)
+            ws.report({**row, "progress": done / total})
+
+        summary = train_curriculum(cfg, source, val, val_eps, ws.path, device=config["device"], report=report)
+        ws.finish(summary, {"best_val_acc": summary["best_val"], "best_steps": summary["best_steps"], "done": 1,
+                            "progress": 1.0})
 
 
 def run_trials(base: TrainConfig, lr_grid: Sequence[float], features: Path, val_episodes: Path, ckpt_root: Path,

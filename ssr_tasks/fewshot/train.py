@@ -92,8 +92,8 @@ def train_stage(
     stage_dir.mkdir(parents=True, exist_ok=True)
     done = stage_dir / "done.json"
     summary = finished(done)
-    if summary is not None:
-        return summary
+    if summary is not None:  # its folder may have moved (a restored Tune checkpoint): the path is the folder's
+        return {**summary, "best_path": str(stage_dir / "best.pt")}
     iterations, lr, decay_at = cfg.stage_schedule(steps)
     model = cfg.build(steps).to(device)
     if init_state is not None:

@@ -4,7 +4,6 @@ The re-ranking actor pool is in ``ssr_tasks.retrieval.rerank`` next to its plain
 """
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -12,25 +11,24 @@ from typing import Callable, Sequence
 import torch
 
 from ssr_tasks.handoffs import TrialTracking
-from ssr_tasks.ray_grid import SUMMARY, run_grid, trial_dir
+from ssr_tasks.ray_grid import TrialWorkspace, run_grid
 from ssr_tasks.retrieval.handoffs import RetrievalTrial
 from ssr_tasks.retrieval.train import RetrievalTrainConfig, load_training_data, train_retrieval
-from storage.atomic import atomic_write_text
 
 
 def retrieval_trial(config: dict) -> None:
-    """Ray Tune function trainable: retrieval SSR training for one lr_dni (config: see ``run_grid``)."""
-    from ray import tune  # Ray is heavy and only needed where a grid runs
+    """Ray Tune function trainable: retrieval SSR training for one lr_dni (config: see ``run_grid``).
 
+    It trains in a ``TrialWorkspace``: every validation is reported with the loop's files
+    as a Tune checkpoint, and a restarted or restored trial resumes from the latest one."""
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     cfg = RetrievalTrainConfig(**{**config["train"], "lr_dni": float(config["lr_dni"])})
     emb, labels, val = load_training_data(Path(config["features"]), cfg)
-    out = trial_dir(Path(config["ckpt_root"]), cfg.lr_dni)
-    summary = train_retrieval(cfg, emb, labels, val, out, device=config["device"],
-                              report=lambda row: tune.report({**row, "progress": row["iteration"] / cfg.iterations}))
-    summary["n_train_images"], summary["n_val_queries"] = len(emb), len(val.queries)
-    atomic_write_text(out / SUMMARY, json.dumps(summary))
-    tune.report({"best_val_map": summary["best_val"], "done": 1, "progress": 1.0})
+    with TrialWorkspace() as ws:
+        summary = train_retrieval(cfg, emb, labels, val, ws.path, device=config["device"],
+                                  report=lambda row: ws.report({**row, "progress": row["iteration"] / cfg.iterations}))
+        summary = {**summary, "n_train_images": len(emb), "n_val_queries": len(val.queries)}
+        ws.finish(summary, {"best_val_map": summary["best_val"], "done": 1, "progress": 1.0})
 
 
 def run_trials(base: RetrievalTrainConfig, lr_grid: Sequence[float], features: Path, ckpt_root: Path, storage_path: Path,

@@ -1,11 +1,12 @@
 """The flow process SIGKILLed during SSR training, then the same command again.
 
 ``ssr run fewshot --preset reproduce-fewshot-tiny`` runs the flow in its own process (the
-Ray driver). The killed run goes through ``ssr_killed_at_first_trial_result.py``, which
-kills that process from Tune's driver-side callback, right after a trial reported its
-first validation (its ``last.pt`` is written by then). The rerun
-resumes the trial from that checkpoint and reuses the data, backbone and features; its
-results table and SSR weights equal those of an undisturbed run in another run folder.
+Ray driver). The killed run goes through ``ssr_killed_mid_training.py``, which kills that
+process from Tune's driver-side callback when a trial reports its second validation (its
+first Tune checkpoint is recorded by then). The rerun restores the Tune experiment
+(``Tuner.restore``), the trial resumes from that checkpoint, and the data, backbone and
+features are reused; its results table and SSR weights equal those of an undisturbed run in
+another run folder.
 
 A SIGKILLed flow process leaves orphans behind: Prefect's temporary API server and Ray's
 dashboard and runtime-env agents (Ray's GCS, raylet and workers die with the driver). The
@@ -14,6 +15,7 @@ pipes, because the orphans keep inherited pipes open.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -25,7 +27,7 @@ import pytest
 import torch
 
 SSR = [str(Path(sys.executable).parent / "ssr")]
-SSR_KILLED = [sys.executable, str(Path(__file__).with_name("ssr_killed_at_first_trial_result.py"))]
+SSR_KILLED = [sys.executable, str(Path(__file__).with_name("ssr_killed_mid_training.py"))]
 _GROUPS: list[int] = []  # process groups of the runs, reaped at the end
 
 
@@ -94,7 +96,7 @@ def _kill_and_resume(tmp_path: Path, ssr_home: Path) -> None:
     home = _home(tmp_path, "killed", ssr_home)
     killed = _run(home, SSR_KILLED)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert list(home.rglob("steps1/last.pt")) and not list(home.rglob("summary.json"))  # mid-training
+    assert list(home.rglob("checkpoint_*/steps1/last.pt")) and not list(home.rglob("summary.json"))  # mid-training
     assert not _table(killed.stdout)
     cached = sorted(home.rglob("features*.parquet")) + sorted((home / "backbones").glob("*.pt"))
     assert len(cached) == 2
@@ -104,7 +106,11 @@ def _kill_and_resume(tmp_path: Path, ssr_home: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _table(resumed.stdout) == _table(clean.stdout)
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # backbone and features reused, not redone
-    import json
+    assert "resuming the Tune experiment" in resumed.stdout + resumed.stderr
+    # Resumed, not restarted: the first validation of steps 1 is in Tune's record of the trial once.
+    [record] = home.rglob("ray_results/*/*/result.json")
+    reported = [(r["steps"], r["iteration"]) for r in map(json.loads, record.read_text().splitlines()) if "val_acc" in r]
+    assert reported.count(reported[0]) == 1 and reported[0][0] == 1, reported
 
     [a_sum], [b_sum] = list(clean_home.rglob("trials/*/summary.json")), list(home.rglob("trials/*/summary.json"))
     a_s, b_s = json.loads(a_sum.read_text()), json.loads(b_sum.read_text())

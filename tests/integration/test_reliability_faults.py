@@ -10,6 +10,7 @@ out-of-memory kill or a lost node would.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -202,15 +203,20 @@ def test_killed_tune_trial_resumes_to_the_undisturbed_model(synthetic_features, 
 
     marker = killing_fewshot_trials / "fewshot-trial-after-validation"
     marker.touch()
-    ckpts = tmp_path / "trials"
-    with pytest.raises(RuntimeError, match=r"1 trial\(s\) of fewshot-ssr failed"):
-        run_trials(cfg, [0.01], synthetic_features, tmp_path / "val.npz", ckpts, tmp_path / "ray", max_failures=0)
+    ckpts, storage = tmp_path / "trials", tmp_path / "ray"
+    with pytest.raises(RuntimeError, match=r"1 trial\(s\) of fewshot-ssr-\w+ failed"):
+        run_trials(cfg, [0.01], synthetic_features, tmp_path / "val.npz", ckpts, storage, max_failures=0)
     assert not marker.exists()
-    tdir = trial_dir(ckpts, 0.01)
-    assert (tdir / "steps1" / "last.pt").exists() and not (tdir / "summary.json").exists()
-    assert torch.load(tdir / "steps1" / "last.pt", weights_only=True)["done"] == 4  # killed after the first validation
+    assert not trial_dir(ckpts, 0.01).exists()  # only finished trials land there
+    # The trial's last Tune checkpoint: its workspace after the first validation (killed right after it).
+    [last] = storage.glob("fewshot-ssr-*/*/checkpoint_*/steps1/last.pt")
+    assert torch.load(last, weights_only=True)["done"] == 4
 
-    [resumed] = run_trials(cfg, [0.01], synthetic_features, tmp_path / "val.npz", ckpts, tmp_path / "ray", max_failures=0)
+    [resumed] = run_trials(cfg, [0.01], synthetic_features, tmp_path / "val.npz", ckpts, storage, max_failures=0)
+    # Restored, not restarted: Tune's record of the trial's reports holds each validation once.
+    [record] = storage.glob("fewshot-ssr-*/*/result.json")
+    reported = [(r["steps"], r["iteration"]) for r in map(json.loads, record.read_text().splitlines()) if "val_acc" in r]
+    assert reported == [(1, 4), (1, 8), (2, 4)]
     assert resumed.best_val == pytest.approx(clean["best_val"]) and resumed.best_steps == clean["best_steps"]
     a = torch.load(clean["best_path"], weights_only=True)
     b = torch.load(resumed.best_path, weights_only=True)
