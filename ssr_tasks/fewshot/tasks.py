@@ -72,7 +72,7 @@ def released_model(params: FewShotParams, work_dir: str) -> ReleasedModel:
 def extract_features(params: FewShotParams, data: FewShotData, backbone: Backbone, work_dir: str) -> Features:
     """Features of the train, val and test splits in one features table."""
     splits = ("train", "val", "test")
-    out = Path(work_dir) / f"features-{short_hash([backbone.path, splits])}.parquet"
+    out = Path(work_dir) / f"features-{short_hash([backbone.path, data.root, splits])}.parquet"  # data.root: another copy, other features
     get_run_logger().info("features: extracting %s into %s", ", ".join(splits), out.name)
     path = extract_features_to(Path(data.root), spec_name(params.dataset), backbone.name, Path(backbone.path), out,
                                splits=splits, device=local_device(params.device))

@@ -57,11 +57,15 @@ def marks(tmp_path):
     return path
 
 
-def test_a_retried_trial_resumes_from_its_last_checkpoint(ray_local, tmp_path, marks):
+@pytest.mark.parametrize("uri", [False, True], ids=["folder", "storage-uri"])
+def test_a_retried_trial_resumes_from_its_last_checkpoint(ray_local, tmp_path, marks, monkeypatch, uri):
+    if uri:  # SSR_RAY_STORAGE as a URI (pyarrow's file system of file://, as s3:// would be)
+        monkeypatch.setenv("SSR_RAY_STORAGE", f"file://{tmp_path / 'bucket'}")
     (marks / "fail-1-at-3").touch()
     done = tune_grid(make_counting_trainable(), "x", [1], {"marks": str(marks)}, "retry", tmp_path / "ray",
                      max_failures=1)
     assert starts(marks, 1) == 2 and not (marks / "fail-1-at-3").exists()
+    assert list((tmp_path / ("bucket" if uri else "ray") / "retry").glob("*/checkpoint_*"))
     done[1].to_directory(str(tmp_path / "got"))
     summary = json.loads((tmp_path / "got" / SUMMARY).read_text())
     assert summary == {"best_path": "model.txt", "resumed_at": 2}  # steps 1-2 were not run again
