@@ -45,6 +45,7 @@ def pipeline_run(kind: Literal["fewshot", "retrieval"], params: FewShotParams | 
     work = run_dir / kind / f"{params.dataset}-{params.backbone}-seed{params.seed}"
     work.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(f"ssr-{kind}", run_dir)
+    tracker.close_orphans()  # runs a killed earlier flow process left RUNNING
     with tracker.run(f"{kind}-{params.dataset}-{params.backbone}", tags=tags) as parent:
         tracker.log_params(params.model_dump())
         tracker.log_dict(params.model_dump(), "config.json")

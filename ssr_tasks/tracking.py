@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 import urllib.parse
 from pathlib import Path
@@ -134,7 +135,8 @@ def live_trial_callback(tracking: TrialTracking, key: str):
             if trial.trial_id in self.runs:
                 return
             value = trial.config.get(key)
-            tags = {**dict(tracking.tags), "mlflow.parentRunId": tracking.parent_run_id, "ssr.trial": f"{key}={value:g}"}
+            tags = {**dict(tracking.tags), "mlflow.parentRunId": tracking.parent_run_id, "ssr.trial": f"{key}={value:g}",
+                    PROCESS_TAG: process_tag()}
             run = client.create_run(tracking.experiment_id, run_name=f"trial {key}={value:g}", tags=tags)
             client.log_param(run.info.run_id, key, value)
             self.runs[trial.trial_id] = run.info.run_id
@@ -178,6 +180,48 @@ def forget_deleted_sqlite(uri: str) -> None:
             engine.dispose()
     for registry in (TrackingStoreRegistry, ModelRegistryStoreRegistry):  # the stores built on those engines
         registry._get_store_with_resolved_uri.cache_clear()
+
+
+PROCESS_TAG = "ssr.process"  # "<host>:<pid>:<process start time>" of the process that opened a run
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux ``/proc``); "" where there is
+    no ``/proc``; None when no such process exists."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name may hold spaces
+
+
+def process_tag() -> str:
+    """This process, as ``PROCESS_TAG`` records it (host, pid and start time: a reused pid differs)."""
+    start = _start_time(os.getpid()) if Path("/proc").is_dir() else ""
+    return f"{socket.gethostname()}:{os.getpid()}:{start or ''}"
+
+
+def process_gone(tag: str) -> bool:
+    """Whether the process of a ``PROCESS_TAG`` surely no longer runs: it ran on this host and
+    no process with its pid (and start time, where ``/proc`` tells) exists. Runs opened on
+    other hosts are never judged."""
+    host, _, rest = tag.partition(":")
+    pid_text, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if Path("/proc").is_dir():
+        now = _start_time(pid)
+        return now is None or bool(start and now and now != start)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class Tracker:
@@ -230,7 +274,7 @@ class Tracker:
     def run(self, name: str, tags: Mapping[str, str] | None = None, nested: bool = False) -> Iterator[Any]:
         """Open a run (a child of the innermost open run when ``nested``); it ends FINISHED,
         or FAILED / KILLED when the block raises."""
-        all_tags = dict(tags or {})
+        all_tags = {**dict(tags or {}), PROCESS_TAG: process_tag()}
         if nested and self._open:
             all_tags["mlflow.parentRunId"] = self._open[-1]
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
@@ -245,6 +289,18 @@ class Tracker:
         finally:
             self._open.pop()
             self.client.set_terminated(run.info.run_id, status)
+
+    def close_orphans(self) -> int:
+        """End as KILLED the runs of this experiment still RUNNING whose process is gone (a
+        killed flow process cannot end its runs; see ``process_gone``). Returns how many."""
+        orphans = [r for r in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'",
+                                                      max_results=1000)
+                   if process_gone(r.data.tags.get(PROCESS_TAG, ""))]
+        for r in orphans:
+            self.client.set_terminated(r.info.run_id, "KILLED")
+            log.info("MLflow run %s (%s) was left RUNNING by a process that is gone: ended as KILLED",
+                     r.info.run_id, r.info.run_name)
+        return len(orphans)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param

@@ -107,6 +107,13 @@ def _kill_and_resume(tmp_path: Path, ssr_home: Path) -> None:
     assert _table(resumed.stdout) == _table(clean.stdout)
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # backbone and features reused, not redone
     assert "resuming the Tune experiment" in resumed.stdout + resumed.stderr
+    # The killed process's MLflow runs (the pipeline's and its trial's) were ended as KILLED.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    statuses = sorted(r.info.status for r in runs)
+    assert "RUNNING" not in statuses and statuses.count("KILLED") >= 2, statuses
     # Resumed, not restarted: the first validation of steps 1 is in Tune's record of the trial once.
     [record] = home.rglob("ray_results/*/*/result.json")
     reported = [(r["steps"], r["iteration"]) for r in map(json.loads, record.read_text().splitlines()) if "val_acc" in r]

@@ -88,3 +88,36 @@ def test_two_stores_in_one_process_stay_apart(tmp_path):
     for i, tracker in enumerate(trackers):
         assert [rm.name for rm in tracker.client.search_registered_models()] == [f"m-{i}"]
         assert len(tracker.client.search_runs([tracker.experiment_id])) == 1
+
+
+def test_runs_left_running_by_a_killed_process_are_closed(tracker, tmp_path):
+    """A flow process killed with SIGKILL cannot end its MLflow runs; the next pipeline on the
+    same store ends those of processes that are gone, and only those."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from ssr_tasks.tracking import PROCESS_TAG, process_gone, process_tag
+
+    code = ("import sys; from ssr_tasks.tracking import Tracker; t = Tracker('test-exp', None, tracking_uri=sys.argv[1]); "
+            "cm = t.run('killed'); r = cm.__enter__(); print(r.info.run_id, flush=True); import time; time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, tracker.uri], stdout=subprocess.PIPE, text=True)
+    killed_id = proc.stdout.readline().strip()
+    assert tracker.client.get_run(killed_id).info.status == "RUNNING"
+    assert not process_gone(tracker.client.get_run(killed_id).data.tags[PROCESS_TAG])  # still alive
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    elsewhere = tracker.client.create_run(tracker.experiment_id, run_name="on another host",
+                                          tags={PROCESS_TAG: "another-host-name:1:1"})
+    untagged = tracker.client.create_run(tracker.experiment_id, run_name="opened by another tool")
+    with tracker.run("this process") as mine:
+        assert tracker.close_orphans() == 1
+        statuses = {r: tracker.client.get_run(r).info.status
+                    for r in (killed_id, elsewhere.info.run_id, untagged.info.run_id, mine.info.run_id)}
+    assert statuses == {killed_id: "KILLED", elsewhere.info.run_id: "RUNNING", untagged.info.run_id: "RUNNING",
+                        mine.info.run_id: "RUNNING"}
+    assert process_tag().startswith(f"{socket.gethostname()}:{os.getpid()}:")
+    host, pid, start = process_tag().split(":")
+    assert process_gone(f"{host}:{pid}:{int(start or 0) + 1}")  # the same pid, another process (a reused pid)
