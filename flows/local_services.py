@@ -125,6 +125,12 @@ def start(run_dir: Path | None = None, worker: bool = True, mlflow_ui: bool = Tr
     if own_server or not _pool_exists(env["PREFECT_API_URL"]):
         subprocess.run([_bin("prefect"), "work-pool", "create", POOL, "--type", "process"] + (["--overwrite"] if own_server else []),
                        env=env, check=True, capture_output=True, cwd=PROJECT_DIR)
+        # One flow run at a time on this machine's pool: each starts a local Ray sized to the
+        # machine (runs of other deployments queue too). SSR_POOL_CONCURRENCY=N allows N; 0: no limit.
+        limit = int(os.environ.get("SSR_POOL_CONCURRENCY", "1"))
+        if limit > 0:
+            subprocess.run([_bin("prefect"), "work-pool", "set-concurrency-limit", POOL, str(limit)],
+                           env=env, check=True, capture_output=True, cwd=PROJECT_DIR)
     if deploy and own_server:
         subprocess.run([_bin("prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"],
                        env=env, check=True, capture_output=True, cwd=PROJECT_DIR)

@@ -38,10 +38,13 @@ def test_deployment_run_from_the_cli(services_env):
         assert mv.tags["dataset"] == "glyphs"
         check = subprocess.run([sys.executable, "-c",
                                 "from prefect.client.orchestration import get_client\n"
-                                "with get_client(sync_client=True) as c: print(sorted({a.key for a in c.read_artifacts()}))"],
+                                "with get_client(sync_client=True) as c:\n"
+                                "    print(sorted({a.key for a in c.read_artifacts()}))\n"
+                                "    print('pool limit', c.read_work_pool('ssr-process').concurrency_limit)"],
                                env=env, capture_output=True, text=True, timeout=120)
         assert "fewshot-results" in check.stdout and "fewshot-report" in check.stdout, check.stdout + check.stderr
         assert "fewshot-mlflow-run" in check.stdout, check.stdout  # a link artifact to the MLflow run
+        assert "pool limit 1" in check.stdout, check.stdout  # one flow run at a time on the local pool
         # against a server it did not start (PREFECT_API_URL set), `ssr services start` keeps
         # the existing pool and deployments
         again = subprocess.run([ssr_bin, "services", "start", "--no-worker", "--no-mlflow-ui"], env=env,
