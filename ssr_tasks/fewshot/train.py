@@ -132,8 +132,10 @@ def train_stage(
                      steps, it + 1, iterations, loss.item(), 100 * val_acc, 100 * state.best)
             if report is not None:
                 report({**row, "best_val_acc": state.best})
-    return mark_finished(done, {"steps": steps, "best_val": state.best, "best_path": str(stage_dir / "best.pt"),
-                                "history": state.history})
+    summary = mark_finished(done, {"steps": steps, "best_val": state.best, "best_path": str(stage_dir / "best.pt"),
+                                   "history": state.history})
+    ckpt.remove()  # a finished stage keeps its best weights only (Tune checkpoints copy the folder)
+    return summary
 
 
 def train_curriculum(

@@ -225,8 +225,10 @@ def train_retrieval(cfg: RetrievalTrainConfig, emb: np.ndarray, labels: np.ndarr
             if report is not None:
                 report({"iteration": it + 1, "loss": loss.item(), "val_map": val_map, "best_val_map": state.best})
     best_iteration = max(state.history, key=lambda h: (h["val_map"], -h["iteration"]))["iteration"]
-    return mark_finished(done, {"best_val": state.best, "best_iteration": best_iteration,
-                                "best_path": str(out_dir / "best.pt"), "history": state.history, "config": asdict(cfg)})
+    summary = mark_finished(done, {"best_val": state.best, "best_iteration": best_iteration,
+                                   "best_path": str(out_dir / "best.pt"), "history": state.history, "config": asdict(cfg)})
+    ckpt.remove()  # finished: the best weights are what is kept (Tune checkpoints copy the folder)
+    return summary
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

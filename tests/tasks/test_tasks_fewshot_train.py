@@ -61,6 +61,8 @@ def test_curriculum_trains_each_stage_from_previous_best(tmp_path, synthetic_fea
     assert summary["best_val"] == max(s["best_val"] for s in summary["stages"])
     state = torch.load(summary["best_path"], weights_only=True)
     assert set(state) >= {"scale_cls"} and any(k.startswith("dni_support.") for k in state)
+    # finished stages keep their best weights only (no optimiser state to copy into Tune checkpoints)
+    assert not list((tmp_path / "run").rglob("last.pt")) and len(list((tmp_path / "run").rglob("best.pt"))) == 2
     # a finished curriculum is reused as is
     again = train_curriculum(small_cfg(), train, val, val_eps, tmp_path / "run")
     assert again == summary
