@@ -24,7 +24,7 @@ from ssr_tasks.fewshot.released import unpack_released
 from ssr_tasks.fewshot.train import TrainConfig
 from ssr_tasks.fewshot.train_features import TrainAugment, extract_views
 from ssr_tasks.handoffs import Backbone, Features, TrialTracking, Trials
-from ssr_tasks.taskkit import CACHE, Progress, cached, retry_transient, short_hash
+from ssr_tasks.taskkit import Progress, cached, retry_transient, short_hash
 from storage.features import read_metadata
 from storage.checkpoints import file_sha256
 from storage.fewshot import find_val_episodes, list_split
@@ -55,15 +55,16 @@ def prepare_data(params: FewShotParams, run_dir: str) -> FewShotData:
     return FewShotData(str(root), str(val_json) if val_json and val_json.exists() else None)
 
 
-@task(name="released-model", cache_policy=CACHE, persist_result=True)
+@task(name="released-model", cache_policy=cached("released_checkpoint", "backbone", "dataset", "n_way", "n_query"),
+      persist_result=True)
 def released_model(params: FewShotParams, work_dir: str) -> ReleasedModel:
     """The authors' netSSRBest.pth (``released_checkpoint``) checked and unpacked: backbone
-    and SSR weights; no pretraining and no training follow."""
+    and SSR weights; no pretraining and no training follow. The files are named after the
+    checkpoint's content (``unpack_released``)."""
     released = unpack_released(params.released_checkpoint, params.backbone, spec_name(params.dataset), params.n_way,
                                params.n_query, Path(work_dir))
-    get_run_logger().info("released model %s: %s backbone, SSR with %d steps, hidden %d, run with lr_dni=%g; "
-                          "skipping pretraining and training", released.source, params.backbone, released.steps,
-                          released.hidden, params.lr_dni_grid[0])
+    get_run_logger().info("released model %s: %s backbone, SSR with %d steps, hidden %d; skipping pretraining and "
+                          "training", released.source, params.backbone, released.steps, released.hidden)
     return released
 
 
@@ -93,11 +94,16 @@ def validation_episodes(params: FewShotParams, features: Features, data: FewShot
     return ValidationEpisodes(str(out))
 
 
-def train_config(params: FewShotParams, feat_dim: int) -> TrainConfig:
-    """The training config of the first trial of the grid (each trial replaces lr_dni)."""
+def train_config(params: FewShotParams, feat_dim: int, *, hidden: int | None = None,
+                 max_steps: int | None = None) -> TrainConfig:
+    """The training config of the first trial of the grid (each trial replaces lr_dni).
+
+    hidden, max_steps: given, they replace the params' (a released model brings its own), and
+    those fields of ``params`` are not read."""
     return TrainConfig(
         feat_dim=feat_dim, n_way=params.n_way, n_shot=params.n_shot_train, n_query=params.n_query,
-        hidden=params.hidden, lr_dni=params.lr_dni_grid[0], max_steps=params.max_steps,
+        hidden=params.hidden if hidden is None else hidden, lr_dni=params.lr_dni_grid[0],
+        max_steps=params.max_steps if max_steps is None else max_steps,
         iterations_first=params.iterations_first, iterations_next=params.iterations_next,
         lr_first=params.lr_first, lr_next=params.lr_next, batch_episodes=params.batch_episodes,
         val_every=params.val_every, seed=params.seed,
@@ -195,15 +201,19 @@ def evaluate(params: FewShotParams, features: Features, model: FewShotModel, kre
                       tuple((p, tuple(res.peers[p].tolist())) for p in peers), cost, params.query_balance, repeated)
 
 
-@task(name="validate-released", cache_policy=CACHE, persist_result=True)
+# The fields of train_config but hidden and max_steps (the released model's own replace them):
+# lr_dni_grid[0] is the step size it runs with; the rest are in the trial's config it returns.
+@task(name="validate-released", cache_policy=cached("n_way", "n_shot_train", "n_query", "lr_dni_grid", "iterations_first",
+                                                    "iterations_next", "lr_first", "lr_next", "batch_episodes",
+                                                    "val_every", "seed"), persist_result=True)
 def released_trials(params: FewShotParams, features: Features, val: ValidationEpisodes,
                     released: ReleasedModel) -> FewShotTrials:
     """The released model as the only "trial": its accuracy on the validation episodes is
     its score (the registry's champion rule compares it like a trained one)."""
-    model = released.model(train_config(params, features.dim))
+    model = released.model(train_config(params, features.dim, hidden=released.hidden, max_steps=released.steps))
     res = evaluate_with_pool(Path(features.path), "val", val.load(), model, n_actors=params.n_eval_actors,
                              device=cluster_device(params.device))
     best_val = float(res.ssr_by_step[-1].mean())
-    get_run_logger().info("released model: validation acc %.2f%% (baseline %.2f%%)", 100 * best_val,
-                          100 * float(res.baseline.mean()))
+    get_run_logger().info("released model, run with lr_dni=%g: validation acc %.2f%% (baseline %.2f%%)",
+                          model.config.lr_dni, 100 * best_val, 100 * float(res.baseline.mean()))
     return Trials((FewShotTrial(model.config, (), released.steps, best_val, released.ssr_path),))

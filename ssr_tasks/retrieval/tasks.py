@@ -22,7 +22,7 @@ from ssr_tasks.retrieval.handoffs import (MethodStore, Rankings, Reranked, Retri
 from ssr_tasks.retrieval.ray_jobs import run_trials
 from ssr_tasks.retrieval.rerank import rerank_store
 from ssr_tasks.retrieval.train import RetrievalTrainConfig, load_validation
-from ssr_tasks.taskkit import CACHE, Progress, retry_transient, short_hash
+from ssr_tasks.taskkit import Progress, cached, retry_transient, short_hash
 from storage.checkpoints import file_sha256
 from storage.features import read_features, read_metadata, write_features
 from storage.fewshot import DATASET_SPECS, SplitIndex, list_split
@@ -33,7 +33,8 @@ from storage.landmarks import read_gnd
 log = logging.getLogger(__name__)
 
 
-@task(name="prepare-retrieval-data", cache_policy=CACHE, persist_result=True,
+@task(name="prepare-retrieval-data", cache_policy=cached("dataset", "data_root", "glyphs_size", "data_seed",
+                                                            "holdout_fraction", "holdout_seed"), persist_result=True,
       retries=1, retry_condition_fn=retry_transient)
 def prepare_data(params: RetrievalParams, run_dir: str) -> RetrievalData:
     """The test set and its training data: the built-in glyphs (images, ground truth, training
@@ -66,21 +67,27 @@ def import_landmark_data(params: RetrievalParams, run_dir: str | Path) -> Retrie
                          queries=str(test.query), train=str(train.table))
 
 
-@task(name="extract-retrieval-features", cache_policy=CACHE, persist_result=True,
+@task(name="extract-retrieval-features", cache_policy=cached("dataset", "k", "glyphs_size", "data_seed",
+                                                                "holdout_fraction", "holdout_seed"), persist_result=True,
       retries=1, retry_condition_fn=retry_transient)
 def extract_features(params: RetrievalParams, data: RetrievalData, backbone: Backbone | None,
                      work_dir: str) -> RetrievalFeatures:
     """The test table: split 'database' (ids 0..N-1 in imlist order), 'query' (ids N..); and
     the training table, split 'train' / 'val' (held-out clusters). Glyphs: both in one table
     embedded by ``backbone``; published features: the test table joined from the imported
-    ones, the training table as imported."""
+    ones, the training table as imported.
+
+    The glyph images are rendered into the same folder whatever their seed and size, so the
+    table's name carries ``data_seed`` and ``glyphs_size``: the paths in ``data`` alone would
+    hand back another rendering's features."""
     gt = read_gnd(Path(data.gnd))
     if params.k > len(gt.imlist):
         raise ValueError(f"k: {params.k} is larger than the database ({len(gt.imlist)} images)")
     if not data.needs_backbone:
         return _join_test_tables(data, Path(work_dir), len(gt.imlist), len(gt.qimlist))
     holdout = [params.holdout_fraction, params.holdout_seed]
-    out = Path(work_dir) / f"retrieval-features-{short_hash([backbone.path, asdict(data), holdout])}.parquet"
+    glyphs = [params.data_seed, params.glyphs_size]
+    out = Path(work_dir) / f"retrieval-features-{short_hash([backbone.path, asdict(data), holdout, glyphs])}.parquet"
     if not out.exists():
         _extract(params, data, backbone, gt, out)
     return RetrievalFeatures(str(out), int(read_metadata(out)["dim"]), len(gt.imlist), len(gt.qimlist), str(out))
@@ -158,11 +165,13 @@ def train_ssr(params: RetrievalParams, features: RetrievalFeatures, work_dir: st
     return trials
 
 
-@task(name="rank-methods", cache_policy=CACHE, persist_result=True)
+@task(name="rank-methods", cache_policy=cached("n_val_queries", "seed", "qe_n_grid", "krecip_pairs", "krecip_lambda",
+                                                "k", "shard_size"), persist_result=True)
 def rank_methods(params: RetrievalParams, features: RetrievalFeatures, work_dir: str) -> Rankings:
     """QE's n and the k-reciprocal point chosen on validation (held-out clusters), then the
     initial rankings of every method (features, QE variants, k-reciprocal), each as a top-K
-    store with its query table, plus the database table (row = id) for the re-ranking actors."""
+    store with its query table, plus the database table (row = id) for the re-ranking actors.
+    The stores' folder is named after the features, the choice, the stores' K and shard size."""
     val = load_validation(Path(features.train_path), params.n_val_queries, params.seed, features.dim)
     choice = choose_baselines(val, params.qe_n_grid, krecip_grid(params.krecip_pairs, params.krecip_lambda))
     get_run_logger().info("baselines chosen on validation (%d held-out queries): %s", len(val.queries),
@@ -170,13 +179,14 @@ def rank_methods(params: RetrievalParams, features: RetrievalFeatures, work_dir:
     db = read_features(Path(features.path), split="database")
     qt = read_features(Path(features.path), split="query")
     methods = method_rankings(qt.embeddings, db.embeddings, choice)
-    stores = Path(work_dir) / "stores" / short_hash([features.path, choice.as_params()])
+    k_store = min(len(db.ids), max(params.k, 100))
+    # K and the shard size shape every top-K store (an existing store of another shape is refused)
+    stores = Path(work_dir) / "stores" / short_hash([features.path, choice.as_params(), k_store, params.shard_size])
     stores.mkdir(parents=True, exist_ok=True)
     database = stores / "database.parquet"
     if not database.exists():
         write_features(database, ids=np.arange(len(db.ids)), labels=["db"] * len(db.ids), splits=["database"] * len(db.ids),
                        embeddings=db.embeddings, metadata={**db.metadata})
-    k_store = min(len(db.ids), max(params.k, 100))
     out = []
     for m in methods:
         queries = stores / f"queries-{m.name}.parquet"

@@ -22,18 +22,26 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 from prefect import Task
 from pydantic import BaseModel
 
 import ssr_tasks
-from ssr_tasks.backbone import extract_features, pretrain_backbone
+from ssr_model import FewShotSSR
+from ssr_model.backbones import build_backbone
+from ssr_tasks.backbone import extract_features, load_backbone, pretrain_backbone
 from ssr_tasks.config import RetrievalParams
+from ssr_tasks.fewshot import tasks as fewshot
 from ssr_tasks.fewshot.episodes import load_split, sample_episodes
 from ssr_tasks.fewshot.evaluate import FewShotEvaluator
 from ssr_tasks.fewshot.handoffs import FewShotData, ValidationEpisodes
 from ssr_tasks.handoffs import Backbone, Features
+from ssr_tasks.retrieval import tasks as retrieval
 from ssr_tasks.taskkit import RunFolderCache
-from storage.checkpoints import RELEASED_BACKBONES
+from storage.checkpoints import RELEASED_BACKBONES, save_checkpoint
+from storage.fewshot import DATASET_SPECS
+from tests.authors_formats import save_ssr_checkpoint
+from tests.landmark_pickles import write_sfm_pickle, write_test_pickle
 from tests.tasks.conftest import TINY_RETRIEVAL
 
 # Fields a cached task may read without keying on them. Each decides where the work runs,
@@ -190,6 +198,69 @@ def choose_krecip_calls(x: Inputs, tmp: Path) -> list[Call]:
     return [("grid", dict(params=x.params, features=x.features, val=x.val))]
 
 
+def released_params(x: Inputs, tmp: Path) -> BaseModel:
+    """``x.params`` with a ``netSSRBest.pth`` made of ``x.backbone`` (the backbone of
+    ``x.features``) and an untrained 2-step SSR for its episodes (hidden 8)."""
+    p = x.params
+    net = load_backbone(x.backbone.name, x.backbone.spec, Path(x.backbone.path))
+    torch.manual_seed(0)
+    ssr = FewShotSSR(x.features.dim, p.n_way, p.n_way * p.n_query, steps=2, hidden=8)
+    checkpoint = tmp / "netSSRBest.pth"
+    save_ssr_checkpoint(checkpoint, net.state_dict(), ssr.state_dict(), 2)
+    return p.model_copy(update={"released_checkpoint": str(checkpoint)})
+
+
+def released_model_calls(x: Inputs, tmp: Path) -> list[Call]:
+    return [("netSSRBest.pth", dict(params=released_params(x, tmp), work_dir=str(tmp)))]
+
+
+def released_trials_calls(x: Inputs, tmp: Path) -> list[Call]:
+    p = released_params(x, tmp)
+    released = fewshot.released_model.fn(p, str(tmp))
+    return [("validation", dict(params=p, features=x.features, val=x.val, released=released))]
+
+
+def glyph_retrieval(x: Inputs) -> tuple[RetrievalParams, dict]:
+    """Retrieval params of the small built-in glyphs and their ``prepare_data`` arguments."""
+    return RetrievalParams(**TINY_RETRIEVAL), dict(run_dir=str(x.glyphs_home))  # rendered once per session
+
+
+def landmark_retrieval(tmp: Path) -> tuple[RetrievalParams, dict]:
+    """Retrieval params of the authors' landmark pickles (small synthetic rOxford5k and
+    SfM-120k, ``tests.landmark_pickles``) and their ``prepare_data`` arguments."""
+    root = tmp / "landmark-pickles"
+    root.mkdir(exist_ok=True)
+    write_test_pickle(root, "roxford5k")
+    write_sfm_pickle(root)
+    return (RetrievalParams(**{**TINY_RETRIEVAL, "dataset": "roxford5k", "data_root": str(root)}),
+            dict(run_dir=str(tmp / "landmark-run")))
+
+
+def retrieval_prepare_data_calls(x: Inputs, tmp: Path) -> list[Call]:
+    (glyphs, at), (landmarks, there) = glyph_retrieval(x), landmark_retrieval(tmp)
+    return [("built-in glyphs", dict(params=glyphs, **at)), ("landmark pickles", dict(params=landmarks, **there))]
+
+
+def retrieval_extract_features_calls(x: Inputs, tmp: Path) -> list[Call]:
+    (glyphs, at), (landmarks, there) = glyph_retrieval(x), landmark_retrieval(tmp)
+    torch.manual_seed(0)  # an untrained conv4-64 for the 1-channel glyphs: the reads do not depend on its weights
+    spec = DATASET_SPECS["glyphs"]
+    net = build_backbone(glyphs.backbone, spec.image_size, in_channels=spec.channels)
+    backbone = Backbone(str(save_checkpoint(tmp / "glyphs-backbone.pt", net.state_dict())), glyphs.backbone, "glyphs")
+    return [
+        ("built-in glyphs", dict(params=glyphs, data=retrieval.prepare_data.fn(glyphs, **at), backbone=backbone,
+                                 work_dir=str(tmp))),
+        ("landmark pickles", dict(params=landmarks, data=retrieval.prepare_data.fn(landmarks, **there), backbone=None,
+                                  work_dir=str(tmp))),
+    ]
+
+
+def rank_methods_calls(x: Inputs, tmp: Path) -> list[Call]:
+    landmarks, there = landmark_retrieval(tmp)
+    features = retrieval.extract_features.fn(landmarks, retrieval.prepare_data.fn(landmarks, **there), None, str(tmp))
+    return [("landmark features", dict(params=landmarks, features=features, work_dir=str(tmp)))]
+
+
 SCENARIOS: dict[str, Callable[..., list[Call]]] = {
     "ssr_tasks.backbone.get_backbone": backbone_calls,
     "ssr_tasks.fewshot.tasks.prepare_data": prepare_data_calls,
@@ -197,6 +268,11 @@ SCENARIOS: dict[str, Callable[..., list[Call]]] = {
     "ssr_tasks.fewshot.tasks.validation_episodes": validation_episodes_calls,
     "ssr_tasks.fewshot.tasks.training_features": training_features_calls,
     "ssr_tasks.fewshot.tasks.choose_krecip": choose_krecip_calls,
+    "ssr_tasks.fewshot.tasks.released_model": released_model_calls,
+    "ssr_tasks.fewshot.tasks.released_trials": released_trials_calls,
+    "ssr_tasks.retrieval.tasks.prepare_data": retrieval_prepare_data_calls,
+    "ssr_tasks.retrieval.tasks.extract_features": retrieval_extract_features_calls,
+    "ssr_tasks.retrieval.tasks.rank_methods": rank_methods_calls,
 }
 
 TASKS = cached_tasks()

@@ -1,6 +1,8 @@
 """Every retrieval Prefect task's ``.fn`` on the small built-in glyph set, in seconds."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -52,6 +54,23 @@ def test_rank_methods_writes_a_store_and_query_table_per_method(features, tiny_r
     for m in rankings.methods:
         store = SimilarityStore(m.topk)
         assert store.is_complete() and store.k == 100 and store.n_queries == features.n_queries
+
+
+def test_features_of_another_glyph_rendering_get_their_own_table(features, data, tiny_retrieval_params, pipeline_dir):
+    # glyphs of any seed are rendered into the same folder: the paths in `data` alone would reuse this table
+    other = tiny_retrieval_params.model_copy(update={"data_seed": 1})
+    backbone = get_backbone.fn(other, data.fewshot_root, str(pipeline_dir / "backbones"))  # the one `features` used
+    again = tasks.extract_features.fn(other, data, backbone, str(pipeline_dir))
+    assert again.path != features.path and Path(again.path).exists()
+
+
+def test_stores_of_another_shard_size_are_written_apart(features, tiny_retrieval_params, pipeline_dir):
+    first = tasks.rank_methods.fn(tiny_retrieval_params, features, str(pipeline_dir))
+    second = tasks.rank_methods.fn(tiny_retrieval_params.model_copy(update={"shard_size": 7}), features, str(pipeline_dir))
+    assert Path(first.database).parent != Path(second.database).parent
+    for rankings, shard_size in ((first, 16), (second, 7)):
+        store = SimilarityStore(rankings.methods[0].topk)
+        assert store.is_complete() and store.manifest["shard_size"] == shard_size
 
 
 def test_train_rerank_and_report(features, data, tiny_retrieval_params, pipeline_dir, ray_local):
