@@ -25,7 +25,7 @@ from ssr_tasks.resume import LoopState, TrainingCheckpoint
 from ssr_tasks.taskkit import Progress, cached, short_hash
 from storage.checkpoints import file_sha256, load_state_dict, released_backbone, save_checkpoint
 from storage.features import write_features
-from storage.fewshot import DATASET_SPECS, SplitIndex, list_split, load_images
+from storage.fewshot import DATASET_SPECS, SplitIndex, data_identity, list_split, load_images
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,10 @@ def spec_name(dataset: str) -> str:
     return "glyphs" if dataset.startswith("glyphs") else dataset
 
 
+# data_seed and glyphs_size: the built-in data is re-rendered in place under the same path.
 @task(name="backbone", cache_policy=cached("dataset", "backbone", "backbone_checkpoint", "pretrain_epochs",
-                                          "pretrain_batch_size", "pretrain_lr", "seed"), persist_result=True)
+                                          "pretrain_batch_size", "pretrain_lr", "seed", "data_seed", "glyphs_size"),
+      persist_result=True)
 def get_backbone(params: FewShotParams | RetrievalParams, data_root: str, work_dir: str) -> Backbone:
     """A released checkpoint when given (checked against the architecture; ``"released"``:
     the authors' file for the dataset and backbone under ``<data_root>/../backbones``), else
@@ -209,7 +211,7 @@ def get_backbone(params: FewShotParams | RetrievalParams, data_root: str, work_d
         logger.info("backbone: using released checkpoint %s", path)
         return Backbone(str(path.resolve()), params.backbone, spec)
     batch_size, lr = getattr(params, "pretrain_batch_size", 64), getattr(params, "pretrain_lr", 0.1)
-    recipe = short_hash([str(Path(data_root).resolve()), params.pretrain_epochs, batch_size, lr, params.seed])
+    recipe = short_hash([data_identity(data_root), params.pretrain_epochs, batch_size, lr, params.seed])
     out = Path(work_dir) / f"{spec}-{params.backbone}-{recipe}.pt"
     logger.info("backbone: pretraining %s on the base classes for %d epochs", params.backbone, params.pretrain_epochs)
     progress = Progress(f"pretrain-{short_hash([work_dir, params.backbone])}", "Backbone pretraining (epochs)")

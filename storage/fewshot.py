@@ -241,6 +241,18 @@ def read_episode_json(json_path: str | os.PathLike, split: SplitIndex, *, limit:
     return episodes
 
 
+def data_identity(root: str | os.PathLike) -> str:
+    """What names the outputs derived from a dataset folder: its resolved path, plus the
+    content of its ``dataset.json`` where it has one (the built-in glyphs: seed, size and
+    generator version), because a rendering with other settings replaces the folder in place."""
+    root = Path(root).resolve()
+    try:
+        manifest = (root / "dataset.json").read_text(encoding="utf-8")
+    except OSError:
+        return str(root)
+    return f"{root}#{manifest}"
+
+
 def val_episodes_name(n_way: int = 5, n_shot: int = 1, n_query: int = 15) -> str:
     """The authors' name of a dataset's fixed validation episodes, e.g.
     ``val1000Episode_5_way_1_shot_15_query.json`` (placed at the dataset root)."""

@@ -27,7 +27,7 @@ from ssr_tasks.handoffs import Backbone, Features, TrialTracking, Trials
 from ssr_tasks.taskkit import Progress, cached, retry_transient, short_hash
 from storage.features import read_metadata
 from storage.checkpoints import file_sha256
-from storage.fewshot import find_val_episodes, list_split
+from storage.fewshot import data_identity, find_val_episodes, list_split
 from storage.glyphs import prepare_glyphs
 
 
@@ -68,12 +68,13 @@ def released_model(params: FewShotParams, work_dir: str) -> ReleasedModel:
     return released
 
 
-@task(name="extract-features", cache_policy=cached("dataset"), persist_result=True,
+# data_seed and glyphs_size: the built-in data is re-rendered in place under the same path.
+@task(name="extract-features", cache_policy=cached("dataset", "data_seed", "glyphs_size"), persist_result=True,
       retries=1, retry_condition_fn=retry_transient)
 def extract_features(params: FewShotParams, data: FewShotData, backbone: Backbone, work_dir: str) -> Features:
     """Features of the train, val and test splits in one features table."""
     splits = ("train", "val", "test")
-    out = Path(work_dir) / f"features-{short_hash([backbone.path, data.root, splits])}.parquet"  # data.root: another copy, other features
+    out = Path(work_dir) / f"features-{short_hash([backbone.path, data_identity(data.root), splits])}.parquet"
     get_run_logger().info("features: extracting %s into %s", ", ".join(splits), out.name)
     path = extract_features_to(Path(data.root), spec_name(params.dataset), backbone.name, Path(backbone.path), out,
                                splits=splits, device=local_device(params.device))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from ssr_tasks.backbone import get_backbone
 from ssr_tasks.fewshot import report, tasks
 from ssr_tasks.fewshot.handoffs import FewShotData, KReciprocal, ShotResult
 from ssr_tasks.handoffs import Backbone, Features, Trials
+from storage.fewshot import data_identity
 
 
 @pytest.fixture
@@ -110,3 +112,19 @@ def test_train_config_carries_every_parameter(tiny_fewshot_params):
     cfg = tasks.train_config(tiny_fewshot_params, 32)
     assert (cfg.feat_dim, cfg.n_way, cfg.n_query, cfg.hidden, cfg.max_steps) == (32, 3, 4, 16, 2)
     assert cfg.build(2).n_query == 12 and torch.is_tensor(next(cfg.build(1).parameters()))
+
+
+def test_a_rendering_with_other_settings_in_the_same_folder_gets_new_features(features, data, backbone,
+                                                                              tiny_fewshot_params, pipeline_dir):
+    """The built-in glyphs re-render in place (same path) for another seed or size; its
+    ``dataset.json`` tells the renderings apart, so features are not reused across them."""
+    manifest = Path(data.root) / "dataset.json"
+    manifest.write_text(json.dumps({"name": "glyphs", "seed": 1, "size": "small"}))
+    try:
+        other = tasks.extract_features.fn(tiny_fewshot_params, data, backbone, str(pipeline_dir))
+        assert other.path != features.path
+        again = tasks.extract_features.fn(tiny_fewshot_params, data, backbone, str(pipeline_dir))
+        assert again.path == other.path  # the same rendering: reused
+    finally:
+        manifest.unlink()
+    assert data_identity(data.root) == str(Path(data.root).resolve())  # a folder without a manifest: its path
