@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, ValidationInfo, field_validator,
+                      model_validator)
 
 from ssr_model.baselines import PEER_METHODS
 
@@ -59,6 +60,16 @@ def _krecip_lambdas(v: list[float]) -> list[float]:
 KrecipLambdas = Annotated[list[float], AfterValidator(_krecip_lambdas)]
 
 
+def _positive_ints(v: list[int], info: ValidationInfo) -> list[int]:
+    if not v or any(n < 1 for n in v):
+        raise ValueError(f"{info.field_name}: expected a non-empty list of integers >= 1, got {v}")
+    return v
+
+
+# A non-empty list of integers >= 1 (shots, QE's n grid).
+PositiveInts = Annotated[list[int], AfterValidator(_positive_ints)]
+
+
 class _Params(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -101,7 +112,7 @@ class FewShotParams(_Params):
     n_way: int = Field(5, ge=2, description="Classes per episode (paper: 5)")
     n_shot_train: int = Field(1, ge=1, description="Shots of training and validation episodes (paper: 1)")
     n_query: int = Field(15, ge=1, description="Queries per class (paper: 15)")
-    eval_shots: list[int] = Field(default_factory=lambda: [1, 5],
+    eval_shots: PositiveInts = Field(default_factory=lambda: [1, 5],
                                   description="Shots of the test episodes, one table column each (paper: 1 and 5)")
     max_steps: int = Field(3, ge=1, le=8, description="Curriculum 1 -> ... -> max_steps refinement steps (paper: 4)")
     hidden: int = Field(256, ge=4, description="DNI hidden width (paper: 4096; 256 keeps CPU runs short)")
@@ -134,13 +145,6 @@ class FewShotParams(_Params):
     seed: int = Field(0, description="Seed of episodes and initialisation (paper: 300)")
     device: Device = Field("auto", description="auto: CUDA when Ray sees a GPU (paper: one GPU)")
     model_name: str = Field("ssr-fewshot", description="Registered model name in MLflow (paper: not used)")
-
-    @field_validator("eval_shots")
-    @classmethod
-    def _shots_positive(cls, v: list[int]) -> list[int]:
-        if not v or any(s < 1 for s in v):
-            raise ValueError(f"eval_shots: expected a non-empty list of integers >= 1, got {v}")
-        return v
 
     @field_validator("methods")
     @classmethod
@@ -221,7 +225,7 @@ class RetrievalParams(_Params):
         "cluster id); lr_dni, the checkpoint, QE's n and the k-reciprocal point are chosen on them")
     holdout_seed: int = Field(0, description="Seed of the hash choosing the held-out clusters (paper: not used)")
     n_val_queries: int = Field(70, ge=1, description="Held-out queries of the validation mAP")
-    qe_n_grid: list[int] = Field(default_factory=lambda: [1, 3, 5, 7, 9], description="Query expansion: top-n items tried")
+    qe_n_grid: PositiveInts = Field(default_factory=lambda: [1, 3, 5, 7, 9], description="Query expansion: top-n items tried")
     krecip_pairs: list[tuple[int, int]] = Field(
         default_factory=lambda: [(40, 20), (80, 40), (160, 80)], description="k-reciprocal (k1, k2) pairs tried")
     krecip_lambda: KrecipLambdas = Field(default_factory=lambda: [0.1, 0.3, 0.5], description="k-reciprocal lambdas tried")
@@ -230,13 +234,6 @@ class RetrievalParams(_Params):
     seed: int = Field(0, description="Seed of sequences and initialisation (paper: not given)")
     device: Device = Field("auto", description="auto: CUDA when Ray sees a GPU (paper: one GPU)")
     model_name: str = Field("ssr-retrieval", description="Registered model name in MLflow (paper: not used)")
-
-    @field_validator("qe_n_grid")
-    @classmethod
-    def _qe_grid(cls, v: list[int]) -> list[int]:
-        if not v or any(n < 1 for n in v):
-            raise ValueError(f"qe_n_grid: expected a non-empty list of integers >= 1, got {v}")
-        return v
 
     @model_validator(mode="after")
     def _real_dataset_needs_root(self) -> "RetrievalParams":
