@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Mapping
 
 import yaml
 from pydantic import ValidationError
@@ -33,32 +34,72 @@ def presets() -> dict[str, dict]:
     return {d["name"]: d.get("parameters", {}) for d in doc.get("deployments", [])}
 
 
-def _parse_sets(items: list[str]) -> dict:
-    out = {}
+class UsageError(ValueError):
+    """A bad command line: one line, exit 2."""
+
+
+def _parse_sets(items: list[str], flat: Mapping[str, tuple[str, str]]) -> dict:
+    """``--set group.field=value`` (or a deprecated flat ``field=value``) as nested parameters.
+    Values are JSON when they parse, else strings."""
+    out: dict = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise SystemExit(f"ssr run: --set expects key=value, got {item!r}")
+            raise UsageError(f"--set expects group.field=value, got {item!r}")
         try:
-            out[key] = json.loads(raw)
+            value = json.loads(raw)
         except json.JSONDecodeError:
-            out[key] = raw
+            value = raw
+        if "." not in key and key in flat:
+            group, name = flat[key]
+            print(f"ssr run: note: --set {key}=... is deprecated; use --set {group}.{name}=...", file=sys.stderr)
+            key = f"{group}.{name}"
+        *groups, name = key.split(".")
+        target = out
+        for group in groups:
+            target = target.setdefault(group, {})
+            if not isinstance(target, dict):
+                raise UsageError(f"--set {key}: {group} is a value, not a group")
+        target[name] = value
     return out
+
+
+def _merge(base: Mapping, override: Mapping, whole: frozenset[str] = frozenset()) -> dict:
+    """``base`` with ``override`` applied field by field; a group in ``whole`` (given as one
+    value, ``--set sweep={...}``) replaces the preset's group."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key not in whole:
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _error_line(err: Mapping) -> str:
+    loc = ".".join(str(part) for part in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"parameter {loc}: {msg}" if loc else f"parameters: {msg}"
 
 
 def cmd_run(args) -> int:
     model = FewShotParams if args.pipeline == "fewshot" else RetrievalParams
-    base = {}
-    if args.preset:
-        table = presets()
-        if args.preset not in table:
-            raise SystemExit(f"ssr run: unknown preset {args.preset!r}; known: {', '.join(table)}")
-        base = table[args.preset].get(args.pipeline, {})
+    base: dict = {}
     try:
-        params = model(**{**base, **_parse_sets(args.set)})
+        if args.preset:
+            table = presets()
+            if args.preset not in table:
+                raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(table)}")
+            base = table[args.preset].get(args.pipeline, {})
+        sets = _parse_sets(args.set, model.FLAT)
+    except UsageError as exc:
+        print(f"ssr run: {exc}", file=sys.stderr)
+        return 2
+    try:
+        params = model(**_merge(base, sets, frozenset(s.partition("=")[0] for s in args.set)))
     except ValidationError as exc:
         for err in exc.errors():
-            print(f"ssr run: parameter {'.'.join(map(str, err['loc'])) or '?'}: {err['msg']}", file=sys.stderr)
+            print(f"ssr run: {_error_line(err)}", file=sys.stderr)
         return 2
     if args.pipeline == "fewshot":  # bad data or checkpoints: one line and exit 2 before anything starts
         from ssr_tasks.fewshot.inputs import check_inputs
@@ -72,12 +113,12 @@ def cmd_run(args) -> int:
     if unreachable:
         print(f"ssr run: {unreachable}", file=sys.stderr)
         return 3
-    if args.pipeline == "retrieval" and params.dataset != "glyphs-retrieval":
+    if args.pipeline == "retrieval" and params.data.dataset != "glyphs-retrieval":
         # the authors' pickles are imported (once, cached) before the flow, so bad input is one line
         from ssr_tasks.retrieval.tasks import import_landmark_data
 
         try:
-            import_landmark_data(params, default_run_dir())
+            import_landmark_data(params.data, default_run_dir())
         except (ValueError, OSError) as exc:  # storage errors are ValueErrors
             print(f"ssr run: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
             return 2
@@ -179,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a pipeline in this process (Prefect runs it without a server)")
     p.add_argument("pipeline", choices=["fewshot", "retrieval"])
     p.add_argument("--preset", help="parameters of a deployment in deploy/prefect.yaml, e.g. reproduce-fewshot-tiny")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one parameter (JSON value)")
+    p.add_argument("--set", action="append", default=[], metavar="GROUP.FIELD=VALUE",
+                   help="override one parameter (JSON value), e.g. train.hidden=512 or sweep.lr_dni=[0.01,0.1]; "
+                   "a flat FIELD=VALUE still works (deprecated)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("rerank", help="re-rank your own features with a registered retrieval model (Ray actors)")
     p.add_argument("queries", help="features table (Parquet) of the queries; `ssr data topk` input format")

@@ -17,18 +17,23 @@ def fewshot_pipeline(params: FewShotParams = FewShotParams()) -> dict:
     """Reproduce the transductive few-shot table (Baseline / k-reciprocal / SSR)."""
     with pipeline_run("fewshot", params, prefect_tags(), runtime.flow_run.id) as run:
         init_ray()
-        data = tasks.prepare_data(params, str(run.run_dir))
-        released = tasks.released_model(params, str(run.work)) if params.released_checkpoint else None
-        backbone = released.backbone if released else get_backbone(params, data.root, str(run.backbones))
-        features = tasks.extract_features(params, data, backbone, str(run.work))
-        val = tasks.validation_episodes(params, features, data, str(run.work))
-        if released:  # the authors' model: evaluated as it is
-            trials = tasks.released_trials(params, features, val, released)
+        dataset, train, evaluation, device = params.data.dataset, params.train, params.evaluation, params.device
+        data = tasks.prepare_data(params.data, train.episode, str(run.run_dir))
+        released = (tasks.released_model(params.backbone, dataset, train.episode, str(run.work))
+                    if params.backbone.released_checkpoint else None)
+        backbone = released.backbone if released else get_backbone(params.backbone, dataset, train.seed, data.root,
+                                                                   str(run.backbones), device)
+        features = tasks.extract_features(params.data, data, backbone, str(run.work), device)
+        val = tasks.validation_episodes(evaluation.n_val_episodes, train.episode, train.seed, features, data, str(run.work))
+        if released:  # the authors' model: evaluated as it is, with the sweep's first point
+            trials = tasks.released_trials(params.first_train, features, val, released, evaluation.n_eval_actors, device)
         else:
-            training = tasks.training_features(params, data, backbone, str(run.work))
-            trials = tasks.train_ssr(params, features, val, str(run.work), training, run.trial_tracking(prefect_tags()))
-        krecip = tasks.choose_krecip(params, features, val)
-        shots = [tasks.evaluate(params, features, trials.best.model, krecip, shot) for shot in params.eval_shots]
+            training = tasks.training_features(train.train_augment, train.seed, data, backbone, str(run.work), device)
+            trials = tasks.train_ssr(train, params.sweep, features, val, str(run.work), training,
+                                     run.trial_tracking(prefect_tags()), device)
+        krecip = tasks.choose_krecip(params.baselines, features, val, evaluation.n_eval_actors, device)
+        shots = [tasks.evaluate(evaluation, train.episode, train.seed, features, trials.best.model, krecip, shot, device)
+                 for shot in evaluation.eval_shots]
         results = report.write_report(params, trials, krecip, shots, str(run.results))
         registered = report.log_and_register(run.tracker, params, trials, krecip, shots, results, backbone, prefect_tags())
 
@@ -36,10 +41,10 @@ def fewshot_pipeline(params: FewShotParams = FewShotParams()) -> dict:
                              link_text=f"MLflow run {registered.run_id} ({registered.model_uri})",
                              description="The MLflow run of this flow run: metrics, plots, tables and the logged model")
         create_table_artifact(key="fewshot-results", table=list(results.rows),
-                              description=f"Few-shot results ({params.dataset}, {params.backbone})")
+                              description=f"Few-shot results ({dataset}, {params.backbone.name})")
         create_markdown_artifact(
             key="fewshot-report",
-            markdown=f"# SSR few-shot: {params.dataset}, {params.backbone}\n\n{results.markdown}\n"
+            markdown=f"# SSR few-shot: {dataset}, {params.backbone.name}\n\n{results.markdown}\n"
             f"Model: `{registered.model_uri}` (aliases moved: {list(registered.aliases) or 'none'})\n\n"
             f"MLflow run `{registered.run_id}` in experiment `ssr-fewshot` (runs/{registered.run_id}); plots: "
             + ", ".join(f"`{name}`" for name, _ in results.figures) + "\n",

@@ -17,12 +17,17 @@ def retrieval_pipeline(params: RetrievalParams = RetrievalParams()) -> dict:
     """Reproduce the retrieval table: features only, QE variants, k-reciprocal, each + SSR."""
     with pipeline_run("retrieval", params, prefect_tags(), runtime.flow_run.id) as run:
         init_ray()
-        data = tasks.prepare_data(params, str(run.run_dir))
-        backbone = get_backbone(params, data.fewshot_root, str(run.backbones)) if data.needs_backbone else None
-        features = tasks.extract_features(params, data, backbone, str(run.work))
-        trials = tasks.train_ssr(params, features, str(run.work), run.trial_tracking(prefect_tags()))
-        rankings = tasks.rank_methods(params, features, str(run.work))
-        reranked = [tasks.rerank(params, rankings, method, trials.best.model) for method in rankings.methods]
+        device = params.device
+        data = tasks.prepare_data(params.data, str(run.run_dir))
+        backbone = (get_backbone(params.backbone, params.data.dataset, params.train.seed, data.fewshot_root,
+                                 str(run.backbones), device) if data.needs_backbone else None)
+        features = tasks.extract_features(params.data, params.k_max, data, backbone, str(run.work), device)
+        trials = tasks.train_ssr(params.train, params.sweep, features, str(run.work), run.trial_tracking(prefect_tags()),
+                                 device)
+        rankings = tasks.rank_methods(params.baselines, params.train, params.k_max, params.evaluation.shard_size,
+                                      features, str(run.work))
+        reranked = [tasks.rerank(params.evaluation, rankings, method, trials.best.model, device)
+                    for method in rankings.methods]
         results = report.write_report(params, data, rankings, reranked, str(run.results))
         registered = report.log_and_register(run.tracker, params, trials, rankings.choice, results, prefect_tags())
         chosen = report.describe_choice(trials, rankings.choice)
@@ -31,7 +36,7 @@ def retrieval_pipeline(params: RetrievalParams = RetrievalParams()) -> dict:
                              link_text=f"MLflow run {registered.run_id} ({registered.model_uri})",
                              description="The MLflow run of this flow run: metrics, plots, tables and the logged model")
         create_table_artifact(key="retrieval-results", table=list(results.rows), description="Revisited mAP per method")
-        create_markdown_artifact(key="retrieval-report", markdown=f"# SSR retrieval: {params.dataset}\n\n{results.markdown}\n"
+        create_markdown_artifact(key="retrieval-report", markdown=f"# SSR retrieval: {params.data.dataset}\n\n{results.markdown}\n"
                                  f"Chosen on validation (held-out training clusters): {chosen}\n\n"
                                  f"Model: `{registered.model_uri}` (aliases moved: {list(registered.aliases) or 'none'}); "
                                  f"MLflow run `{registered.run_id}`.\n")

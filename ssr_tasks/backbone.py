@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from prefect import get_run_logger, task
 
 from ssr_model.backbones import BACKBONE_NAMES, CosineClassifier, build_backbone
-from ssr_tasks.config import FewShotParams, RetrievalParams
+from ssr_tasks.config import BackboneParams, Device
 from ssr_tasks.device import local_device
 from ssr_tasks.handoffs import Backbone
 from ssr_tasks.resume import LoopState, TrainingCheckpoint
-from ssr_tasks.taskkit import Progress, cached, short_hash
+from ssr_tasks.taskkit import CACHE, Progress, short_hash
 from storage.checkpoints import file_sha256, load_state_dict, released_backbone, save_checkpoint
 from storage.features import write_features
 from storage.fewshot import DATASET_SPECS, SplitIndex, data_identity, list_split, load_images
@@ -193,29 +193,27 @@ def spec_name(dataset: str) -> str:
     return "glyphs" if dataset.startswith("glyphs") else dataset
 
 
-# data_seed and glyphs_size: the built-in data is re-rendered in place under the same path.
-@task(name="backbone", cache_policy=cached("dataset", "backbone", "backbone_checkpoint", "pretrain_epochs",
-                                          "pretrain_batch_size", "pretrain_lr", "seed", "data_seed", "glyphs_size"),
-      persist_result=True)
-def get_backbone(params: FewShotParams | RetrievalParams, data_root: str, work_dir: str) -> Backbone:
+# data_identity(data_root) in the file name: the built-in data is re-rendered in place under the same path.
+@task(name="backbone", cache_policy=CACHE, persist_result=True)
+def get_backbone(backbone: BackboneParams, dataset: str, seed: int, data_root: str, work_dir: str,
+                 device: Device = "auto") -> Backbone:
     """A released checkpoint when given (checked against the architecture; ``"released"``:
     the authors' file for the dataset and backbone under ``<data_root>/../backbones``), else
-    pretrain on ``<data_root>/train`` into ``work_dir``."""
+    pretrain on ``<data_root>/train`` into ``work_dir`` (seeded by ``seed``)."""
     logger = get_run_logger()
-    spec = spec_name(params.dataset)
-    if params.backbone_checkpoint:
-        path = Path(params.backbone_checkpoint)
-        if params.backbone_checkpoint == "released":  # the authors' file for (dataset, backbone)
-            path = released_backbone(Path(data_root).parent / "backbones", spec, params.backbone)
-        load_backbone(params.backbone, spec, path)
+    spec = spec_name(dataset)
+    if backbone.checkpoint:
+        path = Path(backbone.checkpoint)
+        if backbone.checkpoint == "released":  # the authors' file for (dataset, backbone)
+            path = released_backbone(Path(data_root).parent / "backbones", spec, backbone.name)
+        load_backbone(backbone.name, spec, path)
         logger.info("backbone: using released checkpoint %s", path)
-        return Backbone(str(path.resolve()), params.backbone, spec)
-    batch_size, lr = getattr(params, "pretrain_batch_size", 64), getattr(params, "pretrain_lr", 0.1)
-    recipe = short_hash([data_identity(data_root), params.pretrain_epochs, batch_size, lr, params.seed])
-    out = Path(work_dir) / f"{spec}-{params.backbone}-{recipe}.pt"
-    logger.info("backbone: pretraining %s on the base classes for %d epochs", params.backbone, params.pretrain_epochs)
-    progress = Progress(f"pretrain-{short_hash([work_dir, params.backbone])}", "Backbone pretraining (epochs)")
-    path = pretrain_backbone(Path(data_root), spec, params.backbone, out, epochs=params.pretrain_epochs,
-                             batch_size=batch_size, lr=lr, seed=params.seed, device=local_device(params.device),
-                             progress=progress)
-    return Backbone(str(path), params.backbone, spec)
+        return Backbone(str(path.resolve()), backbone.name, spec)
+    batch_size, lr = backbone.pretrain_batch_size, backbone.pretrain_lr
+    recipe = short_hash([data_identity(data_root), backbone.pretrain_epochs, batch_size, lr, seed])
+    out = Path(work_dir) / f"{spec}-{backbone.name}-{recipe}.pt"
+    logger.info("backbone: pretraining %s on the base classes for %d epochs", backbone.name, backbone.pretrain_epochs)
+    progress = Progress(f"pretrain-{short_hash([work_dir, backbone.name])}", "Backbone pretraining (epochs)")
+    path = pretrain_backbone(Path(data_root), spec, backbone.name, out, epochs=backbone.pretrain_epochs,
+                             batch_size=batch_size, lr=lr, seed=seed, device=local_device(device), progress=progress)
+    return Backbone(str(path), backbone.name, spec)

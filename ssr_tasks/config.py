@@ -1,20 +1,32 @@
-"""Parameters of the two pipelines.
+"""Parameters of the two pipelines, in groups.
 
 These pydantic models are the flow boundary: Prefect renders them as the form of the
-``ssr`` flow in the UI, and validates what users type there or pass on the CLI
-(``n_way < 2``, ``steps < 1``, a negative learning rate... are refused with the field
-named). They are frozen and are logged whole to MLflow.
+``ssr`` flow in the UI (one section per group), and validates what users type there or
+pass on the CLI (``n_way < 2``, ``steps < 1``, a negative learning rate... are refused with
+the field named). They are frozen and are logged whole to MLflow.
+
+Each track has the groups ``data``, ``backbone``, ``train``, ``sweep``, ``evaluation`` and
+``baselines``. The train group *is* the training config: a Ray Tune trial receives it with
+one point of ``sweep`` applied (``apply_point``), and it builds the model. Each task takes
+only the groups it reads, so its cache key is those groups. Every value has one default,
+here; presets (deploy/prefect.yaml) override groups. The flat names of earlier releases
+(``lr_dni_grid``, ``n_shot_train``, ``backbone_checkpoint``...) still load, with a
+DeprecationWarning (``regroup``).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Sequence, TypeVar
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
+from ssr_model import FewShotSSR, RetrievalSSR
 from ssr_model.baselines import PEER_METHODS
 
 FewShotDataset = Literal["glyphs", "cifar-fs", "mini-imagenet", "tiered-imagenet"]
@@ -74,12 +86,115 @@ class _Params(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class FewShotParams(_Params):
-    """Transductive few-shot reproduction (SSR_METHOD.md sections 3 and 5).
+# ---- the groups both tracks share -----------------------------------------------------------------
 
-    Every description ends with the paper's value; the ``paper-fewshot`` deployment sets
-    them all (deploy/prefect.yaml).
-    """
+
+class BackboneParams(_Params):
+    """The feature extractor: a checkpoint, or pretrained here on the training classes."""
+
+    name: BackboneName = Field("conv4-64", description="Feature extractor (paper: conv4-64, resnet12, wrn-28-10)")
+    checkpoint: str | None = Field(
+        None, description="'released': the authors' backbone for dataset and backbone from `ssr data download "
+        "fewshot-backbones` (<data_root>/../backbones); a path: a state dict; empty: pretrained here on the base "
+        "classes (paper: released)")
+    pretrain_epochs: int = Field(3, ge=1, description="Backbone pretraining epochs (paper: released backbones)")
+    pretrain_batch_size: int = Field(64, ge=2, description="Pretraining batch size (paper: released backbones)")
+    pretrain_lr: PositiveFloat = Field(0.1, description="Pretraining learning rate (paper: released backbones)")
+
+
+class FewShotBackboneParams(BackboneParams):
+    released_checkpoint: str | None = Field(
+        None, description="The authors' netSSRBest.pth ({netFeat, SSR, nbStep}): no pretraining, no training; "
+        "backbone and SSR come from it and are evaluated with the first point of the sweep (paper: their released "
+        "models)")
+
+
+Sweep = dict[str, list[int | float]]
+
+
+def sweep_points(sweep: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Every point of the grid ``sweep`` (field -> values), fields in sorted order, values in the
+    order given: the Cartesian product. ``{}`` has one point, ``{}``."""
+    names = sorted(sweep)
+    return [dict(zip(names, values)) for values in itertools.product(*(sweep[n] for n in names))]
+
+
+def _check_sweep(train: BaseModel, sweep: Mapping[str, Sequence[Any]], not_swept: tuple[str, ...]) -> None:
+    for name, values in sweep.items():
+        if name not in type(train).model_fields or name in not_swept:
+            known = ", ".join(n for n in type(train).model_fields if n not in not_swept)
+            raise ValueError(f"sweep: {name!r} is not a field of the train group that can be swept (known: {known})")
+        if not values or len(set(values)) != len(values):
+            raise ValueError(f"sweep: {name} expects a non-empty list without repeats, got {values}")
+    for point in sweep_points(sweep):  # each point must be a valid training config
+        try:
+            type(train).model_validate({**train.model_dump(), **point})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ValueError(f"sweep: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def apply_point(train: TrainT, point: Mapping[str, Any]) -> TrainT:
+    """``train`` with the fields of one sweep point replaced, validated (ints stay ints)."""
+    return type(train).model_validate({**train.model_dump(), **point})
+
+
+TrainT = TypeVar("TrainT", bound=BaseModel)
+
+
+class _Pipeline(_Params):
+    """What both tracks' top-level parameters do: flat (pre-group) names still load, and the
+    sweep is checked against the train group."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_names(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            nested, renamed = regroup(data, cls.FLAT)
+            if renamed:
+                warnings.warn("flat parameter names are deprecated: " + ", ".join(f"{a} -> {b}" for a, b in renamed),
+                              DeprecationWarning, stacklevel=2)
+            return nested
+        return data
+
+    @model_validator(mode="after")
+    def _sweep_fits_train(self):
+        _check_sweep(self.train, self.sweep, ("train_augment",))
+        return self
+
+    @property
+    def first_train(self):
+        """The train group at the first point of the sweep."""
+        return apply_point(self.train, sweep_points(self.sweep)[0])
+
+
+def regroup(data: Mapping[str, Any], flat: Mapping[str, tuple[str, str]]) -> tuple[dict, list[tuple[str, str]]]:
+    """``data`` with the flat names of ``flat`` (name -> (group, field)) moved into their groups;
+    also the (old, new) names moved. ``lr_dni_grid`` becomes ``sweep.lr_dni``."""
+    out: dict[str, Any] = {}
+    renamed = []
+    for key, value in data.items():
+        if key in flat and not isinstance(value, (Mapping, BaseModel)):  # "backbone" is a flat name and a group
+            group, name = flat[key]
+            target = out.setdefault(group, {})
+            if isinstance(target, BaseModel):
+                target = out[group] = target.model_dump()
+            target[name] = value
+            renamed.append((key, f"{group}.{name}"))
+        elif key in out and isinstance(out[key], dict) and isinstance(value, Mapping):
+            out[key] = {**dict(value), **out[key]}
+        elif key in out and isinstance(value, BaseModel):
+            out[key] = {**value.model_dump(), **out[key]}
+        else:
+            out[key] = value
+    return out, renamed
+
+
+# ---- few-shot -------------------------------------------------------------------------------------------
+
+
+class FewShotDataParams(_Params):
+    """Where the images come from and how validation episodes are found."""
 
     dataset: FewShotDataset = Field(
         "glyphs", description="Built-in glyphs, or a real dataset under data_root (paper: cifar-fs, mini-imagenet, "
@@ -89,43 +204,79 @@ class FewShotParams(_Params):
         "(paper: the authors' layout)")
     val_episodes_json: str | None = Field(
         None, description="Fixed validation episodes (SIB JSON); empty: <data_root>/val1000Episode_<n_way>_way_"
-        "<n_shot_train>_shot_<n_query>_query.json when the folder holds it, else seeded episodes (paper: the "
+        "<n_shot>_shot_<n_query>_query.json when the folder holds it, else seeded episodes (paper: the "
         "authors' 1,000 episodes)")
     glyphs_size: Literal["small", "default"] = Field("default", description="Built-in dataset size (paper: not used)")
     data_seed: int = Field(0, description="Seed of the built-in dataset (paper: not used)")
-    backbone: BackboneName = Field("conv4-64", description="Feature extractor (paper: conv4-64, resnet12, wrn-28-10)")
-    backbone_checkpoint: str | None = Field(
-        None, description="'released': the authors' backbone for dataset and backbone from `ssr data download "
-        "fewshot-backbones` (<data_root>/../backbones); a path: a state dict; empty: pretrained here on the base "
-        "classes (paper: released)")
-    released_checkpoint: str | None = Field(
-        None, description="The authors' netSSRBest.pth ({netFeat, SSR, nbStep}): no pretraining, no training; "
-        "backbone and SSR come from it and are evaluated (paper: their released models)")
+
+    @model_validator(mode="after")
+    def _real_dataset_needs_root(self) -> "FewShotDataParams":
+        if self.dataset != "glyphs" and not self.data_root:
+            raise ValueError(f"data_root: dataset {self.dataset!r} needs data_root (run `ssr data download`)")
+        return self
+
+
+@dataclass(frozen=True)
+class EpisodeShape:
+    """The episodes SSR is trained and validated on: n_way classes, n_shot supports and n_query
+    queries per class (the few-shot model's input width depends on n_way and n_query)."""
+
+    n_way: int
+    n_shot: int
+    n_query: int
+
+
+class FewShotTrainParams(_Params):
+    """The few-shot training config (SSR_METHOD.md section 5): the curriculum 1 -> ... -> max_steps,
+    each stage from the previous best. A Ray Tune trial receives it with the sweep's point applied."""
+
+    n_way: int = Field(5, ge=2, description="Classes per episode, training and test (paper: 5)")
+    n_shot: int = Field(1, ge=1, description="Shots of training and validation episodes (paper: 1)")
+    n_query: int = Field(15, ge=1, description="Queries per class, training and test (paper: 15)")
+    hidden: int = Field(256, ge=4, description="DNI hidden width (paper: 4096; 256 keeps CPU runs short)")
+    lr_dni: PositiveFloat = Field(
+        0.01, description="DNI step size when the sweep does not set it; the right scale depends on the features' "
+        "norms (paper: 1e-3, 2e-3, 5e-3 swept)")
+    max_steps: int = Field(3, ge=1, le=8, description="Curriculum 1 -> ... -> max_steps refinement steps (paper: 4)")
+    iterations_first: int = Field(600, ge=1, description="Iterations at steps=1, lr x0.1 after a sixth (paper: 30,000)")
+    iterations_next: int = Field(200, ge=1, description="Iterations per later step (paper: 10,000)")
+    lr_first: PositiveFloat = Field(0.1, description="SGD learning rate at steps=1 (paper: 0.1, x0.1 at 5,000)")
+    lr_next: PositiveFloat = Field(0.01, description="SGD learning rate of later steps (paper: 0.01)")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum, Nesterov (paper: 0.9)")
+    weight_decay: float = Field(5e-4, ge=0.0, description="SGD weight decay (paper: 5e-4)")
+    batch_episodes: int = Field(4, ge=1, description="Episodes per SGD iteration (paper: 1)")
+    val_every: int = Field(100, ge=1, description="Iterations between validations (paper: 1,000)")
+    seed: int = Field(0, description="Seed of episodes and initialisation (paper: 300)")
     train_augment: str = Field(
         "none", pattern=r"^(none|online|views:[1-9][0-9]*)$",
         description="Features of training episodes: none (extracted once, test transform), online (augmented images "
         "through the frozen backbone every episode), views:N (N augmented views per image, extracted once) "
         "(paper: online)")
-    pretrain_epochs: int = Field(3, ge=1, description="Backbone pretraining epochs (paper: released backbones)")
-    pretrain_batch_size: int = Field(64, ge=2, description="Pretraining batch size (paper: released backbones)")
-    pretrain_lr: PositiveFloat = Field(0.1, description="Pretraining learning rate (paper: released backbones)")
-    n_way: int = Field(5, ge=2, description="Classes per episode (paper: 5)")
-    n_shot_train: int = Field(1, ge=1, description="Shots of training and validation episodes (paper: 1)")
-    n_query: int = Field(15, ge=1, description="Queries per class (paper: 15)")
+
+    @property
+    def episode(self) -> EpisodeShape:
+        return EpisodeShape(self.n_way, self.n_shot, self.n_query)
+
+    def build(self, feat_dim: int, steps: int) -> FewShotSSR:
+        """The untrained model with ``steps`` refinement steps (the one place its arguments are made)."""
+        return FewShotSSR(feat_dim, self.n_way, self.n_way * self.n_query, steps, lr_dni=self.lr_dni, hidden=self.hidden)
+
+    def stage_schedule(self, steps: int) -> tuple[int, float, int | None]:
+        """(iterations, lr, decay iteration) of a stage: lr x0.1 after 1/6 of stage 1 (5k of 30k)."""
+        if steps == 1:
+            return self.iterations_first, self.lr_first, max(1, self.iterations_first // 6)
+        return self.iterations_next, self.lr_next, None
+
+    @property
+    def total_iterations(self) -> int:
+        return self.iterations_first + (self.max_steps - 1) * self.iterations_next
+
+
+class FewShotEvalParams(_Params):
+    """Validation and test episodes, and the rows of the results table."""
+
     eval_shots: PositiveInts = Field(default_factory=lambda: [1, 5],
-                                  description="Shots of the test episodes, one table column each (paper: 1 and 5)")
-    max_steps: int = Field(3, ge=1, le=8, description="Curriculum 1 -> ... -> max_steps refinement steps (paper: 4)")
-    hidden: int = Field(256, ge=4, description="DNI hidden width (paper: 4096; 256 keeps CPU runs short)")
-    lr_dni_grid: list[PositiveFloat] = Field(
-        default_factory=lambda: [0.01, 0.1],
-        description="DNI step sizes swept; with released_checkpoint the first is the one it runs with; the right "
-        "scale depends on the features' norms (paper: 1e-3, 2e-3, 5e-3)")
-    iterations_first: int = Field(600, ge=1, description="Iterations at steps=1, lr x0.1 after a sixth (paper: 30,000)")
-    iterations_next: int = Field(200, ge=1, description="Iterations per later step (paper: 10,000)")
-    lr_first: PositiveFloat = Field(0.1, description="SGD learning rate at steps=1 (paper: 0.1, x0.1 at 5,000)")
-    lr_next: PositiveFloat = Field(0.01, description="SGD learning rate of later steps (paper: 0.01)")
-    batch_episodes: int = Field(4, ge=1, description="Episodes per SGD iteration (paper: 1)")
-    val_every: int = Field(100, ge=1, description="Iterations between validations (paper: 1,000)")
+                                     description="Shots of the test episodes, one table column each (paper: 1 and 5)")
     n_val_episodes: int = Field(300, ge=1, description="Fixed validation episodes used (paper: 1,000)")
     n_test_episodes: int = Field(600, ge=1, description="Random test episodes per shot count (paper: 2,000)")
     methods: list[str] = Field(
@@ -137,14 +288,7 @@ class FewShotParams(_Params):
         "balanced", description="Test queries per class: balanced (n_query each) or dirichlet:ALPHA, the alpha-TIM "
         "protocol: class counts of the n_way x n_query queries from Dirichlet(ALPHA), 2 their main setting "
         "(paper: balanced)")
-    krecip_k1: list[int] = Field(default_factory=lambda: [10, 20, 30], description="k-reciprocal k1 grid (paper: 10, 20, 30)")
-    krecip_k2: list[int] = Field(default_factory=lambda: [5, 10, 15], description="k-reciprocal k2 grid (paper: 5, 10, 15)")
-    krecip_lambda: KrecipLambdas = Field(default_factory=lambda: [0.2, 0.5, 0.8],
-                                         description="k-reciprocal lambda grid (paper: 0.2, 0.5, 0.8)")
     n_eval_actors: int = Field(0, ge=0, description="0: one per free CPU (GPU when present) (paper: one GPU)")
-    seed: int = Field(0, description="Seed of episodes and initialisation (paper: 300)")
-    device: Device = Field("auto", description="auto: CUDA when Ray sees a GPU (paper: one GPU)")
-    model_name: str = Field("ssr-fewshot", description="Registered model name in MLflow (paper: not used)")
 
     @field_validator("methods")
     @classmethod
@@ -167,30 +311,71 @@ class FewShotParams(_Params):
         """alpha of ``query_balance`` "dirichlet:ALPHA", None when balanced."""
         return query_balance_alpha(self.query_balance)
 
+
+class FewShotBaselineParams(_Params):
+    """The grid of the k-reciprocal baseline, chosen on validation episodes."""
+
+    krecip_k1: list[int] = Field(default_factory=lambda: [10, 20, 30], description="k-reciprocal k1 grid (paper: 10, 20, 30)")
+    krecip_k2: list[int] = Field(default_factory=lambda: [5, 10, 15], description="k-reciprocal k2 grid (paper: 5, 10, 15)")
+    krecip_lambda: KrecipLambdas = Field(default_factory=lambda: [0.2, 0.5, 0.8],
+                                         description="k-reciprocal lambda grid (paper: 0.2, 0.5, 0.8)")
+
+
+class FewShotParams(_Pipeline):
+    """Transductive few-shot reproduction (SSR_METHOD.md sections 3 and 5), in groups.
+
+    Every description ends with the paper's value; the ``paper-fewshot`` deployment sets
+    them all (deploy/prefect.yaml).
+    """
+
+    FLAT: ClassVar[dict[str, tuple[str, str]]] = {
+        **{f: ("data", f) for f in ("dataset", "data_root", "val_episodes_json", "glyphs_size", "data_seed")},
+        "backbone": ("backbone", "name"), "backbone_checkpoint": ("backbone", "checkpoint"),
+        **{f: ("backbone", f) for f in ("released_checkpoint", "pretrain_epochs", "pretrain_batch_size", "pretrain_lr")},
+        "n_shot_train": ("train", "n_shot"), "lr_dni_grid": ("sweep", "lr_dni"),
+        **{f: ("train", f) for f in ("n_way", "n_query", "hidden", "max_steps", "iterations_first", "iterations_next",
+                                     "lr_first", "lr_next", "batch_episodes", "val_every", "seed", "train_augment")},
+        **{f: ("evaluation", f) for f in ("eval_shots", "n_val_episodes", "n_test_episodes", "methods",
+                                          "query_balance", "n_eval_actors")},
+        **{f: ("baselines", f) for f in ("krecip_k1", "krecip_k2", "krecip_lambda")},
+    }
+
+    data: FewShotDataParams = Field(default_factory=FewShotDataParams, description="Data set and validation episodes")
+    backbone: FewShotBackboneParams = Field(default_factory=FewShotBackboneParams,
+                                            description="Feature extractor, or the authors' released model")
+    train: FewShotTrainParams = Field(default_factory=FewShotTrainParams,
+                                      description="SSR training config; each Ray Tune trial gets it with a sweep point")
+    sweep: Sweep = Field(default_factory=lambda: {"lr_dni": [0.01, 0.1]},
+                         description="Fields of the train group swept by Ray Tune, one trial per point of their "
+                         "product, the best on validation wins, e.g. {\"lr_dni\": [0.01, 0.1], \"hidden\": [256, 1024]} "
+                         "(paper: lr_dni 1e-3, 2e-3, 5e-3)")
+    evaluation: FewShotEvalParams = Field(default_factory=FewShotEvalParams, description="Test episodes and table rows")
+    baselines: FewShotBaselineParams = Field(default_factory=FewShotBaselineParams,
+                                             description="Baselines' grids, chosen on validation episodes")
+    device: Device = Field("auto", description="auto: CUDA when Ray sees a GPU (paper: one GPU)")
+    model_name: str = Field("ssr-fewshot", description="Registered model name in MLflow (paper: not used)")
+
     @model_validator(mode="after")
     def _methods_fit_the_episodes(self) -> "FewShotParams":
-        for name in self.methods:
+        n_way, n_queries = self.train.n_way, self.train.n_way * self.train.n_query
+        for name in self.evaluation.methods:
             if name in PEER_METHODS:
-                for shot in self.eval_shots:
+                for shot in self.evaluation.eval_shots:
                     try:
-                        PEER_METHODS[name].check(self.n_way, shot, self.n_way * self.n_query)
+                        PEER_METHODS[name].check(n_way, shot, n_queries)
                     except ValueError as exc:
-                        raise ValueError(f"methods: {exc} ({self.n_way}-way {shot}-shot, {self.n_way * self.n_query} "
+                        raise ValueError(f"evaluation.methods: {exc} ({n_way}-way {shot}-shot, {n_queries} "
                                          f"queries)") from None
         return self
 
-    @model_validator(mode="after")
-    def _real_dataset_needs_root(self) -> "FewShotParams":
-        if self.dataset != "glyphs" and not self.data_root:
-            raise ValueError(f"data_root: dataset {self.dataset!r} needs data_root (run `ssr data download`)")
-        return self
 
+# ---- retrieval ------------------------------------------------------------------------------------------
 
 RetrievalDataset = Literal["glyphs-retrieval", "roxford5k", "rparis6k"]
 
 
-class RetrievalParams(_Params):
-    """Image retrieval reproduction (SSR_METHOD.md sections 4, 6 and 7)."""
+class RetrievalDataParams(_Params):
+    """The test set and the training clusters, and which clusters are held out for validation."""
 
     dataset: RetrievalDataset = Field(
         "glyphs-retrieval", description="Built-in glyphs, or a revisited test set (roxford5k, rparis6k) with SSR "
@@ -200,44 +385,93 @@ class RetrievalParams(_Params):
         "(`ssr data download ssr-landmark-features`)")
     glyphs_size: Literal["small", "default"] = Field("default", description="Built-in dataset size (paper: not used)")
     data_seed: int = Field(0, description="Seed of the built-in dataset (paper: not used)")
-    backbone: BackboneName = Field("conv4-64", description="Glyphs only (the landmark features are given)")
-    backbone_checkpoint: str | None = Field(
-        None, description="Glyphs: a backbone state dict; pretrained on the training clusters when empty "
-        "(paper: ResNet-101 GeM, features given)")
-    pretrain_epochs: int = Field(3, ge=1, description="Same as the few-shot default, so both share one backbone")
-    k: int = Field(50, ge=2, description="Neighbours re-ranked per query (paper: 100)")
-    steps: int = Field(1, ge=1, le=8, description="SSR refinement steps (paper: 1)")
-    hidden: int = Field(256, ge=4, description="DNI hidden width (paper: 1024)")
-    lr_dni_grid: list[PositiveFloat] = Field(
-        default_factory=lambda: [1e-3, 1e-2],
-        description="DNI step sizes swept (paper, GeM features: 1e-4, 2e-4, 5e-4); the scale depends on the features")
-    sequence_length: int = Field(1000, ge=2, description="Items drawn uniformly, without replacement, per training sequence")
-    min_positives: int = Field(
-        2, ge=0, description="Keep sequences with more than this many positives in the top-k (paper, SfM-120k: 5). "
-        "Glyph default 2 (at least 3 positives, the value used so far): the built-in training clusters hold 5-6 renderings")
-    max_ap: float = Field(0.8, gt=0.0, le=1.0, description="Keep sequences whose initial top-k AP is below this (paper: 0.8)")
-    iterations: int = Field(600, ge=1, description="Paper: 60,000")
-    val_every: int = Field(250, ge=1, description="Validation period; fresh sequences are drawn for each (paper: 1,000)")
-    batch_queries: int = Field(16, ge=1, description="Sequences per SGD step (paper: 1)")
-    lr: PositiveFloat = Field(1e-3, description="SGD learning rate, momentum 0.9, weight decay 5e-4 (paper: 1e-3)")
     holdout_fraction: float = Field(
         0.05, gt=0.0, lt=1.0, description="Share of the training clusters held out for validation (seeded hash of the "
-        "cluster id); lr_dni, the checkpoint, QE's n and the k-reciprocal point are chosen on them")
+        "cluster id); the sweep's point, the checkpoint, QE's n and the k-reciprocal point are chosen on them")
     holdout_seed: int = Field(0, description="Seed of the hash choosing the held-out clusters (paper: not used)")
-    n_val_queries: int = Field(70, ge=1, description="Held-out queries of the validation mAP")
-    qe_n_grid: PositiveInts = Field(default_factory=lambda: [1, 3, 5, 7, 9], description="Query expansion: top-n items tried")
-    krecip_pairs: list[tuple[int, int]] = Field(
-        default_factory=lambda: [(40, 20), (80, 40), (160, 80)], description="k-reciprocal (k1, k2) pairs tried")
-    krecip_lambda: KrecipLambdas = Field(default_factory=lambda: [0.1, 0.3, 0.5], description="k-reciprocal lambdas tried")
-    shard_size: int = Field(1000, ge=1, description="Queries per Parquet shard of the top-K stores (paper: not used)")
-    n_rerank_actors: int = Field(0, ge=0, description="0: one per free CPU (GPU when present)")
-    seed: int = Field(0, description="Seed of sequences and initialisation (paper: not given)")
-    device: Device = Field("auto", description="auto: CUDA when Ray sees a GPU (paper: one GPU)")
-    model_name: str = Field("ssr-retrieval", description="Registered model name in MLflow (paper: not used)")
 
     @model_validator(mode="after")
-    def _real_dataset_needs_root(self) -> "RetrievalParams":
+    def _real_dataset_needs_root(self) -> "RetrievalDataParams":
         if self.dataset != "glyphs-retrieval" and not self.data_root:
             raise ValueError(f"data_root: dataset {self.dataset!r} needs data_root, the folder of the landmark pickles "
                              "(run `ssr data download ssr-landmark-features`)")
         return self
+
+
+class RetrievalTrainParams(_Params):
+    """The retrieval training config (SSR_METHOD.md sections 4 and 6). A Ray Tune trial receives
+    it with the sweep's point applied."""
+
+    k: int = Field(50, ge=2, description="Neighbours re-ranked per query (paper: 100)")
+    steps: int = Field(1, ge=1, le=8, description="SSR refinement steps (paper: 1)")
+    hidden: int = Field(256, ge=4, description="DNI hidden width (paper: 1024)")
+    lr_dni: PositiveFloat = Field(1e-3, description="DNI step size when the sweep does not set it (paper, GeM "
+                                  "features: 1e-4, 2e-4, 5e-4 swept); the scale depends on the features")
+    sequence_length: int = Field(1000, ge=2, description="Items drawn uniformly, without replacement, per training sequence")
+    min_positives: int = Field(
+        2, ge=0, description="Keep sequences with more than this many positives in the top-k (paper, SfM-120k: 5). "
+        "Glyph default 2 (at least 3 positives): the built-in training clusters hold 5-6 renderings")
+    max_ap: float = Field(0.8, gt=0.0, le=1.0, description="Keep sequences whose initial top-k AP is below this (paper: 0.8)")
+    iterations: int = Field(600, ge=1, description="Paper: 60,000")
+    val_every: int = Field(250, ge=1, description="Validation period; fresh sequences are drawn for each (paper: 1,000)")
+    batch_queries: int = Field(16, ge=1, description="Sequences per SGD step (paper: 1)")
+    lr: PositiveFloat = Field(1e-3, description="SGD learning rate (paper: 1e-3)")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (paper: 0.9)")
+    weight_decay: float = Field(5e-4, ge=0.0, description="SGD weight decay (paper: 5e-4)")
+    n_val_queries: int = Field(70, ge=1, description="Held-out queries of the validation mAP")
+    seed: int = Field(0, description="Seed of sequences and initialisation (paper: not given)")
+
+    def build(self, feat_dim: int) -> RetrievalSSR:
+        """The untrained model (the one place its arguments are made)."""
+        return RetrievalSSR(feat_dim, self.k, self.steps, lr_dni=self.lr_dni, hidden=self.hidden)
+
+
+class RetrievalBaselineParams(_Params):
+    """The grids of the baselines, chosen on the validation queries."""
+
+    qe_n_grid: PositiveInts = Field(default_factory=lambda: [1, 3, 5, 7, 9], description="Query expansion: top-n items tried")
+    krecip_pairs: list[tuple[int, int]] = Field(
+        default_factory=lambda: [(40, 20), (80, 40), (160, 80)], description="k-reciprocal (k1, k2) pairs tried")
+    krecip_lambda: KrecipLambdas = Field(default_factory=lambda: [0.1, 0.3, 0.5], description="k-reciprocal lambdas tried")
+
+
+class RetrievalEvalParams(_Params):
+    """The top-K stores and the re-ranking actors."""
+
+    shard_size: int = Field(1000, ge=1, description="Queries per Parquet shard of the top-K stores (paper: not used)")
+    n_rerank_actors: int = Field(0, ge=0, description="0: one per free CPU (GPU when present)")
+
+
+class RetrievalParams(_Pipeline):
+    """Image retrieval reproduction (SSR_METHOD.md sections 4, 6 and 7), in groups."""
+
+    FLAT: ClassVar[dict[str, tuple[str, str]]] = {
+        **{f: ("data", f) for f in ("dataset", "data_root", "glyphs_size", "data_seed", "holdout_fraction",
+                                    "holdout_seed")},
+        "backbone": ("backbone", "name"), "backbone_checkpoint": ("backbone", "checkpoint"),
+        "pretrain_epochs": ("backbone", "pretrain_epochs"), "lr_dni_grid": ("sweep", "lr_dni"),
+        **{f: ("train", f) for f in ("k", "steps", "hidden", "sequence_length", "min_positives", "max_ap", "iterations",
+                                     "val_every", "batch_queries", "lr", "n_val_queries", "seed")},
+        **{f: ("baselines", f) for f in ("qe_n_grid", "krecip_pairs", "krecip_lambda")},
+        **{f: ("evaluation", f) for f in ("shard_size", "n_rerank_actors")},
+    }
+
+    data: RetrievalDataParams = Field(default_factory=RetrievalDataParams, description="Test set and training clusters")
+    backbone: BackboneParams = Field(default_factory=BackboneParams,
+                                     description="Glyphs only: the feature extractor (the landmark features are given)")
+    train: RetrievalTrainParams = Field(default_factory=RetrievalTrainParams,
+                                        description="SSR training config; each Ray Tune trial gets it with a sweep point")
+    sweep: Sweep = Field(default_factory=lambda: {"lr_dni": [1e-3, 1e-2]},
+                         description="Fields of the train group swept by Ray Tune (any of them: k, steps, hidden, "
+                         "lr_dni, ...), one trial per point of their product, the best validation mAP wins "
+                         "(paper: lr_dni 1e-4, 2e-4, 5e-4)")
+    baselines: RetrievalBaselineParams = Field(default_factory=RetrievalBaselineParams,
+                                               description="Baselines' grids, chosen on the validation queries")
+    evaluation: RetrievalEvalParams = Field(default_factory=RetrievalEvalParams, description="Stores and actors")
+    device: Device = Field("auto", description="auto: CUDA when Ray sees a GPU (paper: one GPU)")
+    model_name: str = Field("ssr-retrieval", description="Registered model name in MLflow (paper: not used)")
+
+    @property
+    def k_max(self) -> int:
+        """The largest k of any trial (the stores and the held-out set must serve it)."""
+        return max([self.train.k, *self.sweep.get("k", [])])

@@ -42,11 +42,11 @@ def pipeline_run(kind: Literal["fewshot", "retrieval"], params: FewShotParams | 
     folder ("local" without one). The Tracker fails fast when a remote MLflow is unreachable.
     """
     run_dir = default_run_dir()
-    work = run_dir / kind / f"{params.dataset}-{params.backbone}-seed{params.seed}"
+    work = run_dir / kind / f"{params.data.dataset}-{params.backbone.name}-seed{params.train.seed}"
     work.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(f"ssr-{kind}", run_dir)
     tracker.close_orphans()  # runs a killed earlier flow process left RUNNING
-    with tracker.run(f"{kind}-{params.dataset}-{params.backbone}", tags=tags) as parent:
+    with tracker.run(f"{kind}-{params.data.dataset}-{params.backbone.name}", tags=tags) as parent:
         tracker.log_params(params.model_dump())
         tracker.log_dict(params.model_dump(), "config.json")
         yield PipelineRun(tracker, parent.info.run_id, run_dir, work, work / "results" / str(flow_run_id or "local"))

@@ -178,7 +178,7 @@ def plot_training_curves(trials) -> Any:
                 ys.append(100 * h.val_acc)
             offset = xs[-1] if xs else offset
             boundaries.add(offset)
-        ax.plot(xs, ys, marker="o", label=f"lr_dni={trial.lr_dni:g}")
+        ax.plot(xs, ys, marker="o", label=trial.label)
     for b in sorted(boundaries)[:-1]:
         ax.axvline(b, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("iteration (curriculum stages steps=1, 2, ... separated by dotted lines)")

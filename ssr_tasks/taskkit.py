@@ -2,8 +2,8 @@
 for file names, and the progress reporter.
 
 Tasks return file paths inside typed hand-offs (never tensors). A cached task's key is its
-source, its non-parameter inputs and only the parameter fields it uses (``cached(...)``);
-the cache records live in the run folder (``<SSR_HOME>/prefect/cache-keys``), so they go
+source and its inputs: the parameter groups it takes (never the whole parameters) and the
+hand-offs of earlier steps; the cache records live in the run folder (``<SSR_HOME>/prefect/cache-keys``), so they go
 when the run folder goes, and a cache hit can never hand back paths of a deleted run
 folder. The plain functions are idempotent as well (they skip outputs that already exist),
 which also covers reruns whose Prefect cache was lost.
@@ -20,7 +20,6 @@ from typing import Any
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
-from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from ssr_tasks.config import default_run_dir
@@ -28,13 +27,11 @@ from ssr_tasks.config import default_run_dir
 
 @dataclass
 class RunFolderCache(CachePolicy):
-    """Key = task source + inputs, where a parameter group (pydantic model) counts only with
-    the fields in ``uses`` (all of them when ``uses`` is None); records under the run folder.
+    """Key = task source + inputs (the parameter groups a task takes are among its inputs, so
+    the key is exactly what it reads); records under the run folder.
 
     ``key_storage`` is read when a task runs, so it follows ``SSR_HOME`` of that run.
     """
-
-    uses: tuple[str, ...] | None = None
 
     @property  # type: ignore[override]
     def key_storage(self) -> Path:
@@ -45,18 +42,10 @@ class RunFolderCache(CachePolicy):
         pass
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
-        if self.uses is not None:
-            inputs = {name: value.model_dump(mode="json", include=set(self.uses)) if isinstance(value, BaseModel) else value
-                      for name, value in (inputs or {}).items()}
         return (INPUTS + TASK_SOURCE).compute_key(task_ctx, inputs, flow_parameters, **kwargs)
 
 
-def cached(*uses: str) -> RunFolderCache:
-    """The cache policy of a task that reads only the parameter fields ``uses``."""
-    return RunFolderCache(uses=tuple(uses))
-
-
-CACHE = RunFolderCache()  # every parameter field counts
+CACHE = RunFolderCache()
 
 
 _DETERMINISTIC_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)

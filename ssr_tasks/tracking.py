@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import time
 import urllib.parse
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from ssr_tasks import ssr_pyfunc
-from ssr_tasks.handoffs import RegisteredModel, TrialTracking
+from ssr_tasks.handoffs import RegisteredModel
+from ssr_tasks.liveness import PROCESS_TAG, process_gone, process_tag
 from ssr_tasks.services import check_mlflow, mlflow_artifact_root, mlflow_tracking_uri, redact_uri
 
 log = logging.getLogger(__name__)
@@ -113,55 +113,6 @@ def model_signature(model: Any):
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.int64), out_shape)]))
 
 
-LIVE_KEYS = ("loss", "val_acc", "val_map", "best_val_acc", "best_val_map", "progress")
-
-
-def live_trial_callback(tracking: TrialTracking, key: str):
-    """A Ray Tune callback (it runs on the driver) that gives each trial a nested MLflow run
-    under ``tracking.parent_run_id`` when it starts (tag ``ssr.trial`` = ``<key>=<value>``)
-    and logs its reports there as they arrive (step = Tune's report count), so the curves
-    can be watched during training. A trial restarted after a failure keeps its run."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-    from ray import tune  # Ray: only where a grid runs
-
-    client = MlflowClient(tracking.tracking_uri, tracking.tracking_uri)
-
-    class _LiveTrials(tune.Callback):
-        def __init__(self):
-            self.runs: dict[str, str] = {}
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            if trial.trial_id in self.runs:
-                return
-            value = trial.config.get(key)
-            tags = {**dict(tracking.tags), "mlflow.parentRunId": tracking.parent_run_id, "ssr.trial": f"{key}={value:g}",
-                    PROCESS_TAG: process_tag()}
-            run = client.create_run(tracking.experiment_id, run_name=f"trial {key}={value:g}", tags=tags)
-            client.log_param(run.info.run_id, key, value)
-            self.runs[trial.trial_id] = run.info.run_id
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            run_id = self.runs.get(trial.trial_id)
-            if run_id is None:
-                return
-            step, now = int(result.get("training_iteration", 0)), int(time.time() * 1000)
-            metrics = [Metric(metric_name(k), 100 * float(result[k]) if k.startswith(("val_", "best_val_")) else float(result[k]),
-                              now, step) for k in LIVE_KEYS if isinstance(result.get(k), (int, float))]
-            if metrics:
-                client.log_batch(run_id, metrics=metrics)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            if trial.trial_id in self.runs:
-                client.set_terminated(self.runs[trial.trial_id], "FINISHED")
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            if trial.trial_id in self.runs:
-                client.set_terminated(self.runs[trial.trial_id], "FAILED")
-
-    return _LiveTrials()
-
-
 def forget_deleted_sqlite(uri: str) -> None:
     """MLflow keeps one SQLAlchemy engine per database URI for the life of the process. When
     the SQLite file was deleted meanwhile (the run folder removed between two runs of a
@@ -180,48 +131,6 @@ def forget_deleted_sqlite(uri: str) -> None:
             engine.dispose()
     for registry in (TrackingStoreRegistry, ModelRegistryStoreRegistry):  # the stores built on those engines
         registry._get_store_with_resolved_uri.cache_clear()
-
-
-PROCESS_TAG = "ssr.process"  # "<host>:<pid>:<process start time>" of the process that opened a run
-
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux ``/proc``); "" where there is
-    no ``/proc``; None when no such process exists."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name may hold spaces
-
-
-def process_tag() -> str:
-    """This process, as ``PROCESS_TAG`` records it (host, pid and start time: a reused pid differs)."""
-    start = _start_time(os.getpid()) if Path("/proc").is_dir() else ""
-    return f"{socket.gethostname()}:{os.getpid()}:{start or ''}"
-
-
-def process_gone(tag: str) -> bool:
-    """Whether the process of a ``PROCESS_TAG`` surely no longer runs: it ran on this host and
-    no process with its pid (and start time, where ``/proc`` tells) exists. Runs opened on
-    other hosts are never judged."""
-    host, _, rest = tag.partition(":")
-    pid_text, _, start = rest.partition(":")
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False
-    pid = int(pid_text)
-    if Path("/proc").is_dir():
-        now = _start_time(pid)
-        return now is None or bool(start and now and now != start)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 class Tracker:

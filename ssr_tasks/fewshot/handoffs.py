@@ -1,14 +1,14 @@
 """Typed results the few-shot steps hand each other (paths and scalars, never tensors)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ssr_model import FewShotSSR
 from ssr_tasks.fewshot.episodes import EpisodeIndices
-from ssr_tasks.fewshot.train import TrainConfig
+from ssr_tasks.config import FewShotTrainParams
 from ssr_tasks.handoffs import Backbone, Trials
 from ssr_tasks.weights import load_weights
 
@@ -85,18 +85,15 @@ class FewShotModel:
     """Trained SSR weights and what rebuilds the model around them."""
 
     weights: str
-    config: TrainConfig
+    config: FewShotTrainParams
+    feat_dim: int
     steps: int
-
-    @property
-    def feat_dim(self) -> int:
-        return self.config.feat_dim
 
     def build(self) -> FewShotSSR:
         """The model with the weights loaded (eval mode, CPU); errors name the file and the mismatch."""
-        model = self.config.build(self.steps)
+        model = self.config.build(self.feat_dim, self.steps)
         c = self.config
-        load_weights(model, self.weights, f"FewShotSSR(feat_dim={c.feat_dim}, n_way={c.n_way}, n_query={c.n_way * c.n_query}, "
+        load_weights(model, self.weights, f"FewShotSSR(feat_dim={self.feat_dim}, n_way={c.n_way}, n_query={c.n_way * c.n_query}, "
                                           f"steps={self.steps}, lr_dni={c.lr_dni}, hidden={c.hidden})")
         return model.eval()
 
@@ -112,17 +109,21 @@ class ReleasedModel:
     steps: int
     hidden: int
 
-    def model(self, base: TrainConfig) -> FewShotModel:
-        """The model to evaluate: ``base`` (feat_dim, episode shape, lr_dni) with the released
-        hidden width and steps."""
-        return FewShotModel(self.ssr_path, replace(base, hidden=self.hidden, max_steps=self.steps), self.steps)
+    def model(self, base: FewShotTrainParams, feat_dim: int) -> FewShotModel:
+        """The model to evaluate on features of width ``feat_dim``: ``base`` (episode shape,
+        lr_dni) with the released hidden width and steps."""
+        config = base.model_copy(update={"hidden": self.hidden, "max_steps": self.steps})
+        return FewShotModel(self.ssr_path, config, feat_dim, self.steps)
 
 
 @dataclass(frozen=True)
 class FewShotTrial:
-    """One trial of the grid: its config (``lr_dni`` included), the stages, and the best stage."""
+    """One trial of the grid: its config (the sweep's point applied), the point's label
+    (``lr_dni=0.1``), the width of the features, the stages, and the best stage."""
 
-    config: TrainConfig
+    config: FewShotTrainParams
+    label: str
+    feat_dim: int
     stages: tuple[Stage, ...]
     best_steps: int
     best_val: float
@@ -134,15 +135,15 @@ class FewShotTrial:
 
     @property
     def model(self) -> FewShotModel:
-        return FewShotModel(self.best_path, self.config, self.best_steps)
+        return FewShotModel(self.best_path, self.config, self.feat_dim, self.best_steps)
 
     @classmethod
-    def from_summary(cls, config: TrainConfig, summary: dict) -> "FewShotTrial":
+    def from_summary(cls, config: FewShotTrainParams, label: str, feat_dim: int, summary: dict) -> "FewShotTrial":
         """From the summary ``train_curriculum`` wrote (its on-disk JSON)."""
         stages = tuple(Stage(s["steps"], s["best_val"], s["best_path"],
                              tuple(Validation(h["iteration"], h["loss"], h["val_acc"]) for h in s["history"]))
                        for s in summary["stages"])
-        return cls(config, stages, summary["best_steps"], summary["best_val"], summary["best_path"])
+        return cls(config, label, feat_dim, stages, summary["best_steps"], summary["best_val"], summary["best_path"])
 
 
 

@@ -16,21 +16,22 @@ from storage.fewshot import find_val_episodes, list_split, read_episode_json
 
 def check_inputs(params: FewShotParams) -> None:
     """Raise ValueError on the first input of ``params`` a run would refuse."""
-    spec = spec_name(params.dataset)
+    data, bb, train = params.data, params.backbone, params.train
+    spec = spec_name(data.dataset)
     root = None
-    if params.dataset != "glyphs":  # the built-in data is made by the run itself
-        root = Path(params.data_root).expanduser()
+    if data.dataset != "glyphs":  # the built-in data is made by the run itself
+        root = Path(data.data_root).expanduser()
         val = [list_split(root, split) for split in ("train", "val", "test")][1]
-        episodes = (Path(params.val_episodes_json) if params.val_episodes_json
-                    else find_val_episodes(root, params.n_way, params.n_shot_train, params.n_query))
+        episodes = (Path(data.val_episodes_json) if data.val_episodes_json
+                    else find_val_episodes(root, train.n_way, train.n_shot, train.n_query))
         if episodes is not None:
             read_episode_json(episodes, val)
-    if params.released_checkpoint:
-        check_released(params.released_checkpoint, params.backbone, spec, params.n_way, params.n_query)
-    elif params.backbone_checkpoint == "released":
+    if bb.released_checkpoint:
+        check_released(bb.released_checkpoint, bb.name, spec, train.n_way, train.n_query)
+    elif bb.checkpoint == "released":
         if root is None:
             raise ValueError("backbone_checkpoint: 'released' needs a real dataset (the authors released no glyph "
                              "backbones); give a path or leave it empty")
-        load_backbone(params.backbone, spec, released_backbone(root.resolve().parent / "backbones", spec, params.backbone))
-    elif params.backbone_checkpoint:
-        load_backbone(params.backbone, spec, Path(params.backbone_checkpoint))
+        load_backbone(bb.name, spec, released_backbone(root.resolve().parent / "backbones", spec, bb.name))
+    elif bb.checkpoint:
+        load_backbone(bb.name, spec, Path(bb.checkpoint))

@@ -2,68 +2,70 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-import torch
-
 from ssr_tasks.fewshot.episodes import EpisodeIndices, load_split
 from ssr_tasks.fewshot.evaluate import EpisodeScores, FewShotEvaluator
-from ssr_tasks.fewshot.handoffs import FewShotModel, FewShotTrial, KReciprocal
+from ssr_tasks.config import FewShotTrainParams
+from ssr_tasks.fewshot.handoffs import FewShotModel, FewShotTrial, KReciprocal, TrainingFeatures
 from ssr_tasks.handoffs import TrialTracking
 from ssr_tasks.backbone import load_backbone
-from ssr_tasks.fewshot.train import TrainConfig, train_curriculum
+from ssr_tasks.fewshot.train import train_curriculum
 from ssr_tasks.fewshot.train_features import TrainAugment, training_source
-from ssr_tasks.ray_grid import TrialWorkspace, run_grid
+from ssr_tasks.ray_grid import Trial, run_grid
 from ssr_tasks.services import pool_size
 
 log = logging.getLogger(__name__)
 
 
-def fewshot_trial(config: dict) -> None:
-    """Ray Tune function trainable: the steps curriculum for one lr_dni (config: see ``run_grid``).
+@dataclass(frozen=True)
+class FewShotTrialInputs:
+    """What a few-shot trial reads: the features table, the validation episodes (.npz), and
+    where training episodes take their features (None: the table)."""
 
-    It trains in a ``TrialWorkspace``: every validation is reported with the stages' files
+    features: str
+    val_episodes: str
+    training: TrainingFeatures | None = None
+
+
+def fewshot_trial(trial: Trial[FewShotTrainParams]) -> tuple[dict, dict]:
+    """The trainable of the few-shot grid: the steps curriculum for one sweep point.
+
+    It trains in the trial's workspace: every validation is reported with the stages' files
     as a Tune checkpoint, and a restarted or restored trial resumes from the latest one."""
-    torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    cfg = TrainConfig(**{**config["train"], "lr_dni": float(config["lr_dni"])})
-    train = load_split(Path(config["features"]), "train")
-    augment = TrainAugment.parse(config.get("augment", "none"))
+    cfg, inputs = trial.config, trial.inputs
+    train = load_split(Path(inputs.features), "train")
+    training = inputs.training
+    augment = TrainAugment.parse(training.mode if training else "none")
     net = None
     if augment.mode == "online":
-        net = load_backbone(config["backbone"], config["spec"], Path(config["backbone_path"]), config["device"])
-    source = training_source(augment, train, cfg.seed, views_path=config.get("views") or None, net=net,
-                             data_root=config.get("data_root"), dataset=config.get("spec"), device=config["device"])
-    val = load_split(Path(config["features"]), "val")
-    val_eps = EpisodeIndices.load(Path(config["val_episodes"]))
-    total = cfg.iterations_first + (cfg.max_steps - 1) * cfg.iterations_next
+        net = load_backbone(training.backbone.name, training.backbone.spec, Path(training.backbone.path), trial.device)
+    source = training_source(augment, train, cfg.seed, views_path=training.views_path if training else None, net=net,
+                             data_root=training.data_root if training else None,
+                             dataset=training.backbone.spec if training else None, device=trial.device)
+    val = load_split(Path(inputs.features), "val")
+    val_eps = EpisodeIndices.load(Path(inputs.val_episodes))
 
-    with TrialWorkspace() as ws:
-        if ws.resumed:
-            log.info("trial lr_dni=%g: resuming from its last Tune checkpoint", cfg.lr_dni)
+    def report(row: dict) -> None:
+        done = row["iteration"] + (0 if row["steps"] == 1 else cfg.iterations_first + (row["steps"] - 2) * cfg.iterations_next)
+        trial.workspace.report({**row, "progress": done / cfg.total_iterations})
 
-        def report(row: dict) -> None:
-            done = row["iteration"] + (0 if row["steps"] == 1 else cfg.iterations_first + (row["steps"] - 2) * cfg.iterations_next)
-            ws.report({**row, "progress": done / total})
-
-        summary = train_curriculum(cfg, source, val, val_eps, ws.path, device=config["device"], report=report)
-        ws.finish(summary, {"best_val_acc": summary["best_val"], "best_steps": summary["best_steps"], "done": 1,
-                            "progress": 1.0})
+    summary = train_curriculum(cfg, source, val, val_eps, trial.workspace.path, device=trial.device, report=report)
+    return summary, {"best_val_acc": summary["best_val"], "best_steps": summary["best_steps"]}
 
 
-def run_trials(base: TrainConfig, lr_grid: Sequence[float], features: Path, val_episodes: Path, ckpt_root: Path,
-               storage_path: Path, device: str = "cpu", max_failures: int = 2,
+def run_trials(base: FewShotTrainParams, sweep: Mapping[str, Sequence], inputs: FewShotTrialInputs, feat_dim: int,
+               ckpt_root: Path, storage_path: Path, device: str = "cpu", max_failures: int = 2,
                progress: Callable[[float], None] | None = None,
-               training: Mapping[str, str] | None = None, tracking: TrialTracking | None = None) -> list[FewShotTrial]:
-    """One trial per lr_dni in parallel (``ssr_tasks.ray_grid.run_grid``); their results, in grid order.
-
-    training: where episode features come from (``TrainingFeatures.as_inputs()``; default:
-    the features table)."""
-    inputs = {"features": str(features), "val_episodes": str(val_episodes), **(training or {})}
-    done = run_grid(fewshot_trial, "fewshot-ssr", base, list(lr_grid), inputs, ckpt_root, storage_path, device,
-                    max_failures, progress, tracking)
-    return [FewShotTrial.from_summary(replace(base, lr_dni=lr), summary) for lr, summary in done]
+               tracking: TrialTracking | None = None) -> list[FewShotTrial]:
+    """One trial per point of ``sweep`` in parallel (``ssr_tasks.ray_grid.run_grid``); their
+    results, in the sweep's order."""
+    done = run_grid(fewshot_trial, base, sweep, name="fewshot-ssr", inputs=inputs, ckpt_root=ckpt_root,
+                    storage_path=storage_path, device=device, max_failures=max_failures, progress=progress,
+                    tracking=tracking)
+    return [FewShotTrial.from_summary(r.config, r.label, feat_dim, r.summary) for r in done]
 
 
 def evaluate_with_pool(

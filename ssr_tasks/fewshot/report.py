@@ -33,19 +33,20 @@ def write_report(params: FewShotParams, trials: FewShotTrials, krecip: KReciproc
     best_steps = trials.best.best_steps
     per_shot = {r.shot: r.accuracies() for r in shots}
     costs = {r.shot: {c.key: (c.ms_per_episode, c.peak_mib_per_episode) for c in r.cost} for r in shots}
-    rows = reporting.fewshot_rows(per_shot, krecip.label, best_steps, params.methods, costs, params.query_balance)
-    columns = ["method", "queries"] + [f"{s}-shot {what}" for s in params.eval_shots
+    ev = params.evaluation
+    rows = reporting.fewshot_rows(per_shot, krecip.label, best_steps, ev.methods, costs, ev.query_balance)
+    columns = ["method", "queries"] + [f"{s}-shot {what}" for s in ev.eval_shots
                                        for what in ("acc (%)", "ms/episode", "peak MiB/episode")]
     points = []
-    for name in params.methods:
+    for name in ev.methods:
         label, key, cost_key = reporting.fewshot_method_row(name, krecip.label, best_steps)
         points += [(label, s, per_shot[s][key], costs[s][cost_key][0]) for s in per_shot if cost_key in costs[s]]
     figures = {
         "accuracy_by_step.png": reporting.plot_accuracy_by_step(per_shot, best_steps),
         "training_curves.png": reporting.plot_training_curves(trials.trials),
         "accuracy_vs_cost.png": reporting.plot_accuracy_vs_cost(
-            points, f"{params.dataset}, {params.backbone}, {params.n_way}-way, queries "
-                    f"{reporting.queries_label(params.query_balance)}"),
+            points, f"{params.data.dataset}, {params.backbone.name}, {params.train.n_way}-way, queries "
+                    f"{reporting.queries_label(ev.query_balance)}"),
     }
     return reporting.write_report(rows, columns, figures, Path(out_dir))
 
@@ -56,8 +57,9 @@ def log_and_register(tracker: Tracker, params: FewShotParams, trials: FewShotTri
     """Into the open parent run: a nested run per trial, metrics, table, plots, and the
     registered model (SSR + backbone), aliased ``champion`` when it wins on validation."""
     for trial in trials.trials:
-        with tracker.trial_run(f"trial lr_dni={trial.lr_dni:g}", f"lr_dni={trial.lr_dni:g}", tags) as live:
-            tracker.log_params({"lr_dni": trial.lr_dni, "max_steps": params.max_steps})
+        with tracker.trial_run(f"trial {trial.label}", trial.label, tags) as live:
+            if not live:  # a live run has its point's parameters already
+                tracker.log_params(trial.config.model_dump())
             offset = 0
             for stage in trial.stages if not live else ():  # a live run has its curves already
                 for h in stage.history:
@@ -87,10 +89,10 @@ def log_and_register(tracker: Tracker, params: FewShotParams, trials: FewShotTri
     model = FewShotClassifier(best.model.build(), net.cpu().eval())
     reg = tracker.log_and_register(
         model, params.model_name,
-        tags={"dataset": params.dataset, "backbone": params.backbone, "steps": str(best.best_steps),
+        tags={"dataset": params.data.dataset, "backbone": params.backbone.name, "steps": str(best.best_steps),
               "val_metric_name": "val_acc_1shot"},
         val_metric=100 * best.best_val,
-        description=f"{params.dataset}, {params.backbone}: test accuracy (%, 95% CI)\n\n{report.markdown}",
+        description=f"{params.data.dataset}, {params.backbone.name}: test accuracy (%, 95% CI)\n\n{report.markdown}",
         model_description=MODEL_DESCRIPTION,
     )
     tracker.log_metrics({"registered_version": reg.version})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,42 +17,13 @@ import torch
 
 from ssr_model import FewShotSSR
 from ssr_model.losses import fewshot_cross_entropy
+from ssr_tasks.config import FewShotTrainParams
 from ssr_tasks.fewshot.episodes import EpisodeIndices, SplitFeatures, gather, sample_episodes
 from ssr_tasks.fewshot.train_features import EpisodeFeatures, TableFeatures
 from ssr_tasks.resume import LoopState, TrainingCheckpoint, finished, mark_finished
 from storage.checkpoints import load_state_dict, save_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    feat_dim: int
-    n_way: int = 5
-    n_shot: int = 1
-    n_query: int = 15
-    hidden: int = 1024
-    lr_dni: float = 1e-3
-    max_steps: int = 3
-    iterations_first: int = 1500
-    iterations_next: int = 500
-    lr_first: float = 0.1
-    lr_next: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_episodes: int = 4
-    val_every: int = 250
-    seed: int = 0
-
-    def build(self, steps: int) -> FewShotSSR:
-        """The untrained model with ``steps`` refinement steps (the one place its arguments are made)."""
-        return FewShotSSR(self.feat_dim, self.n_way, self.n_way * self.n_query, steps, lr_dni=self.lr_dni, hidden=self.hidden)
-
-    def stage_schedule(self, steps: int) -> tuple[int, float, int | None]:
-        """(iterations, lr, decay iteration) of a stage: lr x0.1 after 1/6 of stage 1 (5k of 30k)."""
-        if steps == 1:
-            return self.iterations_first, self.lr_first, max(1, self.iterations_first // 6)
-        return self.iterations_next, self.lr_next, None
 
 
 @torch.no_grad()
@@ -73,7 +43,7 @@ def _source(train: SplitFeatures | EpisodeFeatures) -> EpisodeFeatures:
 
 
 def train_stage(
-    cfg: TrainConfig,
+    cfg: FewShotTrainParams,
     steps: int,
     train: SplitFeatures | EpisodeFeatures,
     val: SplitFeatures,
@@ -95,7 +65,7 @@ def train_stage(
     if summary is not None:  # its folder may have moved (a restored Tune checkpoint): the path is the folder's
         return {**summary, "best_path": str(stage_dir / "best.pt")}
     iterations, lr, decay_at = cfg.stage_schedule(steps)
-    model = cfg.build(steps).to(device)
+    model = cfg.build(val.dim, steps).to(device)
     if init_state is not None:
         model.load_state_dict(init_state)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
@@ -139,7 +109,7 @@ def train_stage(
 
 
 def train_curriculum(
-    cfg: TrainConfig,
+    cfg: FewShotTrainParams,
     train: SplitFeatures | EpisodeFeatures,
     val: SplitFeatures,
     val_episodes: EpisodeIndices,
@@ -156,7 +126,7 @@ def train_curriculum(
     torch.manual_seed(cfg.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
     stages, init_state = [], None
     for steps in range(1, cfg.max_steps + 1):
         res = train_stage(cfg, steps, train, val, val_episodes, out_dir / f"steps{steps}", init_state, device, report)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ssr_model import RetrievalSSR
 from ssr_tasks.retrieval.evaluate import BaselineChoice
-from ssr_tasks.retrieval.train import RetrievalTrainConfig
+from ssr_tasks.config import RetrievalTrainParams
 from ssr_tasks.handoffs import Trials
 from ssr_tasks.tracking import load_registered_model
 from ssr_tasks.weights import load_weights
@@ -56,11 +56,8 @@ class RetrievalModel:
     """Trained retrieval SSR weights and what rebuilds the model around them."""
 
     weights: str
-    config: RetrievalTrainConfig
-
-    @property
-    def feat_dim(self) -> int:
-        return self.config.feat_dim
+    config: RetrievalTrainParams
+    feat_dim: int
 
     @property
     def k(self) -> int:
@@ -73,8 +70,8 @@ class RetrievalModel:
     def build(self) -> RetrievalSSR:
         """The model with the weights loaded (eval mode, CPU); errors name the file and the mismatch."""
         c = self.config
-        model = c.build()
-        load_weights(model, self.weights, f"RetrievalSSR(feat_dim={c.feat_dim}, k={c.k}, steps={c.steps}, "
+        model = c.build(self.feat_dim)
+        load_weights(model, self.weights, f"RetrievalSSR(feat_dim={self.feat_dim}, k={c.k}, steps={c.steps}, "
                                           f"lr_dni={c.lr_dni}, hidden={c.hidden})")
         return model.eval()
 
@@ -108,9 +105,12 @@ class Validation:
 
 @dataclass(frozen=True)
 class RetrievalTrial:
-    """One trial of the grid: its config (``lr_dni`` included), validation history and best weights."""
+    """One trial of the grid: its config (the sweep's point applied), the point's label, the
+    width of the features, validation history and best weights."""
 
-    config: RetrievalTrainConfig
+    config: RetrievalTrainParams
+    label: str
+    feat_dim: int
     best_val: float
     best_path: str
     history: tuple[Validation, ...]
@@ -122,13 +122,13 @@ class RetrievalTrial:
 
     @property
     def model(self) -> RetrievalModel:
-        return RetrievalModel(self.best_path, self.config)
+        return RetrievalModel(self.best_path, self.config, self.feat_dim)
 
     @classmethod
-    def from_summary(cls, config: RetrievalTrainConfig, summary: dict) -> "RetrievalTrial":
+    def from_summary(cls, config: RetrievalTrainParams, label: str, feat_dim: int, summary: dict) -> "RetrievalTrial":
         """From the summary ``train_retrieval`` wrote (its on-disk JSON)."""
         history = tuple(Validation(int(h["iteration"]), float(h["val_map"])) for h in summary["history"])
-        return cls(config, float(summary["best_val"]), summary["best_path"], history, int(summary["best_iteration"]))
+        return cls(config, label, feat_dim, float(summary["best_val"]), summary["best_path"], history, int(summary["best_iteration"]))
 
 
 

@@ -84,7 +84,7 @@ def example_figure(gt: RevisitedGroundTruth, images: Path, initial: np.ndarray, 
 def chosen_settings(trials: RetrievalTrials, choice: BaselineChoice) -> dict[str, str]:
     """What validation chose: lr_dni, the checkpoint, QE's n per QE method, the k-reciprocal point."""
     best = trials.best
-    return {"chosen.lr_dni": f"{best.lr_dni:g}", "chosen.checkpoint_iteration": str(best.best_iteration),
+    return {"chosen.trial": best.label, "chosen.lr_dni": f"{best.lr_dni:g}", "chosen.checkpoint_iteration": str(best.best_iteration),
             **choice.as_params()}
 
 
@@ -100,8 +100,9 @@ def log_and_register(tracker: Tracker, params: RetrievalParams, trials: Retrieva
     metrics, table, plots, and the registered re-ranker, aliased ``champion`` when it wins
     on validation."""
     for trial in trials.trials:
-        with tracker.trial_run(f"trial lr_dni={trial.lr_dni:g}", f"lr_dni={trial.lr_dni:g}", tags) as live:
-            tracker.log_params({"lr_dni": trial.lr_dni})
+        with tracker.trial_run(f"trial {trial.label}", trial.label, tags) as live:
+            if not live:  # a live run has its point's parameters already
+                tracker.log_params(trial.config.model_dump())
             for h in trial.history if not live else ():  # a live run has its curves already
                 tracker.log_metrics({"val_map": 100 * h.val_map}, step=h.iteration)
             tracker.log_metrics({"best_val_map": 100 * trial.best_val, "best_iteration": trial.best_iteration})
@@ -115,10 +116,11 @@ def log_and_register(tracker: Tracker, params: RetrievalParams, trials: Retrieva
     for _, path in report.figures:
         tracker.log_file(Path(path), "plots")
     best = trials.best
-    backbone = params.backbone if params.dataset == "glyphs-retrieval" else LANDMARK_BACKBONE
+    dataset = params.data.dataset
+    backbone = params.backbone.name if dataset == "glyphs-retrieval" else LANDMARK_BACKBONE
     return tracker.log_and_register(RetrievalReranker(best.model.build()), params.model_name,
-                                    tags={"dataset": params.dataset, "backbone": backbone, "steps": str(params.steps),
-                                          "k": str(params.k), "val_metric_name": "val_map"},
+                                    tags={"dataset": dataset, "backbone": backbone, "steps": str(best.config.steps),
+                                          "k": str(best.config.k), "val_metric_name": "val_map"},
                                     val_metric=100 * best.best_val,
-                                    description=f"{params.dataset}: revisited mAP (%)\n\n{report.markdown}",
+                                    description=f"{dataset}: revisited mAP (%)\n\n{report.markdown}",
                                     model_description=MODEL_DESCRIPTION)

@@ -13,7 +13,8 @@ from prefect import get_run_logger, task
 
 from ssr_model.baselines import krecip_grid
 from ssr_tasks.backbone import extract_split_features, load_backbone
-from ssr_tasks.config import RetrievalParams
+from ssr_tasks.config import (Device, RetrievalBaselineParams, RetrievalDataParams, RetrievalEvalParams,
+                              RetrievalTrainParams, Sweep, sweep_points)
 from ssr_tasks.device import cluster_device, local_device
 from ssr_tasks.handoffs import Backbone, TrialTracking, Trials
 from ssr_tasks.retrieval.evaluate import choose_baselines, method_rankings, write_ranking_store
@@ -21,8 +22,8 @@ from ssr_tasks.retrieval.handoffs import (MethodStore, Rankings, Reranked, Retri
                                           RetrievalTrials)
 from ssr_tasks.retrieval.ray_jobs import run_trials
 from ssr_tasks.retrieval.rerank import rerank_store
-from ssr_tasks.retrieval.train import RetrievalTrainConfig, load_validation
-from ssr_tasks.taskkit import Progress, cached, retry_transient, short_hash
+from ssr_tasks.retrieval.train import load_validation
+from ssr_tasks.taskkit import CACHE, Progress, retry_transient, short_hash
 from storage.checkpoints import file_sha256
 from storage.features import read_features, read_metadata, write_features
 from storage.fewshot import DATASET_SPECS, SplitIndex, list_split
@@ -33,10 +34,9 @@ from storage.landmarks import read_gnd
 log = logging.getLogger(__name__)
 
 
-@task(name="prepare-retrieval-data", cache_policy=cached("dataset", "data_root", "glyphs_size", "data_seed",
-                                                            "holdout_fraction", "holdout_seed"), persist_result=True,
-      retries=1, retry_condition_fn=retry_transient)
-def prepare_data(params: RetrievalParams, run_dir: str) -> RetrievalData:
+@task(name="prepare-retrieval-data", cache_policy=CACHE, persist_result=True, retries=1,
+      retry_condition_fn=retry_transient)
+def prepare_data(params: RetrievalDataParams, run_dir: str) -> RetrievalData:
     """The test set and its training data: the built-in glyphs (images, ground truth, training
     clusters), or rOxford5k / rParis6k with SfM-120k from the authors' pickles (features
     tables imported once into ``<run_dir>/data/landmarks``)."""
@@ -51,7 +51,7 @@ def prepare_data(params: RetrievalParams, run_dir: str) -> RetrievalData:
     return data
 
 
-def import_landmark_data(params: RetrievalParams, run_dir: str | Path) -> RetrievalData:
+def import_landmark_data(params: RetrievalDataParams, run_dir: str | Path) -> RetrievalData:
     """rOxford5k / rParis6k and SfM-120k from the authors' pickles under ``params.data_root``,
     imported once into ``<run_dir>/data/landmarks`` (plain code: ``ssr run`` calls it before
     the flow starts, so bad input is reported in one line). Bad pickles raise StorageError."""
@@ -67,11 +67,10 @@ def import_landmark_data(params: RetrievalParams, run_dir: str | Path) -> Retrie
                          queries=str(test.query), train=str(train.table))
 
 
-@task(name="extract-retrieval-features", cache_policy=cached("dataset", "k", "glyphs_size", "data_seed",
-                                                                "holdout_fraction", "holdout_seed"), persist_result=True,
-      retries=1, retry_condition_fn=retry_transient)
-def extract_features(params: RetrievalParams, data: RetrievalData, backbone: Backbone | None,
-                     work_dir: str) -> RetrievalFeatures:
+@task(name="extract-retrieval-features", cache_policy=CACHE, persist_result=True, retries=1,
+      retry_condition_fn=retry_transient)
+def extract_features(params: RetrievalDataParams, k: int, data: RetrievalData, backbone: Backbone | None,
+                     work_dir: str, device: Device = "auto") -> RetrievalFeatures:
     """The test table: split 'database' (ids 0..N-1 in imlist order), 'query' (ids N..); and
     the training table, split 'train' / 'val' (held-out clusters). Glyphs: both in one table
     embedded by ``backbone``; published features: the test table joined from the imported
@@ -81,15 +80,15 @@ def extract_features(params: RetrievalParams, data: RetrievalData, backbone: Bac
     table's name carries ``data_seed`` and ``glyphs_size``: the paths in ``data`` alone would
     hand back another rendering's features."""
     gt = read_gnd(Path(data.gnd))
-    if params.k > len(gt.imlist):
-        raise ValueError(f"k: {params.k} is larger than the database ({len(gt.imlist)} images)")
+    if k > len(gt.imlist):
+        raise ValueError(f"k: {k} is larger than the database ({len(gt.imlist)} images)")
     if not data.needs_backbone:
         return _join_test_tables(data, Path(work_dir), len(gt.imlist), len(gt.qimlist))
     holdout = [params.holdout_fraction, params.holdout_seed]
     glyphs = [params.data_seed, params.glyphs_size]
     out = Path(work_dir) / f"retrieval-features-{short_hash([backbone.path, asdict(data), holdout, glyphs])}.parquet"
     if not out.exists():
-        _extract(params, data, backbone, gt, out)
+        _extract(params, data, backbone, gt, out, device)
     return RetrievalFeatures(str(out), int(read_metadata(out)["dim"]), len(gt.imlist), len(gt.qimlist), str(out))
 
 
@@ -106,9 +105,9 @@ def _join_test_tables(data: RetrievalData, work_dir: Path, n_db: int, n_queries:
     return RetrievalFeatures(str(out), int(read_metadata(out)["dim"]), n_db, n_queries, str(data.train))
 
 
-def _extract(params: RetrievalParams, data: RetrievalData, backbone: Backbone, gt, out: Path) -> None:
+def _extract(params: RetrievalDataParams, data: RetrievalData, backbone: Backbone, gt, out: Path, device: Device) -> None:
     spec = DATASET_SPECS[backbone.spec]
-    device = local_device(params.device)
+    device = local_device(device)
     net = load_backbone(backbone.name, backbone.spec, Path(backbone.path), device)
     images = Path(data.images)
 
@@ -134,54 +133,47 @@ def _extract(params: RetrievalParams, data: RetrievalData, backbone: Backbone, g
                           len(db), len(qs), len(tr), int(held.sum()))
 
 
-def train_config(params: RetrievalParams, feat_dim: int) -> RetrievalTrainConfig:
-    """The training config of the first trial of the grid (each trial replaces lr_dni)."""
-    return RetrievalTrainConfig(feat_dim=feat_dim, k=params.k, steps=params.steps, hidden=params.hidden,
-                                lr_dni=params.lr_dni_grid[0], sequence_length=params.sequence_length,
-                                min_positives=params.min_positives, max_ap=params.max_ap, iterations=params.iterations,
-                                batch_queries=params.batch_queries, lr=params.lr, val_every=params.val_every,
-                                n_val_queries=params.n_val_queries, seed=params.seed)
-
-
 @task(name="train-retrieval-ssr", retries=1, retry_condition_fn=retry_transient, retry_delay_seconds=5)
-def train_ssr(params: RetrievalParams, features: RetrievalFeatures, work_dir: str,
-              tracking: TrialTracking | None = None) -> RetrievalTrials:
-    """Ray Tune grid over lr_dni of SSR trained on retrieval sequences from the training clusters;
-    the trial and its checkpoint with the best validation mAP (held-out clusters) win.
-    tracking: each trial logs to its nested MLflow run while it trains."""
-    base = train_config(params, features.dim)
-    root = Path(work_dir) / f"ssr-{short_hash([{k: v for k, v in asdict(base).items() if k != 'lr_dni'}, features.train_path])}"
+def train_ssr(train: RetrievalTrainParams, sweep: Sweep, features: RetrievalFeatures, work_dir: str,
+              tracking: TrialTracking | None = None, device: Device = "auto") -> RetrievalTrials:
+    """Ray Tune grid over the points of ``sweep`` of SSR trained on retrieval sequences from the
+    training clusters; the trial and its checkpoint with the best validation mAP (held-out
+    clusters) win. tracking: each trial logs to its nested MLflow run while it trains."""
+    root = Path(work_dir) / f"ssr-{short_hash([train.model_dump(), features.train_path])}"
     logger = get_run_logger()
-    logger.info("SSR: %d retrieval trial(s) lr_dni=%s, k=%d, steps=%d", len(params.lr_dni_grid), params.lr_dni_grid, params.k, params.steps)
+    points = sweep_points(sweep)
+    logger.info("SSR: %d retrieval trial(s) over %s, k=%d, steps=%d", len(points), dict(sweep) or "no sweep", train.k,
+                train.steps)
     progress = Progress(f"train-{short_hash([features.path, str(root)])}", "Retrieval SSR training (all trials)")
-    trials = Trials(tuple(run_trials(base, params.lr_dni_grid, Path(features.train_path), root / "trials",
-                                              Path(work_dir) / "ray_results", device=cluster_device(params.device),
-                                              progress=progress, tracking=tracking)))
+    trials = Trials(tuple(run_trials(train, sweep, Path(features.train_path), features.dim, root / "trials",
+                                     Path(work_dir) / "ray_results", device=cluster_device(device), progress=progress,
+                                     tracking=tracking)))
     for t in trials.trials:
-        logger.info("SSR: trial lr_dni=%g, best validation mAP %.2f%% at iteration %d", t.lr_dni, 100 * t.best_val,
+        logger.info("SSR: trial %s, best validation mAP %.2f%% at iteration %d", t.label, 100 * t.best_val,
                     t.best_iteration)
-    logger.info("SSR: chosen on validation: lr_dni=%g, checkpoint of iteration %d (validation mAP %.2f%%)",
-                trials.best.lr_dni, trials.best.best_iteration, 100 * trials.best.best_val)
+    logger.info("SSR: chosen on validation: %s, checkpoint of iteration %d (validation mAP %.2f%%)",
+                trials.best.label, trials.best.best_iteration, 100 * trials.best.best_val)
     return trials
 
 
-@task(name="rank-methods", cache_policy=cached("n_val_queries", "seed", "qe_n_grid", "krecip_pairs", "krecip_lambda",
-                                                "k", "shard_size"), persist_result=True)
-def rank_methods(params: RetrievalParams, features: RetrievalFeatures, work_dir: str) -> Rankings:
+@task(name="rank-methods", cache_policy=CACHE, persist_result=True)
+def rank_methods(baselines: RetrievalBaselineParams, train: RetrievalTrainParams, k: int, shard_size: int,
+                 features: RetrievalFeatures, work_dir: str) -> Rankings:
     """QE's n and the k-reciprocal point chosen on validation (held-out clusters), then the
     initial rankings of every method (features, QE variants, k-reciprocal), each as a top-K
     store with its query table, plus the database table (row = id) for the re-ranking actors.
-    The stores' folder is named after the features, the choice, the stores' K and shard size."""
-    val = load_validation(Path(features.train_path), params.n_val_queries, params.seed, features.dim)
-    choice = choose_baselines(val, params.qe_n_grid, krecip_grid(params.krecip_pairs, params.krecip_lambda))
+    The stores' folder is named after the features, the choice, the stores' K and shard size.
+    k: the largest k of any trial; train: its n_val_queries and seed draw the validation queries."""
+    val = load_validation(Path(features.train_path), train.n_val_queries, train.seed, features.dim)
+    choice = choose_baselines(val, baselines.qe_n_grid, krecip_grid(baselines.krecip_pairs, baselines.krecip_lambda))
     get_run_logger().info("baselines chosen on validation (%d held-out queries): %s", len(val.queries),
                           ", ".join(f"{k.removeprefix('chosen.')} {v}" for k, v in choice.as_params().items()))
     db = read_features(Path(features.path), split="database")
     qt = read_features(Path(features.path), split="query")
     methods = method_rankings(qt.embeddings, db.embeddings, choice)
-    k_store = min(len(db.ids), max(params.k, 100))
+    k_store = min(len(db.ids), max(k, 100))
     # K and the shard size shape every top-K store (an existing store of another shape is refused)
-    stores = Path(work_dir) / "stores" / short_hash([features.path, choice.as_params(), k_store, params.shard_size])
+    stores = Path(work_dir) / "stores" / short_hash([features.path, choice.as_params(), k_store, shard_size])
     stores.mkdir(parents=True, exist_ok=True)
     database = stores / "database.parquet"
     if not database.exists():
@@ -193,7 +185,7 @@ def rank_methods(params: RetrievalParams, features: RetrievalFeatures, work_dir:
         if not queries.exists():
             write_features(queries, ids=np.arange(len(m.query)), labels=["query"] * len(m.query), splits=["query"] * len(m.query),
                            embeddings=m.query.astype(np.float32), metadata={**db.metadata, "method": m.name})
-        store = write_ranking_store(stores / m.name / "topk", m, k_store, params.shard_size, source=features.path)
+        store = write_ranking_store(stores / m.name / "topk", m, k_store, shard_size, source=features.path)
         out.append(MethodStore(m.name, str(store.path), str(queries)))
     ranks = stores / "ranks.npz"
     tmp = ranks.with_suffix(".tmp.npz")
@@ -203,10 +195,11 @@ def rank_methods(params: RetrievalParams, features: RetrievalFeatures, work_dir:
 
 
 @task(name="rerank-store", retries=1, retry_condition_fn=retry_transient)
-def rerank(params: RetrievalParams, rankings: Rankings, method: MethodStore, model: RetrievalModel) -> Reranked:
+def rerank(evaluation: RetrievalEvalParams, rankings: Rankings, method: MethodStore, model: RetrievalModel,
+           device: Device = "auto") -> Reranked:
     """Every shard of a method's top-K store re-ranked by SSR on a pool of Ray actors."""
     out = Path(method.topk).parent / f"reranked-{short_hash([model.weights])}"
     progress = Progress(f"rerank-{short_hash([method.topk, model.weights])}", f"Re-ranking shards of {method.name}")
-    rerank_store(Path(method.topk), Path(method.queries), Path(rankings.database), out, model, n_actors=params.n_rerank_actors,
-                 device=cluster_device(params.device), progress=progress)
+    rerank_store(Path(method.topk), Path(method.queries), Path(rankings.database), out, model,
+                 n_actors=evaluation.n_rerank_actors, device=cluster_device(device), progress=progress)
     return Reranked(method.name, str(out))

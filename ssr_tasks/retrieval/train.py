@@ -15,7 +15,7 @@ mAP is the score that picks the checkpoint (and, across trials, ``lr_dni``).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,36 +26,13 @@ import torch.nn.functional as F
 from ssr_model import RetrievalSSR
 from ssr_model.losses import info_bce
 from ssr_model.metrics import revisited_map
+from ssr_tasks.config import RetrievalTrainParams
 from ssr_tasks.resume import LoopState, TrainingCheckpoint, finished, mark_finished
 from storage.checkpoints import save_checkpoint
 from storage.features import read_features
 from storage.landmark_tables import validation_ground_truth
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RetrievalTrainConfig:
-    feat_dim: int
-    k: int = 100
-    steps: int = 1
-    hidden: int = 1024
-    lr_dni: float = 1e-4
-    sequence_length: int = 1000
-    min_positives: int = 5
-    max_ap: float = 0.8
-    iterations: int = 60_000
-    batch_queries: int = 1
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    val_every: int = 1000
-    n_val_queries: int = 200
-    seed: int = 0
-
-    def build(self) -> RetrievalSSR:
-        """The untrained model (the one place its arguments are made)."""
-        return RetrievalSSR(self.feat_dim, self.k, self.steps, lr_dni=self.lr_dni, hidden=self.hidden)
 
 
 @dataclass(frozen=True)
@@ -161,7 +138,7 @@ def validation_map(model: RetrievalSSR, val: ValidationSet, device) -> float:
     return revisited_map(ranks, val.gnd)["medium"]["map"] / 100.0
 
 
-def period_sequences(cfg: RetrievalTrainConfig, emb: np.ndarray, labels: np.ndarray, period: int) -> Sequences:
+def period_sequences(cfg: RetrievalTrainParams, emb: np.ndarray, labels: np.ndarray, period: int) -> Sequences:
     return draw_sequences(emb, labels, cfg.k, cfg.sequence_length, cfg.val_every * cfg.batch_queries,
                           seed=cfg.seed * 1_000_003 + period, max_ap=cfg.max_ap, min_positives=cfg.min_positives)
 
@@ -170,7 +147,7 @@ def _save_best(model: RetrievalSSR, path: Path) -> None:
     save_checkpoint(path, {k: v.detach().cpu() for k, v in model.state_dict().items()})
 
 
-def train_retrieval(cfg: RetrievalTrainConfig, emb: np.ndarray, labels: np.ndarray, val: ValidationSet, out_dir: Path,
+def train_retrieval(cfg: RetrievalTrainParams, emb: np.ndarray, labels: np.ndarray, val: ValidationSet, out_dir: Path,
                     device="cpu", report: Callable[[dict], None] | None = None) -> dict:
     """SGD on InfoBCE over fresh sequences each period; validation mAP every ``val_every``
     iterations; checkpoint/resume at those points; the best checkpoint is kept.
@@ -188,7 +165,7 @@ def train_retrieval(cfg: RetrievalTrainConfig, emb: np.ndarray, labels: np.ndarr
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     emb_t = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
-    model = cfg.build().to(device)
+    model = cfg.build(emb.shape[1]).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     ckpt = TrainingCheckpoint(out_dir / "last.pt", model=model, optim=opt)
     state = ckpt.restore()
@@ -226,7 +203,7 @@ def train_retrieval(cfg: RetrievalTrainConfig, emb: np.ndarray, labels: np.ndarr
                 report({"iteration": it + 1, "loss": loss.item(), "val_map": val_map, "best_val_map": state.best})
     best_iteration = max(state.history, key=lambda h: (h["val_map"], -h["iteration"]))["iteration"]
     summary = mark_finished(done, {"best_val": state.best, "best_iteration": best_iteration,
-                                   "best_path": str(out_dir / "best.pt"), "history": state.history, "config": asdict(cfg)})
+                                   "best_path": str(out_dir / "best.pt"), "history": state.history, "config": cfg.model_dump()})
     ckpt.remove()  # finished: the best weights are what is kept (Tune checkpoints copy the folder)
     return summary
 
@@ -241,9 +218,9 @@ def load_validation(train_table: Path, n_queries: int, seed: int, feat_dim: int 
     return ValidationSet.from_clusters(_unit(held.embeddings), np.asarray(held.labels), n_queries, seed)
 
 
-def load_training_data(train_table: Path, cfg: RetrievalTrainConfig) -> tuple[np.ndarray, np.ndarray, ValidationSet]:
+def load_training_data(train_table: Path, cfg: RetrievalTrainParams) -> tuple[np.ndarray, np.ndarray, ValidationSet]:
     """Training rows (split ``train``: L2-normalised features (N, D), cluster labels (N,))
     and the validation set of the held-out rows of ``train_table``."""
-    train = read_features(Path(train_table), split="train", expected_dim=cfg.feat_dim)
-    val = load_validation(Path(train_table), cfg.n_val_queries, cfg.seed, cfg.feat_dim)
+    train = read_features(Path(train_table), split="train")
+    val = load_validation(Path(train_table), cfg.n_val_queries, cfg.seed, train.dim)
     return _unit(train.embeddings), np.asarray(train.labels), val
