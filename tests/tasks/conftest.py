@@ -9,14 +9,35 @@ from PIL import Image
 from ssr_tasks.config import FewShotParams, RetrievalParams
 
 # The smallest settings of each pipeline that still run every step.
-TINY_FEWSHOT = dict(pretrain_epochs=1, pretrain_batch_size=8, n_way=3, n_shot_train=1, n_query=4, eval_shots=[1, 2],
-                    max_steps=2, hidden=16, lr_dni_grid=[0.1], iterations_first=4, iterations_next=2, val_every=2,
-                    batch_episodes=2, n_val_episodes=6, n_test_episodes=8, krecip_k1=[3], krecip_k2=[2],
-                    krecip_lambda=[0.3, 0.5], n_eval_actors=1, device="cpu")
-TINY_RETRIEVAL = dict(glyphs_size="small", pretrain_epochs=1, k=10, hidden=16, lr_dni_grid=[1e-3], sequence_length=60,
-                      min_positives=0, iterations=4, val_every=2, batch_queries=4, shard_size=16, n_rerank_actors=1,
-                      holdout_fraction=0.3, n_val_queries=10, qe_n_grid=[1, 3], krecip_pairs=[(10, 5)], krecip_lambda=[0.3],
-                      device="cpu")
+TINY_FEWSHOT = dict(
+    backbone=dict(pretrain_epochs=1, pretrain_batch_size=8),
+    train=dict(n_way=3, n_shot=1, n_query=4, max_steps=2, hidden=16, iterations_first=4, iterations_next=2, val_every=2,
+               batch_episodes=2),
+    sweep={"lr_dni": [0.1]},
+    evaluation=dict(eval_shots=[1, 2], n_val_episodes=6, n_test_episodes=8, n_eval_actors=1),
+    baselines=dict(krecip_k1=[3], krecip_k2=[2], krecip_lambda=[0.3, 0.5]),
+    device="cpu",
+)
+TINY_RETRIEVAL = dict(
+    data=dict(glyphs_size="small", holdout_fraction=0.3),
+    backbone=dict(pretrain_epochs=1),
+    train=dict(k=10, hidden=16, sequence_length=60, min_positives=0, iterations=4, val_every=2, batch_queries=4,
+               n_val_queries=10),
+    sweep={"lr_dni": [1e-3]},
+    baselines=dict(qe_n_grid=[1, 3], krecip_pairs=[(10, 5)], krecip_lambda=[0.3]),
+    evaluation=dict(shard_size=16, n_rerank_actors=1),
+    device="cpu",
+)
+
+
+def grouped(base: dict, **groups) -> dict:
+    """``base`` (grouped parameters) with fields of some groups replaced, the others kept:
+    ``grouped(TINY_FEWSHOT, train={"hidden": 8}, device="cpu")``. A dict value updates the
+    group field by field (``sweep`` too); any other value replaces the key."""
+    out = dict(base)
+    for key, value in groups.items():
+        out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
+    return out
 
 
 class NoProgress:
@@ -70,7 +91,7 @@ def tiny_image_dataset(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_fewshot_params(tiny_image_dataset):
-    return FewShotParams(dataset="cifar-fs", data_root=str(tiny_image_dataset), **TINY_FEWSHOT)
+    return FewShotParams(**grouped(TINY_FEWSHOT, data={"dataset": "cifar-fs", "data_root": str(tiny_image_dataset)}))
 
 
 @pytest.fixture(scope="session")

@@ -87,18 +87,21 @@ def test_evaluator_names_a_method_that_cannot_run(synthetic_features):
 
 
 def test_params_refuse_bad_methods_and_alpha_naming_them():
-    assert FewShotParams().methods[:3] == ["baseline", "k-reciprocal", "ssr"] and set(PEER_METHODS) <= set(FewShotParams().methods)
-    assert FewShotParams(query_balance="dirichlet:2").dirichlet_alpha == 2.0 and FewShotParams().dirichlet_alpha is None
+    assert FewShotParams().evaluation.methods[:3] == ["baseline", "k-reciprocal", "ssr"]
+    assert set(PEER_METHODS) <= set(FewShotParams().evaluation.methods)
+    assert FewShotParams(evaluation={"query_balance": "dirichlet:2"}).evaluation.dirichlet_alpha == 2.0
+    assert FewShotParams().evaluation.dirichlet_alpha is None
     with pytest.raises(ValueError, match="methods: unknown method 'pt_map'"):
-        FewShotParams(methods=["ssr", "pt_map"])
+        FewShotParams(evaluation={"methods": ["ssr", "pt_map"]})
     for bad in ("dirichlet:0", "dirichlet:-1", "dirichlet:inf"):
         with pytest.raises(ValueError, match="Dirichlet alpha must be a finite number > 0"):
-            FewShotParams(query_balance=bad)
+            FewShotParams(evaluation={"query_balance": bad})
     with pytest.raises(ValueError, match="expected 'balanced' or 'dirichlet:ALPHA'"):
-        FewShotParams(query_balance="imbalanced")
-    with pytest.raises(ValueError, match=r"methods: laplacianshot: needs at least 4 queries per episode, got 2 \(2-way 1-shot"):
-        FewShotParams(n_way=2, n_query=1, methods=["ssr", "laplacianshot"])
-    FewShotParams(n_way=2, n_query=1, methods=["ssr", "tim"])
+        FewShotParams(evaluation={"query_balance": "imbalanced"})
+    with pytest.raises(ValueError, match=r"evaluation.methods: laplacianshot: needs at least 4 queries per episode, got 2 "
+                                         r"\(2-way 1-shot"):
+        FewShotParams(train={"n_way": 2, "n_query": 1}, evaluation={"methods": ["ssr", "laplacianshot"]})
+    FewShotParams(train={"n_way": 2, "n_query": 1}, evaluation={"methods": ["ssr", "tim"]})
 
 
 def test_rows_carry_cost_and_queries_columns_and_the_cost_plot():
@@ -125,12 +128,12 @@ def test_shot_result_keys_peers_and_costs_like_metrics():
 
 def test_ssr_scores_dirichlet_episodes_with_its_fixed_query_count(synthetic_features, tmp_path):
     from ssr_tasks.fewshot.handoffs import FewShotModel
-    from ssr_tasks.fewshot.train import TrainConfig
+    from ssr_tasks.config import FewShotTrainParams
 
-    cfg = TrainConfig(feat_dim=16, n_way=3, n_query=5, hidden=8)  # 15 queries per episode in all
+    cfg = FewShotTrainParams(n_way=3, n_query=5, hidden=8)  # 15 queries per episode in all
     torch.manual_seed(0)
-    torch.save(cfg.build(2).state_dict(), tmp_path / "ssr.pt")
-    ev = FewShotEvaluator(str(synthetic_features), "test", FewShotModel(str(tmp_path / "ssr.pt"), cfg, 2), threads=1)
+    torch.save(cfg.build(16, 2).state_dict(), tmp_path / "ssr.pt")
+    ev = FewShotEvaluator(str(synthetic_features), "test", FewShotModel(str(tmp_path / "ssr.pt"), cfg, 16, 2), threads=1)
     eps = sample_dirichlet_episodes(ev.split, 4, 3, 1, 15, alpha=2.0, seed=3)
     res = ev.evaluate(eps, peers=["pt-map"])
     assert len(res.ssr_by_step) == 3 and all(a.shape == (4,) for a in res.ssr_by_step)

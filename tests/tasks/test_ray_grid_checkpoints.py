@@ -9,38 +9,63 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 
 import pytest
 
+from ssr_tasks.config import RetrievalTrainParams
 from ssr_tasks.ray_grid import SUMMARY, TrialsFailed, read_summary, run_grid, trial_dir, tune_grid
 
 
-def make_counting_trainable():
-    """A trainable of 4 steps that reports each with a checkpoint and, when the file
-    ``<marks>/fail-<x>-at-<step>`` exists, removes it and raises at that step (once).
-    Made inside a function so that Ray ships it by value."""
+def make_count_steps():
+    """The counting itself: steps 1..4 in the workspace ``ws``, from the count a resumed
+    workspace holds; returns the summary and final metrics. Made inside a function, like the
+    trainables that call it, so that Ray ships it by value (tests are not importable on workers)."""
 
-    def counting(config: dict) -> None:
+    def count_steps(marks, x, ws):
         from pathlib import Path
 
-        from ssr_tasks.ray_grid import TrialWorkspace
-
-        marks, x = Path(config["marks"]), config["x"]
+        marks = Path(marks)
         with (marks / f"starts-{x}").open("a") as f:
             f.write("start\n")
+        count_file = ws.path / "count.txt"
+        first = int(count_file.read_text()) if count_file.exists() else 0
+        for step in range(first + 1, 5):
+            fail = marks / f"fail-{x}-at-{step}"
+            if fail.exists():
+                fail.unlink()
+                raise RuntimeError(f"transient failure of x={x} at step {step}")
+            count_file.write_text(str(step))
+            (ws.path / "model.txt").write_text(f"model of x={x} after step {step}")
+            ws.report({"iteration": step, "progress": step / 4})
+        return {"best_path": str(ws.path / "model.txt"), "resumed_at": first}, {"done": 1, "progress": 1.0}
+
+    return count_steps
+
+
+def make_counting_trainable(marks):
+    """A Tune function trainable of 4 steps that reports each with a checkpoint and, when the
+    file ``<marks>/fail-<x>-at-<step>`` exists, removes it and raises at that step (once); x
+    is the trial's point's ``x``. Made inside a function so that Ray ships it by value."""
+    marks, count_steps = str(marks), make_count_steps()
+
+    def counting(config: dict) -> None:
+        from ssr_tasks.ray_grid import TrialWorkspace
+
+        x = config["points"][config["label"]]["x"]
         with TrialWorkspace() as ws:
-            count_file = ws.path / "count.txt"
-            first = int(count_file.read_text()) if count_file.exists() else 0
-            for step in range(first + 1, 5):
-                fail = marks / f"fail-{x}-at-{step}"
-                if fail.exists():
-                    fail.unlink()
-                    raise RuntimeError(f"transient failure of x={x} at step {step}")
-                count_file.write_text(str(step))
-                (ws.path / "model.txt").write_text(f"model of x={x} after step {step}")
-                ws.report({"iteration": step, "progress": step / 4})
-            ws.finish({"best_path": str(ws.path / "model.txt"), "resumed_at": first}, {"done": 1, "progress": 1.0})
+            summary, metrics = count_steps(marks, x, ws)
+            ws.finish(summary, metrics)
+
+    return counting
+
+
+def make_counting_trial():
+    """The same counting for ``run_grid``: a trainable of a ``Trial`` whose x is its config's
+    lr_dni; marks is the grid's ``inputs``; the runner finishes the workspace."""
+    count_steps = make_count_steps()
+
+    def counting(trial):
+        return count_steps(trial.inputs, trial.config.lr_dni, trial.workspace)
 
     return counting
 
@@ -57,16 +82,19 @@ def marks(tmp_path):
     return path
 
 
+def points(*xs) -> dict:
+    return {f"x={x}": {"x": x} for x in xs}
+
+
 @pytest.mark.parametrize("uri", [False, True], ids=["folder", "storage-uri"])
 def test_a_retried_trial_resumes_from_its_last_checkpoint(ray_local, tmp_path, marks, monkeypatch, uri):
     if uri:  # SSR_RAY_STORAGE as a URI (pyarrow's file system of file://, as s3:// would be)
         monkeypatch.setenv("SSR_RAY_STORAGE", f"file://{tmp_path / 'bucket'}")
     (marks / "fail-1-at-3").touch()
-    done = tune_grid(make_counting_trainable(), "x", [1], {"marks": str(marks)}, "retry", tmp_path / "ray",
-                     max_failures=1)
+    done = tune_grid(make_counting_trainable(marks), points(1), "retry", tmp_path / "ray", max_failures=1)
     assert starts(marks, 1) == 2 and not (marks / "fail-1-at-3").exists()
     assert list((tmp_path / ("bucket" if uri else "ray") / "retry").glob("*/checkpoint_*"))
-    done[1].to_directory(str(tmp_path / "got"))
+    done["x=1"].to_directory(str(tmp_path / "got"))
     summary = json.loads((tmp_path / "got" / SUMMARY).read_text())
     assert summary == {"best_path": "model.txt", "resumed_at": 2}  # steps 1-2 were not run again
     assert (tmp_path / "got" / "model.txt").read_text() == "model of x=1 after step 4"
@@ -74,17 +102,17 @@ def test_a_retried_trial_resumes_from_its_last_checkpoint(ray_local, tmp_path, m
 
 def test_an_interrupted_grid_is_restored_and_its_live_callbacks_are_this_calls(ray_local, tmp_path, marks, caplog):
     (marks / "fail-2-at-3").touch()
-    space, storage = {"marks": str(marks)}, tmp_path / "ray"
+    storage = tmp_path / "ray"
     with pytest.raises(TrialsFailed, match=r"1 trial\(s\) of interrupted failed after 0 retries: .*x=2 at step 3") as err:
-        tune_grid(make_counting_trainable(), "x", [1, 2], space, "interrupted", storage, max_failures=0)
-    assert set(err.value.finished) == {1} and err.value.finished[1] is not None
+        tune_grid(make_counting_trainable(marks), points(1, 2), "interrupted", storage, max_failures=0)
+    assert set(err.value.finished) == {"x=1"} and err.value.finished["x=1"] is not None
 
     fractions = []
     with caplog.at_level(logging.INFO, logger="ssr_tasks.ray_grid"):
-        done = tune_grid(make_counting_trainable(), "x", [1, 2], space, "interrupted", storage, max_failures=0,
+        done = tune_grid(make_counting_trainable(marks), points(1, 2), "interrupted", storage, max_failures=0,
                          progress=fractions.append)
     assert starts(marks, 1) == 1 and starts(marks, 2) == 2  # the finished trial was kept, the failed one resumed
-    done[2].to_directory(str(tmp_path / "x2"))
+    done["x=2"].to_directory(str(tmp_path / "x2"))
     assert json.loads((tmp_path / "x2" / SUMMARY).read_text())["resumed_at"] == 2
     lines = [r.getMessage() for r in caplog.records if r.name == "ssr_tasks.ray_grid"]
     assert any(line.startswith("resuming the Tune experiment") for line in lines)
@@ -92,41 +120,28 @@ def test_an_interrupted_grid_is_restored_and_its_live_callbacks_are_this_calls(r
     assert fractions and fractions[-1] == pytest.approx(1.0)
 
 
-@dataclass
-class _Cfg:
-    lr_dni: float = 0.0
-    seed: int = 0
-
-
 def test_run_grid_keeps_finished_trials_and_resumes_the_rest(ray_local, tmp_path, marks):
     (marks / "fail-0.2-at-2").touch()
     ckpt_root, storage = tmp_path / "trials", tmp_path / "ray"
+    first, second = {"lr_dni": 0.1}, {"lr_dni": 0.2}
 
     def grid():
-        return run_grid(_rename_key(make_counting_trainable()), "toy", _Cfg(), [0.1, 0.2], {"marks": str(marks)},
-                        ckpt_root, storage, max_failures=0)
+        return run_grid(make_counting_trial(), RetrievalTrainParams(), {"lr_dni": [0.1, 0.2]}, name="toy",
+                        inputs=str(marks), ckpt_root=ckpt_root, storage_path=storage, max_failures=0)
 
     with pytest.raises(TrialsFailed):
         grid()
-    assert (trial_dir(ckpt_root, 0.1) / SUMMARY).exists() and not trial_dir(ckpt_root, 0.2).exists()
+    assert (trial_dir(ckpt_root, first) / SUMMARY).exists() and not trial_dir(ckpt_root, second).exists()
     [experiment] = [p for p in storage.iterdir() if p.name.startswith("toy-")]  # named after the configs and the grid
 
-    results = dict(grid())
+    results = grid()
+    assert [r.label for r in results] == ["lr_dni=0.1", "lr_dni=0.2"] and [r.point for r in results] == [first, second]
     assert starts(marks, 0.1) == 1 and starts(marks, 0.2) == 2
-    assert results[0.2]["resumed_at"] == 1
-    assert results[0.2]["best_path"] == str(trial_dir(ckpt_root, 0.2) / "model.txt")  # made absolute again
-    assert read_summary(trial_dir(ckpt_root, 0.1)) == results[0.1]
+    assert results[1].summary["resumed_at"] == 1 and results[1].folder == trial_dir(ckpt_root, second)
+    assert results[1].summary["best_path"] == str(trial_dir(ckpt_root, second) / "model.txt")  # made absolute again
+    assert read_summary(trial_dir(ckpt_root, first)) == results[0].summary
     assert not list(ckpt_root.glob(".lr_dni*"))  # no temp folder of an install left
 
-    dict(grid())  # everything finished: not even Tune runs again
+    grid()  # everything finished: not even Tune runs again
     assert starts(marks, 0.1) == 1 and starts(marks, 0.2) == 2
     assert experiment.is_dir()
-
-
-def _rename_key(trainable):
-    """The counting trainable under ``run_grid``'s key: ``x`` is the trial's lr_dni."""
-
-    def by_lr(config: dict) -> None:
-        trainable({**config, "x": config["lr_dni"]})
-
-    return by_lr

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ssr_model.baselines import KReciprocalPoint
-from ssr_tasks.backbone import get_backbone
+from ssr_tasks.backbone import get_backbone, spec_name
 from ssr_tasks.retrieval import report, tasks
 from ssr_tasks.handoffs import Trials
 from ssr_tasks.retrieval.handoffs import Rankings, Reranked, RetrievalData, RetrievalFeatures
@@ -18,13 +18,20 @@ METHODS = ["features", "AQE", "AQEwD", "alpha-QE", "DQE", "k-reciprocal"]
 
 @pytest.fixture
 def data(task_env, tiny_retrieval_params, glyphs_small, ssr_home):
-    return tasks.prepare_data.fn(tiny_retrieval_params, str(ssr_home))
+    return tasks.prepare_data.fn(tiny_retrieval_params.data, str(ssr_home))
 
 
 @pytest.fixture
 def features(data, tiny_retrieval_params, pipeline_dir):
-    backbone = get_backbone.fn(tiny_retrieval_params, data.fewshot_root, str(pipeline_dir / "backbones"))
-    return tasks.extract_features.fn(tiny_retrieval_params, data, backbone, str(pipeline_dir))
+    p = tiny_retrieval_params
+    backbone = get_backbone.fn(p.backbone, spec_name(p.data.dataset), p.train.seed, data.fewshot_root,
+                               str(pipeline_dir / "backbones"), p.device)
+    return tasks.extract_features.fn(p.data, p.k_max, data, backbone, str(pipeline_dir), p.device)
+
+
+def rank(p, features, work_dir):
+    """``rank_methods`` called as the flow calls it."""
+    return tasks.rank_methods.fn(p.baselines, p.train, p.k_max, p.evaluation.shard_size, features, str(work_dir))
 
 
 def test_prepare_data_names_ground_truth_and_images(data, glyphs_small):
@@ -41,12 +48,12 @@ def test_k_larger_than_the_database_is_refused_before_training(data, tiny_retrie
     from ssr_tasks.handoffs import Backbone
 
     with pytest.raises(ValueError, match=r"k: 100000 is larger than the database \(500 images\)"):
-        tasks.extract_features.fn(tiny_retrieval_params.model_copy(update={"k": 100_000}), data, Backbone("x", "conv4-64", "glyphs"),
+        tasks.extract_features.fn(tiny_retrieval_params.data, 100_000, data, Backbone("x", "conv4-64", "glyphs"),
                                   str(pipeline_dir))
 
 
 def test_rank_methods_writes_a_store_and_query_table_per_method(features, tiny_retrieval_params, pipeline_dir):
-    rankings = tasks.rank_methods.fn(tiny_retrieval_params, features, str(pipeline_dir))
+    rankings = rank(tiny_retrieval_params, features, pipeline_dir)
     assert isinstance(rankings, Rankings) and [m.name for m in rankings.methods] == METHODS
     with np.load(rankings.ranks) as ranks:
         assert ranks["features"].shape == (features.n_queries, features.n_database)
@@ -58,15 +65,18 @@ def test_rank_methods_writes_a_store_and_query_table_per_method(features, tiny_r
 
 def test_features_of_another_glyph_rendering_get_their_own_table(features, data, tiny_retrieval_params, pipeline_dir):
     # glyphs of any seed are rendered into the same folder: the paths in `data` alone would reuse this table
-    other = tiny_retrieval_params.model_copy(update={"data_seed": 1})
-    backbone = get_backbone.fn(other, data.fewshot_root, str(pipeline_dir / "backbones"))  # the one `features` used
-    again = tasks.extract_features.fn(other, data, backbone, str(pipeline_dir))
+    p = tiny_retrieval_params
+    other = p.data.model_copy(update={"data_seed": 1})
+    backbone = get_backbone.fn(p.backbone, spec_name(p.data.dataset), p.train.seed, data.fewshot_root,
+                               str(pipeline_dir / "backbones"))  # the one `features` used
+    again = tasks.extract_features.fn(other, p.k_max, data, backbone, str(pipeline_dir))
     assert again.path != features.path and Path(again.path).exists()
 
 
 def test_stores_of_another_shard_size_are_written_apart(features, tiny_retrieval_params, pipeline_dir):
-    first = tasks.rank_methods.fn(tiny_retrieval_params, features, str(pipeline_dir))
-    second = tasks.rank_methods.fn(tiny_retrieval_params.model_copy(update={"shard_size": 7}), features, str(pipeline_dir))
+    p = tiny_retrieval_params
+    first = rank(p, features, pipeline_dir)
+    second = tasks.rank_methods.fn(p.baselines, p.train, p.k_max, 7, features, str(pipeline_dir))
     assert Path(first.database).parent != Path(second.database).parent
     for rankings, shard_size in ((first, 16), (second, 7)):
         store = SimilarityStore(rankings.methods[0].topk)
@@ -75,14 +85,15 @@ def test_stores_of_another_shard_size_are_written_apart(features, tiny_retrieval
 
 def test_train_rerank_and_report(features, data, tiny_retrieval_params, pipeline_dir, ray_local):
     p = tiny_retrieval_params
-    trials = tasks.train_ssr.fn(p, features, str(pipeline_dir))
-    assert isinstance(trials, Trials) and [t.lr_dni for t in trials.trials] == p.lr_dni_grid
+    trials = tasks.train_ssr.fn(p.train, p.sweep, features, str(pipeline_dir), device=p.device)
+    assert isinstance(trials, Trials) and [t.lr_dni for t in trials.trials] == p.sweep["lr_dni"]
     best = trials.best
-    assert best.history[0].iteration == 0 and best.model.build().k == p.k
+    assert best.label == "lr_dni=0.001" and best.feat_dim == features.dim
+    assert best.history[0].iteration == 0 and best.model.build().k == p.train.k
     assert best.best_iteration in [h.iteration for h in best.history]
 
-    rankings = tasks.rank_methods.fn(p, features, str(pipeline_dir))
-    reranked = [tasks.rerank.fn(p, rankings, m, best.model) for m in rankings.methods[:2]]
+    rankings = rank(p, features, pipeline_dir)
+    reranked = [tasks.rerank.fn(p.evaluation, rankings, m, best.model, p.device) for m in rankings.methods[:2]]
     for r, m in zip(reranked, rankings.methods):
         assert isinstance(r, Reranked) and r.name == m.name and SimilarityStore(r.store).is_complete()
 

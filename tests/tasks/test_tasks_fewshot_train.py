@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from ssr_tasks.fewshot.episodes import fixed_episodes, load_split, sample_episodes
-from ssr_tasks.fewshot.train import TrainConfig, train_curriculum
+from ssr_tasks.config import FewShotTrainParams
+from ssr_tasks.fewshot.train import train_curriculum
 
 
 def small_cfg(**kw):
-    base = dict(feat_dim=16, n_way=3, n_shot=1, n_query=4, hidden=16, lr_dni=1e-2, max_steps=2,
+    """A tiny training config (the features' width, 16, is read from the table)."""
+    base = dict(n_way=3, n_shot=1, n_query=4, hidden=16, lr_dni=1e-2, max_steps=2,
                 iterations_first=8, iterations_next=4, batch_episodes=2, val_every=4, seed=3)
-    return TrainConfig(**{**base, **kw})
+    return FewShotTrainParams(**{**base, **kw})
 
 
 def test_sample_episodes_is_seeded_and_disjoint(synthetic_features):

@@ -7,7 +7,7 @@ import torch
 
 from ssr_tasks.retrieval.handoffs import RetrievalModel
 from ssr_tasks.retrieval.rerank import ShardReranker, rerank_store
-from ssr_tasks.retrieval.train import RetrievalTrainConfig
+from ssr_tasks.config import RetrievalTrainParams
 from storage.features import write_features
 from storage.simstore import SimilarityStore, build_topk_store
 
@@ -27,9 +27,9 @@ def setup(tmp_path_factory):
     write_features(root / "q.parquet", ids=np.arange(25), labels=["q"] * 25, splits=["query"] * 25, embeddings=q, metadata=meta)
     build_topk_store(q, np.arange(25), db, np.arange(80), root / "topk", K_STORE, shard_size=7)
     torch.manual_seed(0)
-    cfg = RetrievalTrainConfig(feat_dim=D, k=K, steps=1, lr_dni=0.5, hidden=16)
-    torch.save(cfg.build().state_dict(), root / "model.pt")
-    return root, RetrievalModel(str(root / "model.pt"), cfg), q
+    cfg = RetrievalTrainParams(k=K, steps=1, lr_dni=0.5, hidden=16)
+    torch.save(cfg.build(D).state_dict(), root / "model.pt")
+    return root, RetrievalModel(str(root / "model.pt"), cfg, D), q
 
 
 def expected(root, model, q):

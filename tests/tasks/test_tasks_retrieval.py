@@ -8,8 +8,9 @@ import torch
 from ssr_model.baselines import KReciprocalPoint, krecip_grid
 from ssr_model.metrics import revisited_map
 from ssr_tasks.retrieval.evaluate import BaselineChoice, choose_baselines, method_rankings, ranks_after_rerank, write_ranking_store
-from ssr_tasks.retrieval.train import (RetrievalTrainConfig, ValidationSet, draw_sequences, period_sequences, topk_ap,
-                                       train_retrieval, validation_map)
+from ssr_tasks.config import RetrievalTrainParams
+from ssr_tasks.retrieval.train import (ValidationSet, draw_sequences, period_sequences, topk_ap, train_retrieval,
+                                       validation_map)
 from storage.simstore import create_store
 
 
@@ -59,7 +60,7 @@ def test_validation_map_is_the_revisited_map_of_the_reranked_top_k():
     emb, labels = clusters(n_clusters=8, per=8)
     val = _validation(emb, labels)
     assert len(val.queries) == 12 and len(val.database) == 64 - 12
-    model = RetrievalTrainConfig(feat_dim=16, k=10, hidden=16, lr_dni=0.1).build()
+    model = RetrievalTrainParams(k=10, hidden=16, lr_dni=0.1).build(16)
     got = validation_map(model, val, "cpu")
     with torch.no_grad():
         refined = model(torch.from_numpy(val.queries), torch.from_numpy(val.database[val.initial[:, :10]]))
@@ -72,7 +73,7 @@ def test_training_resumes_to_the_same_model(tmp_path):
     emb, labels = clusters(n_clusters=10, per=30, noise=2.0)
     held = clusters(n_clusters=4, per=8, noise=2.0, seed=5)
     val = _validation(*held)
-    cfg = RetrievalTrainConfig(feat_dim=16, k=10, hidden=16, lr_dni=0.1, iterations=6, val_every=2, batch_queries=4, lr=0.05,
+    cfg = RetrievalTrainParams(k=10, hidden=16, lr_dni=0.1, iterations=6, val_every=2, batch_queries=4, lr=0.05,
                                sequence_length=100, min_positives=3)
     clean = train_retrieval(cfg, emb, labels, val, tmp_path / "clean")
     assert [h["iteration"] for h in clean["history"]] == [0, 2, 4, 6]
@@ -95,7 +96,7 @@ def test_training_resumes_to_the_same_model(tmp_path):
 
 def test_each_validation_period_draws_fresh_sequences():
     emb, labels = clusters(n_clusters=10, per=30, noise=2.0)
-    cfg = RetrievalTrainConfig(feat_dim=16, k=10, val_every=5, batch_queries=2, sequence_length=100, min_positives=3)
+    cfg = RetrievalTrainParams(k=10, val_every=5, batch_queries=2, sequence_length=100, min_positives=3)
     first, second = (period_sequences(cfg, emb, labels, p) for p in (0, 1))
     assert len(first) == len(second) == 10 and not np.array_equal(first.query, second.query)
     assert np.array_equal(period_sequences(cfg, emb, labels, 1).neighbours, second.neighbours)

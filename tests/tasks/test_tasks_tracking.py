@@ -98,7 +98,7 @@ def test_runs_left_running_by_a_killed_process_are_closed(tracker, tmp_path):
     import subprocess
     import sys
 
-    from ssr_tasks.tracking import PROCESS_TAG, process_gone, process_tag
+    from ssr_tasks.liveness import PROCESS_TAG, process_gone, process_tag
 
     code = ("import sys; from ssr_tasks.tracking import Tracker; t = Tracker('test-exp', None, tracking_uri=sys.argv[1]); "
             "cm = t.run('killed'); r = cm.__enter__(); print(r.info.run_id, flush=True); import time; time.sleep(600)")

@@ -8,7 +8,8 @@ import torch
 
 from ssr_model.backbones import build_backbone
 from ssr_tasks.fewshot.episodes import load_split, sample_episodes
-from ssr_tasks.fewshot.train import TrainConfig, train_curriculum
+from ssr_tasks.config import FewShotTrainParams
+from ssr_tasks.fewshot.train import train_curriculum
 from ssr_tasks.fewshot.train_features import OnlineFeatures, TrainAugment, ViewFeatures, extract_views, training_source
 from storage.features import write_features
 from storage.fewshot import DATASET_SPECS, list_split, load_images
@@ -81,7 +82,7 @@ def test_training_runs_on_views(setup, tmp_path):
     views = extract_views(root, "cifar-fs", net, 3, out / "views.parquet", META, seed=1)  # made once per module
     source = training_source(TrainAugment("views", 3), train, seed=0, views_path=str(views))
     val_eps = sample_episodes(train, 2, 5, 1, 3, seed=5)
-    cfg = TrainConfig(feat_dim=256, n_way=5, n_query=3, hidden=8, max_steps=1, iterations_first=2, val_every=1,
-                      batch_episodes=1)
+    cfg = FewShotTrainParams(n_way=5, n_query=3, hidden=8, lr_dni=1e-3, max_steps=1, iterations_first=2, val_every=1,
+                             batch_episodes=1)  # on the 256-wide features of the table
     summary = train_curriculum(cfg, source, train, val_eps, tmp_path)
     assert summary["best_steps"] == 1 and len(summary["stages"][0]["history"]) == 2
