@@ -22,13 +22,12 @@ import torch
 
 from ssr_model.backbones import build_backbone
 from ssr_tasks.backbone import load_backbone
+from ssr_tasks.config import FewShotTrainParams, RetrievalTrainParams
 from ssr_tasks.fewshot.episodes import fixed_episodes, load_split, sample_episodes
 from ssr_tasks.fewshot.evaluate import FewShotEvaluator
 from ssr_tasks.fewshot.handoffs import FewShotModel
-from ssr_tasks.fewshot.train import TrainConfig
 from ssr_tasks.retrieval.handoffs import RetrievalModel
 from ssr_tasks.retrieval.rerank import ShardReranker, rerank_store
-from ssr_tasks.retrieval.train import RetrievalTrainConfig
 from storage.features import write_features
 from storage.simstore import SimilarityStore, build_topk_store, create_store
 
@@ -105,10 +104,10 @@ def test_truncated_parquet_is_a_corrupt_file_error(tmp_path):
 def test_features_of_the_wrong_dimension_for_the_model(tmp_path):
     ids, labels, splits, emb = good_rows(dim=4)
     path = raw_features(tmp_path / "feat.parquet", ids, labels, splits, emb)
-    cfg = TrainConfig(feat_dim=6, n_way=3, n_query=2, hidden=8)
-    torch.save(cfg.build(1).state_dict(), tmp_path / "ssr.pt")
+    cfg = FewShotTrainParams(n_way=3, n_query=2, hidden=8)
+    torch.save(cfg.build(6, 1).state_dict(), tmp_path / "ssr.pt")
     with pytest.raises(ValueError, match=r"feat\.parquet: embedding has dim 4, expected 6"):
-        FewShotEvaluator(str(path), "val", FewShotModel(str(tmp_path / "ssr.pt"), cfg, 1))
+        FewShotEvaluator(str(path), "val", FewShotModel(str(tmp_path / "ssr.pt"), cfg, 6, 1))
 
 
 # ---- episode files -----------------------------------------------------------------------------
@@ -175,14 +174,14 @@ def store(tmp_path_factory):
     write_features(root / "db.parquet", ids=np.arange(N_DB), labels=[0] * N_DB, splits="database", embeddings=db, metadata=meta)
     write_features(root / "q.parquet", ids=np.arange(N_Q), labels=[0] * N_Q, splits="query", embeddings=q, metadata=meta)
     build_topk_store(q, np.arange(N_Q), db, np.arange(N_DB), root / "topk", 10, shard_size=4)
-    cfg = RetrievalTrainConfig(feat_dim=D, k=6, steps=1, lr_dni=0.5, hidden=16)
-    torch.save(cfg.build().state_dict(), root / "model.pt")
-    return root, RetrievalModel(str(root / "model.pt"), cfg)
+    cfg = RetrievalTrainParams(k=6, steps=1, lr_dni=0.5, hidden=16)
+    torch.save(cfg.build(D).state_dict(), root / "model.pt")
+    return root, RetrievalModel(str(root / "model.pt"), cfg, D)
 
 
 def test_reranker_checkpoint_of_another_hidden_size(store, tmp_path):
     root, model = store
-    torch.save(replace(model.config, hidden=32).build().state_dict(), tmp_path / "wide.pt")
+    torch.save(model.config.model_copy(update={"hidden": 32}).build(D).state_dict(), tmp_path / "wide.pt")
     with pytest.raises(ValueError, match=r"wide\.pt: \S+ has shape \(\d*, ?\d*\)?.*RetrievalSSR\(.*hidden=16\) expects"):
         ShardReranker(str(root / "db.parquet"), replace(model, weights=str(tmp_path / "wide.pt")))
 
@@ -191,15 +190,15 @@ def test_fewshot_checkpoint_of_another_model_kind(store, tmp_path):
     root, model = store  # a retrieval SSR state dict given to the few-shot evaluator
     ids, labels, splits, emb = good_rows(dim=D)
     path = raw_features(tmp_path / "feat.parquet", ids, labels, splits, emb)
-    cfg = TrainConfig(feat_dim=D, n_way=3, n_query=2, hidden=16)
+    cfg = FewShotTrainParams(n_way=3, n_query=2, hidden=16)
     with pytest.raises(ValueError, match=r"model\.pt: (not a state dict of FewShotSSR|\S+ has shape .* FewShotSSR)"):
-        FewShotEvaluator(str(path), "val", FewShotModel(model.weights, cfg, 1))
+        FewShotEvaluator(str(path), "val", FewShotModel(model.weights, cfg, D, 1))
 
 
 def test_reranker_refuses_database_of_the_wrong_dimension(store):
     root, model = store
     with pytest.raises(ValueError, match=rf"db\.parquet: embedding has dim {D}, expected {D + 4}"):
-        ShardReranker(str(root / "db.parquet"), replace(model, config=replace(model.config, feat_dim=D + 4)))
+        ShardReranker(str(root / "db.parquet"), replace(model, feat_dim=D + 4))
 
 
 def test_truncated_database_parquet(store, tmp_path):
@@ -298,18 +297,21 @@ def test_pickle_with_foreign_globals_through_the_cli(tmp_path, capsys):
 
 
 def test_out_of_range_retrieval_parameters_are_refused_by_the_cli(tmp_path):
-    out = subprocess.run([SSR, "run", "retrieval", "--set", "steps=0", "--set", "lr=-1", "--set", "k=1", "--set", "iterations=0"],
-                         capture_output=True, text=True, timeout=180, env={**__import__("os").environ, "SSR_HOME": str(tmp_path / "h")})
+    sets = ["train.steps=0", "train.lr=-1", "train.k=1", "train.iterations=0"]
+    out = subprocess.run([SSR, "run", "retrieval", *(a for s in sets for a in ("--set", s))], capture_output=True,
+                         text=True, timeout=180, env={**__import__("os").environ, "SSR_HOME": str(tmp_path / "h")})
     assert out.returncode == 2
     for field in ("steps", "lr", "k", "iterations"):
-        assert f"parameter {field}:" in out.stderr
+        assert f"ssr run: parameter train.{field}:" in out.stderr
     assert not (tmp_path / "h").exists()
 
 
 @pytest.mark.parametrize("group, values, field", [
-    ("fewshot", {"n_way": 1}, "n_way"), ("fewshot", {"max_steps": 0}, "max_steps"),
-    ("fewshot", {"lr_dni_grid": [-1e-3]}, "lr_dni_grid"), ("fewshot", {"n_query": 0}, "n_query"),
-    ("retrieval", {"steps": 0}, "steps"), ("retrieval", {"lr": -0.1}, "lr"), ("retrieval", {"k": 1}, "k"),
+    ("fewshot", {"train": {"n_way": 1}}, "n_way"), ("fewshot", {"train": {"max_steps": 0}}, "max_steps"),
+    ("fewshot", {"sweep": {"lr_dni": [-1e-3]}}, "lr_dni"), ("fewshot", {"train": {"n_query": 0}}, "n_query"),
+    ("fewshot", {"sweep": {"hiden": [8]}}, "hiden"),
+    ("retrieval", {"train": {"steps": 0}}, "steps"), ("retrieval", {"train": {"lr": -0.1}}, "lr"),
+    ("retrieval", {"train": {"k": 1}}, "k"), ("retrieval", {"sweep": {"k": [1]}}, "k"),
 ])
 def test_flow_form_refuses_out_of_range_values(group, values, field):
     from prefect.exceptions import ParameterTypeError

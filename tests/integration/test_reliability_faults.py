@@ -29,12 +29,12 @@ import ssr_tasks.retrieval.rerank
 from ssr_model import FewShotSSR
 from ssr_model.packaged import FewShotClassifier
 from ssr_tasks.fewshot.episodes import load_split, sample_episodes
-from ssr_tasks.fewshot.ray_jobs import run_trials
-from ssr_tasks.fewshot.train import TrainConfig, train_curriculum
+from ssr_tasks.config import FewShotTrainParams, RetrievalTrainParams
+from ssr_tasks.fewshot.ray_jobs import FewShotTrialInputs, run_trials
+from ssr_tasks.fewshot.train import train_curriculum
 from ssr_tasks.ray_grid import trial_dir, tune_grid
 from ssr_tasks.retrieval.handoffs import RetrievalModel
 from ssr_tasks.retrieval.rerank import ShardReranker, rerank_store
-from ssr_tasks.retrieval.train import RetrievalTrainConfig
 from ssr_tasks.services import ServiceUnreachable
 from ssr_tasks.tracking import Tracker
 from storage.features import write_features
@@ -90,7 +90,7 @@ def killing_fewshot_trials(faults, monkeypatch):
     validation was reported, so its checkpoint is on disk)."""
     kill = make_kill_once()
 
-    def killing_trial(config):
+    def killing_trial(trial):
         from ray import tune
 
         from ssr_tasks.fewshot.ray_jobs import fewshot_trial  # the product's trainable (unpatched in the worker)
@@ -104,7 +104,7 @@ def killing_fewshot_trials(faults, monkeypatch):
 
         tune.report = report
         try:
-            fewshot_trial(config)
+            return fewshot_trial(trial)
         finally:
             tune.report = real_report
 
@@ -136,9 +136,9 @@ def rerank_setup(tmp_path_factory):
     write_features(root / "q.parquet", ids=np.arange(N_Q), labels=["q"] * N_Q, splits="query", embeddings=q, metadata=meta)
     build_topk_store(q, np.arange(N_Q), db, np.arange(N_DB), root / "topk", K_STORE, shard_size=SHARD)
     torch.manual_seed(0)
-    cfg = RetrievalTrainConfig(feat_dim=D, k=K, steps=1, lr_dni=0.5, hidden=16)
-    torch.save(cfg.build().state_dict(), root / "model.pt")
-    model = RetrievalModel(str(root / "model.pt"), cfg)
+    cfg = RetrievalTrainParams(k=K, steps=1, lr_dni=0.5, hidden=16)
+    torch.save(cfg.build(D).state_dict(), root / "model.pt")
+    model = RetrievalModel(str(root / "model.pt"), cfg, D)
     # the undisturbed result, computed in this process shard by shard
     worker = ShardReranker(str(root / "db.parquet"), model)
     clean = {}
@@ -183,9 +183,9 @@ def test_actor_killed_mid_shard_completes_with_every_query_once(rerank_setup, ki
 
 
 def small_cfg(**kw):
-    base = dict(feat_dim=16, n_way=3, n_shot=1, n_query=4, hidden=16, lr_dni=1e-2, max_steps=2,
+    base = dict(n_way=3, n_shot=1, n_query=4, hidden=16, lr_dni=1e-2, max_steps=2,
                 iterations_first=8, iterations_next=4, batch_episodes=2, val_every=4, seed=3)
-    return TrainConfig(**{**base, **kw})
+    return FewShotTrainParams(**{**base, **kw})  # on the 16-wide synthetic features
 
 
 @pytest.mark.slow
@@ -204,15 +204,17 @@ def test_killed_tune_trial_resumes_to_the_undisturbed_model(synthetic_features, 
     marker = killing_fewshot_trials / "fewshot-trial-after-validation"
     marker.touch()
     ckpts, storage = tmp_path / "trials", tmp_path / "ray"
+    inputs, sweep = FewShotTrialInputs(str(synthetic_features), str(tmp_path / "val.npz")), {"lr_dni": [0.01]}
     with pytest.raises(RuntimeError, match=r"1 trial\(s\) of fewshot-ssr-\w+ failed"):
-        run_trials(cfg, [0.01], synthetic_features, tmp_path / "val.npz", ckpts, storage, max_failures=0)
+        run_trials(cfg, sweep, inputs, 16, ckpts, storage, max_failures=0)
     assert not marker.exists()
-    assert not trial_dir(ckpts, 0.01).exists()  # only finished trials land there
+    assert not trial_dir(ckpts, {"lr_dni": 0.01}).exists()  # only finished trials land there
     # The trial's last Tune checkpoint: its workspace after the first validation (killed right after it).
     [last] = storage.glob("fewshot-ssr-*/*/checkpoint_*/steps1/last.pt")
     assert torch.load(last, weights_only=True)["done"] == 4
 
-    [resumed] = run_trials(cfg, [0.01], synthetic_features, tmp_path / "val.npz", ckpts, storage, max_failures=0)
+    [resumed] = run_trials(cfg, sweep, inputs, 16, ckpts, storage, max_failures=0)
+    assert (resumed.label, resumed.config, resumed.feat_dim) == ("lr_dni=0.01", cfg, 16)
     # Restored, not restarted: Tune's record of the trial's reports holds each validation once.
     [record] = storage.glob("fewshot-ssr-*/*/result.json")
     reported = [(r["steps"], r["iteration"]) for r in map(json.loads, record.read_text().splitlines()) if "val_acc" in r]
@@ -226,28 +228,30 @@ def test_killed_tune_trial_resumes_to_the_undisturbed_model(synthetic_features, 
 
 
 def test_transient_trial_failure_is_retried(ray_local, tmp_path):
+    marker_path = str(tmp_path / "m")
+
     def flaky(config):
         from pathlib import Path
 
         from ray import tune
 
-        marker = Path(config["marker"])
+        marker = Path(marker_path)
         if not marker.exists():
             marker.write_text("failed once")
             raise RuntimeError("transient glitch")
         tune.report({"ok": 1})
 
-    tune_grid(flaky, "x", [1], {"marker": str(tmp_path / "m")}, "flaky", tmp_path / "ray", max_failures=2)
+    tune_grid(flaky, {"x=1": {"x": 1}}, "flaky", tmp_path / "ray", max_failures=2)
     assert (tmp_path / "m").exists()
 
 
 def test_trial_that_always_fails_is_reported_with_its_reason(ray_local, tmp_path):
     def broken(config):
-        raise RuntimeError(f"features file {config['x']} is unreadable")
+        raise RuntimeError(f"features file {config['points'][config['label']]['x']} is unreadable")
 
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match=r"1 trial\(s\) of broken failed after 1 retries: .*features file 7 is unreadable"):
-        tune_grid(broken, "x", [7], {}, "broken", tmp_path / "ray", max_failures=1)
+        tune_grid(broken, {"x=7": {"x": 7}}, "broken", tmp_path / "ray", max_failures=1)
     assert time.monotonic() - t0 < 240
 
 

@@ -140,9 +140,10 @@ def test_passwords_are_masked_and_never_logged_as_params(tmp_path, monkeypatch):
 
 
 TINY_FEWSHOT = dict(
-    dataset="glyphs", glyphs_size="small", pretrain_epochs=1, max_steps=1, hidden=16, lr_dni_grid=[1e-3],
-    iterations_first=4, iterations_next=2, val_every=2, n_val_episodes=5, n_test_episodes=10, eval_shots=[1],
-    krecip_k1=[10], krecip_k2=[5], krecip_lambda=[0.3], model_name="ssr-security-check",
+    data=dict(dataset="glyphs", glyphs_size="small"), backbone=dict(pretrain_epochs=1),
+    train=dict(max_steps=1, hidden=16, iterations_first=4, iterations_next=2, val_every=2), sweep={"lr_dni": [1e-3]},
+    evaluation=dict(n_val_episodes=5, n_test_episodes=10, eval_shots=[1]),
+    baselines=dict(krecip_k1=[10], krecip_k2=[5], krecip_lambda=[0.3]), model_name="ssr-security-check",
 )
 
 

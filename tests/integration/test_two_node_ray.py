@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent('''
 
     import ssr_tasks.retrieval.rerank as rr
     from ssr_tasks.retrieval.handoffs import RetrievalModel
-    from ssr_tasks.retrieval.train import RetrievalTrainConfig
+    from ssr_tasks.config import RetrievalTrainParams
     from ssr_tasks.services import init_ray
     from storage.features import write_features
     from storage.simstore import SimilarityStore, build_topk_store
@@ -65,9 +65,9 @@ SCRIPT = textwrap.dedent('''
     write_features(work / "db.parquet", ids=np.arange(60), labels=[0] * 60, splits="database", embeddings=db, metadata=meta)
     write_features(work / "q.parquet", ids=np.arange(20), labels=[0] * 20, splits="query", embeddings=q, metadata=meta)
     build_topk_store(q, np.arange(20), db, np.arange(60), work / "topk", 10, shard_size=5)
-    cfg = RetrievalTrainConfig(feat_dim=8, k=6, steps=1, lr_dni=0.5, hidden=8)
-    torch.save(cfg.build().state_dict(), work / "model.pt")
-    model = RetrievalModel(str(work / "model.pt"), cfg)
+    cfg = RetrievalTrainParams(k=6, steps=1, lr_dni=0.5, hidden=8)
+    torch.save(cfg.build(8).state_dict(), work / "model.pt")
+    model = RetrievalModel(str(work / "model.pt"), cfg, 8)
     out = rr.rerank_store(work / "topk", work / "q.parquet", work / "db.parquet", work / "out", model, n_actors=2)
     store = SimilarityStore(out)
     qids = sorted(int(i) for s in store.iter_shards() for i in s.query_ids)
