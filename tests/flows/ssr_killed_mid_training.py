@@ -1,7 +1,7 @@
 """The ``ssr`` command, SIGKILLed in the middle of SSR training (test helper).
 
 Used by test_flow_resume: it runs ``flows.cli.main`` in this process with the grid's
-progress callback wrapped, so the flow process (the Ray driver) dies when a trial reports
+callback (``grid_callback``) wrapped, so the flow process (the Ray driver) dies when a trial reports
 its second validation. By then the trial's first Tune checkpoint is in Tune's experiment
 state: the state is saved at every step of Tune's loop here (``TUNE_GLOBAL_CHECKPOINT_S=0``;
 by default at most every 10 s, which only moves the point a killed run resumes from).
@@ -15,10 +15,10 @@ import sys
 from flows.cli import main
 from ssr_tasks import ray_grid
 
-product_callback = ray_grid.progress_callback
+product_callback = ray_grid.grid_callback
 
 
-def progress_callback(n_trials, progress, *args, **kwargs):
+def grid_callback(n_trials, progress=None, *args, **kwargs):
     callback = product_callback(n_trials, progress, *args, **kwargs)
     on_trial_result = callback.on_trial_result
     seen = []
@@ -36,5 +36,5 @@ def progress_callback(n_trials, progress, *args, **kwargs):
 
 if __name__ == "__main__":
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"
-    ray_grid.progress_callback = progress_callback
+    ray_grid.grid_callback = grid_callback
     sys.exit(main())

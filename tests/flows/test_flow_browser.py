@@ -233,7 +233,7 @@ def test_custom_run_from_the_prefect_ui_then_mlflow_ui(services_env, chromium_pa
 
         facts = flow_run_facts(env, flow_run_id)
         assert facts["state"] == "COMPLETED", facts
-        assert facts["parameters"]["fewshot"]["n_test_episodes"] == 10, facts["parameters"]
+        assert facts["parameters"]["fewshot"]["evaluation"]["n_test_episodes"] == 10, facts["parameters"]
         assert facts["parameters"]["fewshot"]["model_name"] == "ssr-fewshot-tiny", facts["parameters"]
         assert {"fewshot-results", "fewshot-report"} <= set(facts["artifact_keys"]), facts
         assert facts["deployment_runs"] == 1, f"the form should have started exactly one run: {facts}"

@@ -1,5 +1,5 @@
 """Prefect's task cache never hands back paths of a deleted run folder, and keys only on the
-parameter fields a task uses."""
+parameter groups a task takes."""
 from __future__ import annotations
 
 import shutil
@@ -17,7 +17,8 @@ def test_second_run_completes_after_the_run_folder_is_deleted(tmp_path, monkeypa
     home = tmp_path / "runs"
     monkeypatch.setenv("SSR_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = FewShotParams(**{**TINY_FEWSHOT, "eval_shots": [1], "model_name": "ssr-cache"})
+    params = FewShotParams(**{**TINY_FEWSHOT, "evaluation": {**TINY_FEWSHOT["evaluation"], "eval_shots": [1]},
+                              "model_name": "ssr-cache"})
     first = ssr(pipeline="fewshot", fewshot=params)
     assert (home / "prefect" / "cache-keys").is_dir()  # the cache records live in the run folder
     _assert_trials_logged_live(home, first["run_id"])
@@ -27,7 +28,7 @@ def test_second_run_completes_after_the_run_folder_is_deleted(tmp_path, monkeypa
     assert [r["method"] for r in second["results"]] == [r["method"] for r in first["results"]]
 
 
-def test_cache_key_counts_only_the_fields_a_task_uses():
+def test_cache_key_counts_only_the_groups_a_task_takes():
     from types import SimpleNamespace
 
     from ssr_tasks.backbone import get_backbone
@@ -38,11 +39,19 @@ def test_cache_key_counts_only_the_fields_a_task_uses():
     # attribute: a Task set as a class attribute would bind itself to that class (descriptor).
     ctx = SimpleNamespace(task=get_backbone)
 
-    def key(params):
-        return policy.compute_key(ctx, {"params": params, "data_root": "/d", "work_dir": "/w"}, {})
+    def key(params):  # the inputs as flows/fewshot.py passes them
+        inputs = {"backbone": params.backbone, "spec": "glyphs", "seed": params.train.seed, "data_root": "/d",
+                  "work_dir": "/w", "device": params.device}
+        return policy.compute_key(ctx, inputs, {})
 
-    assert key(base) == key(base.model_copy(update={"n_test_episodes": 7, "lr_dni_grid": [0.5]}))
-    assert key(base) != key(base.model_copy(update={"pretrain_epochs": 2}))
+    def changed(**groups):
+        dump = base.model_dump()
+        return FewShotParams(**{**dump, **{g: {**dump[g], **fields} for g, fields in groups.items()}})
+
+    assert key(base) == key(changed(evaluation={"n_test_episodes": 7}, train={"hidden": 64}))
+    assert key(base) == key(base.model_copy(update={"sweep": {"lr_dni": [0.5]}}))
+    assert key(base) != key(changed(backbone={"pretrain_epochs": 2}))
+    assert key(base) != key(changed(train={"seed": 5}))  # the seed of pretraining, passed alone
 
 
 def _assert_trials_logged_live(home, parent_run_id: str) -> None:

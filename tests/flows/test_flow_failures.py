@@ -59,8 +59,10 @@ def test_failure_is_one_line_naming_the_step(prefect_harness, tmp_path, monkeypa
     @flow
     def broken():
         run_ids.append(flow_run.id)
-        return tasks.validation_episodes(FewShotParams(), Features(str(tmp_path / "missing.parquet"), 8),
-                                         FewShotData(str(tmp_path), None), str(tmp_path))
+        p = FewShotParams()
+        return tasks.validation_episodes(p.evaluation.n_val_episodes, p.train.episode, p.train.seed,
+                                         Features(str(tmp_path / "missing.parquet"), 8), FewShotData(str(tmp_path), None),
+                                         str(tmp_path))
 
     quiet_console_tracebacks()
     try:

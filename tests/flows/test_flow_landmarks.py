@@ -11,10 +11,13 @@ import pytest
 from ssr_tasks.config import RetrievalParams
 from tests.landmark_pickles import write_sfm_pickle, write_test_pickle
 
-TINY_LANDMARKS = dict(dataset="roxford5k", k=10, hidden=16, lr_dni_grid=[1e-2], sequence_length=200, min_positives=2,
-                      iterations=4, val_every=2, batch_queries=2, holdout_fraction=0.2, n_val_queries=10,
-                      qe_n_grid=[1, 3], krecip_pairs=[(10, 5)], krecip_lambda=[0.3], shard_size=4,
-                      model_name="ssr-retrieval-landmarks")
+TINY_LANDMARKS = dict(
+    data=dict(dataset="roxford5k", holdout_fraction=0.2),
+    train=dict(k=10, hidden=16, sequence_length=200, min_positives=2, iterations=4, val_every=2, batch_queries=2,
+               n_val_queries=10),
+    sweep={"lr_dni": [1e-2]}, evaluation=dict(shard_size=4),
+    baselines=dict(qe_n_grid=[1, 3], krecip_pairs=[(10, 5)], krecip_lambda=[0.3]), model_name="ssr-retrieval-landmarks",
+)
 
 
 def revisitop_map(query: np.ndarray, database: np.ndarray, gt: list[dict], protocol: str) -> float:
@@ -45,7 +48,8 @@ def test_landmark_pickles_to_results(ssr_home, ray_local, prefect_harness, tmp_p
 
     raw = write_test_pickle(tmp_path)
     write_sfm_pickle(tmp_path)
-    result = ssr(pipeline="retrieval", retrieval=RetrievalParams(data_root=str(tmp_path), **TINY_LANDMARKS))
+    params = RetrievalParams(**{**TINY_LANDMARKS, "data": {**TINY_LANDMARKS["data"], "data_root": str(tmp_path)}})
+    result = ssr(pipeline="retrieval", retrieval=params)
     rows = {r["method"]: r for r in result["results"]}
     assert list(rows) == ["features", "features + SSR", "AQE", "AQE + SSR", "AQEwD", "AQEwD + SSR", "alpha-QE",
                           "alpha-QE + SSR", "DQE", "DQE + SSR", "k-reciprocal", "k-reciprocal + SSR"]
@@ -64,15 +68,16 @@ def test_landmark_pickles_to_results(ssr_home, ray_local, prefect_harness, tmp_p
 def test_paper_retrieval_preset_has_the_paper_settings():
     from pydantic import ValidationError
 
-    from flows.cli import presets
+    from flows.cli import _merge, presets
 
     preset = presets()["paper-retrieval"]
     assert preset["pipeline"] == "retrieval"
-    p = RetrievalParams(**{**preset["retrieval"], "data_root": "/data/landmark"})
-    assert (p.dataset, p.k, p.steps, p.hidden, p.lr_dni_grid) == ("roxford5k", 100, 1, 1024, [1e-4, 2e-4, 5e-4])
-    assert (p.iterations, p.val_every, p.batch_queries, p.lr, p.sequence_length, p.min_positives, p.max_ap) == (
+    p = RetrievalParams(**_merge(preset["retrieval"], {"data": {"data_root": "/data/landmark"}}))
+    t, bl = p.train, p.baselines
+    assert (p.data.dataset, t.k, t.steps, t.hidden, p.sweep) == ("roxford5k", 100, 1, 1024, {"lr_dni": [1e-4, 2e-4, 5e-4]})
+    assert (t.iterations, t.val_every, t.batch_queries, t.lr, t.sequence_length, t.min_positives, t.max_ap) == (
         60_000, 1000, 1, 1e-3, 1000, 5, 0.8)
-    assert (p.holdout_fraction, p.qe_n_grid, p.krecip_pairs, p.krecip_lambda) == (
+    assert (p.data.holdout_fraction, bl.qe_n_grid, bl.krecip_pairs, bl.krecip_lambda) == (
         0.05, [1, 3, 5, 7, 9], [(40, 20), (80, 40), (160, 80)], [0.1, 0.3, 0.5])
     with pytest.raises(ValidationError, match="data_root: dataset 'roxford5k' needs data_root"):
         RetrievalParams(**preset["retrieval"])  # only dataset and data_root are left to fill
@@ -87,7 +92,7 @@ def test_bad_pickles_one_line_exit_2_before_the_flow(ssr_home, tmp_path, capsys)
     cache = ssr_home / "data" / "landmarks"
     raw = write_test_pickle(tmp_path)
     sfm = write_sfm_pickle(tmp_path)
-    run = ["run", "retrieval", "--set", "dataset=roxford5k", "--set", f"data_root={tmp_path}"]
+    run = ["run", "retrieval", "--set", "data.dataset=roxford5k", "--set", f"data.data_root={tmp_path}"]
 
     def expect(message):
         before = sorted(p.name for p in cache.iterdir()) if cache.exists() else []
@@ -104,7 +109,7 @@ def test_bad_pickles_one_line_exit_2_before_the_flow(ssr_home, tmp_path, capsys)
     expect("gl18_resnet101_sfm120k.pkl: database has D=20, but the test features have D=32")
     bad_query = {**raw, "query": raw["query"][:20]}
     (tmp_path / "gl18_resnet101_rparis6k.pkl").write_bytes(pickle.dumps(bad_query))
-    run[3] = "dataset=rparis6k"
+    run[3] = "data.dataset=rparis6k"
     expect("gl18_resnet101_rparis6k.pkl: 'query' is (20, 10) and 'database' is (32, 120): query and database features "
            "must have the same D")
     out_of_range = {**raw, "gt": [{**g, "junk": np.array([120])} for g in raw["gt"]]}

@@ -14,13 +14,17 @@ from ssr_tasks.config import FewShotParams, RetrievalParams
 ROOT = Path(__file__).resolve().parents[2]
 
 TINY_FEWSHOT = dict(
-    dataset="glyphs", glyphs_size="small", pretrain_epochs=1, max_steps=2, hidden=32, lr_dni_grid=[0.1],
-    iterations_first=6, iterations_next=4, val_every=3, n_val_episodes=10, n_test_episodes=20, eval_shots=[1, 5],
-    krecip_k1=[10], krecip_k2=[5], krecip_lambda=[0.3], model_name="ssr-fewshot",
+    data=dict(dataset="glyphs", glyphs_size="small"), backbone=dict(pretrain_epochs=1),
+    train=dict(max_steps=2, hidden=32, iterations_first=6, iterations_next=4, val_every=3), sweep={"lr_dni": [0.1]},
+    evaluation=dict(n_val_episodes=10, n_test_episodes=20, eval_shots=[1, 5]),
+    baselines=dict(krecip_k1=[10], krecip_k2=[5], krecip_lambda=[0.3]), model_name="ssr-fewshot",
 )
-TINY_RETRIEVAL = dict(glyphs_size="small", pretrain_epochs=1, k=10, hidden=32, lr_dni_grid=[1e-4], sequence_length=100,
-                      iterations=6, val_every=3, batch_queries=4, shard_size=8, holdout_fraction=0.3, n_val_queries=10,
-                      qe_n_grid=[1, 3], krecip_pairs=[(10, 5)], krecip_lambda=[0.3], model_name="ssr-retrieval")
+TINY_RETRIEVAL = dict(
+    data=dict(glyphs_size="small", holdout_fraction=0.3), backbone=dict(pretrain_epochs=1),
+    train=dict(k=10, hidden=32, sequence_length=100, iterations=6, val_every=3, batch_queries=4, n_val_queries=10),
+    sweep={"lr_dni": [1e-4]}, evaluation=dict(shard_size=8),
+    baselines=dict(qe_n_grid=[1, 3], krecip_pairs=[(10, 5)], krecip_lambda=[0.3]), model_name="ssr-retrieval",
+)
 
 
 def readme_snippet(name: str) -> str:
@@ -80,7 +84,7 @@ def test_fewshot_flow_end_to_end(ssr_home, ray_local, prefect_harness, glyphs_sm
     assert re.search(r"predicted classes: tensor\(\[", out), out
 
     # A second run reuses data, backbone, features and the finished trial (no retraining).
-    trial = next((ssr_home / "fewshot").rglob("lr_dni=0.1/summary.json"))
+    trial = next((ssr_home / "fewshot").rglob("lr_dni=0.1-*/summary.json"))  # trial_dir: <label>-<hash>
     before = trial.stat().st_mtime_ns
     again = ssr(pipeline="fewshot", fewshot=FewShotParams(**TINY_FEWSHOT))
     assert trial.stat().st_mtime_ns == before
