@@ -105,7 +105,7 @@ def cmd_run(args) -> int:
         from ssr_tasks.fewshot.inputs import check_inputs
 
         try:
-            check_inputs(params)
+            check_inputs(params, default_run_dir())
         except (ValueError, OSError) as exc:
             print(f"ssr run: {exc}", file=sys.stderr)
             return 2
@@ -115,10 +115,10 @@ def cmd_run(args) -> int:
         return 3
     if args.pipeline == "retrieval" and params.data.dataset != "glyphs-retrieval":
         # the authors' pickles are imported (once, cached) before the flow, so bad input is one line
-        from ssr_tasks.retrieval.tasks import import_landmark_data
+        from ssr_tasks.retrieval.tasks import check_holdout, import_landmark_data
 
         try:
-            import_landmark_data(params.data, default_run_dir())
+            check_holdout(import_landmark_data(params.data, default_run_dir()), params.train, params.k_max)
         except (ValueError, OSError) as exc:  # storage errors are ValueErrors
             print(f"ssr run: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
             return 2
@@ -160,7 +160,7 @@ def cmd_rerank(args) -> int:
 
     try:
         out = rerank_features(Path(args.queries), Path(args.database), args.model, Path(args.out), k=args.k,
-                              gnd=Path(args.gnd) if args.gnd else None, n_actors=args.actors, device=args.device,
+                              gnd=args.gnd, n_actors=args.actors, device=args.device,
                               shard_size=args.shard_size)
     except ServiceUnreachable as exc:
         print(f"ssr rerank: {exc}", file=sys.stderr)
@@ -170,7 +170,11 @@ def cmd_rerank(args) -> int:
         return 2
     print(f"top-K store: {out.topk} ({out.n_queries} queries, k={out.k})")
     print(f"re-ranked store: {out.reranked}")
-    if out.map_before is not None:
+    if out.map_before is not None and args.gnd == "labels":  # label matches: one mAP, one mP@10
+        print("(%)       mAP     mP@10    (ground truth: label matches)")
+        for label, maps in (("before", out.map_before), ("after", out.map_after)):
+            print(f"{label:<9} {maps['medium']:7.2f} {maps['mP@10 medium']:7.2f}")
+    elif out.map_before is not None:
         print("mAP (%)    easy    medium  hard")
         for label, maps in (("before", out.map_before), ("after", out.map_after)):
             print(f"{label:<9} {maps['easy']:7.2f} {maps['medium']:7.2f} {maps['hard']:7.2f}")
@@ -230,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="registered model, e.g. models:/ssr-retrieval@champion")
     p.add_argument("--out", required=True, help="output folder: topk/ (reused when complete) and reranked/")
     p.add_argument("--k", type=int, default=None, help="neighbours per query; must be the model's k (default: the model's k)")
-    p.add_argument("--gnd", default=None, help="revisitop ground truth (JSON or pickle): print mAP E/M/H before and after")
+    p.add_argument("--gnd", default=None, help="revisitop ground truth (JSON or pickle): print mAP E/M/H before and after; "
+                   "'labels': a database item is positive when its label equals the query's (mAP and mP@10)")
     p.add_argument("--actors", type=int, default=0, help="re-ranking actors (0: one per free CPU, or per GPU)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--shard-size", type=int, default=50_000, help="queries per shard (default: %(default)s)")

@@ -21,14 +21,21 @@ def fewshot_pipeline(params: FewShotParams = FewShotParams()) -> dict:
         data = tasks.prepare_data(params.data, train.episode, str(run.run_dir))
         released = (tasks.released_model(params.backbone, dataset, train.episode, str(run.work))
                     if params.backbone.released_checkpoint else None)
-        backbone = released.backbone if released else get_backbone(params.backbone, dataset, train.seed, data.root,
-                                                                   str(run.backbones), device)
-        features = tasks.extract_features(params.data, data, backbone, str(run.work), device)
+        if params.data.entry.images:
+            spec = tasks.image_spec(params.data, data, str(run.work))
+            backbone = released.backbone if released else get_backbone(params.backbone, spec, train.seed, data.root,
+                                                                       str(run.backbones), device)
+            features = tasks.extract_features(data, backbone, str(run.work), device)
+        else:  # embeddings given: no backbone
+            backbone, features = None, tasks.import_features(params.data, str(run.run_dir))
+        left_out = tasks.check_classes(features, train.episode, evaluation.eval_shots)
+        run.tracker.log_metrics({f"classes_left_out_{split}": n for split, n in left_out})
         val = tasks.validation_episodes(evaluation.n_val_episodes, train.episode, train.seed, features, data, str(run.work))
         if released:  # the authors' model: evaluated as it is, with the sweep's first point
             trials = tasks.released_trials(params.first_train, features, val, released, evaluation.n_eval_actors, device)
         else:
-            training = tasks.training_features(train.train_augment, train.seed, data, backbone, str(run.work), device)
+            training = (tasks.training_features(train.train_augment, train.seed, data, backbone, str(run.work), device)
+                        if backbone is not None else None)
             trials = tasks.train_ssr(train, params.sweep, features, val, str(run.work), training,
                                      run.trial_tracking(prefect_tags()), device)
         krecip = tasks.choose_krecip(params.baselines, features, val, evaluation.n_eval_actors, device)

@@ -28,7 +28,7 @@ def retrieval_pipeline(params: RetrievalParams = RetrievalParams()) -> dict:
                                       features, str(run.work))
         reranked = [tasks.rerank(params.evaluation, rankings, method, trials.best.model, device)
                     for method in rankings.methods]
-        results = report.write_report(params, data, rankings, reranked, str(run.results))
+        results = report.write_report(params, data, rankings, reranked, str(run.results), report.ssr_improved(trials))
         registered = report.log_and_register(run.tracker, params, trials, rankings.choice, results, prefect_tags())
         chosen = report.describe_choice(trials, rankings.choice)
 

@@ -8,6 +8,7 @@ end.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -25,7 +26,8 @@ from ssr_tasks.resume import LoopState, TrainingCheckpoint
 from ssr_tasks.taskkit import CACHE, Progress, short_hash
 from storage.checkpoints import file_sha256, load_state_dict, released_backbone, save_checkpoint
 from storage.features import write_features
-from storage.fewshot import DATASET_SPECS, SplitIndex, data_identity, list_split, load_images
+from storage.fewshot import DATASET_SPECS, DatasetSpec, SplitIndex, data_identity, list_split, load_images
+from storage.image_folder import folder_spec
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ def pretrain_backbone(
     if out_path.exists():
         return out_path
     device = torch.device(device)
-    spec = DATASET_SPECS[dataset]
+    spec = dataset_spec(dataset)
     index = list_split(Path(data_root), "train")
     cache = _image_cache(index, spec)
     torch.manual_seed(seed)
@@ -123,7 +125,7 @@ def _mismatch(net: torch.nn.Module, state: dict) -> str | None:
 def backbone_from_state(state: dict, backbone: str, dataset: str, source: str) -> torch.nn.Module:
     """``backbone`` for images of ``dataset`` with ``state`` loaded (eval mode), or a
     ValueError naming ``source``, what does not fit and which backbone the keys fit instead."""
-    spec = DATASET_SPECS[dataset]
+    spec = dataset_spec(dataset)
 
     def build(name: str) -> torch.nn.Module:
         return build_backbone(name, spec.image_size, in_channels=spec.channels)
@@ -170,7 +172,7 @@ def extract_features(
     out_path = Path(out_path)
     if out_path.exists():
         return out_path
-    spec = DATASET_SPECS[dataset]
+    spec = dataset_spec(dataset)
     net = load_backbone(backbone, dataset, checkpoint, device)
     ids, labels, split_col, paths, embs = [], [], [], [], []
     for split in splits:
@@ -189,19 +191,42 @@ def extract_features(
 
 
 def spec_name(dataset: str) -> str:
-    """The image spec (``storage.fewshot.DATASET_SPECS``) of a dataset: the glyph sets share one."""
+    """The image spec (``storage.fewshot.DATASET_SPECS``) of a paper dataset: the glyph sets share one."""
     return "glyphs" if dataset.startswith("glyphs") else dataset
+
+
+FOLDER_SPEC = "image-folder:"  # + JSON {"image_size", "mean", "std"}: the spec of a user's image folder
+
+
+def encode_spec(spec: DatasetSpec) -> str:
+    """A user image folder's spec as the string hand-offs carry (Ray trials and Prefect
+    results take strings): ``image-folder:{"image_size": .., "mean": [..], "std": [..]}``."""
+    return FOLDER_SPEC + json.dumps({"image_size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std)})
+
+
+def dataset_spec(spec: str) -> DatasetSpec:
+    """The DatasetSpec a spec string names: a paper dataset's (``DATASET_SPECS``) or a user
+    image folder's (``encode_spec``)."""
+    if spec.startswith(FOLDER_SPEC):
+        fields = json.loads(spec.removeprefix(FOLDER_SPEC))
+        return folder_spec(int(fields["image_size"]), tuple(fields["mean"]), tuple(fields["std"]))
+    return DATASET_SPECS[spec]
+
+
+def spec_label(spec: str) -> str:
+    """A file-name-safe name of a spec string."""
+    return f"image-folder-{short_hash(spec)[:8]}" if spec.startswith(FOLDER_SPEC) else spec
 
 
 # data_identity(data_root) in the file name: the built-in data is re-rendered in place under the same path.
 @task(name="backbone", cache_policy=CACHE, persist_result=True)
-def get_backbone(backbone: BackboneParams, dataset: str, seed: int, data_root: str, work_dir: str,
+def get_backbone(backbone: BackboneParams, spec: str, seed: int, data_root: str, work_dir: str,
                  device: Device = "auto") -> Backbone:
     """A released checkpoint when given (checked against the architecture; ``"released"``:
     the authors' file for the dataset and backbone under ``<data_root>/../backbones``), else
-    pretrain on ``<data_root>/train`` into ``work_dir`` (seeded by ``seed``)."""
+    pretrain on ``<data_root>/train`` into ``work_dir`` (seeded by ``seed``). spec: the image
+    spec of the data (``dataset_spec``)."""
     logger = get_run_logger()
-    spec = spec_name(dataset)
     if backbone.checkpoint:
         path = Path(backbone.checkpoint)
         if backbone.checkpoint == "released":  # the authors' file for (dataset, backbone)
@@ -211,7 +236,7 @@ def get_backbone(backbone: BackboneParams, dataset: str, seed: int, data_root: s
         return Backbone(str(path.resolve()), backbone.name, spec)
     batch_size, lr = backbone.pretrain_batch_size, backbone.pretrain_lr
     recipe = short_hash([data_identity(data_root), backbone.pretrain_epochs, batch_size, lr, seed])
-    out = Path(work_dir) / f"{spec}-{backbone.name}-{recipe}.pt"
+    out = Path(work_dir) / f"{spec_label(spec)}-{backbone.name}-{recipe}.pt"
     logger.info("backbone: pretraining %s on the base classes for %d epochs", backbone.name, backbone.pretrain_epochs)
     progress = Progress(f"pretrain-{short_hash([work_dir, backbone.name])}", "Backbone pretraining (epochs)")
     path = pretrain_backbone(Path(data_root), spec, backbone.name, out, epochs=backbone.pretrain_epochs,

@@ -28,8 +28,9 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveFloa
 
 from ssr_model import FewShotSSR, RetrievalSSR
 from ssr_model.baselines import PEER_METHODS
+from ssr_tasks import datasets
 
-FewShotDataset = Literal["glyphs", "cifar-fs", "mini-imagenet", "tiered-imagenet"]
+FewShotDataset = Literal[datasets.names("fewshot")]  # type: ignore[valid-type]
 BackboneName = Literal["conv4-64", "resnet12", "wrn-28-10"]
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -197,11 +198,18 @@ class FewShotDataParams(_Params):
     """Where the images come from and how validation episodes are found."""
 
     dataset: FewShotDataset = Field(
-        "glyphs", description="Built-in glyphs, or a real dataset under data_root (paper: cifar-fs, mini-imagenet, "
-        "tiered-imagenet)")
+        "glyphs", description="Built-in glyphs; a paper dataset under data_root (cifar-fs, mini-imagenet, "
+        "tiered-imagenet); image-folder: your images {train,val,test}/<class>/<image>; features: your embeddings "
+        "table, Parquet with id, label, split, embedding (paper: cifar-fs, mini-imagenet, tiered-imagenet)")
     data_root: str | None = Field(
-        None, description="Folder with {train,val,test}/<class>/<image>, e.g. data/cifar-fs after `ssr data download` "
-        "(paper: the authors' layout)")
+        None, description="Folder with {train,val,test}/<class>/<image> (e.g. data/cifar-fs after `ssr data download`), "
+        "or for features a Parquet file or folder of them (paper: the authors' layout)")
+    image_size: int = Field(84, ge=8, description="image-folder: images are resized to this square (paper: fixed per "
+                            "dataset)")
+    normalization: str = Field(
+        "auto", pattern=r"^(auto|imagenet|[-0-9.eE]+(,[-0-9.eE]+)*)$",
+        description="image-folder: auto (mean and std of the train split, computed once), imagenet, or 'm,s' / "
+        "'m1,m2,m3,s1,s2,s3' on the [0, 1] scale (paper: fixed per dataset)")
     val_episodes_json: str | None = Field(
         None, description="Fixed validation episodes (SIB JSON); empty: <data_root>/val1000Episode_<n_way>_way_"
         "<n_shot>_shot_<n_query>_query.json when the folder holds it, else seeded episodes (paper: the "
@@ -211,9 +219,12 @@ class FewShotDataParams(_Params):
 
     @model_validator(mode="after")
     def _real_dataset_needs_root(self) -> "FewShotDataParams":
-        if self.dataset != "glyphs" and not self.data_root:
-            raise ValueError(f"data_root: dataset {self.dataset!r} needs data_root (run `ssr data download`)")
+        datasets.check_root("fewshot", self.dataset, self.data_root)
         return self
+
+    @property
+    def entry(self) -> datasets.Dataset:
+        return datasets.dataset("fewshot", self.dataset)
 
 
 @dataclass(frozen=True)
@@ -371,18 +382,20 @@ class FewShotParams(_Pipeline):
 
 # ---- retrieval ------------------------------------------------------------------------------------------
 
-RetrievalDataset = Literal["glyphs-retrieval", "roxford5k", "rparis6k"]
+RetrievalDataset = Literal[datasets.names("retrieval")]  # type: ignore[valid-type]
 
 
 class RetrievalDataParams(_Params):
     """The test set and the training clusters, and which clusters are held out for validation."""
 
     dataset: RetrievalDataset = Field(
-        "glyphs-retrieval", description="Built-in glyphs, or a revisited test set (roxford5k, rparis6k) with SSR "
-        "trained on SfM-120k; those need data_root")
+        "glyphs-retrieval", description="Built-in glyphs; a revisited test set (roxford5k, rparis6k) with SSR "
+        "trained on SfM-120k; or features: your labelled embeddings (train, queries, database tables); all but "
+        "glyphs need data_root")
     data_root: str | None = Field(
         None, description="Folder with the authors' landmark pickles gl18_resnet101_{roxford5k,rparis6k,sfm120k}.pkl "
-        "(`ssr data download ssr-landmark-features`)")
+        "(`ssr data download ssr-landmark-features`), or for features a folder with train.parquet, queries.parquet, "
+        "database.parquet and optionally gnd.pkl / gnd.json")
     glyphs_size: Literal["small", "default"] = Field("default", description="Built-in dataset size (paper: not used)")
     data_seed: int = Field(0, description="Seed of the built-in dataset (paper: not used)")
     holdout_fraction: float = Field(
@@ -392,10 +405,12 @@ class RetrievalDataParams(_Params):
 
     @model_validator(mode="after")
     def _real_dataset_needs_root(self) -> "RetrievalDataParams":
-        if self.dataset != "glyphs-retrieval" and not self.data_root:
-            raise ValueError(f"data_root: dataset {self.dataset!r} needs data_root, the folder of the landmark pickles "
-                             "(run `ssr data download ssr-landmark-features`)")
+        datasets.check_root("retrieval", self.dataset, self.data_root)
         return self
+
+    @property
+    def entry(self) -> datasets.Dataset:
+        return datasets.dataset("retrieval", self.dataset)
 
 
 class RetrievalTrainParams(_Params):

@@ -8,6 +8,7 @@ from typing import Iterator, Literal, Mapping
 
 from ssr_tasks.config import FewShotParams, RetrievalParams, default_run_dir
 from ssr_tasks.handoffs import TrialTracking
+from ssr_tasks.taskkit import short_hash
 from ssr_tasks.tracking import Tracker
 
 
@@ -42,7 +43,9 @@ def pipeline_run(kind: Literal["fewshot", "retrieval"], params: FewShotParams | 
     folder ("local" without one). The Tracker fails fast when a remote MLflow is unreachable.
     """
     run_dir = default_run_dir()
-    work = run_dir / kind / f"{params.data.dataset}-{params.backbone.name}-seed{params.train.seed}"
+    # a user's data: the folder also carries the data root, so two tables never share one
+    where = f"-{short_hash(str(Path(params.data.data_root).expanduser().resolve()))[:8]}" if params.data.data_root else ""
+    work = run_dir / kind / f"{params.data.dataset}{where}-{params.backbone.name}-seed{params.train.seed}"
     work.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(f"ssr-{kind}", run_dir)
     tracker.close_orphans()  # runs a killed earlier flow process left RUNNING

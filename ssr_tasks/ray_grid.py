@@ -154,7 +154,7 @@ class Trial(Generic[ConfigT]):
 Trainable = Callable[[Trial], tuple[dict, dict]]
 
 
-def _run_trial(config: dict, trainable: Trainable, base: Any, inputs: Any) -> None:
+def _run_trial(config: dict, train_fn: Trainable, base: Any, inputs: Any) -> None:
     """The Tune function trainable of every grid: builds the ``Trial`` and finishes it."""
     import torch  # the trial's thread count; torch is loaded by every trainable anyway
 
@@ -164,7 +164,7 @@ def _run_trial(config: dict, trainable: Trainable, base: Any, inputs: Any) -> No
         if ws.resumed:
             log.info("trial %s: resuming from its last Tune checkpoint", config["label"])
         trial = Trial(apply(base, point), point, config["label"], inputs, config["device"], ws)
-        summary, metrics = trainable(trial)
+        summary, metrics = train_fn(trial)
         ws.finish(summary, {**metrics, "done": 1, "progress": 1.0})
 
 
@@ -392,7 +392,7 @@ def run_grid(trainable: Trainable, base: ConfigT, sweep: Mapping[str, Sequence[A
     identity = {"base": _as_json(base), "inputs": repr(inputs), "sweep": {k: list(v) for k, v in sweep.items()},
                 "device": device}
     experiment = f"{name}-{short_hash(identity)}"
-    fn = tune.with_parameters(_run_trial, trainable=trainable, base=base, inputs=inputs)
+    fn = tune.with_parameters(_run_trial, train_fn=trainable, base=base, inputs=inputs)
     try:
         finished = tune_grid(fn, pending, experiment, storage_path, max_failures, progress, device, tracking)
     except TrialsFailed as err:

@@ -28,14 +28,17 @@ class ResultsReport:
     figures: tuple[tuple[str, str], ...]
 
 
-def write_report(rows: list[dict], columns: list[str], figures: Mapping[str, Any], out_dir: Path) -> ResultsReport:
-    """Write the table (CSV + Markdown) and each matplotlib figure (name -> figure) into ``out_dir``."""
-    csv_path, md_path, md = write_results_table(rows, columns, out_dir)
+def write_report(rows: list[dict], columns: list[str], figures: Mapping[str, Any], out_dir: Path,
+                 notes: Sequence[str] = ()) -> ResultsReport:
+    """Write the table (CSV + Markdown) and each matplotlib figure (name -> figure) into
+    ``out_dir``; ``notes``: sentences printed under the Markdown table."""
+    csv_path, md_path, md = write_results_table(rows, columns, out_dir, notes)
     paths = tuple((name, str(save_figure(fig, out_dir / name))) for name, fig in figures.items())
     return ResultsReport(tuple(rows), md, str(csv_path), str(md_path), paths)
 
 
-def write_results_table(rows: list[dict[str, Any]], columns: list[str], out_dir: Path) -> tuple[Path, Path, str]:
+def write_results_table(rows: list[dict[str, Any]], columns: list[str], out_dir: Path,
+                        notes: Sequence[str] = ()) -> tuple[Path, Path, str]:
     """Results as CSV and Markdown (atomic writes). Returns (csv, md, markdown text)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -46,6 +49,7 @@ def write_results_table(rows: list[dict[str, Any]], columns: list[str], out_dir:
     md = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
     for row in rows:
         md += "| " + " | ".join(str(row.get(c, "")) for c in columns) + " |\n"
+    md += "".join(f"\n{note}\n" for note in notes)
     csv_path, md_path = out_dir / "results.csv", out_dir / "results.md"
     for path, text in ((csv_path, buf.getvalue()), (md_path, md)):
         with tempfile.NamedTemporaryFile("w", dir=out_dir, delete=False, suffix=".tmp") as fh:

@@ -225,6 +225,10 @@ class Tracker:
         items = [Metric(metric_name(k), float(v), now, step or 0, model_id=model_id) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=items)
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, obj, artifact_file)
 
@@ -274,6 +278,7 @@ class Tracker:
         compare_on: tuple[str, ...] = ("dataset", "backbone"),
         description: str = "",
         model_description: str = "",
+        promote: bool = True,
     ) -> RegisteredModel:
         """Log ``model`` in the open run (``log_model``), register it and move ``champion`` if it wins.
 
@@ -283,7 +288,8 @@ class Tracker:
         carries ``description`` (the results table) and the registered model
         ``model_description``. A failed registration deletes the half-made version and
         puts back the aliases it had already moved before re-raising, so no alias is lost
-        or left on a missing version.
+        or left on a missing version. ``promote`` False (SSR did not improve on validation)
+        registers the version without moving any alias.
         """
         info = self.log_model(model)
         from mlflow.exceptions import MlflowException  # MLflow: see _mlflow
@@ -305,7 +311,7 @@ class Tracker:
             all_tags = {**tags, "val_metric": f"{val_metric:.6f}"}
             for key, value in all_tags.items():
                 self.client.set_model_version_tag(name, version, key, str(value))
-            moved = self._move_champions(name, version, all_tags, val_metric, compare_on, previous)
+            moved = self._move_champions(name, version, all_tags, val_metric, compare_on, previous) if promote else []
         except Exception:
             if version is not None:
                 with contextlib.suppress(Exception):

@@ -52,7 +52,7 @@ def write_report(params: FewShotParams, trials: FewShotTrials, krecip: KReciproc
 
 
 def log_and_register(tracker: Tracker, params: FewShotParams, trials: FewShotTrials, krecip: KReciprocal,
-                     shots: Sequence[ShotResult], report: ResultsReport, backbone: Backbone,
+                     shots: Sequence[ShotResult], report: ResultsReport, backbone: Backbone | None,
                      tags: Mapping[str, str]) -> RegisteredModel:
     """Into the open parent run: a nested run per trial, metrics, table, plots, and the
     registered model (SSR + backbone), aliased ``champion`` when it wins on validation."""
@@ -85,11 +85,13 @@ def log_and_register(tracker: Tracker, params: FewShotParams, trials: FewShotTri
     tracker.log_file(Path(report.md), "results")
     for _, path in report.figures:
         tracker.log_file(Path(path), "plots")
-    net = load_backbone(backbone.name, backbone.spec, Path(backbone.path))
-    model = FewShotClassifier(best.model.build(), net.cpu().eval())
+    # embeddings given (dataset: features): the model classifies features, it has no backbone
+    net = load_backbone(backbone.name, backbone.spec, Path(backbone.path)).cpu().eval() if backbone else None
+    model = FewShotClassifier(best.model.build(), net)
     reg = tracker.log_and_register(
         model, params.model_name,
-        tags={"dataset": params.data.dataset, "backbone": params.backbone.name, "steps": str(best.best_steps),
+        tags={"dataset": params.data.dataset, "backbone": params.backbone.name if backbone else "none",
+              "steps": str(best.best_steps), "feat_dim": str(best.feat_dim),
               "val_metric_name": "val_acc_1shot"},
         val_metric=100 * best.best_val,
         description=f"{params.data.dataset}, {params.backbone.name}: test accuracy (%, 95% CI)\n\n{report.markdown}",

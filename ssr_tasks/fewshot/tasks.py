@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from ssr_tasks.backbone import extract_features as extract_features_to
-from ssr_tasks.backbone import load_backbone, spec_name
+from ssr_tasks.backbone import encode_spec, load_backbone, spec_name
 from ssr_tasks.config import (Device, EpisodeShape, FewShotBackboneParams, FewShotBaselineParams, FewShotDataParams,
                               FewShotEvalParams, FewShotTrainParams, Sweep, sweep_points)
 from ssr_tasks.device import cluster_device, local_device
@@ -27,15 +27,22 @@ from ssr_tasks.handoffs import Backbone, Features, TrialTracking, Trials
 from ssr_tasks.taskkit import CACHE, Progress, retry_transient, short_hash
 from storage.features import read_metadata
 from storage.checkpoints import file_sha256
-from storage.fewshot import data_identity, find_val_episodes, list_split
+from storage.fewshot import data_identity, find_val_episodes
+from storage.image_folder import image_folder_spec, list_image_folder
+from storage.own_data import check_usable, import_fewshot_table, usable_classes
 from storage.glyphs import prepare_glyphs
 
 
 @task(name="prepare-data", cache_policy=CACHE, persist_result=True, retries=1, retry_condition_fn=retry_transient)
 def prepare_data(data: FewShotDataParams, episode: EpisodeShape, run_dir: str) -> FewShotData:
-    """Built-in glyphs (rendered once per seed/size) or a real dataset root, checked."""
+    """Built-in glyphs (rendered once per seed/size), an image folder (checked), or an
+    embeddings table (checked when it is imported, ``import_features``)."""
     logger = get_run_logger()
-    if data.dataset == "glyphs":
+    if data.entry.loader == "features":
+        root = Path(data.data_root).expanduser().resolve()
+        val_json = Path(data.val_episodes_json) if data.val_episodes_json else None
+        return FewShotData(str(root), str(val_json) if val_json else None)
+    if data.entry.loader == "glyphs":
         info = prepare_glyphs(Path(run_dir) / "data", seed=data.data_seed, size=data.glyphs_size)
         root = Path(info["fewshot_root"])
         val_json = root / f"val_episodes_{episode.n_shot}shot.json"
@@ -47,10 +54,57 @@ def prepare_data(data: FewShotDataParams, episode: EpisodeShape, run_dir: str) -
             if val_json is not None:
                 logger.info("validation: %s holds the authors' fixed episodes; validating on %s (set "
                             "val_episodes_json to use others)", root.name, val_json.name)
-    for split in ("train", "val", "test"):
-        idx = list_split(root, split)
+    for split, idx in list_image_folder(root).items():
         logger.info("data: %s/%s has %d classes, %d images", root.name, split, len(idx.classes), len(idx.paths))
     return FewShotData(str(root), str(val_json) if val_json and val_json.exists() else None)
+
+
+@task(name="image-spec", cache_policy=CACHE, persist_result=True)
+def image_spec(data_params: FewShotDataParams, data: FewShotData, work_dir: str) -> str:
+    """How images become network input: a paper dataset's fixed spec, or for an image folder
+    ``image_size`` and ``normalization`` (``auto``: mean and std of the train split, computed
+    once and cached under ``work_dir``), as a spec string (``ssr_tasks.backbone.dataset_spec``)."""
+    entry = data_params.entry
+    if entry.spec is not None:
+        return entry.spec
+    spec = image_folder_spec(data.root, data_params.image_size, data_params.normalization,
+                             cache_dir=Path(work_dir) / "image-stats")
+    get_run_logger().info("images: resized to %dx%d, normalised with mean %s and std %s (%s)", spec.image_size,
+                          spec.image_size, [round(m, 4) for m in spec.mean], [round(s, 4) for s in spec.std],
+                          data_params.normalization)
+    return encode_spec(spec)
+
+
+@task(name="import-features", cache_policy=CACHE, persist_result=True, retries=1, retry_condition_fn=retry_transient)
+def import_features(data_params: FewShotDataParams, run_dir: str) -> Features:
+    """A user's embeddings table (``dataset: features``) imported once as a features table
+    under ``<run_dir>/data/features``: no backbone; its train split trains SSR, val
+    chooses, test scores."""
+    imported = import_fewshot_table(data_params.data_root, Path(run_dir) / "data" / "features")
+    get_run_logger().info("features: %s, D=%d, %s", imported.path.name, imported.dim,
+                          ", ".join(f"{n} {s}" for s, n in imported.counts.items()))
+    return Features(str(imported.path), imported.dim)
+
+
+@task(name="check-classes", cache_policy=CACHE, persist_result=True)
+def check_classes(features: Features, episode: EpisodeShape, eval_shots: list[int]) -> tuple[tuple[str, int], ...]:
+    """Classes too small to fill an episode are left out of their split's episodes: one
+    warning per split names them and their counts; a split with fewer than n_way usable
+    classes is refused. Returns (split, classes left out) for the MLflow run."""
+    need = {"train": episode.n_shot + episode.n_query, "val": episode.n_shot + episode.n_query,
+            "test": max(eval_shots) + episode.n_query}
+    left = []
+    for split, min_count in need.items():
+        table = load_split(Path(features.path), split)
+        labels = [table.classes[c] for c in table.labels]
+        check_usable(split, labels, episode.n_way, min_count, features.path)
+        _, left_out = usable_classes(labels, min_count)
+        if left_out:
+            get_run_logger().warning("data: split %s: %d class(es) have fewer than %d items and are left out of its "
+                                     "episodes: %s", split, len(left_out), min_count,
+                                     ", ".join(f"{c} ({n})" for c, n in sorted(left_out.items())))
+        left.append((split, len(left_out)))
+    return tuple(left)
 
 
 @task(name="released-model", cache_policy=CACHE, persist_result=True)
@@ -65,15 +119,14 @@ def released_model(backbone: FewShotBackboneParams, dataset: str, episode: Episo
     return released
 
 
-# data_seed and glyphs_size (in data_params): the built-in data is re-rendered in place under the same path.
+# data_identity(data.root) in the name: the built-in data is re-rendered in place under the same path.
 @task(name="extract-features", cache_policy=CACHE, persist_result=True, retries=1, retry_condition_fn=retry_transient)
-def extract_features(data_params: FewShotDataParams, data: FewShotData, backbone: Backbone, work_dir: str,
-                     device: Device = "auto") -> Features:
+def extract_features(data: FewShotData, backbone: Backbone, work_dir: str, device: Device = "auto") -> Features:
     """Features of the train, val and test splits in one features table."""
     splits = ("train", "val", "test")
     out = Path(work_dir) / f"features-{short_hash([backbone.path, data_identity(data.root), splits])}.parquet"
     get_run_logger().info("features: extracting %s into %s", ", ".join(splits), out.name)
-    path = extract_features_to(Path(data.root), spec_name(data_params.dataset), backbone.name, Path(backbone.path), out,
+    path = extract_features_to(Path(data.root), backbone.spec, backbone.name, Path(backbone.path), out,
                                splits=splits, device=local_device(device))
     return Features(str(path), int(read_metadata(path)["dim"]))
 

@@ -21,9 +21,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ssr_tasks.backbone import dataset_spec
 from ssr_tasks.fewshot.episodes import EpisodeIndices, SplitFeatures, gather
 from storage.features import read_features, write_features
-from storage.fewshot import DATASET_SPECS, SplitIndex, list_split, load_images
+from storage.fewshot import SplitIndex, list_split, load_images
 
 AUGMENT_PATTERN = r"^(none|online|views:[1-9][0-9]*)$"
 
@@ -102,7 +103,7 @@ class OnlineFeatures:
         S = episodes.support.shape[2]
         rng = np.random.default_rng([self.seed, iteration])
         rows = np.concatenate([episodes.support.reshape(-1), episodes.query.reshape(-1)])
-        x = load_images(self.images, [self.split.paths[i] for i in rows], DATASET_SPECS[self.dataset], rng=rng)
+        x = load_images(self.images, [self.split.paths[i] for i in rows], dataset_spec(self.dataset), rng=rng)
         self.net.eval()
         feats = self.net(torch.from_numpy(x).to(device)).float()
         n_sup = E * W * S
@@ -120,7 +121,7 @@ def extract_views(data_root: Path, dataset: str, net: torch.nn.Module, n_views: 
     if out_path.exists():
         return out_path
     index = list_split(Path(data_root), "train")
-    spec = DATASET_SPECS[dataset]
+    spec = dataset_spec(dataset)
     net = net.to(device).eval()
     embs = []
     for v in range(n_views):

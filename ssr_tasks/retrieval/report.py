@@ -31,12 +31,28 @@ MODEL_DESCRIPTION = (
     "mlflow.pytorch.load_model gives the nn.Module (rerank). Each version's description is its results table."
 )
 COLUMNS = ["method", "mAP easy", "mAP medium", "mAP hard", "mP@10 medium", "mP@10 hard"]
+# Ground truth from label matches has no hard or junk items: Easy = Medium and Hard is empty,
+# so the table has one mAP and one mP@10 (the medium protocol's, which equal the easy one's).
+LABEL_COLUMNS = ["method", "mAP", "mP@10"]
+NOT_IMPROVED = "SSR did not improve on validation; its rows equal the inputs."
+
+
+def labels_only(gnd: Sequence[Mapping]) -> bool:
+    """Whether a ground truth is plain label matches (no hard, no junk items anywhere)."""
+    return all(len(g.get("hard", ())) == 0 and len(g.get("junk", ())) == 0 for g in gnd)
+
+
+def ssr_improved(trials: RetrievalTrials) -> bool:
+    """False when validation chose the untrained model (iteration 0) of the best trial."""
+    return trials.best.best_iteration > 0
 
 
 @task(name="report-retrieval")
 def write_report(params: RetrievalParams, data: RetrievalData, rankings: Rankings, reranked: Sequence[Reranked],
-                 out_dir: str) -> ResultsReport:
-    """mAP of each method's initial ranking and after SSR; the table, a bar plot and an example query."""
+                 out_dir: str, improved: bool = True) -> ResultsReport:
+    """mAP of each method's initial ranking and after SSR; the table, a bar plot and an example query.
+
+    improved: False when validation chose the untrained SSR (the table says so in one sentence)."""
     gt = read_gnd(Path(data.gnd))
     with np.load(rankings.ranks) as arrays:
         initial = {name: arrays[name] for name in arrays.files}
@@ -51,7 +67,17 @@ def write_report(params: RetrievalParams, data: RetrievalData, rankings: Ranking
     figures = {"map_by_method.png": reporting.plot_map_by_method(rows)}
     if data.images is not None:  # published features come without their images
         figures["reranked_example.png"] = example_figure(gt, Path(data.images), initial[first], after[first])
-    return reporting.write_report(rows, COLUMNS, figures, Path(out_dir))
+    notes = []
+    columns = COLUMNS
+    if labels_only(gt.gnd):
+        columns = LABEL_COLUMNS
+        rows = [{**r, "mAP": r["mAP medium"], "mP@10": r["mP@10 medium"]} for r in rows]
+        notes.append("Ground truth: label matches (a database item is positive when its label equals the query's), "
+                     "so there is one mAP and one mP@10.")
+    if not improved:
+        log.warning(NOT_IMPROVED)
+        notes.append(NOT_IMPROVED)
+    return reporting.write_report(rows, columns, figures, Path(out_dir), notes)
 
 
 def example_figure(gt: RevisitedGroundTruth, images: Path, initial: np.ndarray, reranked: np.ndarray, top: int = 8):
@@ -111,6 +137,10 @@ def log_and_register(tracker: Tracker, params: RetrievalParams, trials: Retrieva
     for r in report.rows:
         key = r["method"].replace(" + ", "_plus_").replace(" ", "_")
         tracker.log_metrics({f"{key}_map_{p}": r[f"mAP {p}"] for p in ("easy", "medium", "hard")})
+    improved = ssr_improved(trials)
+    tracker.set_tags({"ssr.improved": str(improved).lower()})
+    if not improved:
+        tracker.set_tags({"ssr.note": NOT_IMPROVED})
     tracker.log_file(Path(report.csv), "results")
     tracker.log_file(Path(report.md), "results")
     for _, path in report.figures:
@@ -123,4 +153,5 @@ def log_and_register(tracker: Tracker, params: RetrievalParams, trials: Retrieva
                                           "k": str(best.config.k), "val_metric_name": "val_map"},
                                     val_metric=100 * best.best_val,
                                     description=f"{dataset}: revisited mAP (%)\n\n{report.markdown}",
+                                    promote=improved,
                                     model_description=MODEL_DESCRIPTION)

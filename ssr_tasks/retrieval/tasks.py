@@ -12,7 +12,7 @@ import numpy as np
 from prefect import get_run_logger, task
 
 from ssr_model.baselines import krecip_grid
-from ssr_tasks.backbone import extract_split_features, load_backbone
+from ssr_tasks.backbone import dataset_spec, extract_split_features, load_backbone
 from ssr_tasks.config import (Device, RetrievalBaselineParams, RetrievalDataParams, RetrievalEvalParams,
                               RetrievalTrainParams, Sweep, sweep_points)
 from ssr_tasks.device import cluster_device, local_device
@@ -26,10 +26,11 @@ from ssr_tasks.retrieval.train import load_validation
 from ssr_tasks.taskkit import CACHE, Progress, retry_transient, short_hash
 from storage.checkpoints import file_sha256
 from storage.features import read_features, read_metadata, write_features
-from storage.fewshot import DATASET_SPECS, SplitIndex, list_split
+from storage.fewshot import SplitIndex, list_split
 from storage.glyphs import GND_NAME, prepare_glyphs
-from storage.landmark_tables import holdout_clusters, import_test_set, import_train_set
+from storage.landmark_tables import holdout_clusters, import_test_set, import_train_set, validation_ground_truth
 from storage.landmarks import read_gnd
+from storage.own_data import import_retrieval_folder
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def prepare_data(params: RetrievalDataParams, run_dir: str) -> RetrievalData:
     """The test set and its training data: the built-in glyphs (images, ground truth, training
     clusters), or rOxford5k / rParis6k with SfM-120k from the authors' pickles (features
     tables imported once into ``<run_dir>/data/landmarks``)."""
-    if params.dataset != "glyphs-retrieval":
+    if params.entry.loader != "glyphs":
         return import_landmark_data(params, run_dir)
     info = prepare_glyphs(Path(run_dir) / "data", seed=params.data_seed, size=params.glyphs_size)
     root = Path(info["retrieval_root"])
@@ -51,17 +52,36 @@ def prepare_data(params: RetrievalDataParams, run_dir: str) -> RetrievalData:
     return data
 
 
+def check_holdout(data: RetrievalData, train: RetrievalTrainParams, k: int) -> None:
+    """Refuse, before anything trains, a held-out validation set too small for ``k``: its
+    database (held-out items that are not validation queries) must hold at least k items."""
+    held = read_features(Path(data.train), split="val")
+    _, database, _ = validation_ground_truth(np.asarray(held.labels), train.n_val_queries, train.seed)
+    if len(database) < k:
+        raise ValueError(f"{data.train}: split 'val' (held-out clusters) leaves {len(database)} database items after "
+                         f"{train.n_val_queries} validation queries, fewer than k={k}; raise data.holdout_fraction or "
+                         f"lower train.k or train.n_val_queries")
+
+
 def import_landmark_data(params: RetrievalDataParams, run_dir: str | Path) -> RetrievalData:
-    """rOxford5k / rParis6k and SfM-120k from the authors' pickles under ``params.data_root``,
-    imported once into ``<run_dir>/data/landmarks`` (plain code: ``ssr run`` calls it before
-    the flow starts, so bad input is reported in one line). Bad pickles raise StorageError."""
-    cache = Path(run_dir) / "data" / "landmarks"
-    test = import_test_set(params.data_root, params.dataset, cache)
-    train = import_train_set(params.data_root, cache, holdout_fraction=params.holdout_fraction,
-                             holdout_seed=params.holdout_seed, expected_dim=test.dim)
+    """Embeddings given, imported once into ``<run_dir>/data/``: rOxford5k / rParis6k and
+    SfM-120k from the authors' pickles under ``params.data_root`` (``data/landmarks``), or a
+    user's labelled embeddings folder (``dataset: features``, ``data/features``: train,
+    queries, database tables, ground truth from gnd.pkl / gnd.json or label matches). Plain
+    code: ``ssr run`` calls it before the flow starts, so bad input is reported in one line.
+    Bad files raise StorageError."""
+    if params.entry.loader == "features":
+        imported = import_retrieval_folder(params.data_root, Path(run_dir) / "data" / "features",
+                                           holdout_fraction=params.holdout_fraction, holdout_seed=params.holdout_seed)
+        test, train = imported.test, imported.train
+    else:
+        cache = Path(run_dir) / "data" / "landmarks"
+        test = import_test_set(params.data_root, params.dataset, cache)
+        train = import_train_set(params.data_root, cache, holdout_fraction=params.holdout_fraction,
+                                 holdout_seed=params.holdout_seed, expected_dim=test.dim)
     gt = read_gnd(test.gnd)
-    log.info("data: %s, %d queries, %d database images, D=%d; SfM-120k: %d training and %d held-out "
-             "images (%g of the clusters, seed %d)", params.dataset, len(gt.qimlist), len(gt.imlist), test.dim,
+    log.info("data: %s, %d queries, %d database images, D=%d; training: %d items and %d held-out "
+             "(%g of the clusters, seed %d)", params.dataset, len(gt.qimlist), len(gt.imlist), test.dim,
              train.n_train, train.n_val, params.holdout_fraction, params.holdout_seed)
     return RetrievalData(str(Path(params.data_root).resolve()), str(test.gnd), database=str(test.database),
                          queries=str(test.query), train=str(train.table))
@@ -106,7 +126,7 @@ def _join_test_tables(data: RetrievalData, work_dir: Path, n_db: int, n_queries:
 
 
 def _extract(params: RetrievalDataParams, data: RetrievalData, backbone: Backbone, gt, out: Path, device: Device) -> None:
-    spec = DATASET_SPECS[backbone.spec]
+    spec = dataset_spec(backbone.spec)
     device = local_device(device)
     net = load_backbone(backbone.name, backbone.spec, Path(backbone.path), device)
     images = Path(data.images)

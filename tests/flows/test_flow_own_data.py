@@ -1,0 +1,157 @@
+"""Your own data, end to end: data the test makes itself (no glyphs, no glyph features), the
+real `ssr` flow under the shared Prefect harness, real Ray and a real MLflow SQLite store.
+
+- few-shot on a pandas-written embeddings table (list<double> rows, string labels, no
+  project metadata), one test class too small for an episode;
+- retrieval on a labelled embeddings folder, with gnd.pkl (revisitop format) and without
+  (label matches), then `ssr rerank --gnd labels` with the model the run registered.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ssr_tasks.config import FewShotParams, RetrievalParams
+
+D = 24  # unlike the glyphs' 256
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def clustered(rng, n_classes: int, per_class: int, noise: float, centres=None):
+    """(embeddings (n, D) float64 with norms ~20, class index per row, centres)."""
+    centres = rng.standard_normal((n_classes, D)) if centres is None else centres
+    labels = np.repeat(np.arange(n_classes), per_class)
+    emb = centres[labels] + noise * rng.standard_normal((len(labels), D))
+    return 20 * emb / np.linalg.norm(emb, axis=1, keepdims=True), labels, centres
+
+
+@pytest.fixture(scope="module")
+def fewshot_table(tmp_path_factory):
+    rng = np.random.default_rng(3)
+    rows = []
+    for split, n_classes in (("train", 8), ("val", 5), ("test", 6)):
+        emb, labels, _ = clustered(rng, n_classes, 12, 1.1)
+        for e, c in zip(emb, labels):
+            rows.append({"split": split, "label": f"{split}-class-{c}", "embedding": e})
+    tiny, _, _ = clustered(rng, 1, 3, 1.1)  # 3 items: fewer than n_shot + n_query
+    rows += [{"split": "test", "label": "test-tiny", "embedding": e} for e in tiny]
+    df = pd.DataFrame(rows)
+    df.insert(0, "id", np.arange(len(df)) * 7 + 100)
+    path = tmp_path_factory.mktemp("own-fewshot") / "embeddings.parquet"
+    df.to_parquet(path)  # pandas: embedding as list<double>
+    return path
+
+
+OWN_FEWSHOT = dict(
+    train=dict(n_way=3, n_query=4, max_steps=2, hidden=16, iterations_first=6, iterations_next=4, val_every=3),
+    sweep=dict(lr_dni=[0.1]),
+    evaluation=dict(eval_shots=[1, 2], n_val_episodes=6, n_test_episodes=10, methods=["baseline", "k-reciprocal", "ssr",
+                                                                                     "simpleshot"]),
+    baselines=dict(krecip_k1=[3], krecip_k2=[2], krecip_lambda=[0.3]), model_name="ssr-own-fewshot", device="cpu",
+)
+
+
+@pytest.mark.slow
+def test_fewshot_on_a_pandas_embeddings_table(ssr_home, ray_local, prefect_harness, fewshot_table):
+    from flows.ssr_flow import ssr
+
+    params = FewShotParams(data=dict(dataset="features", data_root=str(fewshot_table)), **OWN_FEWSHOT)
+    result = ssr(pipeline="fewshot", fewshot=params)
+    methods = [r["method"].split()[0] for r in result["results"]]
+    assert methods == ["Baseline", "k-reciprocal", "SSR", "SimpleShot"]
+    assert result["model_uri"].startswith("models:/ssr-own-fewshot/")
+
+    import mlflow
+
+    uri = f"sqlite:///{ssr_home / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    run = client.get_run(result["run_id"])
+    assert run.data.metrics["classes_left_out_test"] == 1 and run.data.metrics["classes_left_out_train"] == 0
+    version = client.get_model_version("ssr-own-fewshot", str(result["version"]))
+    assert version.tags["backbone"] == "none" and version.tags["feat_dim"] == str(D)
+    from ssr_tasks.tracking import load_registered_model
+
+    model = load_registered_model(result["model_uri"], uri)
+    assert model.backbone is None and model.ssr.feat_dim == D
+
+
+def retrieval_folder(root, with_gnd: bool):
+    """train.parquet (60 classes x 8), queries (12) and database (20 classes x 6) of unseen
+    classes; gnd.pkl in the revisitop format (easy = same class, first item of a class junk)."""
+    rng = np.random.default_rng(5)
+    root.mkdir(parents=True)
+    emb, labels, _ = clustered(rng, 60, 8, 0.9)
+    pd.DataFrame({"id": np.arange(len(emb)), "label": labels, "embedding": list(emb.astype(np.float32))}).to_parquet(
+        root / "train.parquet")
+    db, db_labels, centres = clustered(rng, 20, 6, 0.9)
+    qs, q_labels, _ = clustered(rng, 20, 1, 0.9, centres)
+    qs, q_labels = qs[:12], q_labels[:12]
+    pd.DataFrame({"id": np.arange(len(db)) + 1000, "label": db_labels, "embedding": list(db)}).to_parquet(
+        root / "database.parquet")
+    pd.DataFrame({"id": np.arange(len(qs)) + 5000, "label": q_labels, "embedding": list(qs)}).to_parquet(
+        root / "queries.parquet")
+    if with_gnd:
+        gnd = []
+        for c in q_labels:
+            same = np.flatnonzero(db_labels == c)
+            gnd.append({"easy": same[1:].tolist(), "hard": [], "junk": same[:1].tolist()})
+        with open(root / "gnd.pkl", "wb") as f:
+            pickle.dump({"imlist": [str(i) for i in range(len(db))], "qimlist": [str(i) for i in range(len(qs))],
+                         "gnd": gnd}, f)
+    return root
+
+
+OWN_RETRIEVAL = dict(
+    data=dict(dataset="features", holdout_fraction=0.3),
+    train=dict(k=10, hidden=16, sequence_length=100, min_positives=1, iterations=6, val_every=3, batch_queries=4,
+               n_val_queries=10),
+    sweep=dict(lr_dni=[1e-2]),
+    baselines=dict(qe_n_grid=[1, 2], krecip_pairs=[(10, 5)], krecip_lambda=[0.3]),
+    evaluation=dict(shard_size=8, n_rerank_actors=1), device="cpu",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_gnd", [True, False], ids=["gnd.pkl", "labels"])
+def test_retrieval_on_labelled_embeddings_then_rerank(ssr_home, ray_local, prefect_harness, tmp_path, with_gnd):
+    from flows.ssr_flow import ssr
+
+    root = retrieval_folder(tmp_path / "own", with_gnd)
+    name = f"ssr-own-retrieval-{'gnd' if with_gnd else 'labels'}"
+    params = RetrievalParams(**{**OWN_RETRIEVAL, "data": {**OWN_RETRIEVAL["data"], "data_root": str(root)},
+                                "model_name": name})
+    result = ssr(pipeline="retrieval", retrieval=params)
+    rows = result["results"]
+    assert [r["method"] for r in rows][:2] == ["features", "features + SSR"]
+    if with_gnd:
+        assert {"mAP easy", "mAP medium", "mAP hard"} <= set(rows[0])
+    else:  # label matches: one mAP, one mP@10, and the table says why
+        assert "mAP" in rows[0] and "mAP hard" not in result["markdown"]
+        assert "label matches" in result["markdown"]
+    assert result["model_uri"].startswith(f"models:/{name}/")
+
+    # the model the run registered re-ranks new tables of the same D, scored by their labels
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{ssr_home / 'mlflow.db'}", "SSR_HOME": str(ssr_home)}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "rerank", str(root / "queries.parquet"),
+                           str(root / "database.parquet"), "--model", result["model_uri"], "--out", str(tmp_path / "rr"),
+                           "--gnd", "labels", "--actors", "1", "--device", "cpu"], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "mAP" in out and "mP@10" in out and "before" in out and "after" in out and "label matches" in out
+
+    # a table of another D is refused in one line naming both dimensions and the model
+    other = tmp_path / "other.parquet"
+    pd.DataFrame({"id": [0, 1], "embedding": list(np.ones((2, D + 8)))}).to_parquet(other)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "rerank", str(other), str(other), "--model",
+                           result["model_uri"], "--out", str(tmp_path / "rr2")], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 2
+    assert f"dim {D + 8}, but the model {result['model_uri']} was trained on dim {D}" in proc.stderr
