@@ -26,22 +26,24 @@ import torch
 from ssr_model.baselines import PEER_METHODS
 from ssr_model.metrics import accuracy_ci95
 from ssr_tasks import reporting
-from ssr_tasks.config import FewShotParams
+from ssr_tasks.config import FewShotParams, FewShotTrainParams
 from ssr_tasks.fewshot.episodes import (EpisodeIndices, load_split, repeated_query_fraction, sample_dirichlet_episodes,
                                         sample_episodes)
 from ssr_tasks.fewshot.evaluate import EpisodeScores, FewShotEvaluator, krecip_key
 from ssr_tasks.fewshot.handoffs import FewShotTrial, KReciprocal
-from ssr_tasks.fewshot.train import TrainConfig
 from ssr_tasks.ray_grid import SUMMARY
+from storage.features import read_metadata
 
 
-def best_trial(run: Path) -> FewShotTrial:
+def best_trial(run: Path, feat_dim: int) -> FewShotTrial:
+    """The finished trial (``ssr-*/trials/<label>-<hash>``) with the best validation accuracy."""
     trials = []
-    for summary in sorted(run.glob(f"ssr-*/trials/lr_dni=*/{SUMMARY}")):
-        config = TrainConfig(**json.loads((summary.parent / "config.json").read_text()))
-        trials.append(FewShotTrial.from_summary(config, json.loads(summary.read_text())))
+    for summary in sorted(run.glob(f"ssr-*/trials/*/{SUMMARY}")):
+        config = FewShotTrainParams(**json.loads((summary.parent / "config.json").read_text()))
+        label = summary.parent.name.rsplit("-", 1)[0]  # trial_dir: the point's label, then a hash of the point
+        trials.append(FewShotTrial.from_summary(config, label, feat_dim, json.loads(summary.read_text())))
     if not trials:
-        raise SystemExit(f"{run}: no finished SSR trial (ssr-*/trials/lr_dni=*/{SUMMARY})")
+        raise SystemExit(f"{run}: no finished SSR trial (ssr-*/trials/*/{SUMMARY})")
     return max(trials, key=lambda t: t.best_val)
 
 
@@ -63,28 +65,29 @@ def main() -> None:
     torch.set_num_threads(1)
 
     features = next(iter(sorted(args.run.glob("features-*.parquet"))))
-    trial = best_trial(args.run)
-    params = FewShotParams(n_test_episodes=args.episodes, seed=args.seed)
+    trial = best_trial(args.run, int(read_metadata(features)["dim"]))
+    params = FewShotParams(evaluation={"n_test_episodes": args.episodes}, train={"seed": args.seed})
+    bl, n_way, n_query = params.baselines, trial.config.n_way, trial.config.n_query
     val_eps = EpisodeIndices.load(next(iter(sorted(args.run.glob("val-episodes-*.npz")))))
-    grid = [KReciprocal(k1, k2, lam) for k1 in params.krecip_k1 for k2 in params.krecip_k2 for lam in params.krecip_lambda]
+    grid = [KReciprocal(k1, k2, lam) for k1 in bl.krecip_k1 for k2 in bl.krecip_k2 for lam in bl.krecip_lambda]
     val = score(FewShotEvaluator(str(features), "val", None, threads=1), val_eps, grid, False, [])
     krecip = max(grid, key=lambda g: float(val.krecip[g].mean()))
-    print(f"features {features}; SSR lr_dni={trial.lr_dni:g} steps={trial.best_steps} (val {100 * trial.best_val:.2f}%); "
+    print(f"features {features}; SSR {trial.label} steps={trial.best_steps} (val {100 * trial.best_val:.2f}%); "
           f"k-reciprocal {krecip.label} chosen on {len(val_eps)} validation episodes")
 
     ev = FewShotEvaluator(str(features), "test", trial.model, threads=1)
     test = ev.split
     peers = list(PEER_METHODS)
-    methods = list(params.methods)
+    methods = list(params.evaluation.methods)
     balances = ["balanced", f"dirichlet:{args.alpha:g}"]
     results: dict[tuple[str, int], EpisodeScores] = {}
     for balance in balances:
         for shot in args.shots:
-            seed = 20_000 + params.seed + shot
+            seed = 20_000 + params.train.seed + shot
             if balance == "balanced":
-                eps = sample_episodes(test, args.episodes, params.n_way, shot, params.n_query, seed=seed)
+                eps = sample_episodes(test, args.episodes, n_way, shot, n_query, seed=seed)
             else:
-                eps = sample_dirichlet_episodes(test, args.episodes, params.n_way, shot, params.n_way * params.n_query,
+                eps = sample_dirichlet_episodes(test, args.episodes, n_way, shot, n_way * n_query,
                                                 args.alpha, seed=seed)
             results[balance, shot] = score(ev, eps, [krecip], True, peers)
             print(f"{balance} {shot}-shot: {len(eps)} episodes, repeated queries {100 * repeated_query_fraction(eps):.1f}%",

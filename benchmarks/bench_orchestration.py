@@ -31,27 +31,27 @@ def plain_run(params, home: Path) -> float:
     from ssr_tasks.fewshot.episodes import load_split, sample_episodes
     from ssr_tasks.fewshot.evaluate import FewShotEvaluator
     from ssr_tasks.fewshot.handoffs import FewShotModel, KReciprocal
-    from ssr_tasks.fewshot.tasks import train_config
+    from ssr_tasks.config import apply_point, sweep_points
     from ssr_tasks.fewshot.train import train_curriculum
-    from dataclasses import replace
 
     t0 = time.perf_counter()
     root = home / "data" / "glyphs"
-    ckpt = pretrain_backbone(root, "glyphs", params.backbone, home / "plain" / "bb.pt", epochs=params.pretrain_epochs,
-                             batch_size=params.pretrain_batch_size, lr=params.pretrain_lr, seed=params.seed)
-    feats = extract_features(root, "glyphs", params.backbone, ckpt, home / "plain" / "features.parquet")
+    bb, t, ev_params, bl = params.backbone, params.train, params.evaluation, params.baselines
+    ckpt = pretrain_backbone(root, "glyphs", bb.name, home / "plain" / "bb.pt", epochs=bb.pretrain_epochs,
+                             batch_size=bb.pretrain_batch_size, lr=bb.pretrain_lr, seed=t.seed)
+    feats = extract_features(root, "glyphs", bb.name, ckpt, home / "plain" / "features.parquet")
     train, val = load_split(feats, "train"), load_split(feats, "val")
-    val_eps = sample_episodes(val, params.n_val_episodes, params.n_way, params.n_shot_train, params.n_query, seed=1)
-    base = train_config(params, train.dim)
-    trials = [(replace(base, lr_dni=lr), train_curriculum(replace(base, lr_dni=lr), train, val, val_eps, home / "plain" / f"lr{lr}"))
-              for lr in params.lr_dni_grid]
-    cfg, best = max(trials, key=lambda t: t[1]["best_val"])
+    val_eps = sample_episodes(val, ev_params.n_val_episodes, t.n_way, t.n_shot, t.n_query, seed=1)
+    configs = [apply_point(t, point) for point in sweep_points(params.sweep)]  # one trial per point of the sweep
+    trials = [(cfg, train_curriculum(cfg, train, val, val_eps, home / "plain" / f"trial{i}"))
+              for i, cfg in enumerate(configs)]
+    cfg, best = max(trials, key=lambda trial: trial[1]["best_val"])
     ev = FewShotEvaluator(str(feats), "val", None)
-    grid = [KReciprocal(a, b, c) for a in params.krecip_k1 for b in params.krecip_k2 for c in params.krecip_lambda]
+    grid = [KReciprocal(a, b, c) for a in bl.krecip_k1 for b in bl.krecip_k2 for c in bl.krecip_lambda]
     ev.evaluate(val_eps, krecip=grid, with_ssr=False)
-    test_ev = FewShotEvaluator(str(feats), "test", FewShotModel(best["best_path"], cfg, best["best_steps"]))
-    for shot in params.eval_shots:
-        eps = sample_episodes(load_split(feats, "test"), params.n_test_episodes, params.n_way, shot, params.n_query, seed=shot)
+    test_ev = FewShotEvaluator(str(feats), "test", FewShotModel(best["best_path"], cfg, train.dim, best["best_steps"]))
+    for shot in ev_params.eval_shots:
+        eps = sample_episodes(load_split(feats, "test"), ev_params.n_test_episodes, t.n_way, shot, t.n_query, seed=shot)
         test_ev.evaluate(eps, krecip=[grid[0]])
     return time.perf_counter() - t0
 
@@ -70,7 +70,7 @@ def main() -> None:
     from storage.glyphs import prepare_glyphs
 
     params = FewShotParams(**presets()[args.preset]["fewshot"])
-    prepare_glyphs(home / "data", seed=params.data_seed, size=params.glyphs_size)
+    prepare_glyphs(home / "data", seed=params.data.data_seed, size=params.data.glyphs_size)
 
     from flows.ssr_flow import ssr
 

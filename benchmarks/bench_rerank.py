@@ -43,10 +43,9 @@ def main() -> None:
     import ray
     import torch
 
-    from ssr_model import RetrievalSSR
     from ssr_tasks.retrieval.handoffs import RetrievalModel
     from ssr_tasks.retrieval.rerank import rerank_store
-    from ssr_tasks.retrieval.train import RetrievalTrainConfig
+    from ssr_tasks.config import RetrievalTrainParams
     from ssr_tasks.services import init_ray
     from storage.features import write_features
     from storage.simstore import SimilarityStore, build_topk_store
@@ -67,9 +66,9 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     del q
     torch.manual_seed(0)
-    kwargs = {"feat_dim": args.dim, "k": args.k, "steps": 1, "lr_dni": 1e-4, "hidden": args.hidden}
-    torch.save(RetrievalSSR(**kwargs).state_dict(), work / "model.pt")
-    model = RetrievalModel(str(work / "model.pt"), RetrievalTrainConfig(**kwargs))
+    cfg = RetrievalTrainParams(k=args.k, steps=1, lr_dni=1e-4, hidden=args.hidden)
+    torch.save(cfg.build(args.dim).state_dict(), work / "model.pt")
+    model = RetrievalModel(str(work / "model.pt"), cfg, args.dim)
 
     init_ray()
 

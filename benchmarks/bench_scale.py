@@ -142,12 +142,12 @@ def rerank_one(work: Path, n: int, args) -> dict:
 
     from ssr_tasks.retrieval.handoffs import RetrievalModel
     from ssr_tasks.retrieval.rerank import rerank_store
-    from ssr_tasks.retrieval.train import RetrievalTrainConfig
+    from ssr_tasks.config import RetrievalTrainParams
     from ssr_tasks.services import init_ray
     from storage.simstore import SimilarityStore
 
-    cfg = RetrievalTrainConfig(feat_dim=args.dim, k=args.k, steps=1, lr_dni=1e-4, hidden=args.hidden)
-    model = RetrievalModel(str(work / "model.pt"), cfg)
+    cfg = RetrievalTrainParams(k=args.k, steps=1, lr_dni=1e-4, hidden=args.hidden)
+    model = RetrievalModel(str(work / "model.pt"), cfg, args.dim)
     init_ray(num_cpus=args.cpus)
     out = work / "reranked"
     shutil.rmtree(out, ignore_errors=True)

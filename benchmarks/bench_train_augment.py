@@ -33,7 +33,7 @@ from PIL import Image
 from ssr_model.backbones import build_backbone
 from ssr_model.losses import fewshot_cross_entropy
 from ssr_tasks.fewshot.episodes import SplitFeatures, sample_episodes
-from ssr_tasks.fewshot.train import TrainConfig
+from ssr_tasks.config import FewShotTrainParams
 from ssr_tasks.fewshot.train_features import OnlineFeatures, TableFeatures, ViewFeatures
 from storage.fewshot import list_split
 
@@ -82,8 +82,8 @@ def main() -> None:
             views = rng.standard_normal((args.views, len(index.paths), D)).astype(np.float32)
             sources = {"none": TableFeatures(split), f"views:{args.views}": ViewFeatures(split, views, 0),
                        "online": OnlineFeatures(split, net, index, "cifar-fs", 0)}
-            cfg = TrainConfig(feat_dim=D, hidden=4096, max_steps=1, batch_episodes=1)
-            model = cfg.build(1).to(device)
+            cfg = FewShotTrainParams(hidden=4096, lr_dni=1e-3, max_steps=1, batch_episodes=1)
+            model = cfg.build(D, 1).to(device)
             opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
             def ssr_step(support, query, labels):
