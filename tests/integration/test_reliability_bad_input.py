@@ -320,3 +320,115 @@ def test_flow_form_refuses_out_of_range_values(group, values, field):
 
     with pytest.raises(ParameterTypeError, match=field):
         ssr.validate_parameters({"pipeline": group, group: values})
+
+
+# ---- your own data through `ssr run` (issue 19): one line naming file and field, exit 2, nothing written ----
+
+
+def _own_fewshot_frame(n_classes=(4, 3, 3), per_class=6, dim=5, seed=0):
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = [{"split": s, "label": f"{s}{c}", "embedding": rng.standard_normal(dim)}
+            for s, n in zip(("train", "val", "test"), n_classes) for c in range(n) for _ in range(per_class)]
+    df = pd.DataFrame(rows)
+    df.insert(0, "id", np.arange(len(df)))
+    return df
+
+
+def _run_own(kind: str, root: Path, home: Path, *sets: str) -> subprocess.CompletedProcess:
+    preset = "own-fewshot" if kind == "fewshot" else "own-retrieval"
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    env["SSR_HOME"] = str(home)
+    cmd = [sys.executable, "-m", "flows.cli", "run", kind, "--preset", preset, "--set", f"data.data_root={root}",
+           "--set", "train.n_way=3", *[a for s in sets for a in ("--set", s)]] if kind == "fewshot" else \
+        [sys.executable, "-m", "flows.cli", "run", kind, "--preset", preset, "--set", f"data.data_root={root}",
+         *[a for s in sets for a in ("--set", s)]]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+
+
+@pytest.mark.parametrize("bad, expected", [
+    ("no-label", r"missing column 'label'"),
+    ("no-split", r"missing column 'split'"),
+    ("mixed-length", r"embedding: row id \d+ has length"),
+    ("nan", r"embedding of id \d+ has NaN or inf"),
+    ("duplicate-ids", r"id \d+ is duplicated"),
+    ("too-few-classes", r"split 'test' has 2 classes with >= \d+ items, n_way is 3"),
+])
+def test_own_fewshot_table_bad_input_exits_2_in_one_line(tmp_path, bad, expected):
+    df = _own_fewshot_frame(n_classes=(4, 3, 2) if bad == "too-few-classes" else (4, 3, 3))
+    if bad == "no-label":
+        df = df.drop(columns="label")
+    elif bad == "no-split":
+        df = df.drop(columns="split")
+    elif bad == "mixed-length":
+        df.at[7, "embedding"] = np.ones(3)
+    elif bad == "nan":
+        df.at[9, "embedding"] = np.full(5, np.nan)
+    elif bad == "duplicate-ids":
+        df.loc[3, "id"] = 2
+    table = tmp_path / "own.parquet"
+    df.to_parquet(table)
+    home = tmp_path / "home"
+    out = _run_own("fewshot", table, home, "train.n_query=2", "evaluation.eval_shots=[1]")
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("ssr run:")]
+    assert len(lines) == 1 and "own.parquet" in lines[0]
+    assert __import__("re").search(expected, lines[0]), lines[0]
+    imports = home / "data" / "features"
+    left = sorted(p.name for p in imports.iterdir()) if imports.exists() else []
+    assert not [n for n in left if n.startswith(".") or n.endswith(".tmp")]  # nothing half-written
+    if bad != "too-few-classes":  # a valid table stays imported; a refused one leaves nothing
+        assert left == []
+
+
+def test_own_image_folder_with_an_unreadable_image_is_named(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val", "test"):
+        for c in range(3):
+            folder = tmp_path / "imgs" / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (10 + i, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "imgs" / "test" / "c1" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    out = _run_own("fewshot", tmp_path / "imgs", tmp_path / "home", "data.dataset=image-folder")
+    assert out.returncode == 2, out.stderr
+    assert "broken.jpg" in out.stderr and "not a readable image" in out.stderr
+
+
+def test_own_retrieval_held_out_set_too_small_for_k_exits_2_before_training(tmp_path):
+    import pandas as pd
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "own"
+    root.mkdir()
+    labels = np.repeat(np.arange(20), 4)
+    pd.DataFrame({"id": np.arange(80), "label": labels, "embedding": list(rng.standard_normal((80, 6)))}).to_parquet(
+        root / "train.parquet")
+    for name, n in (("queries", 5), ("database", 30)):
+        pd.DataFrame({"id": np.arange(n), "label": np.arange(n) % 5,
+                      "embedding": list(rng.standard_normal((n, 6)))}).to_parquet(root / f"{name}.parquet")
+    out = _run_own("retrieval", root, tmp_path / "home", "train.k=50")
+    assert out.returncode == 2, out.stderr
+    assert "fewer than k=50" in out.stderr and "holdout_fraction" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "home" / "retrieval").exists()
+
+
+def test_own_retrieval_dims_differ_are_named(tmp_path):
+    import pandas as pd
+
+    rng = np.random.default_rng(2)
+    root = tmp_path / "own"
+    root.mkdir()
+    pd.DataFrame({"id": np.arange(40), "label": np.repeat(np.arange(10), 4),
+                  "embedding": list(rng.standard_normal((40, 6)))}).to_parquet(root / "train.parquet")
+    pd.DataFrame({"id": [0, 1], "label": [0, 1], "embedding": list(rng.standard_normal((2, 6)))}).to_parquet(
+        root / "queries.parquet")
+    pd.DataFrame({"id": [0, 1], "label": [0, 1], "embedding": list(rng.standard_normal((2, 9)))}).to_parquet(
+        root / "database.parquet")
+    out = _run_own("retrieval", root, tmp_path / "home")
+    assert out.returncode == 2, out.stderr
+    assert "database.parquet" in out.stderr and "D=9" in out.stderr
