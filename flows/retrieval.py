@@ -19,7 +19,7 @@ def retrieval_pipeline(params: RetrievalParams = RetrievalParams()) -> dict:
         init_ray()
         device = params.device
         data = tasks.prepare_data(params.data, str(run.run_dir))
-        backbone = (get_backbone(params.backbone, params.data.dataset, params.train.seed, data.fewshot_root,
+        backbone = (get_backbone(params.backbone, params.data.entry.spec, params.train.seed, data.fewshot_root,
                                  str(run.backbones), device) if data.needs_backbone else None)
         features = tasks.extract_features(params.data, params.k_max, data, backbone, str(run.work), device)
         trials = tasks.train_ssr(params.train, params.sweep, features, str(run.work), run.trial_tracking(prefect_tags()),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ssr_model.baselines import KReciprocalPoint
-from ssr_tasks.backbone import get_backbone, spec_name
+from ssr_tasks.backbone import get_backbone
 from ssr_tasks.retrieval import report, tasks
 from ssr_tasks.handoffs import Trials
 from ssr_tasks.retrieval.handoffs import Rankings, Reranked, RetrievalData, RetrievalFeatures
@@ -24,7 +24,7 @@ def data(task_env, tiny_retrieval_params, glyphs_small, ssr_home):
 @pytest.fixture
 def features(data, tiny_retrieval_params, pipeline_dir):
     p = tiny_retrieval_params
-    backbone = get_backbone.fn(p.backbone, spec_name(p.data.dataset), p.train.seed, data.fewshot_root,
+    backbone = get_backbone.fn(p.backbone, p.data.entry.spec, p.train.seed, data.fewshot_root,
                                str(pipeline_dir / "backbones"), p.device)
     return tasks.extract_features.fn(p.data, p.k_max, data, backbone, str(pipeline_dir), p.device)
 
@@ -67,7 +67,7 @@ def test_features_of_another_glyph_rendering_get_their_own_table(features, data,
     # glyphs of any seed are rendered into the same folder: the paths in `data` alone would reuse this table
     p = tiny_retrieval_params
     other = p.data.model_copy(update={"data_seed": 1})
-    backbone = get_backbone.fn(p.backbone, spec_name(p.data.dataset), p.train.seed, data.fewshot_root,
+    backbone = get_backbone.fn(p.backbone, p.data.entry.spec, p.train.seed, data.fewshot_root,
                                str(pipeline_dir / "backbones"))  # the one `features` used
     again = tasks.extract_features.fn(other, p.k_max, data, backbone, str(pipeline_dir))
     assert again.path != features.path and Path(again.path).exists()
