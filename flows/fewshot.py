@@ -5,7 +5,7 @@ from prefect import flow, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from flows.common import prefect_tags
-from ssr_tasks.backbone import get_backbone
+from ssr_tasks.backbone import get_backbone, spec_params
 from ssr_tasks.config import FewShotParams
 from ssr_tasks.fewshot import report, tasks
 from ssr_tasks.pipeline import pipeline_run
@@ -23,6 +23,7 @@ def fewshot_pipeline(params: FewShotParams = FewShotParams()) -> dict:
                     if params.backbone.released_checkpoint else None)
         if params.data.entry.images:
             spec = tasks.image_spec(params.data, data, str(run.work))
+            run.tracker.log_params(spec_params(spec))  # auto normalisation: the mean and std it computed
             backbone = released.backbone if released else get_backbone(params.backbone, spec, train.seed, data.root,
                                                                        str(run.backbones), device)
             features = tasks.extract_features(data, backbone, str(run.work), device)

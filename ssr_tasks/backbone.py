@@ -213,6 +213,15 @@ def dataset_spec(spec: str) -> DatasetSpec:
     return DATASET_SPECS[spec]
 
 
+def spec_params(spec: str) -> dict[str, str]:
+    """What a user image folder's spec computed (``data.mean``, ``data.std``, on the [0, 1]
+    scale) as run parameters; nothing for a paper dataset's fixed spec."""
+    if not spec.startswith(FOLDER_SPEC):
+        return {}
+    s = dataset_spec(spec)
+    return {"data.mean": str([round(m, 6) for m in s.mean]), "data.std": str([round(v, 6) for v in s.std])}
+
+
 def spec_label(spec: str) -> str:
     """A file-name-safe name of a spec string."""
     return f"image-folder-{short_hash(spec)[:8]}" if spec.startswith(FOLDER_SPEC) else spec

@@ -155,3 +155,54 @@ def test_retrieval_on_labelled_embeddings_then_rerank(ssr_home, ray_local, prefe
                           text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 2
     assert f"dim {D + 8}, but the model {result['model_uri']} was trained on dim {D}" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """{train,val,test}/<class>/<image>: PNG, JPEG, RGBA, grayscale and palette images of
+    several sizes; a class is a colour and a stripe orientation."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("own-images")
+    rng = np.random.default_rng(9)
+    for split, n_classes in (("train", 5), ("val", 3), ("test", 3)):
+        for c in range(n_classes):
+            folder = root / split / f"{split}-{c}"
+            folder.mkdir(parents=True)
+            colour = rng.integers(0, 255, 3)
+            for i in range(6):
+                h, w = 20 + 3 * i, 24 + 2 * (i % 3)
+                img = np.clip(colour + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+                img[::4 if c % 2 else 1, :: 1 if c % 2 else 4] = 255
+                pil = Image.fromarray(img)
+                kind = i % 4
+                if kind == 0:
+                    pil.save(folder / f"{i}.png")
+                elif kind == 1:
+                    pil.save(folder / f"{i}.jpg", quality=90)
+                elif kind == 2:
+                    pil.convert("RGBA").save(folder / f"{i}.png")
+                else:
+                    pil.convert("L").save(folder / f"{i}.png")
+            pil.convert("P").save(folder / "palette.gif")
+    return root
+
+
+@pytest.mark.slow
+def test_fewshot_on_an_image_folder_of_mixed_images(ssr_home, ray_local, prefect_harness, image_folder):
+    from flows.ssr_flow import ssr
+
+    params = FewShotParams(data=dict(dataset="image-folder", data_root=str(image_folder), image_size=16),
+                           backbone=dict(pretrain_epochs=1, pretrain_batch_size=8),
+                           **{**OWN_FEWSHOT, "model_name": "ssr-own-images"})
+    result = ssr(pipeline="fewshot", fewshot=params)
+    assert [r["method"].split()[0] for r in result["results"]] == ["Baseline", "k-reciprocal", "SSR", "SimpleShot"]
+
+    import mlflow
+
+    uri = f"sqlite:///{ssr_home / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    params_logged = client.get_run(result["run_id"]).data.params
+    assert params_logged["data.normalization"] == "auto" and "data.mean" in params_logged  # auto stats recorded
+    mean = [float(x) for x in params_logged["data.mean"].strip("[]").split(",")]
+    assert len(mean) == 3 and all(0.0 < m < 1.0 for m in mean)
