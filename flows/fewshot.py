@@ -1,6 +1,8 @@
 """The few-shot subflow: data -> backbone -> features -> SSR on Ray -> evaluation -> MLflow."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from prefect import flow, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
@@ -8,6 +10,7 @@ from flows.common import prefect_tags
 from ssr_tasks.backbone import get_backbone, spec_params
 from ssr_tasks.config import FewShotParams
 from ssr_tasks.fewshot import report, tasks
+from ssr_tasks.fewshot.handoffs import trained_for
 from ssr_tasks.pipeline import pipeline_run
 from ssr_tasks.services import init_ray
 
@@ -37,10 +40,18 @@ def fewshot_pipeline(params: FewShotParams = FewShotParams()) -> dict:
         else:
             training = (tasks.training_features(train.train_augment, train.seed, data, backbone, str(run.work), device)
                         if backbone is not None else None)
+            val_by_shot = tuple(  # a sweep over n_shot: each shot count validates on its own episodes
+                (shot, val if shot == train.n_shot else tasks.validation_episodes(
+                    evaluation.n_val_episodes, replace(train.episode, n_shot=shot), train.seed, features,
+                    tasks.prepare_data(params.data, replace(train.episode, n_shot=shot), str(run.run_dir)),
+                    str(run.work)))
+                for shot in tasks.training_shots(train, params.sweep))
             trials = tasks.train_ssr(train, params.sweep, features, val, str(run.work), training,
-                                     run.trial_tracking(prefect_tags()), device)
+                                     run.trial_tracking(prefect_tags()), device, val_by_shot)
         krecip = tasks.choose_krecip(params.baselines, features, val, evaluation.n_eval_actors, device)
-        shots = [tasks.evaluate(evaluation, train.episode, train.seed, features, trials.best.model, krecip, shot, device)
+        # each test column uses the model trained at its shot count when the sweep has one
+        shots = [tasks.evaluate(evaluation, train.episode, train.seed, features,
+                                trained_for(trials, shot, train.n_shot).model, krecip, shot, device)
                  for shot in evaluation.eval_shots]
         results = report.write_report(params, trials, krecip, shots, str(run.results))
         registered = report.log_and_register(run.tracker, params, trials, krecip, shots, results, backbone, prefect_tags())

@@ -158,9 +158,11 @@ class _Pipeline(_Params):
             return nested
         return data
 
+    NOT_SWEPT: ClassVar[tuple[str, ...]] = ("train_augment",)
+
     @model_validator(mode="after")
     def _sweep_fits_train(self):
-        _check_sweep(self.train, self.sweep, ("train_augment",))
+        _check_sweep(self.train, self.sweep, self.NOT_SWEPT)
         return self
 
     @property
@@ -339,6 +341,8 @@ class FewShotParams(_Pipeline):
     them all (deploy/prefect.yaml).
     """
 
+    # the test episodes' n_way and n_query shape the model; n_shot may be swept (one model per shot count)
+    NOT_SWEPT: ClassVar[tuple[str, ...]] = ("train_augment", "n_way", "n_query")
     FLAT: ClassVar[dict[str, tuple[str, str]]] = {
         **{f: ("data", f) for f in ("dataset", "data_root", "val_episodes_json", "glyphs_size", "data_seed")},
         "backbone": ("backbone", "name"), "backbone_checkpoint": ("backbone", "checkpoint"),

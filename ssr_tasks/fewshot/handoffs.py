@@ -193,3 +193,12 @@ def peer_key(name: str) -> str:
 
 
 FewShotTrials = Trials[FewShotTrial]  # the grid's trials; ``.best`` by validation score
+
+
+def trained_for(trials: FewShotTrials, shot: int, base_shot: int) -> FewShotTrial:
+    """The model a ``shot``-shot test column uses: the best trial (on its own ``shot``-shot
+    validation episodes) among those trained at ``shot`` shots (``sweep: {n_shot: [1, 5]}``);
+    without one, the best of those trained at ``base_shot`` (the train group's n_shot)."""
+    pool = ([t for t in trials.trials if t.config.n_shot == shot]
+            or [t for t in trials.trials if t.config.n_shot == base_shot] or list(trials.trials))
+    return max(pool, key=lambda t: t.best_val)

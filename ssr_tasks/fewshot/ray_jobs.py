@@ -28,6 +28,10 @@ class FewShotTrialInputs:
     features: str
     val_episodes: str
     training: TrainingFeatures | None = None
+    val_by_shot: tuple[tuple[int, str], ...] = ()  # a trial trained at n_shot validates on n_shot-shot episodes
+
+    def val_for(self, n_shot: int) -> str:
+        return dict(self.val_by_shot).get(n_shot, self.val_episodes)
 
 
 def fewshot_trial(trial: Trial[FewShotTrainParams]) -> tuple[dict, dict]:
@@ -46,7 +50,7 @@ def fewshot_trial(trial: Trial[FewShotTrainParams]) -> tuple[dict, dict]:
                              data_root=training.data_root if training else None,
                              dataset=training.backbone.spec if training else None, device=trial.device)
     val = load_split(Path(inputs.features), "val")
-    val_eps = EpisodeIndices.load(Path(inputs.val_episodes))
+    val_eps = EpisodeIndices.load(Path(inputs.val_for(cfg.n_shot)))
 
     def report(row: dict) -> None:
         done = row["iteration"] + (0 if row["steps"] == 1 else cfg.iterations_first + (row["steps"] - 2) * cfg.iterations_next)

@@ -12,7 +12,7 @@ from ssr_model.packaged import FewShotClassifier
 from ssr_tasks import reporting
 from ssr_tasks.backbone import load_backbone
 from ssr_tasks.config import FewShotParams
-from ssr_tasks.fewshot.handoffs import FewShotTrials, KReciprocal, ShotResult
+from ssr_tasks.fewshot.handoffs import FewShotTrials, KReciprocal, ShotResult, trained_for
 from ssr_tasks.handoffs import Backbone, RegisteredModel
 from ssr_tasks.reporting import ResultsReport
 from ssr_tasks.tracking import Tracker
@@ -30,7 +30,8 @@ def write_report(params: FewShotParams, trials: FewShotTrials, krecip: KReciproc
                  out_dir: str) -> ResultsReport:
     """Results table (the rows of ``params.methods``: Baseline / k-reciprocal / SSR / peers;
     the query balance; per shot count accuracy, ms and peak MiB per episode) and plots."""
-    best_steps = trials.best.best_steps
+    base_shot = params.train.n_shot
+    best_steps = trained_for(trials, base_shot, base_shot).best_steps
     per_shot = {r.shot: r.accuracies() for r in shots}
     costs = {r.shot: {c.key: (c.ms_per_episode, c.peak_mib_per_episode) for c in r.cost} for r in shots}
     ev = params.evaluation
@@ -48,7 +49,12 @@ def write_report(params: FewShotParams, trials: FewShotTrials, krecip: KReciproc
             points, f"{params.data.dataset}, {params.backbone.name}, {params.train.n_way}-way, queries "
                     f"{reporting.queries_label(ev.query_balance)}"),
     }
-    return reporting.write_report(rows, columns, figures, Path(out_dir))
+    notes = []
+    if len({t.config.n_shot for t in trials.trials}) > 1:  # a sweep over n_shot: say which model each column used
+        used = {s: trained_for(trials, s, base_shot) for s in ev.eval_shots}
+        notes.append("SSR per column: " + "; ".join(f"{s}-shot: trained at {t.config.n_shot} shots ({t.label}, "
+                                                      f"steps={t.best_steps})" for s, t in used.items()) + ".")
+    return reporting.write_report(rows, columns, figures, Path(out_dir), notes)
 
 
 def log_and_register(tracker: Tracker, params: FewShotParams, trials: FewShotTrials, krecip: KReciprocal,
@@ -67,7 +73,7 @@ def log_and_register(tracker: Tracker, params: FewShotParams, trials: FewShotTri
                                         step=offset + h.iteration)
                 offset += stage.history[-1].iteration if stage.history else 0
             tracker.log_metrics({"best_val_acc": 100 * trial.best_val, "best_steps": trial.best_steps})
-    best = trials.best
+    best = trained_for(trials, params.train.n_shot, params.train.n_shot)  # registered: the model of the train group's shots
     metrics = {"best_val_acc": 100 * best.best_val, "best_steps": best.best_steps,
                "krecip_k1": krecip.k1, "krecip_k2": krecip.k2, "krecip_lambda": krecip.lam}
     for res in shots:
@@ -91,7 +97,7 @@ def log_and_register(tracker: Tracker, params: FewShotParams, trials: FewShotTri
     reg = tracker.log_and_register(
         model, params.model_name,
         tags={"dataset": params.data.dataset, "backbone": params.backbone.name if backbone else "none",
-              "steps": str(best.best_steps), "feat_dim": str(best.feat_dim),
+              "steps": str(best.best_steps), "feat_dim": str(best.feat_dim), "n_shot": str(best.config.n_shot),
               "val_metric_name": "val_acc_1shot"},
         val_metric=100 * best.best_val,
         description=f"{params.data.dataset}, {params.backbone.name}: test accuracy (%, 95% CI)\n\n{report.markdown}",

@@ -167,16 +167,23 @@ def training_features(train_augment: str, seed: int, data: FewShotData, backbone
     return TrainingFeatures(augment.mode, data.root, backbone, views)
 
 
+def training_shots(train: FewShotTrainParams, sweep: Sweep) -> list[int]:
+    """The shot counts trials train at: the train group's n_shot, or those ``sweep.n_shot`` lists."""
+    return sorted({int(p.get("n_shot", train.n_shot)) for p in sweep_points(sweep)})
+
+
 @task(name="train-ssr", retries=1, retry_condition_fn=retry_transient, retry_delay_seconds=5)
 def train_ssr(train: FewShotTrainParams, sweep: Sweep, features: Features, val: ValidationEpisodes, work_dir: str,
               training: TrainingFeatures | None = None, tracking: TrialTracking | None = None,
-              device: Device = "auto") -> FewShotTrials:
+              device: Device = "auto", val_by_shot: tuple[tuple[int, ValidationEpisodes], ...] = ()) -> FewShotTrials:
     """Ray Tune grid over the points of ``sweep``; each trial runs the steps curriculum and checkpoints.
 
     training: where episodes take their features (``training_features``); None: the features table.
     tracking: each trial logs to its nested MLflow run while it trains.
+    val_by_shot: validation episodes per shot count, for a sweep over n_shot (default: ``val``).
     """
-    inputs = FewShotTrialInputs(features.path, val.path, training if training and training.mode != "none" else None)
+    inputs = FewShotTrialInputs(features.path, val.path, training if training and training.mode != "none" else None,
+                                tuple((shot, v.path) for shot, v in val_by_shot))
     # a trial's folder is named after its point; this one after everything else it depends on
     root = Path(work_dir) / f"ssr-{short_hash([train.model_dump(), asdict(inputs)])}"
     points = sweep_points(sweep)

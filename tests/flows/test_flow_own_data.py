@@ -76,7 +76,7 @@ def test_fewshot_on_a_pandas_embeddings_table(ssr_home, ray_local, prefect_harne
     assert run.data.metrics["classes_left_out_test"] == 1 and run.data.metrics["classes_left_out_train"] == 0
     version = client.get_model_version("ssr-own-fewshot", str(result["version"]))
     assert version.tags["backbone"] == "none" and version.tags["feat_dim"] == str(D)
-    from ssr_tasks.tracking import load_registered_model
+    from ssr_tasks.registry import load_registered_model
 
     model = load_registered_model(result["model_uri"], uri)
     assert model.backbone is None and model.ssr.feat_dim == D
@@ -206,3 +206,21 @@ def test_fewshot_on_an_image_folder_of_mixed_images(ssr_home, ray_local, prefect
     assert params_logged["data.normalization"] == "auto" and "data.mean" in params_logged  # auto stats recorded
     mean = [float(x) for x in params_logged["data.mean"].strip("[]").split(",")]
     assert len(mean) == 3 and all(0.0 < m < 1.0 for m in mean)
+
+
+@pytest.mark.slow
+def test_a_sweep_over_n_shot_trains_one_model_per_test_column(ssr_home, ray_local, prefect_harness, fewshot_table):
+    from flows.ssr_flow import ssr
+
+    params = FewShotParams(data=dict(dataset="features", data_root=str(fewshot_table)),
+                           **{**OWN_FEWSHOT, "sweep": {"n_shot": [1, 2], "lr_dni": [0.1]},
+                              "model_name": "ssr-own-shots"})
+    result = ssr(pipeline="fewshot", fewshot=params)
+    assert "SSR per column: 1-shot: trained at 1 shots (lr_dni=0.1,n_shot=1" in result["markdown"]
+    assert "2-shot: trained at 2 shots (lr_dni=0.1,n_shot=2" in result["markdown"]
+
+
+def test_n_way_and_n_query_cannot_be_swept():
+    with pytest.raises(ValueError, match="sweep: 'n_query' is not a field of the train group that can be swept"):
+        FewShotParams(sweep={"n_query": [5, 10]})
+    assert FewShotParams(sweep={"n_shot": [1, 5]}).sweep == {"n_shot": [1, 5]}
