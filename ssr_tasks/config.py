@@ -27,7 +27,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveFloa
                       field_validator, model_validator)
 
 from ssr_model import FewShotSSR, RetrievalSSR
-from ssr_model.baselines import PEER_METHODS
+from ssr_model.baselines import PEER_METHODS, RETRIEVAL_METHODS
 from ssr_tasks import datasets
 
 FewShotDataset = Literal[datasets.names("fewshot")]  # type: ignore[valid-type]
@@ -452,6 +452,34 @@ class RetrievalBaselineParams(_Params):
     krecip_pairs: list[tuple[int, int]] = Field(
         default_factory=lambda: [(40, 20), (80, 40), (160, 80)], description="k-reciprocal (k1, k2) pairs tried")
     krecip_lambda: KrecipLambdas = Field(default_factory=lambda: [0.1, 0.3, 0.5], description="k-reciprocal lambdas tried")
+    dba_n_grid: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [1, 3, 5, 10], min_length=1,
+        description="alpha-DBA + alpha-QE: database neighbours n_dba tried, each with every n of qe_n_grid (alpha 3)")
+    diffusion_k_grid: PositiveInts = Field(
+        default_factory=lambda: [10, 20, 50], description="Diffusion: k of the mutual k-NN graph tried (paper: 50; "
+        "alpha 0.99, gamma 3, kq 10, shortlist 1,000)")
+    gnn_k_pairs: list[tuple[int, int]] = Field(
+        default_factory=lambda: [(10, 4), (26, 7), (50, 10)], min_length=1,
+        description="GNN re-ranking: (k1, k2) pairs tried (authors' code: 26, 7; shortlist 400)")
+    superglobal_k_grid: PositiveInts = Field(
+        default_factory=lambda: [3, 6, 9], description="SuperGlobal: neighbours K tried (paper: 9; M 400)")
+    superglobal_beta_grid: list[PositiveFloat] = Field(
+        default_factory=lambda: [0.15, 0.3], min_length=1, description="SuperGlobal: beta tried (paper: 0.15)")
+    methods: list[str] = Field(
+        default_factory=lambda: list(RETRIEVAL_METHODS),
+        description="Rows of the results table, each also followed by SSR: features, AQE, AQEwD, alpha-QE, DQE, "
+        "k-reciprocal (paper), and alpha-DBA-QE, diffusion, GNN, SuperGlobal on the same top-K stores; only their "
+        "settings are chosen on validation; SSR is trained and registered whatever the rows")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in RETRIEVAL_METHODS]
+        if unknown:
+            raise ValueError(f"methods: unknown method {unknown[0]!r} (known: {', '.join(RETRIEVAL_METHODS)})")
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"methods: expected a non-empty list without repeats, got {v}")
+        return v
 
 
 class RetrievalEvalParams(_Params):

@@ -1,23 +1,41 @@
 """Retrieval evaluation: baseline settings chosen on validation, initial rankings per method,
 stores for re-ranking, revisited mAP.
 
-Methods: features only, AQE, AQEwD, alpha-QE, DQE and k-reciprocal; each is also
-followed by SSR on its top-k (the SSR query node is the expanded query for QE methods).
-QE's n (per QE method) and the k-reciprocal (k1, k2, lambda) are chosen on the validation
-set (held-out training clusters), by the medium-protocol mAP of the baseline itself, from
-the paper's grids; the test queries are never used for a choice. Queries are few (tens),
-so their full rankings are held in memory; the re-ranking itself goes through Parquet
-stores and the actor pool like any large job.
+Methods: features only, AQE, AQEwD, alpha-QE, DQE and k-reciprocal, and the shortlist
+re-rankers alpha-DBA-QE, diffusion, GNN and SuperGlobal (``RETRIEVAL_METHODS``; ``methods``
+picks the rows); each is also followed by SSR on its top-k (the SSR query node is the
+expanded query for QE methods, alpha-DBA-QE and SuperGlobal, the query itself otherwise).
+QE's n (per QE method), the k-reciprocal (k1, k2, lambda) and each shortlist re-ranker's
+setting are chosen on the validation set (held-out training clusters), by the
+medium-protocol mAP of the method itself, from their grids; the test queries are never
+used for a choice. The shortlist re-rankers that need neighbours of neighbours get them
+from one top-k search of the union of the shortlists against the database, block by block.
+Queries are few (tens), so their full rankings are held in memory; the re-ranking itself
+goes through Parquet stores and the actor pool like any large job.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ssr_model.baselines import KReciprocalPoint, alpha_qe, aqe, aqe_wd, best_point, dqe, k_reciprocal
+from ssr_model.baselines import (
+    RETRIEVAL_METHODS,
+    SHORTLIST_METHODS,
+    KReciprocalPoint,
+    ShortlistPoint,
+    alpha_qe,
+    aqe,
+    aqe_wd,
+    best_point,
+    candidate_neighbours,
+    dqe,
+    k_reciprocal,
+    shortlist_grids,
+)
+from ssr_model.baselines.neighbours import CandidateNeighbours
 from ssr_model.metrics import revisited_map
 from ssr_tasks.retrieval.train import ValidationSet
 from storage.simstore import SimilarityStore, create_store
@@ -37,19 +55,33 @@ class MethodRanking:
 
 @dataclass(frozen=True)
 class BaselineChoice:
-    """The settings chosen on validation: QE's n per QE method, the k-reciprocal point, and
-    the validation mAP (medium, percent) of every setting tried, by ``"<method> <setting>"``."""
+    """The settings chosen on validation: QE's n per QE method, the k-reciprocal point (None
+    when k-reciprocal is not among ``methods``), each shortlist re-ranker's point, and the
+    validation mAP (medium, percent) of every setting tried, by ``"<method> <setting>"``.
+    methods: the rows, in ``RETRIEVAL_METHODS`` order; a shortlist re-ranker without a chosen
+    point runs at its published default."""
 
     qe_n: tuple[tuple[str, int], ...]
-    krecip: KReciprocalPoint
+    krecip: KReciprocalPoint | None
     val_map: tuple[tuple[str, float], ...]
+    shortlist: tuple[tuple[str, ShortlistPoint], ...] = ()
+    methods: tuple[str, ...] = RETRIEVAL_METHODS
 
     def n_for(self, method: str) -> int:
         return dict(self.qe_n)[method]
 
+    def point_for(self, method: str) -> ShortlistPoint:
+        return dict(self.shortlist).get(method, SHORTLIST_METHODS[method].default)
+
     def as_params(self) -> dict[str, str]:
-        """Flat ``chosen.*`` entries for the tracker and the log."""
-        return {**{f"chosen.qe_n.{m}": str(n) for m, n in self.qe_n}, "chosen.krecip": self.krecip.label()}
+        """Flat ``chosen.*`` entries for the tracker and the log (those of the rows' methods)."""
+        out = {f"chosen.qe_n.{m}": str(n) for m, n in self.qe_n}
+        if self.krecip is not None:
+            out["chosen.krecip"] = self.krecip.label()
+        out.update({f"chosen.{m}": p.label() for m, p in self.shortlist})
+        if self.methods != RETRIEVAL_METHODS:
+            out["chosen.methods"] = ",".join(self.methods)
+        return out
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -78,32 +110,116 @@ def _medium_map(ranks: np.ndarray, gnd: list[dict]) -> float:
     return revisited_map(ranks, gnd)["medium"]["map"]
 
 
-def choose_baselines(val: ValidationSet, qe_grid: Sequence[int], krecip_points: Sequence[KReciprocalPoint]) -> BaselineChoice:
-    """QE's n (per QE method) and the k-reciprocal point with the best validation mAP."""
+def _selected(methods: Sequence[str] | None) -> tuple[str, ...]:
+    """The rows in ``RETRIEVAL_METHODS`` order; unknown names and an empty list are refused."""
+    if methods is None:
+        return RETRIEVAL_METHODS
+    unknown = [m for m in methods if m not in RETRIEVAL_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods: unknown method {unknown[0]!r} (known: {', '.join(RETRIEVAL_METHODS)})" if unknown
+                         else "methods: expected at least one retrieval method")
+    return tuple(m for m in RETRIEVAL_METHODS if m in methods)
+
+
+def _shortlist_neighbours(names: Sequence[str], db: np.ndarray, ranks: np.ndarray,
+                          points: Mapping[str, Sequence[ShortlistPoint]]) -> CandidateNeighbours | None:
+    """One neighbour search serving every named method at every point: the union of the
+    longest shortlist of those that need neighbours, against db, block by block."""
+    need = [(SHORTLIST_METHODS[m].shortlist, max(SHORTLIST_METHODS[m].neighbours(p) for p in points[m])) for m in names]
+    need = [(w, k) for w, k in need if k > 0]
+    if not need:
+        return None
+    N = db.shape[0]
+    width = min(N, max(w for w, _ in need))
+    return candidate_neighbours(db, ranks[:, :width], min(N - 1, max(k for _, k in need)))
+
+
+def _full_ranking(ids: np.ndarray, scores: np.ndarray, ranks: np.ndarray, initial_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, N) ranking: the re-ranked shortlist (Q, W) first, the rest in initial order; the rest's
+    scores capped at the shortlist's lowest so that scores never increase along a row."""
+    W = ids.shape[1]
+    rest = np.minimum(initial_scores[:, W:], scores.min(axis=1, keepdims=True)) if W < ranks.shape[1] else initial_scores[:, W:]
+    return np.concatenate([ids, ranks[:, W:]], axis=1), np.concatenate([scores, rest], axis=1).astype(np.float32)
+
+
+def _shortlist_ranking(name: str, query: np.ndarray, db: np.ndarray, ranks: np.ndarray, scores: np.ndarray,
+                       neighbours: CandidateNeighbours | None, point: ShortlistPoint) -> MethodRanking:
+    method = SHORTLIST_METHODS[name]
+    width = min(db.shape[0], method.shortlist)
+    ids, s, expanded = method.rerank(query, db, ranks[:, :width], neighbours, point)
+    full, full_scores = _full_ranking(ids, s, ranks, scores)
+    return MethodRanking(name, query if expanded is None else expanded.astype(np.float32), full, full_scores)
+
+
+def shortlist_points(baselines) -> dict[str, list[ShortlistPoint]]:
+    """The validation grid of each shortlist re-ranker from the baselines group
+    (``RetrievalBaselineParams``); alpha-DBA-QE's n_qe comes from its qe_n_grid."""
+    return shortlist_grids(dba_n=baselines.dba_n_grid, qe_n=baselines.qe_n_grid, diffusion_k=baselines.diffusion_k_grid,
+                           gnn_k=baselines.gnn_k_pairs, superglobal_k=baselines.superglobal_k_grid,
+                           superglobal_beta=baselines.superglobal_beta_grid)
+
+
+def choose_baselines(val: ValidationSet, qe_grid: Sequence[int], krecip_points: Sequence[KReciprocalPoint],
+                     methods: Sequence[str] | None = None,
+                     shortlist_points: Mapping[str, Sequence[ShortlistPoint]] | None = None) -> BaselineChoice:
+    """QE's n (per QE method), the k-reciprocal point and each shortlist re-ranker's point with
+    the best validation mAP, for the ``methods`` rows (default: all of ``RETRIEVAL_METHODS``).
+    shortlist_points: the grid per shortlist re-ranker (default ``shortlist_grids()`` with
+    alpha-DBA-QE's n_qe from ``qe_grid``)."""
+    rows = _selected(methods)
+    grids = shortlist_points if shortlist_points is not None else shortlist_grids(qe_n=qe_grid)
     q, db, ranks = val.queries, val.database, val.initial
     tried: list[tuple[str, float]] = []
     qe_n = []
     for name, fn in QE_METHODS:
+        if name not in rows:
+            continue
         grid = [n for n in qe_grid if name != "DQE" or 2 * (n + 1) <= ranks.shape[1] + 1]
         scores = [_medium_map(ranking(_normalise(np.asarray(fn(q, db, ranks, n), np.float32)), db)[0], val.gnd) for n in grid]
         tried += [(f"{name} n={n}", s) for n, s in zip(grid, scores)]
         qe_n.append((name, best_point(grid, scores)[0]))
-    scores = [_medium_map(krecip_ranking(q, db, p)[0], val.gnd) for p in krecip_points]
-    tried += [(f"k-reciprocal {p.label()}", s) for p, s in zip(krecip_points, scores)]
-    return BaselineChoice(tuple(qe_n), best_point(list(krecip_points), scores)[0], tuple(tried))
+    krecip = None
+    if "k-reciprocal" in rows:
+        scores = [_medium_map(krecip_ranking(q, db, p)[0], val.gnd) for p in krecip_points]
+        tried += [(f"k-reciprocal {p.label()}", s) for p, s in zip(krecip_points, scores)]
+        krecip = best_point(list(krecip_points), scores)[0]
+    names = [m for m in rows if m in SHORTLIST_METHODS]
+    points = {m: list(grids.get(m) or [SHORTLIST_METHODS[m].default]) for m in names}
+    chosen = []
+    if names:
+        initial_scores = np.take_along_axis(q @ db.T, ranks, axis=1)
+        neighbours = _shortlist_neighbours(names, db, ranks, points)
+        for m in names:
+            scores = [_medium_map(_shortlist_ranking(m, q, db, ranks, initial_scores, neighbours, p).ranks, val.gnd)
+                      for p in points[m]]
+            tried += [(f"{m} {p.label()}", s) for p, s in zip(points[m], scores)]
+            chosen.append((m, best_point(points[m], scores)[0]))
+    return BaselineChoice(tuple(qe_n), krecip, tuple(tried), tuple(chosen), rows)
 
 
 def method_rankings(query: np.ndarray, db: np.ndarray, choice: BaselineChoice) -> list[MethodRanking]:
-    """Initial rankings of every baseline at the chosen settings. query (Q, D), db (N, D)."""
+    """Initial rankings of the chosen rows (``choice.methods``) at the chosen settings. query (Q, D), db (N, D)."""
     query, db = _normalise(query), _normalise(db)
     ranks, scores = ranking(query, db)
-    out = [MethodRanking("features", query, ranks, scores)]
+    out = []
+    if "features" in choice.methods:
+        out.append(MethodRanking("features", query, ranks, scores))
     for name, fn in QE_METHODS:
+        if name not in choice.methods:
+            continue
         q2 = _normalise(np.asarray(fn(query, db, ranks, choice.n_for(name)), dtype=np.float32))
         r2, s2 = ranking(q2, db)
         out.append(MethodRanking(name, q2, r2, s2))
-    r3, s3 = krecip_ranking(query, db, choice.krecip)
-    out.append(MethodRanking("k-reciprocal", query, r3, s3))
+    if "k-reciprocal" in choice.methods:
+        if choice.krecip is None:
+            raise ValueError("method_rankings: k-reciprocal is a row but the choice has no k-reciprocal point")
+        r3, s3 = krecip_ranking(query, db, choice.krecip)
+        out.append(MethodRanking("k-reciprocal", query, r3, s3))
+    names = [m for m in choice.methods if m in SHORTLIST_METHODS]
+    if names:
+        points = {m: [choice.point_for(m)] for m in names}
+        neighbours = _shortlist_neighbours(names, db, ranks, points)
+        out += [_shortlist_ranking(m, query, db, ranks, scores, neighbours, points[m][0]) for m in names]
     return out
 
 

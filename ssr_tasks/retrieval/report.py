@@ -66,7 +66,7 @@ def write_report(params: RetrievalParams, data: RetrievalData, rankings: Ranking
     first = reranked[0].name
     figures = {"map_by_method.png": reporting.plot_map_by_method(rows)}
     if data.images is not None:  # published features come without their images
-        figures["reranked_example.png"] = example_figure(gt, Path(data.images), initial[first], after[first])
+        figures["reranked_example.png"] = example_figure(gt, Path(data.images), initial[first], after[first], name=first)
     notes = []
     columns = COLUMNS
     if labels_only(gt.gnd):
@@ -80,10 +80,12 @@ def write_report(params: RetrievalParams, data: RetrievalData, rankings: Ranking
     return reporting.write_report(rows, columns, figures, Path(out_dir), notes)
 
 
-def example_figure(gt: RevisitedGroundTruth, images: Path, initial: np.ndarray, reranked: np.ndarray, top: int = 8):
+def example_figure(gt: RevisitedGroundTruth, images: Path, initial: np.ndarray, reranked: np.ndarray, top: int = 8,
+                   name: str = "features"):
     """Query whose medium AP SSR improved most: top results before and after, framed by ground truth.
 
-    initial / reranked: (Q, N) database indices, best first.
+    initial / reranked: (Q, N) database indices, best first; name: the method (the first row, which
+    ``methods`` may make another than features).
     """
     gnd = gt.gnd
     gains = []
@@ -101,7 +103,7 @@ def example_figure(gt: RevisitedGroundTruth, images: Path, initial: np.ndarray, 
 
     rows = {
         label: [(load(gt.imlist[i]), reporting.gt_label(gnd[q], int(i))) for i in ranks[q, :top]]
-        for label, ranks in (("features", initial), ("features + SSR", reranked))
+        for label, ranks in ((name, initial), (f"{name} + SSR", reranked))
     }
     return reporting.plot_reranked_example(load(gt.qimlist[q]), rows,
                                            f"query {gt.qimlist[q]}: medium AP {gains[q]:+.1f} points with SSR")

@@ -13,7 +13,7 @@ from ssr_tasks.handoffs import Trials
 from ssr_tasks.retrieval.handoffs import Rankings, Reranked, RetrievalData, RetrievalFeatures
 from storage.simstore import SimilarityStore
 
-METHODS = ["features", "AQE", "AQEwD", "alpha-QE", "DQE", "k-reciprocal"]
+METHODS = ["features", "AQE", "AQEwD", "alpha-QE", "DQE", "k-reciprocal", "alpha-DBA-QE", "diffusion", "GNN", "SuperGlobal"]
 
 
 @pytest.fixture

@@ -7,10 +7,22 @@ import torch
 
 from ssr_model.baselines import KReciprocalPoint, krecip_grid
 from ssr_model.metrics import revisited_map
-from ssr_tasks.retrieval.evaluate import BaselineChoice, choose_baselines, method_rankings, ranks_after_rerank, write_ranking_store
 from ssr_tasks.config import RetrievalTrainParams
-from ssr_tasks.retrieval.train import (ValidationSet, draw_sequences, period_sequences, topk_ap, train_retrieval,
-                                       validation_map)
+from ssr_tasks.retrieval.evaluate import (
+    BaselineChoice,
+    choose_baselines,
+    method_rankings,
+    ranks_after_rerank,
+    write_ranking_store,
+)
+from ssr_tasks.retrieval.train import (
+    ValidationSet,
+    draw_sequences,
+    period_sequences,
+    topk_ap,
+    train_retrieval,
+    validation_map,
+)
 from storage.simstore import create_store
 
 
@@ -108,12 +120,44 @@ def test_baselines_are_chosen_on_validation():
     points = krecip_grid([(5, 3), (10, 5)], [0.3, 0.8])
     choice = choose_baselines(val, [1, 3], points)
     tried = dict(choice.val_map)
-    assert len(tried) == 4 * 2 + 4
+    # QE 4 x 2, k-reciprocal 4, alpha-DBA-QE 4 x 2, diffusion 3, GNN 3, SuperGlobal 3 x 2
+    assert len(tried) == 4 * 2 + 4 + 8 + 3 + 3 + 6
     for name, n in choice.qe_n:
         assert tried[f"{name} n={n}"] == max(tried[f"{name} n={m}"] for m in (1, 3))
     assert tried[f"k-reciprocal {choice.krecip.label()}"] == max(tried[f"k-reciprocal {p.label()}"] for p in points)
+    for name, point in choice.shortlist:
+        assert tried[f"{name} {point.label()}"] == max(v for k, v in tried.items() if k.startswith(f"{name} "))
     assert set(choice.as_params()) == {"chosen.qe_n.AQE", "chosen.qe_n.AQEwD", "chosen.qe_n.alpha-QE", "chosen.qe_n.DQE",
-                                       "chosen.krecip"}
+                                       "chosen.krecip", "chosen.alpha-DBA-QE", "chosen.diffusion", "chosen.GNN",
+                                       "chosen.SuperGlobal"}
+
+
+def test_methods_pick_the_rows_and_only_their_settings_are_chosen():
+    emb, labels = clusters(n_clusters=8, per=10, noise=1.5)
+    val = _validation(emb, labels, n_queries=16)
+    choice = choose_baselines(val, [1, 3], krecip_grid([(5, 3)], [0.3]), methods=["SuperGlobal", "features", "AQE"])
+    assert choice.methods == ("features", "AQE", "SuperGlobal") and choice.krecip is None
+    assert {k.split(" ")[0] for k, _ in choice.val_map} == {"AQE", "SuperGlobal"}
+    assert choice.as_params()["chosen.methods"] == "features,AQE,SuperGlobal"
+    q, db = emb[:5], emb[5:]
+    assert [m.name for m in method_rankings(q, db, choice)] == ["features", "AQE", "SuperGlobal"]
+    with pytest.raises(ValueError, match="methods: unknown method 'CSA'"):
+        choose_baselines(val, [1], [], methods=["CSA"])
+
+
+def test_shortlist_methods_rerank_only_their_shortlist():
+    emb, _ = clusters(n_clusters=60, per=8)
+    q, db = emb[:6], emb[6:]  # N = 474 > GNN's and SuperGlobal's 400
+    choice = BaselineChoice((), None, (), methods=("features", "GNN", "SuperGlobal", "diffusion", "alpha-DBA-QE"))
+    methods = {m.name: m for m in method_rankings(q, db, choice)}
+    base = methods["features"]
+    for name in ("GNN", "SuperGlobal"):
+        m = methods[name]
+        assert (np.sort(m.ranks[:, :400], 1) == np.sort(base.ranks[:, :400], 1)).all()
+        assert (m.ranks[:, 400:] == base.ranks[:, 400:]).all()
+        assert (np.diff(m.scores, axis=1) <= 1e-6).all()
+    assert np.allclose(methods["GNN"].query, base.query) and not np.allclose(methods["SuperGlobal"].query, base.query)
+    assert np.allclose(np.linalg.norm(methods["alpha-DBA-QE"].query, axis=1), 1, atol=1e-5)
 
 
 def test_method_rankings_and_rerank_order(tmp_path):
@@ -121,7 +165,8 @@ def test_method_rankings_and_rerank_order(tmp_path):
     q, db = emb[:5], emb[5:]
     choice = BaselineChoice((("AQE", 2), ("AQEwD", 2), ("alpha-QE", 2), ("DQE", 2)), KReciprocalPoint(20, 6, 0.3), ())
     methods = method_rankings(q, db, choice)
-    assert [m.name for m in methods] == ["features", "AQE", "AQEwD", "alpha-QE", "DQE", "k-reciprocal"]
+    assert [m.name for m in methods] == ["features", "AQE", "AQEwD", "alpha-QE", "DQE", "k-reciprocal", "alpha-DBA-QE",
+                                         "diffusion", "GNN", "SuperGlobal"]
     for m in methods:
         assert m.ranks.shape == (5, len(db))
         assert (np.sort(m.ranks, 1) == np.arange(len(db))).all()
