@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from flows import local_services
 from ssr_tasks.config import FewShotParams, RetrievalParams, default_run_dir
 from ssr_tasks.services import ServiceUnreachable, check_mlflow, check_tcp, mlflow_tracking_uri, redact_uri
-from ssr_tasks.tracking import registered_models
+from ssr_tasks.registry import registered_models
 from storage import cli as storage_cli
 
 PRESETS_FILE = Path(__file__).resolve().parent.parent / "deploy" / "prefect.yaml"
@@ -115,10 +115,10 @@ def cmd_run(args) -> int:
         return 3
     if args.pipeline == "retrieval" and params.data.dataset != "glyphs-retrieval":
         # the authors' pickles are imported (once, cached) before the flow, so bad input is one line
-        from ssr_tasks.retrieval.tasks import check_holdout, import_landmark_data
+        from ssr_tasks.retrieval.tasks import check_holdout, data_for_run, import_landmark_data
 
         try:
-            check_holdout(import_landmark_data(params.data, default_run_dir()), params.train, params.k_max)
+            check_holdout(import_landmark_data(data_for_run(params), default_run_dir()), params.train, params.k_max)
         except (ValueError, OSError) as exc:  # storage errors are ValueErrors
             print(f"ssr run: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
             return 2

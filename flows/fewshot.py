@@ -46,7 +46,8 @@ def fewshot_pipeline(params: FewShotParams = FewShotParams()) -> dict:
                     tasks.prepare_data(params.data, replace(train.episode, n_shot=shot), str(run.run_dir)),
                     str(run.work)))
                 for shot in tasks.training_shots(train, params.sweep))
-            trials = tasks.train_ssr(train, params.sweep, features, val, str(run.work), training,
+            sweep = tasks.scaled_sweep(params.sweep, features) if params.from_data else params.sweep
+            trials = tasks.train_ssr(train, sweep, features, val, str(run.work), training,
                                      run.trial_tracking(prefect_tags()), device, val_by_shot)
         krecip = tasks.choose_krecip(params.baselines, features, val, evaluation.n_eval_actors, device)
         # each test column uses the model trained at its shot count when the sweep has one

@@ -18,13 +18,15 @@ def retrieval_pipeline(params: RetrievalParams = RetrievalParams()) -> dict:
     with pipeline_run("retrieval", params, prefect_tags(), runtime.flow_run.id) as run:
         init_ray()
         device = params.device
-        data = tasks.prepare_data(params.data, str(run.run_dir))
+        data_params = tasks.data_for_run(params)  # from_data: the held-out fraction sized for k
+        data = tasks.prepare_data(data_params, str(run.run_dir))
         backbone = (get_backbone(params.backbone, params.data.entry.spec, params.train.seed, data.fewshot_root,
                                  str(run.backbones), device) if data.needs_backbone else None)
-        features = tasks.extract_features(params.data, params.k_max, data, backbone, str(run.work), device)
-        trials = tasks.train_ssr(params.train, params.sweep, features, str(run.work), run.trial_tracking(prefect_tags()),
-                                 device)
-        rankings = tasks.rank_methods(params.baselines, params.train, params.k_max, params.evaluation.shard_size,
+        features = tasks.extract_features(data_params, params.k_max, data, backbone, str(run.work), device)
+        train, sweep = (tasks.settings_from_data(params.train, params.sweep, features) if params.from_data
+                        else (params.train, params.sweep))
+        trials = tasks.train_ssr(train, sweep, features, str(run.work), run.trial_tracking(prefect_tags()), device)
+        rankings = tasks.rank_methods(params.baselines, train, params.k_max, params.evaluation.shard_size,
                                       features, str(run.work))
         reranked = [tasks.rerank(params.evaluation, rankings, method, trials.best.model, device)
                     for method in rankings.methods]

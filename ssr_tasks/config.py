@@ -259,6 +259,8 @@ class FewShotTrainParams(_Params):
     weight_decay: float = Field(5e-4, ge=0.0, description="SGD weight decay (paper: 5e-4)")
     batch_episodes: int = Field(4, ge=1, description="Episodes per SGD iteration (paper: 1)")
     val_every: int = Field(100, ge=1, description="Iterations between validations (paper: 1,000)")
+    patience: int = Field(0, ge=0, description="Stop a curriculum stage after this many validations without a new "
+                          "best; 0: run every iteration (paper: 0)")
     seed: int = Field(0, description="Seed of episodes and initialisation (paper: 300)")
     train_augment: str = Field(
         "none", pattern=r"^(none|online|views:[1-9][0-9]*)$",
@@ -367,6 +369,9 @@ class FewShotParams(_Pipeline):
     evaluation: FewShotEvalParams = Field(default_factory=FewShotEvalParams, description="Test episodes and table rows")
     baselines: FewShotBaselineParams = Field(default_factory=FewShotBaselineParams,
                                              description="Baselines' grids, chosen on validation episodes")
+    from_data: bool = Field(False, description="Scale the sweep's lr_dni values to the features: each is multiplied "
+                            "by the mean squared norm of the train split's features, as the DNI update's effect on the "
+                            "cosines falls as lr_dni / |x|^2 (docs/own-data-ssr.md) (paper: no)")
     device: Device = Field("auto", description="auto: CUDA when Ray sees a GPU (paper: one GPU)")
     model_name: str = Field("ssr-fewshot", description="Registered model name in MLflow (paper: not used)")
 
@@ -433,6 +438,8 @@ class RetrievalTrainParams(_Params):
     max_ap: float = Field(0.8, gt=0.0, le=1.0, description="Keep sequences whose initial top-k AP is below this (paper: 0.8)")
     iterations: int = Field(600, ge=1, description="Paper: 60,000")
     val_every: int = Field(250, ge=1, description="Validation period; fresh sequences are drawn for each (paper: 1,000)")
+    patience: int = Field(0, ge=0, description="Stop after this many validations without a new best, iterations "
+                          "being then a cap; 0: run every iteration (paper: 0)")
     batch_queries: int = Field(16, ge=1, description="Sequences per SGD step (paper: 1)")
     lr: PositiveFloat = Field(1e-3, description="SGD learning rate (paper: 1e-3)")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (paper: 0.9)")
@@ -515,6 +522,9 @@ class RetrievalParams(_Pipeline):
     baselines: RetrievalBaselineParams = Field(default_factory=RetrievalBaselineParams,
                                                description="Baselines' grids, chosen on the validation queries")
     evaluation: RetrievalEvalParams = Field(default_factory=RetrievalEvalParams, description="Stores and actors")
+    from_data: bool = Field(False, description="Choose settings from the training data (docs/own-data-ssr.md): "
+                            "holdout_fraction sized for k, the lr_dni sweep around lr* measured on the features, "
+                            "sequence_length and min_positives relaxed until a quarter of the draws pass (paper: no)")
     device: Device = Field("auto", description="auto: CUDA when Ray sees a GPU (paper: one GPU)")
     model_name: str = Field("ssr-retrieval", description="Registered model name in MLflow (paper: not used)")
 

@@ -74,3 +74,12 @@ def finished(marker: Path) -> dict | None:
 def mark_finished(marker: Path, summary: dict) -> dict:
     atomic_write_text(Path(marker), json.dumps(summary))
     return summary
+
+
+def stalled(history: list[dict], key: str, patience: int) -> bool:
+    """Whether the last ``patience`` validations of ``history`` brought no new best ``key``
+    (0: never). Computed from the history, so a resumed loop decides the same way."""
+    if patience <= 0 or not history:
+        return False
+    best_at = max(range(len(history)), key=lambda i: (history[i][key], -i))
+    return len(history) - 1 - best_at >= patience

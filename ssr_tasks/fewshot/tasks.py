@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from prefect import get_run_logger, task
 
 from ssr_tasks.backbone import extract_features as extract_features_to
@@ -165,6 +166,20 @@ def training_features(train_augment: str, seed: int, data: FewShotData, backbone
         get_run_logger().info("training features: online, the training augmentation of %s through the frozen backbone "
                               "every episode", backbone.spec)
     return TrainingFeatures(augment.mode, data.root, backbone, views)
+
+
+@task(name="scale-lr-dni", cache_policy=CACHE, persist_result=True)
+def scaled_sweep(sweep: Sweep, features: Features) -> Sweep:
+    """``from_data``: the sweep's lr_dni values (default: the train group's) times the mean
+    squared norm of the train split's features. The DNI update moves a feature by
+    lr_dni x gradient, and the gradient of a cosine falls as 1/|x|, so its effect on the
+    cosines falls as lr_dni / |x|^2: the values given are per unit norm."""
+    train = load_split(Path(features.path), "train")
+    sq_norm = float(np.mean(np.sum(train.embeddings.astype(np.float64) ** 2, axis=1)))
+    scaled = [float(f"{v * sq_norm:.3g}") for v in sweep.get("lr_dni", [])]
+    get_run_logger().info("settings from the data: mean squared feature norm %.4g; lr_dni %s -> %s", sq_norm,
+                          sweep.get("lr_dni"), scaled)
+    return {**sweep, "lr_dni": scaled} if scaled else dict(sweep)
 
 
 def training_shots(train: FewShotTrainParams, sweep: Sweep) -> list[int]:

@@ -20,7 +20,7 @@ from ssr_model.losses import fewshot_cross_entropy
 from ssr_tasks.config import FewShotTrainParams
 from ssr_tasks.fewshot.episodes import EpisodeIndices, SplitFeatures, gather, sample_episodes
 from ssr_tasks.fewshot.train_features import EpisodeFeatures, TableFeatures
-from ssr_tasks.resume import LoopState, TrainingCheckpoint, finished, mark_finished
+from ssr_tasks.resume import LoopState, TrainingCheckpoint, finished, mark_finished, stalled
 from storage.checkpoints import load_state_dict, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,10 @@ def train_stage(
                      steps, it + 1, iterations, loss.item(), 100 * val_acc, 100 * state.best)
             if report is not None:
                 report({**row, "best_val_acc": state.best})
+            if stalled(state.history, "val_acc", cfg.patience):
+                log.info("steps=%d: no new best validation accuracy for %d validations; stage stops at iteration %d",
+                         steps, cfg.patience, it + 1)
+                break
     summary = mark_finished(done, {"steps": steps, "best_val": state.best, "best_path": str(stage_dir / "best.pt"),
                                    "history": state.history})
     ckpt.remove()  # a finished stage keeps its best weights only (Tune checkpoints copy the folder)

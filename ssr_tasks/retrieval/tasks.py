@@ -9,11 +9,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
 from ssr_model.baselines import krecip_grid
 from ssr_tasks.backbone import dataset_spec, extract_split_features, load_backbone
-from ssr_tasks.config import (Device, RetrievalBaselineParams, RetrievalDataParams, RetrievalEvalParams,
+from ssr_tasks.config import (Device, RetrievalBaselineParams, RetrievalDataParams, RetrievalEvalParams, RetrievalParams,
                               RetrievalTrainParams, Sweep, sweep_points)
 from ssr_tasks.device import cluster_device, local_device
 from ssr_tasks.handoffs import Backbone, TrialTracking, Trials
@@ -22,7 +24,8 @@ from ssr_tasks.retrieval.handoffs import (MethodStore, Rankings, Reranked, Retri
                                           RetrievalTrials)
 from ssr_tasks.retrieval.ray_jobs import run_trials
 from ssr_tasks.retrieval.rerank import rerank_store
-from ssr_tasks.retrieval.train import load_validation
+from ssr_tasks.retrieval.settings import holdout_fraction_for_k, relaxed_sequence_filter, scaled_lr_dni
+from ssr_tasks.retrieval.train import load_training_data, load_validation
 from ssr_tasks.taskkit import CACHE, Progress, retry_transient, short_hash
 from storage.checkpoints import file_sha256
 from storage.features import read_features, read_metadata, write_features
@@ -50,6 +53,40 @@ def prepare_data(params: RetrievalDataParams, run_dir: str) -> RetrievalData:
     get_run_logger().info("data: %d queries, %d database images, training clusters in %s",
                           len(gt.qimlist), len(gt.imlist), root / "train")
     return data
+
+
+def data_for_run(params: RetrievalParams) -> RetrievalDataParams:
+    """The data group a run uses: with ``from_data`` and a user's embeddings folder, the held-out
+    fraction sized for k from the training clusters' sizes (``settings.holdout_fraction_for_k``;
+    only the label column of train.parquet is read)."""
+    data = params.data
+    if not (params.from_data and data.entry.loader == "features"):
+        return data
+    table = Path(data.data_root) / "train.parquet"
+    try:
+        labels = pq.read_table(table, columns=["label"]).column("label").to_numpy(zero_copy_only=False)
+    except (OSError, KeyError, pa.ArrowException) as exc:
+        raise ValueError(f"{table}: label: cannot read the training clusters ({exc})") from None
+    _, sizes = np.unique(labels, return_counts=True)
+    fraction = holdout_fraction_for_k(sizes, params.k_max, params.train.n_val_queries)
+    log.info("settings from the data: holdout_fraction %.3g (%d training clusters, k=%d, %d validation queries)",
+             fraction, len(sizes), params.k_max, params.train.n_val_queries)
+    return data.model_copy(update={"holdout_fraction": fraction})
+
+
+@task(name="settings-from-data", cache_policy=CACHE, persist_result=True)
+def settings_from_data(train: RetrievalTrainParams, sweep: Sweep, features: RetrievalFeatures) -> tuple[RetrievalTrainParams, Sweep]:
+    """``from_data``: the lr_dni sweep around lr* measured on the training features, and the
+    sequence filter relaxed until a quarter of the draws pass (``ssr_tasks.retrieval.settings``)."""
+    emb, labels, _ = load_training_data(Path(features.train_path), train)
+    lr_grid = scaled_lr_dni(emb, k=train.k, hidden=train.hidden, seed=train.seed)
+    length, min_positives, stats = relaxed_sequence_filter(emb, labels, train.k, train.sequence_length,
+                                                           train.min_positives, train.max_ap, seed=train.seed)
+    get_run_logger().info("settings from the data: lr_dni %s (one spread of the top-k cosines per first update), "
+                          "sequence_length %d, min_positives %d (%.0f%% of draws pass, %.1f positives in the top-%d)",
+                          lr_grid, length, min_positives, 100 * stats["pass_rate"], stats["positives_in_topk"], train.k)
+    return (train.model_copy(update={"sequence_length": length, "min_positives": min_positives}),
+            {**sweep, "lr_dni": lr_grid})
 
 
 def check_holdout(data: RetrievalData, train: RetrievalTrainParams, k: int) -> None:

@@ -27,7 +27,7 @@ from ssr_model import RetrievalSSR
 from ssr_model.losses import info_bce
 from ssr_model.metrics import revisited_map
 from ssr_tasks.config import RetrievalTrainParams
-from ssr_tasks.resume import LoopState, TrainingCheckpoint, finished, mark_finished
+from ssr_tasks.resume import LoopState, TrainingCheckpoint, finished, mark_finished, stalled
 from storage.checkpoints import save_checkpoint
 from storage.features import read_features
 from storage.landmark_tables import validation_ground_truth
@@ -201,6 +201,10 @@ def train_retrieval(cfg: RetrievalTrainParams, emb: np.ndarray, labels: np.ndarr
                      it + 1, cfg.iterations, loss.item(), 100 * val_map, 100 * state.best)
             if report is not None:
                 report({"iteration": it + 1, "loss": loss.item(), "val_map": val_map, "best_val_map": state.best})
+            if stalled(state.history, "val_map", cfg.patience):
+                log.info("retrieval SSR: no new best validation mAP for %d validations; stopping at iteration %d "
+                         "(iterations %d are a cap)", cfg.patience, it + 1, cfg.iterations)
+                break
     best_iteration = max(state.history, key=lambda h: (h["val_map"], -h["iteration"]))["iteration"]
     summary = mark_finished(done, {"best_val": state.best, "best_iteration": best_iteration,
                                    "best_path": str(out_dir / "best.pt"), "history": state.history, "config": cfg.model_dump()})

@@ -62,7 +62,7 @@ OWN_FEWSHOT = dict(
 def test_fewshot_on_a_pandas_embeddings_table(ssr_home, ray_local, prefect_harness, fewshot_table):
     from flows.ssr_flow import ssr
 
-    params = FewShotParams(data=dict(dataset="features", data_root=str(fewshot_table)), **OWN_FEWSHOT)
+    params = FewShotParams(data=dict(dataset="features", data_root=str(fewshot_table)), from_data=True, **OWN_FEWSHOT)
     result = ssr(pipeline="fewshot", fewshot=params)
     methods = [r["method"].split()[0] for r in result["results"]]
     assert methods == ["Baseline", "k-reciprocal", "SSR", "SimpleShot"]
@@ -74,6 +74,9 @@ def test_fewshot_on_a_pandas_embeddings_table(ssr_home, ray_local, prefect_harne
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     run = client.get_run(result["run_id"])
     assert run.data.metrics["classes_left_out_test"] == 1 and run.data.metrics["classes_left_out_train"] == 0
+    # from_data: lr_dni 0.1 per unit norm, times the mean squared norm of the features (20^2)
+    trials = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{result['run_id']}'")
+    assert [t.data.tags["ssr.trial"] for t in trials] == ["lr_dni=40"]
     version = client.get_model_version("ssr-own-fewshot", str(result["version"]))
     assert version.tags["backbone"] == "none" and version.tags["feat_dim"] == str(D)
     from ssr_tasks.registry import load_registered_model
@@ -114,7 +117,7 @@ OWN_RETRIEVAL = dict(
                n_val_queries=10),
     sweep=dict(lr_dni=[1e-2]),
     baselines=dict(qe_n_grid=[1, 2], krecip_pairs=[(10, 5)], krecip_lambda=[0.3]),
-    evaluation=dict(shard_size=8, n_rerank_actors=1), device="cpu",
+    evaluation=dict(shard_size=8, n_rerank_actors=1), device="cpu", from_data=True,
 )
 
 
@@ -136,6 +139,15 @@ def test_retrieval_on_labelled_embeddings_then_rerank(ssr_home, ray_local, prefe
         assert "mAP" in rows[0] and "mAP hard" not in result["markdown"]
         assert "label matches" in result["markdown"]
     assert result["model_uri"].startswith(f"models:/{name}/")
+    import mlflow
+
+    uri = f"sqlite:///{ssr_home / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    run = client.get_run(result["run_id"])
+    nested = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{result['run_id']}'")
+    grid = sorted(float(t.data.tags["ssr.trial"].removeprefix("lr_dni=")) for t in nested)
+    assert len(grid) == 3 and grid[2] / grid[0] == pytest.approx(10, rel=0.05)  # from_data: lr* x (0.3, 1, 3)
+    assert float(run.data.params["chosen.lr_dni"]) in grid
 
     # the model the run registered re-ranks new tables of the same D, scored by their labels
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{ssr_home / 'mlflow.db'}", "SSR_HOME": str(ssr_home)}
