@@ -9,7 +9,7 @@ from ssr_model import RetrievalSSR
 from ssr_tasks.retrieval.evaluate import BaselineChoice
 from ssr_tasks.config import RetrievalTrainParams
 from ssr_tasks.handoffs import Trials
-from ssr_tasks.tracking import load_registered_model
+from ssr_tasks.registry import load_registered_model
 from ssr_tasks.weights import load_weights
 
 

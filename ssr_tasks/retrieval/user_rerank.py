@@ -26,7 +26,7 @@ from ssr_tasks.device import cluster_device
 from ssr_tasks.retrieval.handoffs import RegisteredRetrievalModel
 from ssr_tasks.retrieval.rerank import rerank_store
 from ssr_tasks.services import init_ray, mlflow_tracking_uri
-from ssr_tasks.tracking import load_registered_model
+from ssr_tasks.registry import load_registered_model
 import pyarrow as pa
 import pyarrow.parquet as pq
 
