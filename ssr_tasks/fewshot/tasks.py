@@ -16,7 +16,7 @@ from ssr_tasks.config import (Device, EpisodeShape, FewShotBackboneParams, FewSh
                               FewShotEvalParams, FewShotTrainParams, Sweep, sweep_points)
 from ssr_tasks.device import cluster_device, local_device
 from ssr_model.baselines import PEER_METHODS
-from ssr_tasks.fewshot.episodes import (fixed_episodes, load_split, repeated_query_fraction, sample_dirichlet_episodes,
+from ssr_tasks.fewshot.episodes import (EpisodeIndices, fixed_episodes, load_split, repeated_query_fraction, sample_dirichlet_episodes,
                                         sample_episodes)
 from ssr_tasks.fewshot.evaluate import krecip_key
 from ssr_tasks.fewshot.handoffs import (FewShotData, FewShotModel, FewShotTrial, FewShotTrials, KReciprocal, MethodCostRow,
@@ -135,13 +135,18 @@ def extract_features(data: FewShotData, backbone: Backbone, work_dir: str, devic
 @task(name="validation-episodes", cache_policy=CACHE, persist_result=True)
 def validation_episodes(n_val_episodes: int, episode: EpisodeShape, seed: int, features: Features, data: FewShotData,
                         work_dir: str) -> ValidationEpisodes:
-    """Fixed validation episodes as index arrays (.npz): the SIB JSON when present, else seeded."""
+    """Fixed validation episodes as index arrays (.npz): the SIB JSON when present, else seeded;
+    reused when the file for the same features, source and shape exists."""
+    out = Path(work_dir) / f"val-episodes-{short_hash([features.path, data.val_episodes_json, n_val_episodes, asdict(episode), seed])}.npz"
+    if out.exists():
+        eps = EpisodeIndices.load(out)
+        get_run_logger().info("validation: reusing %d %d-way episodes (%s)", len(eps), episode.n_way, out.name)
+        return ValidationEpisodes(str(out))
     val = load_split(Path(features.path), "val")
     if data.val_episodes_json:
         eps = fixed_episodes(val, Path(data.val_episodes_json), limit=n_val_episodes)
     else:
         eps = sample_episodes(val, n_val_episodes, episode.n_way, episode.n_shot, episode.n_query, seed=10_000 + seed)
-    out = Path(work_dir) / f"val-episodes-{short_hash([features.path, data.val_episodes_json, n_val_episodes, asdict(episode), seed])}.npz"
     eps.save(out)
     get_run_logger().info("validation: %d fixed %d-way %d-shot episodes", len(eps), episode.n_way, eps.support.shape[2])
     return ValidationEpisodes(str(out))
