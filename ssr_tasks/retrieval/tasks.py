@@ -19,7 +19,7 @@ from ssr_tasks.config import (Device, RetrievalBaselineParams, RetrievalDataPara
                               RetrievalTrainParams, Sweep, sweep_points)
 from ssr_tasks.device import cluster_device, local_device
 from ssr_tasks.handoffs import Backbone, TrialTracking, Trials
-from ssr_tasks.retrieval.evaluate import choose_baselines, method_rankings, write_ranking_store
+from ssr_tasks.retrieval.evaluate import choose_baselines, method_rankings, shortlist_points, write_ranking_store
 from ssr_tasks.retrieval.handoffs import (MethodStore, Rankings, Reranked, RetrievalData, RetrievalFeatures, RetrievalModel,
                                           RetrievalTrials)
 from ssr_tasks.retrieval.ray_jobs import run_trials
@@ -222,7 +222,8 @@ def rank_methods(baselines: RetrievalBaselineParams, train: RetrievalTrainParams
     The stores' folder is named after the features, the choice, the stores' K and shard size.
     k: the largest k of any trial; train: its n_val_queries and seed draw the validation queries."""
     val = load_validation(Path(features.train_path), train.n_val_queries, train.seed, features.dim)
-    choice = choose_baselines(val, baselines.qe_n_grid, krecip_grid(baselines.krecip_pairs, baselines.krecip_lambda))
+    choice = choose_baselines(val, baselines.qe_n_grid, krecip_grid(baselines.krecip_pairs, baselines.krecip_lambda),
+                              methods=baselines.methods, shortlist_points=shortlist_points(baselines))
     get_run_logger().info("baselines chosen on validation (%d held-out queries): %s", len(val.queries),
                           ", ".join(f"{k.removeprefix('chosen.')} {v}" for k, v in choice.as_params().items()))
     db = read_features(Path(features.path), split="database")

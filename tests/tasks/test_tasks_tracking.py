@@ -121,3 +121,29 @@ def test_runs_left_running_by_a_killed_process_are_closed(tracker, tmp_path):
     assert process_tag().startswith(f"{socket.gethostname()}:{os.getpid()}:")
     host, pid, start = process_tag().split(":")
     assert process_gone(f"{host}:{pid}:{int(start or 0) + 1}")  # the same pid, another process (a reused pid)
+
+
+def test_a_model_that_did_not_improve_is_registered_without_moving_any_alias(tracker):
+    tags = {"dataset": "own", "backbone": "none", "steps": "1"}
+    with tracker.run("untrained wins validation"):
+        v1 = tracker.log_and_register(_model(), "m-untrained", tags, val_metric=99.0, promote=False)
+    assert v1.aliases == () and v1.version == 1  # registered, but no champion even with an empty registry
+    with tracker.run("trained"):
+        v2 = tracker.log_and_register(_model(), "m-untrained", tags, val_metric=10.0)
+    assert set(v2.aliases) == {"champion", "champion-own-none"}
+
+
+def test_the_retrieval_report_says_when_ssr_did_not_improve():
+    from ssr_tasks.retrieval.handoffs import RetrievalTrial, Validation
+    from ssr_tasks.retrieval.report import NOT_IMPROVED, labels_only, ssr_improved
+    from ssr_tasks.config import RetrievalTrainParams
+    from ssr_tasks.handoffs import Trials
+
+    def trial(best_iteration):
+        return RetrievalTrial(RetrievalTrainParams(), "lr_dni=0.1", 8, 0.5, "best.pt",
+                              (Validation(0, 0.5), Validation(10, 0.4)), best_iteration)
+
+    assert not ssr_improved(Trials((trial(0),))) and ssr_improved(Trials((trial(10),)))
+    assert NOT_IMPROVED == "SSR did not improve on validation; its rows equal the inputs."
+    assert labels_only([{"easy": [1], "hard": [], "junk": []}])
+    assert not labels_only([{"easy": [1], "hard": [2], "junk": []}])
