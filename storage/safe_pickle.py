@@ -5,7 +5,6 @@ numbers, and what numpy needs to rebuild arrays, dtypes and scalars.
 """
 from __future__ import annotations
 
-import io
 import os
 import pickle
 from pathlib import Path
@@ -86,11 +85,6 @@ def safe_load(path: str | os.PathLike, *, encoding: str = "latin1") -> Any:
     """
     with open(Path(path), "rb") as f:
         return _load(f, os.fspath(path), encoding)
-
-
-def safe_loads(data: bytes, *, source: str = "<bytes>", encoding: str = "latin1") -> Any:
-    """Like :func:`safe_load` for an in-memory pickle."""
-    return _load(io.BytesIO(data), source, encoding)
 
 
 def str_keys(obj: Any) -> Any:

@@ -162,12 +162,6 @@ def _signature(img: np.ndarray) -> np.ndarray:
     return v / 255.0
 
 
-def is_drawn(font: ImageFont.FreeTypeFont, ch: str, notdef: np.ndarray | None, canvas: int = SIGNATURE_CANVAS) -> bool:
-    """True when ``font`` draws ``ch`` as visible ink that is not its .notdef box."""
-    img = _render_centred(font, ch, canvas)
-    return img is not None and (notdef is None or not np.array_equal(img, notdef))
-
-
 def class_pool(fonts: list[FontFile], min_fonts: int = MIN_FONTS) -> list[GlyphClass]:
     """All candidate classes in code-point order, look-alikes removed.
 
