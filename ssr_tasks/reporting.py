@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,14 +67,15 @@ def fmt_ci(accs: np.ndarray) -> str:
 def fewshot_rows(per_shot: Mapping[int, Mapping[str, np.ndarray]], krecip_label: str, best_steps: int,
                  methods: Sequence[str] = ("baseline", "k-reciprocal", "ssr"),
                  costs: Mapping[int, Mapping[str, tuple[float, float]]] | None = None,
-                 queries: str | None = None) -> list[dict]:
+                 queries: str | None = None, cost_episodes: int | None = None) -> list[dict]:
     """Rows Baseline / k-reciprocal / SSR and the peers of ``methods`` (in that order), one
     accuracy column per shot count.
 
     methods: "baseline", "k-reciprocal", "ssr" and ``ssr_model.baselines.PEER_METHODS`` names;
-    costs: shot -> key (as in ``per_shot``, "ssr" for SSR) -> (ms per episode, peak MiB per
-    episode), adding the columns "<shot>-shot ms/episode" and "<shot>-shot peak MiB/episode";
-    queries: the query balance ("balanced", "dirichlet:ALPHA"), adding the column "queries".
+    costs: shot -> key (as in ``per_shot``, "ssr" for SSR) -> (ms per episode, peak MiB of one
+    call on ``cost_episodes`` episodes), adding the columns "<shot>-shot ms/episode" and
+    ``peak_column(shot, cost_episodes)``; queries: the query balance ("balanced",
+    "dirichlet:ALPHA"), adding the column "queries".
     """
     rows = []
     for name in methods:
@@ -86,9 +88,21 @@ def fewshot_rows(per_shot: Mapping[int, Mapping[str, np.ndarray]], krecip_label:
             if costs is not None and cost_key in costs.get(shot, {}):
                 ms, mib = costs[shot][cost_key]
                 row[f"{shot}-shot ms/episode"] = f"{ms:.3g}"
-                row[f"{shot}-shot peak MiB/episode"] = f"{mib:.3g}"
+                row[peak_column(shot, cost_episodes)] = fmt_peak_mib(mib)
         rows.append(row)
     return rows
+
+
+def peak_column(shot: int, cost_episodes: int | None) -> str:
+    """The header of a peak-memory column: "<shot>-shot peak MiB (E=<episodes of one call>)"."""
+    return f"{shot}-shot peak MiB (E={cost_episodes})" if cost_episodes else f"{shot}-shot peak MiB per call"
+
+
+def fmt_peak_mib(mib: float) -> str:
+    """A peak in MiB: "< 1 MiB" below 1 MiB (nothing measurable is not 0), "n/a" when not measured."""
+    if math.isnan(mib):
+        return "n/a"
+    return "< 1 MiB" if mib < 1 else f"{mib:,.0f}" if mib >= 1000 else f"{mib:.3g}"
 
 
 def fewshot_method_row(name: str, krecip_label: str, best_steps: int) -> tuple[str, str, str]:

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from .alpha_tim import alpha_tim
 from .bd_cspn import bd_cspn
 from .laplacianshot import laplacianshot
 from .pt_map import pt_map
@@ -45,6 +46,8 @@ PEER_METHODS: dict[str, PeerMethod] = {m.name: m for m in (
                centres_on_base=True),
     PeerMethod("bd-cspn", "BD-CSPN (rectified prototypes)", True, lambda s, q, mean: bd_cspn(s, q)),
     PeerMethod("tim", "TIM-GD (1,000 Adam steps)", True, lambda s, q, mean: tim_gd(s, q)),
+    PeerMethod("alpha-tim", "α-TIM (α=2 at 1-shot, 7 at 5-shot; 1,000 Adam steps)", True,
+               lambda s, q, mean: alpha_tim(s, q)),
     PeerMethod("pt-map", "PT-MAP (power transform + Sinkhorn MAP)", True, lambda s, q, mean: pt_map(s, q)),
     PeerMethod("laplacianshot", "LaplacianShot (kNN=3, λ=0.7)", True,
                lambda s, q, mean: laplacianshot(s, q, mean), centres_on_base=True, min_queries=4),

@@ -12,6 +12,7 @@ from ssr_model.packaged import FewShotClassifier
 from ssr_tasks import reporting
 from ssr_tasks.backbone import load_backbone
 from ssr_tasks.config import FewShotParams
+from ssr_tasks.fewshot.evaluate import EPISODES_PER_CALL
 from ssr_tasks.fewshot.handoffs import FewShotTrials, KReciprocal, ShotResult, trained_for
 from ssr_tasks.handoffs import Backbone, RegisteredModel
 from ssr_tasks.reporting import ResultsReport
@@ -29,15 +30,18 @@ MODEL_DESCRIPTION = (
 def write_report(params: FewShotParams, trials: FewShotTrials, krecip: KReciprocal, shots: Sequence[ShotResult],
                  out_dir: str) -> ResultsReport:
     """Results table (the rows of ``params.methods``: Baseline / k-reciprocal / SSR / peers;
-    the query balance; per shot count accuracy, ms and peak MiB per episode) and plots."""
+    the query balance; per shot count accuracy, ms per episode and the peak MiB of one call
+    on E episodes, E in the header) and plots."""
     base_shot = params.train.n_shot
     best_steps = trained_for(trials, base_shot, base_shot).best_steps
     per_shot = {r.shot: r.accuracies() for r in shots}
     costs = {r.shot: {c.key: (c.ms_per_episode, c.peak_mib_per_episode) for c in r.cost} for r in shots}
     ev = params.evaluation
-    rows = reporting.fewshot_rows(per_shot, krecip.label, best_steps, ev.methods, costs, ev.query_balance)
-    columns = ["method", "queries"] + [f"{s}-shot {what}" for s in ev.eval_shots
-                                       for what in ("acc (%)", "ms/episode", "peak MiB/episode")]
+    cost_episodes = min(EPISODES_PER_CALL, ev.n_test_episodes)  # the episodes of one evaluation call
+    rows = reporting.fewshot_rows(per_shot, krecip.label, best_steps, ev.methods, costs, ev.query_balance,
+                                  cost_episodes=cost_episodes)
+    columns = ["method", "queries"] + [col for s in ev.eval_shots for col in (
+        f"{s}-shot acc (%)", f"{s}-shot ms/episode", reporting.peak_column(s, cost_episodes))]
     points = []
     for name in ev.methods:
         label, key, cost_key = reporting.fewshot_method_row(name, krecip.label, best_steps)

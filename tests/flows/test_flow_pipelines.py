@@ -56,8 +56,9 @@ def test_fewshot_flow_end_to_end(ssr_home, ray_local, prefect_harness, glyphs_sm
     methods = [r["method"] for r in result["results"]]
     assert methods[0].startswith("Baseline") and methods[1].startswith("k-reciprocal") and methods[2].startswith("SSR")
     assert set(result["results"][0]) == {"method", "queries"} | {f"{s}-shot {what}" for s in (1, 5)
-                                                                 for what in ("acc (%)", "ms/episode", "peak MiB/episode")}
-    assert [r["method"].split()[0] for r in result["results"][3:]] == ["SimpleShot", "BD-CSPN", "TIM-GD", "PT-MAP", "LaplacianShot"]
+                                                                 for what in ("acc (%)", "ms/episode", "peak MiB (E=20)")}
+    assert [r["method"].split()[0] for r in result["results"][3:]] == ["SimpleShot", "BD-CSPN", "TIM-GD", "α-TIM", "PT-MAP",
+                                                                        "LaplacianShot"]
     assert result["model_uri"] == "models:/ssr-fewshot/1" and "champion" in result["aliases"]
 
     import mlflow

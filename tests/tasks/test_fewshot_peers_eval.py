@@ -12,7 +12,7 @@ from ssr_tasks import reporting
 from ssr_tasks.config import FewShotParams
 from ssr_tasks.fewshot.episodes import (EpisodeIndices, dirichlet_counts, gather, load_split, repeated_query_fraction,
                                         sample_dirichlet_episodes, sample_episodes)
-from ssr_tasks.fewshot.evaluate import EpisodeScores, FewShotEvaluator, MethodCost
+from ssr_tasks.fewshot.evaluate import EpisodeScores, FewShotEvaluator, MethodCost, peak_bytes_of_call
 from ssr_tasks.fewshot.handoffs import MethodCostRow, ShotResult
 
 
@@ -73,7 +73,9 @@ def test_evaluator_scores_every_peer_with_its_cost(synthetic_features, balance):
     tim = res.cost["tim"]
     assert tim.n_episodes == 6 and tim.seconds == pytest.approx(chunks[0].cost["tim"].seconds + chunks[1].cost["tim"].seconds)
     assert tim.cpu_ms_per_episode > res.cost["simpleshot"].cpu_ms_per_episode  # 1,000 Adam steps against one product
-    assert all(math.isnan(c.peak_bytes_per_episode) or c.peak_bytes_per_episode >= 0 for c in res.cost.values())
+    # CPU: the peak of one call on 3 episodes, measured once per method (the second chunk is not larger)
+    assert all(c.peak_episodes == 3 and c.peak_bytes >= 0 for c in res.cost.values()), res.cost
+    assert all(math.isnan(c.cost[m].peak_bytes) for c in chunks[1:] for m in c.cost)
     torch.testing.assert_close(ev.base_mean(), torch.from_numpy(load_split(synthetic_features, "train").embeddings.mean(0)))
 
 
@@ -107,11 +109,14 @@ def test_params_refuse_bad_methods_and_alpha_naming_them():
 def test_rows_carry_cost_and_queries_columns_and_the_cost_plot():
     accs = {1: {"baseline": np.array([0.5, 0.7]), "krecip": np.array([0.6, 0.6]), "ssr_step2": np.array([0.8, 0.9]),
                 "tim": np.array([0.9, 0.9])}}
-    costs = {1: {"baseline": (0.012, 0.0), "krecip": (3.1, 0.2), "ssr": (4.0, 1.5), "tim": (120.0, 0.4)}}
-    rows = reporting.fewshot_rows(accs, "k1=20, k2=6, λ=0.3", 2, ["baseline", "ssr", "tim"], costs, "dirichlet:2")
+    costs = {1: {"baseline": (0.012, 0.0), "krecip": (3.1, 0.2), "ssr": (4.0, 25.25), "tim": (120.0, 0.4)}}
+    rows = reporting.fewshot_rows(accs, "k1=20, k2=6, λ=0.3", 2, ["baseline", "ssr", "tim"], costs, "dirichlet:2",
+                                  cost_episodes=50)
     assert [r["method"] for r in rows] == ["Baseline (cosine to prototypes)", "SSR (steps=2)", PEER_METHODS["tim"].label]
     assert rows[2] == {"method": PEER_METHODS["tim"].label, "queries": "Dirichlet α=2", "1-shot acc (%)": "90.00 ± 0.00",
-                       "1-shot ms/episode": "120", "1-shot peak MiB/episode": "0.4"}
+                       "1-shot ms/episode": "120", "1-shot peak MiB (E=50)": "< 1 MiB"}
+    assert [r["1-shot peak MiB (E=50)"] for r in rows] == ["< 1 MiB", "25.2", "< 1 MiB"]  # nothing measurable is not 0
+    assert [reporting.fmt_peak_mib(m) for m in (float("nan"), 0.999, 1.0, 1234.4)] == ["n/a", "< 1 MiB", "1", "1,234"]
     fig = reporting.plot_accuracy_vs_cost([("SSR", 1, accs[1]["ssr_step2"], 4.0), ("TIM", 1, accs[1]["tim"], 120.0)], "t")
     assert fig.axes[0].get_xscale() == "log"
     reporting._plt().close(fig)
@@ -122,8 +127,31 @@ def test_shot_result_keys_peers_and_costs_like_metrics():
                      "dirichlet:2", 0.1)
     assert list(res.accuracies()) == ["baseline", "krecip", "ssr_step0", "ssr_step1", "bd_cspn"]
     assert res.costs()["bd_cspn"].ms_per_episode == 2.0
-    assert MethodCost.merge([MethodCost(1.0, 2, 10.0, 0.5), MethodCost(3.0, 2, 4.0, 1.5)]) == MethodCost(4.0, 4, 10.0, 2.0)
+    # the peak of the largest measured call, not the highest peak of a smaller one; unmeasured calls (NaN) do not count
+    merged = MethodCost.merge([MethodCost(1.0, 2, 10.0, 0.5, 2), MethodCost(3.0, 4, 4.0, 1.5, 4),
+                               MethodCost(1.0, 4, math.nan, 1.0)])
+    assert merged == MethodCost(5.0, 10, 4.0, 3.0, 4)
+    assert math.isnan(MethodCost.merge([MethodCost(1.0, 2, math.nan, 0.5)]).peak_bytes)
     assert MethodCost(1.0, 4, 0.0, 0.5).cpu_ms_per_episode == 125.0
+    assert MethodCost(1.0, 50, 3 * 2**20, 0.5, 50).peak_mib == MethodCost(1.0, 50, 3 * 2**20, 0.5, 50).peak_mib_per_episode == 3.0
+
+
+def test_peak_of_a_call_counts_torch_and_numpy_allocations_even_where_memory_is_reused():
+    # the old measure (peak RSS growth) read 0 here: a 64 MiB block freed just before is reused
+    big = torch.ones(16 * 2**20)
+    del big
+
+    def torch_call() -> float:
+        scratch = torch.ones(8 * 2**20)  # 32 MiB live at the peak, freed before returning
+        return float(scratch.sum())
+
+    def numpy_call() -> float:
+        return float(np.ones(4 * 2**20).sum())  # 32 MiB of float64
+
+    cpu = torch.device("cpu")
+    assert peak_bytes_of_call(torch_call, cpu) / 2**20 == pytest.approx(32, abs=1)
+    assert peak_bytes_of_call(numpy_call, cpu) / 2**20 == pytest.approx(32, abs=1)
+    assert peak_bytes_of_call(lambda: None, cpu) < 2**20  # shown as "< 1 MiB"
 
 
 def test_ssr_scores_dirichlet_episodes_with_its_fixed_query_count(synthetic_features, tmp_path):

@@ -102,13 +102,17 @@ def test_train_choose_evaluate_and_report(val, features, tiny_fewshot_params, pi
         assert all(0.0 <= a <= 1.0 for a in res.baseline)
 
         assert [name for name, _ in res.peers] == [m for m in ev.methods if m not in ("baseline", "k-reciprocal", "ssr")]
-        assert {c.key for c in res.cost} == {"baseline", "krecip", "ssr", "simpleshot", "bd_cspn", "tim", "pt_map",
-                                             "laplacianshot"} and all(c.ms_per_episode > 0 for c in res.cost)
+        assert {c.key for c in res.cost} == {"baseline", "krecip", "ssr", "simpleshot", "bd_cspn", "tim", "alpha_tim",
+                                             "pt_map", "laplacianshot"} and all(c.ms_per_episode > 0 for c in res.cost)
+        # one call on all 8 episodes (under EPISODES_PER_CALL): a peak measured for every method
+        assert all(c.peak_mib_per_episode >= 0 for c in res.cost), res.cost
 
     out = report.write_report.fn(p, trials, krecip, shots, str(pipeline_dir / "results"))
-    assert [r["method"][:3] for r in out.rows] == ["Bas", "k-r", "SSR", "Sim", "BD-", "TIM", "PT-", "Lap"]
+    assert [r["method"][:3] for r in out.rows] == ["Bas", "k-r", "SSR", "Sim", "BD-", "TIM", "α-T", "PT-", "Lap"]
     assert set(out.rows[0]) == {"method", "queries"} | {f"{s}-shot {what}" for s in (1, 2)
-                                                        for what in ("acc (%)", "ms/episode", "peak MiB/episode")}
+                                                        for what in ("acc (%)", "ms/episode", "peak MiB (E=8)")}
+    assert all(r[f"{s}-shot peak MiB (E=8)"] == "< 1 MiB" or float(r[f"{s}-shot peak MiB (E=8)"].replace(",", "")) >= 1
+               for r in out.rows for s in (1, 2))
     assert "| method |" in out.markdown and {name for name, _ in out.figures} == {"accuracy_by_step.png", "training_curves.png",
                                                                                   "accuracy_vs_cost.png"}
     for _, path in out.figures:
