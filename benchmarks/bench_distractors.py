@@ -12,6 +12,7 @@ features (``bench_scale.unit_vectors``), K = 100:
 
 Prints a Markdown table: wall time, queries/s and the extrapolated time at 1M.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,12 +48,18 @@ def main() -> None:
     print("|---:|---:|---|---:|---:|---|")
     for n in args.database:
         db = unit_vectors(rng, n, args.dim)
-        for name, q in (("test queries", unit_vectors(rng, args.queries, args.dim)), ("database sample", db[: args.sample])):
+        for name, q in (
+            ("test queries", unit_vectors(rng, args.queries, args.dim)),
+            ("database sample", db[: args.sample]),
+        ):
             wall = timed_build(q, db, args.k)
             rate = len(q) / wall
             scale = 1_000_000 / n  # the scan time grows linearly with the database
-            at_1m = (f"{len(q)} queries: {wall * scale:.0f} s" if name == "test queries"
-                     else f"all 1M items as queries (k-reciprocal): {1_000_000 / rate * scale / 3600:.0f} h")
+            at_1m = (
+                f"{len(q)} queries: {wall * scale:.0f} s"
+                if name == "test queries"
+                else f"all 1M items as queries (k-reciprocal): {1_000_000 / rate * scale / 3600:.0f} h"
+            )
             print(f"| {n:,} | {args.dim} | {len(q):,} {name} | {wall:.1f} | {rate:.0f} | {at_1m} |", flush=True)
         del db
 

@@ -14,6 +14,7 @@ Every method runs through ``FewShotEvaluator.evaluate`` (the class the Ray actor
 this one process, one thread, in chunks of 50 episodes, so ms and peak memory per episode
 are measured exactly as in the actors.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,12 @@ from ssr_model.baselines import PEER_METHODS
 from ssr_model.metrics import accuracy_ci95
 from ssr_tasks import reporting
 from ssr_tasks.config import FewShotParams, FewShotTrainParams
-from ssr_tasks.fewshot.episodes import (EpisodeIndices, load_split, repeated_query_fraction, sample_dirichlet_episodes,
-                                        sample_episodes)
+from ssr_tasks.fewshot.episodes import (
+    EpisodeIndices,
+    repeated_query_fraction,
+    sample_dirichlet_episodes,
+    sample_episodes,
+)
 from ssr_tasks.fewshot.evaluate import EpisodeScores, FewShotEvaluator, krecip_key
 from ssr_tasks.fewshot.handoffs import FewShotTrial, KReciprocal
 from ssr_tasks.ray_grid import SUMMARY
@@ -47,10 +52,17 @@ def best_trial(run: Path, feat_dim: int) -> FewShotTrial:
     return max(trials, key=lambda t: t.best_val)
 
 
-def score(ev: FewShotEvaluator, eps: EpisodeIndices, krecip: list[KReciprocal], with_ssr: bool, peers: list[str],
-          chunk: int = 50) -> EpisodeScores:
-    return EpisodeScores.merge([ev.evaluate(eps.chunk(s, s + chunk), krecip, with_ssr, peers)
-                                for s in range(0, len(eps), chunk)])
+def score(
+    ev: FewShotEvaluator,
+    eps: EpisodeIndices,
+    krecip: list[KReciprocal],
+    with_ssr: bool,
+    peers: list[str],
+    chunk: int = 50,
+) -> EpisodeScores:
+    return EpisodeScores.merge(
+        [ev.evaluate(eps.chunk(s, s + chunk), krecip, with_ssr, peers) for s in range(0, len(eps), chunk)]
+    )
 
 
 def main() -> None:
@@ -72,8 +84,10 @@ def main() -> None:
     grid = [KReciprocal(k1, k2, lam) for k1 in bl.krecip_k1 for k2 in bl.krecip_k2 for lam in bl.krecip_lambda]
     val = score(FewShotEvaluator(str(features), "val", None, threads=1), val_eps, grid, False, [])
     krecip = max(grid, key=lambda g: float(val.krecip[g].mean()))
-    print(f"features {features}; SSR {trial.label} steps={trial.best_steps} (val {100 * trial.best_val:.2f}%); "
-          f"k-reciprocal {krecip.label} chosen on {len(val_eps)} validation episodes")
+    print(
+        f"features {features}; SSR {trial.label} steps={trial.best_steps} (val {100 * trial.best_val:.2f}%); "
+        f"k-reciprocal {krecip.label} chosen on {len(val_eps)} validation episodes"
+    )
 
     ev = FewShotEvaluator(str(features), "test", trial.model, threads=1)
     test = ev.split
@@ -87,26 +101,39 @@ def main() -> None:
             if balance == "balanced":
                 eps = sample_episodes(test, args.episodes, n_way, shot, n_query, seed=seed)
             else:
-                eps = sample_dirichlet_episodes(test, args.episodes, n_way, shot, n_way * n_query,
-                                                args.alpha, seed=seed)
+                eps = sample_dirichlet_episodes(
+                    test, args.episodes, n_way, shot, n_way * n_query, args.alpha, seed=seed
+                )
             results[balance, shot] = score(ev, eps, [krecip], True, peers)
-            print(f"{balance} {shot}-shot: {len(eps)} episodes, repeated queries {100 * repeated_query_fraction(eps):.1f}%",
-                  flush=True)
+            print(
+                f"{balance} {shot}-shot: {len(eps)} episodes, repeated queries {100 * repeated_query_fraction(eps):.1f}%",
+                flush=True,
+            )
 
     def acc_and_cost(res: EpisodeScores, name: str) -> tuple[np.ndarray, float, float, float]:
         """Accuracies (E,), wall ms, peak MiB and CPU ms per episode of a ``methods`` name."""
         _, key, cost_key = reporting.fewshot_method_row(name, krecip.label, trial.best_steps)
-        accs = {"baseline": res.baseline, "krecip": res.krecip[krecip],
-                **{f"ssr_step{s}": a for s, a in enumerate(res.ssr_by_step)},
-                **{p.replace("-", "_"): a for p, a in res.peers.items()}}
-        costs = {"krecip": res.cost[krecip_key(krecip)], **res.cost, **{p.replace("-", "_"): c for p, c in res.cost.items()}}
+        accs = {
+            "baseline": res.baseline,
+            "krecip": res.krecip[krecip],
+            **{f"ssr_step{s}": a for s, a in enumerate(res.ssr_by_step)},
+            **{p.replace("-", "_"): a for p, a in res.peers.items()},
+        }
+        costs = {
+            "krecip": res.cost[krecip_key(krecip)],
+            **res.cost,
+            **{p.replace("-", "_"): c for p, c in res.cost.items()},
+        }
         c = costs[cost_key]
         return accs[key], c.ms_per_episode, c.peak_mib_per_episode, c.cpu_ms_per_episode
 
     cols = [f"{'bal.' if b == 'balanced' else 'Dir.'} {s}-shot" for b in balances for s in args.shots]
-    lines = ["| method | " + " | ".join(f"{c} acc (%)" for c in cols)
-             + " | ms/episode, wall (1-shot / 5-shot) | ms/episode, CPU | peak MiB/episode |",
-             "|---|" + "---|" * (len(cols) + 3)]
+    lines = [
+        "| method | "
+        + " | ".join(f"{c} acc (%)" for c in cols)
+        + " | ms/episode, wall (1-shot / 5-shot) | ms/episode, CPU | peak MiB/episode |",
+        "|---|" + "---|" * (len(cols) + 3),
+    ]
     for name in methods:
         label = reporting.fewshot_method_row(name, krecip.label, trial.best_steps)[0]
         cells, ms, cpu, mib = [], [], [], []
@@ -119,7 +146,9 @@ def main() -> None:
                     ms.append(f"{t:.3g}")
                     cpu.append(f"{c:.3g}")
                     mib.append(m)
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {' / '.join(ms)} | {' / '.join(cpu)} | {max(mib):.2g} |")
+        lines.append(
+            f"| {label} | " + " | ".join(cells) + f" | {' / '.join(ms)} | {' / '.join(cpu)} | {max(mib):.2g} |"
+        )
     print("\n".join(lines))
 
     plt = reporting._plt()

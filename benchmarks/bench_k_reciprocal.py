@@ -62,7 +62,11 @@ def main() -> None:
         t_fast, fast = _time(lambda: k_reciprocal(*blocks, k1=20, k2=6, lambda_value=0.3), rep_fast)
         if rep_loop:
             t_loop, slow = _time(lambda: k_reciprocal_loop(*blocks, k1=20, k2=6, lambda_value=0.3), rep_loop)
-            loop_cell, speed, diff = f"{1e3 * t_loop:.1f}", f"{t_loop / t_fast:.1f}x", f"{np.abs(fast - slow).max():.1e}"
+            loop_cell, speed, diff = (
+                f"{1e3 * t_loop:.1f}",
+                f"{t_loop / t_fast:.1f}x",
+                f"{np.abs(fast - slow).max():.1e}",
+            )
         else:
             loop_cell = speed = diff = "-"
         print(f"| {label} | {n_query + n_gallery} | {1e3 * t_fast:.1f} | {loop_cell} | {speed} | {diff} |", flush=True)

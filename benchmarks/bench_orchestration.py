@@ -11,6 +11,7 @@ Overhead share = (A - B) / A. Prints a Markdown table.
     python benchmarks/bench_orchestration.py --preset reproduce-fewshot-tiny
     python benchmarks/bench_orchestration.py --preset reproduce-fewshot   # the demo's sizes
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,26 +26,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def plain_run(params, home: Path) -> float:
-    import numpy as np
 
     from ssr_tasks.backbone import extract_features, pretrain_backbone
+    from ssr_tasks.config import apply_point, sweep_points
     from ssr_tasks.fewshot.episodes import load_split, sample_episodes
     from ssr_tasks.fewshot.evaluate import FewShotEvaluator
     from ssr_tasks.fewshot.handoffs import FewShotModel, KReciprocal
-    from ssr_tasks.config import apply_point, sweep_points
     from ssr_tasks.fewshot.train import train_curriculum
 
     t0 = time.perf_counter()
     root = home / "data" / "glyphs"
     bb, t, ev_params, bl = params.backbone, params.train, params.evaluation, params.baselines
-    ckpt = pretrain_backbone(root, "glyphs", bb.name, home / "plain" / "bb.pt", epochs=bb.pretrain_epochs,
-                             batch_size=bb.pretrain_batch_size, lr=bb.pretrain_lr, seed=t.seed)
+    ckpt = pretrain_backbone(
+        root,
+        "glyphs",
+        bb.name,
+        home / "plain" / "bb.pt",
+        epochs=bb.pretrain_epochs,
+        batch_size=bb.pretrain_batch_size,
+        lr=bb.pretrain_lr,
+        seed=t.seed,
+    )
     feats = extract_features(root, "glyphs", bb.name, ckpt, home / "plain" / "features.parquet")
     train, val = load_split(feats, "train"), load_split(feats, "val")
     val_eps = sample_episodes(val, ev_params.n_val_episodes, t.n_way, t.n_shot, t.n_query, seed=1)
     configs = [apply_point(t, point) for point in sweep_points(params.sweep)]  # one trial per point of the sweep
-    trials = [(cfg, train_curriculum(cfg, train, val, val_eps, home / "plain" / f"trial{i}"))
-              for i, cfg in enumerate(configs)]
+    trials = [
+        (cfg, train_curriculum(cfg, train, val, val_eps, home / "plain" / f"trial{i}")) for i, cfg in enumerate(configs)
+    ]
     cfg, best = max(trials, key=lambda trial: trial[1]["best_val"])
     ev = FewShotEvaluator(str(feats), "val", None)
     grid = [KReciprocal(a, b, c) for a in bl.krecip_k1 for b in bl.krecip_k2 for c in bl.krecip_lambda]

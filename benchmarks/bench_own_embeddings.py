@@ -17,6 +17,7 @@ Prints, per phase: wall time, peak RSS, peak RSS of the same process right after
 imports (the libraries' share) and the ratio of the peak to the table's float32 size
 (N * D * 4 bytes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,17 +54,26 @@ def phase_write(n: int, dim: int, row_group: int, src: Path) -> dict:
     writer = None
     for a in range(0, n, row_group):
         b = min(n, a + row_group)
-        df = pd.DataFrame({"id": np.arange(a, b), "label": [f"c{i % 1000}" for i in range(a, b)],
-                           "split": np.where(np.arange(a, b) % 10 == 0, "test", "train"),
-                           "embedding": list(_rows(a, b, dim))})
+        df = pd.DataFrame(
+            {
+                "id": np.arange(a, b),
+                "label": [f"c{i % 1000}" for i in range(a, b)],
+                "split": np.where(np.arange(a, b) % 10 == 0, "test", "train"),
+                "embedding": list(_rows(a, b, dim)),
+            }
+        )
         table = pa.Table.from_pandas(df, preserve_index=False)
         if writer is None:
             writer = pq.ParquetWriter(src, table.schema)
         writer.write_table(table)
     assert writer is not None
     writer.close()
-    return {"wall_s": time.perf_counter() - t0, "base_mib": base, "peak_mib": _peak_mib(),
-            "schema": str(pq.ParquetFile(src).schema_arrow.field("embedding").type)}
+    return {
+        "wall_s": time.perf_counter() - t0,
+        "base_mib": base,
+        "peak_mib": _peak_mib(),
+        "schema": str(pq.ParquetFile(src).schema_arrow.field("embedding").type),
+    }
 
 
 def phase_import(src: Path, out_dir: Path) -> dict:
@@ -72,8 +82,14 @@ def phase_import(src: Path, out_dir: Path) -> dict:
     base = _peak_mib()
     t0 = time.perf_counter()
     imported = import_fewshot_table(src, out_dir)
-    return {"wall_s": time.perf_counter() - t0, "base_mib": base, "peak_mib": _peak_mib(), "path": str(imported.path),
-            "dim": imported.dim, "n_rows": imported.n_rows}
+    return {
+        "wall_s": time.perf_counter() - t0,
+        "base_mib": base,
+        "peak_mib": _peak_mib(),
+        "path": str(imported.path),
+        "dim": imported.dim,
+        "n_rows": imported.n_rows,
+    }
 
 
 def phase_search(table: Path, n_queries: int, k: int, block_rows: int) -> dict:
@@ -134,21 +150,52 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
         work = Path(tmp)
         src = work / "user.parquet"
-        w = _child(["--phase", "write", "--n", str(a.n), "--dim", str(a.dim), "--row-group", str(a.row_group),
-                    "--src", str(src)])
+        w = _child(
+            [
+                "--phase",
+                "write",
+                "--n",
+                str(a.n),
+                "--dim",
+                str(a.dim),
+                "--row-group",
+                str(a.row_group),
+                "--src",
+                str(src),
+            ]
+        )
         i = _child(["--phase", "import", "--src", str(src), "--out", str(work / "imported")])
         table = Path(i["path"])
-        s = _child(["--phase", "search", "--src", str(table), "--queries", str(a.queries), "--k", str(a.k),
-                    "--block-rows", str(a.block_rows)])
+        s = _child(
+            [
+                "--phase",
+                "search",
+                "--src",
+                str(table),
+                "--queries",
+                str(a.queries),
+                "--k",
+                str(a.k),
+                "--block-rows",
+                str(a.block_rows),
+            ]
+        )
         f32_mib = a.n * a.dim * 4 / 2**20
-        print(f"N={a.n:,} D={a.dim} ({w['schema']}, row groups of {a.row_group:,}): float32 size {f32_mib:,.0f} MiB; "
-              f"source file {src.stat().st_size / 2**20:,.0f} MiB, imported {table.stat().st_size / 2**20:,.0f} MiB")
+        print(
+            f"N={a.n:,} D={a.dim} ({w['schema']}, row groups of {a.row_group:,}): float32 size {f32_mib:,.0f} MiB; "
+            f"source file {src.stat().st_size / 2**20:,.0f} MiB, imported {table.stat().st_size / 2**20:,.0f} MiB"
+        )
         print("| phase | wall (s) | peak RSS (MiB) | RSS after imports (MiB) | peak / float32 table |")
         print("|---|---:|---:|---:|---:|")
-        for name, r in (("write (pandas, list<float>)", w), ("import_fewshot_table", i),
-                        (f"top-{a.k} of {a.queries:,} queries (iter_features blocks of {a.block_rows:,})", s)):
-            print(f"| {name} | {r['wall_s']:.1f} | {r['peak_mib']:,.0f} | {r['base_mib']:,.0f} | "
-                  f"{r['peak_mib'] / f32_mib:.3f} |")
+        for name, r in (
+            ("write (pandas, list<float>)", w),
+            ("import_fewshot_table", i),
+            (f"top-{a.k} of {a.queries:,} queries (iter_features blocks of {a.block_rows:,})", s),
+        ):
+            print(
+                f"| {name} | {r['wall_s']:.1f} | {r['peak_mib']:,.0f} | {r['base_mib']:,.0f} | "
+                f"{r['peak_mib'] / f32_mib:.3f} |"
+            )
         print(f"(search: lookup of the query rows {s['lookup_s']:.1f} s)")
 
 

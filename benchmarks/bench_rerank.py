@@ -9,6 +9,7 @@ loading the database features and the model once. Prints a Markdown table.
 The driver's peak RSS is printed. The model's hidden width defaults to 128 to keep CPU runs short; the paper's
 1024 costs ~8x more per query (see bench_ssr_model.py for the model alone).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,9 @@ def main() -> None:
     import ray
     import torch
 
+    from ssr_tasks.config import RetrievalTrainParams
     from ssr_tasks.retrieval.handoffs import RetrievalModel
     from ssr_tasks.retrieval.rerank import rerank_store
-    from ssr_tasks.config import RetrievalTrainParams
     from ssr_tasks.services import init_ray
     from storage.features import write_features
     from storage.simstore import SimilarityStore, build_topk_store
@@ -57,12 +58,26 @@ def main() -> None:
     q = rng.standard_normal((args.queries, args.dim), dtype=np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     meta = {"dataset": "synthetic", "backbone": "none", "checkpoint_hash": "-", "dim": str(args.dim)}
-    write_features(work / "db.parquet", ids=np.arange(args.database), labels=["db"] * args.database,
-                   splits=["database"] * args.database, embeddings=db, metadata=meta)
-    write_features(work / "q.parquet", ids=np.arange(args.queries), labels=["q"] * args.queries,
-                   splits=["query"] * args.queries, embeddings=q, metadata=meta)
+    write_features(
+        work / "db.parquet",
+        ids=np.arange(args.database),
+        labels=["db"] * args.database,
+        splits=["database"] * args.database,
+        embeddings=db,
+        metadata=meta,
+    )
+    write_features(
+        work / "q.parquet",
+        ids=np.arange(args.queries),
+        labels=["q"] * args.queries,
+        splits=["query"] * args.queries,
+        embeddings=q,
+        metadata=meta,
+    )
     t0 = time.perf_counter()
-    build_topk_store(q, np.arange(args.queries), db, np.arange(args.database), work / "topk", args.k, shard_size=args.shard_size)
+    build_topk_store(
+        q, np.arange(args.queries), db, np.arange(args.database), work / "topk", args.k, shard_size=args.shard_size
+    )
     build_s = time.perf_counter() - t0
     del q
     torch.manual_seed(0)
@@ -81,8 +96,10 @@ def main() -> None:
         secs = time.perf_counter() - t0
         assert SimilarityStore(out).is_complete()
         rows.append((n, secs, args.queries / secs))
-    print(f"\nqueries={args.queries:,} database={args.database:,} D={args.dim} K={args.k} hidden={args.hidden} "
-          f"shard_size={args.shard_size:,}; top-K store built in {build_s:.1f} s (not in the table)")
+    print(
+        f"\nqueries={args.queries:,} database={args.database:,} D={args.dim} K={args.k} hidden={args.hidden} "
+        f"shard_size={args.shard_size:,}; top-K store built in {build_s:.1f} s (not in the table)"
+    )
     print(f"CPUs: {ray.cluster_resources().get('CPU')}, driver peak RSS {rss_mb():.0f} MB\n")
     print("| actors | wall (s) | queries/s | speed-up |")
     print("|---|---|---|---|")

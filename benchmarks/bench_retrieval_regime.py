@@ -20,6 +20,7 @@ Rules that choose settings from the data (plain functions here; to be moved into
 
 Findings and the rules' derivation: docs/own-data-ssr.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,9 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,8 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ssr_model import RetrievalSSR  # noqa: E402
 from ssr_model.metrics import revisited_map  # noqa: E402
 from ssr_tasks.retrieval import train as rt  # noqa: E402
-from ssr_tasks.retrieval.settings import (first_update_slope, holdout_fraction_for_k,  # noqa: E402
-                                          relaxed_sequence_filter, scaled_lr_dni, sequence_pass_stats)
+from ssr_tasks.retrieval.settings import (  # noqa: E402
+    first_update_slope,
+    holdout_fraction_for_k,
+    relaxed_sequence_filter,
+    scaled_lr_dni,
+    sequence_pass_stats,
+)
 from storage.landmark_tables import holdout_clusters  # noqa: E402
 
 D = 256
@@ -52,9 +58,18 @@ D = 256
 # synthetic labelled embeddings
 # --------------------------------------------------------------------------------------------
 
-def make_classes(rng: np.random.Generator, n_classes: int, sigma: float, dim: int = D, min_items: int = 10,
-                 max_items: int = 20, first_label: int = 0, nuisance: float = 0.0,
-                 n_contexts: int = 64) -> tuple[np.ndarray, np.ndarray]:
+
+def make_classes(
+    rng: np.random.Generator,
+    n_classes: int,
+    sigma: float,
+    dim: int = D,
+    min_items: int = 10,
+    max_items: int = 20,
+    first_label: int = 0,
+    nuisance: float = 0.0,
+    n_contexts: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
     """``n_classes`` classes of ``min_items..max_items`` items; rows L2-normalised.
 
     An item is its class centre (uniform on the unit sphere) plus ``nuisance`` times one of
@@ -85,16 +100,32 @@ def initial_map(emb: np.ndarray, labels: np.ndarray, n_queries: int, seed: int) 
     return revisited_map(s.initial, s.gnd)["medium"]["map"] / 100.0
 
 
-def calibrate_sigma(target_map: float, n_test_classes: int, n_test_queries: int, seed: int,
-                    dim: int = D, repeats: int = 3, nuisance: float = 0.0) -> float:
+def calibrate_sigma(
+    target_map: float,
+    n_test_classes: int,
+    n_test_queries: int,
+    seed: int,
+    dim: int = D,
+    repeats: int = 3,
+    nuisance: float = 0.0,
+) -> float:
     """The noise level giving ``target_map`` on test sets of ``n_test_classes`` classes
     (bisection; mAP falls monotonically with sigma)."""
     lo, hi = 0.02, 6.0
     for _ in range(16):
         mid = (lo + hi) / 2
-        m = np.mean([initial_map(*make_classes(np.random.default_rng(10_000 + seed * 7 + r), n_test_classes, mid, dim,
-                                               nuisance=nuisance),
-                                 n_test_queries, seed) for r in range(repeats)])
+        m = np.mean(
+            [
+                initial_map(
+                    *make_classes(
+                        np.random.default_rng(10_000 + seed * 7 + r), n_test_classes, mid, dim, nuisance=nuisance
+                    ),
+                    n_test_queries,
+                    seed,
+                )
+                for r in range(repeats)
+            ]
+        )
         lo, hi = (mid, hi) if m > target_map else (lo, mid)
     return (lo + hi) / 2
 
@@ -112,9 +143,15 @@ class Synthetic:
     nuisance: float = 0.0
 
 
-def synthetic_dataset(seed: int = 0, n_train_classes: int = 235, n_test_classes: int = 100,
-                      target_map: float = 0.25, n_test_queries: int = 100, sigma: float | None = None,
-                      nuisance: float = 0.0) -> Synthetic:
+def synthetic_dataset(
+    seed: int = 0,
+    n_train_classes: int = 235,
+    n_test_classes: int = 100,
+    target_map: float = 0.25,
+    n_test_queries: int = 100,
+    sigma: float | None = None,
+    nuisance: float = 0.0,
+) -> Synthetic:
     """Seeded data set: ``n_train_classes`` training classes and ``n_test_classes`` disjoint test
     classes (10-20 items each, D = 256); the noise is calibrated so that the test set's initial
     medium mAP is ~``target_map``."""
@@ -133,6 +170,7 @@ def synthetic_dataset(seed: int = 0, n_train_classes: int = 235, n_test_classes:
 # --------------------------------------------------------------------------------------------
 # training with the project's code
 # --------------------------------------------------------------------------------------------
+
 
 def config_class() -> type:
     """The retrieval training config class, wherever the refactor has put it: the dataclass
@@ -217,9 +255,22 @@ def train_once(data: Synthetic, s: Setting, n_test_queries: int = 100, work: Pat
     emb_va, lab_va = data.train_emb[held] * s.scale, data.train_labels[held]
     val = rt.ValidationSet.from_clusters(emb_va, lab_va, s.n_val_queries, s.seed)
     test = rt.ValidationSet.from_clusters(data.test_emb * s.scale, data.test_labels, n_test_queries, s.seed)
-    cfg = make_config(feat_dim=D, k=s.k, steps=1, hidden=s.hidden, lr_dni=s.lr_dni, sequence_length=s.sequence_length,
-                      min_positives=s.min_positives, max_ap=s.max_ap, iterations=s.iterations, val_every=s.val_every,
-                      batch_queries=s.batch_queries, lr=s.lr, n_val_queries=s.n_val_queries, seed=s.seed)
+    cfg = make_config(
+        feat_dim=D,
+        k=s.k,
+        steps=1,
+        hidden=s.hidden,
+        lr_dni=s.lr_dni,
+        sequence_length=s.sequence_length,
+        min_positives=s.min_positives,
+        max_ap=s.max_ap,
+        iterations=s.iterations,
+        val_every=s.val_every,
+        batch_queries=s.batch_queries,
+        lr=s.lr,
+        n_val_queries=s.n_val_queries,
+        seed=s.seed,
+    )
     points: list[tuple[float, float]] = []  # (validation mAP, test mAP) at every validation point
     original = rt.validation_map
 
@@ -255,17 +306,36 @@ def train_once(data: Synthetic, s: Setting, n_test_queries: int = 100, work: Pat
     chosen = max(range(len(vals)), key=lambda i: (vals[i], -iterations[i]))  # as train_retrieval chooses
     oracle = max(range(len(vals)), key=lambda i: (points[i][1], -iterations[i]))
     test_before = revisited_map(test.initial, test.gnd)["medium"]["map"] / 100.0
-    return Result(s, test_before, points[chosen][1], iterations[chosen], iterations[-1], vals[0], vals[chosen],
-                  points[oracle][1], iterations[oracle],
-                  int(held.sum()), len(np.unique(lab_va)), time.time() - t0, state)
+    return Result(
+        s,
+        test_before,
+        points[chosen][1],
+        iterations[chosen],
+        iterations[-1],
+        vals[0],
+        vals[chosen],
+        points[oracle][1],
+        iterations[oracle],
+        int(held.sum()),
+        len(np.unique(lab_va)),
+        time.time() - t0,
+        state,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # measurements
 # --------------------------------------------------------------------------------------------
 
-def validation_noise(data: Synthetic, model_state: dict | None, s: Setting, fractions: Sequence[float], repeats: int,
-                     n_train_classes: int = 235) -> list[dict]:
+
+def validation_noise(
+    data: Synthetic,
+    model_state: dict | None,
+    s: Setting,
+    fractions: Sequence[float],
+    repeats: int,
+    n_train_classes: int = 235,
+) -> list[dict]:
     """Validation sets the size of a hold-out of each fraction of ``n_train_classes``, drawn
     fresh from the same distribution ``repeats`` times: mean and std of the initial validation
     mAP and, when a trained model is given, of its gain over the untrained model."""
@@ -279,8 +349,9 @@ def validation_noise(data: Synthetic, model_state: dict | None, s: Setting, frac
         n_cls = max(2, round(f * n_train_classes))
         init, gain = [], []
         for r in range(repeats):
-            emb, lab = make_classes(np.random.default_rng(50_000 + 97 * r + int(1000 * f)), n_cls, data.sigma,
-                                    nuisance=data.nuisance)
+            emb, lab = make_classes(
+                np.random.default_rng(50_000 + 97 * r + int(1000 * f)), n_cls, data.sigma, nuisance=data.nuisance
+            )
             v = rt.ValidationSet.from_clusters(emb, lab, s.n_val_queries, r)
             if v.initial.shape[1] < s.k:
                 init.append(float("nan"))
@@ -290,26 +361,38 @@ def validation_noise(data: Synthetic, model_state: dict | None, s: Setting, frac
             if trained is not None:
                 gain.append(rt.validation_map(trained, v, "cpu") - base)
         n_items = round(f * n_train_classes * 15)
-        out.append({"fraction": f, "classes": n_cls, "items~": n_items, "db~": n_items - min(s.n_val_queries, n_items),
-                    "val_map_mean": float(np.nanmean(init)), "val_map_std": float(np.nanstd(init)),
-                    "gain_mean": float(np.mean(gain)) if gain else float("nan"),
-                    "gain_std": float(np.std(gain)) if gain else float("nan")})
+        out.append(
+            {
+                "fraction": f,
+                "classes": n_cls,
+                "items~": n_items,
+                "db~": n_items - min(s.n_val_queries, n_items),
+                "val_map_mean": float(np.nanmean(init)),
+                "val_map_std": float(np.nanstd(init)),
+                "gain_mean": float(np.mean(gain)) if gain else float("nan"),
+                "gain_std": float(np.std(gain)) if gain else float("nan"),
+            }
+        )
     return out
 
 
 def fmt_table(results: list[Result]) -> str:
-    head = ("| setting | lr_dni | k | hidden | L | min_pos | iters (stop) | holdout: classes/items | "
-            "test mAP before | after | gain | chosen it | val before -> best | oracle test (it) | s |")
+    head = (
+        "| setting | lr_dni | k | hidden | L | min_pos | iters (stop) | holdout: classes/items | "
+        "test mAP before | after | gain | chosen it | val before -> best | oracle test (it) | s |"
+    )
     sep = "|" + "---|" * (head.count("|") - 1)
     lines = [head, sep]
     for r in results:
         s = r.setting
         its = f"{s.iterations}" + (f" ({r.stopped_at})" if s.patience is not None else "")
-        lines.append(f"| {s.name} | {s.lr_dni:.3g} | {s.k} | {s.hidden} | {s.sequence_length} | {s.min_positives} | {its} | "
-                     f"{r.n_val_classes}/{r.n_val_items} | {100 * r.test_before:.2f} | {100 * r.test_after:.2f} | "
-                     f"{100 * (r.test_after - r.test_before):+.2f} | {r.chosen_iteration} | "
-                     f"{100 * r.val_before:.2f} -> {100 * r.val_best:.2f} | {100 * r.oracle_test:.2f} ({r.oracle_iteration}) | "
-                     f"{r.seconds:.0f} |")
+        lines.append(
+            f"| {s.name} | {s.lr_dni:.3g} | {s.k} | {s.hidden} | {s.sequence_length} | {s.min_positives} | {its} | "
+            f"{r.n_val_classes}/{r.n_val_items} | {100 * r.test_before:.2f} | {100 * r.test_after:.2f} | "
+            f"{100 * (r.test_after - r.test_before):+.2f} | {r.chosen_iteration} | "
+            f"{100 * r.val_before:.2f} -> {100 * r.val_best:.2f} | {100 * r.oracle_test:.2f} ({r.oracle_iteration}) | "
+            f"{r.seconds:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -317,8 +400,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few short runs (under 3 minutes)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--nuisance", type=float, default=0.0,
-                    help="weight of the shared context directions (0: isotropic noise, where SSR learns)")
+    ap.add_argument(
+        "--nuisance",
+        type=float,
+        default=0.0,
+        help="weight of the shared context directions (0: isotropic noise, where SSR learns)",
+    )
     ap.add_argument("--patience", type=int, default=4, help="validation periods without improvement before stopping")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--noise-repeats", type=int, default=10, help="fresh validation sets per hold-out size")
@@ -329,28 +416,42 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = synthetic_dataset(args.seed, nuisance=args.nuisance)
     n_items = len(data.train_labels)
     _, sizes = np.unique(data.train_labels, return_counts=True)
-    print(f"# data: {len(sizes)} training classes, {n_items} items, {len(np.unique(data.test_labels))} test classes "
-          f"({len(data.test_labels)} items), D={D}, sigma={data.sigma:.3f}, nuisance={data.nuisance:g}")
+    print(
+        f"# data: {len(sizes)} training classes, {n_items} items, {len(np.unique(data.test_labels))} test classes "
+        f"({len(data.test_labels)} items), D={D}, sigma={data.sigma:.3f}, nuisance={data.nuisance:g}"
+    )
 
     # ---- sequences: how many positives, how many pass the filter
     held = holdout_clusters(data.train_labels, 0.05, seed=args.seed)
     emb_tr, lab_tr = data.train_emb[~held], data.train_labels[~held]
     print("\n## training sequences (k=50, max_ap=0.8)\n")
-    print("| sequence_length | min_positives | pass rate | positives in draw | positives in top-k (passing) | top-k AP (passing) |")
+    print(
+        "| sequence_length | min_positives | pass rate | positives in draw | positives in top-k (passing) | top-k AP (passing) |"
+    )
     print("|---|---|---|---|---|---|")
     draws = 200 if args.quick else 600
-    for L, mp in ([(1000, 2), (len(emb_tr) - 1, 2)] if args.quick else
-                  [(1000, 5), (1000, 2), (len(emb_tr) - 1, 5), (len(emb_tr) - 1, 2)]):
+    for L, mp in (
+        [(1000, 2), (len(emb_tr) - 1, 2)]
+        if args.quick
+        else [(1000, 5), (1000, 2), (len(emb_tr) - 1, 5), (len(emb_tr) - 1, 2)]
+    ):
         st = sequence_pass_stats(emb_tr, lab_tr, 50, L, mp, 0.8, n_draws=draws, seed=args.seed)
-        print(f"| {st['sequence_length']} | {mp} | {st['pass_rate']:.2f} | {st['positives_in_draw']:.1f} | "
-              f"{st['positives_in_topk']:.1f} | {st['topk_ap']:.2f} |")
+        print(
+            f"| {st['sequence_length']} | {mp} | {st['pass_rate']:.2f} | {st['positives_in_draw']:.1f} | "
+            f"{st['positives_in_topk']:.1f} | {st['topk_ap']:.2f} |"
+        )
 
     # ---- lr_dni scale: first-update size per unit lr_dni vs the spread of top-k cosines
     print("\n## lr_dni scale: first update of the untrained model\n")
-    print("| feature norm | k | hidden | slope (|d cos| per unit lr_dni) | top-k cos spread | lr* = spread/slope | scaled_lr_dni grid |")
+    print(
+        "| feature norm | k | hidden | slope (|d cos| per unit lr_dni) | top-k cos spread | lr* = spread/slope | scaled_lr_dni grid |"
+    )
     print("|---|---|---|---|---|---|---|")
-    probes = [(1.0, 50, 256), (20.0, 50, 256)] if args.quick else \
-        [(1.0, 20, 256), (1.0, 50, 256), (1.0, 100, 256), (1.0, 50, 1024), (10.0, 50, 256), (30.0, 50, 256)]
+    probes = (
+        [(1.0, 50, 256), (20.0, 50, 256)]
+        if args.quick
+        else [(1.0, 20, 256), (1.0, 50, 256), (1.0, 100, 256), (1.0, 50, 1024), (10.0, 50, 256), (30.0, 50, 256)]
+    )
     for scale, k, h in probes:
         slope, spread, _ = first_update_slope(emb_tr * scale, k, h)
         grid = scaled_lr_dni(emb_tr * scale, k=k, hidden=h)
@@ -360,33 +461,66 @@ def main(argv: Sequence[str] | None = None) -> None:
     lr_grid = scaled_lr_dni(emb_tr, k=50, hidden=256)
     frac = holdout_fraction_for_k(sizes, 50, 70)
     L_rel, mp_rel, st_rel = relaxed_sequence_filter(emb_tr, lab_tr, 50, 1000, 2, 0.8)
-    print(f"\n## rules on this data\n\nscaled_lr_dni (k=50, hidden=256): {lr_grid}\n"
-          f"holdout_fraction_for_k(k=50, n_val_queries=70): {frac}\n"
-          f"relaxed_sequence_filter(k=50, from L=1000, min_positives=2): L={L_rel}, min_positives={mp_rel}, "
-          f"pass rate {st_rel['pass_rate']:.2f}, positives in top-k {st_rel['positives_in_topk']:.1f}")
+    print(
+        f"\n## rules on this data\n\nscaled_lr_dni (k=50, hidden=256): {lr_grid}\n"
+        f"holdout_fraction_for_k(k=50, n_val_queries=70): {frac}\n"
+        f"relaxed_sequence_filter(k=50, from L=1000, min_positives=2): L={L_rel}, min_positives={mp_rel}, "
+        f"pass rate {st_rel['pass_rate']:.2f}, positives in top-k {st_rel['positives_in_topk']:.1f}"
+    )
 
     # ---- training runs
     P = args.patience
-    demo = dict(k=50, hidden=256, sequence_length=1000, min_positives=2, max_ap=0.8, iterations=600, val_every=250,
-                batch_queries=16, lr=1e-3, holdout=0.05, n_val_queries=70, seed=args.seed)
+    demo = dict(
+        k=50,
+        hidden=256,
+        sequence_length=1000,
+        min_positives=2,
+        max_ap=0.8,
+        iterations=600,
+        val_every=250,
+        batch_queries=16,
+        lr=1e-3,
+        holdout=0.05,
+        n_val_queries=70,
+        seed=args.seed,
+    )
     cap = 1500
     rules = dict(demo, sequence_length=L_rel, min_positives=mp_rel, holdout=frac, iterations=cap, patience=P)
     if args.quick:
-        settings = [Setting("demo", **dict(demo, lr_dni=1e-2, iterations=250)),
-                    Setting("rules (a-d)", **dict(rules, lr_dni=lr_grid[1], iterations=375, val_every=125, patience=2))]
+        settings = [
+            Setting("demo", **dict(demo, lr_dni=1e-2, iterations=250)),
+            Setting("rules (a-d)", **dict(rules, lr_dni=lr_grid[1], iterations=375, val_every=125, patience=2)),
+        ]
     else:
-        settings = [Setting("demo", **dict(demo, lr_dni=1e-3)),
-                    Setting("demo", **dict(demo, lr_dni=1e-2)),
-                    Setting("demo, rows x20 unnormalised", **dict(demo, lr_dni=1e-2, scale=20.0)),
-                    *[Setting(f"rules (a-d), grid[{i}]", **dict(rules, lr_dni=lr)) for i, lr in enumerate(lr_grid)],
-                    Setting("rules, rows x20 unnormalised", **dict(rules, scale=20.0,
-                                                                    lr_dni=scaled_lr_dni(emb_tr * 20.0, k=50, hidden=256)[1])),
-                    Setting("rules, k=20", **dict(rules, k=20, lr_dni=scaled_lr_dni(emb_tr, k=20, hidden=256)[1],
-                                                   holdout=holdout_fraction_for_k(sizes, 20, 70))),
-                    Setting("rules, k=100", **dict(rules, k=100, iterations=750,
-                                                    lr_dni=scaled_lr_dni(emb_tr, k=100, hidden=256)[1],
-                                                    holdout=holdout_fraction_for_k(sizes, 100, 70))),
-                    ]
+        settings = [
+            Setting("demo", **dict(demo, lr_dni=1e-3)),
+            Setting("demo", **dict(demo, lr_dni=1e-2)),
+            Setting("demo, rows x20 unnormalised", **dict(demo, lr_dni=1e-2, scale=20.0)),
+            *[Setting(f"rules (a-d), grid[{i}]", **dict(rules, lr_dni=lr)) for i, lr in enumerate(lr_grid)],
+            Setting(
+                "rules, rows x20 unnormalised",
+                **dict(rules, scale=20.0, lr_dni=scaled_lr_dni(emb_tr * 20.0, k=50, hidden=256)[1]),
+            ),
+            Setting(
+                "rules, k=20",
+                **dict(
+                    rules,
+                    k=20,
+                    lr_dni=scaled_lr_dni(emb_tr, k=20, hidden=256)[1],
+                    holdout=holdout_fraction_for_k(sizes, 20, 70),
+                ),
+            ),
+            Setting(
+                "rules, k=100",
+                **dict(
+                    rules,
+                    k=100,
+                    iterations=750,
+                    lr_dni=scaled_lr_dni(emb_tr, k=100, hidden=256)[1],
+                    holdout=holdout_fraction_for_k(sizes, 100, 70),
+                ),
+            ),
+        ]
     results = []
     print("\n## training runs (test: 100 queries on 100 unseen classes; mAP = medium protocol, %)\n")
     for s in settings:
@@ -400,15 +534,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.quick:
         r = results[3 + 1]  # rules, grid[1]
         s = r.setting
-        print(f"\n## validation noise (model: '{s.name}', chosen iteration {r.chosen_iteration}, test gain "
-              f"{100 * (r.test_after - r.test_before):+.2f}; {args.noise_repeats} fresh validation sets per size)\n")
-        print("| hold-out fraction of 235 | classes | items~ | database~ | initial val mAP (mean +- std) | "
-              "SSR gain on val (mean +- std) |")
+        print(
+            f"\n## validation noise (model: '{s.name}', chosen iteration {r.chosen_iteration}, test gain "
+            f"{100 * (r.test_after - r.test_before):+.2f}; {args.noise_repeats} fresh validation sets per size)\n"
+        )
+        print(
+            "| hold-out fraction of 235 | classes | items~ | database~ | initial val mAP (mean +- std) | "
+            "SSR gain on val (mean +- std) |"
+        )
         print("|---|---|---|---|---|---|")
         for row in validation_noise(data, r.best_state, s, (0.05, 0.10, 0.20), repeats=args.noise_repeats):
-            print(f"| {row['fraction']:.2f} | {row['classes']} | {row['items~']} | {row['db~']} | "
-                  f"{100 * row['val_map_mean']:.1f} +- {100 * row['val_map_std']:.1f} | "
-                  f"{100 * row['gain_mean']:+.2f} +- {100 * row['gain_std']:.2f} |")
+            print(
+                f"| {row['fraction']:.2f} | {row['classes']} | {row['items~']} | {row['db~']} | "
+                f"{100 * row['val_map_mean']:.1f} +- {100 * row['val_map_std']:.1f} | "
+                f"{100 * row['gain_mean']:+.2f} +- {100 * row['gain_std']:.2f} |"
+            )
     print(f"\ntotal {time.time() - t_start:.0f} s")
 
 

@@ -23,6 +23,7 @@ store against the exact top-K of R sampled queries.
 
 Prints Markdown tables.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -127,9 +128,17 @@ def rerank_setup(work: Path, n: int, args) -> None:
     db = unit_vectors(rng, args.database, args.dim)
     q = unit_vectors(rng, n, args.dim)
     meta = {"dataset": "synthetic", "backbone": "none", "checkpoint_hash": "-", "dim": str(args.dim)}
-    write_features(work / "db.parquet", ids=np.arange(args.database), labels=np.zeros(args.database, np.int64),
-                   splits="database", embeddings=db, metadata=meta)
-    write_features(work / "q.parquet", ids=np.arange(n), labels=np.zeros(n, np.int64), splits="query", embeddings=q, metadata=meta)
+    write_features(
+        work / "db.parquet",
+        ids=np.arange(args.database),
+        labels=np.zeros(args.database, np.int64),
+        splits="database",
+        embeddings=db,
+        metadata=meta,
+    )
+    write_features(
+        work / "q.parquet", ids=np.arange(n), labels=np.zeros(n, np.int64), splits="query", embeddings=q, metadata=meta
+    )
     build_topk_store(q, np.arange(n), db, np.arange(args.database), work / "topk", args.k, shard_size=args.shard_size)
     torch.manual_seed(0)
     kwargs = {"feat_dim": args.dim, "k": args.k, "steps": 1, "lr_dni": 1e-4, "hidden": args.hidden}
@@ -140,9 +149,9 @@ def rerank_one(work: Path, n: int, args) -> dict:
     """Re-rank the store of ``work`` (this process is the driver); returns the measurements."""
     import ray
 
+    from ssr_tasks.config import RetrievalTrainParams
     from ssr_tasks.retrieval.handoffs import RetrievalModel
     from ssr_tasks.retrieval.rerank import rerank_store
-    from ssr_tasks.config import RetrievalTrainParams
     from ssr_tasks.services import init_ray
     from storage.simstore import SimilarityStore
 
@@ -155,8 +164,17 @@ def rerank_one(work: Path, n: int, args) -> dict:
     mem = ActorMemory("ShardReranker")
     mem.start()
     t0 = time.perf_counter()
-    rerank_store(work / "topk", work / "q.parquet", work / "db.parquet", out, model, n_actors=args.actors,
-                 progress=lambda d, t: print(f"  {n:,} queries: shard {d}/{t} at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True))
+    rerank_store(
+        work / "topk",
+        work / "q.parquet",
+        work / "db.parquet",
+        out,
+        model,
+        n_actors=args.actors,
+        progress=lambda d, t: print(
+            f"  {n:,} queries: shard {d}/{t} at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True
+        ),
+    )
     secs = time.perf_counter() - t0
     mem.stop.set()
     mem.join()
@@ -164,12 +182,17 @@ def rerank_one(work: Path, n: int, args) -> dict:
     store = SimilarityStore(out)
     assert store.is_complete() and store.n_queries == n
     ray.shutdown()
-    return {"queries": n, "secs": secs, "qps": n / secs, "driver_mb": driver_peak / 1024,
-            "actor_mb": sorted(v / 1024 for v in mem.peaks.values()),
-            "actor_median_mb": sorted(float(np.median(v)) / 1024 for v in mem.samples.values() if v),
-            "actor_last_quarter_mb": sorted(max(v[-max(1, len(v) // 4):]) / 1024 for v in mem.samples.values() if v),
-            "actor_first_quarter_mb": sorted(max(v[: max(1, len(v) // 4)]) / 1024 for v in mem.samples.values() if v),
-            "shards": store.n_shards}
+    return {
+        "queries": n,
+        "secs": secs,
+        "qps": n / secs,
+        "driver_mb": driver_peak / 1024,
+        "actor_mb": sorted(v / 1024 for v in mem.peaks.values()),
+        "actor_median_mb": sorted(float(np.median(v)) / 1024 for v in mem.samples.values() if v),
+        "actor_last_quarter_mb": sorted(max(v[-max(1, len(v) // 4) :]) / 1024 for v in mem.samples.values() if v),
+        "actor_first_quarter_mb": sorted(max(v[: max(1, len(v) // 4)]) / 1024 for v in mem.samples.values() if v),
+        "shards": store.n_shards,
+    }
 
 
 def cmd_rerank(args) -> None:
@@ -180,29 +203,53 @@ def cmd_rerank(args) -> None:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, __file__, "rerank-setup", str(work), str(n), *common(args)], check=True)
         setup_s = time.perf_counter() - t0
-        res = subprocess.run([sys.executable, __file__, "rerank-one", str(work), str(n), *common(args)], check=True,
-                             stdout=subprocess.PIPE, text=True)
+        res = subprocess.run(
+            [sys.executable, __file__, "rerank-one", str(work), str(n), *common(args)],
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         row = json.loads(res.stdout.strip().splitlines()[-1])
         row["setup_s"] = setup_s
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\nre-ranking: database {args.database:,}, D={args.dim}, K={args.k}, hidden={args.hidden}, steps=1, "
-          f"shards of {args.shard_size:,}, {args.actors} actor(s), Ray CPUs {args.cpus}\n")
-    print("| queries | shards | wall (s) | queries/s | driver peak RSS (MiB) | actor peak RSS (MiB) "
-          "| actor median RSS (MiB) | actor max RSS, first / last quarter of the run (MiB) |")
+    print(
+        f"\nre-ranking: database {args.database:,}, D={args.dim}, K={args.k}, hidden={args.hidden}, steps=1, "
+        f"shards of {args.shard_size:,}, {args.actors} actor(s), Ray CPUs {args.cpus}\n"
+    )
+    print(
+        "| queries | shards | wall (s) | queries/s | driver peak RSS (MiB) | actor peak RSS (MiB) "
+        "| actor median RSS (MiB) | actor max RSS, first / last quarter of the run (MiB) |"
+    )
     print("|---:|---:|---:|---:|---:|---|---|---|")
     mib = lambda xs: ", ".join(f"{m:.0f}" for m in xs)
     for r in rows:
         quarters = " / ".join(f"{a:.0f}" for a in (max(r["actor_first_quarter_mb"]), max(r["actor_last_quarter_mb"])))
-        print(f"| {r['queries']:,} | {r['shards']} | {r['secs']:.0f} | {r['qps']:.0f} | {r['driver_mb']:.0f} "
-              f"| {mib(r['actor_mb'])} | {mib(r['actor_median_mb'])} | {quarters} |")
+        print(
+            f"| {r['queries']:,} | {r['shards']} | {r['secs']:.0f} | {r['qps']:.0f} | {r['driver_mb']:.0f} "
+            f"| {mib(r['actor_mb'])} | {mib(r['actor_median_mb'])} | {quarters} |"
+        )
 
 
 def common(args) -> list[str]:
-    return ["--database", str(args.database), "--dim", str(args.dim), "--k", str(args.k), "--hidden", str(args.hidden),
-            "--shard-size", str(args.shard_size), "--actors", str(args.actors), "--cpus", str(args.cpus)]
+    return [
+        "--database",
+        str(args.database),
+        "--dim",
+        str(args.dim),
+        "--k",
+        str(args.k),
+        "--hidden",
+        str(args.hidden),
+        "--shard-size",
+        str(args.shard_size),
+        "--actors",
+        str(args.actors),
+        "--cpus",
+        str(args.cpus),
+    ]
 
 
 # ---- topk ----------------------------------------------------------------------------------
@@ -242,13 +289,32 @@ def cmd_topk(args) -> None:
         rng = np.random.default_rng(0)
         x = unit_vectors(rng, n, args.dim, clusters=args.clusters, spread=args.spread)
         ids = np.arange(n)
-        build_topk_store(x[:2000], ids[:2000], x[:5000], ids[:5000], work / "warmup", args.k, shard_size=1000,
-                         search=TopkSearch(args.search, nlist=8, nprobe=2))  # libraries loaded
+        build_topk_store(
+            x[:2000],
+            ids[:2000],
+            x[:5000],
+            ids[:5000],
+            work / "warmup",
+            args.k,
+            shard_size=1000,
+            search=TopkSearch(args.search, nlist=8, nprobe=2),
+        )  # libraries loaded
         before = status_kb("self", "VmHWM") / 1024
         t0 = time.perf_counter()
-        build_topk_store(x, ids, x[:m], ids[:m], work / "store", args.k, shard_size=args.shard_size, exclude_self=(m == n),
-                         search=search, progress=lambda d, t: print(f"  {n:,} x {m:,}: shard {d}/{t} at "
-                                                                     f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True))
+        build_topk_store(
+            x,
+            ids,
+            x[:m],
+            ids[:m],
+            work / "store",
+            args.k,
+            shard_size=args.shard_size,
+            exclude_self=(m == n),
+            search=search,
+            progress=lambda d, t: print(
+                f"  {n:,} x {m:,}: shard {d}/{t} at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True
+            ),
+        )
         secs = time.perf_counter() - t0
         after = status_kb("self", "VmHWM") / 1024
         store = SimilarityStore(work / "store")
@@ -260,14 +326,18 @@ def cmd_topk(args) -> None:
         del x
     data = f"{args.clusters:,} clusters (spread {args.spread})" if args.clusters else "uniform on the sphere"
     print(f"\ntop-K store: D={args.dim}, K={args.k}, shards of {args.shard_size:,}, data {data}\n")
-    print("| queries | database | search | inputs (MiB) | output on disk (MiB) | wall (s) | peak RSS before (MiB) "
-          "| peak RSS after (MiB) | growth (MiB) | recall@K | exact scan (queries/s) |")
+    print(
+        "| queries | database | search | inputs (MiB) | output on disk (MiB) | wall (s) | peak RSS before (MiB) "
+        "| peak RSS after (MiB) | growth (MiB) | recall@K | exact scan (queries/s) |"
+    )
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, m, inp, disk, secs, before, after, how, (recall, qps) in rows:
         how = ", ".join(f"{k} {v}" for k, v in how.items() if k != "seed").replace("method ", "")
         rec, exact = ("-", "-") if recall is None else (f"{recall:.4f}", f"{qps:.0f}")
-        print(f"| {n:,} | {m:,} | {how} | {inp:.0f} | {disk:.0f} | {secs:.0f} | {before:.0f} | {after:.0f} "
-              f"| {after - before:.0f} | {rec} | {exact} |")
+        print(
+            f"| {n:,} | {m:,} | {how} | {inp:.0f} | {disk:.0f} | {secs:.0f} | {before:.0f} | {after:.0f} "
+            f"| {after - before:.0f} | {rec} | {exact} |"
+        )
 
 
 def main() -> None:

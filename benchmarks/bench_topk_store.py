@@ -9,6 +9,7 @@ block (faiss IndexFlatIP per block, results merged in a faiss ResultHeap; ``stor
 shard at a time, so the growth stays at a few tens of MiB whatever N is (it depends on block_size,
 db_block_size, shard_size and K only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,7 @@ def _status_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
@@ -42,8 +44,7 @@ def _features(n: int, dim: int, seed: int) -> np.ndarray:
     return x
 
 
-def run_one(n: int, dim: int, k: int, shard_size: int, block_size: int, db_block_size: int,
-            out: Path | None) -> dict:
+def run_one(n: int, dim: int, k: int, shard_size: int, block_size: int, db_block_size: int, out: Path | None) -> dict:
     import faiss  # noqa: F401  (libraries loaded before the baseline is taken)
     import pyarrow.parquet  # noqa: F401
 
@@ -57,20 +58,40 @@ def run_one(n: int, dim: int, k: int, shard_size: int, block_size: int, db_block
     peak_before = _status_kib("VmHWM")
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         t0 = time.perf_counter()
-        store = build_topk_store(x, ids, x, ids, Path(tmp) / "store", k, shard_size=shard_size,
-                                 block_size=block_size, db_block_size=db_block_size, exclude_self=True, source_hashes={"bench": str(n)})
+        store = build_topk_store(
+            x,
+            ids,
+            x,
+            ids,
+            Path(tmp) / "store",
+            k,
+            shard_size=shard_size,
+            block_size=block_size,
+            db_block_size=db_block_size,
+            exclude_self=True,
+            source_hashes={"bench": str(n)},
+        )
         wall = time.perf_counter() - t0
         disk = sum(p.stat().st_size for p in (Path(tmp) / "store").iterdir())
         assert store.is_complete()
         sh = store.read_shard(0)
         assert sh.neighbor_ids.shape == (min(shard_size, n), k)
     peak_after = _status_kib("VmHWM")
-    return {"n": n, "dim": dim, "k": k, "shard_size": shard_size, "block_size": block_size, "db_block_size": db_block_size,
-            "threads": os.cpu_count(), "wall_s": round(wall, 1),
-            "input_mib": round(x.nbytes / 2**20, 1), "output_disk_mib": round(disk / 2**20, 1),
-            "peak_rss_before_build_mib": round(peak_before / 1024, 1),
-            "peak_rss_after_build_mib": round(peak_after / 1024, 1),
-            "peak_growth_during_build_mib": round((peak_after - peak_before) / 1024, 1)}
+    return {
+        "n": n,
+        "dim": dim,
+        "k": k,
+        "shard_size": shard_size,
+        "block_size": block_size,
+        "db_block_size": db_block_size,
+        "threads": os.cpu_count(),
+        "wall_s": round(wall, 1),
+        "input_mib": round(x.nbytes / 2**20, 1),
+        "output_disk_mib": round(disk / 2**20, 1),
+        "peak_rss_before_build_mib": round(peak_before / 1024, 1),
+        "peak_rss_after_build_mib": round(peak_after / 1024, 1),
+        "peak_growth_during_build_mib": round((peak_after - peak_before) / 1024, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,14 +107,30 @@ def main(argv: list[str] | None = None) -> int:
     sizes = args.n or [200_000]
     if len(sizes) > 1:  # one process per size, so each peak RSS is its own
         for n in sizes:
-            cmd = [sys.executable, __file__, "--n", str(n), "--dim", str(args.dim), "--k", str(args.k),
-                   "--shard-size", str(args.shard_size), "--block-size", str(args.block_size),
-                   "--db-block-size", str(args.db_block_size)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--n",
+                str(n),
+                "--dim",
+                str(args.dim),
+                "--k",
+                str(args.k),
+                "--shard-size",
+                str(args.shard_size),
+                "--block-size",
+                str(args.block_size),
+                "--db-block-size",
+                str(args.db_block_size),
+            ]
             if args.tmp:
                 cmd += ["--tmp", str(args.tmp)]
             subprocess.run(cmd, check=True)
         return 0
-    print(json.dumps(run_one(sizes[0], args.dim, args.k, args.shard_size, args.block_size, args.db_block_size, args.tmp)), flush=True)
+    print(
+        json.dumps(run_one(sizes[0], args.dim, args.k, args.shard_size, args.block_size, args.db_block_size, args.tmp)),
+        flush=True,
+    )
     return 0
 
 

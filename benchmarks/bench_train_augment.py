@@ -18,6 +18,7 @@ The images are random 32 x 32 JPEGs in the CIFAR-FS layout (64 classes x 20) wri
 temporary folder; the backbones have random weights (speed does not depend on them).
 Median of ``--repeats`` iterations after two warm-up ones.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,8 @@ from PIL import Image
 
 from ssr_model.backbones import build_backbone
 from ssr_model.losses import fewshot_cross_entropy
-from ssr_tasks.fewshot.episodes import SplitFeatures, sample_episodes
 from ssr_tasks.config import FewShotTrainParams
+from ssr_tasks.fewshot.episodes import SplitFeatures, sample_episodes
 from ssr_tasks.fewshot.train_features import OnlineFeatures, TableFeatures, ViewFeatures
 from storage.fewshot import list_split
 
@@ -80,8 +81,11 @@ def main() -> None:
             table = rng.standard_normal((len(index.paths), D)).astype(np.float32)
             split = SplitFeatures(table, index.labels, index.classes, list(index.paths), "bench")
             views = rng.standard_normal((args.views, len(index.paths), D)).astype(np.float32)
-            sources = {"none": TableFeatures(split), f"views:{args.views}": ViewFeatures(split, views, 0),
-                       "online": OnlineFeatures(split, net, index, "cifar-fs", 0)}
+            sources = {
+                "none": TableFeatures(split),
+                f"views:{args.views}": ViewFeatures(split, views, 0),
+                "online": OnlineFeatures(split, net, index, "cifar-fs", 0),
+            }
             cfg = FewShotTrainParams(hidden=4096, lr_dni=1e-3, max_steps=1, batch_episodes=1)
             model = cfg.build(D, 1).to(device)
             opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -97,11 +101,13 @@ def main() -> None:
             fixed = sources["none"].gather(episode, 0, device)
             ssr_ms = _median_ms(lambda it: ssr_step(*fixed), args.repeats)
             for mode, source in sources.items():
+
                 def get(it, source=source):
                     out = source.gather(sample_episodes(split, 1, 5, 1, 15, seed=it), it, device)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     return out
+
                 feat_ms = _median_ms(get, args.repeats)
                 rows.append((name, D, mode, feat_ms, ssr_ms))
     print(f"device {args.device}, {args.threads} threads, {args.repeats} timed iterations (median)\n")

@@ -12,6 +12,7 @@ share of one validation period of training that a checkpoint adds (the period's 
     python benchmarks/bench_tune_checkpoints.py
     python benchmarks/bench_tune_checkpoints.py --feat-dim 640 --hidden 4096 --steps 3 --reports 10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,15 @@ def trainable(config: dict) -> None:
             stage = ws.path / f"steps{steps}"
             stage.mkdir()
             if steps == config["steps"]:  # finished stages drop their last.pt
-                save_checkpoint(stage / "last.pt", {"states": {"model": model.state_dict(), "optim": opt.state_dict()},
-                                                    "done": 0, "best": 0.0, "history": "[]"})
+                save_checkpoint(
+                    stage / "last.pt",
+                    {
+                        "states": {"model": model.state_dict(), "optim": opt.state_dict()},
+                        "done": 0,
+                        "best": 0.0,
+                        "history": "[]",
+                    },
+                )
             save_checkpoint(stage / "best.pt", model.state_dict())
         size = sum(f.stat().st_size for f in ws.path.rglob("*") if f.is_file())
         for i in range(config["reports"]):
@@ -54,8 +62,9 @@ def trainable(config: dict) -> None:
                     ws.report({"iteration": i, "kind": 1})
                 else:
                     tune.report({"iteration": i, "kind": 0})
-                tune.report({"timing": 1, "with_ckpt": int(with_ckpt), "ms": 1000 * (time.perf_counter() - t0),
-                             "size": size})
+                tune.report(
+                    {"timing": 1, "with_ckpt": int(with_ckpt), "ms": 1000 * (time.perf_counter() - t0), "size": size}
+                )
 
 
 def main() -> None:
@@ -65,8 +74,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="the running stage S (steps 1..S-1 finished)")
     ap.add_argument("--reports", type=int, default=10, help="reports of each kind")
     ap.add_argument("--storage", default=None, help="Tune storage path or URI (default: a temp folder)")
-    ap.add_argument("--period-s", type=float, default=None,
-                    help="seconds of training between two validations, to express the checkpoint's share")
+    ap.add_argument(
+        "--period-s",
+        type=float,
+        default=None,
+        help="seconds of training between two validations, to express the checkpoint's share",
+    )
     args = ap.parse_args()
 
     import ray
@@ -76,10 +89,21 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         storage = args.storage or tmp
-        tuner = tune.Tuner(trainable, param_space={"feat_dim": args.feat_dim, "hidden": args.hidden,
-                                                   "steps": args.steps, "reports": args.reports},
-                           run_config=tune.RunConfig(name="bench-ckpt", storage_path=storage, verbose=0,
-                                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={
+                "feat_dim": args.feat_dim,
+                "hidden": args.hidden,
+                "steps": args.steps,
+                "reports": args.reports,
+            },
+            run_config=tune.RunConfig(
+                name="bench-ckpt",
+                storage_path=storage,
+                verbose=0,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            ),
+        )
         [result] = list(tuner.fit())
         if result.error:
             raise result.error
@@ -89,15 +113,21 @@ def main() -> None:
     plain = rows[rows["with_ckpt"] == 0]["ms"].tolist()
     size_mib = float(rows["size"].iloc[0]) / 2**20
     med_c, med_p = statistics.median(ckpt), statistics.median(plain)
-    print(f"few-shot SSR d={args.feat_dim} hidden={args.hidden}, workspace of steps 1..{args.steps}: "
-          f"{size_mib:.0f} MiB; median of {args.reports} reports each, alternating\n")
-    print("| report | ms per report | added by the checkpoint (ms) | MB/s copied |" +
-          (" share of a validation period |" if args.period_s else ""))
+    print(
+        f"few-shot SSR d={args.feat_dim} hidden={args.hidden}, workspace of steps 1..{args.steps}: "
+        f"{size_mib:.0f} MiB; median of {args.reports} reports each, alternating\n"
+    )
+    print(
+        "| report | ms per report | added by the checkpoint (ms) | MB/s copied |"
+        + (" share of a validation period |" if args.period_s else "")
+    )
     print("|---|---|---|---|" + ("---|" if args.period_s else ""))
     print(f"| metrics only | {med_p:.1f} | | |" + (" |" if args.period_s else ""))
     added = med_c - med_p
     share = f" {100 * added / 1000 / args.period_s:.2f}% |" if args.period_s else ""
-    print(f"| metrics + workspace checkpoint | {med_c:.1f} | {added:.1f} | {size_mib * 1.048576 / (med_c / 1000):.0f} |{share}")
+    print(
+        f"| metrics + workspace checkpoint | {med_c:.1f} | {added:.1f} | {size_mib * 1.048576 / (med_c / 1000):.0f} |{share}"
+    )
     ray.shutdown()
 
 

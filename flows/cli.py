@@ -1,28 +1,29 @@
 """The ``ssr`` command line.
 
-    ssr data prepare glyphs|download|import-landmarks ...   data sets (storage)
-    ssr services start|stop                                   local Prefect server, worker, MLflow UI
-    ssr run fewshot|retrieval [--preset NAME] [--set k=v]     run a pipeline in-process, no server needed
-    ssr rerank QUERIES DATABASE --model URI --out DIR         re-rank your own features with a registered model
-    ssr watch FLOW_RUN_ID                                     follow a flow run: step, progress, latest log line
-    ssr models                                                registered models, versions and aliases
+ssr data prepare glyphs|download|import-landmarks ...   data sets (storage)
+ssr services start|stop                                   local Prefect server, worker, MLflow UI
+ssr run fewshot|retrieval [--preset NAME] [--set k=v]     run a pipeline in-process, no server needed
+ssr rerank QUERIES DATABASE --model URI --out DIR         re-rank your own features with a registered model
+ssr watch FLOW_RUN_ID                                     follow a flow run: step, progress, latest log line
+ssr models                                                registered models, versions and aliases
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import yaml
 from pydantic import ValidationError
 
 from flows import local_services
 from ssr_tasks.config import FewShotParams, RetrievalParams, default_run_dir
-from ssr_tasks.services import ServiceUnreachable, check_mlflow, check_tcp, mlflow_tracking_uri, redact_uri
 from ssr_tasks.registry import registered_models
+from ssr_tasks.services import ServiceUnreachable, check_mlflow, check_tcp, mlflow_tracking_uri, redact_uri
 from storage import cli as storage_cli
 
 PRESETS_FILE = Path(__file__).resolve().parent.parent / "deploy" / "prefect.yaml"
@@ -123,7 +124,9 @@ def cmd_run(args) -> int:
             print(f"ssr run: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
             return 2
     from flows.failures import one_line, quiet_console_tracebacks
-    from flows.ssr_flow import ssr  # Prefect, torch and the pipelines load only for `ssr run`: the other commands stay quick
+    from flows.ssr_flow import (
+        ssr,  # Prefect, torch and the pipelines load only for `ssr run`: the other commands stay quick
+    )
 
     quiet_console_tracebacks()
     try:
@@ -159,9 +162,17 @@ def cmd_rerank(args) -> int:
     from ssr_tasks.retrieval.user_rerank import rerank_features  # torch, Ray and MLflow load only for this command
 
     try:
-        out = rerank_features(Path(args.queries), Path(args.database), args.model, Path(args.out), k=args.k,
-                              gnd=args.gnd, n_actors=args.actors, device=args.device,
-                              shard_size=args.shard_size)
+        out = rerank_features(
+            Path(args.queries),
+            Path(args.database),
+            args.model,
+            Path(args.out),
+            k=args.k,
+            gnd=args.gnd,
+            n_actors=args.actors,
+            device=args.device,
+            shard_size=args.shard_size,
+        )
     except ServiceUnreachable as exc:
         print(f"ssr rerank: {exc}", file=sys.stderr)
         return 3
@@ -208,12 +219,16 @@ def cmd_models(args) -> int:
 def cmd_watch(args) -> int:
     from flows.watch import watch  # Prefect's client loads only for this command
 
-    state = watch(args.flow_run_id, interval=args.interval, timeout=args.timeout, out=lambda line: print(line, flush=True))
+    state = watch(
+        args.flow_run_id, interval=args.interval, timeout=args.timeout, out=lambda line: print(line, flush=True)
+    )
     return 0 if state == "Completed" else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ssr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ssr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     storage_cli.register(sub)
     p = sub.add_parser("services", help="start or stop the local Prefect server, worker and MLflow UI (127.0.0.1)")
@@ -224,18 +239,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a pipeline in this process (Prefect runs it without a server)")
     p.add_argument("pipeline", choices=["fewshot", "retrieval"])
     p.add_argument("--preset", help="parameters of a deployment in deploy/prefect.yaml, e.g. reproduce-fewshot-tiny")
-    p.add_argument("--set", action="append", default=[], metavar="GROUP.FIELD=VALUE",
-                   help="override one parameter (JSON value), e.g. train.hidden=512 or sweep.lr_dni=[0.01,0.1]; "
-                   "a flat FIELD=VALUE still works (deprecated)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="GROUP.FIELD=VALUE",
+        help="override one parameter (JSON value), e.g. train.hidden=512 or sweep.lr_dni=[0.01,0.1]; "
+        "a flat FIELD=VALUE still works (deprecated)",
+    )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("rerank", help="re-rank your own features with a registered retrieval model (Ray actors)")
     p.add_argument("queries", help="features table (Parquet) of the queries; `ssr data topk` input format")
     p.add_argument("database", help="features table of the database")
     p.add_argument("--model", required=True, help="registered model, e.g. models:/ssr-retrieval@champion")
     p.add_argument("--out", required=True, help="output folder: topk/ (reused when complete) and reranked/")
-    p.add_argument("--k", type=int, default=None, help="neighbours per query; must be the model's k (default: the model's k)")
-    p.add_argument("--gnd", default=None, help="revisitop ground truth (JSON or pickle): print mAP E/M/H before and after; "
-                   "'labels': a database item is positive when its label equals the query's (mAP and mP@10)")
+    p.add_argument(
+        "--k", type=int, default=None, help="neighbours per query; must be the model's k (default: the model's k)"
+    )
+    p.add_argument(
+        "--gnd",
+        default=None,
+        help="revisitop ground truth (JSON or pickle): print mAP E/M/H before and after; "
+        "'labels': a database item is positive when its label equals the query's (mAP and mP@10)",
+    )
     p.add_argument("--actors", type=int, default=0, help="re-ranking actors (0: one per free CPU, or per GPU)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--shard-size", type=int, default=50_000, help="queries per shard (default: %(default)s)")

@@ -1,4 +1,5 @@
 """Small pieces shared by the subflows."""
+
 from __future__ import annotations
 
 from prefect import runtime

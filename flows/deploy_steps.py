@@ -1,4 +1,5 @@
 """Prefect deployment steps of deploy/prefect.yaml."""
+
 from __future__ import annotations
 
 import os

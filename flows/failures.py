@@ -1,5 +1,6 @@
 """How `ssr run` reports a failed run: one line naming the step and the cause on the
 terminal; the full tracebacks stay in the Prefect logs of the flow and task runs."""
+
 from __future__ import annotations
 
 import logging
@@ -20,7 +21,9 @@ def quiet_console_tracebacks() -> None:
     from prefect.logging.handlers import PrefectConsoleHandler
 
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, PrefectConsoleHandler) and not any(isinstance(f, _NoRunTracebacks) for f in handler.filters):
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+            isinstance(f, _NoRunTracebacks) for f in handler.filters
+        ):
             handler.addFilter(_NoRunTracebacks())
 
 

@@ -5,6 +5,7 @@ and the MLflow UI over the run folder's SQLite store. PIDs and logs live in
 ``<run dir>/services``. When ``PREFECT_API_URL`` / ``MLFLOW_TRACKING_URI`` point at
 existing servers, those are used and nothing is started for them.
 """
+
 from __future__ import annotations
 
 import json
@@ -95,8 +96,10 @@ def wait_pool_ready(api_url: str, timeout: float) -> None:
         except OSError:
             pass
         time.sleep(1)
-    raise RuntimeError(f"work pool {POOL} at {api_url} is {status} after {timeout:.0f} s: is the worker running? "
-                       "(see its log under <run dir>/services/prefect-worker.log)")
+    raise RuntimeError(
+        f"work pool {POOL} at {api_url} is {status} after {timeout:.0f} s: is the worker running? "
+        "(see its log under <run dir>/services/prefect-worker.log)"
+    )
 
 
 def service_env(run_dir: Path) -> dict:
@@ -115,35 +118,79 @@ def start(run_dir: Path | None = None, worker: bool = True, mlflow_ui: bool = Tr
     addresses = {"prefect_api": env["PREFECT_API_URL"], "prefect_ui": env["PREFECT_API_URL"].removesuffix("/api")}
     own_server = not os.environ.get("PREFECT_API_URL")
     if own_server:
-        server_env = {**env, "PREFECT_HOME": str(run_dir / "prefect"), "PREFECT_SERVER_API_HOST": HOST,
-                      "PREFECT_SERVER_API_PORT": str(PREFECT_PORT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                      "PREFECT_UI_API_URL": env["PREFECT_API_URL"]}
-        _spawn("prefect-server", [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(PREFECT_PORT)], run_dir, server_env)
+        server_env = {
+            **env,
+            "PREFECT_HOME": str(run_dir / "prefect"),
+            "PREFECT_SERVER_API_HOST": HOST,
+            "PREFECT_SERVER_API_PORT": str(PREFECT_PORT),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_API_URL": env["PREFECT_API_URL"],
+        }
+        _spawn(
+            "prefect-server",
+            [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(PREFECT_PORT)],
+            run_dir,
+            server_env,
+        )
     wait_http(env["PREFECT_API_URL"] + "/health", 120, "Prefect server")
     # On a server this command did not start, pools and deployments belong to someone else:
     # the pool is created only when missing, and deployments are left to `prefect deploy`.
     if own_server or not _pool_exists(env["PREFECT_API_URL"]):
-        subprocess.run([_bin("prefect"), "work-pool", "create", POOL, "--type", "process"] + (["--overwrite"] if own_server else []),
-                       env=env, check=True, capture_output=True, cwd=PROJECT_DIR)
+        subprocess.run(
+            [_bin("prefect"), "work-pool", "create", POOL, "--type", "process"]
+            + (["--overwrite"] if own_server else []),
+            env=env,
+            check=True,
+            capture_output=True,
+            cwd=PROJECT_DIR,
+        )
         # One flow run at a time on this machine's pool: each starts a local Ray sized to the
         # machine (runs of other deployments queue too). SSR_POOL_CONCURRENCY=N allows N; 0: no limit.
         limit = int(os.environ.get("SSR_POOL_CONCURRENCY", "1"))
         if limit > 0:
-            subprocess.run([_bin("prefect"), "work-pool", "set-concurrency-limit", POOL, str(limit)],
-                           env=env, check=True, capture_output=True, cwd=PROJECT_DIR)
+            subprocess.run(
+                [_bin("prefect"), "work-pool", "set-concurrency-limit", POOL, str(limit)],
+                env=env,
+                check=True,
+                capture_output=True,
+                cwd=PROJECT_DIR,
+            )
     if deploy and own_server:
-        subprocess.run([_bin("prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"],
-                       env=env, check=True, capture_output=True, cwd=PROJECT_DIR)
+        subprocess.run(
+            [_bin("prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"],
+            env=env,
+            check=True,
+            capture_output=True,
+            cwd=PROJECT_DIR,
+        )
     elif deploy:
-        addresses["deployments"] = "not changed on this server (run `prefect deploy --all --prefect-file deploy/prefect.yaml`)"
+        addresses["deployments"] = (
+            "not changed on this server (run `prefect deploy --all --prefect-file deploy/prefect.yaml`)"
+        )
     if worker:
-        _spawn("prefect-worker", [_bin("prefect"), "worker", "start", "--pool", POOL, "--type", "process"], run_dir, env)
+        _spawn(
+            "prefect-worker", [_bin("prefect"), "worker", "start", "--pool", POOL, "--type", "process"], run_dir, env
+        )
         wait_pool_ready(env["PREFECT_API_URL"], 120)
     if mlflow_ui and not os.environ.get("MLFLOW_TRACKING_URI", "").startswith("http"):
         (run_dir / "mlartifacts").mkdir(parents=True, exist_ok=True)
-        _spawn("mlflow-ui", [_bin("mlflow"), "ui", "--host", HOST, "--port", str(MLFLOW_PORT),
-                             "--backend-store-uri", env["MLFLOW_TRACKING_URI"],
-                             "--default-artifact-root", mlflow_artifact_root(run_dir)], run_dir, env)
+        _spawn(
+            "mlflow-ui",
+            [
+                _bin("mlflow"),
+                "ui",
+                "--host",
+                HOST,
+                "--port",
+                str(MLFLOW_PORT),
+                "--backend-store-uri",
+                env["MLFLOW_TRACKING_URI"],
+                "--default-artifact-root",
+                mlflow_artifact_root(run_dir),
+            ],
+            run_dir,
+            env,
+        )
         addresses["mlflow_ui"] = f"http://{HOST}:{MLFLOW_PORT}"
     addresses["mlflow_tracking_uri"] = env["MLFLOW_TRACKING_URI"]
     return addresses

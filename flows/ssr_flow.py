@@ -1,4 +1,5 @@
 """The entry flow ``ssr``: deployments read ``ssr/<name>``."""
+
 from __future__ import annotations
 
 import logging

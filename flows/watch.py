@@ -4,31 +4,48 @@
 the latest progress (the steps' progress artifacts) and the latest log line of the run and
 its subflows, until the run ends.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 from uuid import UUID
 
 
 def status_line(client, root: UUID, started: float) -> tuple[str, bool, str]:
     """(line, final?, state name) of the flow run ``root`` and its subflows."""
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType, FlowRunFilter,
-                                                FlowRunFilterId, FlowRunFilterParentFlowRunId, LogFilter,
-                                                LogFilterFlowRunId, TaskRunFilter, TaskRunFilterState,
-                                                TaskRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterType,
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import ArtifactSort, LogSort
 
     run = client.read_flow_run(root)
-    children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[root])))
+    children = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[root]))
+    )
     ids = [root] + [c.id for c in children]
     running = client.read_task_runs(
         flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)),
-        task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.RUNNING]))))
+        task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.RUNNING]))),
+    )
     progress = client.read_artifacts(
-        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids), type=ArtifactFilterType(any_=["progress"])),
-        sort=ArtifactSort.UPDATED_DESC, limit=1)
+        artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=ids), type=ArtifactFilterType(any_=["progress"])
+        ),
+        sort=ArtifactSort.UPDATED_DESC,
+        limit=1,
+    )
     logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)), limit=1, sort=LogSort.TIMESTAMP_DESC)
     state = run.state.name if run.state else "?"
     elapsed = int(time.time() - started)

@@ -4,6 +4,7 @@ Public API: ``FewShotSSR``, ``RetrievalSSR``, ``DNI``, the losses, ``accuracy_ci
 ``revisited_map``; backbones in ``ssr_model.backbones``, baselines in
 ``ssr_model.baselines``, registry-ready wrappers in ``ssr_model.packaged``.
 """
+
 from ssr_model.dni import DNI
 from ssr_model.fewshot import FewShotSSR
 from ssr_model.losses import fewshot_cross_entropy, info_bce

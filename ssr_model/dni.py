@@ -85,4 +85,3 @@ class DNI(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, hidden={self.hidden}"
-

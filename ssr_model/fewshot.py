@@ -116,9 +116,7 @@ class FewShotSSR(nn.Module):
         p, q = unit_rows(prototypes), unit_rows(queries)
         return self.scale_cls * torch.bmm(q, p.transpose(1, 2))
 
-    def forward(
-        self, support: torch.Tensor, query: torch.Tensor, return_all_steps: bool = False
-    ) -> torch.Tensor:
+    def forward(self, support: torch.Tensor, query: torch.Tensor, return_all_steps: bool = False) -> torch.Tensor:
         unbatched = support.dim() == 3
         if unbatched:
             support, query = support.unsqueeze(0), query.unsqueeze(0)

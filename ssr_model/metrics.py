@@ -111,6 +111,8 @@ def revisited_map(
         n_valid = len(aps)
         out[protocol] = {
             "map": float(100.0 * np.mean(aps)) if n_valid else float("nan"),
-            "mp": {k: (float(100.0 * np.mean([p[k] for p in precisions])) if n_valid else float("nan")) for k in kappas},
+            "mp": {
+                k: (float(100.0 * np.mean([p[k] for p in precisions])) if n_valid else float("nan")) for k in kappas
+            },
         }
     return out

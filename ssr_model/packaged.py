@@ -5,6 +5,7 @@ classifies a query set given a support set, from features or from images.
 ``RetrievalReranker`` wraps a ``RetrievalSSR`` and re-orders neighbour lists.
 Both keep their methods when pickled by ``mlflow.pytorch.log_model(serialization_format="pickle")``.
 """
+
 from __future__ import annotations
 
 import torch

@@ -101,9 +101,7 @@ class RetrievalSSR(nn.Module):
         q, db = unit_rows(query), unit_rows(database)
         return torch.bmm(db, q.unsqueeze(2)).squeeze(2)
 
-    def forward(
-        self, query: torch.Tensor, neighbours: torch.Tensor, return_all_steps: bool = False
-    ) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, neighbours: torch.Tensor, return_all_steps: bool = False) -> torch.Tensor:
         unbatched = query.dim() == 1
         if unbatched:
             query, neighbours = query.unsqueeze(0), neighbours.unsqueeze(0)

@@ -25,7 +25,7 @@ vector-Jacobian or Jacobian-vector passes), and autograd schedules exactly those
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -358,10 +358,18 @@ def refine(
         for step in range(steps):
             second_gram = gram_matrix(second)  # unchanged by the first half-step: reused
             first = dni_update(
-                build_vectors(first, second, second_gram), first, first_dni, lr_dni, keep_graph or 2 * step + 1 < n_updates
+                build_vectors(first, second, second_gram),
+                first,
+                first_dni,
+                lr_dni,
+                keep_graph or 2 * step + 1 < n_updates,
             )
             second = dni_update(
-                build_vectors(first, second, second_gram), second, second_dni, lr_dni, keep_graph or 2 * step + 2 < n_updates
+                build_vectors(first, second, second_gram),
+                second,
+                second_dni,
+                lr_dni,
+                keep_graph or 2 * step + 2 < n_updates,
             )
             states.append((first, second))
     if not keep_graph:

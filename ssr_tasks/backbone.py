@@ -6,12 +6,13 @@ over the base (train) classes, cross-entropy, SGD. Each epoch is checkpointed, s
 interrupted pretraining resumes. Plain code, with the ``get_backbone`` Prefect task at the
 end.
 """
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -103,7 +104,9 @@ def pretrain_backbone(
             loss_sum += loss.item() * len(y)
         sched.step()
         acc, mean_loss = correct / total, loss_sum / total
-        log.info("backbone %s epoch %d/%d: loss %.3f, train acc %.1f%%", backbone, epoch + 1, epochs, mean_loss, 100 * acc)
+        log.info(
+            "backbone %s epoch %d/%d: loss %.3f, train acc %.1f%%", backbone, epoch + 1, epochs, mean_loss, 100 * acc
+        )
         ckpt.save(LoopState(done=epoch + 1))
         if progress is not None:
             progress(epoch + 1, epochs, mean_loss, acc)
@@ -118,8 +121,14 @@ def _mismatch(net: torch.nn.Module, state: dict) -> str | None:
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         return f"{len(missing)} missing keys, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}"
-    return next((f"{k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}" for k, v in state.items()
-                 if tuple(v.shape) != tuple(own[k].shape)), None)
+    return next(
+        (
+            f"{k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if tuple(v.shape) != tuple(own[k].shape)
+        ),
+        None,
+    )
 
 
 def backbone_from_state(state: dict, backbone: str, dataset: str, source: str) -> torch.nn.Module:
@@ -136,8 +145,11 @@ def backbone_from_state(state: dict, backbone: str, dataset: str, source: str) -
         net.load_state_dict(state)
         return net.eval()
     fits = [name for name in BACKBONE_NAMES if name != backbone and _mismatch(build(name), state) is None]
-    hint = f"the keys fit {fits[0]}: set backbone={fits[0]}" if fits else \
-        f"the keys fit none of {', '.join(BACKBONE_NAMES)} for {dataset} images"
+    hint = (
+        f"the keys fit {fits[0]}: set backbone={fits[0]}"
+        if fits
+        else f"the keys fit none of {', '.join(BACKBONE_NAMES)} for {dataset} images"
+    )
     raise ValueError(f"{source}: not a {backbone} state dict for {dataset} ({what}); {hint}")
 
 
@@ -147,9 +159,7 @@ def load_backbone(backbone: str, dataset: str, checkpoint: Path, device="cpu") -
 
 
 @torch.no_grad()
-def extract_split_features(
-    net: torch.nn.Module, index: SplitIndex, spec, device, batch_size: int = 256
-) -> np.ndarray:
+def extract_split_features(net: torch.nn.Module, index: SplitIndex, spec, device, batch_size: int = 256) -> np.ndarray:
     """(N, D) float32 features of every image of a split, in ``index.paths`` order."""
     out = []
     for start in range(0, len(index.paths), batch_size):
@@ -185,7 +195,12 @@ def extract_features(
         paths += list(index.paths)
     emb = np.concatenate(embs)
     ids = np.arange(len(emb), dtype=np.int64)
-    meta = {"dataset": dataset, "backbone": backbone, "checkpoint_hash": file_sha256(Path(checkpoint)), "dim": str(emb.shape[1])}
+    meta = {
+        "dataset": dataset,
+        "backbone": backbone,
+        "checkpoint_hash": file_sha256(Path(checkpoint)),
+        "dim": str(emb.shape[1]),
+    }
     write_features(out_path, ids=ids, labels=labels, splits=split_col, embeddings=emb, paths=paths, metadata=meta)
     return out_path
 
@@ -229,8 +244,9 @@ def spec_label(spec: str) -> str:
 
 # data_identity(data_root) in the file name: the built-in data is re-rendered in place under the same path.
 @task(name="backbone", cache_policy=CACHE, persist_result=True)
-def get_backbone(backbone: BackboneParams, spec: str, seed: int, data_root: str, work_dir: str,
-                 device: Device = "auto") -> Backbone:
+def get_backbone(
+    backbone: BackboneParams, spec: str, seed: int, data_root: str, work_dir: str, device: Device = "auto"
+) -> Backbone:
     """A released checkpoint when given (checked against the architecture; ``"released"``:
     the authors' file for the dataset and backbone under ``<data_root>/../backbones``), else
     pretrain on ``<data_root>/train`` into ``work_dir`` (seeded by ``seed``). spec: the image
@@ -248,6 +264,16 @@ def get_backbone(backbone: BackboneParams, spec: str, seed: int, data_root: str,
     out = Path(work_dir) / f"{spec_label(spec)}-{backbone.name}-{recipe}.pt"
     logger.info("backbone: pretraining %s on the base classes for %d epochs", backbone.name, backbone.pretrain_epochs)
     progress = Progress(f"pretrain-{short_hash([work_dir, backbone.name])}", "Backbone pretraining (epochs)")
-    path = pretrain_backbone(Path(data_root), spec, backbone.name, out, epochs=backbone.pretrain_epochs,
-                             batch_size=batch_size, lr=lr, seed=seed, device=local_device(device), progress=progress)
+    path = pretrain_backbone(
+        Path(data_root),
+        spec,
+        backbone.name,
+        out,
+        epochs=backbone.pretrain_epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=local_device(device),
+        progress=progress,
+    )
     return Backbone(str(path), backbone.name, spec)

@@ -13,18 +13,29 @@ here; presets (deploy/prefect.yaml) override groups. The flat names of earlier r
 (``lr_dni_grid``, ``n_shot_train``, ``backbone_checkpoint``...) still load, with a
 DeprecationWarning (``regroup``).
 """
+
 from __future__ import annotations
 
 import itertools
 import math
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Mapping, Sequence, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ssr_model import FewShotSSR, RetrievalSSR
 from ssr_model.baselines import PEER_METHODS, RETRIEVAL_METHODS
@@ -95,9 +106,11 @@ class BackboneParams(_Params):
 
     name: BackboneName = Field("conv4-64", description="Feature extractor (paper: conv4-64, resnet12, wrn-28-10)")
     checkpoint: str | None = Field(
-        None, description="'released': the authors' backbone for dataset and backbone from `ssr data download "
+        None,
+        description="'released': the authors' backbone for dataset and backbone from `ssr data download "
         "fewshot-backbones` (<data_root>/../backbones); a path: a state dict; empty: pretrained here on the base "
-        "classes (paper: released)")
+        "classes (paper: released)",
+    )
     pretrain_epochs: int = Field(3, ge=1, description="Backbone pretraining epochs (paper: released backbones)")
     pretrain_batch_size: int = Field(64, ge=2, description="Pretraining batch size (paper: released backbones)")
     pretrain_lr: PositiveFloat = Field(0.1, description="Pretraining learning rate (paper: released backbones)")
@@ -105,9 +118,11 @@ class BackboneParams(_Params):
 
 class FewShotBackboneParams(BackboneParams):
     released_checkpoint: str | None = Field(
-        None, description="The authors' netSSRBest.pth ({netFeat, SSR, nbStep}): no pretraining, no training; "
+        None,
+        description="The authors' netSSRBest.pth ({netFeat, SSR, nbStep}): no pretraining, no training; "
         "backbone and SSR come from it and are evaluated with the first point of the sweep (paper: their released "
-        "models)")
+        "models)",
+    )
 
 
 Sweep = dict[str, list[int | float]]
@@ -153,8 +168,11 @@ class _Pipeline(_Params):
         if isinstance(data, dict):
             nested, renamed = regroup(data, cls.FLAT)
             if renamed:
-                warnings.warn("flat parameter names are deprecated: " + ", ".join(f"{a} -> {b}" for a, b in renamed),
-                              DeprecationWarning, stacklevel=2)
+                warnings.warn(
+                    "flat parameter names are deprecated: " + ", ".join(f"{a} -> {b}" for a, b in renamed),
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
             return nested
         return data
 
@@ -200,27 +218,36 @@ class FewShotDataParams(_Params):
     """Where the images come from and how validation episodes are found."""
 
     dataset: FewShotDataset = Field(
-        "glyphs", description="Built-in glyphs; a paper dataset under data_root (cifar-fs, mini-imagenet, "
+        "glyphs",
+        description="Built-in glyphs; a paper dataset under data_root (cifar-fs, mini-imagenet, "
         "tiered-imagenet); image-folder: your images {train,val,test}/<class>/<image>; features: your embeddings "
-        "table, Parquet with id, label, split, embedding (paper: cifar-fs, mini-imagenet, tiered-imagenet)")
+        "table, Parquet with id, label, split, embedding (paper: cifar-fs, mini-imagenet, tiered-imagenet)",
+    )
     data_root: str | None = Field(
-        None, description="Folder with {train,val,test}/<class>/<image> (e.g. data/cifar-fs after `ssr data download`), "
-        "or for features a Parquet file or folder of them (paper: the authors' layout)")
-    image_size: int = Field(84, ge=8, description="image-folder: images are resized to this square (paper: fixed per "
-                            "dataset)")
+        None,
+        description="Folder with {train,val,test}/<class>/<image> (e.g. data/cifar-fs after `ssr data download`), "
+        "or for features a Parquet file or folder of them (paper: the authors' layout)",
+    )
+    image_size: int = Field(
+        84, ge=8, description="image-folder: images are resized to this square (paper: fixed per dataset)"
+    )
     normalization: str = Field(
-        "auto", pattern=r"^(auto|imagenet|[-0-9.eE]+(,[-0-9.eE]+)*)$",
+        "auto",
+        pattern=r"^(auto|imagenet|[-0-9.eE]+(,[-0-9.eE]+)*)$",
         description="image-folder: auto (mean and std of the train split, computed once), imagenet, or 'm,s' / "
-        "'m1,m2,m3,s1,s2,s3' on the [0, 1] scale (paper: fixed per dataset)")
+        "'m1,m2,m3,s1,s2,s3' on the [0, 1] scale (paper: fixed per dataset)",
+    )
     val_episodes_json: str | None = Field(
-        None, description="Fixed validation episodes (SIB JSON); empty: <data_root>/val1000Episode_<n_way>_way_"
+        None,
+        description="Fixed validation episodes (SIB JSON); empty: <data_root>/val1000Episode_<n_way>_way_"
         "<n_shot>_shot_<n_query>_query.json when the folder holds it, else seeded episodes (paper: the "
-        "authors' 1,000 episodes)")
+        "authors' 1,000 episodes)",
+    )
     glyphs_size: Literal["small", "default"] = Field("default", description="Built-in dataset size (paper: not used)")
     data_seed: int = Field(0, description="Seed of the built-in dataset (paper: not used)")
 
     @model_validator(mode="after")
-    def _real_dataset_needs_root(self) -> "FewShotDataParams":
+    def _real_dataset_needs_root(self) -> FewShotDataParams:
         datasets.check_root("fewshot", self.dataset, self.data_root)
         return self
 
@@ -248,8 +275,10 @@ class FewShotTrainParams(_Params):
     n_query: int = Field(15, ge=1, description="Queries per class, training and test (paper: 15)")
     hidden: int = Field(256, ge=4, description="DNI hidden width (paper: 4096; 256 keeps CPU runs short)")
     lr_dni: PositiveFloat = Field(
-        0.01, description="DNI step size when the sweep does not set it; the right scale depends on the features' "
-        "norms (paper: 1e-3, 2e-3, 5e-3 swept)")
+        0.01,
+        description="DNI step size when the sweep does not set it; the right scale depends on the features' "
+        "norms (paper: 1e-3, 2e-3, 5e-3 swept)",
+    )
     max_steps: int = Field(3, ge=1, le=8, description="Curriculum 1 -> ... -> max_steps refinement steps (paper: 4)")
     iterations_first: int = Field(600, ge=1, description="Iterations at steps=1, lr x0.1 after a sixth (paper: 30,000)")
     iterations_next: int = Field(200, ge=1, description="Iterations per later step (paper: 10,000)")
@@ -259,14 +288,20 @@ class FewShotTrainParams(_Params):
     weight_decay: float = Field(5e-4, ge=0.0, description="SGD weight decay (paper: 5e-4)")
     batch_episodes: int = Field(4, ge=1, description="Episodes per SGD iteration (paper: 1)")
     val_every: int = Field(100, ge=1, description="Iterations between validations (paper: 1,000)")
-    patience: int = Field(0, ge=0, description="Stop a curriculum stage after this many validations without a new "
-                          "best; 0: run every iteration (paper: 0)")
+    patience: int = Field(
+        0,
+        ge=0,
+        description="Stop a curriculum stage after this many validations without a new "
+        "best; 0: run every iteration (paper: 0)",
+    )
     seed: int = Field(0, description="Seed of episodes and initialisation (paper: 300)")
     train_augment: str = Field(
-        "none", pattern=r"^(none|online|views:[1-9][0-9]*)$",
+        "none",
+        pattern=r"^(none|online|views:[1-9][0-9]*)$",
         description="Features of training episodes: none (extracted once, test transform), online (augmented images "
         "through the frozen backbone every episode), views:N (N augmented views per image, extracted once) "
-        "(paper: online)")
+        "(paper: online)",
+    )
 
     @property
     def episode(self) -> EpisodeShape:
@@ -274,7 +309,9 @@ class FewShotTrainParams(_Params):
 
     def build(self, feat_dim: int, steps: int) -> FewShotSSR:
         """The untrained model with ``steps`` refinement steps (the one place its arguments are made)."""
-        return FewShotSSR(feat_dim, self.n_way, self.n_way * self.n_query, steps, lr_dni=self.lr_dni, hidden=self.hidden)
+        return FewShotSSR(
+            feat_dim, self.n_way, self.n_way * self.n_query, steps, lr_dni=self.lr_dni, hidden=self.hidden
+        )
 
     def stage_schedule(self, steps: int) -> tuple[int, float, int | None]:
         """(iterations, lr, decay iteration) of a stage: lr x0.1 after 1/6 of stage 1 (5k of 30k)."""
@@ -290,19 +327,23 @@ class FewShotTrainParams(_Params):
 class FewShotEvalParams(_Params):
     """Validation and test episodes, and the rows of the results table."""
 
-    eval_shots: PositiveInts = Field(default_factory=lambda: [1, 5],
-                                     description="Shots of the test episodes, one table column each (paper: 1 and 5)")
+    eval_shots: PositiveInts = Field(
+        default_factory=lambda: [1, 5], description="Shots of the test episodes, one table column each (paper: 1 and 5)"
+    )
     n_val_episodes: int = Field(300, ge=1, description="Fixed validation episodes used (paper: 1,000)")
     n_test_episodes: int = Field(600, ge=1, description="Random test episodes per shot count (paper: 2,000)")
     methods: list[str] = Field(
         default_factory=lambda: list(FEWSHOT_METHODS),
         description="Rows of the results table, each with its ms and peak memory per episode: baseline, "
         "k-reciprocal, ssr, and the peers simpleshot, bd-cspn, tim, pt-map, laplacianshot on the same features and "
-        "test episodes; SSR is trained and registered whatever the rows (paper: baseline, k-reciprocal, ssr)")
+        "test episodes; SSR is trained and registered whatever the rows (paper: baseline, k-reciprocal, ssr)",
+    )
     query_balance: str = Field(
-        "balanced", description="Test queries per class: balanced (n_query each) or dirichlet:ALPHA, the alpha-TIM "
+        "balanced",
+        description="Test queries per class: balanced (n_query each) or dirichlet:ALPHA, the alpha-TIM "
         "protocol: class counts of the n_way x n_query queries from Dirichlet(ALPHA), 2 their main setting "
-        "(paper: balanced)")
+        "(paper: balanced)",
+    )
     n_eval_actors: int = Field(0, ge=0, description="0: one per free CPU (GPU when present) (paper: one GPU)")
 
     @field_validator("methods")
@@ -330,10 +371,15 @@ class FewShotEvalParams(_Params):
 class FewShotBaselineParams(_Params):
     """The grid of the k-reciprocal baseline, chosen on validation episodes."""
 
-    krecip_k1: list[int] = Field(default_factory=lambda: [10, 20, 30], description="k-reciprocal k1 grid (paper: 10, 20, 30)")
-    krecip_k2: list[int] = Field(default_factory=lambda: [5, 10, 15], description="k-reciprocal k2 grid (paper: 5, 10, 15)")
-    krecip_lambda: KrecipLambdas = Field(default_factory=lambda: [0.2, 0.5, 0.8],
-                                         description="k-reciprocal lambda grid (paper: 0.2, 0.5, 0.8)")
+    krecip_k1: list[int] = Field(
+        default_factory=lambda: [10, 20, 30], description="k-reciprocal k1 grid (paper: 10, 20, 30)"
+    )
+    krecip_k2: list[int] = Field(
+        default_factory=lambda: [5, 10, 15], description="k-reciprocal k2 grid (paper: 5, 10, 15)"
+    )
+    krecip_lambda: KrecipLambdas = Field(
+        default_factory=lambda: [0.2, 0.5, 0.8], description="k-reciprocal lambda grid (paper: 0.2, 0.5, 0.8)"
+    )
 
 
 class FewShotParams(_Pipeline):
@@ -347,36 +393,66 @@ class FewShotParams(_Pipeline):
     NOT_SWEPT: ClassVar[tuple[str, ...]] = ("train_augment", "n_way", "n_query")
     FLAT: ClassVar[dict[str, tuple[str, str]]] = {
         **{f: ("data", f) for f in ("dataset", "data_root", "val_episodes_json", "glyphs_size", "data_seed")},
-        "backbone": ("backbone", "name"), "backbone_checkpoint": ("backbone", "checkpoint"),
-        **{f: ("backbone", f) for f in ("released_checkpoint", "pretrain_epochs", "pretrain_batch_size", "pretrain_lr")},
-        "n_shot_train": ("train", "n_shot"), "lr_dni_grid": ("sweep", "lr_dni"),
-        **{f: ("train", f) for f in ("n_way", "n_query", "hidden", "max_steps", "iterations_first", "iterations_next",
-                                     "lr_first", "lr_next", "batch_episodes", "val_every", "seed", "train_augment")},
-        **{f: ("evaluation", f) for f in ("eval_shots", "n_val_episodes", "n_test_episodes", "methods",
-                                          "query_balance", "n_eval_actors")},
+        "backbone": ("backbone", "name"),
+        "backbone_checkpoint": ("backbone", "checkpoint"),
+        **{
+            f: ("backbone", f) for f in ("released_checkpoint", "pretrain_epochs", "pretrain_batch_size", "pretrain_lr")
+        },
+        "n_shot_train": ("train", "n_shot"),
+        "lr_dni_grid": ("sweep", "lr_dni"),
+        **{
+            f: ("train", f)
+            for f in (
+                "n_way",
+                "n_query",
+                "hidden",
+                "max_steps",
+                "iterations_first",
+                "iterations_next",
+                "lr_first",
+                "lr_next",
+                "batch_episodes",
+                "val_every",
+                "seed",
+                "train_augment",
+            )
+        },
+        **{
+            f: ("evaluation", f)
+            for f in ("eval_shots", "n_val_episodes", "n_test_episodes", "methods", "query_balance", "n_eval_actors")
+        },
         **{f: ("baselines", f) for f in ("krecip_k1", "krecip_k2", "krecip_lambda")},
     }
 
     data: FewShotDataParams = Field(default_factory=FewShotDataParams, description="Data set and validation episodes")
-    backbone: FewShotBackboneParams = Field(default_factory=FewShotBackboneParams,
-                                            description="Feature extractor, or the authors' released model")
-    train: FewShotTrainParams = Field(default_factory=FewShotTrainParams,
-                                      description="SSR training config; each Ray Tune trial gets it with a sweep point")
-    sweep: Sweep = Field(default_factory=lambda: {"lr_dni": [0.01, 0.1]},
-                         description="Fields of the train group swept by Ray Tune, one trial per point of their "
-                         "product, the best on validation wins, e.g. {\"lr_dni\": [0.01, 0.1], \"hidden\": [256, 1024]} "
-                         "(paper: lr_dni 1e-3, 2e-3, 5e-3)")
+    backbone: FewShotBackboneParams = Field(
+        default_factory=FewShotBackboneParams, description="Feature extractor, or the authors' released model"
+    )
+    train: FewShotTrainParams = Field(
+        default_factory=FewShotTrainParams,
+        description="SSR training config; each Ray Tune trial gets it with a sweep point",
+    )
+    sweep: Sweep = Field(
+        default_factory=lambda: {"lr_dni": [0.01, 0.1]},
+        description="Fields of the train group swept by Ray Tune, one trial per point of their "
+        'product, the best on validation wins, e.g. {"lr_dni": [0.01, 0.1], "hidden": [256, 1024]} '
+        "(paper: lr_dni 1e-3, 2e-3, 5e-3)",
+    )
     evaluation: FewShotEvalParams = Field(default_factory=FewShotEvalParams, description="Test episodes and table rows")
-    baselines: FewShotBaselineParams = Field(default_factory=FewShotBaselineParams,
-                                             description="Baselines' grids, chosen on validation episodes")
-    from_data: bool = Field(False, description="Scale the sweep's lr_dni values to the features: each is multiplied "
-                            "by the mean squared norm of the train split's features, as the DNI update's effect on the "
-                            "cosines falls as lr_dni / |x|^2 (docs/own-data-ssr.md) (paper: no)")
+    baselines: FewShotBaselineParams = Field(
+        default_factory=FewShotBaselineParams, description="Baselines' grids, chosen on validation episodes"
+    )
+    from_data: bool = Field(
+        False,
+        description="Scale the sweep's lr_dni values to the features: each is multiplied "
+        "by the mean squared norm of the train split's features, as the DNI update's effect on the "
+        "cosines falls as lr_dni / |x|^2 (docs/own-data-ssr.md) (paper: no)",
+    )
     device: Device = Field("auto", description="auto: CUDA when Ray sees a GPU (paper: one GPU)")
     model_name: str = Field("ssr-fewshot", description="Registered model name in MLflow (paper: not used)")
 
     @model_validator(mode="after")
-    def _methods_fit_the_episodes(self) -> "FewShotParams":
+    def _methods_fit_the_episodes(self) -> FewShotParams:
         n_way, n_queries = self.train.n_way, self.train.n_way * self.train.n_query
         for name in self.evaluation.methods:
             if name in PEER_METHODS:
@@ -384,8 +460,9 @@ class FewShotParams(_Pipeline):
                     try:
                         PEER_METHODS[name].check(n_way, shot, n_queries)
                     except ValueError as exc:
-                        raise ValueError(f"evaluation.methods: {exc} ({n_way}-way {shot}-shot, {n_queries} "
-                                         f"queries)") from None
+                        raise ValueError(
+                            f"evaluation.methods: {exc} ({n_way}-way {shot}-shot, {n_queries} queries)"
+                        ) from None
         return self
 
 
@@ -398,22 +475,30 @@ class RetrievalDataParams(_Params):
     """The test set and the training clusters, and which clusters are held out for validation."""
 
     dataset: RetrievalDataset = Field(
-        "glyphs-retrieval", description="Built-in glyphs; a revisited test set (roxford5k, rparis6k) with SSR "
+        "glyphs-retrieval",
+        description="Built-in glyphs; a revisited test set (roxford5k, rparis6k) with SSR "
         "trained on SfM-120k; or features: your labelled embeddings (train, queries, database tables); all but "
-        "glyphs need data_root")
+        "glyphs need data_root",
+    )
     data_root: str | None = Field(
-        None, description="Folder with the authors' landmark pickles gl18_resnet101_{roxford5k,rparis6k,sfm120k}.pkl "
+        None,
+        description="Folder with the authors' landmark pickles gl18_resnet101_{roxford5k,rparis6k,sfm120k}.pkl "
         "(`ssr data download ssr-landmark-features`), or for features a folder with train.parquet, queries.parquet, "
-        "database.parquet and optionally gnd.pkl / gnd.json")
+        "database.parquet and optionally gnd.pkl / gnd.json",
+    )
     glyphs_size: Literal["small", "default"] = Field("default", description="Built-in dataset size (paper: not used)")
     data_seed: int = Field(0, description="Seed of the built-in dataset (paper: not used)")
     holdout_fraction: float = Field(
-        0.05, gt=0.0, lt=1.0, description="Share of the training clusters held out for validation (seeded hash of the "
-        "cluster id); the sweep's point, the checkpoint, QE's n and the k-reciprocal point are chosen on them")
+        0.05,
+        gt=0.0,
+        lt=1.0,
+        description="Share of the training clusters held out for validation (seeded hash of the "
+        "cluster id); the sweep's point, the checkpoint, QE's n and the k-reciprocal point are chosen on them",
+    )
     holdout_seed: int = Field(0, description="Seed of the hash choosing the held-out clusters (paper: not used)")
 
     @model_validator(mode="after")
-    def _real_dataset_needs_root(self) -> "RetrievalDataParams":
+    def _real_dataset_needs_root(self) -> RetrievalDataParams:
         datasets.check_root("retrieval", self.dataset, self.data_root)
         return self
 
@@ -429,17 +514,33 @@ class RetrievalTrainParams(_Params):
     k: int = Field(50, ge=2, description="Neighbours re-ranked per query (paper: 100)")
     steps: int = Field(1, ge=1, le=8, description="SSR refinement steps (paper: 1)")
     hidden: int = Field(256, ge=4, description="DNI hidden width (paper: 1024)")
-    lr_dni: PositiveFloat = Field(1e-3, description="DNI step size when the sweep does not set it (paper, GeM "
-                                  "features: 1e-4, 2e-4, 5e-4 swept); the scale depends on the features")
-    sequence_length: int = Field(1000, ge=2, description="Items drawn uniformly, without replacement, per training sequence")
+    lr_dni: PositiveFloat = Field(
+        1e-3,
+        description="DNI step size when the sweep does not set it (paper, GeM "
+        "features: 1e-4, 2e-4, 5e-4 swept); the scale depends on the features",
+    )
+    sequence_length: int = Field(
+        1000, ge=2, description="Items drawn uniformly, without replacement, per training sequence"
+    )
     min_positives: int = Field(
-        2, ge=0, description="Keep sequences with more than this many positives in the top-k (paper, SfM-120k: 5). "
-        "Glyph default 2 (at least 3 positives): the built-in training clusters hold 5-6 renderings")
-    max_ap: float = Field(0.8, gt=0.0, le=1.0, description="Keep sequences whose initial top-k AP is below this (paper: 0.8)")
+        2,
+        ge=0,
+        description="Keep sequences with more than this many positives in the top-k (paper, SfM-120k: 5). "
+        "Glyph default 2 (at least 3 positives): the built-in training clusters hold 5-6 renderings",
+    )
+    max_ap: float = Field(
+        0.8, gt=0.0, le=1.0, description="Keep sequences whose initial top-k AP is below this (paper: 0.8)"
+    )
     iterations: int = Field(600, ge=1, description="Paper: 60,000")
-    val_every: int = Field(250, ge=1, description="Validation period; fresh sequences are drawn for each (paper: 1,000)")
-    patience: int = Field(0, ge=0, description="Stop after this many validations without a new best, iterations "
-                          "being then a cap; 0: run every iteration (paper: 0)")
+    val_every: int = Field(
+        250, ge=1, description="Validation period; fresh sequences are drawn for each (paper: 1,000)"
+    )
+    patience: int = Field(
+        0,
+        ge=0,
+        description="Stop after this many validations without a new best, iterations "
+        "being then a cap; 0: run every iteration (paper: 0)",
+    )
     batch_queries: int = Field(16, ge=1, description="Sequences per SGD step (paper: 1)")
     lr: PositiveFloat = Field(1e-3, description="SGD learning rate (paper: 1e-3)")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (paper: 0.9)")
@@ -455,28 +556,42 @@ class RetrievalTrainParams(_Params):
 class RetrievalBaselineParams(_Params):
     """The grids of the baselines, chosen on the validation queries."""
 
-    qe_n_grid: PositiveInts = Field(default_factory=lambda: [1, 3, 5, 7, 9], description="Query expansion: top-n items tried")
+    qe_n_grid: PositiveInts = Field(
+        default_factory=lambda: [1, 3, 5, 7, 9], description="Query expansion: top-n items tried"
+    )
     krecip_pairs: list[tuple[int, int]] = Field(
-        default_factory=lambda: [(40, 20), (80, 40), (160, 80)], description="k-reciprocal (k1, k2) pairs tried")
-    krecip_lambda: KrecipLambdas = Field(default_factory=lambda: [0.1, 0.3, 0.5], description="k-reciprocal lambdas tried")
+        default_factory=lambda: [(40, 20), (80, 40), (160, 80)], description="k-reciprocal (k1, k2) pairs tried"
+    )
+    krecip_lambda: KrecipLambdas = Field(
+        default_factory=lambda: [0.1, 0.3, 0.5], description="k-reciprocal lambdas tried"
+    )
     dba_n_grid: list[Annotated[int, Field(ge=0)]] = Field(
-        default_factory=lambda: [1, 3, 5, 10], min_length=1,
-        description="alpha-DBA + alpha-QE: database neighbours n_dba tried, each with every n of qe_n_grid (alpha 3)")
+        default_factory=lambda: [1, 3, 5, 10],
+        min_length=1,
+        description="alpha-DBA + alpha-QE: database neighbours n_dba tried, each with every n of qe_n_grid (alpha 3)",
+    )
     diffusion_k_grid: PositiveInts = Field(
-        default_factory=lambda: [10, 20, 50], description="Diffusion: k of the mutual k-NN graph tried (paper: 50; "
-        "alpha 0.99, gamma 3, kq 10, shortlist 1,000)")
+        default_factory=lambda: [10, 20, 50],
+        description="Diffusion: k of the mutual k-NN graph tried (paper: 50; "
+        "alpha 0.99, gamma 3, kq 10, shortlist 1,000)",
+    )
     gnn_k_pairs: list[tuple[int, int]] = Field(
-        default_factory=lambda: [(10, 4), (26, 7), (50, 10)], min_length=1,
-        description="GNN re-ranking: (k1, k2) pairs tried (authors' code: 26, 7; shortlist 400)")
+        default_factory=lambda: [(10, 4), (26, 7), (50, 10)],
+        min_length=1,
+        description="GNN re-ranking: (k1, k2) pairs tried (authors' code: 26, 7; shortlist 400)",
+    )
     superglobal_k_grid: PositiveInts = Field(
-        default_factory=lambda: [3, 6, 9], description="SuperGlobal: neighbours K tried (paper: 9; M 400)")
+        default_factory=lambda: [3, 6, 9], description="SuperGlobal: neighbours K tried (paper: 9; M 400)"
+    )
     superglobal_beta_grid: list[PositiveFloat] = Field(
-        default_factory=lambda: [0.15, 0.3], min_length=1, description="SuperGlobal: beta tried (paper: 0.15)")
+        default_factory=lambda: [0.15, 0.3], min_length=1, description="SuperGlobal: beta tried (paper: 0.15)"
+    )
     methods: list[str] = Field(
         default_factory=lambda: list(RETRIEVAL_METHODS),
         description="Rows of the results table, each also followed by SSR: features, AQE, AQEwD, alpha-QE, DQE, "
         "k-reciprocal (paper), and alpha-DBA-QE, diffusion, GNN, SuperGlobal on the same top-K stores; only their "
-        "settings are chosen on validation; SSR is trained and registered whatever the rows")
+        "settings are chosen on validation; SSR is trained and registered whatever the rows",
+    )
 
     @field_validator("methods")
     @classmethod
@@ -500,31 +615,60 @@ class RetrievalParams(_Pipeline):
     """Image retrieval reproduction (SSR_METHOD.md sections 4, 6 and 7), in groups."""
 
     FLAT: ClassVar[dict[str, tuple[str, str]]] = {
-        **{f: ("data", f) for f in ("dataset", "data_root", "glyphs_size", "data_seed", "holdout_fraction",
-                                    "holdout_seed")},
-        "backbone": ("backbone", "name"), "backbone_checkpoint": ("backbone", "checkpoint"),
-        "pretrain_epochs": ("backbone", "pretrain_epochs"), "lr_dni_grid": ("sweep", "lr_dni"),
-        **{f: ("train", f) for f in ("k", "steps", "hidden", "sequence_length", "min_positives", "max_ap", "iterations",
-                                     "val_every", "batch_queries", "lr", "n_val_queries", "seed")},
+        **{
+            f: ("data", f)
+            for f in ("dataset", "data_root", "glyphs_size", "data_seed", "holdout_fraction", "holdout_seed")
+        },
+        "backbone": ("backbone", "name"),
+        "backbone_checkpoint": ("backbone", "checkpoint"),
+        "pretrain_epochs": ("backbone", "pretrain_epochs"),
+        "lr_dni_grid": ("sweep", "lr_dni"),
+        **{
+            f: ("train", f)
+            for f in (
+                "k",
+                "steps",
+                "hidden",
+                "sequence_length",
+                "min_positives",
+                "max_ap",
+                "iterations",
+                "val_every",
+                "batch_queries",
+                "lr",
+                "n_val_queries",
+                "seed",
+            )
+        },
         **{f: ("baselines", f) for f in ("qe_n_grid", "krecip_pairs", "krecip_lambda")},
         **{f: ("evaluation", f) for f in ("shard_size", "n_rerank_actors")},
     }
 
     data: RetrievalDataParams = Field(default_factory=RetrievalDataParams, description="Test set and training clusters")
-    backbone: BackboneParams = Field(default_factory=BackboneParams,
-                                     description="Glyphs only: the feature extractor (the landmark features are given)")
-    train: RetrievalTrainParams = Field(default_factory=RetrievalTrainParams,
-                                        description="SSR training config; each Ray Tune trial gets it with a sweep point")
-    sweep: Sweep = Field(default_factory=lambda: {"lr_dni": [1e-3, 1e-2]},
-                         description="Fields of the train group swept by Ray Tune (any of them: k, steps, hidden, "
-                         "lr_dni, ...), one trial per point of their product, the best validation mAP wins "
-                         "(paper: lr_dni 1e-4, 2e-4, 5e-4)")
-    baselines: RetrievalBaselineParams = Field(default_factory=RetrievalBaselineParams,
-                                               description="Baselines' grids, chosen on the validation queries")
+    backbone: BackboneParams = Field(
+        default_factory=BackboneParams,
+        description="Glyphs only: the feature extractor (the landmark features are given)",
+    )
+    train: RetrievalTrainParams = Field(
+        default_factory=RetrievalTrainParams,
+        description="SSR training config; each Ray Tune trial gets it with a sweep point",
+    )
+    sweep: Sweep = Field(
+        default_factory=lambda: {"lr_dni": [1e-3, 1e-2]},
+        description="Fields of the train group swept by Ray Tune (any of them: k, steps, hidden, "
+        "lr_dni, ...), one trial per point of their product, the best validation mAP wins "
+        "(paper: lr_dni 1e-4, 2e-4, 5e-4)",
+    )
+    baselines: RetrievalBaselineParams = Field(
+        default_factory=RetrievalBaselineParams, description="Baselines' grids, chosen on the validation queries"
+    )
     evaluation: RetrievalEvalParams = Field(default_factory=RetrievalEvalParams, description="Stores and actors")
-    from_data: bool = Field(False, description="Choose settings from the training data (docs/own-data-ssr.md): "
-                            "holdout_fraction sized for k, the lr_dni sweep around lr* measured on the features, "
-                            "sequence_length and min_positives relaxed until a quarter of the draws pass (paper: no)")
+    from_data: bool = Field(
+        False,
+        description="Choose settings from the training data (docs/own-data-ssr.md): "
+        "holdout_fraction sized for k, the lr_dni sweep around lr* measured on the features, "
+        "sequence_length and min_positives relaxed until a quarter of the draws pass (paper: no)",
+    )
     device: Device = Field("auto", description="auto: CUDA when Ray sees a GPU (paper: one GPU)")
     model_name: str = Field("ssr-retrieval", description="Registered model name in MLflow (paper: not used)")
 

@@ -8,6 +8,7 @@ Adding a dataset is one entry here plus one loader: few-shot loaders are in
 ``ssr_tasks.fewshot.tasks`` (``prepare_data`` / ``import_features``), retrieval loaders in
 ``ssr_tasks.retrieval.tasks`` (``import_features_data``), dispatched on ``Dataset.loader``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,35 +44,106 @@ _FS_VAL = "the val split's episodes, or an episode JSON beside the splits"
 _RT_VAL = "held-out training clusters (holdout_fraction)"
 
 DATASETS: tuple[Dataset, ...] = (
-    Dataset("glyphs", "fewshot", "glyphs", "the built-in glyphs, rendered from matplotlib's fonts", needs_root=False,
-            spec="glyphs", ground_truth="class labels", validation="SIB-format fixed episodes of the val split"),
-    Dataset("cifar-fs", "fewshot", "image-folder", "CIFAR-FS in the authors' layout",
-            root_hint="{train,val,test}/<class>/<image> (`ssr data download cifar-fs`)", spec="cifar-fs",
-            ground_truth="class labels", validation="the authors' 1,000 fixed episodes when present, else " + _FS_VAL),
-    Dataset("mini-imagenet", "fewshot", "image-folder", "miniImageNet in the authors' layout",
-            root_hint="{train,val,test}/<class>/<image> (`ssr data download mini-imagenet`)", spec="mini-imagenet",
-            ground_truth="class labels", validation="the authors' 1,000 fixed episodes when present, else " + _FS_VAL),
-    Dataset("tiered-imagenet", "fewshot", "image-folder", "tieredImageNet in the authors' layout",
-            root_hint="{train,val,test}/<class>/<image> (`ssr data download tiered-imagenet`)", spec="tiered-imagenet",
-            ground_truth="class labels", validation="the authors' 1,000 fixed episodes when present, else " + _FS_VAL),
-    Dataset("image-folder", "fewshot", "image-folder", "your images: {train,val,test}/<class>/<image>, any format "
-            "Pillow reads", root_hint="{train,val,test}/<class>/<image>", ground_truth="class folders",
-            validation=_FS_VAL),
-    Dataset("features", "fewshot", "features", "your embeddings: one Parquet file or a folder of them with columns "
-            "id, label, split, embedding", root_hint="a Parquet file or folder (id, label, split, embedding)",
-            images=False, ground_truth="labels", validation="episodes of the val split"),
-    Dataset("glyphs-retrieval", "retrieval", "glyphs", "the built-in glyph retrieval set", needs_root=False,
-            spec="glyphs", ground_truth="revisited easy/hard/junk", validation=_RT_VAL),
-    Dataset("roxford5k", "retrieval", "landmarks", "revisited Oxford with the authors' R-GeM features, SSR trained on "
-            "SfM-120k", root_hint="the authors' landmark pickles (`ssr data download ssr-landmark-features`)",
-            images=False, ground_truth="revisited easy/hard/junk", validation=_RT_VAL),
-    Dataset("rparis6k", "retrieval", "landmarks", "revisited Paris with the authors' R-GeM features, SSR trained on "
-            "SfM-120k", root_hint="the authors' landmark pickles (`ssr data download ssr-landmark-features`)",
-            images=False, ground_truth="revisited easy/hard/junk", validation=_RT_VAL),
-    Dataset("features", "retrieval", "features", "your labelled embeddings: train.parquet, queries.parquet, "
-            "database.parquet (+ gnd.pkl / gnd.json, else label matches)",
-            root_hint="a folder with train.parquet, queries.parquet, database.parquet and optionally gnd.pkl/gnd.json",
-            images=False, ground_truth="gnd.pkl / gnd.json (revisitop) or label matches", validation=_RT_VAL),
+    Dataset(
+        "glyphs",
+        "fewshot",
+        "glyphs",
+        "the built-in glyphs, rendered from matplotlib's fonts",
+        needs_root=False,
+        spec="glyphs",
+        ground_truth="class labels",
+        validation="SIB-format fixed episodes of the val split",
+    ),
+    Dataset(
+        "cifar-fs",
+        "fewshot",
+        "image-folder",
+        "CIFAR-FS in the authors' layout",
+        root_hint="{train,val,test}/<class>/<image> (`ssr data download cifar-fs`)",
+        spec="cifar-fs",
+        ground_truth="class labels",
+        validation="the authors' 1,000 fixed episodes when present, else " + _FS_VAL,
+    ),
+    Dataset(
+        "mini-imagenet",
+        "fewshot",
+        "image-folder",
+        "miniImageNet in the authors' layout",
+        root_hint="{train,val,test}/<class>/<image> (`ssr data download mini-imagenet`)",
+        spec="mini-imagenet",
+        ground_truth="class labels",
+        validation="the authors' 1,000 fixed episodes when present, else " + _FS_VAL,
+    ),
+    Dataset(
+        "tiered-imagenet",
+        "fewshot",
+        "image-folder",
+        "tieredImageNet in the authors' layout",
+        root_hint="{train,val,test}/<class>/<image> (`ssr data download tiered-imagenet`)",
+        spec="tiered-imagenet",
+        ground_truth="class labels",
+        validation="the authors' 1,000 fixed episodes when present, else " + _FS_VAL,
+    ),
+    Dataset(
+        "image-folder",
+        "fewshot",
+        "image-folder",
+        "your images: {train,val,test}/<class>/<image>, any format Pillow reads",
+        root_hint="{train,val,test}/<class>/<image>",
+        ground_truth="class folders",
+        validation=_FS_VAL,
+    ),
+    Dataset(
+        "features",
+        "fewshot",
+        "features",
+        "your embeddings: one Parquet file or a folder of them with columns id, label, split, embedding",
+        root_hint="a Parquet file or folder (id, label, split, embedding)",
+        images=False,
+        ground_truth="labels",
+        validation="episodes of the val split",
+    ),
+    Dataset(
+        "glyphs-retrieval",
+        "retrieval",
+        "glyphs",
+        "the built-in glyph retrieval set",
+        needs_root=False,
+        spec="glyphs",
+        ground_truth="revisited easy/hard/junk",
+        validation=_RT_VAL,
+    ),
+    Dataset(
+        "roxford5k",
+        "retrieval",
+        "landmarks",
+        "revisited Oxford with the authors' R-GeM features, SSR trained on SfM-120k",
+        root_hint="the authors' landmark pickles (`ssr data download ssr-landmark-features`)",
+        images=False,
+        ground_truth="revisited easy/hard/junk",
+        validation=_RT_VAL,
+    ),
+    Dataset(
+        "rparis6k",
+        "retrieval",
+        "landmarks",
+        "revisited Paris with the authors' R-GeM features, SSR trained on SfM-120k",
+        root_hint="the authors' landmark pickles (`ssr data download ssr-landmark-features`)",
+        images=False,
+        ground_truth="revisited easy/hard/junk",
+        validation=_RT_VAL,
+    ),
+    Dataset(
+        "features",
+        "retrieval",
+        "features",
+        "your labelled embeddings: train.parquet, queries.parquet, "
+        "database.parquet (+ gnd.pkl / gnd.json, else label matches)",
+        root_hint="a folder with train.parquet, queries.parquet, database.parquet and optionally gnd.pkl/gnd.json",
+        images=False,
+        ground_truth="gnd.pkl / gnd.json (revisitop) or label matches",
+        validation=_RT_VAL,
+    ),
 )
 
 

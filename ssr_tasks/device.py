@@ -6,6 +6,7 @@ done in the pipeline's own process (backbone pretraining, feature extraction), t
 cluster's resources for trials and actors (asking Ray for a GPU that is not there hangs).
 Every consumer receives the resolved ``"cpu"`` / ``"cuda"`` string and follows it.
 """
+
 from __future__ import annotations
 
 import torch

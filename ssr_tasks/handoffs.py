@@ -4,6 +4,7 @@
 They hold file paths and scalars, never tensors: Prefect persists them as task results and
 hashes them as the inputs of the next cached task.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

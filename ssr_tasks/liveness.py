@@ -3,6 +3,7 @@
 A flow process killed mid-run leaves its MLflow runs RUNNING; the next pipeline ends those
 whose process is surely gone (``ssr_tasks.tracking.Tracker.close_orphans``).
 """
+
 from __future__ import annotations
 
 import os

@@ -15,6 +15,7 @@ the same). Until then the URI stays as given. This needs no private attribute of
 generation counter is the one piece of process state here, and it exists because MLflow's
 engine cache does.
 """
+
 from __future__ import annotations
 
 import urllib.parse
@@ -46,7 +47,9 @@ def store_uri(uri: str) -> str:
     if generation == 0:
         return uri
     base, _, query = uri.partition("?")
-    fields = [(k, v) for k, v in urllib.parse.parse_qsl(query) if k != GENERATION_FIELD] + [(GENERATION_FIELD, str(generation))]
+    fields = [(k, v) for k, v in urllib.parse.parse_qsl(query) if k != GENERATION_FIELD] + [
+        (GENERATION_FIELD, str(generation))
+    ]
     return f"{base}?{urllib.parse.urlencode(fields)}"
 
 

@@ -1,10 +1,12 @@
 """Opening a pipeline run: its folders and the parent MLflow run that spans it."""
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Mapping
+from typing import Literal
 
 from ssr_tasks.config import FewShotParams, RetrievalParams, default_run_dir
 from ssr_tasks.handoffs import TrialTracking
@@ -34,8 +36,12 @@ class PipelineRun:
 
 
 @contextlib.contextmanager
-def pipeline_run(kind: Literal["fewshot", "retrieval"], params: FewShotParams | RetrievalParams,
-                 tags: Mapping[str, str], flow_run_id: str | None) -> Iterator[PipelineRun]:
+def pipeline_run(
+    kind: Literal["fewshot", "retrieval"],
+    params: FewShotParams | RetrievalParams,
+    tags: Mapping[str, str],
+    flow_run_id: str | None,
+) -> Iterator[PipelineRun]:
     """Open a subflow: its run folder and work folder, and the parent MLflow run that spans
     the whole flow run (its duration is the pipeline's), with the parameters logged.
 
@@ -44,7 +50,9 @@ def pipeline_run(kind: Literal["fewshot", "retrieval"], params: FewShotParams | 
     """
     run_dir = default_run_dir()
     # a user's data: the folder also carries the data root, so two tables never share one
-    where = f"-{short_hash(str(Path(params.data.data_root).expanduser().resolve()))[:8]}" if params.data.data_root else ""
+    where = (
+        f"-{short_hash(str(Path(params.data.data_root).expanduser().resolve()))[:8]}" if params.data.data_root else ""
+    )
     work = run_dir / kind / f"{params.data.dataset}{where}-{params.backbone.name}-seed{params.train.seed}"
     work.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(f"ssr-{kind}", run_dir)

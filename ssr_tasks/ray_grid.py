@@ -18,6 +18,7 @@ continue from their last checkpoint. Each finished trial's last checkpoint (its 
 models and ``summary.json``) is then copied to ``trial_dir(ckpt_root, point)``, which later
 steps read and a rerun skips.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,9 +30,10 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar
+from typing import Any, Generic, TypeVar
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
@@ -102,7 +104,7 @@ class TrialWorkspace:
     (paths relative to the folder) and reports it last. The folder is removed on exit.
     """
 
-    def __enter__(self) -> "TrialWorkspace":
+    def __enter__(self) -> TrialWorkspace:
         self.path = Path(tempfile.mkdtemp(prefix="ssr-trial-"))
         ckpt = tune.get_checkpoint()
         self.resumed = ckpt is not None
@@ -177,8 +179,11 @@ LIVE_KEYS = ("loss", "val_acc", "val_map", "best_val_acc", "best_val_map", "prog
 
 def trial_line(label: str, result: Mapping[str, Any]) -> str:
     """One log line of a trial's report: ``trial lr_dni=0.1: 40% steps=1 iteration=300 loss=0.41 val_acc=0.62``."""
-    fields = " ".join(f"{k}={result[k]:.4g}" if isinstance(result[k], float) else f"{k}={result[k]}"
-                      for k in LOGGED_KEYS if k in result)
+    fields = " ".join(
+        f"{k}={result[k]:.4g}" if isinstance(result[k], float) else f"{k}={result[k]}"
+        for k in LOGGED_KEYS
+        if k in result
+    )
     pct = f" {100 * float(result['progress']):.0f}%" if "progress" in result else ""
     return f"trial {label}:{pct} {fields}".rstrip()
 
@@ -195,8 +200,13 @@ class GridCallback(tune.Callback):
       a failure keeps its run.
     """
 
-    def __init__(self, n_trials: int, progress: Callable[[float], None] | None = None,
-                 tracking: TrialTracking | None = None, log_every_s: float = 10.0):
+    def __init__(
+        self,
+        n_trials: int,
+        progress: Callable[[float], None] | None = None,
+        tracking: TrialTracking | None = None,
+        log_every_s: float = 10.0,
+    ):
         self.n_trials, self.progress, self.tracking, self.log_every_s = n_trials, progress, tracking, log_every_s
         self.client = MlflowClient(tracking.tracking_uri, tracking.tracking_uri) if tracking else None
         self.done: dict[str, float] = {}
@@ -211,8 +221,12 @@ class GridCallback(tune.Callback):
         if self.client is None or trial.trial_id in self.runs:
             return
         label, point = self._label(trial), trial.config.get("points", {}).get(self._label(trial), {})
-        tags = {**dict(self.tracking.tags), "mlflow.parentRunId": self.tracking.parent_run_id, "ssr.trial": label,
-                PROCESS_TAG: process_tag()}
+        tags = {
+            **dict(self.tracking.tags),
+            "mlflow.parentRunId": self.tracking.parent_run_id,
+            "ssr.trial": label,
+            PROCESS_TAG: process_tag(),
+        }
         run = self.client.create_run(self.tracking.experiment_id, run_name=f"trial {label}", tags=tags)
         for key, value in point.items():
             self.client.log_param(run.info.run_id, key, value)
@@ -232,8 +246,16 @@ class GridCallback(tune.Callback):
         run_id = self.runs.get(trial.trial_id)
         if run_id is not None:
             step, stamp = int(result.get("training_iteration", 0)), int(time.time() * 1000)
-            metrics = [Metric(metric_name(k), 100 * float(result[k]) if k.startswith(("val_", "best_val_")) else float(result[k]),
-                              stamp, step) for k in LIVE_KEYS if isinstance(result.get(k), (int, float))]
+            metrics = [
+                Metric(
+                    metric_name(k),
+                    100 * float(result[k]) if k.startswith(("val_", "best_val_")) else float(result[k]),
+                    stamp,
+                    step,
+                )
+                for k in LIVE_KEYS
+                if isinstance(result.get(k), (int, float))
+            ]
             if metrics:
                 self.client.log_batch(run_id, metrics=metrics)
 
@@ -251,8 +273,9 @@ class GridCallback(tune.Callback):
             self.progress(1.0)  # also counts trials a restored experiment had finished before
 
 
-def grid_callback(n_trials: int, progress: Callable[[float], None] | None = None,
-                  tracking: TrialTracking | None = None) -> GridCallback:
+def grid_callback(
+    n_trials: int, progress: Callable[[float], None] | None = None, tracking: TrialTracking | None = None
+) -> GridCallback:
     """The callback of one grid (a seam: tests wrap it to act at a chosen report)."""
     return GridCallback(n_trials, progress, tracking)
 
@@ -263,8 +286,14 @@ def grid_callback(n_trials: int, progress: Callable[[float], None] | None = None
 # the live callback registered here by the current call, which reports to this flow run and
 # this MLflow parent run.
 _LIVE_CALLBACKS: dict[str, GridCallback] = {}
-_HOOKS = ("on_trial_start", "on_trial_restore", "on_trial_result", "on_trial_complete", "on_trial_error",
-          "on_experiment_end")
+_HOOKS = (
+    "on_trial_start",
+    "on_trial_restore",
+    "on_trial_result",
+    "on_trial_complete",
+    "on_trial_error",
+    "on_experiment_end",
+)
 
 
 class _Forward(tune.Callback):
@@ -278,6 +307,7 @@ def _forward(hook_name: str):
         live = importlib.import_module("ssr_tasks.ray_grid")._LIVE_CALLBACKS.get(self.name)
         if live is not None:
             getattr(live, hook_name)(*args, **kwargs)
+
     return call
 
 
@@ -293,9 +323,16 @@ class TrialsFailed(RuntimeError):
         self.finished = finished or {}
 
 
-def tune_grid(trainable: Callable[[dict], None], points: Mapping[str, Mapping[str, Any]], name: str,
-              storage_path: Path, max_failures: int = 2, progress: Callable[[float], None] | None = None,
-              device: str = "cpu", tracking: TrialTracking | None = None) -> dict[str, Any]:
+def tune_grid(
+    trainable: Callable[[dict], None],
+    points: Mapping[str, Mapping[str, Any]],
+    name: str,
+    storage_path: Path,
+    max_failures: int = 2,
+    progress: Callable[[float], None] | None = None,
+    device: str = "cpu",
+    tracking: TrialTracking | None = None,
+) -> dict[str, Any]:
     """Run the Tune function ``trainable`` once per point as the Tune experiment ``name``;
     returns {label: the trial's latest ``tune.Checkpoint`` or None} for the trials that
     finished. Raises with the reasons if trials still fail after ``max_failures`` retries (a
@@ -319,12 +356,19 @@ def tune_grid(trainable: Callable[[dict], None], points: Mapping[str, Mapping[st
     _LIVE_CALLBACKS[name] = grid_callback(len(points), progress, tracking)
     try:
         if tune.Tuner.can_restore(experiment):
-            log.info("resuming the Tune experiment %s: finished trials are kept, the others continue from "
-                     "their last checkpoint", experiment)
+            log.info(
+                "resuming the Tune experiment %s: finished trials are kept, the others continue from "
+                "their last checkpoint",
+                experiment,
+            )
             tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
         else:
-            space = {"label": tune.grid_search(list(points)), "points": {k: dict(v) for k, v in points.items()},
-                     "device": device, "threads": 1}
+            space = {
+                "label": tune.grid_search(list(points)),
+                "points": {k: dict(v) for k, v in points.items()},
+                "device": device,
+                "threads": 1,
+            }
             tuner = tune.Tuner(
                 trainable,
                 param_space=space,
@@ -343,7 +387,9 @@ def tune_grid(trainable: Callable[[dict], None], points: Mapping[str, Mapping[st
     finished = {r.config["label"]: r.checkpoint for r in grid if r.error is None}
     if grid.errors:
         msgs = "; ".join(str(e).strip().splitlines()[-1] for e in grid.errors)
-        raise TrialsFailed(f"{len(grid.errors)} trial(s) of {name} failed after {max_failures} retries: {msgs}", finished)
+        raise TrialsFailed(
+            f"{len(grid.errors)} trial(s) of {name} failed after {max_failures} retries: {msgs}", finished
+        )
     return finished
 
 
@@ -373,10 +419,20 @@ class TrialResult(Generic[ConfigT]):
     summary: dict
 
 
-def run_grid(trainable: Trainable, base: ConfigT, sweep: Mapping[str, Sequence[Any]], *, name: str, inputs: Any,
-             ckpt_root: Path, storage_path: Path, device: str = "cpu", max_failures: int = 2,
-             progress: Callable[[float], None] | None = None,
-             tracking: TrialTracking | None = None) -> list[TrialResult[ConfigT]]:
+def run_grid(
+    trainable: Trainable,
+    base: ConfigT,
+    sweep: Mapping[str, Sequence[Any]],
+    *,
+    name: str,
+    inputs: Any,
+    ckpt_root: Path,
+    storage_path: Path,
+    device: str = "cpu",
+    max_failures: int = 2,
+    progress: Callable[[float], None] | None = None,
+    tracking: TrialTracking | None = None,
+) -> list[TrialResult[ConfigT]]:
     """Train one trial per point of ``sweep`` (field -> values of ``base``, their product);
     returns the trials' results in the sweep's order.
 
@@ -389,8 +445,12 @@ def run_grid(trainable: Trainable, base: ConfigT, sweep: Mapping[str, Sequence[A
     ckpt_root = Path(ckpt_root)
     points = {point_label(p): p for p in sweep_points(sweep)}
     pending = {label: p for label, p in points.items() if not (trial_dir(ckpt_root, p) / SUMMARY).exists()}
-    identity = {"base": _as_json(base), "inputs": repr(inputs), "sweep": {k: list(v) for k, v in sweep.items()},
-                "device": device}
+    identity = {
+        "base": _as_json(base),
+        "inputs": repr(inputs),
+        "sweep": {k: list(v) for k, v in sweep.items()},
+        "device": device,
+    }
     experiment = f"{name}-{short_hash(identity)}"
     fn = tune.with_parameters(_run_trial, train_fn=trainable, base=base, inputs=inputs)
     try:
@@ -404,5 +464,7 @@ def run_grid(trainable: Trainable, base: ConfigT, sweep: Mapping[str, Sequence[A
         if ckpt is None:
             raise RuntimeError(f"trial {label} of {experiment} finished without a checkpoint")
         _install(ckpt, trial_dir(ckpt_root, points[label]))
-    return [TrialResult(apply(base, p), p, label, trial_dir(ckpt_root, p), read_summary(trial_dir(ckpt_root, p)))
-            for label, p in points.items()]
+    return [
+        TrialResult(apply(base, p), p, label, trial_dir(ckpt_root, p), read_summary(trial_dir(ckpt_root, p)))
+        for label, p in points.items()
+    ]

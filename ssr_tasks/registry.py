@@ -5,6 +5,7 @@ registered models back, all through an ``MlflowClient`` bound to one URI (``mlfl
 ``champion`` moves when the registry has none yet or when the new version beats the current
 champion trained on the same dataset and backbone (validation score, tag ``val_metric``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,15 @@ def _alias_version(client: Any, name: str, alias: str) -> Any:
         return None
 
 
-def _move_champions(client: Any, name: str, version: str, tags: Mapping[str, str], val_metric: float,
-                    compare_on: tuple[str, ...], previous: dict[str, str | None]) -> list[str]:
+def _move_champions(
+    client: Any,
+    name: str,
+    version: str,
+    tags: Mapping[str, str],
+    val_metric: float,
+    compare_on: tuple[str, ...],
+    previous: dict[str, str | None],
+) -> list[str]:
     """Point the pair alias, then ``champion``, at ``version`` where it wins; ``previous``
     records each moved alias's old version (None: it had none) as it goes."""
     moved = []
@@ -84,7 +92,9 @@ def register_logged_model(
     previous: dict[str, str | None] = {}  # aliases moved so far -> version they pointed at
     try:
         source = client.get_logged_model(model_id).artifact_location
-        mv = client.create_model_version(name, source, run_id=run_id, description=description or None, model_id=model_id)
+        mv = client.create_model_version(
+            name, source, run_id=run_id, description=description or None, model_id=model_id
+        )
         version = mv.version
         all_tags = {**tags, "val_metric": f"{val_metric:.6f}"}
         for key, value in all_tags.items():
@@ -142,11 +152,21 @@ def load_registered_model(uri: str, tracking_uri: str | None = None) -> Any:
         return mlflow.pytorch.load_model(local, map_location="cpu")
     except MlflowException as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"model {uri}: cannot be loaded from the registry at {redact_uri(tracking_uri)} ({first})") from None
+        raise ValueError(
+            f"model {uri}: cannot be loaded from the registry at {redact_uri(tracking_uri)} ({first})"
+        ) from None
 
 
-def registered_models(tracking_uri: str | None = None) -> list[tuple[str, dict[str, str], list[tuple[str, dict[str, str]]]]]:
+def registered_models(
+    tracking_uri: str | None = None,
+) -> list[tuple[str, dict[str, str], list[tuple[str, dict[str, str]]]]]:
     """The registry's models: (name, alias -> version, [(version, tags)]) each (for ``ssr models``)."""
     client = mlflow_client(store_uri(tracking_uri or mlflow_tracking_uri()))
-    return [(rm.name, dict(rm.aliases or {}), [(str(mv.version), dict(mv.tags)) for mv in client.search_model_versions(f"name='{rm.name}'")])
-            for rm in client.search_registered_models()]
+    return [
+        (
+            rm.name,
+            dict(rm.aliases or {}),
+            [(str(mv.version), dict(mv.tags)) for mv in client.search_model_versions(f"name='{rm.name}'")],
+        )
+        for rm in client.search_registered_models()
+    ]

@@ -1,13 +1,15 @@
 """Results tables and plots (matplotlib, Agg backend) built from evaluation outputs, for both tracks."""
+
 from __future__ import annotations
 
 import csv
 import io
 import math
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,8 +31,9 @@ class ResultsReport:
     figures: tuple[tuple[str, str], ...]
 
 
-def write_report(rows: list[dict], columns: list[str], figures: Mapping[str, Any], out_dir: Path,
-                 notes: Sequence[str] = ()) -> ResultsReport:
+def write_report(
+    rows: list[dict], columns: list[str], figures: Mapping[str, Any], out_dir: Path, notes: Sequence[str] = ()
+) -> ResultsReport:
     """Write the table (CSV + Markdown) and each matplotlib figure (name -> figure) into
     ``out_dir``; ``notes``: sentences printed under the Markdown table."""
     csv_path, md_path, md = write_results_table(rows, columns, out_dir, notes)
@@ -38,8 +41,9 @@ def write_report(rows: list[dict], columns: list[str], figures: Mapping[str, Any
     return ResultsReport(tuple(rows), md, str(csv_path), str(md_path), paths)
 
 
-def write_results_table(rows: list[dict[str, Any]], columns: list[str], out_dir: Path,
-                        notes: Sequence[str] = ()) -> tuple[Path, Path, str]:
+def write_results_table(
+    rows: list[dict[str, Any]], columns: list[str], out_dir: Path, notes: Sequence[str] = ()
+) -> tuple[Path, Path, str]:
     """Results as CSV and Markdown (atomic writes). Returns (csv, md, markdown text)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -64,10 +68,15 @@ def fmt_ci(accs: np.ndarray) -> str:
     return f"{mean:.2f} ± {ci:.2f}"
 
 
-def fewshot_rows(per_shot: Mapping[int, Mapping[str, np.ndarray]], krecip_label: str, best_steps: int,
-                 methods: Sequence[str] = ("baseline", "k-reciprocal", "ssr"),
-                 costs: Mapping[int, Mapping[str, tuple[float, float]]] | None = None,
-                 queries: str | None = None, cost_episodes: int | None = None) -> list[dict]:
+def fewshot_rows(
+    per_shot: Mapping[int, Mapping[str, np.ndarray]],
+    krecip_label: str,
+    best_steps: int,
+    methods: Sequence[str] = ("baseline", "k-reciprocal", "ssr"),
+    costs: Mapping[int, Mapping[str, tuple[float, float]]] | None = None,
+    queries: str | None = None,
+    cost_episodes: int | None = None,
+) -> list[dict]:
     """Rows Baseline / k-reciprocal / SSR and the peers of ``methods`` (in that order), one
     accuracy column per shot count.
 
@@ -118,7 +127,7 @@ def fewshot_method_row(name: str, krecip_label: str, best_steps: int) -> tuple[s
 
 
 def queries_label(query_balance: str) -> str:
-    """"balanced" or "Dirichlet α=ALPHA"."""
+    """ "balanced" or "Dirichlet α=ALPHA"."""
     return "balanced" if query_balance == "balanced" else f"Dirichlet α={query_balance.partition(':')[2]}"
 
 
@@ -139,8 +148,14 @@ def plot_accuracy_vs_cost(points: Sequence[tuple[str, int, np.ndarray, float]], 
     markers = "os^Dv"
     for label, shot, accs, ms in points:
         mean, ci = accuracy_ci95(accs)
-        ax.errorbar([ms], [mean], yerr=[ci], fmt=markers[shots.index(shot) % len(markers)], capsize=3,
-                    color=colours(labels.index(label) % 10))
+        ax.errorbar(
+            [ms],
+            [mean],
+            yerr=[ci],
+            fmt=markers[shots.index(shot) % len(markers)],
+            capsize=3,
+            color=colours(labels.index(label) % 10),
+        )
     for i, label in enumerate(labels):
         ax.plot([], [], "o", color=colours(i % 10), label=label)
     for j, shot in enumerate(shots):
@@ -170,7 +185,9 @@ def plot_accuracy_by_step(per_shot: Mapping[int, Mapping[str, np.ndarray]], max_
     for shot, res in per_shot.items():
         steps = [s for s in range(max_step + 1) if f"ssr_step{s}" in res]
         stats = [accuracy_ci95(res[f"ssr_step{s}"]) for s in steps]
-        ax.errorbar(steps, [m for m, _ in stats], yerr=[c for _, c in stats], marker="o", capsize=3, label=f"{shot}-shot")
+        ax.errorbar(
+            steps, [m for m, _ in stats], yerr=[c for _, c in stats], marker="o", capsize=3, label=f"{shot}-shot"
+        )
     ax.set_xticks(range(max_step + 1))
     ax.set_xlabel("refinement step (0 = no SSR)")
     ax.set_ylabel("accuracy (%)")

@@ -6,6 +6,7 @@ their checkpoint points, and write a JSON summary as a finished-marker when done
 returns the summary of a finished loop, resumes an interrupted one from its checkpoint,
 and starts the others from scratch. All writes are atomic (temp file + rename).
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,15 @@ class TrainingCheckpoint:
         return LoopState(int(saved["done"]), float(saved["best"]), json.loads(saved["history"]))
 
     def save(self, state: LoopState) -> None:
-        save_checkpoint(self.path, {"states": {name: obj.state_dict() for name, obj in self.stateful.items()},
-                                    "done": state.done, "best": state.best, "history": json.dumps(state.history)})
+        save_checkpoint(
+            self.path,
+            {
+                "states": {name: obj.state_dict() for name, obj in self.stateful.items()},
+                "done": state.done,
+                "best": state.best,
+                "history": json.dumps(state.history),
+            },
+        )
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

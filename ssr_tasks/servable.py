@@ -9,6 +9,7 @@ output) -> metrics of step 0 linked to the model (``log_batch`` with ``model_id`
 ``mlflow.pytorch.save_model`` into a temporary folder -> ``log_model_artifacts`` ->
 ``finalize_logged_model`` (READY, or FAILED when a step raised).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,7 +42,9 @@ def model_signature(model: Any):
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    inputs = Schema([TensorSpec(np.dtype(np.float32), shape, name) for name, shape in ssr_pyfunc.input_shapes(model).items()])
+    inputs = Schema(
+        [TensorSpec(np.dtype(np.float32), shape, name) for name, shape in ssr_pyfunc.input_shapes(model).items()]
+    )
     out_shape = (-1, model.ssr.k) if hasattr(model, "rerank") else (-1,)
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.int64), out_shape)]))
 
@@ -56,9 +59,16 @@ def save_servable(model: Any, path: str, mlflow_model: Any = None) -> None:
     from mlflow.models import Model
 
     mlflow_model = mlflow_model if mlflow_model is not None else Model()
-    mlflow.pytorch.save_model(model, path, mlflow_model=mlflow_model, serialization_format="pickle", code_paths=CODE_PATHS,
-                              pip_requirements=pip_requirements(), signature=model_signature(model),
-                              input_example=ssr_pyfunc.input_example(model))
+    mlflow.pytorch.save_model(
+        model,
+        path,
+        mlflow_model=mlflow_model,
+        serialization_format="pickle",
+        code_paths=CODE_PATHS,
+        pip_requirements=pip_requirements(),
+        signature=model_signature(model),
+        input_example=ssr_pyfunc.input_example(model),
+    )
     mlflow_model.flavors["python_function"]["loader_module"] = "ssr_pyfunc"
     mlflow_model.save(os.path.join(path, "MLmodel"))
 
@@ -67,9 +77,12 @@ def _link_step_metrics(client: Any, run_id: str, model_id: str, step: int) -> No
     """The run's metrics at ``step`` become metrics of the logged model too (as ``Model.log`` does)."""
     from mlflow.entities import Metric
 
-    linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, run_id=run_id)
-              for key in client.get_run(run_id).data.metrics
-              for m in client.get_metric_history(run_id, key) if m.step == step and m.model_id is None]
+    linked = [
+        Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, run_id=run_id)
+        for key in client.get_run(run_id).data.metrics
+        for m in client.get_metric_history(run_id, key)
+        if m.step == step and m.model_id is None
+    ]
     if linked:
         client.log_batch(run_id, metrics=linked)
 
@@ -86,8 +99,9 @@ def log_servable(client: Any, experiment_id: str, run_id: str, model: Any, step:
     try:
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
         _link_step_metrics(client, run_id, logged.model_id, step)
-        mlflow_model = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id,
-                             model_id=logged.model_id)
+        mlflow_model = Model(
+            artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id, model_id=logged.model_id
+        )
         with tempfile.TemporaryDirectory(prefix="ssr-model-") as tmp:
             local = os.path.join(tmp, MODEL_NAME)
             save_servable(model, local, mlflow_model)

@@ -4,6 +4,7 @@ Nothing here runs at import. ``RAY_ADDRESS``, ``MLFLOW_TRACKING_URI`` and
 ``PREFECT_API_URL`` switch to existing services; without them Ray starts locally sized to
 the machine, and MLflow uses SQLite in the run folder.
 """
+
 from __future__ import annotations
 
 import os

@@ -14,10 +14,12 @@ Inputs (dicts of arrays, as the model signature names them):
   the re-ranked order, int64 of shape (B, k): positions into each neighbour list, best
   first.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,15 +41,19 @@ class SSRPredictor:
             raise ValueError(f"SSR {self.kind} model input: missing {name!r}; expected keys {list(self.inputs)}")
         array = np.asarray(model_input[name])
         if array.ndim != dims:
-            raise ValueError(f"SSR {self.kind} model input {name!r}: expected {dims} dimensions, got shape {array.shape}")
+            raise ValueError(
+                f"SSR {self.kind} model input {name!r}: expected {dims} dimensions, got shape {array.shape}"
+            )
         param = next(self.model.parameters())
         return torch.as_tensor(array, dtype=param.dtype, device=param.device)
 
     @torch.no_grad()
     def predict(self, model_input: Mapping[str, Any], params: dict | None = None) -> np.ndarray:
         if not isinstance(model_input, Mapping):
-            raise TypeError(f"SSR {self.kind} model input: expected a dict with keys {list(self.inputs)}, "
-                            f"got {type(model_input).__name__}")
+            raise TypeError(
+                f"SSR {self.kind} model input: expected a dict with keys {list(self.inputs)}, "
+                f"got {type(model_input).__name__}"
+            )
         if self.kind == "fewshot":
             support = self._tensor(model_input, "support", 3)
             query = self._tensor(model_input, "query", 2)
@@ -77,5 +83,9 @@ def input_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 def input_example(model: torch.nn.Module, seed: int = 0) -> dict[str, np.ndarray]:
     """A small seeded input (3 queries; 2 shots), stored with the model as its example."""
     rng = np.random.default_rng(seed)
-    return {name: rng.standard_normal([3 if d == -1 and i == 0 else 2 if d == -1 else d for i, d in enumerate(shape)])
-            .astype(np.float32) for name, shape in input_shapes(model).items()}
+    return {
+        name: rng.standard_normal(
+            [3 if d == -1 and i == 0 else 2 if d == -1 else d for i, d in enumerate(shape)]
+        ).astype(np.float32)
+        for name, shape in input_shapes(model).items()
+    }

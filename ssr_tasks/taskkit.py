@@ -8,12 +8,12 @@ when the run folder goes, and a cache hit can never hand back paths of a deleted
 folder. The plain functions are idempotent as well (they skip outputs that already exist),
 which also covers reruns whose Prefect cache was lost.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import sys
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,8 +49,15 @@ CACHE = RunFolderCache()
 
 
 _DETERMINISTIC_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
-_RAY_TRANSIENT = ("RayActorError", "ActorUnavailableError", "WorkerCrashedError", "NodeDiedError", "ObjectLostError",
-                  "OwnerDiedError", "GetTimeoutError")
+_RAY_TRANSIENT = (
+    "RayActorError",
+    "ActorUnavailableError",
+    "WorkerCrashedError",
+    "NodeDiedError",
+    "ObjectLostError",
+    "OwnerDiedError",
+    "GetTimeoutError",
+)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -89,8 +96,14 @@ class Progress:
     def __init__(self, key: str, description: str):
         self.id = create_progress_artifact(progress=0.0, key=key, description=description)
         # a bar only on a terminal: in worker logs it would be a smear of carriage returns
-        self.bar = tqdm(total=100, desc=description, unit="%", leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total}%",
-                        disable=not sys.stderr.isatty())
+        self.bar = tqdm(
+            total=100,
+            desc=description,
+            unit="%",
+            leave=False,
+            bar_format="{l_bar}{bar}| {n:.0f}/{total}%",
+            disable=not sys.stderr.isatty(),
+        )
         self.last = -1
 
     def __call__(self, done: float, total: float = 1.0, *_):

@@ -4,6 +4,7 @@ Model code returns metrics; only the Tracker and what it calls talk to MLflow: t
 flavour and its logging in ``ssr_tasks.servable``, the registry and the champion aliases in
 ``ssr_tasks.registry``, the client in ``ssr_tasks.mlflow_store``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -80,7 +81,9 @@ class Tracker:
         ``ssr services start`` (127.0.0.1, ``SSR_MLFLOW_PORT``) over a SQLite store."""
         parts = urllib.parse.urlsplit(self.uri)
         if parts.scheme in ("http", "https"):
-            base = urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+            base = urllib.parse.urlunsplit(
+                parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+            )
         else:
             base = f"http://127.0.0.1:{os.environ.get('SSR_MLFLOW_PORT', '5000')}"
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
@@ -115,13 +118,18 @@ class Tracker:
     def close_orphans(self) -> int:
         """End as KILLED the runs of this experiment still RUNNING whose process is gone (a
         killed flow process cannot end its runs; see ``process_gone``). Returns how many."""
-        orphans = [r for r in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'",
-                                                      max_results=1000)
-                   if process_gone(r.data.tags.get(PROCESS_TAG, ""))]
+        orphans = [
+            r
+            for r in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+            if process_gone(r.data.tags.get(PROCESS_TAG, ""))
+        ]
         for r in orphans:
             self.client.set_terminated(r.info.run_id, "KILLED")
-            log.info("MLflow run %s (%s) was left RUNNING by a process that is gone: ended as KILLED",
-                     r.info.run_id, r.info.run_name)
+            log.info(
+                "MLflow run %s (%s) was left RUNNING by a process that is gone: ended as KILLED",
+                r.info.run_id,
+                r.info.run_name,
+            )
         return len(orphans)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -154,8 +162,11 @@ class Tracker:
         the one ``live_trial_callback`` made while the trial trained, reopened, or a new one.
         Yields whether it was logged live (its curves are then already there)."""
         parent = self.run_id
-        found = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{parent}' and "
-                                        f"tags.`ssr.trial` = '{trial}'", max_results=1)
+        found = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.mlflow.parentRunId = '{parent}' and tags.`ssr.trial` = '{trial}'",
+            max_results=1,
+        )
         if not found:
             with self.run(name, tags={**dict(tags or {}), "ssr.trial": trial}, nested=True):
                 yield False
@@ -192,7 +203,18 @@ class Tracker:
         what a failed registration puts back). ``promote`` False (SSR did not improve on
         validation) registers the version without moving any alias."""
         info = self.log_model(model)
-        version, moved = register_logged_model(self.client, info.model_id, info.run_id, name, tags, val_metric, compare_on,
-                                               description, model_description, promote)
-        return RegisteredModel(name, int(version), f"models:/{name}/{version}", tuple(moved), info.run_id, self.safe_uri,
-                               info.model_id)
+        version, moved = register_logged_model(
+            self.client,
+            info.model_id,
+            info.run_id,
+            name,
+            tags,
+            val_metric,
+            compare_on,
+            description,
+            model_description,
+            promote,
+        )
+        return RegisteredModel(
+            name, int(version), f"models:/{name}/{version}", tuple(moved), info.run_id, self.safe_uri, info.model_id
+        )

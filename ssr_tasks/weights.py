@@ -3,6 +3,7 @@
 ``load_weights`` puts a state dict into a model and, when the file does not fit, names the
 file, what it holds and what the model expects (architecture, hidden width...).
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,9 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, what: str) -> 
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{path}: not a state dict of {what}: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
+        raise ValueError(
+            f"{path}: not a state dict of {what}: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}"
+        )
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(own[key].shape):
             raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, {what} expects {tuple(own[key].shape)}")

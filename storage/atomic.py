@@ -2,13 +2,14 @@
 
 A reader never sees a half-written file: either the old content or the new one.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def _fsync_dir(directory: Path) -> None:

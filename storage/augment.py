@@ -13,6 +13,7 @@ the valid range; flip with probability 1/2; the jitter factors uniform in
 Contrast, Color); RandomResizedCrop with scale (0.08, 1), ratio (3/4, 4/3), ten tries,
 then the centre crop fallback, resized bilinearly.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,10 +1,12 @@
 """Backbone and SSR checkpoints: read with ``torch.load(weights_only=True)`` only."""
+
 from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -12,8 +14,14 @@ from storage.atomic import atomic_path
 from storage.errors import CorruptFileError, SchemaError, StorageError, UnsafePickleError
 from storage.hashing import file_sha256
 
-__all__ = ["RELEASED_BACKBONES", "load_state_dict", "load_ssr_checkpoint", "released_backbone", "save_checkpoint",
-           "file_sha256"]
+__all__ = [
+    "RELEASED_BACKBONES",
+    "load_state_dict",
+    "load_ssr_checkpoint",
+    "released_backbone",
+    "save_checkpoint",
+    "file_sha256",
+]
 
 SSR_KEYS = ("netFeat", "SSR", "nbStep")
 
@@ -41,8 +49,10 @@ def _torch_load(path: str | os.PathLike) -> Any:
     except pickle.UnpicklingError as exc:
         # weights_only refuses arbitrary globals with an UnpicklingError
         if "weights_only" in str(exc) or "global" in str(exc).lower():
-            raise UnsafePickleError(f"{path}: checkpoint needs objects beyond tensors and containers; "
-                                    f"refusing to load it ({str(exc).splitlines()[0]})") from exc
+            raise UnsafePickleError(
+                f"{path}: checkpoint needs objects beyond tensors and containers; "
+                f"refusing to load it ({str(exc).splitlines()[0]})"
+            ) from exc
         raise CorruptFileError(f"{path}: not a readable torch checkpoint ({exc})") from exc
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise CorruptFileError(f"{path}: not a readable torch checkpoint ({str(exc).splitlines()[0]})") from exc
@@ -57,7 +67,7 @@ def _clean_state_dict(obj: Any, source: str, field: str = "state_dict") -> dict[
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise SchemaError(f"{source}: {field} entry {key!r} is {type(value).__name__}, expected a tensor")
-        out[key[len("module."):] if key.startswith("module.") else key] = value
+        out[key[len("module.") :] if key.startswith("module.") else key] = value
     return out
 
 
@@ -67,12 +77,16 @@ def released_backbone(backbones_root: str | os.PathLike, dataset: str, backbone:
     rel = RELEASED_BACKBONES.get((dataset, backbone))
     if rel is None:
         known = sorted({d for d, _ in RELEASED_BACKBONES})
-        raise StorageError(f"no released {backbone} backbone for dataset '{dataset}' (released for: {', '.join(known)})")
+        raise StorageError(
+            f"no released {backbone} backbone for dataset '{dataset}' (released for: {', '.join(known)})"
+        )
     path = Path(backbones_root) / rel
     if not path.is_file():
         source = "fewshot-backbones-tiered" if dataset == "tiered-imagenet" else "fewshot-backbones"
-        raise StorageError(f"{path}: released backbone not found (run `ssr data download {source} "
-                           f"--root {Path(backbones_root).parent}`)")
+        raise StorageError(
+            f"{path}: released backbone not found (run `ssr data download {source} "
+            f"--root {Path(backbones_root).parent}`)"
+        )
     return path
 
 
@@ -96,8 +110,11 @@ def load_ssr_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         step = step.item()
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise SchemaError(f"{source}: nbStep is {step!r}, expected a positive int")
-    return {"netFeat": _clean_state_dict(obj["netFeat"], source, "netFeat"),
-            "SSR": _clean_state_dict(obj["SSR"], source, "SSR"), "nbStep": step}
+    return {
+        "netFeat": _clean_state_dict(obj["netFeat"], source, "netFeat"),
+        "SSR": _clean_state_dict(obj["SSR"], source, "SSR"),
+        "nbStep": step,
+    }
 
 
 def save_checkpoint(path: str | os.PathLike, obj: Any) -> Path:

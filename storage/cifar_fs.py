@@ -22,6 +22,7 @@ The result is built in a temporary folder next to ``out_dir``, checked (every ep
 file must name images of the ``val`` split), then renamed into place; on any error
 nothing is left behind.
 """
+
 from __future__ import annotations
 
 import os
@@ -78,8 +79,9 @@ def _class_splits(lists: dict[str, Path], names: list[str]) -> dict[str, str]:
     for split, path in lists.items():
         for cls in path.read_text().split():
             if cls not in names:
-                raise DatasetLayoutError(f"{path}: class '{cls}' is not a CIFAR-100 fine label "
-                                         f"(expected one of meta's fine_label_names)")
+                raise DatasetLayoutError(
+                    f"{path}: class '{cls}' is not a CIFAR-100 fine label (expected one of meta's fine_label_names)"
+                )
             out[cls] = split
     return out
 
@@ -92,8 +94,10 @@ def _write_pickle_images(path: Path, names: list[str], class_split: dict[str, st
     if images.ndim != 2 or images.shape[1] != 3072:
         raise SchemaError(f"{path}: data has shape {images.shape}, expected (N, 3072)")
     if not len(labels) == len(filenames) == len(images):
-        raise SchemaError(f"{path}: data has {len(images)} rows, fine_labels {len(labels)}, "
-                          f"filenames {len(filenames)}; expected the same length")
+        raise SchemaError(
+            f"{path}: data has {len(images)} rows, fine_labels {len(labels)}, "
+            f"filenames {len(filenames)}; expected the same length"
+        )
     row, written = 0, 0
     for raw_name in filenames:
         label = int(labels[row])
@@ -128,8 +132,7 @@ def _check(tmp: Path, out: Path, splits: Path) -> None:
         raise type(exc)(str(exc).replace(str(tmp), str(out))) from None
 
 
-def build_cifar_fs(cifar100_dir: str | os.PathLike, splits_dir: str | os.PathLike,
-                   out_dir: str | os.PathLike) -> Path:
+def build_cifar_fs(cifar100_dir: str | os.PathLike, splits_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Build ``out_dir`` (``cifar-fs``) from ``cifar100_dir`` (``meta``, ``train``,
     ``test`` pickles) and ``splits_dir`` (class lists and fixed episodes)."""
     cifar, splits, out = Path(cifar100_dir), Path(splits_dir), Path(out_dir)

@@ -1,13 +1,14 @@
 """``ssr data ...`` commands: prepare the built-in dataset, download published data,
 import the authors' landmark features, build a top-K similarity store from features. ``flows.cli`` mounts them with :func:`register`;
 ``python -m storage.cli data ...`` runs them standalone."""
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from storage.download import SOURCES, download
 from storage.errors import StorageError
@@ -38,12 +39,30 @@ def _import_landmarks(args: argparse.Namespace) -> int:
 def _topk(args: argparse.Namespace) -> int:
     search = TopkSearch(method=args.search, nlist=args.nlist, nprobe=args.nprobe)
     store = build_topk_store_from_tables(
-        args.queries, args.database, Path(args.out), args.k, query_split=args.query_split,
-        database_split=args.database_split, normalise=args.normalise, exclude_self=args.exclude_self,
-        shard_size=args.shard_size, search=search,
-        progress=lambda d, t: print(f"shard {d}/{t}", file=sys.stderr, flush=True))
-    print(json.dumps({"store": str(store.path), "queries": store.n_queries, "k": store.k,
-                      "shards": store.n_shards, "search": store.manifest["search"]}, indent=1))
+        args.queries,
+        args.database,
+        Path(args.out),
+        args.k,
+        query_split=args.query_split,
+        database_split=args.database_split,
+        normalise=args.normalise,
+        exclude_self=args.exclude_self,
+        shard_size=args.shard_size,
+        search=search,
+        progress=lambda d, t: print(f"shard {d}/{t}", file=sys.stderr, flush=True),
+    )
+    print(
+        json.dumps(
+            {
+                "store": str(store.path),
+                "queries": store.n_queries,
+                "k": store.k,
+                "shards": store.n_shards,
+                "search": store.manifest["search"],
+            },
+            indent=1,
+        )
+    )
     return 0
 
 
@@ -51,12 +70,14 @@ def _guarded(fn):
     """Handler wrapper: bad input (StorageError, other ValueError) or a file-system problem
     (missing input, unwritable or full output folder) -> one line on stderr, exit 2;
     anything else is a bug and keeps its traceback."""
+
     def handler(args: argparse.Namespace) -> int:
         try:
             return fn(args)
         except (StorageError, ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+
     handler.__name__ = fn.__name__
     return handler
 
@@ -72,13 +93,23 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     sub = data.add_subparsers(dest="data_command", required=True, metavar="{prepare,download,import-landmarks,topk}")
 
     p = sub.add_parser("prepare", help="render the built-in glyphs dataset (no download)")
-    p.add_argument("name", nargs="?", default="glyphs", choices=["glyphs"],
-                   help="the built-in dataset to render (only 'glyphs'; real data sets: `ssr data download`)")
-    p.add_argument("--root", default="data",
-                   help="data root; the dataset lands in <root>/glyphs (default: %(default)s)")
+    p.add_argument(
+        "name",
+        nargs="?",
+        default="glyphs",
+        choices=["glyphs"],
+        help="the built-in dataset to render (only 'glyphs'; real data sets: `ssr data download`)",
+    )
+    p.add_argument(
+        "--root", default="data", help="data root; the dataset lands in <root>/glyphs (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", default="default", choices=["small", "default"],
-                   help="size preset: small (tests, smoke runs) or default (default: %(default)s)")
+    p.add_argument(
+        "--size",
+        default="default",
+        choices=["small", "default"],
+        help="size preset: small (tests, smoke runs) or default (default: %(default)s)",
+    )
     _set_handler(p, _prepare)
 
     p = sub.add_parser("download", help="download a published data set or model")
@@ -103,10 +134,18 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--database-split", default=None, help="only rows of this split as database (e.g. database)")
     p.add_argument("--shard-size", type=int, default=50_000, help="queries per shard (default: %(default)s)")
     p.add_argument("--exclude-self", action="store_true", help="drop the database item with the query's own id")
-    p.add_argument("--no-normalise", dest="normalise", action="store_false",
-                   help="score raw inner products (default: cosine, rows L2-normalised)")
-    p.add_argument("--search", choices=["exact", "ivf"], default="exact",
-                   help="exact scan, or an approximate faiss IVF index for large databases (default: %(default)s)")
+    p.add_argument(
+        "--no-normalise",
+        dest="normalise",
+        action="store_false",
+        help="score raw inner products (default: cosine, rows L2-normalised)",
+    )
+    p.add_argument(
+        "--search",
+        choices=["exact", "ivf"],
+        default="exact",
+        help="exact scan, or an approximate faiss IVF index for large databases (default: %(default)s)",
+    )
     p.add_argument("--nlist", type=int, default=0, help="ivf: inverted lists (default: about 4 sqrt(database size))")
     p.add_argument("--nprobe", type=int, default=32, help="ivf: lists scanned per query (default: %(default)s)")
     _set_handler(p, _topk)

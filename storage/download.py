@@ -6,6 +6,7 @@ given, unpacks it into a temporary folder, applies the source's post-processing 
 the result into ``<root>/<target>``. The URL can be overridden per call or with the
 environment variable ``SSR_DATA_URL_<NAME>`` (upper case, ``-`` -> ``_``).
 """
+
 from __future__ import annotations
 
 import http.client
@@ -17,9 +18,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from storage.cifar_fs import build_cifar_fs
 from storage.errors import ChecksumError, DatasetLayoutError, DownloadError
@@ -45,32 +46,65 @@ class Source:
 
 SOURCES: dict[str, Source] = {
     "ssr-landmark-features": Source(
-        "https://www.dropbox.com/s/miwazkc8peb1u3r/landmark.zip?dl=0", "zip", "landmark", post="post_landmark",
-        note="gl18_resnet101_{roxford5k,rparis6k,sfm120k}.pkl (sfm120k_ renamed)"),
+        "https://www.dropbox.com/s/miwazkc8peb1u3r/landmark.zip?dl=0",
+        "zip",
+        "landmark",
+        post="post_landmark",
+        note="gl18_resnet101_{roxford5k,rparis6k,sfm120k}.pkl (sfm120k_ renamed)",
+    ),
     "fewshot-backbones": Source(
-        "https://www.dropbox.com/s/6c9kssn2o2anmnb/pre_trained_models.zip?dl=0", "zip", "backbones",
-        post="post_backbones", note="CIFAR-FS and MiniImageNet backbones; TieredImageNet from the next entry"),
+        "https://www.dropbox.com/s/6c9kssn2o2anmnb/pre_trained_models.zip?dl=0",
+        "zip",
+        "backbones",
+        post="post_backbones",
+        note="CIFAR-FS and MiniImageNet backbones; TieredImageNet from the next entry",
+    ),
     "fewshot-backbones-tiered": Source(
-        "https://www.dropbox.com/s/bh39hn6qluta5dn/TieredImageNet.zip?dl=0", "zip", "backbones",
-        post="post_backbones_tiered", note="tiered-ImageNet backbones into backbones/TieredImageNet"),
+        "https://www.dropbox.com/s/bh39hn6qluta5dn/TieredImageNet.zip?dl=0",
+        "zip",
+        "backbones",
+        post="post_backbones_tiered",
+        note="tiered-ImageNet backbones into backbones/TieredImageNet",
+    ),
     "cifar-fs-splits": Source(
-        "https://www.dropbox.com/s/wuxb1wlahado3nq/cifar-fs-splits.zip?dl=0", "zip", "cifar-fs-splits",
-        post="post_cifar_fs_splits", note="class splits and fixed episodes; builds cifar-fs when cifar-100 is there"),
+        "https://www.dropbox.com/s/wuxb1wlahado3nq/cifar-fs-splits.zip?dl=0",
+        "zip",
+        "cifar-fs-splits",
+        post="post_cifar_fs_splits",
+        note="class splits and fixed episodes; builds cifar-fs when cifar-100 is there",
+    ),
     "cifar-100": Source(
-        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "tar.gz", "cifar-100",
-        post="post_cifar100", note="CIFAR-100 python pickles; builds cifar-fs when cifar-fs-splits is there"),
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "tar.gz",
+        "cifar-100",
+        post="post_cifar100",
+        note="CIFAR-100 python pickles; builds cifar-fs when cifar-fs-splits is there",
+    ),
     "mini-imagenet": Source(
-        "https://www.dropbox.com/s/a2a0bll17f5dvhr/Mini-ImageNet.zip?dl=0", "zip", "mini-imagenet",
-        post="post_mini_imagenet", note="train_train -> train; train_val, train_test deleted"),
+        "https://www.dropbox.com/s/a2a0bll17f5dvhr/Mini-ImageNet.zip?dl=0",
+        "zip",
+        "mini-imagenet",
+        post="post_mini_imagenet",
+        note="train_train -> train; train_val, train_test deleted",
+    ),
     "tiered-imagenet": Source(
-        "https://drive.google.com/file/d/1T-4NVTSa5T6CXKSRbymYLnWp_OrtF-mo/view", "zip", "tiered-imagenet",
-        note="Google Drive may refuse scripted downloads; fetch it by hand and pass --url file:///path"),
+        "https://drive.google.com/file/d/1T-4NVTSa5T6CXKSRbymYLnWp_OrtF-mo/view",
+        "zip",
+        "tiered-imagenet",
+        note="Google Drive may refuse scripted downloads; fetch it by hand and pass --url file:///path",
+    ),
     "roxford5k-gnd": Source(
-        "http://cmp.felk.cvut.cz/revisitop/data/datasets/roxford5k/gnd_roxford5k.pkl", "file", "revisitop",
-        post="post_gnd"),
+        "http://cmp.felk.cvut.cz/revisitop/data/datasets/roxford5k/gnd_roxford5k.pkl",
+        "file",
+        "revisitop",
+        post="post_gnd",
+    ),
     "rparis6k-gnd": Source(
-        "http://cmp.felk.cvut.cz/revisitop/data/datasets/rparis6k/gnd_rparis6k.pkl", "file", "revisitop",
-        post="post_gnd"),
+        "http://cmp.felk.cvut.cz/revisitop/data/datasets/rparis6k/gnd_rparis6k.pkl",
+        "file",
+        "revisitop",
+        post="post_gnd",
+    ),
 }
 
 
@@ -118,8 +152,9 @@ def fetch(url: str, dest: Path, *, retries: int = 3, timeout: float = 60.0) -> P
             if isinstance(exc, urllib.error.HTTPError) and exc.code not in (408, 429, 500, 502, 503, 504):
                 raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason} (saving to {dest})") from exc
             last_error = exc
-    raise DownloadError(f"{url}: download to {part} incomplete after {retries + 1} attempts "
-                        f"({last_error}); run again to resume")
+    raise DownloadError(
+        f"{url}: download to {part} incomplete after {retries + 1} attempts ({last_error}); run again to resume"
+    )
 
 
 def _fetch_once(url: str, part: Path, timeout: float) -> bool:
@@ -142,8 +177,10 @@ def _fetch_once(url: str, part: Path, timeout: float) -> bool:
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
         if "text/html" in (resp.headers.get("Content-Type") or "") and not url.endswith((".html", ".htm")):
-            raise DownloadError(f"{url}: server sent an HTML page instead of the file (a login or "
-                                "confirmation page?); download it by hand and pass --url file:///path")
+            raise DownloadError(
+                f"{url}: server sent an HTML page instead of the file (a login or "
+                "confirmation page?); download it by hand and pass --url file:///path"
+            )
         with open(part, mode) as f:
             while chunk := resp.read(_CHUNK):
                 f.write(chunk)
@@ -177,8 +214,10 @@ def _safe_extract(archive: Path, kind: str, out: Path) -> None:
                     for m in tf.getmembers():
                         p = Path(m.name)
                         if p.is_absolute() or ".." in p.parts or not (m.isfile() or m.isdir()):
-                            raise DownloadError(f"{archive}: unsafe member '{m.name}' (absolute, outside the "
-                                                f"folder, or a link/device); refusing to unpack")
+                            raise DownloadError(
+                                f"{archive}: unsafe member '{m.name}' (absolute, outside the "
+                                f"folder, or a link/device); refusing to unpack"
+                            )
                     tf.extractall(out)
         else:
             raise DownloadError(f"{archive}: unknown archive kind '{kind}'")
@@ -186,8 +225,7 @@ def _safe_extract(archive: Path, kind: str, out: Path) -> None:
         raise DownloadError(f"{archive}: not a valid {kind} archive ({exc}); delete it and download again") from exc
 
 
-def download(name: str, dest_root: str | os.PathLike, *, url: str | None = None,
-             sha256: str | None = None) -> Path:
+def download(name: str, dest_root: str | os.PathLike, *, url: str | None = None, sha256: str | None = None) -> Path:
     """Fetch, verify, unpack and post-process ``SOURCES[name]``; returns ``<root>/<target>``.
 
     url: overrides the published URL (also ``SSR_DATA_URL_<NAME>``); sha256: expected
@@ -209,8 +247,10 @@ def download(name: str, dest_root: str | os.PathLike, *, url: str | None = None,
         if got != expected.lower():
             bad = dest.with_name(dest.name + ".bad")
             os.replace(dest, bad)
-            raise ChecksumError(f"{dest}: sha256 is {got}, expected {expected.lower()} "
-                                f"(moved to {bad.name}; check the URL and download again)")
+            raise ChecksumError(
+                f"{dest}: sha256 is {got}, expected {expected.lower()} "
+                f"(moved to {bad.name}; check the URL and download again)"
+            )
     if src.post == "post_gnd":
         read_revisited_gnd(dest)  # validate before it lands; errors name the downloaded file
     target = root / src.target
@@ -226,6 +266,7 @@ def download(name: str, dest_root: str | os.PathLike, *, url: str | None = None,
 
 
 # ---- post-processing ------------------------------------------------------------------
+
 
 def _strip_single_dir(d: Path) -> Path:
     children = [c for c in d.iterdir() if not c.name.startswith(".") and c.name != "__MACOSX"]
@@ -267,8 +308,10 @@ def post_landmark(unpacked: Path, target: Path, root: Path) -> None:
 
 
 def post_backbones(unpacked: Path, target: Path, root: Path) -> None:
-    base = next((d.parent for d in (_find_dir(unpacked, "CIFAR-FS"), _find_dir(unpacked, "MiniImageNet")) if d),
-                _strip_single_dir(unpacked))
+    base = next(
+        (d.parent for d in (_find_dir(unpacked, "CIFAR-FS"), _find_dir(unpacked, "MiniImageNet")) if d),
+        _strip_single_dir(unpacked),
+    )
     _move_children(base, target, skip=("TieredImageNet",))
 
 
@@ -315,7 +358,12 @@ def post_cifar_fs_splits(unpacked: Path, target: Path, root: Path) -> None:
 
 
 POST: dict[str, Callable[[Path, Path, Path], None]] = {
-    "move_all": move_all, "post_landmark": post_landmark, "post_backbones": post_backbones,
-    "post_backbones_tiered": post_backbones_tiered, "post_mini_imagenet": post_mini_imagenet,
-    "post_gnd": post_gnd, "post_cifar100": post_cifar100, "post_cifar_fs_splits": post_cifar_fs_splits,
+    "move_all": move_all,
+    "post_landmark": post_landmark,
+    "post_backbones": post_backbones,
+    "post_backbones_tiered": post_backbones_tiered,
+    "post_mini_imagenet": post_mini_imagenet,
+    "post_gnd": post_gnd,
+    "post_cifar100": post_cifar100,
+    "post_cifar_fs_splits": post_cifar_fs_splits,
 }

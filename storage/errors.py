@@ -3,6 +3,7 @@
 Every error is a ``ValueError`` subclass whose message names the file, the field and
 what was expected, e.g. ``features.parquet: embedding has dim 512, expected 640``.
 """
+
 from __future__ import annotations
 
 

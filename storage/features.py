@@ -12,14 +12,15 @@ every row must have that length (``x.parquet: embedding: row id 17 has length 3,
 as before: the project's own tables are fixed-size. ``FeatureTableWriter`` writes a table
 batch by batch (the importers of users' tables, ``storage.own_data``, stream through it).
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -82,9 +83,16 @@ def _first_nonfinite(ids: np.ndarray, emb: np.ndarray) -> int | None:
     return int(ids[np.argmax(bad)]) if bad.any() else None
 
 
-def write_features(path: str | os.PathLike, *, ids: Sequence[int] | np.ndarray, labels: Sequence | np.ndarray,
-                   splits: str | Sequence[str], embeddings: np.ndarray, paths: Sequence[str] | None = None,
-                   metadata: Mapping[str, str]) -> Path:
+def write_features(
+    path: str | os.PathLike,
+    *,
+    ids: Sequence[int] | np.ndarray,
+    labels: Sequence | np.ndarray,
+    splits: str | Sequence[str],
+    embeddings: np.ndarray,
+    paths: Sequence[str] | None = None,
+    metadata: Mapping[str, str],
+) -> Path:
     """Write a features table atomically.
 
     ids: (N,) unique ints; labels: (N,) str or int; splits: one str for all rows or (N,)
@@ -119,8 +127,11 @@ def write_features(path: str | os.PathLike, *, ids: Sequence[int] | np.ndarray, 
     if meta.get("dim", str(dim)) != str(dim):
         raise SchemaError(f"{name}: embedding has dim {dim}, but metadata dim says {meta['dim']}")
     meta["dim"] = str(dim)
-    columns = {"id": pa.array(ids_arr, type=pa.int64()), "label": label_arr,
-               "split": pa.array(split_list, type=pa.string())}
+    columns = {
+        "id": pa.array(ids_arr, type=pa.int64()),
+        "label": label_arr,
+        "split": pa.array(split_list, type=pa.string()),
+    }
     if paths is not None:
         columns["path"] = pa.array(list(paths), type=pa.string())
     columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=pa.float32()), dim)
@@ -146,8 +157,16 @@ class FeatureTableWriter:
                 w.write(ids=ids, labels=labels, splits=splits, embeddings=emb)
     """
 
-    def __init__(self, path: str | os.PathLike, *, dim: int, label_type: pa.DataType, metadata: Mapping[str, str],
-                 has_path: bool = False, row_group_size: int = ROW_GROUP_SIZE):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        dim: int,
+        label_type: pa.DataType,
+        metadata: Mapping[str, str],
+        has_path: bool = False,
+        row_group_size: int = ROW_GROUP_SIZE,
+    ):
         self.path = Path(path)
         name = self.path.name
         if dim < 1:
@@ -177,8 +196,15 @@ class FeatureTableWriter:
             self._stack.__exit__(*sys.exc_info())  # removes the temp file
             raise
 
-    def write(self, *, ids: np.ndarray, labels: Sequence | np.ndarray | pa.Array, splits: str | Sequence[str] | pa.Array,
-              embeddings: np.ndarray, paths: Sequence[str] | pa.Array | None = None) -> None:
+    def write(
+        self,
+        *,
+        ids: np.ndarray,
+        labels: Sequence | np.ndarray | pa.Array,
+        splits: str | Sequence[str] | pa.Array,
+        embeddings: np.ndarray,
+        paths: Sequence[str] | pa.Array | None = None,
+    ) -> None:
         """Append rows. ids: (n,) ints; labels: (n,) of the label type; splits: one str or
         (n,); embeddings: (n, dim) finite floats; paths: (n,) str, exactly when has_path."""
         if self._writer is None:
@@ -199,13 +225,17 @@ class FeatureTableWriter:
         try:
             label_col = label_col.cast(self.schema.field("label").type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise SchemaError(f"{name}: label has type {label_col.type}, expected {self.schema.field('label').type}") from exc
+            raise SchemaError(
+                f"{name}: label has type {label_col.type}, expected {self.schema.field('label').type}"
+            ) from exc
         split_col = pa.array([splits] * n, pa.string()) if isinstance(splits, str) else pa.array(splits, pa.string())
         cols = {"id": pa.array(ids_arr, pa.int64()), "label": label_col, "split": split_col}
         if (paths is not None) != self.has_path:
             raise SchemaError(f"{name}: path column {'expected' if self.has_path else 'not expected'} in this batch")
         if paths is not None:
-            cols["path"] = paths.cast(pa.string()) if isinstance(paths, pa.Array) else pa.array(list(paths), pa.string())
+            cols["path"] = (
+                paths.cast(pa.string()) if isinstance(paths, pa.Array) else pa.array(list(paths), pa.string())
+            )
         for col, values in cols.items():
             if len(values) != n:
                 raise SchemaError(f"{name}: {col} has {len(values)} rows, expected {n} (rows of embedding)")
@@ -224,7 +254,9 @@ class FeatureTableWriter:
             all_ids = np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64)
             uniq, counts = np.unique(all_ids, return_counts=True)
             if len(uniq) != len(all_ids):
-                raise DataValueError(f"{self.path.name}: id {int(uniq[counts > 1][0])} is duplicated; ids must be unique")
+                raise DataValueError(
+                    f"{self.path.name}: id {int(uniq[counts > 1][0])} is duplicated; ids must be unique"
+                )
         except BaseException:
             self._stack.__exit__(*sys.exc_info())
             raise
@@ -272,10 +304,18 @@ def embedding_type_dim(t: pa.DataType, source: str, accept_lists: bool = True) -
     if accept_lists and is_list_type(t):
         return None
     if accept_lists:
-        raise SchemaError(f"{source}: embedding has type {t}, expected list<float32|float64>, large_list<...> "
-                          "or fixed_size_list<float32|float64>[D]")
-    hint = (" (a list<float> column as pandas writes it is read with accept_lists=True, or imported with "
-            "storage.own_data.import_fewshot_table)") if is_list_type(t) else ""
+        raise SchemaError(
+            f"{source}: embedding has type {t}, expected list<float32|float64>, large_list<...> "
+            "or fixed_size_list<float32|float64>[D]"
+        )
+    hint = (
+        (
+            " (a list<float> column as pandas writes it is read with accept_lists=True, or imported with "
+            "storage.own_data.import_fewshot_table)"
+        )
+        if is_list_type(t)
+        else ""
+    )
     raise SchemaError(f"{source}: embedding has type {t}, expected fixed_size_list<float32>[D]{hint}")
 
 
@@ -298,8 +338,9 @@ def embedding_array(column: pa.Array | pa.ChunkedArray, ids: np.ndarray, dim: in
         bad = lengths != dim
         if bad.any():
             i = int(np.argmax(bad))
-            raise DataValueError(f"{source}: embedding: row id {int(ids[i])} has length {int(lengths[i])}, "
-                                 f"expected {dim}")
+            raise DataValueError(
+                f"{source}: embedding: row id {int(ids[i])} has length {int(lengths[i])}, expected {dim}"
+            )
     values = column.flatten().to_numpy(zero_copy_only=False)
     return np.ascontiguousarray(values.reshape(n, dim), dtype=np.float32)
 
@@ -319,7 +360,9 @@ def first_row_dim(column: pa.Array | pa.ChunkedArray, ids: np.ndarray, source: s
         raise DataValueError(f"{source}: embedding is missing for id {int(ids[0])}")
     d = len(first.values)
     if d == 0:
-        raise DataValueError(f"{source}: embedding: row id {int(ids[0])} has length 0, expected a non-empty list of floats")
+        raise DataValueError(
+            f"{source}: embedding: row id {int(ids[0])} has length 0, expected a non-empty list of floats"
+        )
     return d
 
 
@@ -330,12 +373,15 @@ def _list_dim(path: Path, pf: pq.ParquetFile) -> int:
     except (pa.ArrowException, OSError) as exc:
         raise CorruptFileError(f"{path}: cannot read rows (truncated or corrupt: {exc})") from exc
     if batch is None:
-        raise DataValueError(f"{path.name}: embedding: no rows, so D is unknown (a list column needs rows or metadata dim)")
+        raise DataValueError(
+            f"{path.name}: embedding: no rows, so D is unknown (a list column needs rows or metadata dim)"
+        )
     return first_row_dim(batch.column("embedding"), batch.column("id").to_numpy(zero_copy_only=False), path.name)
 
 
-def _check_schema(path: Path, pf: pq.ParquetFile, expected_dim: int | None,
-                  accept_lists: bool = False) -> tuple[int, dict[str, str], bool]:
+def _check_schema(
+    path: Path, pf: pq.ParquetFile, expected_dim: int | None, accept_lists: bool = False
+) -> tuple[int, dict[str, str], bool]:
     """(D, file metadata, has a path column); D of a list column is read from its first row."""
     schema = pf.schema_arrow
     names = schema.names
@@ -386,8 +432,9 @@ def _check_ids(path: Path, pf: pq.ParquetFile) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def _batch_to_table(path: Path, batch: pa.RecordBatch | pa.Table, dim: int, meta: dict[str, str],
-                    has_path: bool, split: str | None) -> FeatureTable:
+def _batch_to_table(
+    path: Path, batch: pa.RecordBatch | pa.Table, dim: int, meta: dict[str, str], has_path: bool, split: str | None
+) -> FeatureTable:
     name = path.name
     if split is not None:
         mask = pc.equal(batch.column("split"), split)
@@ -412,8 +459,9 @@ def _batch_to_table(path: Path, batch: pa.RecordBatch | pa.Table, dim: int, meta
     return FeatureTable(ids, labels, splits, paths, emb, dict(meta))
 
 
-def read_features(path: str | os.PathLike, *, split: str | None = None,
-                  expected_dim: int | None = None, accept_lists: bool = False) -> FeatureTable:
+def read_features(
+    path: str | os.PathLike, *, split: str | None = None, expected_dim: int | None = None, accept_lists: bool = False
+) -> FeatureTable:
     """Read and validate a whole features table (optionally only rows of ``split``).
 
     accept_lists: also read a list<float*> / large_list<float*> embedding column (see the
@@ -434,8 +482,13 @@ def read_features(path: str | os.PathLike, *, split: str | None = None,
     return out
 
 
-def iter_features(path: str | os.PathLike, batch_size: int = 65_536, split: str | None = None,
-                  expected_dim: int | None = None, accept_lists: bool = False) -> Iterator[FeatureTable]:
+def iter_features(
+    path: str | os.PathLike,
+    batch_size: int = 65_536,
+    split: str | None = None,
+    expected_dim: int | None = None,
+    accept_lists: bool = False,
+) -> Iterator[FeatureTable]:
     """Stream a features table in batches of at most ``batch_size`` rows (after the
     ``split`` filter batches may be smaller; empty ones are skipped). accept_lists: as in
     :func:`read_features`."""
@@ -465,8 +518,9 @@ def _row_groups_overlapping(pf: pq.ParquetFile, lo: int, hi: int) -> list[int]:
     return keep
 
 
-def lookup_embeddings(path: str | os.PathLike, ids: np.ndarray, *, expected_dim: int | None = None,
-                      accept_lists: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def lookup_embeddings(
+    path: str | os.PathLike, ids: np.ndarray, *, expected_dim: int | None = None, accept_lists: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of the rows with these ids: ``(emb (n, D) float32, found (n,) bool)``, in
     the order of ``ids``; rows not in the table are zero with ``found`` False.
 
@@ -489,8 +543,13 @@ def lookup_embeddings(path: str | os.PathLike, ids: np.ndarray, *, expected_dim:
     seen: set[int] = set()
     groups = _row_groups_overlapping(pf, int(sorted_want[0]), int(sorted_want[-1]))
     try:
-        batches = pf.iter_batches(batch_size=max(1024, LOOKUP_BATCH_BYTES // (4 * dim)), row_groups=groups,
-                                   columns=["id", "embedding"]) if groups else []
+        batches = (
+            pf.iter_batches(
+                batch_size=max(1024, LOOKUP_BATCH_BYTES // (4 * dim)), row_groups=groups, columns=["id", "embedding"]
+            )
+            if groups
+            else []
+        )
         for batch in batches:
             bids = batch.column("id").to_numpy(zero_copy_only=False).astype(np.int64)
             pos = np.minimum(np.searchsorted(sorted_want, bids), len(want) - 1)

@@ -1,13 +1,14 @@
 """Few-shot datasets in the folder layout ``<root>/<split>/<class>/<image>``, their
 normalisation specs and the SIB fixed-episode JSON format.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -47,16 +48,32 @@ def _div255(values: tuple[float, ...]) -> tuple[float, ...]:
 # rounds them to two decimals).
 DATASET_SPECS: dict[str, DatasetSpec] = {
     "cifar-fs": DatasetSpec(
-        "cifar-fs", 32, 3, _div255((129.37731888, 124.10583864, 112.47758569)),
+        "cifar-fs",
+        32,
+        3,
+        _div255((129.37731888, 124.10583864, 112.47758569)),
         _div255((68.20947949, 65.43124043, 70.45866994)),
-        train=TrainTransform("random", 32, padding=4, flip=True, jitter=0.4)),
+        train=TrainTransform("random", 32, padding=4, flip=True, jitter=0.4),
+    ),
     "mini-imagenet": DatasetSpec(
-        "mini-imagenet", 80, 3, _div255((120.39586422, 115.59361427, 104.54012653)),
+        "mini-imagenet",
+        80,
+        3,
+        _div255((120.39586422, 115.59361427, 104.54012653)),
         _div255((70.68188272, 68.27635443, 72.54505529)),
-        train=TrainTransform("random", 80, padding=8, flip=True, jitter=0.4), center_crop=80),
+        train=TrainTransform("random", 80, padding=8, flip=True, jitter=0.4),
+        center_crop=80,
+    ),
     "tiered-imagenet": DatasetSpec(
-        "tiered-imagenet", 84, 3, _div255((125.3, 123.0, 113.9)), _div255((63.0, 62.1, 66.7)),
-        train=TrainTransform("random-resized", 84, flip=True), resize=(92, 92), center_crop=84),
+        "tiered-imagenet",
+        84,
+        3,
+        _div255((125.3, 123.0, 113.9)),
+        _div255((63.0, 62.1, 66.7)),
+        train=TrainTransform("random-resized", 84, flip=True),
+        resize=(92, 92),
+        center_crop=84,
+    ),
     "glyphs": DatasetSpec("glyphs", 32, 1, (0.5,), (0.5,), train=TrainTransform("random", 32, padding=4, flip=False)),
 }
 
@@ -103,8 +120,10 @@ def list_split(root: str | os.PathLike, split: str) -> SplitIndex:
     for label, class_dir in enumerate(class_dirs):
         images = sorted(f.name for f in class_dir.iterdir() if f.is_file() and _is_image(f.name))
         if not images:
-            raise DatasetLayoutError(f"{class_dir}: class '{class_dir.name}' has no images "
-                                     f"(expected files ending in {', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
+            raise DatasetLayoutError(
+                f"{class_dir}: class '{class_dir.name}' has no images "
+                f"(expected files ending in {', '.join(IMAGE_EXTENSIONS[:3])}, ...)"
+            )
         paths.extend(f"{class_dir.name}/{name}" for name in images)
         labels.extend([label] * len(images))
     return SplitIndex(split_dir, paths, np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs])
@@ -127,8 +146,10 @@ def _transform(img: Image.Image, spec: DatasetSpec, source: Path, rng: np.random
             img = img.crop((left, top, left + c, top + c))
     if img.size != (spec.image_size, spec.image_size):
         w, h = img.size
-        raise DatasetLayoutError(f"{source}: image is {w}x{h} after transforms, expected "
-                                 f"{spec.image_size}x{spec.image_size} for dataset '{spec.name}'")
+        raise DatasetLayoutError(
+            f"{source}: image is {w}x{h} after transforms, expected "
+            f"{spec.image_size}x{spec.image_size} for dataset '{spec.name}'"
+        )
     arr = np.asarray(img, dtype=np.float32) / 255.0
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -137,8 +158,12 @@ def _transform(img: Image.Image, spec: DatasetSpec, source: Path, rng: np.random
     return ((arr - mean) / std).transpose(2, 0, 1)
 
 
-def load_images(split: SplitIndex | str | os.PathLike, rel_paths: Sequence[str],
-                spec: DatasetSpec, rng: np.random.Generator | None = None) -> np.ndarray:
+def load_images(
+    split: SplitIndex | str | os.PathLike,
+    rel_paths: Sequence[str],
+    spec: DatasetSpec,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
     """Read, transform and normalise images.
 
     split: a SplitIndex or the split folder; rel_paths: B paths relative to it; rng: when
@@ -186,16 +211,20 @@ def _resolve(split: SplitIndex, raw: object, json_path: Path, ep_no: int, key: s
 def _rows(obj: dict, key: str, json_path: Path, ep_no: int) -> list[list]:
     rows = obj.get(key)
     if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
-        raise DatasetLayoutError(f"{json_path}: episode {ep_no}: '{key}' must be a non-empty list "
-                                 "of non-empty lists of image paths (one list per class)")
+        raise DatasetLayoutError(
+            f"{json_path}: episode {ep_no}: '{key}' must be a non-empty list "
+            "of non-empty lists of image paths (one list per class)"
+        )
     if len({len(r) for r in rows}) != 1:
-        raise DatasetLayoutError(f"{json_path}: episode {ep_no}: '{key}' rows have different lengths "
-                                 f"{[len(r) for r in rows]}")
+        raise DatasetLayoutError(
+            f"{json_path}: episode {ep_no}: '{key}' rows have different lengths {[len(r) for r in rows]}"
+        )
     return rows
 
 
-def read_episode_json(json_path: str | os.PathLike, split: SplitIndex, *, limit: int | None = None,
-                      source: str | None = None) -> list[Episode]:
+def read_episode_json(
+    json_path: str | os.PathLike, split: SplitIndex, *, limit: int | None = None, source: str | None = None
+) -> list[Episode]:
     """Read SIB fixed episodes: a JSON list of ``{"Support": [[path] * n_shot] * n_way,
     "Query": [[path] * n_query] * n_way}``, paths relative to the split folder (any prefix
     before ``<class>/<image>`` is accepted).
@@ -226,12 +255,16 @@ def read_episode_json(json_path: str | os.PathLike, split: SplitIndex, *, limit:
             raise DatasetLayoutError(f"{json_path}: episode {ep_no}: expected an object with 'Support' and 'Query'")
         support_rows, query_rows = _rows(obj, "Support", json_path, ep_no), _rows(obj, "Query", json_path, ep_no)
         if len(support_rows) != len(query_rows):
-            raise DatasetLayoutError(f"{json_path}: episode {ep_no}: 'Support' has {len(support_rows)} "
-                                     f"classes, 'Query' has {len(query_rows)}")
-        support = np.array([[_resolve(split, p, json_path, ep_no, "Support", source) for p in r] for r in support_rows],
-                           dtype=np.int64)
-        query = np.array([[_resolve(split, p, json_path, ep_no, "Query", source) for p in r] for r in query_rows],
-                         dtype=np.int64)
+            raise DatasetLayoutError(
+                f"{json_path}: episode {ep_no}: 'Support' has {len(support_rows)} "
+                f"classes, 'Query' has {len(query_rows)}"
+            )
+        support = np.array(
+            [[_resolve(split, p, json_path, ep_no, "Support", source) for p in r] for r in support_rows], dtype=np.int64
+        )
+        query = np.array(
+            [[_resolve(split, p, json_path, ep_no, "Query", source) for p in r] for r in query_rows], dtype=np.int64
+        )
         for w in range(len(support)):
             labels = np.unique(np.concatenate([split.labels[support[w]], split.labels[query[w]]]))
             if len(labels) != 1:

@@ -19,6 +19,7 @@ read through the same code as the paper's data sets (:func:`storage.fewshot.list
 A file in a class folder that is not an image (by extension, :data:`IMAGE_EXTENSIONS`)
 or that Pillow cannot read is an error naming the file, never skipped.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 
 from storage.atomic import atomic_write_text
 from storage.augment import TrainTransform
-from storage.errors import CorruptFileError, DataValueError, DatasetLayoutError
+from storage.errors import CorruptFileError, DatasetLayoutError, DataValueError
 from storage.fewshot import IMAGE_EXTENSIONS, DatasetSpec, SplitIndex, list_split
 
 SPLITS = ("train", "val", "test")
@@ -64,8 +65,10 @@ def list_image_folder(root: str | os.PathLike) -> dict[str, SplitIndex]:
         for class_name in index.classes:
             for f in sorted((index.root / class_name).iterdir()):
                 if f.is_file() and not f.name.startswith(".") and not f.name.lower().endswith(IMAGE_EXTENSIONS):
-                    raise DatasetLayoutError(f"{f}: not an image file (expected extensions {', '.join(IMAGE_EXTENSIONS)}); "
-                                             "remove or convert it")
+                    raise DatasetLayoutError(
+                        f"{f}: not an image file (expected extensions {', '.join(IMAGE_EXTENSIONS)}); "
+                        "remove or convert it"
+                    )
         out[split] = index
     return out
 
@@ -93,8 +96,9 @@ def parse_normalization(value: str) -> tuple[tuple[float, ...], tuple[float, ...
     if not all(math.isfinite(v) for v in numbers) or min(std) <= 0:
         raise ValueError(f"normalization: {value!r}: std must be > 0 and every number finite; {expected}")
     if max(abs(v) for v in numbers) > 1.0:
-        raise ValueError(f"normalization: {value!r}: numbers above 1 look like the 0-255 scale; "
-                         f"divide them by 255 ({expected})")
+        raise ValueError(
+            f"normalization: {value!r}: numbers above 1 look like the 0-255 scale; divide them by 255 ({expected})"
+        )
     return mean, std
 
 
@@ -144,17 +148,33 @@ def channel_stats(index: SplitIndex, image_size: int, cache_dir: str | os.PathLi
     std = np.sqrt(np.maximum(total_sq / n_pixels - np.square(mean), 0.0))
     if (std < 1e-6).any():
         c = int(np.argmin(std))
-        raise DataValueError(f"{index.root}: channel {c} has the same value in every pixel of the split "
-                             "(std 0); give normalization explicitly")
+        raise DataValueError(
+            f"{index.root}: channel {c} has the same value in every pixel of the split "
+            "(std 0); give normalization explicitly"
+        )
     stats = ChannelStats(tuple(float(v) for v in mean), tuple(float(v) for v in std), len(index.paths))
     if cache is not None:
-        atomic_write_text(cache, json.dumps({"mean": stats.mean, "std": stats.std, "n_images": stats.n_images,
-                                             "image_size": image_size, "split": str(index.root.resolve())}))
+        atomic_write_text(
+            cache,
+            json.dumps(
+                {
+                    "mean": stats.mean,
+                    "std": stats.std,
+                    "n_images": stats.n_images,
+                    "image_size": image_size,
+                    "split": str(index.root.resolve()),
+                }
+            ),
+        )
     return stats
 
 
-def image_folder_spec(root: str | os.PathLike, image_size: int = 84, normalization: str = "auto",
-                      cache_dir: str | os.PathLike | None = None) -> DatasetSpec:
+def image_folder_spec(
+    root: str | os.PathLike,
+    image_size: int = 84,
+    normalization: str = "auto",
+    cache_dir: str | os.PathLike | None = None,
+) -> DatasetSpec:
     """The DatasetSpec of a user's image folder (module docstring): 3 channels,
     ``image_size`` square, resize without crop, RandomResizedCrop + flip for training,
     mean/std from ``normalization``. Checks the folder layout (:func:`list_image_folder`);
@@ -178,9 +198,16 @@ def folder_spec(image_size: int, mean: tuple[float, ...], std: tuple[float, ...]
     :func:`image_folder_spec` returns, rebuilt from stored values."""
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"image folder spec: expected 3 means and 3 stds, got {len(mean)} and {len(std)}")
-    return DatasetSpec(name="image-folder", image_size=image_size, channels=3, mean=tuple(float(m) for m in mean),
-                       std=tuple(float(v) for v in std), train=TrainTransform("random-resized", image_size, flip=True),
-                       resize=(image_size, image_size), center_crop=None)
+    return DatasetSpec(
+        name="image-folder",
+        image_size=image_size,
+        channels=3,
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(v) for v in std),
+        train=TrainTransform("random-resized", image_size, flip=True),
+        resize=(image_size, image_size),
+        center_crop=None,
+    )
 
 
 def verify_images(index: SplitIndex) -> None:
@@ -193,11 +220,3 @@ def verify_images(index: SplitIndex) -> None:
                 img.load()
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise CorruptFileError(f"{path}: not a readable image ({exc})") from exc
-
-
-def folder_spec(image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> DatasetSpec:
-    """The DatasetSpec of a user image folder with known mean and std (what
-    :func:`image_folder_spec` returns, rebuilt from its numbers on a Ray worker)."""
-    return DatasetSpec(name="image-folder", image_size=image_size, channels=3, mean=tuple(mean), std=tuple(std),
-                       train=TrainTransform("random-resized", image_size, flip=True), resize=(image_size, image_size),
-                       center_crop=None)

@@ -17,6 +17,7 @@ Validation never touches the test sets: a deterministic fraction of the SfM-120k
 (:func:`holdout_clusters`, a seeded hash of the cluster id) is held out of training. Its
 images form a revisited-format validation set (:func:`validation_ground_truth`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -68,8 +69,10 @@ def landmark_pickle(data_root: str | os.PathLike, dataset: str) -> Path:
     """Path of ``<data_root>/gl18_resnet101_<dataset>.pkl``; a clear error when it is missing."""
     path = Path(data_root) / f"{BACKBONE}_{dataset}.pkl"
     if not path.is_file():
-        raise StorageError(f"{path}: not found; data_root must hold the authors' landmark pickles "
-                           f"({BACKBONE}_{{roxford5k,rparis6k,sfm120k}}.pkl, `ssr data download ssr-landmark-features`)")
+        raise StorageError(
+            f"{path}: not found; data_root must hold the authors' landmark pickles "
+            f"({BACKBONE}_{{roxford5k,rparis6k,sfm120k}}.pkl, `ssr data download ssr-landmark-features`)"
+        )
     return path
 
 
@@ -111,8 +114,9 @@ def import_test_set(data_root: str | os.PathLike, dataset: str, cache_root: str 
         if "query" not in written:
             raise SchemaError(f"{source}: no 'query' features; a test pickle holds 'database', 'query' and 'gt'")
         if "gnd" not in written:
-            raise SchemaError(f"{source}: no ground truth; expected key 'gt' with one dict per query "
-                              "(fields easy, hard, junk, bbx)")
+            raise SchemaError(
+                f"{source}: no ground truth; expected key 'gt' with one dict per query (fields easy, hard, junk, bbx)"
+            )
 
     out = _build_once(_cache_dir(Path(cache_root), source), build)
     db, q, gnd = out / "database.parquet", out / "query.parquet", out / "gnd.json"
@@ -130,13 +134,24 @@ def holdout_clusters(clusters: np.ndarray, fraction: float, seed: int) -> np.nda
         raise ValueError(f"holdout fraction: expected a value in (0, 1), got {fraction}")
     clusters = np.asarray(clusters)
     uniq, inverse = np.unique(clusters, return_inverse=True)
-    u = np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{c}".encode(), digest_size=8).digest(), "big")
-                  for c in uniq], dtype=np.float64) / 2.0**64
+    u = (
+        np.array(
+            [int.from_bytes(hashlib.blake2b(f"{seed}:{c}".encode(), digest_size=8).digest(), "big") for c in uniq],
+            dtype=np.float64,
+        )
+        / 2.0**64
+    )
     return (u < fraction)[inverse.reshape(-1)]
 
 
-def import_train_set(data_root: str | os.PathLike, cache_root: str | os.PathLike, *, holdout_fraction: float = 0.05,
-                     holdout_seed: int = 0, expected_dim: int | None = None) -> LandmarkTrainSet:
+def import_train_set(
+    data_root: str | os.PathLike,
+    cache_root: str | os.PathLike,
+    *,
+    holdout_fraction: float = 0.05,
+    holdout_seed: int = 0,
+    expected_dim: int | None = None,
+) -> LandmarkTrainSet:
     """SfM-120k as one features table (imported once per hold-out): label = cluster id,
     split ``val`` for the held-out clusters and ``train`` for the rest.
 
@@ -146,25 +161,43 @@ def import_train_set(data_root: str | os.PathLike, cache_root: str | os.PathLike
 
     def _check_dim(dim: int) -> None:
         if expected_dim is not None and dim != expected_dim:
-            raise DataValueError(f"{source}: database has D={dim}, but the test features have D={expected_dim}; "
-                                 "training and test features must come from the same backbone")
+            raise DataValueError(
+                f"{source}: database has D={dim}, but the test features have D={expected_dim}; "
+                "training and test features must come from the same backbone"
+            )
 
     def build(tmp: Path) -> None:
         feats = read_landmark_pickle(source)
         if feats.cluster is None:
-            raise SchemaError(f"{source}: missing key 'cluster'; the SfM-120k training pickle needs 'database' (D, N) "
-                              "and 'cluster' (N,) cluster ids")
+            raise SchemaError(
+                f"{source}: missing key 'cluster'; the SfM-120k training pickle needs 'database' (D, N) "
+                "and 'cluster' (N,) cluster ids"
+            )
         _check_dim(feats.database.shape[1])
         held = holdout_clusters(feats.cluster, holdout_fraction, holdout_seed)
         if held.all() or not held.any():
             n = len(np.unique(feats.cluster))
-            raise DataValueError(f"{source}: cluster: holding out {holdout_fraction:g} of {n} clusters leaves "
-                                 f"{'no training' if held.all() else 'no validation'} cluster; expected more clusters")
+            raise DataValueError(
+                f"{source}: cluster: holding out {holdout_fraction:g} of {n} clusters leaves "
+                f"{'no training' if held.all() else 'no validation'} cluster; expected more clusters"
+            )
         N = len(feats.cluster)
-        meta = {"dataset": TRAIN_SET, "backbone": BACKBONE, "checkpoint_hash": file_sha256(source), "source": source.name,
-                "holdout_fraction": str(holdout_fraction), "holdout_seed": str(holdout_seed)}
-        write_features(tmp / TRAIN_TABLE, ids=np.arange(N), labels=feats.cluster, splits=np.where(held, "val", "train"),
-                       embeddings=feats.database, metadata=meta)
+        meta = {
+            "dataset": TRAIN_SET,
+            "backbone": BACKBONE,
+            "checkpoint_hash": file_sha256(source),
+            "source": source.name,
+            "holdout_fraction": str(holdout_fraction),
+            "holdout_seed": str(holdout_seed),
+        }
+        write_features(
+            tmp / TRAIN_TABLE,
+            ids=np.arange(N),
+            labels=feats.cluster,
+            splits=np.where(held, "val", "train"),
+            embeddings=feats.database,
+            metadata=meta,
+        )
 
     out = _build_once(_cache_dir(Path(cache_root), source, f"{holdout_fraction}|{holdout_seed}"), build)
     table = out / TRAIN_TABLE
@@ -176,8 +209,9 @@ def import_train_set(data_root: str | os.PathLike, cache_root: str | os.PathLike
     return LandmarkTrainSet(table, dim, len(splits) - n_val, n_val, holdout_fraction, holdout_seed)
 
 
-def validation_ground_truth(clusters: np.ndarray, n_queries: int,
-                            seed: int) -> tuple[np.ndarray, np.ndarray, RevisitedGroundTruth]:
+def validation_ground_truth(
+    clusters: np.ndarray, n_queries: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, RevisitedGroundTruth]:
     """A revisited-format validation set over held-out items with cluster labels (M,).
 
     Up to ``n_queries`` queries are drawn (seeded) so that each query's cluster keeps at
@@ -190,8 +224,10 @@ def validation_ground_truth(clusters: np.ndarray, n_queries: int,
     uniq, inverse, counts = np.unique(clusters, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
     if not (counts > 1).any():
-        raise DataValueError(f"validation clusters: none of the {len(uniq)} held-out clusters has two images; "
-                             "expected clusters with positives")
+        raise DataValueError(
+            f"validation clusters: none of the {len(uniq)} held-out clusters has two images; "
+            "expected clusters with positives"
+        )
     rng = np.random.default_rng(seed)
     taken = np.zeros(len(uniq), np.int64)
     queries = []
@@ -207,7 +243,14 @@ def validation_ground_truth(clusters: np.ndarray, n_queries: int,
     is_query[queries] = True
     database = np.flatnonzero(~is_query)
     db_clusters = clusters[database]
-    gnd = [{"easy": np.flatnonzero(db_clusters == clusters[q]).astype(np.int64), "hard": np.zeros(0, np.int64),
-            "junk": np.zeros(0, np.int64), "bbx": None} for q in queries]
+    gnd = [
+        {
+            "easy": np.flatnonzero(db_clusters == clusters[q]).astype(np.int64),
+            "hard": np.zeros(0, np.int64),
+            "junk": np.zeros(0, np.int64),
+            "bbx": None,
+        }
+        for q in queries
+    ]
     gt = RevisitedGroundTruth([str(int(i)) for i in database], [str(int(q)) for q in queries], gnd)
     return queries, database, gt

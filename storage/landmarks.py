@@ -4,6 +4,7 @@ Pickles are read with the restricted unpickler. Our own ground-truth format is J
 ``{"imlist": [...], "qimlist": [...], "gnd": [{"easy": [...], "hard": [...],
 "junk": [...], "bbx": [x1, y1, x2, y2] | null}, ...]}``.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,17 @@ class RevisitedGroundTruth:
     gnd: list[dict[str, Any]]
 
     def to_json(self) -> dict[str, Any]:
-        return {"imlist": list(self.imlist), "qimlist": list(self.qimlist),
-                "gnd": [{**{key: [int(v) for v in g[key]] for key in GND_LISTS},
-                         "bbx": None if g["bbx"] is None else [float(v) for v in g["bbx"]]} for g in self.gnd]}
+        return {
+            "imlist": list(self.imlist),
+            "qimlist": list(self.qimlist),
+            "gnd": [
+                {
+                    **{key: [int(v) for v in g[key]] for key in GND_LISTS},
+                    "bbx": None if g["bbx"] is None else [float(v) for v in g["bbx"]],
+                }
+                for g in self.gnd
+            ],
+        }
 
 
 def _validate_gnd(obj: Any, source: str, n_db: int | None = None) -> RevisitedGroundTruth:
@@ -74,8 +83,9 @@ def _validate_gnd(obj: Any, source: str, n_db: int | None = None) -> RevisitedGr
                 raise SchemaError(f"{source}: query {qi}: field '{key}' is not a list of ints ({exc})") from exc
             bad = (arr < 0) | (arr >= n)
             if bad.any():
-                raise DataValueError(f"{source}: query {qi}: field '{key}' has index {int(arr[bad][0])} "
-                                     f"outside [0, {n}) (database size)")
+                raise DataValueError(
+                    f"{source}: query {qi}: field '{key}' has index {int(arr[bad][0])} outside [0, {n}) (database size)"
+                )
             out[key] = arr
         bbx = g.get("bbx")
         if bbx is not None:
@@ -162,8 +172,10 @@ def read_landmark_pickle(path: str | os.PathLike) -> LandmarkFeatures:
     obj = str_keys(obj)
     db_key, db = _pick(obj, DATABASE_KEYS)
     if db_key is None:
-        raise SchemaError(f"{source}: no database features; expected one of the keys {list(DATABASE_KEYS)}, "
-                          f"found {sorted(map(str, obj))}")
+        raise SchemaError(
+            f"{source}: no database features; expected one of the keys {list(DATABASE_KEYS)}, "
+            f"found {sorted(map(str, obj))}"
+        )
     db = _as_matrix(db, source, db_key)
     q_key, q = _pick(obj, QUERY_KEYS)
     q = None if q is None else _as_matrix(q, source, q_key)
@@ -181,8 +193,10 @@ def read_landmark_pickle(path: str | os.PathLike) -> LandmarkFeatures:
         elif db.shape[1] == q.shape[1]:
             transpose = False
         else:
-            raise DataValueError(f"{source}: '{q_key}' is {q.shape} and '{db_key}' is {db.shape}: query and database "
-                                 "features must have the same D (the authors' layout is (D, Q) and (D, N))")
+            raise DataValueError(
+                f"{source}: '{q_key}' is {q.shape} and '{db_key}' is {db.shape}: query and database "
+                "features must have the same D (the authors' layout is (D, Q) and (D, N))"
+            )
     elif cluster is not None:
         if len(cluster) == db.shape[1]:
             transpose = True
@@ -204,13 +218,15 @@ def read_landmark_pickle(path: str | os.PathLike) -> LandmarkFeatures:
         gt = _validate_gnd(gt, f"{source}['{gt_key}']", n_db=N)
     elif isinstance(gt, (list, tuple)) and gt and isinstance(gt[0], dict):
         qn = [str(i) for i in range(len(gt))]
-        gt = _validate_gnd({"imlist": [str(i) for i in range(N)], "qimlist": qn, "gnd": list(gt)},
-                           f"{source}['{gt_key}']", n_db=N)
+        gt = _validate_gnd(
+            {"imlist": [str(i) for i in range(N)], "qimlist": qn, "gnd": list(gt)}, f"{source}['{gt_key}']", n_db=N
+        )
     return LandmarkFeatures(database, query, gt, cluster)
 
 
-def import_landmarks(pickle_path: str | os.PathLike, out_dir: str | os.PathLike,
-                     gnd_path: str | os.PathLike | None = None) -> dict[str, Path]:
+def import_landmarks(
+    pickle_path: str | os.PathLike, out_dir: str | os.PathLike, gnd_path: str | os.PathLike | None = None
+) -> dict[str, Path]:
     """Convert an authors' landmark pickle into features tables (+ ``gnd.json``).
 
     Writes ``<out_dir>/database.parquet`` (ids 0..N-1, label = cluster id or -1, split
@@ -222,28 +238,52 @@ def import_landmarks(pickle_path: str | os.PathLike, out_dir: str | os.PathLike,
     feats = read_landmark_pickle(pickle_path)
     stem = pickle_path.stem.rstrip("_")
     backbone, _, dataset = stem.rpartition("_")
-    gt = read_revisited_gnd(gnd_path) if gnd_path is not None else (
-        feats.gt if isinstance(feats.gt, RevisitedGroundTruth) else None)
+    gt = (
+        read_revisited_gnd(gnd_path)
+        if gnd_path is not None
+        else (feats.gt if isinstance(feats.gt, RevisitedGroundTruth) else None)
+    )
     N = feats.database.shape[0]
     if gt is not None:
         if len(gt.imlist) != N and gnd_path is not None:
-            raise DataValueError(f"{gnd_path}: imlist has {len(gt.imlist)} images, but {pickle_path} "
-                                 f"has {N} database features")
+            raise DataValueError(
+                f"{gnd_path}: imlist has {len(gt.imlist)} images, but {pickle_path} has {N} database features"
+            )
         if feats.query is not None and len(gt.qimlist) != feats.query.shape[0]:
-            raise DataValueError(f"{gnd_path or pickle_path}: qimlist has {len(gt.qimlist)} queries, but "
-                                 f"{pickle_path} has {feats.query.shape[0]} query features")
-    meta = {"dataset": dataset or stem, "backbone": backbone or "unknown",
-            "checkpoint_hash": file_sha256(pickle_path), "source": pickle_path.name}
+            raise DataValueError(
+                f"{gnd_path or pickle_path}: qimlist has {len(gt.qimlist)} queries, but "
+                f"{pickle_path} has {feats.query.shape[0]} query features"
+            )
+    meta = {
+        "dataset": dataset or stem,
+        "backbone": backbone or "unknown",
+        "checkpoint_hash": file_sha256(pickle_path),
+        "source": pickle_path.name,
+    }
     written: dict[str, Path] = {}
     labels = feats.cluster if feats.cluster is not None else np.full(N, -1, dtype=np.int64)
     paths = gt.imlist if gt is not None and len(gt.imlist) == N else None
-    written["database"] = write_features(out / "database.parquet", ids=np.arange(N), labels=labels,
-                                         splits="database", embeddings=feats.database, paths=paths, metadata=meta)
+    written["database"] = write_features(
+        out / "database.parquet",
+        ids=np.arange(N),
+        labels=labels,
+        splits="database",
+        embeddings=feats.database,
+        paths=paths,
+        metadata=meta,
+    )
     if feats.query is not None:
         Q = feats.query.shape[0]
         qpaths = gt.qimlist if gt is not None else None
-        written["query"] = write_features(out / "query.parquet", ids=np.arange(Q), labels=np.full(Q, -1),
-                                          splits="query", embeddings=feats.query, paths=qpaths, metadata=meta)
+        written["query"] = write_features(
+            out / "query.parquet",
+            ids=np.arange(Q),
+            labels=np.full(Q, -1),
+            splits="query",
+            embeddings=feats.query,
+            paths=qpaths,
+            metadata=meta,
+        )
     if gt is not None:
         written["gnd"] = write_gnd_json(out / "gnd.json", gt)
     return written

@@ -27,6 +27,7 @@ under a temporary name and renamed when complete.
 Errors are one line naming the file and the field or id, e.g. ``x.parquet: embedding:
 row id 17 has length 3, expected 4``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,17 +35,24 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.errors import CorruptFileError, DataValueError, DatasetLayoutError, SchemaError, StorageError
-from storage.features import (READ_BUFFER, FeatureTableWriter, embedding_array, embedding_type_dim, first_nonfinite, first_row_dim,
-                              read_metadata)
+from storage.errors import CorruptFileError, DatasetLayoutError, DataValueError, SchemaError, StorageError
+from storage.features import (
+    READ_BUFFER,
+    FeatureTableWriter,
+    embedding_array,
+    embedding_type_dim,
+    first_nonfinite,
+    first_row_dim,
+    read_metadata,
+)
 from storage.landmark_tables import TRAIN_TABLE, LandmarkTestSet, LandmarkTrainSet, holdout_clusters
 from storage.landmarks import RevisitedGroundTruth, read_gnd, write_gnd_json
 
@@ -182,8 +190,15 @@ def _embedding_batches(uf: _UserFile, extra: Sequence[str] = ()) -> Iterator[tup
         raise CorruptFileError(f"{uf.path}: cannot read rows (truncated or corrupt: {exc})") from exc
 
 
-def _copy_rows(uf: _UserFile, writer: FeatureTableWriter, *, ids: np.ndarray, out_ids: np.ndarray,
-               labels: pa.Array, splits: np.ndarray | str) -> None:
+def _copy_rows(
+    uf: _UserFile,
+    writer: FeatureTableWriter,
+    *,
+    ids: np.ndarray,
+    out_ids: np.ndarray,
+    labels: pa.Array,
+    splits: np.ndarray | str,
+) -> None:
     """Stream the embeddings of ``uf`` into ``writer``, checked batch by batch (length D,
     no NaN/inf, naming the user's id). ids: (N,) the user's ids (for messages); out_ids,
     labels, splits: (N,) what is written for each row (splits may be one str)."""
@@ -201,8 +216,13 @@ def _copy_rows(uf: _UserFile, writer: FeatureTableWriter, *, ids: np.ndarray, ou
             if paths.null_count:
                 i = int(np.argmin(np.asarray(paths.is_valid())))
                 raise DataValueError(f"{uf.name}: path is missing for id {int(ids[start + i])}")
-        writer.write(ids=out_ids[rows], labels=labels.slice(start, batch.num_rows),
-                     splits=splits if isinstance(splits, str) else splits[rows].tolist(), embeddings=emb, paths=paths)
+        writer.write(
+            ids=out_ids[rows],
+            labels=labels.slice(start, batch.num_rows),
+            splits=splits if isinstance(splits, str) else splits[rows].tolist(),
+            embeddings=emb,
+            paths=paths,
+        )
 
 
 def _source_key(files: Sequence[Path], extra: str = "") -> str:
@@ -218,8 +238,10 @@ def _common_label_type(files: Sequence[tuple[_UserFile, pa.Array]]) -> pa.DataTy
     first_uf, first = files[0]
     for uf, labels in files[1:]:
         if labels.type != first.type:
-            raise SchemaError(f"{uf.name}: label has type {labels.type}, but {first_uf.name} has {first.type}; "
-                              "labels must be all int or all string")
+            raise SchemaError(
+                f"{uf.name}: label has type {labels.type}, but {first_uf.name} has {first.type}; "
+                "labels must be all int or all string"
+            )
     return first.type
 
 
@@ -227,8 +249,9 @@ def _check_same_dim(files: Sequence[_UserFile], what: str) -> int:
     first = files[0]
     for uf in files[1:]:
         if uf.dim != first.dim:
-            raise SchemaError(f"{uf.name}: embedding has D={uf.dim}, but {first.name} has D={first.dim}; "
-                              f"{what} must have the same D")
+            raise SchemaError(
+                f"{uf.name}: embedding has D={uf.dim}, but {first.name} has D={first.dim}; {what} must have the same D"
+            )
     return first.dim
 
 
@@ -260,8 +283,10 @@ def fewshot_sources(src: str | os.PathLike) -> list[Path]:
         raise StorageError(f"{src}: not found (expected a Parquet file or a folder of *.parquet)")
     files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix == ".parquet" and not p.name.startswith("."))
     if not files:
-        raise DatasetLayoutError(f"{src}: no *.parquet files (expected a Parquet file or a folder of them with columns "
-                                 f"{', '.join(FEWSHOT_COLUMNS)})")
+        raise DatasetLayoutError(
+            f"{src}: no *.parquet files (expected a Parquet file or a folder of them with columns "
+            f"{', '.join(FEWSHOT_COLUMNS)})"
+        )
     return files
 
 
@@ -302,9 +327,14 @@ def import_fewshot_table(src: str | os.PathLike, out_dir: str | os.PathLike) -> 
     counts = {s: int(sum((sp == s).sum() for sp in splits)) for s in FEWSHOT_SPLITS}
     has_path = all(uf.has("path") for uf in users)
     src_path = Path(src).resolve()
-    meta = {"dataset": src_path.stem if src_path.is_file() else src_path.name, "backbone": "none",
-            "checkpoint_hash": "none", "source": str(src_path), "source_hash": out.stem.rsplit("-", 1)[1],
-            "split_counts": json.dumps(counts)}
+    meta = {
+        "dataset": src_path.stem if src_path.is_file() else src_path.name,
+        "backbone": "none",
+        "checkpoint_hash": "none",
+        "source": str(src_path),
+        "source_hash": out.stem.rsplit("-", 1)[1],
+        "split_counts": json.dumps(counts),
+    }
     with FeatureTableWriter(out, dim=dim, label_type=label_type, metadata=meta, has_path=has_path) as writer:
         for uf, i, lab, sp in zip(users, ids, labels, splits):
             _copy_rows(uf, writer, ids=i, out_ids=i, labels=lab, splits=sp)
@@ -336,8 +366,10 @@ def _fewshot_splits(uf: _UserFile, col: pa.Array, ids: np.ndarray) -> np.ndarray
     bad = ~np.isin(splits, FEWSHOT_SPLITS)
     if bad.any():
         i = int(np.argmax(bad))
-        raise DataValueError(f"{uf.name}: split: unknown value {splits[i]!r} at id {int(ids[i])} "
-                             f"(expected one of {', '.join(FEWSHOT_SPLITS)})")
+        raise DataValueError(
+            f"{uf.name}: split: unknown value {splits[i]!r} at id {int(ids[i])} "
+            f"(expected one of {', '.join(FEWSHOT_SPLITS)})"
+        )
     return splits
 
 
@@ -350,8 +382,11 @@ def usable_classes(labels: Sequence | np.ndarray, min_count: int) -> tuple[list,
     uniq, counts = np.unique(np.asarray(labels), return_counts=True)
     usable = [v.item() if hasattr(v, "item") else v for v in uniq[counts >= min_count]]
     order = np.argsort(-counts, kind="stable")
-    left_out = {(uniq[i].item() if hasattr(uniq[i], "item") else uniq[i]): int(counts[i])
-                for i in order if counts[i] < min_count}
+    left_out = {
+        (uniq[i].item() if hasattr(uniq[i], "item") else uniq[i]): int(counts[i])
+        for i in order
+        if counts[i] < min_count
+    }
     return usable, left_out
 
 
@@ -364,8 +399,10 @@ def check_usable(split_name: str, labels: Sequence | np.ndarray, n_way: int, min
         shown = [f"{k} ({v})" for k, v in list(left_out.items())[:10]]
         if len(left_out) > 10:
             shown.append(f"... {len(left_out) - 10} more")
-        raise DataValueError(f"{source}: split '{split_name}' has {len(usable)} classes with >= {min_count} items, "
-                             f"n_way is {n_way} (left out: {', '.join(shown) or 'none'})")
+        raise DataValueError(
+            f"{source}: split '{split_name}' has {len(usable)} classes with >= {min_count} items, "
+            f"n_way is {n_way} (left out: {', '.join(shown) or 'none'})"
+        )
     return usable
 
 
@@ -395,9 +432,14 @@ class OwnRetrievalSet:
     ground_truth: RevisitedGroundTruth
 
 
-def label_ground_truth(query_labels: Sequence | np.ndarray, db_labels: Sequence | np.ndarray, *,
-                       query_names: Sequence[str] | None = None, db_names: Sequence[str] | None = None,
-                       source: str = "labels") -> RevisitedGroundTruth:
+def label_ground_truth(
+    query_labels: Sequence | np.ndarray,
+    db_labels: Sequence | np.ndarray,
+    *,
+    query_names: Sequence[str] | None = None,
+    db_names: Sequence[str] | None = None,
+    source: str = "labels",
+) -> RevisitedGroundTruth:
     """Revisitop-format ground truth from labels: query q's ``easy`` positives are the
     database rows with its label (ascending), ``hard`` and ``junk`` are empty, ``bbx`` None.
 
@@ -408,8 +450,10 @@ def label_ground_truth(query_labels: Sequence | np.ndarray, db_labels: Sequence 
     q = np.asarray(query_labels)
     db = np.asarray(db_labels)
     if len(q) and len(db) and (q.dtype.kind in "iu") != (db.dtype.kind in "iu"):
-        raise SchemaError(f"{source}: query labels are {q.dtype} but database labels are {db.dtype}; "
-                          "expected the same kind (int or string)")
+        raise SchemaError(
+            f"{source}: query labels are {q.dtype} but database labels are {db.dtype}; "
+            "expected the same kind (int or string)"
+        )
     uniq, inverse = np.unique(db, return_inverse=True)
     inverse = inverse.reshape(-1)
     order = np.argsort(inverse, kind="stable")  # database rows grouped by label, ascending in each
@@ -420,9 +464,13 @@ def label_ground_truth(query_labels: Sequence | np.ndarray, db_labels: Sequence 
     for qi, (label, p) in enumerate(zip(q.tolist(), pos.tolist())):
         if not len(uniq) or uniq[p] != label:
             name = query_names[qi] if query_names is not None else qi
-            raise DataValueError(f"{source}: query {name} has label {label!r}, which no database item has; "
-                                 "every query needs at least one positive")
-        gnd.append({"easy": order[bounds[p]:bounds[p + 1]].astype(np.int64), "hard": empty, "junk": empty, "bbx": None})
+            raise DataValueError(
+                f"{source}: query {name} has label {label!r}, which no database item has; "
+                "every query needs at least one positive"
+            )
+        gnd.append(
+            {"easy": order[bounds[p] : bounds[p + 1]].astype(np.int64), "hard": empty, "junk": empty, "bbx": None}
+        )
     imlist = list(db_names) if db_names is not None else [str(i) for i in range(len(db))]
     qimlist = list(query_names) if query_names is not None else [str(i) for i in range(len(q))]
     return RevisitedGroundTruth(imlist, qimlist, gnd)
@@ -430,12 +478,16 @@ def label_ground_truth(query_labels: Sequence | np.ndarray, db_labels: Sequence 
 
 def _retrieval_files(root: Path) -> tuple[Path, Path, Path, Path | None]:
     if not root.is_dir():
-        raise StorageError(f"{root}: not a folder (expected {', '.join(RETRIEVAL_FILES)} and optionally gnd.pkl or gnd.json)")
+        raise StorageError(
+            f"{root}: not a folder (expected {', '.join(RETRIEVAL_FILES)} and optionally gnd.pkl or gnd.json)"
+        )
     train, queries, database = (root / name for name in RETRIEVAL_FILES)
     for f in (train, queries, database):
         if not f.is_file():
-            raise DatasetLayoutError(f"{f}: not found (a retrieval folder holds {', '.join(RETRIEVAL_FILES)} "
-                                     "and optionally gnd.pkl or gnd.json)")
+            raise DatasetLayoutError(
+                f"{f}: not found (a retrieval folder holds {', '.join(RETRIEVAL_FILES)} "
+                "and optionally gnd.pkl or gnd.json)"
+            )
     gnds = [root / g for g in GND_FILES if (root / g).is_file()]
     if len(gnds) > 1:
         raise DatasetLayoutError(f"{root}: both gnd.pkl and gnd.json; keep the one that is the ground truth")
@@ -453,7 +505,9 @@ def _names(uf: _UserFile, cols: dict[str, pa.Array], ids: np.ndarray) -> list[st
     return [str(int(i)) for i in ids]
 
 
-def _open_retrieval(root: str | os.PathLike) -> tuple[OwnRetrievalSet, dict[str, tuple[_UserFile, np.ndarray, pa.Array | None]]]:
+def _open_retrieval(
+    root: str | os.PathLike,
+) -> tuple[OwnRetrievalSet, dict[str, tuple[_UserFile, np.ndarray, pa.Array | None]]]:
     root = Path(root)
     train_p, queries_p, database_p, gnd_p = _retrieval_files(root)
     need_label = gnd_p is None
@@ -466,8 +520,10 @@ def _open_retrieval(root: str | os.PathLike) -> tuple[OwnRetrievalSet, dict[str,
             files[key] = _open_user(p, required, qexp)
         except SchemaError as exc:
             if need_label and "missing column 'label'" in str(exc):
-                raise SchemaError(f"{exc}; without gnd.pkl or gnd.json in {root} the positives of a query are the "
-                                  "database items with its label") from None
+                raise SchemaError(
+                    f"{exc}; without gnd.pkl or gnd.json in {root} the positives of a query are the "
+                    "database items with its label"
+                ) from None
             raise
     dim = _check_same_dim([files["train"], files["queries"], files["database"]], "train, queries and database")
     loaded: dict[str, tuple[_UserFile, np.ndarray, pa.Array | None]] = {}
@@ -483,17 +539,26 @@ def _open_retrieval(root: str | os.PathLike) -> tuple[OwnRetrievalSet, dict[str,
     if gnd_p is not None:
         gt = read_gnd(gnd_p, n_db=db_uf.n_rows)
         if len(gt.qimlist) != q_uf.n_rows:
-            raise DataValueError(f"{gnd_p}: qimlist has {len(gt.qimlist)} queries, but {q_uf.name} has {q_uf.n_rows} rows")
+            raise DataValueError(
+                f"{gnd_p}: qimlist has {len(gt.qimlist)} queries, but {q_uf.name} has {q_uf.n_rows} rows"
+            )
         if not gt.imlist:
             gt = RevisitedGroundTruth(names["database"], gt.qimlist, gt.gnd)
     else:
         q_labels, db_labels = loaded["queries"][2], loaded["database"][2]
         assert q_labels is not None and db_labels is not None  # required columns without a gnd file
         if q_labels.type != db_labels.type:
-            raise SchemaError(f"{q_uf.name}: label has type {q_labels.type}, but {db_uf.name} has {db_labels.type}; "
-                              "positives are label matches, so both need the same kind of label")
-        gt = label_ground_truth(_np_labels(q_labels), _np_labels(db_labels), query_names=names["queries"],
-                                db_names=names["database"], source=f"{root.name}/{q_uf.name}")
+            raise SchemaError(
+                f"{q_uf.name}: label has type {q_labels.type}, but {db_uf.name} has {db_labels.type}; "
+                "positives are label matches, so both need the same kind of label"
+            )
+        gt = label_ground_truth(
+            _np_labels(q_labels),
+            _np_labels(db_labels),
+            query_names=names["queries"],
+            db_names=names["database"],
+            source=f"{root.name}/{q_uf.name}",
+        )
     own = OwnRetrievalSet(root, train_p, queries_p, database_p, dim, tr.n_rows, q_uf.n_rows, db_uf.n_rows, gnd_p, gt)
     return own, loaded
 
@@ -544,8 +609,9 @@ def _build_once(final: Path, build: Callable[[Path], None]) -> Path:
     return final
 
 
-def import_retrieval_folder(root: str | os.PathLike, cache_dir: str | os.PathLike, *, holdout_fraction: float = 0.05,
-                            holdout_seed: int = 0) -> ImportedRetrieval:
+def import_retrieval_folder(
+    root: str | os.PathLike, cache_dir: str | os.PathLike, *, holdout_fraction: float = 0.05, holdout_seed: int = 0
+) -> ImportedRetrieval:
     """Import a retrieval folder once into ``cache_dir``.
 
     Test folder ``<root name>-test-<key>`` (key of queries, database and gnd file):
@@ -570,25 +636,47 @@ def import_retrieval_folder(root: str | os.PathLike, cache_dir: str | os.PathLik
     table = train_dir / TRAIN_TABLE
     splits = pq.read_table(table, columns=["split"]).column("split").to_numpy(zero_copy_only=False)
     n_val = int((splits == "val").sum())
-    return ImportedRetrieval(LandmarkTestSet(db, q, gnd, int(read_metadata(db)["dim"])),
-                             LandmarkTrainSet(table, int(read_metadata(table)["dim"]), len(splits) - n_val, n_val,
-                                              holdout_fraction, holdout_seed))
+    return ImportedRetrieval(
+        LandmarkTestSet(db, q, gnd, int(read_metadata(db)["dim"])),
+        LandmarkTrainSet(
+            table, int(read_metadata(table)["dim"]), len(splits) - n_val, n_val, holdout_fraction, holdout_seed
+        ),
+    )
 
 
-def _import_retrieval(root: Path, test_dir: Path, train_dir: Path, test_key: str, train_key: str,
-                      holdout_fraction: float, holdout_seed: int) -> None:
+def _import_retrieval(
+    root: Path,
+    test_dir: Path,
+    train_dir: Path,
+    test_key: str,
+    train_key: str,
+    holdout_fraction: float,
+    holdout_seed: int,
+) -> None:
     own, loaded = _open_retrieval(root)
-    meta = {"dataset": root.resolve().name, "backbone": "none", "checkpoint_hash": "none",
-            "source": str(own.root.resolve())}
+    meta = {
+        "dataset": root.resolve().name,
+        "backbone": "none",
+        "checkpoint_hash": "none",
+        "source": str(own.root.resolve()),
+    }
 
     def build_test(tmp: Path) -> None:
-        for key, out_name, split in (("database", "database.parquet", "database"), ("queries", "query.parquet", "query")):
+        for key, out_name, split in (
+            ("database", "database.parquet", "database"),
+            ("queries", "query.parquet", "query"),
+        ):
             uf, ids, labels = loaded[key]
             n = len(ids)
             if labels is None:
                 labels = pa.array(np.full(n, -1, np.int64))
-            with FeatureTableWriter(tmp / out_name, dim=own.dim, label_type=labels.type, has_path=uf.has("path"),
-                                    metadata={**meta, "source_hash": test_key, "source_file": uf.name}) as writer:
+            with FeatureTableWriter(
+                tmp / out_name,
+                dim=own.dim,
+                label_type=labels.type,
+                has_path=uf.has("path"),
+                metadata={**meta, "source_hash": test_key, "source_file": uf.name},
+            ) as writer:
                 _copy_rows(uf, writer, ids=ids, out_ids=np.arange(n, dtype=np.int64), labels=labels, splits=split)
         write_gnd_json(tmp / "gnd.json", own.ground_truth)
 
@@ -599,12 +687,23 @@ def _import_retrieval(root: Path, test_dir: Path, train_dir: Path, test_key: str
         held = holdout_clusters(clusters, holdout_fraction, holdout_seed)
         if held.all() or not held.any():
             n = len(np.unique(clusters))
-            raise DataValueError(f"{uf.name}: label: holding out {holdout_fraction:g} of {n} clusters leaves "
-                                 f"{'no training' if held.all() else 'no validation'} cluster; expected more clusters")
-        with FeatureTableWriter(tmp / TRAIN_TABLE, dim=own.dim, label_type=labels.type, has_path=uf.has("path"),
-                                metadata={**meta, "source_hash": train_key, "source_file": uf.name,
-                                          "holdout_fraction": str(holdout_fraction),
-                                          "holdout_seed": str(holdout_seed)}) as writer:
+            raise DataValueError(
+                f"{uf.name}: label: holding out {holdout_fraction:g} of {n} clusters leaves "
+                f"{'no training' if held.all() else 'no validation'} cluster; expected more clusters"
+            )
+        with FeatureTableWriter(
+            tmp / TRAIN_TABLE,
+            dim=own.dim,
+            label_type=labels.type,
+            has_path=uf.has("path"),
+            metadata={
+                **meta,
+                "source_hash": train_key,
+                "source_file": uf.name,
+                "holdout_fraction": str(holdout_fraction),
+                "holdout_seed": str(holdout_seed),
+            },
+        ) as writer:
             _copy_rows(uf, writer, ids=ids, out_ids=ids, labels=labels, splits=np.where(held, "val", "train"))
 
     _build_once(test_dir, build_test)

@@ -3,6 +3,7 @@ truth, the SSR authors' landmark features). Plain ``pickle.load`` would run any 
 pickle names; this one resolves only an allow-list of globals: builtin containers and
 numbers, and what numpy needs to rebuild arrays, dtypes and scalars.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,22 @@ from storage.errors import CorruptFileError, UnsafePickleError
 
 # (module, name) pairs a pickle may reference. Containers and numbers mostly use opcodes
 # and need no global; these cover protocol 0-2 pickles and numpy objects.
-_ALLOWED_BUILTINS = {"set", "frozenset", "complex", "bytearray", "slice", "range",
-                     "list", "dict", "tuple", "int", "float", "bool", "str", "bytes"}
+_ALLOWED_BUILTINS = {
+    "set",
+    "frozenset",
+    "complex",
+    "bytearray",
+    "slice",
+    "range",
+    "list",
+    "dict",
+    "tuple",
+    "int",
+    "float",
+    "bool",
+    "str",
+    "bytes",
+}
 _NUMPY_GLOBALS = {
     ("multiarray", "_reconstruct"),
     ("multiarray", "scalar"),
@@ -51,19 +66,29 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if not _is_allowed(module, name):
             raise UnsafePickleError(
                 f"{self._source}: pickle references forbidden global {module}.{name}; "
-                "only containers, numbers, strings and numpy arrays are allowed")
+                "only containers, numbers, strings and numpy arrays are allowed"
+            )
         if module == "__builtin__":
             module = "builtins"
         if module.startswith("numpy.core") and int(np.__version__.split(".")[0]) >= 2:
-            module = "numpy._core" + module[len("numpy.core"):]
+            module = "numpy._core" + module[len("numpy.core") :]
         return super().find_class(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafePickleError(f"{self._source}: pickle uses persistent ids, which are not allowed")
 
 
-_LOAD_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-                IndexError, KeyError, UnicodeDecodeError, MemoryError)
+_LOAD_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    UnicodeDecodeError,
+    MemoryError,
+)
 
 
 def _load(file: IO[bytes], source: str, encoding: str) -> Any:

@@ -15,15 +15,17 @@ file); ``mark_complete`` rewrites the manifest and belongs to one driver process
 ``build_topk_store`` fills (or resumes) a store from query and database arrays with the
 search of ``storage.topk``; an IVF store also keeps its centroids (``ivf-centroids.npy``).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import math
 import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -63,18 +65,22 @@ class Shard:
 
 def shard_schema(k: int, method: str) -> pa.Schema:
     """The Arrow schema of every shard of a store with K neighbours (file metadata included)."""
-    return pa.schema([("query_id", pa.int64()), ("neighbor_ids", pa.list_(pa.int64(), k)),
-                      ("scores", pa.list_(pa.float32(), k))],
-                     metadata={"ssr.k": str(k), "ssr.method": method, "ssr.format": FORMAT, "ssr.version": str(VERSION)})
+    return pa.schema(
+        [("query_id", pa.int64()), ("neighbor_ids", pa.list_(pa.int64(), k)), ("scores", pa.list_(pa.float32(), k))],
+        metadata={"ssr.k": str(k), "ssr.method": method, "ssr.format": FORMAT, "ssr.version": str(VERSION)},
+    )
 
 
 def _shard_table(query_ids: np.ndarray, neighbor_ids: np.ndarray, scores: np.ndarray, method: str) -> pa.Table:
     n, k = neighbor_ids.shape
-    return pa.Table.from_arrays([
-        pa.array(query_ids, type=pa.int64()),
-        pa.FixedSizeListArray.from_arrays(pa.array(neighbor_ids.reshape(-1), type=pa.int64()), k),
-        pa.FixedSizeListArray.from_arrays(pa.array(scores.reshape(-1), type=pa.float32()), k),
-    ], schema=shard_schema(k, method))
+    return pa.Table.from_arrays(
+        [
+            pa.array(query_ids, type=pa.int64()),
+            pa.FixedSizeListArray.from_arrays(pa.array(neighbor_ids.reshape(-1), type=pa.int64()), k),
+            pa.FixedSizeListArray.from_arrays(pa.array(scores.reshape(-1), type=pa.float32()), k),
+        ],
+        schema=shard_schema(k, method),
+    )
 
 
 def _adopt_legacy_manifest(path: Path) -> None:
@@ -113,15 +119,22 @@ class SimilarityStore:
             raise CorruptFileError(f"{mpath}: not valid JSON ({exc})") from exc
         if not isinstance(m, dict):
             raise self._err("expected a JSON object")
-        for key, typ in (("k", int), ("n_queries", int), ("n_shards", int), ("shard_size", int),
-                         ("source_hashes", dict), ("shards", list)):
+        for key, typ in (
+            ("k", int),
+            ("n_queries", int),
+            ("n_shards", int),
+            ("shard_size", int),
+            ("source_hashes", dict),
+            ("shards", list),
+        ):
             if not isinstance(m.get(key), typ) or isinstance(m.get(key), bool):
                 raise self._err(f"field '{key}' missing or not {typ.__name__}")
         if m["k"] < 1 or m["shard_size"] < 1 or m["n_queries"] < 0:
             raise self._err("k and shard_size must be >= 1, n_queries >= 0")
         if m["n_shards"] != math.ceil(m["n_queries"] / m["shard_size"]):
-            raise self._err(f"n_shards {m['n_shards']} does not match n_queries {m['n_queries']} "
-                            f"/ shard_size {m['shard_size']}")
+            raise self._err(
+                f"n_shards {m['n_shards']} does not match n_queries {m['n_queries']} / shard_size {m['shard_size']}"
+            )
         if len(m["shards"]) != m["n_shards"]:
             raise self._err(f"lists {len(m['shards'])} shards, but n_shards is {m['n_shards']}")
         for i, info in enumerate(m["shards"]):
@@ -129,8 +142,10 @@ class SimilarityStore:
             if not isinstance(info, dict) or info.get("file") != shard_file(i):
                 raise self._err(f"shard {i}: expected file '{shard_file(i)}', got {info!r}")
             if info.get("first_row") != first or info.get("n_rows") != n_rows:
-                raise self._err(f"shard {i} ({shard_file(i)}): first_row/n_rows {info.get('first_row')}/"
-                                f"{info.get('n_rows')}, expected {first}/{n_rows}")
+                raise self._err(
+                    f"shard {i} ({shard_file(i)}): first_row/n_rows {info.get('first_row')}/"
+                    f"{info.get('n_rows')}, expected {first}/{n_rows}"
+                )
             if not isinstance(info.get("complete"), bool):
                 raise self._err(f"shard {i} ({shard_file(i)}): field 'complete' missing or not bool")
         listed = {shard_file(i) for i in range(m["n_shards"])}
@@ -208,8 +223,9 @@ class SimilarityStore:
         return not self.pending_shards()
 
     # ---- writing --------------------------------------------------------------------
-    def write_shard(self, i: int, query_ids: np.ndarray, neighbor_ids: np.ndarray,
-                    scores: np.ndarray) -> dict[str, Any]:
+    def write_shard(
+        self, i: int, query_ids: np.ndarray, neighbor_ids: np.ndarray, scores: np.ndarray
+    ) -> dict[str, Any]:
         """Write shard i atomically and return its manifest entry (does not touch the
         manifest; pass the entry to :meth:`mark_complete` from the driver).
 
@@ -229,15 +245,21 @@ class SimilarityStore:
         self._check_values(name, qids, nids, sc)
         with atomic_path(self.path / name) as tmp:
             pq.write_table(_shard_table(qids, nids, sc, self.method), tmp)
-        return {"file": name, "first_row": first, "n_rows": n_rows, "complete": True,
-                "sha256": file_sha256(self.path / name)}
+        return {
+            "file": name,
+            "first_row": first,
+            "n_rows": n_rows,
+            "complete": True,
+            "sha256": file_sha256(self.path / name),
+        }
 
     def mark_complete(self, i: int, info: Mapping[str, Any]) -> None:
         """Record shard i as complete (driver only; atomic manifest rewrite)."""
         first, n_rows = self.shard_rows(i)
         if info.get("file") != shard_file(i) or info.get("n_rows") != n_rows or info.get("first_row") != first:
-            raise self._err(f"shard {i}: entry {dict(info)} does not describe {shard_file(i)} "
-                            f"(first_row {first}, n_rows {n_rows})")
+            raise self._err(
+                f"shard {i}: entry {dict(info)} does not describe {shard_file(i)} (first_row {first}, n_rows {n_rows})"
+            )
         if not (self.path / shard_file(i)).is_file():
             raise self._err(f"shard {i}: {shard_file(i)} does not exist; write it before marking it complete")
         self.manifest["shards"][i] = {**dict(info), "complete": True}
@@ -249,8 +271,10 @@ class SimilarityStore:
             bad = (nids < 0) | (nids >= self.n_db)
             if bad.any():
                 r = int(np.argmax(bad.any(axis=1)))
-                raise DataValueError(f"{name}: neighbor_ids of query_id {int(qids[r])} has id "
-                                     f"{int(nids[r][bad[r]][0])} outside [0, {self.n_db})")
+                raise DataValueError(
+                    f"{name}: neighbor_ids of query_id {int(qids[r])} has id "
+                    f"{int(nids[r][bad[r]][0])} outside [0, {self.n_db})"
+                )
         finite = np.isfinite(sc).all(axis=1)
         if not finite.all():
             r = int(np.argmin(finite))
@@ -270,8 +294,9 @@ class SimilarityStore:
             missing = [c for c in COLUMNS if c not in names]
             extra = [c for c in names if c not in COLUMNS]
             if missing or extra:
-                raise SchemaError(f"{path}: columns {names}, expected {list(COLUMNS)} "
-                                  f"(missing {missing}, extra {extra})")
+                raise SchemaError(
+                    f"{path}: columns {names}, expected {list(COLUMNS)} (missing {missing}, extra {extra})"
+                )
             if pf.metadata.num_rows != info["n_rows"]:
                 raise ManifestError(f"{path}: has {pf.metadata.num_rows} rows, manifest says {info['n_rows']}")
             table = pf.read()
@@ -287,8 +312,9 @@ class SimilarityStore:
             c = table.column(col).combine_chunks()
             if pa.types.is_fixed_size_list(c.type):  # version 2: every row has the list size
                 if c.type.list_size != k or c.type.value_type != vtype:
-                    raise SchemaError(f"{path}: {col} has type {c.type}, "
-                                      f"expected fixed_size_list<{vtype}>[{k}] (manifest K)")
+                    raise SchemaError(
+                        f"{path}: {col} has type {c.type}, expected fixed_size_list<{vtype}>[{k}] (manifest K)"
+                    )
             elif not (pa.types.is_list(c.type) or pa.types.is_large_list(c.type)) or c.type.value_type != vtype:
                 raise SchemaError(f"{path}: {col} has type {c.type}, expected fixed_size_list<{vtype}>[{k}]")
             if c.null_count:
@@ -316,13 +342,24 @@ class SimilarityStore:
         of complete shards present and matching their checksums)."""
         for i, info in enumerate(self.manifest["shards"]):
             if info["complete"] and not self.shard_is_complete(i):
-                raise ManifestError(f"{self.path / info['file']}: marked complete in the manifest but "
-                                    "missing, truncated or changed (row count or sha256 differ)")
+                raise ManifestError(
+                    f"{self.path / info['file']}: marked complete in the manifest but "
+                    "missing, truncated or changed (row count or sha256 differ)"
+                )
 
 
-def create_store(out_dir: str | os.PathLike, k: int, n_queries: int, n_shards: int, shard_size: int,
-                 source_hashes: Mapping[str, str] | None = None, *, n_db: int | None = None,
-                 search: Mapping[str, Any] | None = None, method: str | None = None) -> SimilarityStore:
+def create_store(
+    out_dir: str | os.PathLike,
+    k: int,
+    n_queries: int,
+    n_shards: int,
+    shard_size: int,
+    source_hashes: Mapping[str, str] | None = None,
+    *,
+    n_db: int | None = None,
+    search: Mapping[str, Any] | None = None,
+    method: str | None = None,
+) -> SimilarityStore:
     """Create an empty store (manifest with every shard incomplete), or reopen an existing
     one with the same parameters for resume. A different existing store is an error.
 
@@ -333,34 +370,58 @@ def create_store(out_dir: str | os.PathLike, k: int, n_queries: int, n_shards: i
     _adopt_legacy_manifest(out)
     hashes = {str(a): str(b) for a, b in (source_hashes or {}).items()}
     if k < 1 or shard_size < 1 or n_queries < 0:
-        raise ValueError(f"{out}: k and shard_size must be >= 1 and n_queries >= 0 "
-                         f"(got {k}, {shard_size}, {n_queries})")
+        raise ValueError(
+            f"{out}: k and shard_size must be >= 1 and n_queries >= 0 (got {k}, {shard_size}, {n_queries})"
+        )
     if n_shards != math.ceil(n_queries / shard_size):
-        raise ValueError(f"{out}: n_shards {n_shards} does not match "
-                         f"ceil(n_queries {n_queries} / shard_size {shard_size})")
+        raise ValueError(
+            f"{out}: n_shards {n_shards} does not match ceil(n_queries {n_queries} / shard_size {shard_size})"
+        )
     if (out / MANIFEST).exists():
         store = SimilarityStore(out)
-        want = {"k": k, "n_queries": n_queries, "n_shards": n_shards, "shard_size": shard_size,
-                "source_hashes": hashes, "n_db": n_db}
+        want = {
+            "k": k,
+            "n_queries": n_queries,
+            "n_shards": n_shards,
+            "shard_size": shard_size,
+            "source_hashes": hashes,
+            "n_db": n_db,
+        }
         if search is not None:
             want["search"] = dict(search)
             store.manifest.setdefault("search", {"method": "exact"})  # stores from before the option
         for key, value in want.items():
             if store.manifest.get(key) != value:
-                raise ManifestError(f"{out / MANIFEST}: existing store has {key}={store.manifest.get(key)!r}, "
-                                    f"requested {value!r}; use a new directory or delete this one")
+                raise ManifestError(
+                    f"{out / MANIFEST}: existing store has {key}={store.manifest.get(key)!r}, "
+                    f"requested {value!r}; use a new directory or delete this one"
+                )
         return store
     out.mkdir(parents=True, exist_ok=True)
     strays = sorted(p.name for p in out.glob("part-*.parquet"))
     if strays:
         raise ManifestError(f"{out / MANIFEST}: manifest missing but {strays[0]} exists; refusing to mix stores")
-    manifest = {"format": FORMAT, "version": VERSION, "k": k, "n_queries": n_queries, "n_shards": n_shards,
-                "shard_size": shard_size, "source_hashes": hashes, "n_db": n_db,
-                **({"search": dict(search)} if search is not None else {}),
-                **({"method": method} if method else {}),
-                "shards": [{"file": shard_file(i), "first_row": i * shard_size,
-                            "n_rows": min(shard_size, n_queries - i * shard_size), "complete": False}
-                           for i in range(n_shards)]}
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "k": k,
+        "n_queries": n_queries,
+        "n_shards": n_shards,
+        "shard_size": shard_size,
+        "source_hashes": hashes,
+        "n_db": n_db,
+        **({"search": dict(search)} if search is not None else {}),
+        **({"method": method} if method else {}),
+        "shards": [
+            {
+                "file": shard_file(i),
+                "first_row": i * shard_size,
+                "n_rows": min(shard_size, n_queries - i * shard_size),
+                "complete": False,
+            }
+            for i in range(n_shards)
+        ],
+    }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     return SimilarityStore(out)
 
@@ -392,17 +453,30 @@ def _ivf_centroids(path: Path, db: np.ndarray, nlist: int, seed: int) -> np.ndar
     except (OSError, ValueError) as e:
         raise CorruptFileError(f"{path}: unreadable IVF centroids ({e}); delete it to retrain") from e
     if c.shape != (nlist, D) or c.dtype != np.float32:
-        raise CorruptFileError(f"{path}: IVF centroids have shape {c.shape} {c.dtype}, "
-                               f"expected ({nlist}, {D}) float32; delete it to retrain")
+        raise CorruptFileError(
+            f"{path}: IVF centroids have shape {c.shape} {c.dtype}, "
+            f"expected ({nlist}, {D}) float32; delete it to retrain"
+        )
     return c
 
 
-def build_topk_store(queries: np.ndarray, query_ids: np.ndarray, database: np.ndarray, database_ids: np.ndarray,
-                     out_dir: str | os.PathLike, k: int, *, shard_size: int = 10_000, block_size: int = 1024,
-                     db_block_size: int = 16384, exclude_self: bool = False,
-                     source_hashes: Mapping[str, str] | None = None, metric: str = "ip",
-                     search: TopkSearch | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> SimilarityStore:
+def build_topk_store(
+    queries: np.ndarray,
+    query_ids: np.ndarray,
+    database: np.ndarray,
+    database_ids: np.ndarray,
+    out_dir: str | os.PathLike,
+    k: int,
+    *,
+    shard_size: int = 10_000,
+    block_size: int = 1024,
+    db_block_size: int = 16384,
+    exclude_self: bool = False,
+    source_hashes: Mapping[str, str] | None = None,
+    metric: str = "ip",
+    search: TopkSearch | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> SimilarityStore:
     """Build (or resume) the top-k inner-product store of ``queries`` against ``database``.
 
     queries: (Nq, D) float32, database: (Nd, D) float32, both L2-normalised by the caller
@@ -433,12 +507,17 @@ def build_topk_store(queries: np.ndarray, query_ids: np.ndarray, database: np.nd
         raise ValueError(f"query_ids {qids.shape} / database_ids {dbids.shape} must be ({Nq},) / ({Nd},)")
     limit = Nd - 1 if exclude_self else Nd
     if not 1 <= k <= limit:
-        raise ValueError(f"{out_dir}: k={k} but the database has {Nd} items"
-                         f"{' (one is excluded as self)' if exclude_self else ''}; need 1 <= k <= {limit}")
+        raise ValueError(
+            f"{out_dir}: k={k} but the database has {Nd} items"
+            f"{' (one is excluded as self)' if exclude_self else ''}; need 1 <= k <= {limit}"
+        )
     if not (np.isfinite(q).all() and np.isfinite(db).all()):
         raise DataValueError(f"{out_dir}: queries or database contain NaN or inf")
-    hashes = dict(source_hashes) if source_hashes is not None else {
-        "queries": _array_hash(q, qids), "database": _array_hash(db, dbids)}
+    hashes = (
+        dict(source_hashes)
+        if source_hashes is not None
+        else {"queries": _array_hash(q, qids), "database": _array_hash(db, dbids)}
+    )
     n_db = int(dbids.max()) + 1 if Nd and dbids.min() >= 0 else None
     n_shards = math.ceil(Nq / shard_size)
     store = create_store(out_dir, k, Nq, n_shards, shard_size, hashes, n_db=n_db, search=search.manifest_entry(Nd))
@@ -455,21 +534,36 @@ def build_topk_store(queries: np.ndarray, query_ids: np.ndarray, database: np.nd
         scores = np.empty((n_rows, k), dtype=np.float32)
         for a in range(0, n_rows, block_size):
             rows = slice(first + a, first + min(n_rows, a + block_size))
-            nids[a:a + block_size], scores[a:a + block_size] = topk_search(
-                q[rows], row_blocks(db, db_block_size), k, database_ids=dbids, query_ids=qids[rows],
-                exclude_self=exclude_self, ivf=ivf)
-        info = store.write_shard(i, qids[first:first + n_rows], nids, scores)
+            nids[a : a + block_size], scores[a : a + block_size] = topk_search(
+                q[rows],
+                row_blocks(db, db_block_size),
+                k,
+                database_ids=dbids,
+                query_ids=qids[rows],
+                exclude_self=exclude_self,
+                ivf=ivf,
+            )
+        info = store.write_shard(i, qids[first : first + n_rows], nids, scores)
         store.mark_complete(i, info)
         if progress is not None:
             progress(n_done, n_shards)
     return store
 
 
-def build_topk_store_from_tables(queries: str | os.PathLike, database: str | os.PathLike, out_dir: str | os.PathLike,
-                                 k: int, *, query_split: str | None = None, database_split: str | None = None,
-                                 normalise: bool = True, exclude_self: bool = False, shard_size: int = 50_000,
-                                 search: TopkSearch | None = None,
-                                 progress: Callable[[int, int], None] | None = None) -> SimilarityStore:
+def build_topk_store_from_tables(
+    queries: str | os.PathLike,
+    database: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    k: int,
+    *,
+    query_split: str | None = None,
+    database_split: str | None = None,
+    normalise: bool = True,
+    exclude_self: bool = False,
+    shard_size: int = 50_000,
+    search: TopkSearch | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> SimilarityStore:
     """Build (or resume) the top-k store of two features tables (the same file may serve as
     both, with or without splits). The database must have the queries' D; ``normalise``
     scores cosine similarity (rows L2-normalised), else raw inner products. The manifest
@@ -477,15 +571,34 @@ def build_topk_store_from_tables(queries: str | os.PathLike, database: str | os.
     the same inputs."""
     q = read_features(queries, split=query_split)
     same_file = Path(database).resolve() == Path(queries).resolve()
-    db = q if same_file and database_split == query_split else read_features(database, split=database_split, expected_dim=q.dim)
+    db = (
+        q
+        if same_file and database_split == query_split
+        else read_features(database, split=database_split, expected_dim=q.dim)
+    )
 
     def unit(x: np.ndarray) -> np.ndarray:
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) if normalise else x
 
     q_hash = features_hash(queries)
-    hashes = {"queries": q_hash, "database": q_hash if same_file else features_hash(database),
-              "splits": f"{query_split}/{database_split}", "normalised": str(normalise)}
+    hashes = {
+        "queries": q_hash,
+        "database": q_hash if same_file else features_hash(database),
+        "splits": f"{query_split}/{database_split}",
+        "normalised": str(normalise),
+    }
     xq = unit(q.embeddings)
     xdb = xq if db is q else unit(db.embeddings)
-    return build_topk_store(xq, q.ids, xdb, db.ids, Path(out_dir), k, shard_size=shard_size, exclude_self=exclude_self,
-                            source_hashes=hashes, search=search, progress=progress)
+    return build_topk_store(
+        xq,
+        q.ids,
+        xdb,
+        db.ids,
+        Path(out_dir),
+        k,
+        shard_size=shard_size,
+        exclude_self=exclude_self,
+        source_hashes=hashes,
+        search=search,
+        progress=progress,
+    )

@@ -10,11 +10,13 @@ files (the similarity store's builder, ``storage.simstore.build_topk_store``, do
   trained centroids (:func:`train_ivf_centroids`, :func:`ivf_index`), searched with
   ``nprobe`` lists per query.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import faiss
 import numpy as np
@@ -43,8 +45,10 @@ class TopkSearch:
         if self.method not in SEARCH_METHODS:
             raise ValueError(f"search method must be one of {SEARCH_METHODS}, got {self.method!r}")
         if self.nlist < 0 or self.nprobe < 1:
-            raise ValueError(f"ivf search needs nlist >= 0 (0: automatic) and nprobe >= 1, "
-                             f"got nlist={self.nlist}, nprobe={self.nprobe}")
+            raise ValueError(
+                f"ivf search needs nlist >= 0 (0: automatic) and nprobe >= 1, "
+                f"got nlist={self.nlist}, nprobe={self.nprobe}"
+            )
 
     def n_lists(self, n_db: int) -> int:
         """Inverted lists for a database of n_db items (at least 39 training points each)."""
@@ -60,7 +64,7 @@ class TopkSearch:
 def row_blocks(x: np.ndarray, block_size: int) -> Iterator[np.ndarray]:
     """Consecutive row slices of x (N, D), ``block_size`` rows each (views, no copies)."""
     for a in range(0, x.shape[0], block_size):
-        yield x[a:a + block_size]
+        yield x[a : a + block_size]
 
 
 def train_ivf_centroids(database: np.ndarray, nlist: int, seed: int) -> np.ndarray:
@@ -111,9 +115,16 @@ def _exact(queries: np.ndarray, database_blocks: Iterable[np.ndarray], k: int) -
     return heap.D, -2 - heap.I
 
 
-def topk_search(queries: np.ndarray, database_blocks: Iterable[np.ndarray], k: int, *,
-                database_ids: np.ndarray | None = None, query_ids: np.ndarray | None = None,
-                exclude_self: bool = False, ivf: faiss.Index | None = None) -> tuple[np.ndarray, np.ndarray]:
+def topk_search(
+    queries: np.ndarray,
+    database_blocks: Iterable[np.ndarray],
+    k: int,
+    *,
+    database_ids: np.ndarray | None = None,
+    query_ids: np.ndarray | None = None,
+    exclude_self: bool = False,
+    ivf: faiss.Index | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k database items by inner product for queries (B, D) float32.
 
     database_blocks: the database (Nd, D) float32 as consecutive row blocks, read once

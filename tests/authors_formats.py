@@ -8,6 +8,7 @@ maintainers, built byte by byte the way the originals are (tests/storage, tests/
 - ``Mini-ImageNet.zip``: ``Mini-ImageNet/{train_train,train_val,train_test,val,test}/``;
 - ``netSSRBest.pth``: ``{"netFeat": state_dict, "SSR": state_dict, "nbStep": int}``.
 """
+
 from __future__ import annotations
 
 import io
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-
 
 # The standard library's member checks where this Python has them (3.11.4+); these
 # archives are made by the tests themselves.
@@ -103,8 +103,14 @@ class CifarFixture:
         members = {"cifar-100-python/meta": py2_pickle(meta)}
         for part, (data, labels, files) in self.rows.items():
             members[f"cifar-100-python/{part}"] = py2_pickle(
-                {"filenames": list(files), "batch_label": f"{part} batch", "fine_labels": list(labels),
-                 "coarse_labels": [0] * len(labels), "data": data})
+                {
+                    "filenames": list(files),
+                    "batch_label": f"{part} batch",
+                    "fine_labels": list(labels),
+                    "coarse_labels": [0] * len(labels),
+                    "data": data,
+                }
+            )
         return _tar_gz(members)
 
 
@@ -115,15 +121,22 @@ def cifar_fixture(names: tuple[str, ...], per_class: int = 6, seed: int = 0) -> 
     for part, offset in (("train", 0), ("test", 500)):
         labels = [c for _ in range(per_class) for c in range(len(names))]
         coarse = rng.integers(0, 256, (len(labels), 3, 4, 4)).astype(np.uint8)
-        data = np.stack([np.asarray(Image.fromarray(c.transpose(1, 2, 0), "RGB").resize((32, 32), Image.BILINEAR))
-                         .transpose(2, 0, 1).reshape(-1) for c in coarse])
+        data = np.stack(
+            [
+                np.asarray(Image.fromarray(c.transpose(1, 2, 0), "RGB").resize((32, 32), Image.BILINEAR))
+                .transpose(2, 0, 1)
+                .reshape(-1)
+                for c in coarse
+            ]
+        )
         files = [f"{names[lb]}_s_{offset + i:06d}.png" for i, lb in enumerate(labels)]
         rows[part] = (data, labels, files)
     return CifarFixture(tuple(names), rows)
 
 
-def episodes_json(split_classes: dict[str, list[str]], n_episodes: int, n_way: int, n_shot: int, n_query: int,
-                  seed: int = 0) -> str:
+def episodes_json(
+    split_classes: dict[str, list[str]], n_episodes: int, n_way: int, n_shot: int, n_query: int, seed: int = 0
+) -> str:
     """SIB fixed episodes: ``[{"Support": [[<class>/<file>] * n_shot] * n_way, "Query": ...}]``."""
     rng = np.random.default_rng(seed)
     classes = sorted(split_classes)
@@ -148,8 +161,9 @@ def cifar_fs_splits_zip(splits: dict[str, list[str]], episode_files: dict[str, s
     return _zip(members)
 
 
-def mini_imagenet_zip(n_classes: dict[str, int], per_class: int = 4, size: int = 84, seed: int = 0,
-                      extra: dict[str, str] | None = None) -> bytes:
+def mini_imagenet_zip(
+    n_classes: dict[str, int], per_class: int = 4, size: int = 84, seed: int = 0, extra: dict[str, str] | None = None
+) -> bytes:
     """``Mini-ImageNet/<folder>/n0XXXXXXX/<8 digits>.jpg`` for each folder in ``n_classes``
     (train_train, train_val, train_test, val, test), ``size`` square RGB JPEGs; ``extra``:
     more members (name -> text) under ``Mini-ImageNet/``."""
@@ -187,8 +201,11 @@ def build_authors_cifar_fs(base):
     from ssr_model.backbones import build_backbone
     from storage.cifar_fs import build_cifar_fs
 
-    splits = {"train": ["apple", "bear", "cattle", "crab", "dog"], "val": ["butterfly", "lion", "shark", "tiger", "whale"],
-              "test": ["bus", "plain", "rose", "television", "tulip"]}
+    splits = {
+        "train": ["apple", "bear", "cattle", "crab", "dog"],
+        "val": ["butterfly", "lion", "shark", "tiger", "whale"],
+        "test": ["bus", "plain", "rose", "television", "tulip"],
+    }
     fixture = cifar_fixture(tuple(sorted(sum(splits.values(), []))), per_class=4)
     with tarfile.open(fileobj=io.BytesIO(fixture.tarball())) as tf:
         tf.extractall(base, **TAR_FILTER)

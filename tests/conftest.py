@@ -3,6 +3,7 @@
 Both services are real (a local Ray bound to 127.0.0.1 and Prefect's SQLite-backed test
 server); they take seconds to start, so the whole pytest session shares them.
 """
+
 from __future__ import annotations
 
 import os
@@ -57,8 +58,11 @@ def _mlflow_uris_not_leaked():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    leaked = after[0] != env_before or (globals_before is not None and after[1] != globals_before) \
+    leaked = (
+        after[0] != env_before
+        or (globals_before is not None and after[1] != globals_before)
         or (globals_before is None and after[1] not in (None, (None, None)))
+    )
     if leaked:
         pytest.fail(f"MLflow process-wide URIs changed by the test: {before} -> {after}", pytrace=False)
 
@@ -122,8 +126,15 @@ def make_features(path, n_classes=(12, 6, 6), per_class=20, dim=16, seed=0, nois
             splits += [split] * per_class
             paths += [f"{split}-c{c}/{i}.png" for i in range(per_class)]
     emb = np.concatenate(embs).astype(np.float32)
-    write_features(path, ids=np.arange(len(emb)), labels=labels, splits=splits, embeddings=emb, paths=paths,
-                   metadata={"dataset": "synthetic", "backbone": "none", "checkpoint_hash": "-", "dim": str(dim)})
+    write_features(
+        path,
+        ids=np.arange(len(emb)),
+        labels=labels,
+        splits=splits,
+        embeddings=emb,
+        paths=paths,
+        metadata={"dataset": "synthetic", "backbone": "none", "checkpoint_hash": "-", "dim": str(dim)},
+    )
     return path
 
 

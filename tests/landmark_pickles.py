@@ -6,6 +6,7 @@ arrays of database indices) and ``bbx``. ``gl18_resnet101_sfm120k.pkl``: ``datab
 (D, N) and ``cluster`` (N,). Landmarks are Gaussian clusters: easy images lie close to the
 landmark's centre, hard ones further, junk far; distractors are random.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -18,8 +19,16 @@ def _unit_columns(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=0, keepdims=True)).astype(np.float32)
 
 
-def write_test_pickle(root: Path, name: str = "roxford5k", dim: int = 32, n_landmarks: int = 5, per_landmark: int = 12,
-                      n_distractors: int = 60, queries_per_landmark: int = 2, seed: int = 0) -> dict:
+def write_test_pickle(
+    root: Path,
+    name: str = "roxford5k",
+    dim: int = 32,
+    n_landmarks: int = 5,
+    per_landmark: int = 12,
+    n_distractors: int = 60,
+    queries_per_landmark: int = 2,
+    seed: int = 0,
+) -> dict:
     """Write ``<root>/gl18_resnet101_<name>.pkl``; returns the pickled dict."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(n_landmarks, dim))
@@ -42,8 +51,13 @@ def write_test_pickle(root: Path, name: str = "roxford5k", dim: int = 32, n_land
         for _ in range(queries_per_landmark):
             queries.append(centres[lm] + 0.6 * rng.normal(size=dim))
             mine = [j for j in range(len(kinds)) if owner[j] == lm]
-            gt.append({key: np.array([j for j in mine if kinds[j] == key], dtype=np.int64) for key in ("easy", "hard", "junk")}
-                      | {"bbx": np.array([0.0, 0.0, 10.0 + lm, 12.0])})
+            gt.append(
+                {
+                    key: np.array([j for j in mine if kinds[j] == key], dtype=np.int64)
+                    for key in ("easy", "hard", "junk")
+                }
+                | {"bbx": np.array([0.0, 0.0, 10.0 + lm, 12.0])}
+            )
     obj = {"database": database, "query": _unit_columns(np.stack(queries, axis=1)), "gt": gt}
     (Path(root) / f"gl18_resnet101_{name}.pkl").write_bytes(pickle.dumps(obj, protocol=4))
     return obj

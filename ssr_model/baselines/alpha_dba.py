@@ -20,6 +20,7 @@ shortlist keep their initial order (the caller appends them).
 Memory: the lists (U, L) of the U <= Q * W distinct candidates, one query's augmented
 shortlist (W, D) at a time, and (Q, W) results; nothing of size N x N or Q x N.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,9 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def augment(db: np.ndarray, ids: np.ndarray, neighbours: CandidateNeighbours, n_dba: int,
-            alpha: float = DBA_ALPHA) -> np.ndarray:
+def augment(
+    db: np.ndarray, ids: np.ndarray, neighbours: CandidateNeighbours, n_dba: int, alpha: float = DBA_ALPHA
+) -> np.ndarray:
     """alpha-DBA vectors (W, D) float32 of the database items ``ids`` (W,), all candidates of ``neighbours``."""
     out = np.asarray(db[ids], dtype=np.float32).copy()
     if n_dba > 0:
@@ -47,8 +49,15 @@ def augment(db: np.ndarray, ids: np.ndarray, neighbours: CandidateNeighbours, n_
     return _normalise(out)
 
 
-def alpha_dba_qe(query_feats: np.ndarray, db: np.ndarray, topk_ids: np.ndarray, neighbours: CandidateNeighbours,
-                 n_dba: int = 10, n_qe: int = 10, alpha: float = DBA_ALPHA) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def alpha_dba_qe(
+    query_feats: np.ndarray,
+    db: np.ndarray,
+    topk_ids: np.ndarray,
+    neighbours: CandidateNeighbours,
+    n_dba: int = 10,
+    n_qe: int = 10,
+    alpha: float = DBA_ALPHA,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Re-rank each shortlist by alpha-DBA + alpha-QE, one query at a time.
 
     Args:

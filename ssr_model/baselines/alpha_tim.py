@@ -17,6 +17,7 @@ weights (lambda_ce, lambda_marg, lambda_cond) = (1, 1, 1); the support term stay
 cross-entropy; a = 2 at 1-shot and 7 at 5 shots and more (tuned on validation by the
 authors); for 2 to 4 shots, which they do not report, their configuration's default 5.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,9 +38,14 @@ def alpha_entropy(p: torch.Tensor, alpha: float) -> torch.Tensor:
     return (1 - p.pow(alpha).sum(-1)) / (alpha - 1)
 
 
-def alpha_tim_loss(weights: torch.Tensor, support: torch.Tensor, query: torch.Tensor, alpha: float,
-                   temperature: float = 15.0, loss_weights: tuple[float, float, float] = DEFAULT_WEIGHTS
-                   ) -> dict[str, torch.Tensor]:
+def alpha_tim_loss(
+    weights: torch.Tensor,
+    support: torch.Tensor,
+    query: torch.Tensor,
+    alpha: float,
+    temperature: float = 15.0,
+    loss_weights: tuple[float, float, float] = DEFAULT_WEIGHTS,
+) -> dict[str, torch.Tensor]:
     """The loss terms per episode, each (E,): ``ce``, ``marginal_entropy``, ``conditional_entropy`` (both alpha-entropies), ``loss``.
 
     weights: (E, n_way, D); support: (E, n_way, n_shot, D) and query (E, n_query, D), already normalised.
@@ -49,8 +55,14 @@ def alpha_tim_loss(weights: torch.Tensor, support: torch.Tensor, query: torch.Te
     return _terms(weights, x, support_one_hot(support), alpha, temperature, loss_weights)
 
 
-def _terms(weights: torch.Tensor, x: torch.Tensor, one_hot: torch.Tensor, alpha: float, temperature: float,
-           loss_weights: tuple[float, float, float]) -> dict[str, torch.Tensor]:
+def _terms(
+    weights: torch.Tensor,
+    x: torch.Tensor,
+    one_hot: torch.Tensor,
+    alpha: float,
+    temperature: float,
+    loss_weights: tuple[float, float, float],
+) -> dict[str, torch.Tensor]:
     """alpha_tim_loss on x = [flattened support; query] (E, n_support + n_query, D), one_hot (E, n_support, n_way)."""
     p = tim_probs(weights, x, temperature)
     n_support = one_hot.shape[1]
@@ -59,13 +71,22 @@ def _terms(weights: torch.Tensor, x: torch.Tensor, one_hot: torch.Tensor, alpha:
     h_marg = alpha_entropy(p_q.mean(1), alpha)
     h_cond = alpha_entropy(p_q, alpha).mean(-1)
     l_ce, l_marg, l_cond = loss_weights
-    return {"ce": ce, "marginal_entropy": h_marg, "conditional_entropy": h_cond,
-            "loss": l_ce * ce - l_marg * h_marg + l_cond * h_cond}
+    return {
+        "ce": ce,
+        "marginal_entropy": h_marg,
+        "conditional_entropy": h_cond,
+        "loss": l_ce * ce - l_marg * h_marg + l_cond * h_cond,
+    }
 
 
-def alpha_tim_gradient(weights: torch.Tensor, x: torch.Tensor, one_hot: torch.Tensor, alpha: float,
-                       temperature: float = 15.0, loss_weights: tuple[float, float, float] = DEFAULT_WEIGHTS
-                       ) -> torch.Tensor:
+def alpha_tim_gradient(
+    weights: torch.Tensor,
+    x: torch.Tensor,
+    one_hot: torch.Tensor,
+    alpha: float,
+    temperature: float = 15.0,
+    loss_weights: tuple[float, float, float] = DEFAULT_WEIGHTS,
+) -> torch.Tensor:
     """d loss / d weights in closed form, (E, n_way, D) (the loss of ``alpha_tim_loss`` without its eps in the log).
 
     weights (E, n_way, D); x = [flattened support; query] (E, n_support + n_query, D); one_hot
@@ -81,7 +102,7 @@ def alpha_tim_gradient(weights: torch.Tensor, x: torch.Tensor, one_hot: torch.Te
     p_s, p_q = p[:, :n_support], p[:, n_support:]
     n_query = p_q.shape[1]
     l_ce, l_marg, l_cond = loss_weights
-    bar_pow = p_q.mean(1, keepdim=True).pow(alpha - 1)                  # (E, 1, n_way)
+    bar_pow = p_q.mean(1, keepdim=True).pow(alpha - 1)  # (E, 1, n_way)
     g_marg = p_q * (bar_pow - (p_q * bar_pow).sum(-1, keepdim=True))
     q_pow = p_q.pow(alpha)
     g_cond = q_pow - p_q * q_pow.sum(-1, keepdim=True)
@@ -90,9 +111,16 @@ def alpha_tim_gradient(weights: torch.Tensor, x: torch.Tensor, one_hot: torch.Te
     return temperature * (g.transpose(1, 2) @ x - g.sum(1).unsqueeze(-1) * weights)
 
 
-def alpha_tim(support: torch.Tensor, query: torch.Tensor, alpha: float | None = None, iterations: int = 1000,
-              lr: float = 1e-4, temperature: float = 15.0, loss_weights: tuple[float, float, float] = DEFAULT_WEIGHTS,
-              history: list[torch.Tensor] | None = None) -> torch.Tensor:
+def alpha_tim(
+    support: torch.Tensor,
+    query: torch.Tensor,
+    alpha: float | None = None,
+    iterations: int = 1000,
+    lr: float = 1e-4,
+    temperature: float = 15.0,
+    loss_weights: tuple[float, float, float] = DEFAULT_WEIGHTS,
+    history: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Query probabilities (E, n_query, n_way) after alpha-TIM.
 
     support: (E, n_way, n_shot, D); query: (E, n_query, D). alpha: None for the authors' value
@@ -116,6 +144,6 @@ def alpha_tim(support: torch.Tensor, query: torch.Tensor, alpha: float | None = 
         g = alpha_tim_gradient(weights, x, one_hot, a, temperature, loss_weights)
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        step = lr / (1 - beta1 ** t)
-        weights = weights - step * m / ((v / (1 - beta2 ** t)).sqrt() + eps)
+        step = lr / (1 - beta1**t)
+        weights = weights - step * m / ((v / (1 - beta2**t)).sqrt() + eps)
     return tim_probs(weights, q, temperature)

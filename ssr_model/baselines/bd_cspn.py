@@ -14,6 +14,7 @@ Steps, as in the paper's Section 3 (features L2-normalised first):
 The paper keeps the top-Z pseudo-labelled queries per class; here every query pseudo-
 labelled n is kept (Z = all), so no count has to be chosen per shot setting.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,9 @@ import torch
 from .episode_features import l2n, prototypes, unpack
 
 
-def bd_cspn_prototypes(support: torch.Tensor, query: torch.Tensor, epsilon: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
+def bd_cspn_prototypes(
+    support: torch.Tensor, query: torch.Tensor, epsilon: float = 10.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rectified prototypes (E, n_way, D) and the shifted queries (E, n_query, D).
 
     support: (E, n_way, n_shot, D); query: (E, n_query, D). Both are L2-normalised first.
@@ -29,12 +32,12 @@ def bd_cspn_prototypes(support: torch.Tensor, query: torch.Tensor, epsilon: floa
     E, W, K, Q, D = unpack(support, query)
     s, q = l2n(support), l2n(query)
     q = q + (s.reshape(E, W * K, D).mean(1) - q.mean(1)).unsqueeze(1)  # cross-class bias
-    protos = prototypes(s)                                             # (E, W, D)
-    pseudo = (l2n(q) @ l2n(protos).transpose(1, 2)).argmax(-1)        # (E, Q)
-    x = torch.cat([s.reshape(E, W * K, D), q], 1)                      # (E, W*K + Q, D)
+    protos = prototypes(s)  # (E, W, D)
+    pseudo = (l2n(q) @ l2n(protos).transpose(1, 2)).argmax(-1)  # (E, Q)
+    x = torch.cat([s.reshape(E, W * K, D), q], 1)  # (E, W*K + Q, D)
     labels = torch.cat([torch.arange(W, device=q.device).repeat_interleave(K).expand(E, W * K), pseudo], 1)
     member = labels.unsqueeze(-1) == torch.arange(W, device=q.device)  # (E, W*K + Q, W)
-    logits = epsilon * (l2n(x) @ l2n(protos).transpose(1, 2))          # (E, W*K + Q, W)
+    logits = epsilon * (l2n(x) @ l2n(protos).transpose(1, 2))  # (E, W*K + Q, W)
     weights = torch.softmax(logits.masked_fill(~member, float("-inf")), dim=1)
     return weights.transpose(1, 2) @ x, q
 

@@ -17,6 +17,7 @@ setting).
 Memory per query: the (W, k) lists of its shortlist and a sparse W x W matrix with at most
 W * k entries; overall the candidates' lists (U, k + 1) of :func:`candidate_neighbours`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -64,9 +65,18 @@ def affinity(ids: np.ndarray, neighbours: CandidateNeighbours, k: int, gamma: fl
     return ((mutual + mutual.T) / 2).tocsr()
 
 
-def diffusion_rerank(query_feats: np.ndarray, db: np.ndarray, topk_ids: np.ndarray, neighbours: CandidateNeighbours,
-                     k: int = 50, kq: int = 10, gamma: float = 3.0, alpha: float = 0.99, max_iter: int = 20,
-                     tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+def diffusion_rerank(
+    query_feats: np.ndarray,
+    db: np.ndarray,
+    topk_ids: np.ndarray,
+    neighbours: CandidateNeighbours,
+    k: int = 50,
+    kq: int = 10,
+    gamma: float = 3.0,
+    alpha: float = 0.99,
+    max_iter: int = 20,
+    tol: float = 1e-6,
+) -> tuple[np.ndarray, np.ndarray]:
     """Re-rank each shortlist by truncated diffusion.
 
     Args:

@@ -5,6 +5,7 @@ support (E, n_way, n_shot, D), class-major, and query (E, n_query, D) where n_qu
 all queries of an episode (in any order, any class counts). It returns scores
 (E, n_query, n_way) whose argmax is the prediction. The device and dtype follow the inputs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,11 +15,15 @@ import torch.nn.functional as F
 def unpack(support: torch.Tensor, query: torch.Tensor) -> tuple[int, int, int, int, int]:
     """(E, n_way, n_shot, n_query, D) of a batch, checked. support (E, n_way, n_shot, D), query (E, n_query, D)."""
     if support.dim() != 4 or query.dim() != 3:
-        raise ValueError(f"expected support (E, n_way, n_shot, D) and query (E, n_query, D), got {tuple(support.shape)} "
-                         f"and {tuple(query.shape)}")
+        raise ValueError(
+            f"expected support (E, n_way, n_shot, D) and query (E, n_query, D), got {tuple(support.shape)} "
+            f"and {tuple(query.shape)}"
+        )
     E, W, K, D = support.shape
     if query.shape[0] != E or query.shape[2] != D:
-        raise ValueError(f"query {tuple(query.shape)} does not match support {tuple(support.shape)} (E and D must agree)")
+        raise ValueError(
+            f"query {tuple(query.shape)} does not match support {tuple(support.shape)} (E and D must agree)"
+        )
     return E, W, K, query.shape[1], D
 
 

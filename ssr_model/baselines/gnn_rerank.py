@@ -14,6 +14,7 @@ query's shortlist, so the neighbour lists and the transpose are those of that su
 
 Memory per query: the dense (n, n) similarities and adjacency, n = W + 1; no N-sized array.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,8 +45,9 @@ def gnn_embeddings(nodes: np.ndarray, k1: int = 26, k2: int = 7) -> np.ndarray:
     return A
 
 
-def gnn_rerank(query_feats: np.ndarray, db: np.ndarray, topk_ids: np.ndarray, k1: int = 26,
-               k2: int = 7) -> tuple[np.ndarray, np.ndarray]:
+def gnn_rerank(
+    query_feats: np.ndarray, db: np.ndarray, topk_ids: np.ndarray, k1: int = 26, k2: int = 7
+) -> tuple[np.ndarray, np.ndarray]:
     """Re-rank each shortlist by GNN re-ranking.
 
     Args:

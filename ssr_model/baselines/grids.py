@@ -3,11 +3,13 @@
 The grids are the published ones; which point is used is decided by the caller on
 validation scores (never on the test queries), with :func:`best_point`.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import product
-from typing import Sequence, TypeVar
+from typing import TypeVar
 
 __all__ = ["KReciprocalPoint", "RETRIEVAL_KRECIP_K", "RETRIEVAL_KRECIP_LAMBDA", "QE_N", "best_point", "krecip_grid"]
 
@@ -30,8 +32,9 @@ class KReciprocalPoint:
         return f"k1={self.k1},k2={self.k2},lambda={self.lambda_value:g}"
 
 
-def krecip_grid(pairs: Sequence[Sequence[int]] = RETRIEVAL_KRECIP_K,
-                lambdas: Sequence[float] = RETRIEVAL_KRECIP_LAMBDA) -> list[KReciprocalPoint]:
+def krecip_grid(
+    pairs: Sequence[Sequence[int]] = RETRIEVAL_KRECIP_K, lambdas: Sequence[float] = RETRIEVAL_KRECIP_LAMBDA
+) -> list[KReciprocalPoint]:
     """Every (k1, k2) pair with every lambda, pairs outermost (the authors' loop order)."""
     return [KReciprocalPoint(int(k1), int(k2), float(lam)) for (k1, k2), lam in product(pairs, lambdas)]
 
@@ -39,6 +42,8 @@ def krecip_grid(pairs: Sequence[Sequence[int]] = RETRIEVAL_KRECIP_K,
 def best_point(points: Sequence[T], scores: Sequence[float]) -> tuple[T, float]:
     """The point with the highest score (the first one on ties) and its score."""
     if len(points) != len(scores) or not points:
-        raise ValueError(f"best_point: {len(points)} points and {len(scores)} scores, expected the same non-zero number")
+        raise ValueError(
+            f"best_point: {len(points)} points and {len(scores)} scores, expected the same non-zero number"
+        )
     best = max(range(len(points)), key=lambda i: (scores[i], -i))
     return points[best], float(scores[best])

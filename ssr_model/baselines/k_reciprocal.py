@@ -221,7 +221,9 @@ def fewshot_k_reciprocal(prototypes, queries, k1: int = 20, k2: int = 6, lambda_
     protos = prototypes.detach().cpu().double().numpy() if is_torch else np.asarray(prototypes, dtype=np.float64)
     qry = queries.detach().cpu().double().numpy() if is_torch else np.asarray(queries, dtype=np.float64)
     if protos.ndim != 2 or qry.ndim != 2 or protos.shape[1] != qry.shape[1]:
-        raise ValueError(f"fewshot_k_reciprocal: prototypes {protos.shape} and queries {qry.shape}, expected (n_way, D) and (n_query, D)")
+        raise ValueError(
+            f"fewshot_k_reciprocal: prototypes {protos.shape} and queries {qry.shape}, expected (n_way, D) and (n_query, D)"
+        )
     protos = protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
     qry = qry / np.maximum(np.linalg.norm(qry, axis=1, keepdims=True), 1e-12)
 

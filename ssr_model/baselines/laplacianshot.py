@@ -14,6 +14,7 @@ is decreased by the paper's bound updates, all queries in parallel:
 until the energy changes by at most 1e-6 of its value, or 20 iterations. ``lam`` is the one
 hyper-parameter the paper tunes on validation episodes per data set.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,14 @@ def laplacian_energy(y: torch.Tensor, unary: torch.Tensor, affinity: torch.Tenso
     return (y * unary).sum((1, 2)) - lam * pair + (y * torch.log(y.clamp_min(1e-20))).sum((1, 2))
 
 
-def bound_updates(unary: torch.Tensor, affinity: torch.Tensor, lam: float, max_iters: int = 20, rel_tol: float = 1e-6,
-                  energies: list[torch.Tensor] | None = None) -> torch.Tensor:
+def bound_updates(
+    unary: torch.Tensor,
+    affinity: torch.Tensor,
+    lam: float,
+    max_iters: int = 20,
+    rel_tol: float = 1e-6,
+    energies: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Assignments (E, n_query, n_way) from the bound iterations (all episodes until each has converged).
 
     unary: (E, n_query, n_way); affinity: (E, n_query, n_query). ``energies`` receives E(Y) (E,) after each update.
@@ -58,8 +65,14 @@ def bound_updates(unary: torch.Tensor, affinity: torch.Tensor, lam: float, max_i
     return y
 
 
-def laplacianshot(support: torch.Tensor, query: torch.Tensor, base_mean: torch.Tensor | None = None, lam: float = 0.7,
-                  knn: int = 3, max_iters: int = 20) -> torch.Tensor:
+def laplacianshot(
+    support: torch.Tensor,
+    query: torch.Tensor,
+    base_mean: torch.Tensor | None = None,
+    lam: float = 0.7,
+    knn: int = 3,
+    max_iters: int = 20,
+) -> torch.Tensor:
     """Soft assignments (E, n_query, n_way).
 
     support: (E, n_way, n_shot, D); query: (E, n_query, D); base_mean: (D,) or None (then L2N only).

@@ -5,6 +5,7 @@ items in each query's shortlist. They get them here, for the union of the shortl
 with one top-k search of those candidates against the database, block by block: never an
 (N, N) matrix, never the lists of all N items.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,8 +15,9 @@ import numpy as np
 __all__ = ["CandidateNeighbours", "candidate_neighbours", "topk_search"]
 
 
-def topk_search(queries: np.ndarray, db: np.ndarray, k: int, db_block: int = 16384,
-                query_block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def topk_search(
+    queries: np.ndarray, db: np.ndarray, k: int, db_block: int = 16384, query_block: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
     """The k most similar database rows (dot product) of each query, best first.
 
     queries (M, D) and db (N, D) (any array-like that slices, e.g. a memory map). Returns ids
@@ -67,7 +69,9 @@ class CandidateNeighbours:
         rows = self.rows(db_ids)
         nbr, sim = self.nbr_ids[rows], self.nbr_sims[rows]
         if n > nbr.shape[1] - 1:
-            raise ValueError(f"CandidateNeighbours: {n} neighbours asked, the lists hold {nbr.shape[1] - 1} besides the item")
+            raise ValueError(
+                f"CandidateNeighbours: {n} neighbours asked, the lists hold {nbr.shape[1] - 1} besides the item"
+            )
         # drop the item itself where it appears, else the last entry, keeping the order
         is_self = nbr == db_ids[:, None]
         drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), nbr.shape[1] - 1)

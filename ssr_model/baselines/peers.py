@@ -5,10 +5,11 @@ entry scores a batch of episodes: support (E, n_way, n_shot, D), query (E, n_que
 (E, n_query, n_way); ``base_mean`` (D,) is the mean training feature, used by the methods
 whose paper centres features on the base classes.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -41,17 +42,35 @@ class PeerMethod:
             raise ValueError(f"{self.name}: needs at least {self.min_queries} queries per episode, got {n_query}")
 
 
-PEER_METHODS: dict[str, PeerMethod] = {m.name: m for m in (
-    PeerMethod("simpleshot", "SimpleShot (CL2N, nearest centroid)", False, lambda s, q, mean: simpleshot(s, q, mean),
-               centres_on_base=True),
-    PeerMethod("bd-cspn", "BD-CSPN (rectified prototypes)", True, lambda s, q, mean: bd_cspn(s, q)),
-    PeerMethod("tim", "TIM-GD (1,000 Adam steps)", True, lambda s, q, mean: tim_gd(s, q)),
-    PeerMethod("alpha-tim", "α-TIM (α=2 at 1-shot, 7 at 5-shot; 1,000 Adam steps)", True,
-               lambda s, q, mean: alpha_tim(s, q)),
-    PeerMethod("pt-map", "PT-MAP (power transform + Sinkhorn MAP)", True, lambda s, q, mean: pt_map(s, q)),
-    PeerMethod("laplacianshot", "LaplacianShot (kNN=3, λ=0.7)", True,
-               lambda s, q, mean: laplacianshot(s, q, mean), centres_on_base=True, min_queries=4),
-)}
+PEER_METHODS: dict[str, PeerMethod] = {
+    m.name: m
+    for m in (
+        PeerMethod(
+            "simpleshot",
+            "SimpleShot (CL2N, nearest centroid)",
+            False,
+            lambda s, q, mean: simpleshot(s, q, mean),
+            centres_on_base=True,
+        ),
+        PeerMethod("bd-cspn", "BD-CSPN (rectified prototypes)", True, lambda s, q, mean: bd_cspn(s, q)),
+        PeerMethod("tim", "TIM-GD (1,000 Adam steps)", True, lambda s, q, mean: tim_gd(s, q)),
+        PeerMethod(
+            "alpha-tim",
+            "α-TIM (α=2 at 1-shot, 7 at 5-shot; 1,000 Adam steps)",
+            True,
+            lambda s, q, mean: alpha_tim(s, q),
+        ),
+        PeerMethod("pt-map", "PT-MAP (power transform + Sinkhorn MAP)", True, lambda s, q, mean: pt_map(s, q)),
+        PeerMethod(
+            "laplacianshot",
+            "LaplacianShot (kNN=3, λ=0.7)",
+            True,
+            lambda s, q, mean: laplacianshot(s, q, mean),
+            centres_on_base=True,
+            min_queries=4,
+        ),
+    )
+}
 
 
 def peer_method(name: str) -> PeerMethod:

@@ -12,6 +12,7 @@ loss on imbalanced query sets), gives the support their one-hot labels, and move
 centre by alpha = 0.2 towards the assignment-weighted mean of all samples. The scores are
 the final assignment.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,14 @@ import torch
 from .episode_features import l2n, prototypes, sq_dist, support_one_hot, unpack
 
 
-def sinkhorn(cost: torch.Tensor, lam: float, row_mass: torch.Tensor, col_mass: torch.Tensor,
-             tol: float = 1e-6, max_iters: int = 1000) -> torch.Tensor:
+def sinkhorn(
+    cost: torch.Tensor,
+    lam: float,
+    row_mass: torch.Tensor,
+    col_mass: torch.Tensor,
+    tol: float = 1e-6,
+    max_iters: int = 1000,
+) -> torch.Tensor:
     """Transport plan P (E, N, W) ∝ exp(-lam * cost) scaled to the marginals.
 
     cost (E, N, W); row_mass (E, N), col_mass (E, W) with equal totals per episode. Alternates
@@ -43,6 +50,7 @@ def sinkhorn(cost: torch.Tensor, lam: float, row_mass: torch.Tensor, col_mass: t
 
 def pt_map_features(support: torch.Tensor, query: torch.Tensor, beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Power transform, L2, per-set centring, L2: support (E, n_way, n_shot, D), query (E, n_query, D), same shapes out."""
+
     def power(x: torch.Tensor) -> torch.Tensor:
         return l2n(torch.sign(x) * (x.abs() + 1e-6) ** beta)
 
@@ -52,8 +60,14 @@ def pt_map_features(support: torch.Tensor, query: torch.Tensor, beta: float = 0.
     return s.reshape(E, W, K, D), q
 
 
-def pt_map(support: torch.Tensor, query: torch.Tensor, beta: float = 0.5, lam: float = 10.0, alpha: float = 0.2,
-           epochs: int = 20) -> torch.Tensor:
+def pt_map(
+    support: torch.Tensor,
+    query: torch.Tensor,
+    beta: float = 0.5,
+    lam: float = 10.0,
+    alpha: float = 0.2,
+    epochs: int = 20,
+) -> torch.Tensor:
     """Query assignments (E, n_query, n_way), rows summing to 1 (up to Sinkhorn's tolerance).
 
     support: (E, n_way, n_shot, D); query: (E, n_query, D).
@@ -70,7 +84,7 @@ def pt_map(support: torch.Tensor, query: torch.Tensor, beta: float = 0.5, lam: f
         return sinkhorn(sq_dist(q, c), lam, rows, cols)
 
     for _ in range(epochs):
-        weights = torch.cat([labelled, assign(centres)], 1)                    # (E, W*K + Q, W)
-        target = (weights.transpose(1, 2) @ x) / weights.sum(1).unsqueeze(-1)   # (E, W, D)
+        weights = torch.cat([labelled, assign(centres)], 1)  # (E, W*K + Q, W)
+        target = (weights.transpose(1, 2) @ x) / weights.sum(1).unsqueeze(-1)  # (E, W, D)
         centres = centres + alpha * (target - centres)
     return assign(centres)

@@ -91,7 +91,9 @@ def dqe(query_feats: np.ndarray, db_feats: np.ndarray, ranks: np.ndarray, n: int
     items = _query_and_top(query_feats, db_feats, ranks, n)
     Q, K, D = items.shape
     if 2 * K > ranks.shape[1] + 1:
-        raise ValueError(f"dqe: n = {n} needs {K} negatives disjoint from the top-n, ranks have {ranks.shape[1]} columns")
+        raise ValueError(
+            f"dqe: n = {n} needs {K} negatives disjoint from the top-n, ranks have {ranks.shape[1]} columns"
+        )
     negatives = db_feats[ranks[:, ranks.shape[1] - K :]]  # (Q, K, D)
     labels = np.concatenate([np.ones(K), -np.ones(K)])
     out = np.empty((Q, D), dtype=np.float64)

@@ -6,6 +6,7 @@ each query's initial ranking; the rest keep their initial order. ``neighbours(po
 length of the candidates' neighbour lists a setting needs (0: none, the method works
 within the shortlist), served by one :func:`candidate_neighbours` search.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -20,8 +21,15 @@ from .gnn_rerank import GNN_SHORTLIST, gnn_rerank
 from .neighbours import CandidateNeighbours
 from .superglobal import SUPERGLOBAL_M, superglobal_rerank
 
-__all__ = ["BASELINE_METHODS", "RETRIEVAL_METHODS", "SHORTLIST_METHODS", "ShortlistMethod", "ShortlistPoint",
-           "shortlist_grids", "shortlist_method"]
+__all__ = [
+    "BASELINE_METHODS",
+    "RETRIEVAL_METHODS",
+    "SHORTLIST_METHODS",
+    "ShortlistMethod",
+    "ShortlistPoint",
+    "shortlist_grids",
+    "shortlist_method",
+]
 
 BASELINE_METHODS = ("features", "AQE", "AQEwD", "alpha-QE", "DQE", "k-reciprocal")
 
@@ -53,8 +61,14 @@ class ShortlistMethod:
     neighbours: Callable[[ShortlistPoint], int]
     run: Callable[[np.ndarray, np.ndarray, np.ndarray, CandidateNeighbours | None, dict], Result]
 
-    def rerank(self, query_feats: np.ndarray, db: np.ndarray, topk_ids: np.ndarray,
-               neighbours: CandidateNeighbours | None, point: ShortlistPoint | None = None) -> Result:
+    def rerank(
+        self,
+        query_feats: np.ndarray,
+        db: np.ndarray,
+        topk_ids: np.ndarray,
+        neighbours: CandidateNeighbours | None,
+        point: ShortlistPoint | None = None,
+    ) -> Result:
         """query_feats (Q, D), db (N, D), topk_ids (Q, W) -> (ids, scores, expanded query or None)."""
         return self.run(query_feats, db, topk_ids, neighbours, (point or self.default).kwargs())
 
@@ -81,12 +95,17 @@ def _superglobal(q, db, top, nbrs, kw) -> Result:
     return superglobal_rerank(q, db, top, K=int(kw["K"]), beta=float(kw["beta"]))
 
 
-SHORTLIST_METHODS: dict[str, ShortlistMethod] = {m.name: m for m in (
-    ShortlistMethod("alpha-DBA-QE", DIFFUSION_SHORTLIST, _point(n_dba=10, n_qe=10), lambda p: int(p.kwargs()["n_dba"]), _dba),
-    ShortlistMethod("diffusion", DIFFUSION_SHORTLIST, _point(k=50), lambda p: int(p.kwargs()["k"]), _diffusion),
-    ShortlistMethod("GNN", GNN_SHORTLIST, _point(k1=26, k2=7), lambda p: 0, _gnn),
-    ShortlistMethod("SuperGlobal", SUPERGLOBAL_M, _point(K=9, beta=0.15), lambda p: 0, _superglobal),
-)}
+SHORTLIST_METHODS: dict[str, ShortlistMethod] = {
+    m.name: m
+    for m in (
+        ShortlistMethod(
+            "alpha-DBA-QE", DIFFUSION_SHORTLIST, _point(n_dba=10, n_qe=10), lambda p: int(p.kwargs()["n_dba"]), _dba
+        ),
+        ShortlistMethod("diffusion", DIFFUSION_SHORTLIST, _point(k=50), lambda p: int(p.kwargs()["k"]), _diffusion),
+        ShortlistMethod("GNN", GNN_SHORTLIST, _point(k1=26, k2=7), lambda p: 0, _gnn),
+        ShortlistMethod("SuperGlobal", SUPERGLOBAL_M, _point(K=9, beta=0.15), lambda p: 0, _superglobal),
+    )
+}
 RETRIEVAL_METHODS = (*BASELINE_METHODS, *SHORTLIST_METHODS)
 
 
@@ -98,10 +117,14 @@ def shortlist_method(name: str) -> ShortlistMethod:
         raise ValueError(f"unknown shortlist re-ranker {name!r} (known: {', '.join(SHORTLIST_METHODS)})") from None
 
 
-def shortlist_grids(dba_n: Sequence[int] = (1, 3, 5, 10), qe_n: Sequence[int] = (1, 3, 5, 7, 9),
-                    diffusion_k: Sequence[int] = (10, 20, 50), gnn_k: Sequence[Sequence[int]] = ((10, 4), (26, 7), (50, 10)),
-                    superglobal_k: Sequence[int] = (3, 6, 9),
-                    superglobal_beta: Sequence[float] = (0.15, 0.3)) -> dict[str, list[ShortlistPoint]]:
+def shortlist_grids(
+    dba_n: Sequence[int] = (1, 3, 5, 10),
+    qe_n: Sequence[int] = (1, 3, 5, 7, 9),
+    diffusion_k: Sequence[int] = (10, 20, 50),
+    gnn_k: Sequence[Sequence[int]] = ((10, 4), (26, 7), (50, 10)),
+    superglobal_k: Sequence[int] = (3, 6, 9),
+    superglobal_beta: Sequence[float] = (0.15, 0.3),
+) -> dict[str, list[ShortlistPoint]]:
     """The validation grid of every shortlist re-ranker (alpha-QE's n of alpha-DBA-QE is QE's grid)."""
     return {
         "alpha-DBA-QE": [_point(n_dba=int(a), n_qe=int(b)) for a, b in product(dba_n, qe_n)],

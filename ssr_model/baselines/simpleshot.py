@@ -4,6 +4,7 @@ CL2N: features minus the mean feature of the base (training) classes, then L2-no
 the class centroid is the mean of the transformed support features and a query goes to the
 nearest centroid in Euclidean distance. Without ``base_mean`` it is the paper's L2N variant.
 """
+
 from __future__ import annotations
 
 import torch

@@ -17,6 +17,7 @@ whose dot product with x' is twice the score.
 Memory per query: the (M, M) similarities within the top-M, the (M, K, D) gathered
 neighbours and the (M, D) refined descriptors (float64); no N-sized array.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,8 +27,9 @@ __all__ = ["superglobal_rerank", "SUPERGLOBAL_M"]
 SUPERGLOBAL_M = 400
 
 
-def superglobal_rerank(query_feats: np.ndarray, db: np.ndarray, topk_ids: np.ndarray, K: int = 9,
-                       beta: float = 0.15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def superglobal_rerank(
+    query_feats: np.ndarray, db: np.ndarray, topk_ids: np.ndarray, K: int = 9, beta: float = 0.15
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Re-rank each top-M list by SuperGlobal's refinement.
 
     Args:

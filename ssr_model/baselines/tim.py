@@ -11,6 +11,7 @@ marginal-entropy term pushes the predicted class proportions of the queries towa
 uniform: the reason TIM degrades on imbalanced query sets (alpha-TIM, 2021).
 Episodes of a batch are independent: the loss is summed over them and Adam is elementwise.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,13 @@ def tim_probs(weights: torch.Tensor, x: torch.Tensor, temperature: float = 15.0)
     return torch.softmax(logits, dim=-1)
 
 
-def tim_loss(weights: torch.Tensor, support: torch.Tensor, query: torch.Tensor, temperature: float = 15.0,
-             loss_weights: tuple[float, float, float] = DEFAULT_WEIGHTS) -> dict[str, torch.Tensor]:
+def tim_loss(
+    weights: torch.Tensor,
+    support: torch.Tensor,
+    query: torch.Tensor,
+    temperature: float = 15.0,
+    loss_weights: tuple[float, float, float] = DEFAULT_WEIGHTS,
+) -> dict[str, torch.Tensor]:
     """The loss terms per episode, each (E,): ``ce``, ``marginal_entropy``, ``conditional_entropy``, ``loss``.
 
     weights: (E, n_way, D); support: (E, n_way, n_shot, D) and query (E, n_query, D), already normalised.
@@ -40,8 +46,13 @@ def tim_loss(weights: torch.Tensor, support: torch.Tensor, query: torch.Tensor, 
     return _terms(weights, x, support_one_hot(support), temperature, loss_weights)
 
 
-def _terms(weights: torch.Tensor, x: torch.Tensor, one_hot: torch.Tensor, temperature: float,
-           loss_weights: tuple[float, float, float]) -> dict[str, torch.Tensor]:
+def _terms(
+    weights: torch.Tensor,
+    x: torch.Tensor,
+    one_hot: torch.Tensor,
+    temperature: float,
+    loss_weights: tuple[float, float, float],
+) -> dict[str, torch.Tensor]:
     """tim_loss on x = [flattened support; query] (E, n_support + n_query, D), one_hot (E, n_support, n_way)."""
     eps = 1e-12
     p = tim_probs(weights, x, temperature)  # one product per step for support and queries
@@ -52,12 +63,21 @@ def _terms(weights: torch.Tensor, x: torch.Tensor, one_hot: torch.Tensor, temper
     h_marg = -(marginal * torch.log(marginal + eps)).sum(-1)
     h_cond = -(p_q * torch.log(p_q + eps)).sum(-1).mean(-1)
     l_ce, l_marg, l_cond = loss_weights
-    return {"ce": ce, "marginal_entropy": h_marg, "conditional_entropy": h_cond,
-            "loss": l_ce * ce - l_marg * h_marg + l_cond * h_cond}
+    return {
+        "ce": ce,
+        "marginal_entropy": h_marg,
+        "conditional_entropy": h_cond,
+        "loss": l_ce * ce - l_marg * h_marg + l_cond * h_cond,
+    }
 
 
-def tim_gradient(weights: torch.Tensor, x: torch.Tensor, one_hot: torch.Tensor, temperature: float = 15.0,
-                 loss_weights: tuple[float, float, float] = DEFAULT_WEIGHTS) -> torch.Tensor:
+def tim_gradient(
+    weights: torch.Tensor,
+    x: torch.Tensor,
+    one_hot: torch.Tensor,
+    temperature: float = 15.0,
+    loss_weights: tuple[float, float, float] = DEFAULT_WEIGHTS,
+) -> torch.Tensor:
     """d loss / d weights in closed form, (E, n_way, D) (the loss of ``tim_loss`` without its eps 1e-12 in the logs).
 
     weights (E, n_way, D); x = [flattened support; query] (E, n_support + n_query, D); one_hot
@@ -73,15 +93,22 @@ def tim_gradient(weights: torch.Tensor, x: torch.Tensor, one_hot: torch.Tensor, 
     p_s, p_q, log_q = p[:, :n_support], p[:, n_support:], log_p[:, n_support:]
     n_query = p_q.shape[1]
     l_ce, l_marg, l_cond = loss_weights
-    log_bar = torch.log(p_q.mean(1, keepdim=True))                      # (E, 1, n_way)
+    log_bar = torch.log(p_q.mean(1, keepdim=True))  # (E, 1, n_way)
     g_marg = p_q * (log_bar - (p_q * log_bar).sum(-1, keepdim=True))
     g_cond = p_q * (log_q - (p_q * log_q).sum(-1, keepdim=True))
     g = torch.cat([l_ce * (p_s - one_hot) / n_support, (l_marg * g_marg - l_cond * g_cond) / n_query], 1)
     return temperature * (g.transpose(1, 2) @ x - g.sum(1).unsqueeze(-1) * weights)
 
 
-def tim_gd(support: torch.Tensor, query: torch.Tensor, iterations: int = 1000, lr: float = 1e-4, temperature: float = 15.0,
-           loss_weights: tuple[float, float, float] = DEFAULT_WEIGHTS, history: list[torch.Tensor] | None = None) -> torch.Tensor:
+def tim_gd(
+    support: torch.Tensor,
+    query: torch.Tensor,
+    iterations: int = 1000,
+    lr: float = 1e-4,
+    temperature: float = 15.0,
+    loss_weights: tuple[float, float, float] = DEFAULT_WEIGHTS,
+    history: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Query probabilities (E, n_query, n_way) after TIM-GD.
 
     support: (E, n_way, n_shot, D); query: (E, n_query, D). Adam (betas 0.9, 0.999, eps 1e-8,
@@ -101,6 +128,6 @@ def tim_gd(support: torch.Tensor, query: torch.Tensor, iterations: int = 1000, l
         g = tim_gradient(weights, x, one_hot, temperature, loss_weights)
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        step = lr / (1 - beta1 ** t)
-        weights = weights - step * m / ((v / (1 - beta2 ** t)).sqrt() + eps)
+        step = lr / (1 - beta1**t)
+        weights = weights - step * m / ((v / (1 - beta2**t)).sqrt() + eps)
     return tim_probs(weights, q, temperature)

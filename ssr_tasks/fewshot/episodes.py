@@ -6,6 +6,7 @@ class-major, so the query labels of an episode are ``repeat(arange(n_way), n_que
 Imbalanced test episodes (``sample_dirichlet_episodes``) carry their query labels instead:
 ``query_idx`` (n_query_total,) and ``query_labels`` (n_query_total,).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ class EpisodeIndices:
     def __len__(self) -> int:
         return int(self.support.shape[0])
 
-    def chunk(self, start: int, stop: int) -> "EpisodeIndices":
+    def chunk(self, start: int, stop: int) -> EpisodeIndices:
         labels = None if self.query_labels is None else self.query_labels[start:stop]
         return EpisodeIndices(self.support[start:stop], self.query[start:stop], labels)
 
@@ -79,12 +80,14 @@ class EpisodeIndices:
         return path
 
     @classmethod
-    def load(cls, path: Path) -> "EpisodeIndices":
+    def load(cls, path: Path) -> EpisodeIndices:
         with np.load(path) as arrays:
             return cls(arrays["support"], arrays["query"], arrays["query_labels"] if "query_labels" in arrays else None)
 
 
-def sample_episodes(split: SplitFeatures, n_episodes: int, n_way: int, n_shot: int, n_query: int, seed: int) -> EpisodeIndices:
+def sample_episodes(
+    split: SplitFeatures, n_episodes: int, n_way: int, n_shot: int, n_query: int, seed: int
+) -> EpisodeIndices:
     """Random episodes, deterministic for a seed; refuses splits that are too small."""
     members = split.class_members()
     need = n_shot + n_query
@@ -117,8 +120,9 @@ def dirichlet_counts(alpha: float, n_way: int, total: int, rng: np.random.Genera
     return counts
 
 
-def sample_dirichlet_episodes(split: SplitFeatures, n_episodes: int, n_way: int, n_shot: int, n_query_total: int,
-                              alpha: float, seed: int) -> EpisodeIndices:
+def sample_dirichlet_episodes(
+    split: SplitFeatures, n_episodes: int, n_way: int, n_shot: int, n_query_total: int, alpha: float, seed: int
+) -> EpisodeIndices:
     """Test episodes with imbalanced queries (alpha-TIM): per episode, class counts of the
     ``n_query_total`` queries from ``dirichlet_counts``; deterministic for a seed.
 
@@ -131,8 +135,10 @@ def sample_dirichlet_episodes(split: SplitFeatures, n_episodes: int, n_way: int,
     members = split.class_members()
     eligible = [c for c, m in enumerate(members) if len(m) > n_shot]
     if len(eligible) < n_way:
-        raise ValueError(f"{split.source or 'features'}: split has {len(eligible)} classes with > {n_shot} images, "
-                         f"need n_way={n_way} for imbalanced episodes")
+        raise ValueError(
+            f"{split.source or 'features'}: split has {len(eligible)} classes with > {n_shot} images, "
+            f"need n_way={n_way} for imbalanced episodes"
+        )
     rng = np.random.default_rng(seed)
     support = np.empty((n_episodes, n_way, n_shot), np.int64)
     query = np.empty((n_episodes, n_query_total), np.int64)
@@ -165,13 +171,14 @@ def fixed_episodes(split: SplitFeatures, json_path: Path, limit: int | None = No
         raise ValueError(f"{json_path}: the features table has no 'path' column to match episodes against")
     # The features table's rows stand in for the split folder; no image is opened.
     rows = SplitIndex(Path(json_path).parent, split.paths, split.labels, split.classes)
-    episodes = read_episode_json(json_path, rows, limit=limit or None,
-                                 source=split.source or "the features table")
+    episodes = read_episode_json(json_path, rows, limit=limit or None, source=split.source or "the features table")
     shapes = [f"{ep.support.shape[0]}-way {ep.support.shape[1]}-shot {ep.query.shape[1]}-query" for ep in episodes]
     for e, shape in enumerate(shapes):
         if shape != shapes[0]:
-            raise ValueError(f"{json_path}: episode {e} is {shape}, episode 0 {shapes[0]} (expected the same n_way, "
-                             "n_shot and n_query in every episode)")
+            raise ValueError(
+                f"{json_path}: episode {e} is {shape}, episode 0 {shapes[0]} (expected the same n_way, "
+                "n_shot and n_query in every episode)"
+            )
     return EpisodeIndices(np.stack([ep.support for ep in episodes]), np.stack([ep.query for ep in episodes]))
 
 

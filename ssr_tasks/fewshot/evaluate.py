@@ -5,15 +5,17 @@ model once, then scores chunks of episodes. Accuracies come back per episode (fr
 so the driver computes mean and 95% interval over all episodes. Each method's call on a
 chunk is timed and its peak memory measured there, in the actor (``MethodCost``).
 """
+
 from __future__ import annotations
 
 import math
 import time
 import tracemalloc
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -32,7 +34,9 @@ def baseline_scores(support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     return F.normalize(query, dim=-1, eps=1e-12) @ protos.transpose(1, 2)
 
 
-def krecip_accuracy(support: torch.Tensor, query: torch.Tensor, labels: torch.Tensor, params: KReciprocal) -> np.ndarray:
+def krecip_accuracy(
+    support: torch.Tensor, query: torch.Tensor, labels: torch.Tensor, params: KReciprocal
+) -> np.ndarray:
     """Per-episode accuracy (E,) of k-reciprocal re-ranking (queries vs prototypes).
 
     support (E, n_way, n_shot, D), query (E, n_query, D), labels (E, n_query).
@@ -94,13 +98,17 @@ class MethodCost:
         return self.peak_mib
 
     @staticmethod
-    def merge(costs: Sequence["MethodCost"]) -> "MethodCost":
+    def merge(costs: Sequence[MethodCost]) -> MethodCost:
         """Times and episodes add up; the peak is the one of the largest measured call (then the highest)."""
         measured = [c for c in costs if c.peak_episodes > 0 and not math.isnan(c.peak_bytes)]
         top = max(measured, key=lambda c: (c.peak_episodes, c.peak_bytes), default=None)
-        return MethodCost(sum(c.seconds for c in costs), sum(c.n_episodes for c in costs),
-                          top.peak_bytes if top else math.nan, sum(c.cpu_seconds for c in costs),
-                          top.peak_episodes if top else 0)
+        return MethodCost(
+            sum(c.seconds for c in costs),
+            sum(c.n_episodes for c in costs),
+            top.peak_bytes if top else math.nan,
+            sum(c.cpu_seconds for c in costs),
+            top.peak_episodes if top else 0,
+        )
 
 
 def _profiler_peak_bytes(prof: torch.profiler.profile) -> float:
@@ -163,7 +171,7 @@ class measure_cost:
         self.device, self.n_episodes = device, n_episodes
         self.cost: MethodCost | None = None
 
-    def __enter__(self) -> "measure_cost":
+    def __enter__(self) -> measure_cost:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -204,7 +212,7 @@ class EpisodeScores:
     cost: dict[str, MethodCost] = field(default_factory=dict)
 
     @staticmethod
-    def merge(chunks: Sequence["EpisodeScores"]) -> "EpisodeScores":
+    def merge(chunks: Sequence[EpisodeScores]) -> EpisodeScores:
         """Concatenate the episodes of chunks scored separately, in order; costs add up."""
         first = chunks[0]
         return EpisodeScores(
@@ -219,7 +227,14 @@ class EpisodeScores:
 class FewShotEvaluator:
     """Scores episodes of one split with a trained FewShotSSR (loaded once), or without a model."""
 
-    def __init__(self, features_path: str, split: str, model: FewShotModel | None, device: str = "cpu", threads: int | None = None):
+    def __init__(
+        self,
+        features_path: str,
+        split: str,
+        model: FewShotModel | None,
+        device: str = "cpu",
+        threads: int | None = None,
+    ):
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -249,8 +264,13 @@ class FewShotEvaluator:
         return out, cost
 
     @torch.no_grad()
-    def evaluate(self, episodes: EpisodeIndices, krecip: Sequence[KReciprocal] = (), with_ssr: bool = True,
-                 peers: Sequence[str] = ()) -> EpisodeScores:
+    def evaluate(
+        self,
+        episodes: EpisodeIndices,
+        krecip: Sequence[KReciprocal] = (),
+        with_ssr: bool = True,
+        peers: Sequence[str] = (),
+    ) -> EpisodeScores:
         """Accuracies and costs on a batch; peers: names in ``ssr_model.baselines.PEER_METHODS``."""
         support, query, labels = gather(self.split, episodes, self.device)
         E = len(episodes)
@@ -262,7 +282,9 @@ class FewShotEvaluator:
         out = EpisodeScores(acc(scores), cost={"baseline": cost})
         for params in krecip:
             key = krecip_key(params)
-            out.krecip[params], out.cost[key] = self._cost(key, E, partial(krecip_accuracy, support, query, labels, params))
+            out.krecip[params], out.cost[key] = self._cost(
+                key, E, partial(krecip_accuracy, support, query, labels, params)
+            )
         if with_ssr and self.model is not None:
             model = self.model
             per_step, out.cost["ssr"] = self._cost("ssr", E, lambda: model(support, query, return_all_steps=True))

@@ -1,4 +1,5 @@
 """Typed results the few-shot steps hand each other (paths and scalars, never tensors)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from ssr_model import FewShotSSR
-from ssr_tasks.fewshot.episodes import EpisodeIndices
 from ssr_tasks.config import FewShotTrainParams
+from ssr_tasks.fewshot.episodes import EpisodeIndices
 from ssr_tasks.handoffs import Backbone, Trials
 from ssr_tasks.weights import load_weights
 
@@ -34,8 +35,14 @@ class TrainingFeatures:
 
     def as_inputs(self) -> dict[str, str]:
         """The string inputs a Ray trial reads (``ssr_tasks.fewshot.ray_jobs.fewshot_trial``)."""
-        return {"augment": self.mode, "views": self.views_path or "", "data_root": self.data_root,
-                "backbone": self.backbone.name, "backbone_path": self.backbone.path, "spec": self.backbone.spec}
+        return {
+            "augment": self.mode,
+            "views": self.views_path or "",
+            "data_root": self.data_root,
+            "backbone": self.backbone.name,
+            "backbone_path": self.backbone.path,
+            "spec": self.backbone.spec,
+        }
 
 
 @dataclass(frozen=True)
@@ -93,8 +100,12 @@ class FewShotModel:
         """The model with the weights loaded (eval mode, CPU); errors name the file and the mismatch."""
         model = self.config.build(self.feat_dim, self.steps)
         c = self.config
-        load_weights(model, self.weights, f"FewShotSSR(feat_dim={self.feat_dim}, n_way={c.n_way}, n_query={c.n_way * c.n_query}, "
-                                          f"steps={self.steps}, lr_dni={c.lr_dni}, hidden={c.hidden})")
+        load_weights(
+            model,
+            self.weights,
+            f"FewShotSSR(feat_dim={self.feat_dim}, n_way={c.n_way}, n_query={c.n_way * c.n_query}, "
+            f"steps={self.steps}, lr_dni={c.lr_dni}, hidden={c.hidden})",
+        )
         return model.eval()
 
 
@@ -138,13 +149,18 @@ class FewShotTrial:
         return FewShotModel(self.best_path, self.config, self.feat_dim, self.best_steps)
 
     @classmethod
-    def from_summary(cls, config: FewShotTrainParams, label: str, feat_dim: int, summary: dict) -> "FewShotTrial":
+    def from_summary(cls, config: FewShotTrainParams, label: str, feat_dim: int, summary: dict) -> FewShotTrial:
         """From the summary ``train_curriculum`` wrote (its on-disk JSON)."""
-        stages = tuple(Stage(s["steps"], s["best_val"], s["best_path"],
-                             tuple(Validation(h["iteration"], h["loss"], h["val_acc"]) for h in s["history"]))
-                       for s in summary["stages"])
+        stages = tuple(
+            Stage(
+                s["steps"],
+                s["best_val"],
+                s["best_path"],
+                tuple(Validation(h["iteration"], h["loss"], h["val_acc"]) for h in s["history"]),
+            )
+            for s in summary["stages"]
+        )
         return cls(config, label, feat_dim, stages, summary["best_steps"], summary["best_val"], summary["best_path"])
-
 
 
 @dataclass(frozen=True)
@@ -199,6 +215,9 @@ def trained_for(trials: FewShotTrials, shot: int, base_shot: int) -> FewShotTria
     """The model a ``shot``-shot test column uses: the best trial (on its own ``shot``-shot
     validation episodes) among those trained at ``shot`` shots (``sweep: {n_shot: [1, 5]}``);
     without one, the best of those trained at ``base_shot`` (the train group's n_shot)."""
-    pool = ([t for t in trials.trials if t.config.n_shot == shot]
-            or [t for t in trials.trials if t.config.n_shot == base_shot] or list(trials.trials))
+    pool = (
+        [t for t in trials.trials if t.config.n_shot == shot]
+        or [t for t in trials.trials if t.config.n_shot == base_shot]
+        or list(trials.trials)
+    )
     return max(pool, key=lambda t: t.best_val)

@@ -3,6 +3,7 @@ them with one line): the dataset layout, the fixed validation episodes, and the 
 released checkpoint against ``backbone``. Plain code; each check raises ValueError naming
 the file, the field and what was expected.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,8 +27,11 @@ def check_inputs(params: FewShotParams, run_dir: Path | None = None) -> None:
     data, bb, train = params.data, params.backbone, params.train
     if data.entry.loader == "features":
         imported = import_fewshot_table(data.data_root, Path(run_dir or default_run_dir()) / "data" / "features")
-        need = {"train": train.n_shot + train.n_query, "val": train.n_shot + train.n_query,
-                "test": max(params.evaluation.eval_shots) + train.n_query}
+        need = {
+            "train": train.n_shot + train.n_query,
+            "val": train.n_shot + train.n_query,
+            "test": max(params.evaluation.eval_shots) + train.n_query,
+        }
         for split, min_count in need.items():
             if imported.counts.get(split, 0) == 0:
                 raise ValueError(f"{data.data_root}: split: no rows of split {split!r} (expected train, val and test)")
@@ -42,16 +46,21 @@ def check_inputs(params: FewShotParams, run_dir: Path | None = None) -> None:
     if data.dataset != "glyphs":  # the built-in data is made by the run itself
         root = Path(data.data_root).expanduser()
         val = [list_split(root, split) for split in ("train", "val", "test")][1]
-        episodes = (Path(data.val_episodes_json) if data.val_episodes_json
-                    else find_val_episodes(root, train.n_way, train.n_shot, train.n_query))
+        episodes = (
+            Path(data.val_episodes_json)
+            if data.val_episodes_json
+            else find_val_episodes(root, train.n_way, train.n_shot, train.n_query)
+        )
         if episodes is not None:
             read_episode_json(episodes, val)
     if bb.released_checkpoint:
         check_released(bb.released_checkpoint, bb.name, spec, train.n_way, train.n_query)
     elif bb.checkpoint == "released" and data.dataset != "image-folder":
         if root is None:
-            raise ValueError("backbone_checkpoint: 'released' needs a real dataset (the authors released no glyph "
-                             "backbones); give a path or leave it empty")
+            raise ValueError(
+                "backbone_checkpoint: 'released' needs a real dataset (the authors released no glyph "
+                "backbones); give a path or leave it empty"
+            )
         load_backbone(bb.name, spec, released_backbone(root.resolve().parent / "backbones", spec, bb.name))
     elif bb.checkpoint:
         load_backbone(bb.name, spec, Path(bb.checkpoint))

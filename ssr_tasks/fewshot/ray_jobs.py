@@ -1,19 +1,20 @@
 """Ray side of the few-shot track: the Tune trainable of SSR training and the evaluation actor pool."""
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
+from ssr_tasks.backbone import load_backbone
+from ssr_tasks.config import FewShotTrainParams
 from ssr_tasks.fewshot.episodes import EpisodeIndices, load_split
 from ssr_tasks.fewshot.evaluate import EpisodeScores, FewShotEvaluator
-from ssr_tasks.config import FewShotTrainParams
 from ssr_tasks.fewshot.handoffs import FewShotModel, FewShotTrial, KReciprocal, TrainingFeatures
-from ssr_tasks.handoffs import TrialTracking
-from ssr_tasks.backbone import load_backbone
 from ssr_tasks.fewshot.train import train_curriculum
 from ssr_tasks.fewshot.train_features import TrainAugment, training_source
+from ssr_tasks.handoffs import TrialTracking
 from ssr_tasks.ray_grid import Trial, run_grid
 from ssr_tasks.services import pool_size
 
@@ -46,29 +47,56 @@ def fewshot_trial(trial: Trial[FewShotTrainParams]) -> tuple[dict, dict]:
     net = None
     if augment.mode == "online":
         net = load_backbone(training.backbone.name, training.backbone.spec, Path(training.backbone.path), trial.device)
-    source = training_source(augment, train, cfg.seed, views_path=training.views_path if training else None, net=net,
-                             data_root=training.data_root if training else None,
-                             dataset=training.backbone.spec if training else None, device=trial.device)
+    source = training_source(
+        augment,
+        train,
+        cfg.seed,
+        views_path=training.views_path if training else None,
+        net=net,
+        data_root=training.data_root if training else None,
+        dataset=training.backbone.spec if training else None,
+        device=trial.device,
+    )
     val = load_split(Path(inputs.features), "val")
     val_eps = EpisodeIndices.load(Path(inputs.val_for(cfg.n_shot)))
 
     def report(row: dict) -> None:
-        done = row["iteration"] + (0 if row["steps"] == 1 else cfg.iterations_first + (row["steps"] - 2) * cfg.iterations_next)
+        done = row["iteration"] + (
+            0 if row["steps"] == 1 else cfg.iterations_first + (row["steps"] - 2) * cfg.iterations_next
+        )
         trial.workspace.report({**row, "progress": done / cfg.total_iterations})
 
     summary = train_curriculum(cfg, source, val, val_eps, trial.workspace.path, device=trial.device, report=report)
     return summary, {"best_val_acc": summary["best_val"], "best_steps": summary["best_steps"]}
 
 
-def run_trials(base: FewShotTrainParams, sweep: Mapping[str, Sequence], inputs: FewShotTrialInputs, feat_dim: int,
-               ckpt_root: Path, storage_path: Path, device: str = "cpu", max_failures: int = 2,
-               progress: Callable[[float], None] | None = None,
-               tracking: TrialTracking | None = None) -> list[FewShotTrial]:
+def run_trials(
+    base: FewShotTrainParams,
+    sweep: Mapping[str, Sequence],
+    inputs: FewShotTrialInputs,
+    feat_dim: int,
+    ckpt_root: Path,
+    storage_path: Path,
+    device: str = "cpu",
+    max_failures: int = 2,
+    progress: Callable[[float], None] | None = None,
+    tracking: TrialTracking | None = None,
+) -> list[FewShotTrial]:
     """One trial per point of ``sweep`` in parallel (``ssr_tasks.ray_grid.run_grid``); their
     results, in the sweep's order."""
-    done = run_grid(fewshot_trial, base, sweep, name="fewshot-ssr", inputs=inputs, ckpt_root=ckpt_root,
-                    storage_path=storage_path, device=device, max_failures=max_failures, progress=progress,
-                    tracking=tracking)
+    done = run_grid(
+        fewshot_trial,
+        base,
+        sweep,
+        name="fewshot-ssr",
+        inputs=inputs,
+        ckpt_root=ckpt_root,
+        storage_path=storage_path,
+        device=device,
+        max_failures=max_failures,
+        progress=progress,
+        tracking=tracking,
+    )
     return [FewShotTrial.from_summary(r.config, r.label, feat_dim, r.summary) for r in done]
 
 
@@ -94,7 +122,9 @@ def evaluate_with_pool(
 
     use_gpu = device == "cuda"
     n = min(pool_size(n_actors, use_gpu), max(1, -(-len(episodes) // chunk)))
-    Actor = ray.remote(FewShotEvaluator).options(num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=2, max_task_retries=2)
+    Actor = ray.remote(FewShotEvaluator).options(
+        num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=2, max_task_retries=2
+    )
     actors = [Actor.remote(str(features), split, model, device, 1) for _ in range(n)]
     pool = ActorPool(actors)
     chunks = [episodes.chunk(s, s + chunk) for s in range(0, len(episodes), chunk)]

@@ -1,9 +1,10 @@
 """The few-shot results: table and plots on disk (a Prefect task), then MLflow tracking and
 the registered model (plain code run in the flow, inside its open MLflow run)."""
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from prefect import task
 
@@ -18,7 +19,6 @@ from ssr_tasks.handoffs import Backbone, RegisteredModel
 from ssr_tasks.reporting import ResultsReport
 from ssr_tasks.tracking import Tracker
 
-
 MODEL_DESCRIPTION = (
     "SSR transductive few-shot classifier (backbone + FewShotSSR). mlflow.pyfunc: "
     '{"support": float32 (n_way, n_shot, D), "query": float32 (n, D)} features -> class ids (n,), any n >= 1; '
@@ -27,8 +27,9 @@ MODEL_DESCRIPTION = (
 
 
 @task(name="report-fewshot")
-def write_report(params: FewShotParams, trials: FewShotTrials, krecip: KReciprocal, shots: Sequence[ShotResult],
-                 out_dir: str) -> ResultsReport:
+def write_report(
+    params: FewShotParams, trials: FewShotTrials, krecip: KReciprocal, shots: Sequence[ShotResult], out_dir: str
+) -> ResultsReport:
     """Results table (the rows of ``params.methods``: Baseline / k-reciprocal / SSR / peers;
     the query balance; per shot count accuracy, ms per episode and the peak MiB of one call
     on E episodes, E in the header) and plots."""
@@ -38,10 +39,14 @@ def write_report(params: FewShotParams, trials: FewShotTrials, krecip: KReciproc
     costs = {r.shot: {c.key: (c.ms_per_episode, c.peak_mib_per_episode) for c in r.cost} for r in shots}
     ev = params.evaluation
     cost_episodes = min(EPISODES_PER_CALL, ev.n_test_episodes)  # the episodes of one evaluation call
-    rows = reporting.fewshot_rows(per_shot, krecip.label, best_steps, ev.methods, costs, ev.query_balance,
-                                  cost_episodes=cost_episodes)
-    columns = ["method", "queries"] + [col for s in ev.eval_shots for col in (
-        f"{s}-shot acc (%)", f"{s}-shot ms/episode", reporting.peak_column(s, cost_episodes))]
+    rows = reporting.fewshot_rows(
+        per_shot, krecip.label, best_steps, ev.methods, costs, ev.query_balance, cost_episodes=cost_episodes
+    )
+    columns = ["method", "queries"] + [
+        col
+        for s in ev.eval_shots
+        for col in (f"{s}-shot acc (%)", f"{s}-shot ms/episode", reporting.peak_column(s, cost_episodes))
+    ]
     points = []
     for name in ev.methods:
         label, key, cost_key = reporting.fewshot_method_row(name, krecip.label, best_steps)
@@ -50,20 +55,35 @@ def write_report(params: FewShotParams, trials: FewShotTrials, krecip: KReciproc
         "accuracy_by_step.png": reporting.plot_accuracy_by_step(per_shot, best_steps),
         "training_curves.png": reporting.plot_training_curves(trials.trials),
         "accuracy_vs_cost.png": reporting.plot_accuracy_vs_cost(
-            points, f"{params.data.dataset}, {params.backbone.name}, {params.train.n_way}-way, queries "
-                    f"{reporting.queries_label(ev.query_balance)}"),
+            points,
+            f"{params.data.dataset}, {params.backbone.name}, {params.train.n_way}-way, queries "
+            f"{reporting.queries_label(ev.query_balance)}",
+        ),
     }
     notes = []
     if len({t.config.n_shot for t in trials.trials}) > 1:  # a sweep over n_shot: say which model each column used
         used = {s: trained_for(trials, s, base_shot) for s in ev.eval_shots}
-        notes.append("SSR per column: " + "; ".join(f"{s}-shot: trained at {t.config.n_shot} shots ({t.label}, "
-                                                      f"steps={t.best_steps})" for s, t in used.items()) + ".")
+        notes.append(
+            "SSR per column: "
+            + "; ".join(
+                f"{s}-shot: trained at {t.config.n_shot} shots ({t.label}, steps={t.best_steps})"
+                for s, t in used.items()
+            )
+            + "."
+        )
     return reporting.write_report(rows, columns, figures, Path(out_dir), notes)
 
 
-def log_and_register(tracker: Tracker, params: FewShotParams, trials: FewShotTrials, krecip: KReciprocal,
-                     shots: Sequence[ShotResult], report: ResultsReport, backbone: Backbone | None,
-                     tags: Mapping[str, str]) -> RegisteredModel:
+def log_and_register(
+    tracker: Tracker,
+    params: FewShotParams,
+    trials: FewShotTrials,
+    krecip: KReciprocal,
+    shots: Sequence[ShotResult],
+    report: ResultsReport,
+    backbone: Backbone | None,
+    tags: Mapping[str, str],
+) -> RegisteredModel:
     """Into the open parent run: a nested run per trial, metrics, table, plots, and the
     registered model (SSR + backbone), aliased ``champion`` when it wins on validation."""
     for trial in trials.trials:
@@ -73,13 +93,21 @@ def log_and_register(tracker: Tracker, params: FewShotParams, trials: FewShotTri
             offset = 0
             for stage in trial.stages if not live else ():  # a live run has its curves already
                 for h in stage.history:
-                    tracker.log_metrics({"val_acc": 100 * h.val_acc, "loss": h.loss, "steps": stage.steps},
-                                        step=offset + h.iteration)
+                    tracker.log_metrics(
+                        {"val_acc": 100 * h.val_acc, "loss": h.loss, "steps": stage.steps}, step=offset + h.iteration
+                    )
                 offset += stage.history[-1].iteration if stage.history else 0
             tracker.log_metrics({"best_val_acc": 100 * trial.best_val, "best_steps": trial.best_steps})
-    best = trained_for(trials, params.train.n_shot, params.train.n_shot)  # registered: the model of the train group's shots
-    metrics = {"best_val_acc": 100 * best.best_val, "best_steps": best.best_steps,
-               "krecip_k1": krecip.k1, "krecip_k2": krecip.k2, "krecip_lambda": krecip.lam}
+    best = trained_for(
+        trials, params.train.n_shot, params.train.n_shot
+    )  # registered: the model of the train group's shots
+    metrics = {
+        "best_val_acc": 100 * best.best_val,
+        "best_steps": best.best_steps,
+        "krecip_k1": krecip.k1,
+        "krecip_k2": krecip.k2,
+        "krecip_lambda": krecip.lam,
+    }
     for res in shots:
         for key, accs in res.accuracies().items():
             mean, ci = accuracy_ci95(accs)
@@ -99,10 +127,16 @@ def log_and_register(tracker: Tracker, params: FewShotParams, trials: FewShotTri
     net = load_backbone(backbone.name, backbone.spec, Path(backbone.path)).cpu().eval() if backbone else None
     model = FewShotClassifier(best.model.build(), net)
     reg = tracker.log_and_register(
-        model, params.model_name,
-        tags={"dataset": params.data.dataset, "backbone": params.backbone.name if backbone else "none",
-              "steps": str(best.best_steps), "feat_dim": str(best.feat_dim), "n_shot": str(best.config.n_shot),
-              "val_metric_name": "val_acc_1shot"},
+        model,
+        params.model_name,
+        tags={
+            "dataset": params.data.dataset,
+            "backbone": params.backbone.name if backbone else "none",
+            "steps": str(best.best_steps),
+            "feat_dim": str(best.feat_dim),
+            "n_shot": str(best.config.n_shot),
+            "val_metric_name": "val_acc_1shot",
+        },
         val_metric=100 * best.best_val,
         description=f"{params.data.dataset}, {params.backbone.name}: test accuracy (%, 95% CI)\n\n{report.markdown}",
         model_description=MODEL_DESCRIPTION,

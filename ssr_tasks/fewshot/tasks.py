@@ -2,6 +2,7 @@
 
 Each returns a typed hand-off (``ssr_tasks.fewshot.handoffs``) of file paths and scalars.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -10,28 +11,54 @@ from pathlib import Path
 import numpy as np
 from prefect import get_run_logger, task
 
-from ssr_tasks.backbone import extract_features as extract_features_to
-from ssr_tasks.backbone import encode_spec, load_backbone, spec_name
-from ssr_tasks.config import (Device, EpisodeShape, FewShotBackboneParams, FewShotBaselineParams, FewShotDataParams,
-                              FewShotEvalParams, FewShotTrainParams, Sweep, sweep_points)
-from ssr_tasks.device import cluster_device, local_device
 from ssr_model.baselines import PEER_METHODS
-from ssr_tasks.fewshot.episodes import (EpisodeIndices, fixed_episodes, load_split, repeated_query_fraction, sample_dirichlet_episodes,
-                                        sample_episodes)
+from ssr_tasks.backbone import encode_spec, load_backbone, spec_name
+from ssr_tasks.backbone import extract_features as extract_features_to
+from ssr_tasks.config import (
+    Device,
+    EpisodeShape,
+    FewShotBackboneParams,
+    FewShotBaselineParams,
+    FewShotDataParams,
+    FewShotEvalParams,
+    FewShotTrainParams,
+    Sweep,
+    sweep_points,
+)
+from ssr_tasks.device import cluster_device, local_device
+from ssr_tasks.fewshot.episodes import (
+    EpisodeIndices,
+    fixed_episodes,
+    load_split,
+    repeated_query_fraction,
+    sample_dirichlet_episodes,
+    sample_episodes,
+)
 from ssr_tasks.fewshot.evaluate import krecip_key
-from ssr_tasks.fewshot.handoffs import (FewShotData, FewShotModel, FewShotTrial, FewShotTrials, KReciprocal, MethodCostRow,
-                                        ReleasedModel, ShotResult, TrainingFeatures, ValidationEpisodes, peer_key)
+from ssr_tasks.fewshot.handoffs import (
+    FewShotData,
+    FewShotModel,
+    FewShotTrial,
+    FewShotTrials,
+    KReciprocal,
+    MethodCostRow,
+    ReleasedModel,
+    ShotResult,
+    TrainingFeatures,
+    ValidationEpisodes,
+    peer_key,
+)
 from ssr_tasks.fewshot.ray_jobs import FewShotTrialInputs, evaluate_with_pool, run_trials
 from ssr_tasks.fewshot.released import unpack_released
 from ssr_tasks.fewshot.train_features import TrainAugment, extract_views
-from ssr_tasks.handoffs import Backbone, Features, TrialTracking, Trials
+from ssr_tasks.handoffs import Backbone, Features, Trials, TrialTracking
 from ssr_tasks.taskkit import CACHE, Progress, retry_transient, short_hash
-from storage.features import read_metadata
 from storage.checkpoints import file_sha256
+from storage.features import read_metadata
 from storage.fewshot import data_identity, find_val_episodes
+from storage.glyphs import prepare_glyphs
 from storage.image_folder import image_folder_spec, list_image_folder
 from storage.own_data import check_usable, import_fewshot_table, usable_classes
-from storage.glyphs import prepare_glyphs
 
 
 @task(name="prepare-data", cache_policy=CACHE, persist_result=True, retries=1, retry_condition_fn=retry_transient)
@@ -53,8 +80,12 @@ def prepare_data(data: FewShotDataParams, episode: EpisodeShape, run_dir: str) -
         if val_json is None:
             val_json = find_val_episodes(root, episode.n_way, episode.n_shot, episode.n_query)
             if val_json is not None:
-                logger.info("validation: %s holds the authors' fixed episodes; validating on %s (set "
-                            "val_episodes_json to use others)", root.name, val_json.name)
+                logger.info(
+                    "validation: %s holds the authors' fixed episodes; validating on %s (set "
+                    "val_episodes_json to use others)",
+                    root.name,
+                    val_json.name,
+                )
     for split, idx in list_image_folder(root).items():
         logger.info("data: %s/%s has %d classes, %d images", root.name, split, len(idx.classes), len(idx.paths))
     return FewShotData(str(root), str(val_json) if val_json and val_json.exists() else None)
@@ -68,11 +99,17 @@ def image_spec(data_params: FewShotDataParams, data: FewShotData, work_dir: str)
     entry = data_params.entry
     if entry.spec is not None:
         return entry.spec
-    spec = image_folder_spec(data.root, data_params.image_size, data_params.normalization,
-                             cache_dir=Path(work_dir) / "image-stats")
-    get_run_logger().info("images: resized to %dx%d, normalised with mean %s and std %s (%s)", spec.image_size,
-                          spec.image_size, [round(m, 4) for m in spec.mean], [round(s, 4) for s in spec.std],
-                          data_params.normalization)
+    spec = image_folder_spec(
+        data.root, data_params.image_size, data_params.normalization, cache_dir=Path(work_dir) / "image-stats"
+    )
+    get_run_logger().info(
+        "images: resized to %dx%d, normalised with mean %s and std %s (%s)",
+        spec.image_size,
+        spec.image_size,
+        [round(m, 4) for m in spec.mean],
+        [round(s, 4) for s in spec.std],
+        data_params.normalization,
+    )
     return encode_spec(spec)
 
 
@@ -82,8 +119,12 @@ def import_features(data_params: FewShotDataParams, run_dir: str) -> Features:
     under ``<run_dir>/data/features``: no backbone; its train split trains SSR, val
     chooses, test scores."""
     imported = import_fewshot_table(data_params.data_root, Path(run_dir) / "data" / "features")
-    get_run_logger().info("features: %s, D=%d, %s", imported.path.name, imported.dim,
-                          ", ".join(f"{n} {s}" for s, n in imported.counts.items()))
+    get_run_logger().info(
+        "features: %s, D=%d, %s",
+        imported.path.name,
+        imported.dim,
+        ", ".join(f"{n} {s}" for s, n in imported.counts.items()),
+    )
     return Features(str(imported.path), imported.dim)
 
 
@@ -92,8 +133,11 @@ def check_classes(features: Features, episode: EpisodeShape, eval_shots: list[in
     """Classes too small to fill an episode are left out of their split's episodes: one
     warning per split names them and their counts; a split with fewer than n_way usable
     classes is refused. Returns (split, classes left out) for the MLflow run."""
-    need = {"train": episode.n_shot + episode.n_query, "val": episode.n_shot + episode.n_query,
-            "test": max(eval_shots) + episode.n_query}
+    need = {
+        "train": episode.n_shot + episode.n_query,
+        "val": episode.n_shot + episode.n_query,
+        "test": max(eval_shots) + episode.n_query,
+    }
     left = []
     for split, min_count in need.items():
         table = load_split(Path(features.path), split)
@@ -101,22 +145,34 @@ def check_classes(features: Features, episode: EpisodeShape, eval_shots: list[in
         check_usable(split, labels, episode.n_way, min_count, features.path)
         _, left_out = usable_classes(labels, min_count)
         if left_out:
-            get_run_logger().warning("data: split %s: %d class(es) have fewer than %d items and are left out of its "
-                                     "episodes: %s", split, len(left_out), min_count,
-                                     ", ".join(f"{c} ({n})" for c, n in sorted(left_out.items())))
+            get_run_logger().warning(
+                "data: split %s: %d class(es) have fewer than %d items and are left out of its episodes: %s",
+                split,
+                len(left_out),
+                min_count,
+                ", ".join(f"{c} ({n})" for c, n in sorted(left_out.items())),
+            )
         left.append((split, len(left_out)))
     return tuple(left)
 
 
 @task(name="released-model", cache_policy=CACHE, persist_result=True)
-def released_model(backbone: FewShotBackboneParams, dataset: str, episode: EpisodeShape, work_dir: str) -> ReleasedModel:
+def released_model(
+    backbone: FewShotBackboneParams, dataset: str, episode: EpisodeShape, work_dir: str
+) -> ReleasedModel:
     """The authors' netSSRBest.pth (``released_checkpoint``) checked and unpacked: backbone
     and SSR weights; no pretraining and no training follow. The files are named after the
     checkpoint's content (``unpack_released``)."""
-    released = unpack_released(backbone.released_checkpoint, backbone.name, spec_name(dataset), episode.n_way,
-                               episode.n_query, Path(work_dir))
-    get_run_logger().info("released model %s: %s backbone, SSR with %d steps, hidden %d; skipping pretraining and "
-                          "training", released.source, backbone.name, released.steps, released.hidden)
+    released = unpack_released(
+        backbone.released_checkpoint, backbone.name, spec_name(dataset), episode.n_way, episode.n_query, Path(work_dir)
+    )
+    get_run_logger().info(
+        "released model %s: %s backbone, SSR with %d steps, hidden %d; skipping pretraining and training",
+        released.source,
+        backbone.name,
+        released.steps,
+        released.hidden,
+    )
     return released
 
 
@@ -127,17 +183,28 @@ def extract_features(data: FewShotData, backbone: Backbone, work_dir: str, devic
     splits = ("train", "val", "test")
     out = Path(work_dir) / f"features-{short_hash([backbone.path, data_identity(data.root), splits])}.parquet"
     get_run_logger().info("features: extracting %s into %s", ", ".join(splits), out.name)
-    path = extract_features_to(Path(data.root), backbone.spec, backbone.name, Path(backbone.path), out,
-                               splits=splits, device=local_device(device))
+    path = extract_features_to(
+        Path(data.root),
+        backbone.spec,
+        backbone.name,
+        Path(backbone.path),
+        out,
+        splits=splits,
+        device=local_device(device),
+    )
     return Features(str(path), int(read_metadata(path)["dim"]))
 
 
 @task(name="validation-episodes", cache_policy=CACHE, persist_result=True)
-def validation_episodes(n_val_episodes: int, episode: EpisodeShape, seed: int, features: Features, data: FewShotData,
-                        work_dir: str) -> ValidationEpisodes:
+def validation_episodes(
+    n_val_episodes: int, episode: EpisodeShape, seed: int, features: Features, data: FewShotData, work_dir: str
+) -> ValidationEpisodes:
     """Fixed validation episodes as index arrays (.npz): the SIB JSON when present, else seeded;
     reused when the file for the same features, source and shape exists."""
-    out = Path(work_dir) / f"val-episodes-{short_hash([features.path, data.val_episodes_json, n_val_episodes, asdict(episode), seed])}.npz"
+    out = (
+        Path(work_dir)
+        / f"val-episodes-{short_hash([features.path, data.val_episodes_json, n_val_episodes, asdict(episode), seed])}.npz"
+    )
     if out.exists():
         eps = EpisodeIndices.load(out)
         get_run_logger().info("validation: reusing %d %d-way episodes (%s)", len(eps), episode.n_way, out.name)
@@ -153,23 +220,34 @@ def validation_episodes(n_val_episodes: int, episode: EpisodeShape, seed: int, f
 
 
 @task(name="training-features", cache_policy=CACHE, persist_result=True, retries=1, retry_condition_fn=retry_transient)
-def training_features(train_augment: str, seed: int, data: FewShotData, backbone: Backbone, work_dir: str,
-                      device: Device = "auto") -> TrainingFeatures:
+def training_features(
+    train_augment: str, seed: int, data: FewShotData, backbone: Backbone, work_dir: str, device: Device = "auto"
+) -> TrainingFeatures:
     """Where training episodes take their features (``train_augment``); for ``views:N`` the
     N augmented views of every training image are extracted here, once."""
     augment = TrainAugment.parse(train_augment)
     views = None
     if augment.mode == "views":
         out = Path(work_dir) / f"views-{short_hash([backbone.path, data.root, augment.n_views, seed])}.parquet"
-        get_run_logger().info("training features: %d augmented views of every training image into %s",
-                              augment.n_views, out.name)
+        get_run_logger().info(
+            "training features: %d augmented views of every training image into %s", augment.n_views, out.name
+        )
         net = load_backbone(backbone.name, backbone.spec, Path(backbone.path))
-        meta = {"dataset": backbone.spec, "backbone": backbone.name, "checkpoint_hash": file_sha256(Path(backbone.path))}
-        views = str(extract_views(Path(data.root), backbone.spec, net, augment.n_views, out, meta, seed=seed,
-                                  device=local_device(device)))
+        meta = {
+            "dataset": backbone.spec,
+            "backbone": backbone.name,
+            "checkpoint_hash": file_sha256(Path(backbone.path)),
+        }
+        views = str(
+            extract_views(
+                Path(data.root), backbone.spec, net, augment.n_views, out, meta, seed=seed, device=local_device(device)
+            )
+        )
     elif augment.mode == "online":
-        get_run_logger().info("training features: online, the training augmentation of %s through the frozen backbone "
-                              "every episode", backbone.spec)
+        get_run_logger().info(
+            "training features: online, the training augmentation of %s through the frozen backbone every episode",
+            backbone.spec,
+        )
     return TrainingFeatures(augment.mode, data.root, backbone, views)
 
 
@@ -182,8 +260,9 @@ def scaled_sweep(sweep: Sweep, features: Features) -> Sweep:
     train = load_split(Path(features.path), "train")
     sq_norm = float(np.mean(np.sum(train.embeddings.astype(np.float64) ** 2, axis=1)))
     scaled = [float(f"{v * sq_norm:.3g}") for v in sweep.get("lr_dni", [])]
-    get_run_logger().info("settings from the data: mean squared feature norm %.4g; lr_dni %s -> %s", sq_norm,
-                          sweep.get("lr_dni"), scaled)
+    get_run_logger().info(
+        "settings from the data: mean squared feature norm %.4g; lr_dni %s -> %s", sq_norm, sweep.get("lr_dni"), scaled
+    )
     return {**sweep, "lr_dni": scaled} if scaled else dict(sweep)
 
 
@@ -193,48 +272,111 @@ def training_shots(train: FewShotTrainParams, sweep: Sweep) -> list[int]:
 
 
 @task(name="train-ssr", retries=1, retry_condition_fn=retry_transient, retry_delay_seconds=5)
-def train_ssr(train: FewShotTrainParams, sweep: Sweep, features: Features, val: ValidationEpisodes, work_dir: str,
-              training: TrainingFeatures | None = None, tracking: TrialTracking | None = None,
-              device: Device = "auto", val_by_shot: tuple[tuple[int, ValidationEpisodes], ...] = ()) -> FewShotTrials:
+def train_ssr(
+    train: FewShotTrainParams,
+    sweep: Sweep,
+    features: Features,
+    val: ValidationEpisodes,
+    work_dir: str,
+    training: TrainingFeatures | None = None,
+    tracking: TrialTracking | None = None,
+    device: Device = "auto",
+    val_by_shot: tuple[tuple[int, ValidationEpisodes], ...] = (),
+) -> FewShotTrials:
     """Ray Tune grid over the points of ``sweep``; each trial runs the steps curriculum and checkpoints.
 
     training: where episodes take their features (``training_features``); None: the features table.
     tracking: each trial logs to its nested MLflow run while it trains.
     val_by_shot: validation episodes per shot count, for a sweep over n_shot (default: ``val``).
     """
-    inputs = FewShotTrialInputs(features.path, val.path, training if training and training.mode != "none" else None,
-                                tuple((shot, v.path) for shot, v in val_by_shot))
+    inputs = FewShotTrialInputs(
+        features.path,
+        val.path,
+        training if training and training.mode != "none" else None,
+        tuple((shot, v.path) for shot, v in val_by_shot),
+    )
     # a trial's folder is named after its point; this one after everything else it depends on
     root = Path(work_dir) / f"ssr-{short_hash([train.model_dump(), asdict(inputs)])}"
     points = sweep_points(sweep)
-    get_run_logger().info("SSR: training %d trial(s) over %s, steps 1..%d, train_augment %s, checkpoints in %s",
-                          len(points), dict(sweep) or "no sweep", train.max_steps, train.train_augment, root)
+    get_run_logger().info(
+        "SSR: training %d trial(s) over %s, steps 1..%d, train_augment %s, checkpoints in %s",
+        len(points),
+        dict(sweep) or "no sweep",
+        train.max_steps,
+        train.train_augment,
+        root,
+    )
     progress = Progress(f"train-{short_hash([features.path, str(root)])}", "SSR training (all trials)")
-    trials = Trials(tuple(run_trials(train, sweep, inputs, features.dim, root / "trials", Path(work_dir) / "ray_results",
-                                     device=cluster_device(device), progress=progress, tracking=tracking)))
+    trials = Trials(
+        tuple(
+            run_trials(
+                train,
+                sweep,
+                inputs,
+                features.dim,
+                root / "trials",
+                Path(work_dir) / "ray_results",
+                device=cluster_device(device),
+                progress=progress,
+                tracking=tracking,
+            )
+        )
+    )
     best = trials.best
-    get_run_logger().info("SSR: best trial %s steps=%d val acc %.2f%%", best.label, best.best_steps, 100 * best.best_val)
+    get_run_logger().info(
+        "SSR: best trial %s steps=%d val acc %.2f%%", best.label, best.best_steps, 100 * best.best_val
+    )
     return trials
 
 
 @task(name="choose-k-reciprocal", cache_policy=CACHE, persist_result=True)
-def choose_krecip(baselines: FewShotBaselineParams, features: Features, val: ValidationEpisodes,
-                  n_actors: int = 0, device: Device = "auto") -> KReciprocal:
+def choose_krecip(
+    baselines: FewShotBaselineParams,
+    features: Features,
+    val: ValidationEpisodes,
+    n_actors: int = 0,
+    device: Device = "auto",
+) -> KReciprocal:
     """The k-reciprocal grid evaluated on validation episodes only; returns the best setting."""
-    grid = [KReciprocal(k1, k2, lam) for k1 in baselines.krecip_k1 for k2 in baselines.krecip_k2
-            for lam in baselines.krecip_lambda]
-    res = evaluate_with_pool(Path(features.path), "val", val.load(), None, krecip=grid, with_ssr=False,
-                             n_actors=n_actors, device=cluster_device(device))
+    grid = [
+        KReciprocal(k1, k2, lam)
+        for k1 in baselines.krecip_k1
+        for k2 in baselines.krecip_k2
+        for lam in baselines.krecip_lambda
+    ]
+    res = evaluate_with_pool(
+        Path(features.path),
+        "val",
+        val.load(),
+        None,
+        krecip=grid,
+        with_ssr=False,
+        n_actors=n_actors,
+        device=cluster_device(device),
+    )
     scores = {g: float(res.krecip[g].mean()) for g in grid}
     best = max(grid, key=scores.__getitem__)
-    get_run_logger().info("k-reciprocal: best on validation k1=%d k2=%d lambda=%.1f (%.2f%%)",
-                          best.k1, best.k2, best.lam, 100 * scores[best])
+    get_run_logger().info(
+        "k-reciprocal: best on validation k1=%d k2=%d lambda=%.1f (%.2f%%)",
+        best.k1,
+        best.k2,
+        best.lam,
+        100 * scores[best],
+    )
     return best
 
 
 @task(name="evaluate-fewshot", retries=1, retry_condition_fn=retry_transient)
-def evaluate(evaluation: FewShotEvalParams, episode: EpisodeShape, seed: int, features: Features, model: FewShotModel,
-             krecip: KReciprocal, shot: int, device: Device = "auto") -> ShotResult:
+def evaluate(
+    evaluation: FewShotEvalParams,
+    episode: EpisodeShape,
+    seed: int,
+    features: Features,
+    model: FewShotModel,
+    krecip: KReciprocal,
+    shot: int,
+    device: Device = "auto",
+) -> ShotResult:
     """Test episodes of the novel classes scored by Ray actors; per-episode accuracies and costs.
 
     Baseline, k-reciprocal and SSR are always scored; the peers of ``evaluation.methods`` on the
@@ -247,34 +389,75 @@ def evaluate(evaluation: FewShotEvalParams, episode: EpisodeShape, seed: int, fe
     if alpha is None:
         eps = sample_episodes(test, evaluation.n_test_episodes, n_way, shot, n_query, seed=seed)
     else:
-        eps = sample_dirichlet_episodes(test, evaluation.n_test_episodes, n_way, shot, n_way * n_query, alpha, seed=seed)
+        eps = sample_dirichlet_episodes(
+            test, evaluation.n_test_episodes, n_way, shot, n_way * n_query, alpha, seed=seed
+        )
     repeated = repeated_query_fraction(eps)
     peers = [m for m in evaluation.methods if m in PEER_METHODS]
-    progress = Progress(f"eval-{shot}shot-{short_hash([features.path, model.weights, peers, evaluation.query_balance])}",
-                        f"Evaluation, {shot}-shot episodes")
-    get_run_logger().info("evaluation: %d test episodes, %d-way %d-shot, queries %s%s, peers: %s", len(eps), n_way,
-                          shot, evaluation.query_balance, f" ({100 * repeated:.1f}% repeated)" if repeated else "",
-                          ", ".join(peers) or "none")
-    res = evaluate_with_pool(Path(features.path), "test", eps, model, krecip=[krecip], n_actors=evaluation.n_eval_actors,
-                             device=cluster_device(device), progress=progress, peers=peers)
+    progress = Progress(
+        f"eval-{shot}shot-{short_hash([features.path, model.weights, peers, evaluation.query_balance])}",
+        f"Evaluation, {shot}-shot episodes",
+    )
+    get_run_logger().info(
+        "evaluation: %d test episodes, %d-way %d-shot, queries %s%s, peers: %s",
+        len(eps),
+        n_way,
+        shot,
+        evaluation.query_balance,
+        f" ({100 * repeated:.1f}% repeated)" if repeated else "",
+        ", ".join(peers) or "none",
+    )
+    res = evaluate_with_pool(
+        Path(features.path),
+        "test",
+        eps,
+        model,
+        krecip=[krecip],
+        n_actors=evaluation.n_eval_actors,
+        device=cluster_device(device),
+        progress=progress,
+        peers=peers,
+    )
     keys = {"baseline": "baseline", krecip_key(krecip): "krecip", "ssr": "ssr", **{p: peer_key(p) for p in peers}}
-    cost = tuple(MethodCostRow(keys[k], c.ms_per_episode, c.peak_mib_per_episode, c.cpu_ms_per_episode)
-                 for k, c in res.cost.items())
-    return ShotResult(shot, tuple(res.baseline.tolist()), tuple(res.krecip[krecip].tolist()),
-                      tuple(tuple(a.tolist()) for a in res.ssr_by_step),
-                      tuple((p, tuple(res.peers[p].tolist())) for p in peers), cost, evaluation.query_balance, repeated)
+    cost = tuple(
+        MethodCostRow(keys[k], c.ms_per_episode, c.peak_mib_per_episode, c.cpu_ms_per_episode)
+        for k, c in res.cost.items()
+    )
+    return ShotResult(
+        shot,
+        tuple(res.baseline.tolist()),
+        tuple(res.krecip[krecip].tolist()),
+        tuple(tuple(a.tolist()) for a in res.ssr_by_step),
+        tuple((p, tuple(res.peers[p].tolist())) for p in peers),
+        cost,
+        evaluation.query_balance,
+        repeated,
+    )
 
 
 @task(name="validate-released", cache_policy=CACHE, persist_result=True)
-def released_trials(train: FewShotTrainParams, features: Features, val: ValidationEpisodes, released: ReleasedModel,
-                    n_actors: int = 0, device: Device = "auto") -> FewShotTrials:
+def released_trials(
+    train: FewShotTrainParams,
+    features: Features,
+    val: ValidationEpisodes,
+    released: ReleasedModel,
+    n_actors: int = 0,
+    device: Device = "auto",
+) -> FewShotTrials:
     """The released model as the only "trial", run with ``train`` (the sweep's first point):
     its accuracy on the validation episodes is its score (the registry's champion rule
     compares it like a trained one)."""
     model = released.model(train, features.dim)
-    res = evaluate_with_pool(Path(features.path), "val", val.load(), model, n_actors=n_actors,
-                             device=cluster_device(device))
+    res = evaluate_with_pool(
+        Path(features.path), "val", val.load(), model, n_actors=n_actors, device=cluster_device(device)
+    )
     best_val = float(res.ssr_by_step[-1].mean())
-    get_run_logger().info("released model, run with lr_dni=%g: validation acc %.2f%% (baseline %.2f%%)",
-                          model.config.lr_dni, 100 * best_val, 100 * float(res.baseline.mean()))
-    return Trials((FewShotTrial(model.config, "released", features.dim, (), released.steps, best_val, released.ssr_path),))
+    get_run_logger().info(
+        "released model, run with lr_dni=%g: validation acc %.2f%% (baseline %.2f%%)",
+        model.config.lr_dni,
+        100 * best_val,
+        100 * float(res.baseline.mean()),
+    )
+    return Trials(
+        (FewShotTrial(model.config, "released", features.dim, (), released.steps, best_val, released.ssr_path),)
+    )

@@ -5,12 +5,13 @@ steps=1 best model, ... up to ``max_steps``. Each stage checkpoints every valida
 interrupted trial resumes exactly where it stopped (model, optimiser and RNG state), and
 a finished stage is skipped on rerun.
 """
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -68,7 +69,9 @@ def train_stage(
     model = cfg.build(val.dim, steps).to(device)
     if init_state is not None:
         model.load_state_dict(init_state)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+    )
     episode_seed = cfg.seed * 1000 + steps
     ckpt = TrainingCheckpoint(stage_dir / "last.pt", model=model, optim=opt)
     state = ckpt.restore()
@@ -81,8 +84,9 @@ def train_stage(
             group["lr"] = lr * (0.1 if decay_at is not None and it >= decay_at else 1.0)
         model.train()
         # Episodes are a pure function of (seed, iteration): resume reproduces them exactly.
-        batch = sample_episodes(train.split, cfg.batch_episodes, cfg.n_way, cfg.n_shot, cfg.n_query,
-                                seed=episode_seed * 10_000_000 + it)
+        batch = sample_episodes(
+            train.split, cfg.batch_episodes, cfg.n_way, cfg.n_shot, cfg.n_query, seed=episode_seed * 10_000_000 + it
+        )
         support, query, labels = train.gather(batch, episode_seed * 10_000_000 + it, device)
         loss = fewshot_cross_entropy(model(support, query), labels)
         opt.zero_grad(set_to_none=True)
@@ -98,16 +102,29 @@ def train_stage(
                 save_checkpoint(stage_dir / "best.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})
             state.done = it + 1
             ckpt.save(state)
-            log.info("steps=%d iteration %d/%d loss %.4f val acc %.2f%% (best %.2f%%)",
-                     steps, it + 1, iterations, loss.item(), 100 * val_acc, 100 * state.best)
+            log.info(
+                "steps=%d iteration %d/%d loss %.4f val acc %.2f%% (best %.2f%%)",
+                steps,
+                it + 1,
+                iterations,
+                loss.item(),
+                100 * val_acc,
+                100 * state.best,
+            )
             if report is not None:
                 report({**row, "best_val_acc": state.best})
             if stalled(state.history, "val_acc", cfg.patience):
-                log.info("steps=%d: no new best validation accuracy for %d validations; stage stops at iteration %d",
-                         steps, cfg.patience, it + 1)
+                log.info(
+                    "steps=%d: no new best validation accuracy for %d validations; stage stops at iteration %d",
+                    steps,
+                    cfg.patience,
+                    it + 1,
+                )
                 break
-    summary = mark_finished(done, {"steps": steps, "best_val": state.best, "best_path": str(stage_dir / "best.pt"),
-                                   "history": state.history})
+    summary = mark_finished(
+        done,
+        {"steps": steps, "best_val": state.best, "best_path": str(stage_dir / "best.pt"), "history": state.history},
+    )
     ckpt.remove()  # a finished stage keeps its best weights only (Tune checkpoints copy the folder)
     return summary
 

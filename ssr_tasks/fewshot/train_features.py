@@ -11,6 +11,7 @@ Every source gives the same tensors as ``episodes.gather`` (support (E, n_way, n
 query (E, n_way * n_query, D), labels) and is a pure function of (episodes, iteration), so
 a resumed training run sees the same episodes.
 """
+
 from __future__ import annotations
 
 import re
@@ -37,7 +38,7 @@ class TrainAugment:
     n_views: int = 0
 
     @classmethod
-    def parse(cls, text: str) -> "TrainAugment":
+    def parse(cls, text: str) -> TrainAugment:
         if not re.match(AUGMENT_PATTERN, text):
             raise ValueError(f"train_augment: expected none, online or views:N (N >= 1), got {text!r}")
         if text.startswith("views:"):
@@ -50,7 +51,9 @@ class EpisodeFeatures(Protocol):
 
     split: SplitFeatures
 
-    def gather(self, episodes: EpisodeIndices, iteration: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def gather(
+        self, episodes: EpisodeIndices, iteration: int, device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -113,8 +116,17 @@ class OnlineFeatures:
 
 
 @torch.no_grad()
-def extract_views(data_root: Path, dataset: str, net: torch.nn.Module, n_views: int, out_path: Path,
-                  metadata: dict[str, str], seed: int = 0, device="cpu", batch_size: int = 256) -> Path:
+def extract_views(
+    data_root: Path,
+    dataset: str,
+    net: torch.nn.Module,
+    n_views: int,
+    out_path: Path,
+    metadata: dict[str, str],
+    seed: int = 0,
+    device="cpu",
+    batch_size: int = 256,
+) -> Path:
     """``n_views`` features of every training image under the training augmentation, in one
     features table: row id ``view * N + i`` for the i-th image of ``list_split(data_root, "train")``."""
     out_path = Path(out_path)
@@ -127,13 +139,19 @@ def extract_views(data_root: Path, dataset: str, net: torch.nn.Module, n_views: 
     for v in range(n_views):
         rng = np.random.default_rng([seed, 7, v])
         for start in range(0, len(index.paths), batch_size):
-            x = load_images(index, index.paths[start:start + batch_size], spec, rng=rng)
+            x = load_images(index, index.paths[start : start + batch_size], spec, rng=rng)
             embs.append(net(torch.from_numpy(x).to(device)).float().cpu().numpy())
     emb = np.concatenate(embs)
     N = len(index.paths)
-    write_features(out_path, ids=np.arange(n_views * N, dtype=np.int64),
-                   labels=[index.classes[c] for c in index.labels] * n_views, splits="train", embeddings=emb,
-                   paths=list(index.paths) * n_views, metadata={**metadata, "views": str(n_views)})
+    write_features(
+        out_path,
+        ids=np.arange(n_views * N, dtype=np.int64),
+        labels=[index.classes[c] for c in index.labels] * n_views,
+        splits="train",
+        embeddings=emb,
+        paths=list(index.paths) * n_views,
+        metadata={**metadata, "views": str(n_views)},
+    )
     return out_path
 
 
@@ -143,17 +161,26 @@ def read_views(path: Path, split: SplitFeatures) -> np.ndarray:
     N = len(split.labels)
     order = np.argsort(table.ids)
     if len(table.ids) % N or not np.array_equal(table.ids[order], np.arange(len(table.ids))):
-        raise ValueError(f"{path}: expected ids 0..V*{N}-1 (view * {N} + row of the train split), "
-                         f"got {len(table.ids)} rows")
+        raise ValueError(
+            f"{path}: expected ids 0..V*{N}-1 (view * {N} + row of the train split), got {len(table.ids)} rows"
+        )
     paths = [table.paths[i] for i in order[:N]] if table.paths is not None else None
     if split.paths is not None and paths != split.paths:
         raise ValueError(f"{path}: its images are not those of {split.source} (other order or data set)")
     return np.ascontiguousarray(table.embeddings[order].reshape(-1, N, table.dim))
 
 
-def training_source(augment: TrainAugment, train: SplitFeatures, seed: int, *, views_path: str | None = None,
-                    net: torch.nn.Module | None = None, data_root: str | None = None, dataset: str | None = None,
-                    device="cpu") -> EpisodeFeatures:
+def training_source(
+    augment: TrainAugment,
+    train: SplitFeatures,
+    seed: int,
+    *,
+    views_path: str | None = None,
+    net: torch.nn.Module | None = None,
+    data_root: str | None = None,
+    dataset: str | None = None,
+    device="cpu",
+) -> EpisodeFeatures:
     """The source of training-episode features for ``augment`` (see the module docstring)."""
     if augment.mode == "views":
         return ViewFeatures(train, read_views(Path(views_path), train), seed)

@@ -13,11 +13,12 @@ from one top-k search of the union of the shortlists against the database, block
 Queries are few (tens), so their full rankings are held in memory; the re-ranking itself
 goes through Parquet stores and the actor pool like any large job.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -100,8 +101,16 @@ def _distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def krecip_ranking(query: np.ndarray, db: np.ndarray, point: KReciprocalPoint) -> tuple[np.ndarray, np.ndarray]:
     """k-reciprocal ranking of L2-normalised query (Q, D) against db (N, D): (ranks, -distances)."""
-    final = np.asarray(k_reciprocal(_distance(query, db), _distance(query, query), _distance(db, db),
-                                    k1=point.k1, k2=point.k2, lambda_value=point.lambda_value))
+    final = np.asarray(
+        k_reciprocal(
+            _distance(query, db),
+            _distance(query, query),
+            _distance(db, db),
+            k1=point.k1,
+            k2=point.k2,
+            lambda_value=point.lambda_value,
+        )
+    )
     ranks = np.argsort(final, axis=1, kind="stable")
     return ranks, -np.take_along_axis(final, ranks, axis=1)
 
@@ -116,13 +125,17 @@ def _selected(methods: Sequence[str] | None) -> tuple[str, ...]:
         return RETRIEVAL_METHODS
     unknown = [m for m in methods if m not in RETRIEVAL_METHODS]
     if unknown or not methods:
-        raise ValueError(f"methods: unknown method {unknown[0]!r} (known: {', '.join(RETRIEVAL_METHODS)})" if unknown
-                         else "methods: expected at least one retrieval method")
+        raise ValueError(
+            f"methods: unknown method {unknown[0]!r} (known: {', '.join(RETRIEVAL_METHODS)})"
+            if unknown
+            else "methods: expected at least one retrieval method"
+        )
     return tuple(m for m in RETRIEVAL_METHODS if m in methods)
 
 
-def _shortlist_neighbours(names: Sequence[str], db: np.ndarray, ranks: np.ndarray,
-                          points: Mapping[str, Sequence[ShortlistPoint]]) -> CandidateNeighbours | None:
+def _shortlist_neighbours(
+    names: Sequence[str], db: np.ndarray, ranks: np.ndarray, points: Mapping[str, Sequence[ShortlistPoint]]
+) -> CandidateNeighbours | None:
     """One neighbour search serving every named method at every point: the union of the
     longest shortlist of those that need neighbours, against db, block by block."""
     need = [(SHORTLIST_METHODS[m].shortlist, max(SHORTLIST_METHODS[m].neighbours(p) for p in points[m])) for m in names]
@@ -134,16 +147,29 @@ def _shortlist_neighbours(names: Sequence[str], db: np.ndarray, ranks: np.ndarra
     return candidate_neighbours(db, ranks[:, :width], min(N - 1, max(k for _, k in need)))
 
 
-def _full_ranking(ids: np.ndarray, scores: np.ndarray, ranks: np.ndarray, initial_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _full_ranking(
+    ids: np.ndarray, scores: np.ndarray, ranks: np.ndarray, initial_scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(Q, N) ranking: the re-ranked shortlist (Q, W) first, the rest in initial order; the rest's
     scores capped at the shortlist's lowest so that scores never increase along a row."""
     W = ids.shape[1]
-    rest = np.minimum(initial_scores[:, W:], scores.min(axis=1, keepdims=True)) if W < ranks.shape[1] else initial_scores[:, W:]
+    rest = (
+        np.minimum(initial_scores[:, W:], scores.min(axis=1, keepdims=True))
+        if W < ranks.shape[1]
+        else initial_scores[:, W:]
+    )
     return np.concatenate([ids, ranks[:, W:]], axis=1), np.concatenate([scores, rest], axis=1).astype(np.float32)
 
 
-def _shortlist_ranking(name: str, query: np.ndarray, db: np.ndarray, ranks: np.ndarray, scores: np.ndarray,
-                       neighbours: CandidateNeighbours | None, point: ShortlistPoint) -> MethodRanking:
+def _shortlist_ranking(
+    name: str,
+    query: np.ndarray,
+    db: np.ndarray,
+    ranks: np.ndarray,
+    scores: np.ndarray,
+    neighbours: CandidateNeighbours | None,
+    point: ShortlistPoint,
+) -> MethodRanking:
     method = SHORTLIST_METHODS[name]
     width = min(db.shape[0], method.shortlist)
     ids, s, expanded = method.rerank(query, db, ranks[:, :width], neighbours, point)
@@ -154,14 +180,23 @@ def _shortlist_ranking(name: str, query: np.ndarray, db: np.ndarray, ranks: np.n
 def shortlist_points(baselines) -> dict[str, list[ShortlistPoint]]:
     """The validation grid of each shortlist re-ranker from the baselines group
     (``RetrievalBaselineParams``); alpha-DBA-QE's n_qe comes from its qe_n_grid."""
-    return shortlist_grids(dba_n=baselines.dba_n_grid, qe_n=baselines.qe_n_grid, diffusion_k=baselines.diffusion_k_grid,
-                           gnn_k=baselines.gnn_k_pairs, superglobal_k=baselines.superglobal_k_grid,
-                           superglobal_beta=baselines.superglobal_beta_grid)
+    return shortlist_grids(
+        dba_n=baselines.dba_n_grid,
+        qe_n=baselines.qe_n_grid,
+        diffusion_k=baselines.diffusion_k_grid,
+        gnn_k=baselines.gnn_k_pairs,
+        superglobal_k=baselines.superglobal_k_grid,
+        superglobal_beta=baselines.superglobal_beta_grid,
+    )
 
 
-def choose_baselines(val: ValidationSet, qe_grid: Sequence[int], krecip_points: Sequence[KReciprocalPoint],
-                     methods: Sequence[str] | None = None,
-                     shortlist_points: Mapping[str, Sequence[ShortlistPoint]] | None = None) -> BaselineChoice:
+def choose_baselines(
+    val: ValidationSet,
+    qe_grid: Sequence[int],
+    krecip_points: Sequence[KReciprocalPoint],
+    methods: Sequence[str] | None = None,
+    shortlist_points: Mapping[str, Sequence[ShortlistPoint]] | None = None,
+) -> BaselineChoice:
     """QE's n (per QE method), the k-reciprocal point and each shortlist re-ranker's point with
     the best validation mAP, for the ``methods`` rows (default: all of ``RETRIEVAL_METHODS``).
     shortlist_points: the grid per shortlist re-ranker (default ``shortlist_grids()`` with
@@ -175,7 +210,9 @@ def choose_baselines(val: ValidationSet, qe_grid: Sequence[int], krecip_points: 
         if name not in rows:
             continue
         grid = [n for n in qe_grid if name != "DQE" or 2 * (n + 1) <= ranks.shape[1] + 1]
-        scores = [_medium_map(ranking(_normalise(np.asarray(fn(q, db, ranks, n), np.float32)), db)[0], val.gnd) for n in grid]
+        scores = [
+            _medium_map(ranking(_normalise(np.asarray(fn(q, db, ranks, n), np.float32)), db)[0], val.gnd) for n in grid
+        ]
         tried += [(f"{name} n={n}", s) for n, s in zip(grid, scores)]
         qe_n.append((name, best_point(grid, scores)[0]))
     krecip = None
@@ -190,8 +227,10 @@ def choose_baselines(val: ValidationSet, qe_grid: Sequence[int], krecip_points: 
         initial_scores = np.take_along_axis(q @ db.T, ranks, axis=1)
         neighbours = _shortlist_neighbours(names, db, ranks, points)
         for m in names:
-            scores = [_medium_map(_shortlist_ranking(m, q, db, ranks, initial_scores, neighbours, p).ranks, val.gnd)
-                      for p in points[m]]
+            scores = [
+                _medium_map(_shortlist_ranking(m, q, db, ranks, initial_scores, neighbours, p).ranks, val.gnd)
+                for p in points[m]
+            ]
             tried += [(f"{m} {p.label()}", s) for p, s in zip(points[m], scores)]
             chosen.append((m, best_point(points[m], scores)[0]))
     return BaselineChoice(tuple(qe_n), krecip, tuple(tried), tuple(chosen), rows)
@@ -230,8 +269,12 @@ def write_ranking_store(out_dir: Path, m: MethodRanking, k_store: int, shard_siz
     store = create_store(out_dir, k_store, Q, n_shards, shard_size, {"source": source, "method": m.name})
     for i in store.pending_shards():
         s, e = i * shard_size, min(Q, (i + 1) * shard_size)
-        info = store.write_shard(i, np.arange(s, e, dtype=np.int64), m.ranks[s:e, :k_store].astype(np.int64),
-                                 m.scores[s:e, :k_store].astype(np.float32))
+        info = store.write_shard(
+            i,
+            np.arange(s, e, dtype=np.int64),
+            m.ranks[s:e, :k_store].astype(np.int64),
+            m.scores[s:e, :k_store].astype(np.float32),
+        )
         store.mark_complete(i, info)
     return store
 
@@ -250,5 +293,8 @@ def ranks_after_rerank(store_dir: Path, initial: np.ndarray) -> np.ndarray:
 def map_row(name: str, ranks: np.ndarray, gnd: list[dict]) -> dict:
     """A results-table row: revisited mAP (Easy / Medium / Hard) and mP@10 of ranks (Q, N)."""
     res = revisited_map(ranks, gnd)
-    return {"method": name, **{f"mAP {p}": round(res[p]["map"], 2) for p in ("easy", "medium", "hard")},
-            **{f"mP@10 {p}": round(res[p]["mp"][10], 2) for p in ("medium", "hard")}}
+    return {
+        "method": name,
+        **{f"mAP {p}": round(res[p]["map"], 2) for p in ("easy", "medium", "hard")},
+        **{f"mP@10 {p}": round(res[p]["mp"][10], 2) for p in ("medium", "hard")},
+    }

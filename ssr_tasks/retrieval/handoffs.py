@@ -1,15 +1,15 @@
 """Typed results the retrieval steps hand each other (paths and scalars, never tensors)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from pathlib import Path
 
 from ssr_model import RetrievalSSR
-from ssr_tasks.retrieval.evaluate import BaselineChoice
 from ssr_tasks.config import RetrievalTrainParams
 from ssr_tasks.handoffs import Trials
 from ssr_tasks.registry import load_registered_model
+from ssr_tasks.retrieval.evaluate import BaselineChoice
 from ssr_tasks.weights import load_weights
 
 
@@ -71,8 +71,11 @@ class RetrievalModel:
         """The model with the weights loaded (eval mode, CPU); errors name the file and the mismatch."""
         c = self.config
         model = c.build(self.feat_dim)
-        load_weights(model, self.weights, f"RetrievalSSR(feat_dim={self.feat_dim}, k={c.k}, steps={c.steps}, "
-                                          f"lr_dni={c.lr_dni}, hidden={c.hidden})")
+        load_weights(
+            model,
+            self.weights,
+            f"RetrievalSSR(feat_dim={self.feat_dim}, k={c.k}, steps={c.steps}, lr_dni={c.lr_dni}, hidden={c.hidden})",
+        )
         return model.eval()
 
 
@@ -125,11 +128,18 @@ class RetrievalTrial:
         return RetrievalModel(self.best_path, self.config, self.feat_dim)
 
     @classmethod
-    def from_summary(cls, config: RetrievalTrainParams, label: str, feat_dim: int, summary: dict) -> "RetrievalTrial":
+    def from_summary(cls, config: RetrievalTrainParams, label: str, feat_dim: int, summary: dict) -> RetrievalTrial:
         """From the summary ``train_retrieval`` wrote (its on-disk JSON)."""
         history = tuple(Validation(int(h["iteration"]), float(h["val_map"])) for h in summary["history"])
-        return cls(config, label, feat_dim, float(summary["best_val"]), summary["best_path"], history, int(summary["best_iteration"]))
-
+        return cls(
+            config,
+            label,
+            feat_dim,
+            float(summary["best_val"]),
+            summary["best_path"],
+            history,
+            int(summary["best_iteration"]),
+        )
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
 """The retrieval results: revisited mAP per method with and without SSR, the table and plots
 on disk (a Prefect task), then MLflow tracking and the registered model (plain code run in
 the flow, inside its open MLflow run)."""
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -48,8 +49,14 @@ def ssr_improved(trials: RetrievalTrials) -> bool:
 
 
 @task(name="report-retrieval")
-def write_report(params: RetrievalParams, data: RetrievalData, rankings: Rankings, reranked: Sequence[Reranked],
-                 out_dir: str, improved: bool = True) -> ResultsReport:
+def write_report(
+    params: RetrievalParams,
+    data: RetrievalData,
+    rankings: Rankings,
+    reranked: Sequence[Reranked],
+    out_dir: str,
+    improved: bool = True,
+) -> ResultsReport:
     """mAP of each method's initial ranking and after SSR; the table, a bar plot and an example query.
 
     improved: False when validation chose the untrained SSR (the table says so in one sentence)."""
@@ -61,27 +68,43 @@ def write_report(params: RetrievalParams, data: RetrievalData, rankings: Ranking
         after[r.name] = ranks_after_rerank(Path(r.store), initial[r.name])
         rows.append(map_row(r.name, initial[r.name], gt.gnd))
         rows.append(map_row(f"{r.name} + SSR", after[r.name], gt.gnd))
-        log.info("mAP %s: M %.2f H %.2f -> + SSR: M %.2f H %.2f", r.name, rows[-2]["mAP medium"], rows[-2]["mAP hard"],
-                 rows[-1]["mAP medium"], rows[-1]["mAP hard"])
+        log.info(
+            "mAP %s: M %.2f H %.2f -> + SSR: M %.2f H %.2f",
+            r.name,
+            rows[-2]["mAP medium"],
+            rows[-2]["mAP hard"],
+            rows[-1]["mAP medium"],
+            rows[-1]["mAP hard"],
+        )
     first = reranked[0].name
     figures = {"map_by_method.png": reporting.plot_map_by_method(rows)}
     if data.images is not None:  # published features come without their images
-        figures["reranked_example.png"] = example_figure(gt, Path(data.images), initial[first], after[first], name=first)
+        figures["reranked_example.png"] = example_figure(
+            gt, Path(data.images), initial[first], after[first], name=first
+        )
     notes = []
     columns = COLUMNS
     if labels_only(gt.gnd):
         columns = LABEL_COLUMNS
         rows = [{**r, "mAP": r["mAP medium"], "mP@10": r["mP@10 medium"]} for r in rows]
-        notes.append("Ground truth: label matches (a database item is positive when its label equals the query's), "
-                     "so there is one mAP and one mP@10.")
+        notes.append(
+            "Ground truth: label matches (a database item is positive when its label equals the query's), "
+            "so there is one mAP and one mP@10."
+        )
     if not improved:
         log.warning(NOT_IMPROVED)
         notes.append(NOT_IMPROVED)
     return reporting.write_report(rows, columns, figures, Path(out_dir), notes)
 
 
-def example_figure(gt: RevisitedGroundTruth, images: Path, initial: np.ndarray, reranked: np.ndarray, top: int = 8,
-                   name: str = "features"):
+def example_figure(
+    gt: RevisitedGroundTruth,
+    images: Path,
+    initial: np.ndarray,
+    reranked: np.ndarray,
+    top: int = 8,
+    name: str = "features",
+):
     """Query whose medium AP SSR improved most: top results before and after, framed by ground truth.
 
     initial / reranked: (Q, N) database indices, best first; name: the method (the first row, which
@@ -105,15 +128,20 @@ def example_figure(gt: RevisitedGroundTruth, images: Path, initial: np.ndarray, 
         label: [(load(gt.imlist[i]), reporting.gt_label(gnd[q], int(i))) for i in ranks[q, :top]]
         for label, ranks in ((name, initial), (f"{name} + SSR", reranked))
     }
-    return reporting.plot_reranked_example(load(gt.qimlist[q]), rows,
-                                           f"query {gt.qimlist[q]}: medium AP {gains[q]:+.1f} points with SSR")
+    return reporting.plot_reranked_example(
+        load(gt.qimlist[q]), rows, f"query {gt.qimlist[q]}: medium AP {gains[q]:+.1f} points with SSR"
+    )
 
 
 def chosen_settings(trials: RetrievalTrials, choice: BaselineChoice) -> dict[str, str]:
     """What validation chose: lr_dni, the checkpoint, QE's n per QE method, the k-reciprocal point."""
     best = trials.best
-    return {"chosen.trial": best.label, "chosen.lr_dni": f"{best.lr_dni:g}", "chosen.checkpoint_iteration": str(best.best_iteration),
-            **choice.as_params()}
+    return {
+        "chosen.trial": best.label,
+        "chosen.lr_dni": f"{best.lr_dni:g}",
+        "chosen.checkpoint_iteration": str(best.best_iteration),
+        **choice.as_params(),
+    }
 
 
 def describe_choice(trials: RetrievalTrials, choice: BaselineChoice) -> str:
@@ -121,8 +149,14 @@ def describe_choice(trials: RetrievalTrials, choice: BaselineChoice) -> str:
     return ", ".join(f"{k.removeprefix('chosen.')} {v}" for k, v in chosen_settings(trials, choice).items())
 
 
-def log_and_register(tracker: Tracker, params: RetrievalParams, trials: RetrievalTrials, choice: BaselineChoice,
-                     report: ResultsReport, tags: Mapping[str, str]) -> RegisteredModel:
+def log_and_register(
+    tracker: Tracker,
+    params: RetrievalParams,
+    trials: RetrievalTrials,
+    choice: BaselineChoice,
+    report: ResultsReport,
+    tags: Mapping[str, str],
+) -> RegisteredModel:
     """Into the open parent run: a nested run per trial, the settings chosen on validation
     (params ``chosen.*``, and the validation mAP of every baseline setting tried), mAP
     metrics, table, plots, and the registered re-ranker, aliased ``champion`` when it wins
@@ -150,10 +184,18 @@ def log_and_register(tracker: Tracker, params: RetrievalParams, trials: Retrieva
     best = trials.best
     dataset = params.data.dataset
     backbone = params.backbone.name if dataset == "glyphs-retrieval" else LANDMARK_BACKBONE
-    return tracker.log_and_register(RetrievalReranker(best.model.build()), params.model_name,
-                                    tags={"dataset": dataset, "backbone": backbone, "steps": str(best.config.steps),
-                                          "k": str(best.config.k), "val_metric_name": "val_map"},
-                                    val_metric=100 * best.best_val,
-                                    description=f"{dataset}: revisited mAP (%)\n\n{report.markdown}",
-                                    promote=improved,
-                                    model_description=MODEL_DESCRIPTION)
+    return tracker.log_and_register(
+        RetrievalReranker(best.model.build()),
+        params.model_name,
+        tags={
+            "dataset": dataset,
+            "backbone": backbone,
+            "steps": str(best.config.steps),
+            "k": str(best.config.k),
+            "val_metric_name": "val_map",
+        },
+        val_metric=100 * best.best_val,
+        description=f"{dataset}: revisited mAP (%)\n\n{report.markdown}",
+        promote=improved,
+        model_description=MODEL_DESCRIPTION,
+    )

@@ -8,11 +8,12 @@ touches the manifest, marking a shard complete after its worker returned. A work
 mid-shard leaves no file under the final name; Ray restarts the actor and retries the
 shard, and a rerun redoes only pending shards, so every query ends up exactly once.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -34,8 +35,14 @@ class ShardReranker:
     registry URI); anything with ``build()``, ``k`` and ``feat_dim``.
     """
 
-    def __init__(self, db_features: str, model: RetrievalModel | RegisteredRetrievalModel, device: str = "cpu",
-                 threads: int | None = None, db_split: str | None = "database"):
+    def __init__(
+        self,
+        db_features: str,
+        model: RetrievalModel | RegisteredRetrievalModel,
+        device: str = "cpu",
+        threads: int | None = None,
+        db_split: str | None = "database",
+    ):
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -53,7 +60,9 @@ class ShardReranker:
         pos = np.minimum(np.searchsorted(self.db_sorted_ids, ids), len(self.db_sorted_ids) - 1)
         missing = self.db_sorted_ids[pos] != ids
         if missing.any():
-            raise ValueError(f"{self.db_path}: neighbour id {int(ids[missing][0])} of the store is not in the database table")
+            raise ValueError(
+                f"{self.db_path}: neighbour id {int(ids[missing][0])} of the store is not in the database table"
+            )
         return self.db_order[pos]
 
     def _shard_queries(self, path: str, query_ids: np.ndarray, shard: int) -> torch.Tensor:
@@ -64,7 +73,9 @@ class ShardReranker:
         """
         emb, found = lookup_embeddings(Path(path), query_ids, expected_dim=self.dim)
         if not found.all():
-            raise ValueError(f"{path}: query id {int(np.asarray(query_ids)[~found][0])} of shard {shard} has no features")
+            raise ValueError(
+                f"{path}: query id {int(np.asarray(query_ids)[~found][0])} of shard {shard} has no features"
+            )
         return F.normalize(torch.from_numpy(emb), dim=-1, eps=1e-12)
 
     @torch.no_grad()
@@ -90,10 +101,18 @@ class ShardReranker:
         return shard, info
 
 
-def rerank_store(store_dir: Path, query_features: Path, db_features: Path, out_dir: Path,
-                 model: RetrievalModel | RegisteredRetrievalModel, n_actors: int = 0, device: str = "cpu",
-                 progress: Callable[[int, int], None] | None = None, max_restarts: int = 3,
-                 db_split: str | None = "database") -> Path:
+def rerank_store(
+    store_dir: Path,
+    query_features: Path,
+    db_features: Path,
+    out_dir: Path,
+    model: RetrievalModel | RegisteredRetrievalModel,
+    n_actors: int = 0,
+    device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+    max_restarts: int = 3,
+    db_split: str | None = "database",
+) -> Path:
     """Re-rank every pending shard of ``store_dir`` into ``out_dir`` with a pool of Ray actors
     (one GPU each when ``device`` is "cuda"); each actor loads the database rows of
     ``db_split`` (all rows when None) and the model once."""
@@ -101,19 +120,28 @@ def rerank_store(store_dir: Path, query_features: Path, db_features: Path, out_d
     from ray.util import ActorPool
 
     src = SimilarityStore(Path(store_dir))
-    out = create_store(Path(out_dir), src.k, src.n_queries, src.n_shards, src.shard_size,
-                       {**src.source_hashes, "reranked_by": model.name})
+    out = create_store(
+        Path(out_dir),
+        src.k,
+        src.n_queries,
+        src.n_shards,
+        src.shard_size,
+        {**src.source_hashes, "reranked_by": model.name},
+    )
     pending = out.pending_shards()
     if not pending:
         return Path(out_dir)
     use_gpu = device == "cuda"
     n = min(pool_size(n_actors, use_gpu), len(pending))
-    Actor = ray.remote(ShardReranker).options(num_cpus=1, num_gpus=1 if use_gpu else 0,
-                                              max_restarts=max_restarts, max_task_retries=max_restarts)
+    Actor = ray.remote(ShardReranker).options(
+        num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=max_restarts, max_task_retries=max_restarts
+    )
     actors = [Actor.remote(str(db_features), model, device, 1, db_split) for _ in range(n)]
     pool = ActorPool(actors)
     done = 0
-    for shard, info in pool.map_unordered(lambda a, i: a.rerank_shard.remote(str(store_dir), str(query_features), str(out_dir), i), pending):
+    for shard, info in pool.map_unordered(
+        lambda a, i: a.rerank_shard.remote(str(store_dir), str(query_features), str(out_dir), i), pending
+    ):
         out.mark_complete(shard, info)
         done += 1
         if progress is not None:

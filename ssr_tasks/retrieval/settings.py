@@ -14,10 +14,11 @@ top-k similarities, and 600 iterations were short. ``RetrievalParams.from_data``
   quarter of the draws pass the filter with about 10 positives per draw;
 - and the train group's ``patience`` stops training when validation stops improving.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -37,8 +38,9 @@ def _probe_sequences(emb: np.ndarray, k: int, n_probe: int, seed: int) -> tuple[
     return q, top
 
 
-def first_update_slope(train_embeddings: np.ndarray, k: int, hidden: int, n_probe: int = 64,
-                       seed: int = 0) -> tuple[float, float, float]:
+def first_update_slope(
+    train_embeddings: np.ndarray, k: int, hidden: int, n_probe: int = 64, seed: int = 0
+) -> tuple[float, float, float]:
     """(slope, spread, mean squared norm) at initialisation.
 
     slope: mean |change of the query-neighbour cosines| made by the first DNI update of an
@@ -57,8 +59,15 @@ def first_update_slope(train_embeddings: np.ndarray, k: int, hidden: int, n_prob
     return slope, spread, sq_norm
 
 
-def scaled_lr_dni(train_embeddings: np.ndarray, k: int = 50, hidden: int = 256, target: float = 1.0,
-                  factors: Sequence[float] = (0.3, 1.0, 3.0), n_probe: int = 64, seed: int = 0) -> list[float]:
+def scaled_lr_dni(
+    train_embeddings: np.ndarray,
+    k: int = 50,
+    hidden: int = 256,
+    target: float = 1.0,
+    factors: Sequence[float] = (0.3, 1.0, 3.0),
+    n_probe: int = 64,
+    seed: int = 0,
+) -> list[float]:
     """lr_dni grid scaled to the features: ``lr* = target * spread / slope`` times ``factors``.
 
     Inputs: ``train_embeddings`` (N, D), the training rows exactly as the model receives them
@@ -76,8 +85,15 @@ def scaled_lr_dni(train_embeddings: np.ndarray, k: int = 50, hidden: int = 256, 
     return [float(f"{base * f:.3g}") for f in factors]
 
 
-def holdout_fraction_for_k(cluster_sizes: Sequence[int], k: int, n_val_queries: int, db_per_k: float = 4.0,
-                           min_classes: int = 20, margin: float = 1.25, max_fraction: float = 0.5) -> float:
+def holdout_fraction_for_k(
+    cluster_sizes: Sequence[int],
+    k: int,
+    n_val_queries: int,
+    db_per_k: float = 4.0,
+    min_classes: int = 20,
+    margin: float = 1.25,
+    max_fraction: float = 0.5,
+) -> float:
     """Fraction of clusters to hold out so that validation resembles a test set.
 
     Inputs: ``cluster_sizes`` of the training data (items per cluster); ``k`` (SSR re-ranks
@@ -98,8 +114,16 @@ def holdout_fraction_for_k(cluster_sizes: Sequence[int], k: int, n_val_queries: 
     return float(min(max_fraction, round(frac, 3)))
 
 
-def sequence_pass_stats(emb: np.ndarray, labels: np.ndarray, k: int, sequence_length: int, min_positives: int,
-                        max_ap: float = 0.8, n_draws: int = 600, seed: int = 0) -> dict:
+def sequence_pass_stats(
+    emb: np.ndarray,
+    labels: np.ndarray,
+    k: int,
+    sequence_length: int,
+    min_positives: int,
+    max_ap: float = 0.8,
+    n_draws: int = 600,
+    seed: int = 0,
+) -> dict:
     """Draws sequences as ``rt.draw_sequences`` does and reports: the pass rate of the filter,
     the mean number of the query's positives among the drawn items, and among passing
     sequences the mean positives in the top-k and the mean top-k AP."""
@@ -119,14 +143,26 @@ def sequence_pass_stats(emb: np.ndarray, labels: np.ndarray, k: int, sequence_le
             passed += 1
             pos_top.append(p.sum())
             ap_top.append(ap)
-    return {"sequence_length": L, "pass_rate": passed / n_draws, "positives_in_draw": float(np.mean(in_draw)),
-            "positives_in_topk": float(np.mean(pos_top)) if pos_top else 0.0,
-            "topk_ap": float(np.mean(ap_top)) if ap_top else float("nan")}
+    return {
+        "sequence_length": L,
+        "pass_rate": passed / n_draws,
+        "positives_in_draw": float(np.mean(in_draw)),
+        "positives_in_topk": float(np.mean(pos_top)) if pos_top else 0.0,
+        "topk_ap": float(np.mean(ap_top)) if ap_top else float("nan"),
+    }
 
 
-def relaxed_sequence_filter(emb: np.ndarray, labels: np.ndarray, k: int, sequence_length: int = 1000,
-                            min_positives: int = 5, max_ap: float = 0.8, min_pass_rate: float = 0.25,
-                            target_positives: float = 10.0, seed: int = 0) -> tuple[int, int, dict]:
+def relaxed_sequence_filter(
+    emb: np.ndarray,
+    labels: np.ndarray,
+    k: int,
+    sequence_length: int = 1000,
+    min_positives: int = 5,
+    max_ap: float = 0.8,
+    min_pass_rate: float = 0.25,
+    target_positives: float = 10.0,
+    seed: int = 0,
+) -> tuple[int, int, dict]:
     """(sequence_length, min_positives, stats) relaxed until sequences carry signal.
 
     Inputs: training rows ``emb`` (N, D) L2-normalised and ``labels`` (N,); the model's ``k``;

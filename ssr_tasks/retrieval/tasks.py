@@ -2,6 +2,7 @@
 
 Each returns a typed hand-off (``ssr_tasks.retrieval.handoffs``) of file paths and scalars.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,13 +16,28 @@ from prefect import get_run_logger, task
 
 from ssr_model.baselines import krecip_grid
 from ssr_tasks.backbone import dataset_spec, extract_split_features, load_backbone
-from ssr_tasks.config import (Device, RetrievalBaselineParams, RetrievalDataParams, RetrievalEvalParams, RetrievalParams,
-                              RetrievalTrainParams, Sweep, sweep_points)
+from ssr_tasks.config import (
+    Device,
+    RetrievalBaselineParams,
+    RetrievalDataParams,
+    RetrievalEvalParams,
+    RetrievalParams,
+    RetrievalTrainParams,
+    Sweep,
+    sweep_points,
+)
 from ssr_tasks.device import cluster_device, local_device
-from ssr_tasks.handoffs import Backbone, TrialTracking, Trials
+from ssr_tasks.handoffs import Backbone, Trials, TrialTracking
 from ssr_tasks.retrieval.evaluate import choose_baselines, method_rankings, shortlist_points, write_ranking_store
-from ssr_tasks.retrieval.handoffs import (MethodStore, Rankings, Reranked, RetrievalData, RetrievalFeatures, RetrievalModel,
-                                          RetrievalTrials)
+from ssr_tasks.retrieval.handoffs import (
+    MethodStore,
+    Rankings,
+    Reranked,
+    RetrievalData,
+    RetrievalFeatures,
+    RetrievalModel,
+    RetrievalTrials,
+)
 from ssr_tasks.retrieval.ray_jobs import run_trials
 from ssr_tasks.retrieval.rerank import rerank_store
 from ssr_tasks.retrieval.settings import holdout_fraction_for_k, relaxed_sequence_filter, scaled_lr_dni
@@ -38,8 +54,13 @@ from storage.own_data import import_retrieval_folder
 log = logging.getLogger(__name__)
 
 
-@task(name="prepare-retrieval-data", cache_policy=CACHE, persist_result=True, retries=1,
-      retry_condition_fn=retry_transient)
+@task(
+    name="prepare-retrieval-data",
+    cache_policy=CACHE,
+    persist_result=True,
+    retries=1,
+    retry_condition_fn=retry_transient,
+)
 def prepare_data(params: RetrievalDataParams, run_dir: str) -> RetrievalData:
     """The test set and its training data: the built-in glyphs (images, ground truth, training
     clusters), or rOxford5k / rParis6k with SfM-120k from the authors' pickles (features
@@ -50,8 +71,9 @@ def prepare_data(params: RetrievalDataParams, run_dir: str) -> RetrievalData:
     root = Path(info["retrieval_root"])
     data = RetrievalData(str(root), str(root / "test" / GND_NAME), str(root / "test" / "jpg"), info["fewshot_root"])
     gt = read_gnd(Path(data.gnd))
-    get_run_logger().info("data: %d queries, %d database images, training clusters in %s",
-                          len(gt.qimlist), len(gt.imlist), root / "train")
+    get_run_logger().info(
+        "data: %d queries, %d database images, training clusters in %s", len(gt.qimlist), len(gt.imlist), root / "train"
+    )
     return data
 
 
@@ -69,24 +91,41 @@ def data_for_run(params: RetrievalParams) -> RetrievalDataParams:
         raise ValueError(f"{table}: label: cannot read the training clusters ({exc})") from None
     _, sizes = np.unique(labels, return_counts=True)
     fraction = holdout_fraction_for_k(sizes, params.k_max, params.train.n_val_queries)
-    log.info("settings from the data: holdout_fraction %.3g (%d training clusters, k=%d, %d validation queries)",
-             fraction, len(sizes), params.k_max, params.train.n_val_queries)
+    log.info(
+        "settings from the data: holdout_fraction %.3g (%d training clusters, k=%d, %d validation queries)",
+        fraction,
+        len(sizes),
+        params.k_max,
+        params.train.n_val_queries,
+    )
     return data.model_copy(update={"holdout_fraction": fraction})
 
 
 @task(name="settings-from-data", cache_policy=CACHE, persist_result=True)
-def settings_from_data(train: RetrievalTrainParams, sweep: Sweep, features: RetrievalFeatures) -> tuple[RetrievalTrainParams, Sweep]:
+def settings_from_data(
+    train: RetrievalTrainParams, sweep: Sweep, features: RetrievalFeatures
+) -> tuple[RetrievalTrainParams, Sweep]:
     """``from_data``: the lr_dni sweep around lr* measured on the training features, and the
     sequence filter relaxed until a quarter of the draws pass (``ssr_tasks.retrieval.settings``)."""
     emb, labels, _ = load_training_data(Path(features.train_path), train)
     lr_grid = scaled_lr_dni(emb, k=train.k, hidden=train.hidden, seed=train.seed)
-    length, min_positives, stats = relaxed_sequence_filter(emb, labels, train.k, train.sequence_length,
-                                                           train.min_positives, train.max_ap, seed=train.seed)
-    get_run_logger().info("settings from the data: lr_dni %s (one spread of the top-k cosines per first update), "
-                          "sequence_length %d, min_positives %d (%.0f%% of draws pass, %.1f positives in the top-%d)",
-                          lr_grid, length, min_positives, 100 * stats["pass_rate"], stats["positives_in_topk"], train.k)
-    return (train.model_copy(update={"sequence_length": length, "min_positives": min_positives}),
-            {**sweep, "lr_dni": lr_grid})
+    length, min_positives, stats = relaxed_sequence_filter(
+        emb, labels, train.k, train.sequence_length, train.min_positives, train.max_ap, seed=train.seed
+    )
+    get_run_logger().info(
+        "settings from the data: lr_dni %s (one spread of the top-k cosines per first update), "
+        "sequence_length %d, min_positives %d (%.0f%% of draws pass, %.1f positives in the top-%d)",
+        lr_grid,
+        length,
+        min_positives,
+        100 * stats["pass_rate"],
+        stats["positives_in_topk"],
+        train.k,
+    )
+    return (
+        train.model_copy(update={"sequence_length": length, "min_positives": min_positives}),
+        {**sweep, "lr_dni": lr_grid},
+    )
 
 
 def check_holdout(data: RetrievalData, train: RetrievalTrainParams, k: int) -> None:
@@ -95,9 +134,11 @@ def check_holdout(data: RetrievalData, train: RetrievalTrainParams, k: int) -> N
     held = read_features(Path(data.train), split="val")
     _, database, _ = validation_ground_truth(np.asarray(held.labels), train.n_val_queries, train.seed)
     if len(database) < k:
-        raise ValueError(f"{data.train}: split 'val' (held-out clusters) leaves {len(database)} database items after "
-                         f"{train.n_val_queries} validation queries, fewer than k={k}; raise data.holdout_fraction or "
-                         f"lower train.k or train.n_val_queries")
+        raise ValueError(
+            f"{data.train}: split 'val' (held-out clusters) leaves {len(database)} database items after "
+            f"{train.n_val_queries} validation queries, fewer than k={k}; raise data.holdout_fraction or "
+            f"lower train.k or train.n_val_queries"
+        )
 
 
 def import_landmark_data(params: RetrievalDataParams, run_dir: str | Path) -> RetrievalData:
@@ -108,26 +149,60 @@ def import_landmark_data(params: RetrievalDataParams, run_dir: str | Path) -> Re
     code: ``ssr run`` calls it before the flow starts, so bad input is reported in one line.
     Bad files raise StorageError."""
     if params.entry.loader == "features":
-        imported = import_retrieval_folder(params.data_root, Path(run_dir) / "data" / "features",
-                                           holdout_fraction=params.holdout_fraction, holdout_seed=params.holdout_seed)
+        imported = import_retrieval_folder(
+            params.data_root,
+            Path(run_dir) / "data" / "features",
+            holdout_fraction=params.holdout_fraction,
+            holdout_seed=params.holdout_seed,
+        )
         test, train = imported.test, imported.train
     else:
         cache = Path(run_dir) / "data" / "landmarks"
         test = import_test_set(params.data_root, params.dataset, cache)
-        train = import_train_set(params.data_root, cache, holdout_fraction=params.holdout_fraction,
-                                 holdout_seed=params.holdout_seed, expected_dim=test.dim)
+        train = import_train_set(
+            params.data_root,
+            cache,
+            holdout_fraction=params.holdout_fraction,
+            holdout_seed=params.holdout_seed,
+            expected_dim=test.dim,
+        )
     gt = read_gnd(test.gnd)
-    log.info("data: %s, %d queries, %d database images, D=%d; training: %d items and %d held-out "
-             "(%g of the clusters, seed %d)", params.dataset, len(gt.qimlist), len(gt.imlist), test.dim,
-             train.n_train, train.n_val, params.holdout_fraction, params.holdout_seed)
-    return RetrievalData(str(Path(params.data_root).resolve()), str(test.gnd), database=str(test.database),
-                         queries=str(test.query), train=str(train.table))
+    log.info(
+        "data: %s, %d queries, %d database images, D=%d; training: %d items and %d held-out "
+        "(%g of the clusters, seed %d)",
+        params.dataset,
+        len(gt.qimlist),
+        len(gt.imlist),
+        test.dim,
+        train.n_train,
+        train.n_val,
+        params.holdout_fraction,
+        params.holdout_seed,
+    )
+    return RetrievalData(
+        str(Path(params.data_root).resolve()),
+        str(test.gnd),
+        database=str(test.database),
+        queries=str(test.query),
+        train=str(train.table),
+    )
 
 
-@task(name="extract-retrieval-features", cache_policy=CACHE, persist_result=True, retries=1,
-      retry_condition_fn=retry_transient)
-def extract_features(params: RetrievalDataParams, k: int, data: RetrievalData, backbone: Backbone | None,
-                     work_dir: str, device: Device = "auto") -> RetrievalFeatures:
+@task(
+    name="extract-retrieval-features",
+    cache_policy=CACHE,
+    persist_result=True,
+    retries=1,
+    retry_condition_fn=retry_transient,
+)
+def extract_features(
+    params: RetrievalDataParams,
+    k: int,
+    data: RetrievalData,
+    backbone: Backbone | None,
+    work_dir: str,
+    device: Device = "auto",
+) -> RetrievalFeatures:
     """The test table: split 'database' (ids 0..N-1 in imlist order), 'query' (ids N..); and
     the training table, split 'train' / 'val' (held-out clusters). Glyphs: both in one table
     embedded by ``backbone``; published features: the test table joined from the imported
@@ -156,20 +231,30 @@ def _join_test_tables(data: RetrievalData, work_dir: Path, n_db: int, n_queries:
         qs = read_features(Path(data.queries), expected_dim=db.dim)
         N, Q = len(db), len(qs)
         paths = db.paths + qs.paths if db.paths is not None and qs.paths is not None else None
-        write_features(out, ids=np.arange(N + Q), labels=["db"] * N + ["query"] * Q,
-                       splits=["database"] * N + ["query"] * Q, embeddings=np.concatenate([db.embeddings, qs.embeddings]),
-                       paths=paths, metadata=db.metadata)
+        write_features(
+            out,
+            ids=np.arange(N + Q),
+            labels=["db"] * N + ["query"] * Q,
+            splits=["database"] * N + ["query"] * Q,
+            embeddings=np.concatenate([db.embeddings, qs.embeddings]),
+            paths=paths,
+            metadata=db.metadata,
+        )
     return RetrievalFeatures(str(out), int(read_metadata(out)["dim"]), n_db, n_queries, str(data.train))
 
 
-def _extract(params: RetrievalDataParams, data: RetrievalData, backbone: Backbone, gt, out: Path, device: Device) -> None:
+def _extract(
+    params: RetrievalDataParams, data: RetrievalData, backbone: Backbone, gt, out: Path, device: Device
+) -> None:
     spec = dataset_spec(backbone.spec)
     device = local_device(device)
     net = load_backbone(backbone.name, backbone.spec, Path(backbone.path), device)
     images = Path(data.images)
 
     def names_index(names: list[str]) -> SplitIndex:
-        return SplitIndex(root=images, paths=[f"{n}.png" for n in names], labels=np.zeros(len(names), np.int64), classes=["-"])
+        return SplitIndex(
+            root=images, paths=[f"{n}.png" for n in names], labels=np.zeros(len(names), np.int64), classes=["-"]
+        )
 
     db = extract_split_features(net, names_index(gt.imlist), spec, device)
     qs = extract_split_features(net, names_index(gt.qimlist), spec, device)
@@ -181,51 +266,113 @@ def _extract(params: RetrievalDataParams, data: RetrievalData, backbone: Backbon
     labels = ["db"] * len(db) + ["query"] * len(qs) + clusters
     splits = ["database"] * len(db) + ["query"] * len(qs) + np.where(held, "val", "train").tolist()
     rel = images.relative_to(data.root).as_posix()
-    paths = [f"{rel}/{n}.png" for n in gt.imlist] + [f"{rel}/{n}.png" for n in gt.qimlist] + [f"train/{p}" for p in train_idx.paths]
-    meta = {"dataset": params.dataset, "backbone": backbone.name, "checkpoint_hash": file_sha256(Path(backbone.path)),
-            "dim": str(emb.shape[1])}
-    write_features(out, ids=np.arange(len(emb), dtype=np.int64), labels=labels, splits=splits, embeddings=emb, paths=paths,
-                   metadata=meta)
-    get_run_logger().info("features: %d database, %d queries, %d training images (%d held out for validation)",
-                          len(db), len(qs), len(tr), int(held.sum()))
+    paths = (
+        [f"{rel}/{n}.png" for n in gt.imlist]
+        + [f"{rel}/{n}.png" for n in gt.qimlist]
+        + [f"train/{p}" for p in train_idx.paths]
+    )
+    meta = {
+        "dataset": params.dataset,
+        "backbone": backbone.name,
+        "checkpoint_hash": file_sha256(Path(backbone.path)),
+        "dim": str(emb.shape[1]),
+    }
+    write_features(
+        out,
+        ids=np.arange(len(emb), dtype=np.int64),
+        labels=labels,
+        splits=splits,
+        embeddings=emb,
+        paths=paths,
+        metadata=meta,
+    )
+    get_run_logger().info(
+        "features: %d database, %d queries, %d training images (%d held out for validation)",
+        len(db),
+        len(qs),
+        len(tr),
+        int(held.sum()),
+    )
 
 
 @task(name="train-retrieval-ssr", retries=1, retry_condition_fn=retry_transient, retry_delay_seconds=5)
-def train_ssr(train: RetrievalTrainParams, sweep: Sweep, features: RetrievalFeatures, work_dir: str,
-              tracking: TrialTracking | None = None, device: Device = "auto") -> RetrievalTrials:
+def train_ssr(
+    train: RetrievalTrainParams,
+    sweep: Sweep,
+    features: RetrievalFeatures,
+    work_dir: str,
+    tracking: TrialTracking | None = None,
+    device: Device = "auto",
+) -> RetrievalTrials:
     """Ray Tune grid over the points of ``sweep`` of SSR trained on retrieval sequences from the
     training clusters; the trial and its checkpoint with the best validation mAP (held-out
     clusters) win. tracking: each trial logs to its nested MLflow run while it trains."""
     root = Path(work_dir) / f"ssr-{short_hash([train.model_dump(), features.train_path])}"
     logger = get_run_logger()
     points = sweep_points(sweep)
-    logger.info("SSR: %d retrieval trial(s) over %s, k=%d, steps=%d", len(points), dict(sweep) or "no sweep", train.k,
-                train.steps)
+    logger.info(
+        "SSR: %d retrieval trial(s) over %s, k=%d, steps=%d",
+        len(points),
+        dict(sweep) or "no sweep",
+        train.k,
+        train.steps,
+    )
     progress = Progress(f"train-{short_hash([features.path, str(root)])}", "Retrieval SSR training (all trials)")
-    trials = Trials(tuple(run_trials(train, sweep, Path(features.train_path), features.dim, root / "trials",
-                                     Path(work_dir) / "ray_results", device=cluster_device(device), progress=progress,
-                                     tracking=tracking)))
+    trials = Trials(
+        tuple(
+            run_trials(
+                train,
+                sweep,
+                Path(features.train_path),
+                features.dim,
+                root / "trials",
+                Path(work_dir) / "ray_results",
+                device=cluster_device(device),
+                progress=progress,
+                tracking=tracking,
+            )
+        )
+    )
     for t in trials.trials:
-        logger.info("SSR: trial %s, best validation mAP %.2f%% at iteration %d", t.label, 100 * t.best_val,
-                    t.best_iteration)
-    logger.info("SSR: chosen on validation: %s, checkpoint of iteration %d (validation mAP %.2f%%)",
-                trials.best.label, trials.best.best_iteration, 100 * trials.best.best_val)
+        logger.info(
+            "SSR: trial %s, best validation mAP %.2f%% at iteration %d", t.label, 100 * t.best_val, t.best_iteration
+        )
+    logger.info(
+        "SSR: chosen on validation: %s, checkpoint of iteration %d (validation mAP %.2f%%)",
+        trials.best.label,
+        trials.best.best_iteration,
+        100 * trials.best.best_val,
+    )
     return trials
 
 
 @task(name="rank-methods", cache_policy=CACHE, persist_result=True)
-def rank_methods(baselines: RetrievalBaselineParams, train: RetrievalTrainParams, k: int, shard_size: int,
-                 features: RetrievalFeatures, work_dir: str) -> Rankings:
+def rank_methods(
+    baselines: RetrievalBaselineParams,
+    train: RetrievalTrainParams,
+    k: int,
+    shard_size: int,
+    features: RetrievalFeatures,
+    work_dir: str,
+) -> Rankings:
     """QE's n and the k-reciprocal point chosen on validation (held-out clusters), then the
     initial rankings of every method (features, QE variants, k-reciprocal), each as a top-K
     store with its query table, plus the database table (row = id) for the re-ranking actors.
     The stores' folder is named after the features, the choice, the stores' K and shard size.
     k: the largest k of any trial; train: its n_val_queries and seed draw the validation queries."""
     val = load_validation(Path(features.train_path), train.n_val_queries, train.seed, features.dim)
-    choice = choose_baselines(val, baselines.qe_n_grid, krecip_grid(baselines.krecip_pairs, baselines.krecip_lambda),
-                              methods=baselines.methods, shortlist_points=shortlist_points(baselines))
-    get_run_logger().info("baselines chosen on validation (%d held-out queries): %s", len(val.queries),
-                          ", ".join(f"{k.removeprefix('chosen.')} {v}" for k, v in choice.as_params().items()))
+    choice = choose_baselines(
+        val,
+        baselines.qe_n_grid,
+        krecip_grid(baselines.krecip_pairs, baselines.krecip_lambda),
+        methods=baselines.methods,
+        shortlist_points=shortlist_points(baselines),
+    )
+    get_run_logger().info(
+        "baselines chosen on validation (%d held-out queries): %s",
+        len(val.queries),
+        ", ".join(f"{k.removeprefix('chosen.')} {v}" for k, v in choice.as_params().items()),
+    )
     db = read_features(Path(features.path), split="database")
     qt = read_features(Path(features.path), split="query")
     methods = method_rankings(qt.embeddings, db.embeddings, choice)
@@ -235,14 +382,26 @@ def rank_methods(baselines: RetrievalBaselineParams, train: RetrievalTrainParams
     stores.mkdir(parents=True, exist_ok=True)
     database = stores / "database.parquet"
     if not database.exists():
-        write_features(database, ids=np.arange(len(db.ids)), labels=["db"] * len(db.ids), splits=["database"] * len(db.ids),
-                       embeddings=db.embeddings, metadata={**db.metadata})
+        write_features(
+            database,
+            ids=np.arange(len(db.ids)),
+            labels=["db"] * len(db.ids),
+            splits=["database"] * len(db.ids),
+            embeddings=db.embeddings,
+            metadata={**db.metadata},
+        )
     out = []
     for m in methods:
         queries = stores / f"queries-{m.name}.parquet"
         if not queries.exists():
-            write_features(queries, ids=np.arange(len(m.query)), labels=["query"] * len(m.query), splits=["query"] * len(m.query),
-                           embeddings=m.query.astype(np.float32), metadata={**db.metadata, "method": m.name})
+            write_features(
+                queries,
+                ids=np.arange(len(m.query)),
+                labels=["query"] * len(m.query),
+                splits=["query"] * len(m.query),
+                embeddings=m.query.astype(np.float32),
+                metadata={**db.metadata, "method": m.name},
+            )
         store = write_ranking_store(stores / m.name / "topk", m, k_store, shard_size, source=features.path)
         out.append(MethodStore(m.name, str(store.path), str(queries)))
     ranks = stores / "ranks.npz"
@@ -253,11 +412,24 @@ def rank_methods(baselines: RetrievalBaselineParams, train: RetrievalTrainParams
 
 
 @task(name="rerank-store", retries=1, retry_condition_fn=retry_transient)
-def rerank(evaluation: RetrievalEvalParams, rankings: Rankings, method: MethodStore, model: RetrievalModel,
-           device: Device = "auto") -> Reranked:
+def rerank(
+    evaluation: RetrievalEvalParams,
+    rankings: Rankings,
+    method: MethodStore,
+    model: RetrievalModel,
+    device: Device = "auto",
+) -> Reranked:
     """Every shard of a method's top-K store re-ranked by SSR on a pool of Ray actors."""
     out = Path(method.topk).parent / f"reranked-{short_hash([model.weights])}"
     progress = Progress(f"rerank-{short_hash([method.topk, model.weights])}", f"Re-ranking shards of {method.name}")
-    rerank_store(Path(method.topk), Path(method.queries), Path(rankings.database), out, model,
-                 n_actors=evaluation.n_rerank_actors, device=cluster_device(device), progress=progress)
+    rerank_store(
+        Path(method.topk),
+        Path(method.queries),
+        Path(rankings.database),
+        out,
+        model,
+        n_actors=evaluation.n_rerank_actors,
+        device=cluster_device(device),
+        progress=progress,
+    )
     return Reranked(method.name, str(out))

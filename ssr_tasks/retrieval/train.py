@@ -12,16 +12,16 @@ revisited-format set (``storage.landmark_tables.validation_ground_truth``): quer
 from it are ranked against all of it, their top-k re-ranked by SSR, and the medium-protocol
 mAP is the score that picks the checkpoint (and, across trials, ``lr_dni``).
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ssr_model import RetrievalSSR
 from ssr_model.losses import info_bce
@@ -56,8 +56,17 @@ def topk_ap(positives: np.ndarray) -> np.ndarray:
     return (hits * cum / ranks).sum(1) / n_pos
 
 
-def draw_sequences(emb: np.ndarray, labels: np.ndarray, k: int, sequence_length: int, n: int, seed: int,
-                   max_ap: float = 0.8, min_positives: int = 5, max_draws: int | None = None) -> Sequences:
+def draw_sequences(
+    emb: np.ndarray,
+    labels: np.ndarray,
+    k: int,
+    sequence_length: int,
+    n: int,
+    seed: int,
+    max_ap: float = 0.8,
+    min_positives: int = 5,
+    max_draws: int | None = None,
+) -> Sequences:
     """``n`` filtered sequences drawn uniformly. emb (N, D) L2-normalised rows, labels (N,).
 
     Each draw is 1 + L distinct rows (L = min(sequence_length, N - 1)), the first being the
@@ -87,9 +96,11 @@ def draw_sequences(emb: np.ndarray, labels: np.ndarray, k: int, sequence_length:
             nbs.append(items[top])
             pos.append(p)
     if len(qs) < n:
-        raise ValueError(f"training sequences: only {len(qs)} of {n} passed the filter (more than {min_positives} positives "
-                         f"in the top-{k} and AP < {max_ap}) in {draws} draws of {L} items; the training clusters are too "
-                         "small or too easy for these settings (lower min_positives or raise sequence_length)")
+        raise ValueError(
+            f"training sequences: only {len(qs)} of {n} passed the filter (more than {min_positives} positives "
+            f"in the top-{k} and AP < {max_ap}) in {draws} draws of {L} items; the training clusters are too "
+            "small or too easy for these settings (lower min_positives or raise sequence_length)"
+        )
     return Sequences(np.asarray(qs, np.int64), np.stack(nbs).astype(np.int64), np.stack(pos))
 
 
@@ -105,15 +116,16 @@ class ValidationSet:
     gnd: list[dict]
 
     @classmethod
-    def from_clusters(cls, emb: np.ndarray, labels: np.ndarray, n_queries: int, seed: int) -> "ValidationSet":
+    def from_clusters(cls, emb: np.ndarray, labels: np.ndarray, n_queries: int, seed: int) -> ValidationSet:
         """emb (M, D) L2-normalised held-out rows, labels (M,) their clusters."""
         rows, db_rows, gt = validation_ground_truth(labels, n_queries, seed)
         q, db = emb[rows], emb[db_rows]
         return cls(q, db, np.argsort(-(q @ db.T), axis=1, kind="stable"), gt.gnd)
 
 
-def rerank_top(model: RetrievalSSR, queries: torch.Tensor, database: torch.Tensor, ranks: np.ndarray,
-               batch: int = 64) -> np.ndarray:
+def rerank_top(
+    model: RetrievalSSR, queries: torch.Tensor, database: torch.Tensor, ranks: np.ndarray, batch: int = 64
+) -> np.ndarray:
     """ranks (Q, N) with each row's first ``model.k`` entries re-ordered by SSR; queries (Q, D),
     database (N, D) tensors on the model's device."""
     k = model.k
@@ -139,16 +151,31 @@ def validation_map(model: RetrievalSSR, val: ValidationSet, device) -> float:
 
 
 def period_sequences(cfg: RetrievalTrainParams, emb: np.ndarray, labels: np.ndarray, period: int) -> Sequences:
-    return draw_sequences(emb, labels, cfg.k, cfg.sequence_length, cfg.val_every * cfg.batch_queries,
-                          seed=cfg.seed * 1_000_003 + period, max_ap=cfg.max_ap, min_positives=cfg.min_positives)
+    return draw_sequences(
+        emb,
+        labels,
+        cfg.k,
+        cfg.sequence_length,
+        cfg.val_every * cfg.batch_queries,
+        seed=cfg.seed * 1_000_003 + period,
+        max_ap=cfg.max_ap,
+        min_positives=cfg.min_positives,
+    )
 
 
 def _save_best(model: RetrievalSSR, path: Path) -> None:
     save_checkpoint(path, {k: v.detach().cpu() for k, v in model.state_dict().items()})
 
 
-def train_retrieval(cfg: RetrievalTrainParams, emb: np.ndarray, labels: np.ndarray, val: ValidationSet, out_dir: Path,
-                    device="cpu", report: Callable[[dict], None] | None = None) -> dict:
+def train_retrieval(
+    cfg: RetrievalTrainParams,
+    emb: np.ndarray,
+    labels: np.ndarray,
+    val: ValidationSet,
+    out_dir: Path,
+    device="cpu",
+    report: Callable[[dict], None] | None = None,
+) -> dict:
     """SGD on InfoBCE over fresh sequences each period; validation mAP every ``val_every``
     iterations; checkpoint/resume at those points; the best checkpoint is kept.
 
@@ -197,17 +224,36 @@ def train_retrieval(cfg: RetrievalTrainParams, emb: np.ndarray, labels: np.ndarr
                 _save_best(model, out_dir / "best.pt")
             state.done = it + 1
             ckpt.save(state)
-            log.info("retrieval SSR iteration %d/%d loss %.4f validation mAP %.2f%% (best %.2f%%)",
-                     it + 1, cfg.iterations, loss.item(), 100 * val_map, 100 * state.best)
+            log.info(
+                "retrieval SSR iteration %d/%d loss %.4f validation mAP %.2f%% (best %.2f%%)",
+                it + 1,
+                cfg.iterations,
+                loss.item(),
+                100 * val_map,
+                100 * state.best,
+            )
             if report is not None:
                 report({"iteration": it + 1, "loss": loss.item(), "val_map": val_map, "best_val_map": state.best})
             if stalled(state.history, "val_map", cfg.patience):
-                log.info("retrieval SSR: no new best validation mAP for %d validations; stopping at iteration %d "
-                         "(iterations %d are a cap)", cfg.patience, it + 1, cfg.iterations)
+                log.info(
+                    "retrieval SSR: no new best validation mAP for %d validations; stopping at iteration %d "
+                    "(iterations %d are a cap)",
+                    cfg.patience,
+                    it + 1,
+                    cfg.iterations,
+                )
                 break
     best_iteration = max(state.history, key=lambda h: (h["val_map"], -h["iteration"]))["iteration"]
-    summary = mark_finished(done, {"best_val": state.best, "best_iteration": best_iteration,
-                                   "best_path": str(out_dir / "best.pt"), "history": state.history, "config": cfg.model_dump()})
+    summary = mark_finished(
+        done,
+        {
+            "best_val": state.best,
+            "best_iteration": best_iteration,
+            "best_path": str(out_dir / "best.pt"),
+            "history": state.history,
+            "config": cfg.model_dump(),
+        },
+    )
     ckpt.remove()  # finished: the best weights are what is kept (Tune checkpoints copy the folder)
     return summary
 

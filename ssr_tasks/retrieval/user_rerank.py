@@ -12,26 +12,34 @@ query i = row i of QUERIES, database index j = row j of DATABASE) the revisited 
 instead of a file, a database item is positive when its label equals the query's (one mAP
 and mP@10). Positives outside the top-K count as not retrieved.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-
-from ssr_model.metrics import revisited_map
-from ssr_tasks.device import cluster_device
-from ssr_tasks.retrieval.handoffs import RegisteredRetrievalModel
-from ssr_tasks.retrieval.rerank import rerank_store
-from ssr_tasks.services import init_ray, mlflow_tracking_uri
-from ssr_tasks.registry import load_registered_model
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.features import (embedding_array, embedding_type_dim, features_hash, first_row_dim, read_features, read_ids,
-                              read_metadata, write_features)
+from ssr_model.metrics import revisited_map
+from ssr_tasks.device import cluster_device
+from ssr_tasks.registry import load_registered_model
+from ssr_tasks.retrieval.handoffs import RegisteredRetrievalModel
+from ssr_tasks.retrieval.rerank import rerank_store
+from ssr_tasks.services import init_ray, mlflow_tracking_uri
+from storage.features import (
+    embedding_array,
+    embedding_type_dim,
+    features_hash,
+    first_row_dim,
+    read_features,
+    read_ids,
+    read_metadata,
+    write_features,
+)
 from storage.landmarks import RevisitedGroundTruth, read_gnd
 from storage.own_data import label_ground_truth
 from storage.simstore import SimilarityStore, build_topk_store_from_tables
@@ -74,8 +82,10 @@ def _store_ranks(store: Path, query_ids: np.ndarray, db_ids: np.ndarray) -> np.n
 
 def _maps(ranks: np.ndarray, gnd: list[dict]) -> dict[str, float]:
     res = revisited_map(ranks, gnd)
-    return {**{p: round(res[p]["map"], 2) for p in ("easy", "medium", "hard")},
-            **{f"mP@10 {p}": round(res[p]["mp"][10], 2) for p in ("medium", "hard")}}
+    return {
+        **{p: round(res[p]["map"], 2) for p in ("easy", "medium", "hard")},
+        **{f"mP@10 {p}": round(res[p]["mp"][10], 2) for p in ("medium", "hard")},
+    }
 
 
 def _canonical(table: Path, out_dir: Path, split: str) -> Path:
@@ -87,14 +97,20 @@ def _canonical(table: Path, out_dir: Path, split: str) -> Path:
     except (OSError, pa.ArrowException) as exc:
         raise ValueError(f"{table}: not a readable Parquet file ({exc})") from None
     index = schema.get_field_index("embedding")
-    if index >= 0 and pa.types.is_fixed_size_list(schema.field(index).type) and "split" in schema.names \
-            and b"dim" in (schema.metadata or {}):
+    if (
+        index >= 0
+        and pa.types.is_fixed_size_list(schema.field(index).type)
+        and "split" in schema.names
+        and b"dim" in (schema.metadata or {})
+    ):
         return table
     out = out_dir / f"{table.stem}-{features_hash(table)[:10]}.parquet"
     if not out.exists():
         missing = [c for c in ("id", "embedding") if c not in schema.names]
         if missing:
-            raise ValueError(f"{table}: missing column(s) {missing} (expected id, embedding and optionally label, path)")
+            raise ValueError(
+                f"{table}: missing column(s) {missing} (expected id, embedding and optionally label, path)"
+            )
         data = pq.read_table(table)
         ids = np.asarray(data.column("id").to_numpy(), dtype=np.int64)
         column = data.column("embedding")
@@ -102,9 +118,21 @@ def _canonical(table: Path, out_dir: Path, split: str) -> Path:
         embeddings = embedding_array(column, ids, dim, str(table))
         labels = data.column("label").to_pylist() if "label" in schema.names else np.full(len(ids), -1)
         paths = data.column("path").to_pylist() if "path" in schema.names else None
-        write_features(out, ids=ids, labels=labels, splits=[split] * len(ids), embeddings=embeddings, paths=paths,
-                       metadata={"dataset": table.stem, "backbone": "none", "checkpoint_hash": "none", "dim": str(dim),
-                                 "source": str(table.resolve())})
+        write_features(
+            out,
+            ids=ids,
+            labels=labels,
+            splits=[split] * len(ids),
+            embeddings=embeddings,
+            paths=paths,
+            metadata={
+                "dataset": table.stem,
+                "backbone": "none",
+                "checkpoint_hash": "none",
+                "dim": str(dim),
+                "source": str(table.resolve()),
+            },
+        )
     return out
 
 
@@ -116,9 +144,18 @@ def _label_gnd(queries: Path, database: Path) -> RevisitedGroundTruth:
     return label_ground_truth(np.asarray(q.labels), np.asarray(db.labels), source=f"{queries.name} / {database.name}")
 
 
-def rerank_features(queries: Path, database: Path, model_uri: str, out: Path, k: int | None = None,
-                    gnd: Path | str | None = None, n_actors: int = 0, device: str = "auto", shard_size: int = 50_000,
-                    progress: Callable[[int, int], None] | None = None) -> RerankOutput:
+def rerank_features(
+    queries: Path,
+    database: Path,
+    model_uri: str,
+    out: Path,
+    k: int | None = None,
+    gnd: Path | str | None = None,
+    n_actors: int = 0,
+    device: str = "auto",
+    shard_size: int = 50_000,
+    progress: Callable[[int, int], None] | None = None,
+) -> RerankOutput:
     """Build or reuse the top-K store, re-rank it with the registered model on Ray actors,
     and score both with ``gnd`` when given (a file, or "labels"). Bad input raises
     ValueError naming the file."""
@@ -133,8 +170,9 @@ def rerank_features(queries: Path, database: Path, model_uri: str, out: Path, k:
     if k != model.k:
         raise ValueError(f"--k {k}: the model {model_uri} re-ranks exactly k={model.k} neighbours; use --k {model.k}")
     if q_dim != model.feat_dim:
-        raise ValueError(f"{queries.name}: embedding has dim {q_dim}, but the model {model_uri} was trained on "
-                         f"dim {model.feat_dim}")
+        raise ValueError(
+            f"{queries.name}: embedding has dim {q_dim}, but the model {model_uri} was trained on dim {model.feat_dim}"
+        )
     gt = None
     if gnd is not None:
         q_ids, db_ids = read_ids(queries), read_ids(database)
@@ -143,8 +181,17 @@ def rerank_features(queries: Path, database: Path, model_uri: str, out: Path, k:
             raise ValueError(f"{gnd}: gnd has {len(gt.gnd)} queries, but {queries.name} has {len(q_ids)} rows")
     store = build_topk_store_from_tables(queries, database, out / "topk", k, shard_size=shard_size)
     init_ray()
-    reranked = rerank_store(store.path, queries, database, out / "reranked", model, n_actors=n_actors,
-                            device=cluster_device(device), progress=progress, db_split=None)
+    reranked = rerank_store(
+        store.path,
+        queries,
+        database,
+        out / "reranked",
+        model,
+        n_actors=n_actors,
+        device=cluster_device(device),
+        progress=progress,
+        db_split=None,
+    )
     result = RerankOutput(store.path, reranked, k, store.n_queries)
     if gt is None:
         return result

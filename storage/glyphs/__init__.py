@@ -4,8 +4,31 @@
 the character classes, ``render`` draws and augments one sample, ``retrieval`` holds the
 retrieval variant's database designs and ground-truth rule.
 """
-from storage.glyphs.dataset import (FEWSHOT_DIR, GENERATOR_VERSION, GND_NAME, N_QUERY, N_WAY, RETRIEVAL_DIR, SIZES,
-                                    SPLIT_FRACTIONS, ClassTask, GlyphsSize, prepare_glyphs)
 
-__all__ = ["FEWSHOT_DIR", "GENERATOR_VERSION", "GND_NAME", "N_QUERY", "N_WAY", "RETRIEVAL_DIR", "SIZES",
-           "SPLIT_FRACTIONS", "ClassTask", "GlyphsSize", "prepare_glyphs"]
+from storage.glyphs.dataset import (
+    FEWSHOT_DIR,
+    GENERATOR_VERSION,
+    GND_NAME,
+    N_QUERY,
+    N_WAY,
+    RETRIEVAL_DIR,
+    SIZES,
+    SPLIT_FRACTIONS,
+    ClassTask,
+    GlyphsSize,
+    prepare_glyphs,
+)
+
+__all__ = [
+    "FEWSHOT_DIR",
+    "GENERATOR_VERSION",
+    "GND_NAME",
+    "N_QUERY",
+    "N_WAY",
+    "RETRIEVAL_DIR",
+    "SIZES",
+    "SPLIT_FRACTIONS",
+    "ClassTask",
+    "GlyphsSize",
+    "prepare_glyphs",
+]

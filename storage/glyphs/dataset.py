@@ -18,6 +18,7 @@ Every random choice comes from ``numpy.random.default_rng`` seeded by ``seed`` (
 character, by its code point), so one seed gives byte-identical files. The ground-truth
 rule of the retrieval variant is in ``storage.glyphs.retrieval``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,10 +30,10 @@ import shutil
 import tempfile
 import time
 import unicodedata
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -64,10 +65,24 @@ class GlyphsSize:
 
 
 SIZES = {
-    "small": GlyphsSize(n_classes=100, images_per_class=20, n_val_episodes=50, n_queries=20,
-                        n_database=500, train_per_cluster=5, per_query=(2, 4, 2)),
-    "default": GlyphsSize(n_classes=1000, images_per_class=20, n_val_episodes=1000, n_queries=70,
-                          n_database=5000, train_per_cluster=6, per_query=(6, 12, 6)),
+    "small": GlyphsSize(
+        n_classes=100,
+        images_per_class=20,
+        n_val_episodes=50,
+        n_queries=20,
+        n_database=500,
+        train_per_cluster=5,
+        per_query=(2, 4, 2),
+    ),
+    "default": GlyphsSize(
+        n_classes=1000,
+        images_per_class=20,
+        n_val_episodes=1000,
+        n_queries=70,
+        n_database=5000,
+        train_per_cluster=6,
+        per_query=(6, 12, 6),
+    ),
 }
 
 
@@ -120,15 +135,28 @@ def _render_class(task: ClassTask, renderer: GlyphRenderer, seed: int, fs_root: 
         font, aug = str(rng.choice(valid)), sample_mild_aug(rng)
         img, _ = renderer.render(font, ch, aug)
         _write(rt_root / "test" / "jpg" / f"{task.query_name}.png", png_bytes(img))
-        query = {"name": task.query_name, "char": ch, "font": font, "aug": aug.to_json(),
-                 "bbox": list(img.getbbox() or (0, 0, 0, 0))}
+        query = {
+            "name": task.query_name,
+            "char": ch,
+            "font": font,
+            "aug": aug.to_json(),
+            "bbox": list(img.getbbox() or (0, 0, 0, 0)),
+        }
     database = []
     for name, design in zip(task.db_names, task.db_designs):
         font, aug = gr.sample_item(design, query and query["font"], valid, gf.family_of, rng)
         img, removed = renderer.render(font, ch, aug)
         _write(rt_root / "test" / "jpg" / f"{name}.png", png_bytes(img))
-        database.append({"name": name, "char": ch, "font": font, "aug": aug.to_json(),
-                         "design": design, "removed": round(removed, 4)})
+        database.append(
+            {
+                "name": name,
+                "char": ch,
+                "font": font,
+                "aug": aug.to_json(),
+                "design": design,
+                "removed": round(removed, 4),
+            }
+        )
     return {"folder": folder, "fonts": fewshot_fonts, "n_fonts": len(valid), "query": query, "database": database}
 
 
@@ -152,7 +180,7 @@ def _plan(pool: list[gf.GlyphClass], cfg: GlyphsSize, seed: int) -> list[ClassTa
     rng = np.random.default_rng([seed, 0])
     chosen = [pool[i] for i in rng.permutation(len(pool))[: cfg.n_classes]]
     n_train, n_val, _ = _split_counts(cfg.n_classes)
-    splits = {"train": chosen[:n_train], "val": chosen[n_train:n_train + n_val], "test": chosen[n_train + n_val:]}
+    splits = {"train": chosen[:n_train], "val": chosen[n_train : n_train + n_val], "test": chosen[n_train + n_val :]}
     splits = {k: sorted(v, key=lambda c: ord(c.char)) for k, v in splits.items()}
     test = splits["test"]
     if cfg.n_queries > len(test):
@@ -175,16 +203,26 @@ def _plan(pool: list[gf.GlyphClass], cfg: GlyphsSize, seed: int) -> list[ClassTa
     for split, classes in splits.items():
         for c in classes:
             mine = names.get(c.char, [])
-            tasks.append(ClassTask(c.char, split, c.fonts, cfg.images_per_class,
-                                   cfg.train_per_cluster if split == "train" else 0, query_name.get(c.char),
-                                   tuple(n for n, _ in mine), tuple(d for _, d in mine)))
+            tasks.append(
+                ClassTask(
+                    c.char,
+                    split,
+                    c.fonts,
+                    cfg.images_per_class,
+                    cfg.train_per_cluster if split == "train" else 0,
+                    query_name.get(c.char),
+                    tuple(n for n, _ in mine),
+                    tuple(d for _, d in mine),
+                )
+            )
     return tasks
 
 
-def _run(tasks: list[ClassTask], font_paths: dict[str, str], seed: int, fs_root: Path, rt_root: Path,
-         workers: int) -> list[dict]:
+def _run(
+    tasks: list[ClassTask], font_paths: dict[str, str], seed: int, fs_root: Path, rt_root: Path, workers: int
+) -> list[dict]:
     chunk = 24
-    chunks = [(font_paths, seed, str(fs_root), str(rt_root), tasks[i:i + chunk]) for i in range(0, len(tasks), chunk)]
+    chunks = [(font_paths, seed, str(fs_root), str(rt_root), tasks[i : i + chunk]) for i in range(0, len(tasks), chunk)]
     n_images = sum(t.n_fewshot + t.n_train_renderings + len(t.db_names) + 1 for t in tasks)
     if workers <= 1 or n_images < _MIN_IMAGES_FOR_WORKERS:
         results = [_render_chunk(c) for c in chunks]
@@ -227,8 +265,13 @@ def _build(fs_root: Path, rt_root: Path, seed: int, size: str, workers: int) -> 
 
     classes, n_classes = {}, {"train": 0, "val": 0, "test": 0}
     for task, res in zip(tasks, results):
-        classes[task.folder] = {"char": task.char, "name": unicodedata.name(task.char, ""), "split": task.split,
-                                "n_fonts": res["n_fonts"], "fonts": res["fonts"]}
+        classes[task.folder] = {
+            "char": task.char,
+            "name": unicodedata.name(task.char, ""),
+            "split": task.split,
+            "n_fonts": res["n_fonts"],
+            "fonts": res["fonts"],
+        }
         n_classes[task.split] += 1
     _write_json(fs_root / "classes.json", dict(sorted(classes.items())))
     val = sorted(f for f, c in classes.items() if c["split"] == "val")
@@ -237,11 +280,22 @@ def _build(fs_root: Path, rt_root: Path, seed: int, size: str, workers: int) -> 
         _write_json(fs_root / f"val_episodes_{n_shot}shot.json", eps, compact=True)
     n_images = cfg.n_classes * cfg.images_per_class
     versions = {"generator_version": GENERATOR_VERSION, "seed": seed, "size": size}
-    _write_json(fs_root / "dataset.json", {
-        "name": FEWSHOT_DIR, **versions, "layout": "cifar-fs", "image_size": 32, "mode": "L",
-        "n_classes": n_classes, "images_per_class": cfg.images_per_class, "n_images": n_images,
-        "val_episodes": {"n_way": N_WAY, "n_query": N_QUERY, "n_episodes": cfg.n_val_episodes},
-        "fonts": gf.font_versions(fonts), "complete": True})
+    _write_json(
+        fs_root / "dataset.json",
+        {
+            "name": FEWSHOT_DIR,
+            **versions,
+            "layout": "cifar-fs",
+            "image_size": 32,
+            "mode": "L",
+            "n_classes": n_classes,
+            "images_per_class": cfg.images_per_class,
+            "n_images": n_images,
+            "val_episodes": {"n_way": N_WAY, "n_query": N_QUERY, "n_episodes": cfg.n_val_episodes},
+            "fonts": gf.font_versions(fonts),
+            "complete": True,
+        },
+    )
 
     queries = sorted((r["query"] for r in results if r["query"]), key=lambda q: q["name"])
     database = sorted((d for r in results for d in r["database"]), key=lambda d: d["name"])
@@ -249,11 +303,25 @@ def _build(fs_root: Path, rt_root: Path, seed: int, size: str, workers: int) -> 
     gr.write_gnd_pickle(rt_root / "test" / GND_NAME, [d["name"] for d in database], [q["name"] for q in queries], gnd)
     _write_json(rt_root / "test" / "metadata.json", {"queries": queries, "database": database})
     totals = {k: sum(len(g[k]) for g in gnd) for k in ("easy", "hard", "junk")}
-    n_retrieval = {"train_clusters": n_classes["train"], "train_images": n_classes["train"] * cfg.train_per_cluster,
-                   "queries": len(queries), "database": len(database)}
-    _write_json(rt_root / "dataset.json", {
-        "name": RETRIEVAL_DIR, **versions, "layout": "revisitop", "image_size": 32, "mode": "L",
-        **n_retrieval, "positives": totals, "complete": True})
+    n_retrieval = {
+        "train_clusters": n_classes["train"],
+        "train_images": n_classes["train"] * cfg.train_per_cluster,
+        "queries": len(queries),
+        "database": len(database),
+    }
+    _write_json(
+        rt_root / "dataset.json",
+        {
+            "name": RETRIEVAL_DIR,
+            **versions,
+            "layout": "revisitop",
+            "image_size": 32,
+            "mode": "L",
+            **n_retrieval,
+            "positives": totals,
+            "complete": True,
+        },
+    )
     return {"n_classes": n_classes, "n_images": n_images, "n_retrieval": n_retrieval}
 
 
@@ -262,8 +330,13 @@ def _matches(dataset_json: Path, seed: int, size: str) -> dict | None:
         meta = json.loads(dataset_json.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    ok = (isinstance(meta, dict) and meta.get("complete") is True and meta.get("seed") == seed
-          and meta.get("size") == size and meta.get("generator_version") == GENERATOR_VERSION)
+    ok = (
+        isinstance(meta, dict)
+        and meta.get("complete") is True
+        and meta.get("seed") == seed
+        and meta.get("size") == size
+        and meta.get("generator_version") == GENERATOR_VERSION
+    )
     return meta if ok else None
 
 
@@ -317,8 +390,14 @@ def prepare_glyphs(root: Path | str, *, seed: int = 0, size: str = "default", wo
         rt_meta = _matches(rt_final / "dataset.json", seed, size)
         if fs_meta is not None and rt_meta is not None:
             n_retrieval = {k: rt_meta[k] for k in ("train_clusters", "train_images", "queries", "database")}
-            return {**out, "n_classes": fs_meta["n_classes"], "n_images": fs_meta["n_images"],
-                    "n_retrieval": n_retrieval, "cached": True, "seconds": time.perf_counter() - start}
+            return {
+                **out,
+                "n_classes": fs_meta["n_classes"],
+                "n_images": fs_meta["n_images"],
+                "n_retrieval": n_retrieval,
+                "cached": True,
+                "seconds": time.perf_counter() - start,
+            }
         tmp = Path(tempfile.mkdtemp(prefix=".glyphs-build-", dir=root))
         try:
             n_workers = min(2, os.cpu_count() or 1) if workers is None else int(workers)

@@ -5,6 +5,7 @@ The fonts are the TrueType files shipped inside matplotlib's package
 ``MIN_FONTS`` font files draw it with a real glyph; look-alike characters (Latin ``A``,
 Greek ``Α``, Cyrillic ``А``) are reduced to one class. Nothing here is computed at import.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -23,10 +24,18 @@ MIN_FONTS = 10
 _EXCLUDED_FONTS = ("LastResort",)
 # Families, by file-name prefix (longest prefix wins). Used by the retrieval ground truth.
 _FAMILIES = (
-    ("DejaVuSansMono", "dejavu-sans-mono"), ("DejaVuSans", "dejavu-sans"),
-    ("DejaVuSerif", "dejavu-serif"), ("STIX", "stix"),
-    ("cmr10", "cm-roman"), ("cmb10", "cm-roman"), ("cmti10", "cm-roman"), ("cmmi10", "cm-roman"),
-    ("cmss10", "cm-sans"), ("cmtt10", "cm-typewriter"), ("cmsy10", "cm-symbol"), ("cmex10", "cm-extension"),
+    ("DejaVuSansMono", "dejavu-sans-mono"),
+    ("DejaVuSans", "dejavu-sans"),
+    ("DejaVuSerif", "dejavu-serif"),
+    ("STIX", "stix"),
+    ("cmr10", "cm-roman"),
+    ("cmb10", "cm-roman"),
+    ("cmti10", "cm-roman"),
+    ("cmmi10", "cm-roman"),
+    ("cmss10", "cm-sans"),
+    ("cmtt10", "cm-typewriter"),
+    ("cmsy10", "cm-symbol"),
+    ("cmex10", "cm-extension"),
 )
 # Fonts in matplotlib's Computer Modern set reuse ASCII code points for other glyphs (TeX
 # encodings); a code point counts only when its glyph name names exactly that character.
@@ -36,12 +45,45 @@ _REFERENCE_FONTS = ("DejaVuSans.ttf", "DejaVuSerif.ttf", "STIXGeneral.ttf", "Dej
 # Cross-script homoglyphs by name: each entry's characters after the first are dropped
 # when the first is a candidate (the rendering check catches the rest).
 _HOMOGLYPHS = (
-    "AΑА", "BΒВ", "CϹС", "EΕЕ", "HΗН", "IΙІӀ", "JЈ", "KΚК", "MΜМ", "NΝ", "OΟО", "PΡР",
-    "SЅ", "TΤТ", "XΧХ", "YΥҮ", "ZΖ", "aа", "cϲс", "eе", "hһ", "iі", "jј", "oοо", "pр",
-    "sѕ", "xх", "yу", "ÄӒ", "ÖӦ", "ËЁ", "äӓ", "öӧ", "ëё", "ÏЇ", "ïї",
+    "AΑА",
+    "BΒВ",
+    "CϹС",
+    "EΕЕ",
+    "HΗН",
+    "IΙІӀ",
+    "JЈ",
+    "KΚК",
+    "MΜМ",
+    "NΝ",
+    "OΟО",
+    "PΡР",
+    "SЅ",
+    "TΤТ",
+    "XΧХ",
+    "YΥҮ",
+    "ZΖ",
+    "aа",
+    "cϲс",
+    "eе",
+    "hһ",
+    "iі",
+    "jј",
+    "oοо",
+    "pр",
+    "sѕ",
+    "xх",
+    "yу",
+    "ÄӒ",
+    "ÖӦ",
+    "ËЁ",
+    "äӓ",
+    "öӧ",
+    "ëё",
+    "ÏЇ",
+    "ïї",
 )
-SIGNATURE_PX = 24        # font size of the look-alike signature rendering
-SIGNATURE_CANVAS = 48    # canvas the signature is centred in (then 2x2 box-averaged to 24x24)
+SIGNATURE_PX = 24  # font size of the look-alike signature rendering
+SIGNATURE_CANVAS = 48  # canvas the signature is centred in (then 2x2 box-averaged to 24x24)
 # Two characters are look-alikes when ||a - b||^2 / (||a||^2 + ||b||^2) of their signatures
 # is below this (0 for the same glyph; Latin l / capital I in DejaVu Sans: 0.015,
 # e-acute / e-grave: 0.046, x / X: 0.17, o / O: 0.75).
@@ -153,7 +195,7 @@ def _render_centred(font: ImageFont.FreeTypeFont, ch: str, canvas: int) -> np.nd
 
 
 def _notdef(font: ImageFont.FreeTypeFont, canvas: int) -> np.ndarray | None:
-    return _render_centred(font, "\U0010FFFD", canvas)  # a private-use code point no font maps
+    return _render_centred(font, "\U0010fffd", canvas)  # a private-use code point no font maps
 
 
 def _signature(img: np.ndarray) -> np.ndarray:
@@ -204,10 +246,10 @@ def class_pool(fonts: list[FontFile], min_fonts: int = MIN_FONTS) -> list[GlyphC
         sigs.append(_signature(img))
     if not visible:
         return []
-    S = np.stack(sigs)                                   # (N, 576)
-    sq = (S * S).sum(axis=1)                             # (N,)
+    S = np.stack(sigs)  # (N, 576)
+    sq = (S * S).sum(axis=1)  # (N,)
     total = sq[:, None] + sq[None, :]
-    dist = (total - 2.0 * (S @ S.T)) / np.maximum(total, 1e-6)   # (N, N), 0 on the diagonal
+    dist = (total - 2.0 * (S @ S.T)) / np.maximum(total, 1e-6)  # (N, N), 0 on the diagonal
     keep = np.zeros(len(visible), dtype=bool)
     for i in range(len(visible)):
         keep[i] = not bool((dist[i, :i][keep[:i]] < LOOKALIKE_DISTANCE).any())

@@ -4,6 +4,7 @@ A sample is drawn on a 64 x 64 canvas (font size 48 px, centred by the ink box, 
 only when larger than 52 px), changed in stroke width and by an affine map there, then
 box-downsampled 2x to a 32 x 32 grey image: light strokes (255) on a dark background (0).
 """
+
 from __future__ import annotations
 
 import io
@@ -14,10 +15,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 IMAGE_SIZE = 32
-_HI = 2 * IMAGE_SIZE      # working canvas, downsampled 2x at the end
-_EM_HI = 48               # font size on the working canvas (an em is 24 px in the output)
-_MAX_GLYPH_HI = 52        # larger glyphs are scaled down to fit
-_MIN_INK_KEPT = 0.35      # a thinning that keeps less ink than this is skipped
+_HI = 2 * IMAGE_SIZE  # working canvas, downsampled 2x at the end
+_EM_HI = 48  # font size on the working canvas (an em is 24 px in the output)
+_MAX_GLYPH_HI = 52  # larger glyphs are scaled down to fit
+_MIN_INK_KEPT = 0.35  # a thinning that keeps less ink than this is skipped
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,14 @@ def sample_mild_aug(rng: np.random.Generator) -> Aug:
     """The mild augmentation (retrieval renderings): rotation +-10 deg, scale 0.9-1.1,
     shear +-0.15, translation +-2 px, stroke thinner / as drawn / thicker with equal
     probability."""
-    return Aug(rotation_deg=float(rng.uniform(-10, 10)), scale=float(rng.uniform(0.9, 1.1)),
-               shear=float(rng.uniform(-0.15, 0.15)), dx=float(rng.uniform(-2, 2)),
-               dy=float(rng.uniform(-2, 2)), stroke=int(rng.integers(-1, 2)))
+    return Aug(
+        rotation_deg=float(rng.uniform(-10, 10)),
+        scale=float(rng.uniform(0.9, 1.1)),
+        shear=float(rng.uniform(-0.15, 0.15)),
+        dx=float(rng.uniform(-2, 2)),
+        dy=float(rng.uniform(-2, 2)),
+        stroke=int(rng.integers(-1, 2)),
+    )
 
 
 _SIDES = ("left", "right", "top", "bottom")
@@ -70,15 +76,28 @@ def sample_fewshot_aug(rng: np.random.Generator) -> Aug:
     occlusion = None
     if rng.random() < 0.4:
         occlusion = (_SIDES[int(rng.integers(len(_SIDES)))], float(rng.uniform(0.2, 0.45)))
-    return Aug(rotation_deg=float(rng.uniform(-30, 30)), scale=float(rng.uniform(0.7, 1.25)),
-               shear=float(rng.uniform(-0.4, 0.4)), dx=float(rng.uniform(-4, 4)), dy=float(rng.uniform(-4, 4)),
-               stroke=int(rng.integers(-1, 2)), occlusion=occlusion, noise=40.0, noise_seed=int(rng.integers(2**31)))
+    return Aug(
+        rotation_deg=float(rng.uniform(-30, 30)),
+        scale=float(rng.uniform(0.7, 1.25)),
+        shear=float(rng.uniform(-0.4, 0.4)),
+        dx=float(rng.uniform(-4, 4)),
+        dy=float(rng.uniform(-4, 4)),
+        stroke=int(rng.integers(-1, 2)),
+        occlusion=occlusion,
+        noise=40.0,
+        noise_seed=int(rng.integers(2**31)),
+    )
 
 
 def transform_magnitude(aug: Aug) -> float:
     """How far ``aug`` is from the identity, in units of the mild range (<= 1 inside it)."""
-    return max(abs(aug.rotation_deg) / 10.0, abs(aug.scale - 1.0) / 0.1,
-               abs(aug.shear) / 0.15, abs(aug.dx) / 2.0, abs(aug.dy) / 2.0)
+    return max(
+        abs(aug.rotation_deg) / 10.0,
+        abs(aug.scale - 1.0) / 0.1,
+        abs(aug.shear) / 0.15,
+        abs(aug.dx) / 2.0,
+        abs(aug.dy) / 2.0,
+    )
 
 
 class GlyphRenderer:
@@ -125,7 +144,7 @@ class GlyphRenderer:
             img = self._draw(name, ch)
             if img is not None:
                 if name not in self._notdefs:
-                    self._notdefs[name] = self._draw(name, "\U0010FFFD")
+                    self._notdefs[name] = self._draw(name, "\U0010fffd")
                 notdef = self._notdefs[name]
                 if notdef is not None and img.tobytes() == notdef.tobytes():
                     img = None
@@ -158,8 +177,8 @@ def _rank3(arr: np.ndarray, op) -> np.ndarray:
     """3x3 grey dilation (op=np.maximum) or erosion (np.minimum) of an (H, W) uint8 image."""
     H, W = arr.shape
     pad = np.pad(arr, 1)
-    rows = op(op(pad[:, 0:W], pad[:, 1:W + 1]), pad[:, 2:W + 2])        # (H + 2, W)
-    return op(op(rows[0:H], rows[1:H + 1]), rows[2:H + 2])               # (H, W)
+    rows = op(op(pad[:, 0:W], pad[:, 1 : W + 1]), pad[:, 2 : W + 2])  # (H + 2, W)
+    return op(op(rows[0:H], rows[1 : H + 1]), rows[2 : H + 2])  # (H, W)
 
 
 def _inverse_affine(aug: Aug) -> tuple[float, ...]:
@@ -170,7 +189,7 @@ def _inverse_affine(aug: Aug) -> tuple[float, ...]:
     lin = rot @ np.array([[1.0, aug.shear], [0.0, 1.0]]) * aug.scale
     (a, b), (c2, d) = lin
     inv = np.array([[d, -b], [-c2, a]]) / (a * d - b * c2)
-    shift = np.array([c + 2.0 * aug.dx, c + 2.0 * aug.dy])   # output pixels are 2 working pixels
+    shift = np.array([c + 2.0 * aug.dx, c + 2.0 * aug.dy])  # output pixels are 2 working pixels
     offset = np.array([c, c]) - inv @ shift
     return (inv[0, 0], inv[0, 1], offset[0], inv[1, 0], inv[1, 1], offset[1])
 
@@ -185,11 +204,11 @@ def _occlude(img: Image.Image, side: str, fraction: float) -> tuple[Image.Image,
     if side == "left":
         arr[:, : x0 + round((x1 - x0) * fraction)] = 0
     elif side == "right":
-        arr[:, x1 - round((x1 - x0) * fraction):] = 0
+        arr[:, x1 - round((x1 - x0) * fraction) :] = 0
     elif side == "top":
         arr[: y0 + round((y1 - y0) * fraction), :] = 0
     elif side == "bottom":
-        arr[y1 - round((y1 - y0) * fraction):, :] = 0
+        arr[y1 - round((y1 - y0) * fraction) :, :] = 0
     else:
         raise ValueError(f"occlusion side must be left/right/top/bottom, got {side!r}")
     return Image.fromarray(arr, mode="L"), 1.0 - float(arr.sum()) / max(before, 1.0)
@@ -200,4 +219,3 @@ def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
-

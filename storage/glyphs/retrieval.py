@@ -13,6 +13,7 @@ image of character ``c`` rendered from font ``f`` with augmentation ``a``:
   shear <= 0.15, shift <= 2 px) and less than 10 % of the ink was occluded;
 - ``hard`` otherwise: another family, or a larger transform, or a light occlusion.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -26,7 +27,7 @@ from storage.glyphs.render import IMAGE_SIZE, Aug, sample_mild_aug, transform_ma
 JUNK_REMOVED = 0.4
 JUNK_ROTATION_DEG = 45.0
 EASY_REMOVED = 0.1
-_HARD_OTHER_FAMILY = 0.6   # share of "hard" designs drawn from another font family
+_HARD_OTHER_FAMILY = 0.6  # share of "hard" designs drawn from another font family
 _SIDES = ("left", "right", "top", "bottom")
 
 
@@ -41,8 +42,11 @@ def label_for(query: dict, item: dict, family_of) -> str | None:
     aug = Aug(**{k: (tuple(v) if k == "occlusion" and v is not None else v) for k, v in item["aug"].items()})
     if item["removed"] >= JUNK_REMOVED or abs(aug.rotation_deg) >= JUNK_ROTATION_DEG:
         return "junk"
-    if (family_of(item["font"]) == family_of(query["font"]) and transform_magnitude(aug) <= 1.0 + 1e-6
-            and item["removed"] < EASY_REMOVED):
+    if (
+        family_of(item["font"]) == family_of(query["font"])
+        and transform_magnitude(aug) <= 1.0 + 1e-6
+        and item["removed"] < EASY_REMOVED
+    ):
         return "easy"
     return "hard"
 
@@ -50,13 +54,19 @@ def label_for(query: dict, item: dict, family_of) -> str | None:
 def _strong_aug(rng: np.random.Generator) -> Aug:
     sign = lambda: float(rng.choice((-1.0, 1.0)))  # noqa: E731
     scale = float(rng.uniform(0.72, 0.85)) if rng.random() < 0.5 else float(rng.uniform(1.15, 1.25))
-    return Aug(rotation_deg=sign() * float(rng.uniform(15, 30)), scale=scale,
-               shear=sign() * float(rng.uniform(0.2, 0.35)), dx=float(rng.uniform(-3, 3)),
-               dy=float(rng.uniform(-3, 3)), stroke=int(rng.integers(-1, 2)))
+    return Aug(
+        rotation_deg=sign() * float(rng.uniform(15, 30)),
+        scale=scale,
+        shear=sign() * float(rng.uniform(0.2, 0.35)),
+        dx=float(rng.uniform(-3, 3)),
+        dy=float(rng.uniform(-3, 3)),
+        stroke=int(rng.integers(-1, 2)),
+    )
 
 
-def sample_item(design: str, query_font: str | None, fonts: list[str], family_of,
-                rng: np.random.Generator) -> tuple[str, Aug]:
+def sample_item(
+    design: str, query_font: str | None, fonts: list[str], family_of, rng: np.random.Generator
+) -> tuple[str, Aug]:
     """Font and augmentation of one database image of a given design.
 
     design: ``"easy"`` (font of the query's family, mild augmentation), ``"hard"``
@@ -91,8 +101,12 @@ def query_bbx(bbox: list[int], pad: int = 2) -> list[float]:
     x0, y0, x1, y1 = bbox
     if x1 <= x0 or y1 <= y0:
         return [0.0, 0.0, float(IMAGE_SIZE), float(IMAGE_SIZE)]
-    return [float(max(0, x0 - pad)), float(max(0, y0 - pad)),
-            float(min(IMAGE_SIZE, x1 + pad)), float(min(IMAGE_SIZE, y1 + pad))]
+    return [
+        float(max(0, x0 - pad)),
+        float(max(0, y0 - pad)),
+        float(min(IMAGE_SIZE, x1 + pad)),
+        float(min(IMAGE_SIZE, y1 + pad)),
+    ]
 
 
 def build_gnd(queries: list[dict], database: list[dict], family_of) -> list[dict]:
@@ -114,10 +128,19 @@ def build_gnd(queries: list[dict], database: list[dict], family_of) -> list[dict
 
 def write_gnd_pickle(path: Path, imlist: list[str], qimlist: list[str], gnd: list[dict]) -> None:
     """The revisited-Oxford ground truth: plain dict/list/str/int/float, pickle protocol 4."""
-    data = {"imlist": [str(x) for x in imlist], "qimlist": [str(x) for x in qimlist],
-            "gnd": [{"easy": [int(i) for i in g["easy"]], "hard": [int(i) for i in g["hard"]],
-                     "junk": [int(i) for i in g["junk"]], "bbx": [float(v) for v in g["bbx"]]}
-                    for g in gnd]}
+    data = {
+        "imlist": [str(x) for x in imlist],
+        "qimlist": [str(x) for x in qimlist],
+        "gnd": [
+            {
+                "easy": [int(i) for i in g["easy"]],
+                "hard": [int(i) for i in g["hard"]],
+                "junk": [int(i) for i in g["junk"]],
+                "bbx": [float(v) for v in g["bbx"]],
+            }
+            for g in gnd
+        ],
+    }
     path.write_bytes(pickle.dumps(data, protocol=4))
 
 
@@ -134,4 +157,3 @@ def spread(total: int, n_bins: int) -> list[int]:
     """``total`` split into ``n_bins`` near-equal integer counts, larger ones first."""
     base, extra = divmod(total, n_bins)
     return [base + (1 if i < extra else 0) for i in range(n_bins)]
-

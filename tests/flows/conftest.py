@@ -22,7 +22,12 @@ def services_env(tmp_path, glyphs_small, ssr_home):
     home = tmp_path / "runs"
     home.mkdir()
     (home / "data").symlink_to(ssr_home / "data")
-    env = {**os.environ, "SSR_HOME": str(home), "SSR_PREFECT_PORT": str(_free_port()), "SSR_MLFLOW_PORT": str(_free_port())}
+    env = {
+        **os.environ,
+        "SSR_HOME": str(home),
+        "SSR_PREFECT_PORT": str(_free_port()),
+        "SSR_MLFLOW_PORT": str(_free_port()),
+    }
     for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PREFECT_PROFILES_PATH", "SSR_PROJECT_DIR"):
         env.pop(key, None)
     return home, env

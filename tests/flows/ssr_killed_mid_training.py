@@ -6,6 +6,7 @@ its second validation. By then the trial's first Tune checkpoint is in Tune's ex
 state: the state is saved at every step of Tune's loop here (``TUNE_GLOBAL_CHECKPOINT_S=0``;
 by default at most every 10 s, which only moves the point a killed run resumes from).
 """
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 Used by test_flow_failures: it runs ``flows.cli.main`` in this process with the built-in
 data preparation replaced by one that raises, as a broken dataset folder would.
 """
+
 from __future__ import annotations
 
 import sys

@@ -6,6 +6,7 @@ parameter changed in the form, waits for the run page to say Completed, and find
 registered model (alias `champion`) and the run's plots in the MLflow UI. Screenshots go to
 test-artifacts/browser/ (docs/ui-tour.md uses a few of them).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,20 +23,33 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path(os.environ.get("SSR_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SHOTS = ROOT / "test-artifacts" / "browser"
 DEPLOYMENT = "reproduce-fewshot-tiny"
 RUN_TIMEOUT_S = 600
 UI_TIMEOUT_MS = 90_000  # single-page apps on a busy 2-core machine
 
 pytestmark = [
-    pytest.mark.slow, pytest.mark.services, pytest.mark.browser,
-    pytest.mark.skipif(importlib.util.find_spec("playwright") is None, reason="the playwright package is not installed"),
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"Chromium not found at {CHROMIUM}: install Debian's `chromium` "
-                       "package (scripts/test.sh does it with apt-get when it can)"),
+    pytest.mark.slow,
+    pytest.mark.services,
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        importlib.util.find_spec("playwright") is None, reason="the playwright package is not installed"
+    ),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason=f"Chromium not found at {CHROMIUM}: install Debian's `chromium` "
+        "package (scripts/test.sh does it with apt-get when it can)",
+    ),
 ]
-
 
 
 def flow_run_facts(env: dict, flow_run_id: str) -> dict:
@@ -55,7 +69,9 @@ def flow_run_facts(env: dict, flow_run_id: str) -> dict:
         "                      'subflow_ids': sorted(str(s.id) for s in subs), 'artifact_keys': keys,\n"
         "                      'deployment_runs': n_runs}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, flow_run_id], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code, flow_run_id], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -1,5 +1,6 @@
 """Prefect's task cache never hands back paths of a deleted run folder, and keys only on the
 parameter groups a task takes."""
+
 from __future__ import annotations
 
 import shutil
@@ -17,8 +18,9 @@ def test_second_run_completes_after_the_run_folder_is_deleted(tmp_path, monkeypa
     home = tmp_path / "runs"
     monkeypatch.setenv("SSR_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = FewShotParams(**{**TINY_FEWSHOT, "evaluation": {**TINY_FEWSHOT["evaluation"], "eval_shots": [1]},
-                              "model_name": "ssr-cache"})
+    params = FewShotParams(
+        **{**TINY_FEWSHOT, "evaluation": {**TINY_FEWSHOT["evaluation"], "eval_shots": [1]}, "model_name": "ssr-cache"}
+    )
     first = ssr(pipeline="fewshot", fewshot=params)
     assert (home / "prefect" / "cache-keys").is_dir()  # the cache records live in the run folder
     _assert_trials_logged_live(home, first["run_id"])
@@ -40,8 +42,14 @@ def test_cache_key_counts_only_the_groups_a_task_takes():
     ctx = SimpleNamespace(task=get_backbone)
 
     def key(params):  # the inputs as flows/fewshot.py passes them
-        inputs = {"backbone": params.backbone, "spec": "glyphs", "seed": params.train.seed, "data_root": "/d",
-                  "work_dir": "/w", "device": params.device}
+        inputs = {
+            "backbone": params.backbone,
+            "spec": "glyphs",
+            "seed": params.train.seed,
+            "data_root": "/d",
+            "work_dir": "/w",
+            "device": params.device,
+        }
         return policy.compute_key(ctx, inputs, {})
 
     def changed(**groups):

@@ -1,4 +1,5 @@
 """The `ssr` command line: help, parameter validation through the CLI and the flow form."""
+
 from __future__ import annotations
 
 import os
@@ -22,13 +23,22 @@ def test_help_lists_every_subcommand():
         assert cmd in out.stdout
 
 
-@pytest.mark.parametrize("setting, line", [
-    ("train.n_way=1", "ssr run: parameter train.n_way: "), ("train.max_steps=0", "ssr run: parameter train.max_steps: "),
-    ("sweep.lr_dni=[-0.001]", "ssr run: parameters: sweep: lr_dni: Input should be greater than 0"),
-])
+@pytest.mark.parametrize(
+    "setting, line",
+    [
+        ("train.n_way=1", "ssr run: parameter train.n_way: "),
+        ("train.max_steps=0", "ssr run: parameter train.max_steps: "),
+        ("sweep.lr_dni=[-0.001]", "ssr run: parameters: sweep: lr_dni: Input should be greater than 0"),
+    ],
+)
 def test_out_of_range_parameters_are_refused_by_the_cli(setting, line, tmp_path):
-    out = subprocess.run([SSR, "run", "fewshot", "--set", setting], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "SSR_HOME": str(tmp_path / "home")})
+    out = subprocess.run(
+        [SSR, "run", "fewshot", "--set", setting],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "SSR_HOME": str(tmp_path / "home")},
+    )
     assert out.returncode == 2
     assert line in out.stderr and not (tmp_path / "home").exists()
 
@@ -44,7 +54,9 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
 def test_set_takes_group_dot_field_and_keeps_the_other_fields_of_the_group(capsys):
     from flows.cli import _merge, _parse_sets
 
-    sets = _parse_sets(["train.hidden=32", "sweep.lr_dni=[0.1]", "data.dataset=glyphs", "device=cpu"], FewShotParams.FLAT)
+    sets = _parse_sets(
+        ["train.hidden=32", "sweep.lr_dni=[0.1]", "data.dataset=glyphs", "device=cpu"], FewShotParams.FLAT
+    )
     assert sets == {"train": {"hidden": 32}, "sweep": {"lr_dni": [0.1]}, "data": {"dataset": "glyphs"}, "device": "cpu"}
     assert "deprecated" not in capsys.readouterr().err
     preset = {"train": {"n_way": 3, "hidden": 64}, "sweep": {"lr_dni": [0.01, 0.1]}}
@@ -79,7 +91,9 @@ def test_cli_errors_name_the_parameter_and_exit_2(capsys, tmp_path, monkeypatch)
     code, err = run_cli(capsys, "retrieval", "--set", "train.k=1")
     assert code == 2 and "ssr run: parameter train.k: " in err
     code, err = run_cli(capsys, "fewshot", "--preset", "no-such-preset")
-    assert code == 2 and err.startswith("ssr run: unknown preset 'no-such-preset'; known: ") and "reproduce-fewshot" in err
+    assert (
+        code == 2 and err.startswith("ssr run: unknown preset 'no-such-preset'; known: ") and "reproduce-fewshot" in err
+    )
     code, err = run_cli(capsys, "fewshot", "--set", "train.hidden")
     assert code == 2 and "--set expects group.field=value" in err
     assert not (tmp_path / "home").exists()

@@ -2,6 +2,7 @@
 deploy/prefect.yaml (registered without SSR_PROJECT_DIR: the pull step finds the project),
 `prefect deployment run ssr/reproduce-fewshot-tiny --watch`, then the MLflow registry and
 the Prefect artifacts are checked."""
+
 from __future__ import annotations
 
 import subprocess
@@ -11,7 +12,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-
 
 
 @pytest.mark.slow
@@ -25,8 +25,22 @@ def test_deployment_run_from_the_cli(services_env):
         addrs = dict(line.split(": ", 1) for line in started.stdout.strip().splitlines())
         assert addrs["prefect_api"].startswith("http://127.0.0.1:")
         env["PREFECT_API_URL"] = addrs["prefect_api"]
-        run = subprocess.run([str(Path(sys.executable).parent / "prefect"), "deployment", "run", "ssr/reproduce-fewshot-tiny",
-                              "--watch", "--watch-timeout", "900"], env=env, capture_output=True, text=True, timeout=960, cwd=ROOT)
+        run = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "prefect"),
+                "deployment",
+                "run",
+                "ssr/reproduce-fewshot-tiny",
+                "--watch",
+                "--watch-timeout",
+                "900",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=960,
+            cwd=ROOT,
+        )
         assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
         assert "Completed" in run.stdout + run.stderr
 
@@ -36,19 +50,34 @@ def test_deployment_run_from_the_cli(services_env):
         client = mlflow.MlflowClient(uri, registry_uri=uri)
         mv = client.get_model_version_by_alias("ssr-fewshot-tiny", "champion")
         assert mv.tags["dataset"] == "glyphs"
-        check = subprocess.run([sys.executable, "-c",
-                                "from prefect.client.orchestration import get_client\n"
-                                "with get_client(sync_client=True) as c:\n"
-                                "    print(sorted({a.key for a in c.read_artifacts()}))\n"
-                                "    print('pool limit', c.read_work_pool('ssr-process').concurrency_limit)"],
-                               env=env, capture_output=True, text=True, timeout=120)
+        check = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from prefect.client.orchestration import get_client\n"
+                "with get_client(sync_client=True) as c:\n"
+                "    print(sorted({a.key for a in c.read_artifacts()}))\n"
+                "    print('pool limit', c.read_work_pool('ssr-process').concurrency_limit)",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert "fewshot-results" in check.stdout and "fewshot-report" in check.stdout, check.stdout + check.stderr
         assert "fewshot-mlflow-run" in check.stdout, check.stdout  # a link artifact to the MLflow run
         assert "pool limit 1" in check.stdout, check.stdout  # one flow run at a time on the local pool
         # against a server it did not start (PREFECT_API_URL set), `ssr services start` keeps
         # the existing pool and deployments
-        again = subprocess.run([ssr_bin, "services", "start", "--no-worker", "--no-mlflow-ui"], env=env,
-                               capture_output=True, text=True, timeout=300)
-        assert again.returncode == 0 and "deployments: not changed on this server" in again.stdout, again.stdout + again.stderr
+        again = subprocess.run(
+            [ssr_bin, "services", "start", "--no-worker", "--no-mlflow-ui"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert again.returncode == 0 and "deployments: not changed on this server" in again.stdout, (
+            again.stdout + again.stderr
+        )
     finally:
         subprocess.run([ssr_bin, "services", "stop"], env=env, capture_output=True, timeout=120)

@@ -1,5 +1,6 @@
 """Failures are quiet and fast: deterministic errors are not retried, transient ones are,
 and `ssr run` reports one line naming the step (real Prefect test harness)."""
+
 from __future__ import annotations
 
 import errno
@@ -40,8 +41,14 @@ def test_only_transient_errors_are_retried(prefect_harness):
 
 
 def test_transient_classification():
-    assert is_transient(ConnectionResetError()) and is_transient(TimeoutError()) and is_transient(OSError(errno.EIO, "x"))
-    assert not is_transient(FileNotFoundError("x")) and not is_transient(ValueError("x")) and not is_transient(KeyError("x"))
+    assert (
+        is_transient(ConnectionResetError()) and is_transient(TimeoutError()) and is_transient(OSError(errno.EIO, "x"))
+    )
+    assert (
+        not is_transient(FileNotFoundError("x"))
+        and not is_transient(ValueError("x"))
+        and not is_transient(KeyError("x"))
+    )
 
 
 def test_failure_is_one_line_naming_the_step(prefect_harness, tmp_path, monkeypatch):
@@ -60,9 +67,14 @@ def test_failure_is_one_line_naming_the_step(prefect_harness, tmp_path, monkeypa
     def broken():
         run_ids.append(flow_run.id)
         p = FewShotParams()
-        return tasks.validation_episodes(p.evaluation.n_val_episodes, p.train.episode, p.train.seed,
-                                         Features(str(tmp_path / "missing.parquet"), 8), FewShotData(str(tmp_path), None),
-                                         str(tmp_path))
+        return tasks.validation_episodes(
+            p.evaluation.n_val_episodes,
+            p.train.episode,
+            p.train.seed,
+            Features(str(tmp_path / "missing.parquet"), 8),
+            FewShotData(str(tmp_path), None),
+            str(tmp_path),
+        )
 
     quiet_console_tracebacks()
     try:
@@ -79,8 +91,9 @@ def test_failure_is_one_line_naming_the_step(prefect_harness, tmp_path, monkeypa
             while time.monotonic() < deadline and not any("Traceback" in log.message for log in logs):
                 time.sleep(0.5)
                 logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=run_ids)))
-        assert any("Traceback" in log.message and "missing.parquet" in log.message for log in logs), \
-            [log.message[:200] for log in logs]
+        assert any("Traceback" in log.message and "missing.parquet" in log.message for log in logs), [
+            log.message[:200] for log in logs
+        ]
     finally:
         for handler in logging.getLogger().handlers:
             handler.filters = [f for f in handler.filters if type(f).__name__ != "_NoRunTracebacks"]
@@ -105,15 +118,23 @@ def test_ssr_run_failure_is_one_line_on_the_terminal_and_a_traceback_in_prefect(
         env.pop(key, None)
     with get_client(sync_client=True) as client:
         before = {r.id for r in client.read_flow_runs()}
-    out = subprocess.run([sys.executable, str(helper), "run", "fewshot", "--preset", "reproduce-fewshot-tiny"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(helper), "run", "fewshot", "--preset", "reproduce-fewshot-tiny"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 1, out.stderr[-3000:]
     assert "Traceback" not in out.stderr + out.stdout
     last = out.stderr.strip().splitlines()[-1]
-    assert last == ("ssr run: step prepare-data failed: ValueError: glyphs/fewshot/val: expected at least 5 class "
-                    "folders, found 0 (traceback in the Prefect logs of the flow run)"), out.stderr[-2000:]
+    assert last == (
+        "ssr run: step prepare-data failed: ValueError: glyphs/fewshot/val: expected at least 5 class "
+        "folders, found 0 (traceback in the Prefect logs of the flow run)"
+    ), out.stderr[-2000:]
     with get_client(sync_client=True) as client:
         runs = [r.id for r in client.read_flow_runs() if r.id not in before]
         logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=runs)))
-    assert runs and any("Traceback" in log.message and "broken_data" in log.message for log in logs), \
-        [log.message[:200] for log in logs]
+    assert runs and any("Traceback" in log.message and "broken_data" in log.message for log in logs), [
+        log.message[:200] for log in logs
+    ]

@@ -1,5 +1,6 @@
 """The real-data retrieval path end to end, from pickles in the authors' formats to the results
 table: rOxford5k-format test set, SfM-120k-format training set with held-out clusters."""
+
 from __future__ import annotations
 
 import csv
@@ -13,10 +14,20 @@ from tests.landmark_pickles import write_sfm_pickle, write_test_pickle
 
 TINY_LANDMARKS = dict(
     data=dict(dataset="roxford5k", holdout_fraction=0.2),
-    train=dict(k=10, hidden=16, sequence_length=200, min_positives=2, iterations=4, val_every=2, batch_queries=2,
-               n_val_queries=10),
-    sweep={"lr_dni": [1e-2]}, evaluation=dict(shard_size=4),
-    baselines=dict(qe_n_grid=[1, 3], krecip_pairs=[(10, 5)], krecip_lambda=[0.3]), model_name="ssr-retrieval-landmarks",
+    train=dict(
+        k=10,
+        hidden=16,
+        sequence_length=200,
+        min_positives=2,
+        iterations=4,
+        val_every=2,
+        batch_queries=2,
+        n_val_queries=10,
+    ),
+    sweep={"lr_dni": [1e-2]},
+    evaluation=dict(shard_size=4),
+    baselines=dict(qe_n_grid=[1, 3], krecip_pairs=[(10, 5)], krecip_lambda=[0.3]),
+    model_name="ssr-retrieval-landmarks",
 )
 
 
@@ -28,7 +39,9 @@ def revisitop_map(query: np.ndarray, database: np.ndarray, gt: list[dict], proto
     for qi, g in enumerate(gt):
         ranking = list(np.argsort(-(database.T @ query[:, qi]), kind="stable"))
         easy, hard, junk = (set(g[key].tolist()) for key in ("easy", "hard", "junk"))
-        positives, ignored = {"easy": (easy, junk | hard), "medium": (easy | hard, junk), "hard": (hard, junk | easy)}[protocol]
+        positives, ignored = {"easy": (easy, junk | hard), "medium": (easy | hard, junk), "hard": (hard, junk | easy)}[
+            protocol
+        ]
         if not positives:
             continue
         kept = [i for i in ranking if i not in ignored]
@@ -51,8 +64,20 @@ def test_landmark_pickles_to_results(ssr_home, ray_local, prefect_harness, tmp_p
     params = RetrievalParams(**{**TINY_LANDMARKS, "data": {**TINY_LANDMARKS["data"], "data_root": str(tmp_path)}})
     result = ssr(pipeline="retrieval", retrieval=params)
     rows = {r["method"]: r for r in result["results"]}
-    assert list(rows) == ["features", "features + SSR", "AQE", "AQE + SSR", "AQEwD", "AQEwD + SSR", "alpha-QE",
-                          "alpha-QE + SSR", "DQE", "DQE + SSR", "k-reciprocal", "k-reciprocal + SSR"]
+    assert list(rows) == [
+        "features",
+        "features + SSR",
+        "AQE",
+        "AQE + SSR",
+        "AQEwD",
+        "AQEwD + SSR",
+        "alpha-QE",
+        "alpha-QE + SSR",
+        "DQE",
+        "DQE + SSR",
+        "k-reciprocal",
+        "k-reciprocal + SSR",
+    ]
     for protocol in ("easy", "medium", "hard"):
         want = revisitop_map(raw["query"], raw["database"], raw["gt"], protocol)
         assert rows["features"][f"mAP {protocol}"] == pytest.approx(round(want, 2), abs=1e-9)
@@ -74,11 +99,28 @@ def test_paper_retrieval_preset_has_the_paper_settings():
     assert preset["pipeline"] == "retrieval"
     p = RetrievalParams(**_merge(preset["retrieval"], {"data": {"data_root": "/data/landmark"}}))
     t, bl = p.train, p.baselines
-    assert (p.data.dataset, t.k, t.steps, t.hidden, p.sweep) == ("roxford5k", 100, 1, 1024, {"lr_dni": [1e-4, 2e-4, 5e-4]})
+    assert (p.data.dataset, t.k, t.steps, t.hidden, p.sweep) == (
+        "roxford5k",
+        100,
+        1,
+        1024,
+        {"lr_dni": [1e-4, 2e-4, 5e-4]},
+    )
     assert (t.iterations, t.val_every, t.batch_queries, t.lr, t.sequence_length, t.min_positives, t.max_ap) == (
-        60_000, 1000, 1, 1e-3, 1000, 5, 0.8)
+        60_000,
+        1000,
+        1,
+        1e-3,
+        1000,
+        5,
+        0.8,
+    )
     assert (p.data.holdout_fraction, bl.qe_n_grid, bl.krecip_pairs, bl.krecip_lambda) == (
-        0.05, [1, 3, 5, 7, 9], [(40, 20), (80, 40), (160, 80)], [0.1, 0.3, 0.5])
+        0.05,
+        [1, 3, 5, 7, 9],
+        [(40, 20), (80, 40), (160, 80)],
+        [0.1, 0.3, 0.5],
+    )
     with pytest.raises(ValidationError, match="data_root: dataset 'roxford5k' needs data_root"):
         RetrievalParams(**preset["retrieval"])  # only dataset and data_root are left to fill
 
@@ -101,7 +143,9 @@ def test_bad_pickles_one_line_exit_2_before_the_flow(ssr_home, tmp_path, capsys)
         assert message in err and err.count("\n") == 1 and "Traceback" not in err
         # nothing partial: no temporary folder left, no new cache entry for the bad file
         after = sorted(p.name for p in cache.iterdir()) if cache.exists() else []
-        assert not [n for n in after if n.startswith(".")] and set(after) - set(before) <= {n for n in after if "roxford5k" in n}
+        assert not [n for n in after if n.startswith(".")] and set(after) - set(before) <= {
+            n for n in after if "roxford5k" in n
+        }
 
     (tmp_path / "gl18_resnet101_sfm120k.pkl").write_bytes(pickle.dumps({"database": sfm["database"]}))
     expect("gl18_resnet101_sfm120k.pkl: missing key 'cluster'")
@@ -110,8 +154,10 @@ def test_bad_pickles_one_line_exit_2_before_the_flow(ssr_home, tmp_path, capsys)
     bad_query = {**raw, "query": raw["query"][:20]}
     (tmp_path / "gl18_resnet101_rparis6k.pkl").write_bytes(pickle.dumps(bad_query))
     run[3] = "data.dataset=rparis6k"
-    expect("gl18_resnet101_rparis6k.pkl: 'query' is (20, 10) and 'database' is (32, 120): query and database features "
-           "must have the same D")
+    expect(
+        "gl18_resnet101_rparis6k.pkl: 'query' is (20, 10) and 'database' is (32, 120): query and database features "
+        "must have the same D"
+    )
     out_of_range = {**raw, "gt": [{**g, "junk": np.array([120])} for g in raw["gt"]]}
     (tmp_path / "gl18_resnet101_rparis6k.pkl").write_bytes(pickle.dumps(out_of_range))
     expect("gl18_resnet101_rparis6k.pkl['gt']: query 0: field 'junk' has index 120 outside [0, 120)")

@@ -1,6 +1,7 @@
 """The pipeline against a real ``mlflow server`` over HTTP (SQLite backend, ``--serve-artifacts``):
 the tiny few-shot flow logs its runs and registers its model there, and the registered models
 are read back over HTTP (``mlflow.pyfunc``, a direct registry load, ``ssr rerank``)."""
+
 from __future__ import annotations
 
 import os
@@ -35,10 +36,28 @@ def mlflow_server(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     log = open(root / "server.log", "wb")
-    proc = subprocess.Popen([os.path.join(bin_dir, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                             "--serve-artifacts", "--artifacts-destination", (root / "artifacts").as_uri(),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            os.path.join(bin_dir, "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            (root / "artifacts").as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        cwd=root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 240
@@ -62,8 +81,9 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.services
-def test_fewshot_pipeline_logs_and_registers_over_http(mlflow_server, ssr_home, ray_local, prefect_harness, glyphs_small,
-                                                       monkeypatch):
+def test_fewshot_pipeline_logs_and_registers_over_http(
+    mlflow_server, ssr_home, ray_local, prefect_harness, glyphs_small, monkeypatch
+):
     import mlflow
     from mlflow.entities import LoggedModelStatus
 
@@ -72,8 +92,9 @@ def test_fewshot_pipeline_logs_and_registers_over_http(mlflow_server, ssr_home, 
 
     name = "ssr-fewshot-http"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    params = FewShotParams(**{**TINY_FEWSHOT, "evaluation": {**TINY_FEWSHOT["evaluation"], "eval_shots": [1]},
-                              "model_name": name})
+    params = FewShotParams(
+        **{**TINY_FEWSHOT, "evaluation": {**TINY_FEWSHOT["evaluation"], "eval_shots": [1]}, "model_name": name}
+    )
     result = ssr(pipeline="fewshot", fewshot=params)
     assert result["model_uri"] == f"models:/{name}/1" and "champion" in result["aliases"]
 
@@ -91,8 +112,10 @@ def test_fewshot_pipeline_logs_and_registers_over_http(mlflow_server, ssr_home, 
     shapes = {spec.name: spec.shape for spec in pyfunc.metadata.get_input_schema().inputs}
     n_way, _, dim = shapes["support"]
     rng = np.random.default_rng(0)
-    inputs = {"support": rng.standard_normal((n_way, 2, dim)).astype(np.float32),
-              "query": rng.standard_normal((5, dim)).astype(np.float32)}
+    inputs = {
+        "support": rng.standard_normal((n_way, 2, dim)).astype(np.float32),
+        "query": rng.standard_normal((5, dim)).astype(np.float32),
+    }
     predicted = pyfunc.predict(inputs)
     assert predicted.shape == (5,) and predicted.dtype == np.int64
     # the project's direct registry load, given the server's URI only (as in a Ray actor: no MLflow variable set)
@@ -118,19 +141,38 @@ def test_rerank_reads_a_retrieval_model_over_http(mlflow_server, ray_local, tmp_
     tracker = Tracker("rerank-http", tmp_path, tracking_uri=mlflow_server)
     torch.manual_seed(0)
     with tracker.run("train"):
-        reg = tracker.log_and_register(RetrievalReranker(RetrievalSSR(d, k, 1, lr_dni=0.5, hidden=16)), "ssr-retrieval-http",
-                                       tags={"dataset": "mine", "backbone": "mine"}, val_metric=1.0)
+        reg = tracker.log_and_register(
+            RetrievalReranker(RetrievalSSR(d, k, 1, lr_dni=0.5, hidden=16)),
+            "ssr-retrieval-http",
+            tags={"dataset": "mine", "backbone": "mine"},
+            val_metric=1.0,
+        )
     assert reg.aliases and reg.tracking_uri == mlflow_server
     assert not (tmp_path / "mlartifacts").exists()  # a tracking server keeps its own artefacts
 
     rng = np.random.default_rng(0)
     db = rng.normal(size=(n_db, d)).astype(np.float32)
     q = (db[:n_q] + 0.3 * rng.normal(size=(n_q, d))).astype(np.float32)
-    write_features(tmp_path / "q.parquet", ids=500 + np.arange(n_q), labels=[0] * n_q, splits="query", embeddings=q, metadata=meta)
-    write_features(tmp_path / "db.parquet", ids=np.arange(n_db), labels=[0] * n_db, splits="database", embeddings=db, metadata=meta)
+    write_features(
+        tmp_path / "q.parquet", ids=500 + np.arange(n_q), labels=[0] * n_q, splits="query", embeddings=q, metadata=meta
+    )
+    write_features(
+        tmp_path / "db.parquet", ids=np.arange(n_db), labels=[0] * n_db, splits="database", embeddings=db, metadata=meta
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    args = ["rerank", str(tmp_path / "q.parquet"), str(tmp_path / "db.parquet"), "--model", "models:/ssr-retrieval-http@champion",
-            "--out", str(tmp_path / "out"), "--actors", "1", "--shard-size", "3"]
+    args = [
+        "rerank",
+        str(tmp_path / "q.parquet"),
+        str(tmp_path / "db.parquet"),
+        "--model",
+        "models:/ssr-retrieval-http@champion",
+        "--out",
+        str(tmp_path / "out"),
+        "--actors",
+        "1",
+        "--shard-size",
+        "3",
+    ]
     assert main(args) == 0, capsys.readouterr().err
     reranked = SimilarityStore(tmp_path / "out" / "reranked")
     assert reranked.is_complete() and reranked.k == k and reranked.n_queries == n_q

@@ -6,6 +6,7 @@ real `ssr` flow under the shared Prefect harness, real Ray and a real MLflow SQL
 - retrieval on a labelled embeddings folder, with gnd.pkl (revisitop format) and without
   (label matches), then `ssr rerank --gnd labels` with the model the run registered.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,9 +53,15 @@ def fewshot_table(tmp_path_factory):
 OWN_FEWSHOT = dict(
     train=dict(n_way=3, n_query=4, max_steps=2, hidden=16, iterations_first=6, iterations_next=4, val_every=3),
     sweep=dict(lr_dni=[0.1]),
-    evaluation=dict(eval_shots=[1, 2], n_val_episodes=6, n_test_episodes=10, methods=["baseline", "k-reciprocal", "ssr",
-                                                                                     "simpleshot"]),
-    baselines=dict(krecip_k1=[3], krecip_k2=[2], krecip_lambda=[0.3]), model_name="ssr-own-fewshot", device="cpu",
+    evaluation=dict(
+        eval_shots=[1, 2],
+        n_val_episodes=6,
+        n_test_episodes=10,
+        methods=["baseline", "k-reciprocal", "ssr", "simpleshot"],
+    ),
+    baselines=dict(krecip_k1=[3], krecip_k2=[2], krecip_lambda=[0.3]),
+    model_name="ssr-own-fewshot",
+    device="cpu",
 )
 
 
@@ -92,32 +99,46 @@ def retrieval_folder(root, with_gnd: bool):
     root.mkdir(parents=True)
     emb, labels, _ = clustered(rng, 60, 8, 0.9)
     pd.DataFrame({"id": np.arange(len(emb)), "label": labels, "embedding": list(emb.astype(np.float32))}).to_parquet(
-        root / "train.parquet")
+        root / "train.parquet"
+    )
     db, db_labels, centres = clustered(rng, 20, 6, 0.9)
     qs, q_labels, _ = clustered(rng, 20, 1, 0.9, centres)
     qs, q_labels = qs[:12], q_labels[:12]
     pd.DataFrame({"id": np.arange(len(db)) + 1000, "label": db_labels, "embedding": list(db)}).to_parquet(
-        root / "database.parquet")
+        root / "database.parquet"
+    )
     pd.DataFrame({"id": np.arange(len(qs)) + 5000, "label": q_labels, "embedding": list(qs)}).to_parquet(
-        root / "queries.parquet")
+        root / "queries.parquet"
+    )
     if with_gnd:
         gnd = []
         for c in q_labels:
             same = np.flatnonzero(db_labels == c)
             gnd.append({"easy": same[1:].tolist(), "hard": [], "junk": same[:1].tolist()})
         with open(root / "gnd.pkl", "wb") as f:
-            pickle.dump({"imlist": [str(i) for i in range(len(db))], "qimlist": [str(i) for i in range(len(qs))],
-                         "gnd": gnd}, f)
+            pickle.dump(
+                {"imlist": [str(i) for i in range(len(db))], "qimlist": [str(i) for i in range(len(qs))], "gnd": gnd}, f
+            )
     return root
 
 
 OWN_RETRIEVAL = dict(
     data=dict(dataset="features", holdout_fraction=0.3),
-    train=dict(k=10, hidden=16, sequence_length=100, min_positives=1, iterations=6, val_every=3, batch_queries=4,
-               n_val_queries=10),
+    train=dict(
+        k=10,
+        hidden=16,
+        sequence_length=100,
+        min_positives=1,
+        iterations=6,
+        val_every=3,
+        batch_queries=4,
+        n_val_queries=10,
+    ),
     sweep=dict(lr_dni=[1e-2]),
     baselines=dict(qe_n_grid=[1, 2], krecip_pairs=[(10, 5)], krecip_lambda=[0.3]),
-    evaluation=dict(shard_size=8, n_rerank_actors=1), device="cpu", from_data=True,
+    evaluation=dict(shard_size=8, n_rerank_actors=1),
+    device="cpu",
+    from_data=True,
 )
 
 
@@ -128,8 +149,9 @@ def test_retrieval_on_labelled_embeddings_then_rerank(ssr_home, ray_local, prefe
 
     root = retrieval_folder(tmp_path / "own", with_gnd)
     name = f"ssr-own-retrieval-{'gnd' if with_gnd else 'labels'}"
-    params = RetrievalParams(**{**OWN_RETRIEVAL, "data": {**OWN_RETRIEVAL["data"], "data_root": str(root)},
-                                "model_name": name})
+    params = RetrievalParams(
+        **{**OWN_RETRIEVAL, "data": {**OWN_RETRIEVAL["data"], "data_root": str(root)}, "model_name": name}
+    )
     result = ssr(pipeline="retrieval", retrieval=params)
     rows = result["results"]
     assert [r["method"] for r in rows][:2] == ["features", "features + SSR"]
@@ -151,10 +173,31 @@ def test_retrieval_on_labelled_embeddings_then_rerank(ssr_home, ray_local, prefe
 
     # the model the run registered re-ranks new tables of the same D, scored by their labels
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{ssr_home / 'mlflow.db'}", "SSR_HOME": str(ssr_home)}
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "rerank", str(root / "queries.parquet"),
-                           str(root / "database.parquet"), "--model", result["model_uri"], "--out", str(tmp_path / "rr"),
-                           "--gnd", "labels", "--actors", "1", "--device", "cpu"], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "rerank",
+            str(root / "queries.parquet"),
+            str(root / "database.parquet"),
+            "--model",
+            result["model_uri"],
+            "--out",
+            str(tmp_path / "rr"),
+            "--gnd",
+            "labels",
+            "--actors",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "mAP" in out and "mP@10" in out and "before" in out and "after" in out and "label matches" in out
@@ -162,9 +205,25 @@ def test_retrieval_on_labelled_embeddings_then_rerank(ssr_home, ray_local, prefe
     # a table of another D is refused in one line naming both dimensions and the model
     other = tmp_path / "other.parquet"
     pd.DataFrame({"id": [0, 1], "embedding": list(np.ones((2, D + 8)))}).to_parquet(other)
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "rerank", str(other), str(other), "--model",
-                           result["model_uri"], "--out", str(tmp_path / "rr2")], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "rerank",
+            str(other),
+            str(other),
+            "--model",
+            result["model_uri"],
+            "--out",
+            str(tmp_path / "rr2"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2
     assert f"dim {D + 8}, but the model {result['model_uri']} was trained on dim {D}" in proc.stderr
 
@@ -185,7 +244,7 @@ def image_folder(tmp_path_factory):
             for i in range(6):
                 h, w = 20 + 3 * i, 24 + 2 * (i % 3)
                 img = np.clip(colour + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
-                img[::4 if c % 2 else 1, :: 1 if c % 2 else 4] = 255
+                img[:: 4 if c % 2 else 1, :: 1 if c % 2 else 4] = 255
                 pil = Image.fromarray(img)
                 kind = i % 4
                 if kind == 0:
@@ -204,9 +263,11 @@ def image_folder(tmp_path_factory):
 def test_fewshot_on_an_image_folder_of_mixed_images(ssr_home, ray_local, prefect_harness, image_folder):
     from flows.ssr_flow import ssr
 
-    params = FewShotParams(data=dict(dataset="image-folder", data_root=str(image_folder), image_size=16),
-                           backbone=dict(pretrain_epochs=1, pretrain_batch_size=8),
-                           **{**OWN_FEWSHOT, "model_name": "ssr-own-images"})
+    params = FewShotParams(
+        data=dict(dataset="image-folder", data_root=str(image_folder), image_size=16),
+        backbone=dict(pretrain_epochs=1, pretrain_batch_size=8),
+        **{**OWN_FEWSHOT, "model_name": "ssr-own-images"},
+    )
     result = ssr(pipeline="fewshot", fewshot=params)
     assert [r["method"].split()[0] for r in result["results"]] == ["Baseline", "k-reciprocal", "SSR", "SimpleShot"]
 
@@ -224,9 +285,10 @@ def test_fewshot_on_an_image_folder_of_mixed_images(ssr_home, ray_local, prefect
 def test_a_sweep_over_n_shot_trains_one_model_per_test_column(ssr_home, ray_local, prefect_harness, fewshot_table):
     from flows.ssr_flow import ssr
 
-    params = FewShotParams(data=dict(dataset="features", data_root=str(fewshot_table)),
-                           **{**OWN_FEWSHOT, "sweep": {"n_shot": [1, 2], "lr_dni": [0.1]},
-                              "model_name": "ssr-own-shots"})
+    params = FewShotParams(
+        data=dict(dataset="features", data_root=str(fewshot_table)),
+        **{**OWN_FEWSHOT, "sweep": {"n_shot": [1, 2], "lr_dni": [0.1]}, "model_name": "ssr-own-shots"},
+    )
     result = ssr(pipeline="fewshot", fewshot=params)
     assert "SSR per column: 1-shot: trained at 1 shots (lr_dni=0.1,n_shot=1" in result["markdown"]
     assert "2-shot: trained at 2 shots (lr_dni=0.1,n_shot=2" in result["markdown"]

@@ -1,5 +1,6 @@
 """The paper's few-shot settings one click away: the ``paper-fewshot`` and
 ``evaluate-released`` deployments and the form's descriptions."""
+
 import pytest
 from pydantic import ValidationError
 
@@ -18,12 +19,29 @@ def test_paper_fewshot_preset_has_the_paper_settings():
     p = with_data_root(preset["fewshot"], "/data/cifar-fs")
     t, ev, bl = p.train, p.evaluation, p.baselines
     assert (t.hidden, t.iterations_first, t.iterations_next, t.batch_episodes, t.lr_first, t.lr_next) == (
-        4096, 30_000, 10_000, 1, 0.1, 0.01)
+        4096,
+        30_000,
+        10_000,
+        1,
+        0.1,
+        0.01,
+    )
     assert (t.val_every, ev.n_val_episodes, ev.n_test_episodes, t.max_steps, p.sweep) == (
-        1000, 1000, 2000, 4, {"lr_dni": [1e-3, 2e-3, 5e-3]})
+        1000,
+        1000,
+        2000,
+        4,
+        {"lr_dni": [1e-3, 2e-3, 5e-3]},
+    )
     assert (bl.krecip_k1, bl.krecip_k2, bl.krecip_lambda) == ([10, 20, 30], [5, 10, 15], [0.2, 0.5, 0.8])
     assert (t.train_augment, p.backbone.checkpoint, t.n_way, t.n_shot, t.n_query, ev.eval_shots) == (
-        "online", "released", 5, 1, 15, [1, 5])
+        "online",
+        "released",
+        5,
+        1,
+        15,
+        [1, 5],
+    )
     assert t.iterations_first // 6 == 5000  # lr x0.1 at 5,000
     with pytest.raises(ValidationError, match="data_root: dataset 'cifar-fs' needs data_root"):
         FewShotParams(**preset["fewshot"])  # dataset, data_root and backbone are left to fill
@@ -58,11 +76,15 @@ def test_released_model_published_like_a_trained_run(ssr_home, ray_local, prefec
     from tests.authors_formats import build_authors_cifar_fs
 
     root, checkpoint, _, _ = build_authors_cifar_fs(tmp_path_factory.mktemp("released-flow"))
-    params = FewShotParams(data=dict(dataset="cifar-fs", data_root=str(root)),
-                           backbone=dict(name="conv4-64", released_checkpoint=str(checkpoint)), train=dict(n_query=3),
-                           sweep={"lr_dni": [1e-3]}, evaluation=dict(eval_shots=[1], n_val_episodes=4, n_test_episodes=6),
-                           baselines=dict(krecip_k1=[3], krecip_k2=[2], krecip_lambda=[0.3]),
-                           model_name="ssr-fewshot-released-test")
+    params = FewShotParams(
+        data=dict(dataset="cifar-fs", data_root=str(root)),
+        backbone=dict(name="conv4-64", released_checkpoint=str(checkpoint)),
+        train=dict(n_query=3),
+        sweep={"lr_dni": [1e-3]},
+        evaluation=dict(eval_shots=[1], n_val_episodes=4, n_test_episodes=6),
+        baselines=dict(krecip_k1=[3], krecip_k2=[2], krecip_lambda=[0.3]),
+        model_name="ssr-fewshot-released-test",
+    )
     result = ssr(pipeline="fewshot", fewshot=params)
     methods = [r["method"] for r in result["results"]]
     assert methods[0].startswith("Baseline") and methods[1].startswith("k-reciprocal") and methods[2].startswith("SSR")

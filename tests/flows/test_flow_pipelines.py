@@ -1,4 +1,5 @@
 """The `ssr` flow end to end under the shared Prefect harness, tiny sizes, real Ray and MLflow (SQLite)."""
+
 from __future__ import annotations
 
 import os
@@ -14,18 +15,25 @@ from ssr_tasks.config import FewShotParams, RetrievalParams
 ROOT = Path(__file__).resolve().parents[2]
 
 TINY_FEWSHOT = dict(
-    data=dict(dataset="glyphs", glyphs_size="small"), backbone=dict(pretrain_epochs=1),
-    train=dict(max_steps=2, hidden=32, iterations_first=6, iterations_next=4, val_every=3), sweep={"lr_dni": [0.1]},
+    data=dict(dataset="glyphs", glyphs_size="small"),
+    backbone=dict(pretrain_epochs=1),
+    train=dict(max_steps=2, hidden=32, iterations_first=6, iterations_next=4, val_every=3),
+    sweep={"lr_dni": [0.1]},
     evaluation=dict(n_val_episodes=10, n_test_episodes=20, eval_shots=[1, 5]),
-    baselines=dict(krecip_k1=[10], krecip_k2=[5], krecip_lambda=[0.3]), model_name="ssr-fewshot",
+    baselines=dict(krecip_k1=[10], krecip_k2=[5], krecip_lambda=[0.3]),
+    model_name="ssr-fewshot",
 )
 TINY_RETRIEVAL = dict(
-    data=dict(glyphs_size="small", holdout_fraction=0.3), backbone=dict(pretrain_epochs=1),
+    data=dict(glyphs_size="small", holdout_fraction=0.3),
+    backbone=dict(pretrain_epochs=1),
     # 30 iterations at lr 0.01: enough for SSR to beat its untrained start on validation, so the champion moves
-    train=dict(k=10, hidden=32, sequence_length=100, iterations=30, val_every=10, batch_queries=4, lr=0.01,
-               n_val_queries=10),
-    sweep={"lr_dni": [0.1]}, evaluation=dict(shard_size=8),
-    baselines=dict(qe_n_grid=[1, 3], krecip_pairs=[(10, 5)], krecip_lambda=[0.3]), model_name="ssr-retrieval",
+    train=dict(
+        k=10, hidden=32, sequence_length=100, iterations=30, val_every=10, batch_queries=4, lr=0.01, n_val_queries=10
+    ),
+    sweep={"lr_dni": [0.1]},
+    evaluation=dict(shard_size=8),
+    baselines=dict(qe_n_grid=[1, 3], krecip_pairs=[(10, 5)], krecip_lambda=[0.3]),
+    model_name="ssr-retrieval",
 )
 
 
@@ -43,7 +51,9 @@ def run_snippet_fresh(name: str, ssr_home: Path) -> str:
     if not (cwd / "runs").exists():
         (cwd / "runs").symlink_to(ssr_home)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SSR_HOME")}
-    out = subprocess.run([sys.executable, "-c", readme_snippet(name)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", readme_snippet(name)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -57,10 +67,17 @@ def test_fewshot_flow_end_to_end(ssr_home, ray_local, prefect_harness, glyphs_sm
     result = ssr(pipeline="fewshot", fewshot=FewShotParams(**TINY_FEWSHOT))
     methods = [r["method"] for r in result["results"]]
     assert methods[0].startswith("Baseline") and methods[1].startswith("k-reciprocal") and methods[2].startswith("SSR")
-    assert set(result["results"][0]) == {"method", "queries"} | {f"{s}-shot {what}" for s in (1, 5)
-                                                                 for what in ("acc (%)", "ms/episode", "peak MiB (E=20)")}
-    assert [r["method"].split()[0] for r in result["results"][3:]] == ["SimpleShot", "BD-CSPN", "TIM-GD", "α-TIM", "PT-MAP",
-                                                                        "LaplacianShot"]
+    assert set(result["results"][0]) == {"method", "queries"} | {
+        f"{s}-shot {what}" for s in (1, 5) for what in ("acc (%)", "ms/episode", "peak MiB (E=20)")
+    }
+    assert [r["method"].split()[0] for r in result["results"][3:]] == [
+        "SimpleShot",
+        "BD-CSPN",
+        "TIM-GD",
+        "α-TIM",
+        "PT-MAP",
+        "LaplacianShot",
+    ]
     assert result["model_uri"] == "models:/ssr-fewshot/1" and "champion" in result["aliases"]
 
     import mlflow
@@ -91,6 +108,7 @@ def test_fewshot_flow_end_to_end(ssr_home, ray_local, prefect_harness, glyphs_sm
     before = trial.stat().st_mtime_ns
     again = ssr(pipeline="fewshot", fewshot=FewShotParams(**TINY_FEWSHOT))
     assert trial.stat().st_mtime_ns == before
+
     def accuracies(rows):  # times and memory are measured anew by each run
         return [{k: v for k, v in r.items() if "ms/episode" not in k and "MiB" not in k} for r in rows]
 
@@ -104,10 +122,28 @@ def test_retrieval_flow_end_to_end(ssr_home, ray_local, prefect_harness, glyphs_
 
     result = ssr(pipeline="retrieval", retrieval=RetrievalParams(**TINY_RETRIEVAL))
     methods = [r["method"] for r in result["results"]]
-    assert methods == ["features", "features + SSR", "AQE", "AQE + SSR", "AQEwD", "AQEwD + SSR", "alpha-QE",
-                       "alpha-QE + SSR", "DQE", "DQE + SSR", "k-reciprocal", "k-reciprocal + SSR", "alpha-DBA-QE",
-                       "alpha-DBA-QE + SSR", "diffusion", "diffusion + SSR", "GNN", "GNN + SSR", "SuperGlobal",
-                       "SuperGlobal + SSR"]
+    assert methods == [
+        "features",
+        "features + SSR",
+        "AQE",
+        "AQE + SSR",
+        "AQEwD",
+        "AQEwD + SSR",
+        "alpha-QE",
+        "alpha-QE + SSR",
+        "DQE",
+        "DQE + SSR",
+        "k-reciprocal",
+        "k-reciprocal + SSR",
+        "alpha-DBA-QE",
+        "alpha-DBA-QE + SSR",
+        "diffusion",
+        "diffusion + SSR",
+        "GNN",
+        "GNN + SSR",
+        "SuperGlobal",
+        "SuperGlobal + SSR",
+    ]
     for row in result["results"]:
         for p in ("easy", "medium", "hard"):
             assert 0.0 <= row[f"mAP {p}"] <= 100.0

@@ -1,5 +1,6 @@
 """`ssr rerank`: anyone's features tables re-ranked by a model from a real MLflow registry
 (SQLite) on real Ray actors, with revisited mAP before and after; bad input exits 2."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,8 +28,12 @@ def registry(tmp_path_factory):
     tracker = Tracker("rerank-cli", root, tracking_uri=uri)
     torch.manual_seed(0)
     with tracker.run("train"):
-        tracker.log_and_register(RetrievalReranker(RetrievalSSR(D, K, 1, lr_dni=0.5, hidden=16)), "ssr-retrieval-cli",
-                                 tags={"dataset": "mine", "backbone": "mine"}, val_metric=1.0)
+        tracker.log_and_register(
+            RetrievalReranker(RetrievalSSR(D, K, 1, lr_dni=0.5, hidden=16)),
+            "ssr-retrieval-cli",
+            tags={"dataset": "mine", "backbone": "mine"},
+            val_metric=1.0,
+        )
     return uri
 
 
@@ -39,11 +44,19 @@ def tables(tmp_path):
     db = rng.normal(size=(N_DB, D)).astype(np.float32)
     q = (db[:N_Q] + 0.3 * rng.normal(size=(N_Q, D))).astype(np.float32)
     db_ids = 1000 + 3 * rng.permutation(N_DB)
-    write_features(tmp_path / "q.parquet", ids=500 + np.arange(N_Q), labels=[0] * N_Q, splits="query", embeddings=q, metadata=META)
-    write_features(tmp_path / "db.parquet", ids=db_ids, labels=[0] * N_DB, splits="database", embeddings=db, metadata=META)
-    gnd = [{"easy": np.array([i]), "hard": np.array([(i + 1) % N_DB]), "junk": np.array([], np.int64), "bbx": None}
-           for i in range(N_Q)]
-    write_gnd_json(tmp_path / "gnd.json", RevisitedGroundTruth([str(i) for i in range(N_DB)], [str(i) for i in range(N_Q)], gnd))
+    write_features(
+        tmp_path / "q.parquet", ids=500 + np.arange(N_Q), labels=[0] * N_Q, splits="query", embeddings=q, metadata=META
+    )
+    write_features(
+        tmp_path / "db.parquet", ids=db_ids, labels=[0] * N_DB, splits="database", embeddings=db, metadata=META
+    )
+    gnd = [
+        {"easy": np.array([i]), "hard": np.array([(i + 1) % N_DB]), "junk": np.array([], np.int64), "bbx": None}
+        for i in range(N_Q)
+    ]
+    write_gnd_json(
+        tmp_path / "gnd.json", RevisitedGroundTruth([str(i) for i in range(N_DB)], [str(i) for i in range(N_Q)], gnd)
+    )
     return tmp_path, q, db, db_ids, gnd
 
 
@@ -56,8 +69,21 @@ def test_rerank_with_the_registered_champion(registry, tables, ray_local, monkey
 
     root, q, db, db_ids, gnd = tables
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
-    args = ["rerank", str(root / "q.parquet"), str(root / "db.parquet"), "--model", "models:/ssr-retrieval-cli@champion",
-            "--out", str(root / "out"), "--gnd", str(root / "gnd.json"), "--actors", "1", "--shard-size", "3"]
+    args = [
+        "rerank",
+        str(root / "q.parquet"),
+        str(root / "db.parquet"),
+        "--model",
+        "models:/ssr-retrieval-cli@champion",
+        "--out",
+        str(root / "out"),
+        "--gnd",
+        str(root / "gnd.json"),
+        "--actors",
+        "1",
+        "--shard-size",
+        "3",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     topk, reranked = SimilarityStore(root / "out" / "topk"), SimilarityStore(root / "out" / "reranked")
@@ -65,7 +91,9 @@ def test_rerank_with_the_registered_champion(registry, tables, ray_local, monkey
     # the re-ranked lists are the registered model's own order of each top-K
     model = mlflow.pytorch.load_model("models:/ssr-retrieval-cli@champion", map_location="cpu")
     initial = np.argsort(-(_unit(q) @ _unit(db).T), axis=1)[:, :K]  # rows, best first
-    want = model.rerank(torch.from_numpy(_unit(q)), torch.from_numpy(_unit(db)[initial]), torch.from_numpy(db_ids[initial]))[0]
+    want = model.rerank(
+        torch.from_numpy(_unit(q)), torch.from_numpy(_unit(db)[initial]), torch.from_numpy(db_ids[initial])
+    )[0]
     got = {int(i): row for s in reranked.iter_shards() for i, row in zip(s.query_ids, s.neighbor_ids)}
     for r in range(N_Q):
         assert np.array_equal(got[500 + r], want[r].numpy())
@@ -85,14 +113,30 @@ def test_rerank_bad_input_one_line_exit_2_nothing_written(registry, tables, ray_
     root, q, db, db_ids, gnd = tables
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
     base = ["--model", "models:/ssr-retrieval-cli@champion", "--out", str(root / "bad")]
-    write_features(root / "q10.parquet", ids=np.arange(N_Q), labels=[0] * N_Q, splits="query", embeddings=q[:, :10], metadata=META)
-    wide = [{"easy": np.array([N_DB]), "hard": np.array([], np.int64), "junk": np.array([], np.int64), "bbx": None}] * N_Q
+    write_features(
+        root / "q10.parquet", ids=np.arange(N_Q), labels=[0] * N_Q, splits="query", embeddings=q[:, :10], metadata=META
+    )
+    wide = [
+        {"easy": np.array([N_DB]), "hard": np.array([], np.int64), "junk": np.array([], np.int64), "bbx": None}
+    ] * N_Q
     write_gnd_json(root / "wide.json", RevisitedGroundTruth([], [str(i) for i in range(N_Q)], wide))
     cases = [
-        (["--k", "7"], "q.parquet", r"--k 7: the model models:/ssr-retrieval-cli@champion re-ranks exactly k=5 neighbours"),
+        (
+            ["--k", "7"],
+            "q.parquet",
+            r"--k 7: the model models:/ssr-retrieval-cli@champion re-ranks exactly k=5 neighbours",
+        ),
         ([], "q10.parquet", r"db.parquet: embedding has dim 12, but q10.parquet has dim 10"),
-        (["--gnd", str(root / "wide.json")], "q.parquet", rf"wide.json: query 0: field 'easy' has index {N_DB} outside [0, {N_DB})"),
-        (["--model", "models:/no-such-model@champion"], "q.parquet", "model models:/no-such-model@champion: cannot be loaded"),
+        (
+            ["--gnd", str(root / "wide.json")],
+            "q.parquet",
+            rf"wide.json: query 0: field 'easy' has index {N_DB} outside [0, {N_DB})",
+        ),
+        (
+            ["--model", "models:/no-such-model@champion"],
+            "q.parquet",
+            "model models:/no-such-model@champion: cannot be loaded",
+        ),
     ]
     for extra, queries, message in cases:
         assert main(["rerank", str(root / queries), str(root / "db.parquet"), *base, *extra]) == 2

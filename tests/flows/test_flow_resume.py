@@ -13,6 +13,7 @@ dashboard and runtime-env agents (Ray's GCS, raylet and workers die with the dri
 rerun works with them still alive; the test reaps them at the end. Output goes to files, not
 pipes, because the orphans keep inherited pipes open.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,13 @@ def _run(home: Path, command: list[str] = SSR) -> Run:
     tag = f"{home.name}-{os.urandom(3).hex()}"
     out, err = home.parent / f"{tag}.out", home.parent / f"{tag}.err"
     with open(out, "w") as fo, open(err, "w") as fe:
-        proc = subprocess.Popen([*command, "run", "fewshot", "--preset", "reproduce-fewshot-tiny"], env=env,
-                                stdout=fo, stderr=fe, start_new_session=True)
+        proc = subprocess.Popen(
+            [*command, "run", "fewshot", "--preset", "reproduce-fewshot-tiny"],
+            env=env,
+            stdout=fo,
+            stderr=fe,
+            start_new_session=True,
+        )
         try:
             rc = proc.wait(timeout=600)
         except subprocess.TimeoutExpired:
@@ -74,8 +80,11 @@ def _table(stdout: str) -> list[list[str]]:
     lines = stdout.splitlines()
     header = next((line for line in lines if re.match(r"\| *method *\|", line)), "")
     keep = [i for i, cell in enumerate(header.split("|")) if cell.strip() == "method" or "acc" in cell]
-    return [[line.split("|")[i].strip() for i in keep] for line in lines
-            if re.match(r"\| *(Baseline|k-reciprocal|SSR)", line)]
+    return [
+        [line.split("|")[i].strip() for i in keep]
+        for line in lines
+        if re.match(r"\| *(Baseline|k-reciprocal|SSR)", line)
+    ]
 
 
 @pytest.mark.slow
@@ -116,7 +125,9 @@ def _kill_and_resume(tmp_path: Path, ssr_home: Path) -> None:
     assert "RUNNING" not in statuses and statuses.count("KILLED") >= 2, statuses
     # Resumed, not restarted: the first validation of steps 1 is in Tune's record of the trial once.
     [record] = home.rglob("ray_results/*/*/result.json")
-    reported = [(r["steps"], r["iteration"]) for r in map(json.loads, record.read_text().splitlines()) if "val_acc" in r]
+    reported = [
+        (r["steps"], r["iteration"]) for r in map(json.loads, record.read_text().splitlines()) if "val_acc" in r
+    ]
     assert reported.count(reported[0]) == 1 and reported[0][0] == 1, reported
 
     [a_sum], [b_sum] = list(clean_home.rglob("trials/*/summary.json")), list(home.rglob("trials/*/summary.json"))

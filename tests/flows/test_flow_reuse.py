@@ -1,6 +1,7 @@
 """Rule 1 of docs/architecture.md, "What is reused and when": outputs named after what they
 depend on are the source of truth. A second run whose Prefect cache records are gone reuses
 every output of the first (same paths, files untouched) instead of recomputing it."""
+
 from __future__ import annotations
 
 import shutil
@@ -18,11 +19,20 @@ def test_outputs_are_reused_without_the_prefect_cache(tmp_path, monkeypatch, ray
     home = tmp_path / "runs"
     monkeypatch.setenv("SSR_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = FewShotParams(**{**TINY_FEWSHOT, "evaluation": {**TINY_FEWSHOT["evaluation"], "eval_shots": [1]},
-                              "model_name": "ssr-reuse"})
+    params = FewShotParams(
+        **{**TINY_FEWSHOT, "evaluation": {**TINY_FEWSHOT["evaluation"], "eval_shots": [1]}, "model_name": "ssr-reuse"}
+    )
     first = ssr(pipeline="fewshot", fewshot=params)
-    outputs = sorted(p for pattern in ("backbones/*.pt", "fewshot/*/features-*.parquet", "fewshot/*/val-episodes-*.npz",
-                                       "fewshot/*/ssr-*/trials/*/summary.json") for p in home.glob(pattern))
+    outputs = sorted(
+        p
+        for pattern in (
+            "backbones/*.pt",
+            "fewshot/*/features-*.parquet",
+            "fewshot/*/val-episodes-*.npz",
+            "fewshot/*/ssr-*/trials/*/summary.json",
+        )
+        for p in home.glob(pattern)
+    )
     assert len(outputs) >= 4, outputs
     stamps = {p: p.stat().st_mtime_ns for p in outputs}
 

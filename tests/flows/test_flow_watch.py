@@ -1,4 +1,5 @@
 """`ssr watch`: one status line per poll for a flow run and its subflows (real Prefect harness)."""
+
 from __future__ import annotations
 
 from prefect import flow, task

@@ -7,6 +7,7 @@ it by value to its workers) that kills its process once at an exact point when t
 point's marker file exists: the first process to remove the marker dies, like an
 out-of-memory kill or a lost node would.
 """
+
 from __future__ import annotations
 
 import errno
@@ -28,8 +29,8 @@ import ssr_tasks.fewshot.ray_jobs
 import ssr_tasks.retrieval.rerank
 from ssr_model import FewShotSSR
 from ssr_model.packaged import FewShotClassifier
-from ssr_tasks.fewshot.episodes import load_split, sample_episodes
 from ssr_tasks.config import FewShotTrainParams, RetrievalTrainParams
+from ssr_tasks.fewshot.episodes import load_split, sample_episodes
 from ssr_tasks.fewshot.ray_jobs import FewShotTrialInputs, run_trials
 from ssr_tasks.fewshot.train import train_curriculum
 from ssr_tasks.ray_grid import trial_dir, tune_grid
@@ -132,8 +133,12 @@ def rerank_setup(tmp_path_factory):
     db /= np.linalg.norm(db, axis=1, keepdims=True)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     meta = {"dataset": "t", "backbone": "t", "checkpoint_hash": "-", "dim": str(D)}
-    write_features(root / "db.parquet", ids=np.arange(N_DB), labels=["db"] * N_DB, splits="database", embeddings=db, metadata=meta)
-    write_features(root / "q.parquet", ids=np.arange(N_Q), labels=["q"] * N_Q, splits="query", embeddings=q, metadata=meta)
+    write_features(
+        root / "db.parquet", ids=np.arange(N_DB), labels=["db"] * N_DB, splits="database", embeddings=db, metadata=meta
+    )
+    write_features(
+        root / "q.parquet", ids=np.arange(N_Q), labels=["q"] * N_Q, splits="query", embeddings=q, metadata=meta
+    )
     build_topk_store(q, np.arange(N_Q), db, np.arange(N_DB), root / "topk", K_STORE, shard_size=SHARD)
     torch.manual_seed(0)
     cfg = RetrievalTrainParams(k=K, steps=1, lr_dni=0.5, hidden=16)
@@ -155,14 +160,21 @@ def rerank_setup(tmp_path_factory):
 
 
 def rows_of(store_dir: Path) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    return [(int(qid), ids, sc) for shard in SimilarityStore(store_dir).iter_shards()
-            for qid, ids, sc in zip(shard.query_ids, shard.neighbor_ids, shard.scores)]
+    return [
+        (int(qid), ids, sc)
+        for shard in SimilarityStore(store_dir).iter_shards()
+        for qid, ids, sc in zip(shard.query_ids, shard.neighbor_ids, shard.scores)
+    ]
 
 
-@pytest.mark.parametrize("shard, phase", [(0, "before-write"), (2, "after-write"), (3, "before-write")],
-                         ids=["first-shard", "middle-shard", "last-shard"])
-def test_actor_killed_mid_shard_completes_with_every_query_once(rerank_setup, killing_rerankers, ray_local, tmp_path,
-                                                                shard, phase):
+@pytest.mark.parametrize(
+    "shard, phase",
+    [(0, "before-write"), (2, "after-write"), (3, "before-write")],
+    ids=["first-shard", "middle-shard", "last-shard"],
+)
+def test_actor_killed_mid_shard_completes_with_every_query_once(
+    rerank_setup, killing_rerankers, ray_local, tmp_path, shard, phase
+):
     root, model, clean = rerank_setup
     marker = killing_rerankers / f"rerank-shard-{shard}-{phase}"
     marker.touch()
@@ -183,13 +195,26 @@ def test_actor_killed_mid_shard_completes_with_every_query_once(rerank_setup, ki
 
 
 def small_cfg(**kw):
-    base = dict(n_way=3, n_shot=1, n_query=4, hidden=16, lr_dni=1e-2, max_steps=2,
-                iterations_first=8, iterations_next=4, batch_episodes=2, val_every=4, seed=3)
+    base = dict(
+        n_way=3,
+        n_shot=1,
+        n_query=4,
+        hidden=16,
+        lr_dni=1e-2,
+        max_steps=2,
+        iterations_first=8,
+        iterations_next=4,
+        batch_episodes=2,
+        val_every=4,
+        seed=3,
+    )
     return FewShotTrainParams(**{**base, **kw})  # on the 16-wide synthetic features
 
 
 @pytest.mark.slow
-def test_killed_tune_trial_resumes_to_the_undisturbed_model(synthetic_features, killing_fewshot_trials, ray_local, tmp_path):
+def test_killed_tune_trial_resumes_to_the_undisturbed_model(
+    synthetic_features, killing_fewshot_trials, ray_local, tmp_path
+):
     cfg = small_cfg()
     train, val = load_split(synthetic_features, "train"), load_split(synthetic_features, "val")
     eps = sample_episodes(val, 6, 3, 1, 4, seed=5)
@@ -217,7 +242,9 @@ def test_killed_tune_trial_resumes_to_the_undisturbed_model(synthetic_features, 
     assert (resumed.label, resumed.config, resumed.feat_dim) == ("lr_dni=0.01", cfg, 16)
     # Restored, not restarted: Tune's record of the trial's reports holds each validation once.
     [record] = storage.glob("fewshot-ssr-*/*/result.json")
-    reported = [(r["steps"], r["iteration"]) for r in map(json.loads, record.read_text().splitlines()) if "val_acc" in r]
+    reported = [
+        (r["steps"], r["iteration"]) for r in map(json.loads, record.read_text().splitlines()) if "val_acc" in r
+    ]
     assert reported == [(1, 4), (1, 8), (2, 4)]
     assert resumed.best_val == pytest.approx(clean["best_val"]) and resumed.best_steps == clean["best_steps"]
     a = torch.load(clean["best_path"], weights_only=True)
@@ -250,7 +277,9 @@ def test_trial_that_always_fails_is_reported_with_its_reason(ray_local, tmp_path
         raise RuntimeError(f"features file {config['points'][config['label']]['x']} is unreadable")
 
     t0 = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"1 trial\(s\) of broken failed after 1 retries: .*features file 7 is unreadable"):
+    with pytest.raises(
+        RuntimeError, match=r"1 trial\(s\) of broken failed after 1 retries: .*features file 7 is unreadable"
+    ):
         tune_grid(broken, {"x=7": {"x": 7}}, "broken", tmp_path / "ray", max_failures=1)
     assert time.monotonic() - t0 < 240
 
@@ -266,14 +295,21 @@ def test_unreachable_mlflow_fails_within_seconds_naming_the_url(tmp_path):
     assert time.monotonic() - t0 < 10
 
 
-@pytest.mark.parametrize("var, named", [("PREFECT_API_URL", "Prefect API"), ("MLFLOW_TRACKING_URI", "MLflow tracking server")])
+@pytest.mark.parametrize(
+    "var, named", [("PREFECT_API_URL", "Prefect API"), ("MLFLOW_TRACKING_URI", "MLflow tracking server")]
+)
 def test_cli_run_with_unreachable_server_fails_fast(tmp_path, var, named):
     port = closed_port()
     url = f"http://127.0.0.1:{port}" + ("/api" if var == "PREFECT_API_URL" else "")
     env = {**os.environ, var: url, "SSR_HOME": str(tmp_path / "home")}
     t0 = time.monotonic()
-    out = subprocess.run([SSR, "run", "fewshot", "--preset", "reproduce-fewshot-tiny"], env=env, capture_output=True,
-                         text=True, timeout=180)
+    out = subprocess.run(
+        [SSR, "run", "fewshot", "--preset", "reproduce-fewshot-tiny"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     took = time.monotonic() - t0
     assert out.returncode == 3, out.stderr[-2000:]
     assert f"{named}" in out.stderr and url in out.stderr and "unreachable" in out.stderr
@@ -332,8 +368,14 @@ def test_disk_full_at_rename_while_writing_features_leaves_no_file(tmp_path, mon
 
     monkeypatch.setattr(os, "replace", no_space)
     with pytest.raises(OSError, match="No space left on device"):
-        write_features(tmp_path / "features.parquet", ids=np.arange(3), labels=[0, 1, 2], splits="train",
-                       embeddings=np.ones((3, 4), np.float32), metadata={"dataset": "d", "backbone": "b", "checkpoint_hash": "-"})
+        write_features(
+            tmp_path / "features.parquet",
+            ids=np.arange(3),
+            labels=[0, 1, 2],
+            splits="train",
+            embeddings=np.ones((3, 4), np.float32),
+            metadata={"dataset": "d", "backbone": "b", "checkpoint_hash": "-"},
+        )
     assert list(tmp_path.iterdir()) == []
 
 

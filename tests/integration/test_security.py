@@ -1,5 +1,6 @@
 """Security: no unsafe deserialisation in the code base, local services on 127.0.0.1, Ray
 token authentication kept, and no credentials in logs, MLflow params, tags or artefacts."""
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,9 @@ def calls(pattern: str) -> list[tuple[str, int, str]]:
                     depth += {"(": 1, ")": -1}.get(text[end], 0)
                     if depth == 0:
                         break
-                found.append((str(path.relative_to(ROOT)), text.count("\n", 0, m.start()) + 1, text[m.start() : end + 1]))
+                found.append(
+                    (str(path.relative_to(ROOT)), text.count("\n", 0, m.start()) + 1, text[m.start() : end + 1])
+                )
     return found
 
 
@@ -113,9 +116,11 @@ def _listening_ports_of_descendants() -> list[tuple[str, int, str]]:
     return out
 
 
-@pytest.mark.xfail(reason="Ray 2.60 resolves the 127.0.0.1 node address to the machine's address and its gRPC "
-                          "servers (GCS, raylet, workers, agents) listen on all interfaces; token auth guards them",
-                   strict=False)
+@pytest.mark.xfail(
+    reason="Ray 2.60 resolves the 127.0.0.1 node address to the machine's address and its gRPC "
+    "servers (GCS, raylet, workers, agents) listen on all interfaces; token auth guards them",
+    strict=False,
+)
 def test_local_ray_listens_on_loopback_only(ray_local):
     loopback = {"0100007F", "00000000000000000000000001000000"}
     wide = [(a, p, n) for a, p, n in _listening_ports_of_descendants() if a not in loopback]
@@ -140,16 +145,20 @@ def test_passwords_are_masked_and_never_logged_as_params(tmp_path, monkeypatch):
 
 
 TINY_FEWSHOT = dict(
-    data=dict(dataset="glyphs", glyphs_size="small"), backbone=dict(pretrain_epochs=1),
-    train=dict(max_steps=1, hidden=16, iterations_first=4, iterations_next=2, val_every=2), sweep={"lr_dni": [1e-3]},
+    data=dict(dataset="glyphs", glyphs_size="small"),
+    backbone=dict(pretrain_epochs=1),
+    train=dict(max_steps=1, hidden=16, iterations_first=4, iterations_next=2, val_every=2),
+    sweep={"lr_dni": [1e-3]},
     evaluation=dict(n_val_episodes=5, n_test_episodes=10, eval_shots=[1]),
-    baselines=dict(krecip_k1=[10], krecip_k2=[5], krecip_lambda=[0.3]), model_name="ssr-security-check",
+    baselines=dict(krecip_k1=[10], krecip_k2=[5], krecip_lambda=[0.3]),
+    model_name="ssr-security-check",
 )
 
 
 @pytest.mark.slow
-def test_a_run_writes_no_secret_to_mlflow_artifacts_or_logs(ssr_home, ray_local, prefect_harness, glyphs_small,
-                                                           tmp_path, monkeypatch, capfd, caplog):
+def test_a_run_writes_no_secret_to_mlflow_artifacts_or_logs(
+    ssr_home, ray_local, prefect_harness, glyphs_small, tmp_path, monkeypatch, capfd, caplog
+):
     from flows.ssr_flow import ssr
     from ssr_tasks.config import FewShotParams
 

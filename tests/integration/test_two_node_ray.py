@@ -7,6 +7,7 @@ belongs to the pytest process). Each actor is one CPU, so the two land on differ
 The cluster is stopped by the PIDs of its own processes, never with ``ray stop`` (which
 would stop every Ray instance of the machine, the session's and other users' included).
 """
+
 from __future__ import annotations
 
 import json
@@ -144,17 +145,55 @@ def test_actor_pool_uses_both_nodes_of_a_two_node_cluster(tmp_path):
     env["RAY_AUTH_MODE"] = "token"  # every node and the driver present the token (~/.ray/auth_token here)
     common = ["--num-cpus", "1", "--temp-dir", temp_dir, "--disable-usage-stats"]
     try:
-        head = subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                               "--resources", '{"node_a": 1}', "--include-dashboard", "false", *common],
-                              env=env, capture_output=True, text=True, timeout=300)
+        head = subprocess.run(
+            [
+                RAY,
+                "start",
+                "--head",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--resources",
+                '{"node_a": 1}',
+                "--include-dashboard",
+                "false",
+                *common,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert head.returncode == 0, head.stdout[-2000:] + head.stderr[-2000:]
-        worker = subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
-                                 "--resources", '{"node_b": 1}', *common], env=env, capture_output=True, text=True, timeout=300)
+        worker = subprocess.run(
+            [
+                RAY,
+                "start",
+                "--address",
+                f"127.0.0.1:{port}",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--resources",
+                '{"node_b": 1}',
+                *common,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert worker.returncode == 0, worker.stdout[-2000:] + worker.stderr[-2000:]
         script = tmp_path / "two_nodes.py"
         script.write_text(SCRIPT)
-        run = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=420,
-                             env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "PYTHONPATH": str(ROOT)})
+        run = subprocess.run(
+            [sys.executable, str(script), str(tmp_path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=420,
+            env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "PYTHONPATH": str(ROOT)},
+        )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         res = json.loads(run.stdout.strip().splitlines()[-1])
     finally:

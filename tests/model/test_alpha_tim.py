@@ -1,4 +1,5 @@
 """alpha-TIM (ssr_model.baselines.alpha_tim) against hand-computed values and an independent numpy loss."""
+
 import math
 
 import numpy as np
@@ -17,13 +18,14 @@ def numpy_loss(w, x_s, y_s, x_q, alpha, temperature, lam=(1.0, 1.0, 1.0)):
     w (K, D), x_s (Ns, D), y_s (Ns,) class ids, x_q (Nq, D): p(k|x) = softmax(-T/2 |x - w_k|^2);
     lam_ce * CE - lam_marg * H_a(mean_q p) + lam_cond * mean_q H_a(p), H_a(p) = (1 - sum p^a) / (a - 1).
     """
+
     def probs(x):
         logits = -temperature / 2 * ((x[:, None, :] - w[None]) ** 2).sum(-1)
         e = np.exp(logits - logits.max(1, keepdims=True))
         return e / e.sum(1, keepdims=True)
 
     def h(p):
-        return (1 - (p ** alpha).sum(-1)) / (alpha - 1)
+        return (1 - (p**alpha).sum(-1)) / (alpha - 1)
 
     p_s, p_q = probs(x_s), probs(x_q)
     ce = -np.log(p_s[np.arange(len(y_s)), y_s]).mean()
@@ -51,9 +53,10 @@ def test_loss_terms_by_hand():
     imbalanced = alpha_tim_loss(w, support, torch.tensor([[[1.0, 0.0], [1.0, 0.0]]], dtype=torch.float64), 2.0, 1.0)
     assert imbalanced["marginal_entropy"].item() == pytest.approx(h2, abs=1e-12)  # marginal (p, 1 - p)
     # alpha = 3: H_3(p) = (1 - p^3 - (1 - p)^3) / 2
-    h3 = (1 - p ** 3 - (1 - p) ** 3) / 2
+    h3 = (1 - p**3 - (1 - p) ** 3) / 2
     assert alpha_tim_loss(w, support, torch.tensor([[[1.0, 0.0]]], dtype=torch.float64), 3.0, 1.0)[
-        "conditional_entropy"].item() == pytest.approx(h3, abs=1e-12)
+        "conditional_entropy"
+    ].item() == pytest.approx(h3, abs=1e-12)
 
 
 def test_loss_and_gradient_match_an_independent_numpy_computation():
@@ -71,8 +74,10 @@ def test_loss_and_gradient_match_an_independent_numpy_computation():
             for j in range(2):
                 dw = np.zeros_like(w_np)
                 dw[i, j] = 1e-6
-                fd[i, j] = (numpy_loss(w_np + dw, xs, ys, xq, alpha, temperature)
-                            - numpy_loss(w_np - dw, xs, ys, xq, alpha, temperature)) / 2e-6
+                fd[i, j] = (
+                    numpy_loss(w_np + dw, xs, ys, xq, alpha, temperature)
+                    - numpy_loss(w_np - dw, xs, ys, xq, alpha, temperature)
+                ) / 2e-6
         grad = alpha_tim_gradient(w, x, one_hot, alpha, temperature)[0].numpy()
         np.testing.assert_allclose(grad, fd, atol=1e-6, rtol=1e-6)
 
@@ -85,8 +90,9 @@ def test_first_step_by_hand_is_minus_lr_times_the_gradient_sign():
     g = alpha_tim_gradient(w0, x, support_one_hot(support), 2.0)
     w1 = w0 - 1e-2 * torch.sign(g)
     logits = 15 * (query @ w1.transpose(1, 2) - 0.5 * (w1 * w1).sum(-1).unsqueeze(1))
-    torch.testing.assert_close(alpha_tim(support, query, iterations=1, lr=1e-2), torch.softmax(logits, -1),
-                               atol=1e-7, rtol=0)
+    torch.testing.assert_close(
+        alpha_tim(support, query, iterations=1, lr=1e-2), torch.softmax(logits, -1), atol=1e-7, rtol=0
+    )
 
 
 def test_alpha_near_one_is_tim():
@@ -94,8 +100,12 @@ def test_alpha_near_one_is_tim():
     x = torch.cat([support.reshape(1, 2, 2), query], 1)
     w = torch.tensor([[[0.9, 0.2], [0.1, 0.7]]], dtype=torch.float64)
     one_hot = support_one_hot(support)
-    torch.testing.assert_close(alpha_tim_gradient(w, x, one_hot, 1 + 1e-7, loss_weights=(0.1, 1.0, 0.1)),
-                               tim_gradient(w, x, one_hot, loss_weights=(0.1, 1.0, 0.1)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        alpha_tim_gradient(w, x, one_hot, 1 + 1e-7, loss_weights=(0.1, 1.0, 0.1)),
+        tim_gradient(w, x, one_hot, loss_weights=(0.1, 1.0, 0.1)),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_follows_torch_adam_on_the_autograd_loss():
@@ -110,8 +120,9 @@ def test_follows_torch_adam_on_the_autograd_loss():
         alpha_tim_loss(w, s, q, 5.0)["loss"].sum().backward()
         opt.step()
     logits = 15 * (q @ w.detach().transpose(1, 2) - 0.5 * (w.detach() ** 2).sum(-1).unsqueeze(1))
-    torch.testing.assert_close(alpha_tim(support, query, iterations=30, lr=1e-2), torch.softmax(logits, -1),
-                               atol=1e-6, rtol=0)  # 2-shot: the authors' alpha 5
+    torch.testing.assert_close(
+        alpha_tim(support, query, iterations=30, lr=1e-2), torch.softmax(logits, -1), atol=1e-6, rtol=0
+    )  # 2-shot: the authors' alpha 5
 
 
 def test_settings_registry_and_errors():

@@ -34,12 +34,16 @@ def test_fewshot_inference_and_gradients_cpu_equal_cuda():
         cuda_scores = model_cuda.eval()(support.to(cuda), query.to(cuda))
     torch.testing.assert_close(cuda_scores.cpu(), cpu_scores, rtol=TOL, atol=TOL)
 
-    cpu_grads = torch.autograd.grad(fewshot_cross_entropy(model.train()(support, query), labels), list(model.parameters()))
+    cpu_grads = torch.autograd.grad(
+        fewshot_cross_entropy(model.train()(support, query), labels), list(model.parameters())
+    )
     cuda_loss = fewshot_cross_entropy(model_cuda.train()(support.to(cuda), query.to(cuda)), labels.to(cuda))
     cuda_grads = torch.autograd.grad(cuda_loss, list(model_cuda.parameters()))
     for (name, _), g_cpu, g_cuda in zip(model.named_parameters(), cpu_grads, cuda_grads):
         scale = max(g_cpu.abs().max().item(), 1.0)
-        torch.testing.assert_close(g_cuda.cpu() / scale, g_cpu / scale, rtol=TOL, atol=TOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            g_cuda.cpu() / scale, g_cpu / scale, rtol=TOL, atol=TOL, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def test_retrieval_inference_cpu_equals_cuda():
@@ -56,5 +60,7 @@ def test_retrieval_inference_cpu_equals_cuda():
         cuda_sims = model_cuda.eval()(query.to(cuda), neighbours.to(cuda))
     torch.testing.assert_close(cuda_sims.cpu(), cpu_sims, rtol=TOL, atol=TOL)
     cpu_loss = info_bce(model.train()(query, neighbours), positives, model.scale_cls)
-    cuda_loss = info_bce(model_cuda.train()(query.to(cuda), neighbours.to(cuda)), positives.to(cuda), model_cuda.scale_cls)
+    cuda_loss = info_bce(
+        model_cuda.train()(query.to(cuda), neighbours.to(cuda)), positives.to(cuda), model_cuda.scale_cls
+    )
     torch.testing.assert_close(cuda_loss.cpu(), cpu_loss, rtol=TOL, atol=TOL)

@@ -1,5 +1,6 @@
 """DQE solves the hard-margin SVM dual (alpha >= 0, no upper bound), checked against the same
 QP solved another way (scipy SLSQP with bounds), and the baselines' grids."""
+
 import numpy as np
 import pytest
 from scipy.optimize import minimize
@@ -11,9 +12,15 @@ from ssr_model.baselines import QE_N, KReciprocalPoint, best_point, dqe, hard_ma
 def _qp_dual(X, y):
     """Reference: min 1/2 a'Ha - sum(a), a >= 0 (bounds, no upper one), y'a = 0, by SLSQP."""
     H = (y[:, None] * X) @ (y[:, None] * X).T
-    res = minimize(lambda a: 0.5 * a @ H @ a - a.sum(), np.full(len(y), 0.1), jac=lambda a: H @ a - 1.0,
-                   bounds=[(0.0, None)] * len(y), method="SLSQP", options={"ftol": 1e-15, "maxiter": 2000},
-                   constraints=[{"type": "eq", "fun": lambda a: a @ y, "jac": lambda a: y}])
+    res = minimize(
+        lambda a: 0.5 * a @ H @ a - a.sum(),
+        np.full(len(y), 0.1),
+        jac=lambda a: H @ a - 1.0,
+        bounds=[(0.0, None)] * len(y),
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 2000},
+        constraints=[{"type": "eq", "fun": lambda a: a @ y, "jac": lambda a: y}],
+    )
     assert res.success, res.message
     return res.x
 

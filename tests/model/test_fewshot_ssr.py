@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import oracle  # tests/model is put on sys.path by pytest (rootdir-less "prepend" import mode)
 import pytest
 import torch
 from torch import nn
@@ -11,13 +12,10 @@ from ssr_model.fewshot import FewShotSSR, fewshot_dni_input_dim
 from ssr_model.losses import fewshot_cross_entropy
 from ssr_model.subgraph import fewshot_pair_positions, fewshot_subgraph_vectors
 
-import oracle  # tests/model is put on sys.path by pytest (rootdir-less "prepend" import mode)
-
 D = 12
 HIDDEN = 32
 LR = 1e-2  # large enough that refinement visibly moves the scores at D = 12
 DTYPE = torch.float64
-
 
 
 # (n_way, n_shot, n_query, steps)
@@ -145,10 +143,13 @@ def test_gradients_match_oracle(n_way, n_shot, n_query, steps):
     loss = fewshot_cross_entropy(scores, labels)
     grads = torch.autograd.grad(loss, params + [support])
 
-    loss_ref = sum(
-        oracle.fewshot_cross_entropy(oracle.fewshot_episode(model, support[e], query[e])[-1], labels[e])
-        for e in range(2)
-    ) / 2
+    loss_ref = (
+        sum(
+            oracle.fewshot_cross_entropy(oracle.fewshot_episode(model, support[e], query[e])[-1], labels[e])
+            for e in range(2)
+        )
+        / 2
+    )
     grads_ref = torch.autograd.grad(loss_ref, params + [support])
 
     torch.testing.assert_close(loss, loss_ref, rtol=1e-9, atol=1e-9)

@@ -35,14 +35,14 @@ def tensor(golden: dict[str, np.ndarray], key: str) -> torch.Tensor:
 
 def load_state(model: torch.nn.Module, golden: dict[str, np.ndarray], case: str) -> None:
     prefix = f"{case}/state/"
-    state = {key[len(prefix):]: tensor(golden, key) for key in golden if key.startswith(prefix)}
+    state = {key[len(prefix) :]: tensor(golden, key) for key in golden if key.startswith(prefix)}
     model.load_state_dict(state, strict=True)
 
 
 def assert_gradients(model: torch.nn.Module, loss: torch.Tensor, golden: dict[str, np.ndarray], case: str) -> None:
     names, params = zip(*model.named_parameters())
     grads = torch.autograd.grad(loss, params)
-    expected_names = {key[len(f"{case}/grad/"):] for key in golden if key.startswith(f"{case}/grad/")}
+    expected_names = {key[len(f"{case}/grad/") :] for key in golden if key.startswith(f"{case}/grad/")}
     assert set(names) == expected_names
     for name, grad in zip(names, grads):
         torch.testing.assert_close(

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from ssr_model.baselines import fewshot_k_reciprocal, k_reciprocal
-
 from tests.model.k_reciprocal_oracle import k_reciprocal_loop
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
+import oracle  # tests/model is put on sys.path by pytest (rootdir-less "prepend" import mode)
 import torch
 
-import oracle  # tests/model is put on sys.path by pytest (rootdir-less "prepend" import mode)
 from ssr_model.losses import fewshot_cross_entropy, info_bce
-
-
 
 
 def test_fewshot_cross_entropy_batched_and_single():

@@ -19,7 +19,9 @@ def classifier() -> FewShotClassifier:
 
 def episode(n: int, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(N_WAY, 2, D, generator=gen, dtype=torch.float64), torch.randn(n, D, generator=gen, dtype=torch.float64)
+    return torch.randn(N_WAY, 2, D, generator=gen, dtype=torch.float64), torch.randn(
+        n, D, generator=gen, dtype=torch.float64
+    )
 
 
 def test_exact_at_n_query(classifier):
@@ -44,7 +46,9 @@ def test_fewer_queries_repeat_to_fill_one_group(classifier, n):
     support, query = episode(n)
     with torch.no_grad():
         filled = query[torch.arange(N_QUERY) % n]
-        torch.testing.assert_close(classifier(support, query), classifier.ssr(support, filled)[:n], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            classifier(support, query), classifier.ssr(support, filled)[:n], rtol=1e-12, atol=1e-12
+        )
 
 
 def test_batched_inputs_still_need_n_query(classifier):

@@ -1,4 +1,5 @@
 """The transductive few-shot peers against small cases computed by hand (ssr_model.baselines)."""
+
 import math
 
 import pytest
@@ -17,7 +18,9 @@ def toy_episodes(E=3, W=5, K=1, Q=75, D=16, seed=0, spread=0.4):
     centres = torch.rand(E, W, D, generator=g) * 3
     labels = torch.arange(W).repeat_interleave(Q // W).expand(E, Q)
     support = (centres[:, :, None] + spread * torch.randn(E, W, K, D, generator=g)).abs()
-    query = (torch.gather(centres, 1, labels[..., None].expand(E, Q, D)) + spread * torch.randn(E, Q, D, generator=g)).abs()
+    query = (
+        torch.gather(centres, 1, labels[..., None].expand(E, Q, D)) + spread * torch.randn(E, Q, D, generator=g)
+    ).abs()
     return support, query, labels
 
 
@@ -144,21 +147,25 @@ def test_errors_name_the_method():
 
 
 def test_tim_closed_form_gradient_matches_autograd():
-    from ssr_model.baselines.tim import _terms, tim_gradient
     from ssr_model.baselines.episode_features import support_one_hot
+    from ssr_model.baselines.tim import _terms, tim_gradient
 
     support, query, _ = toy_episodes(E=2, K=2, Q=15, D=8)
     s, q = torch.nn.functional.normalize(support, dim=-1), torch.nn.functional.normalize(query, dim=-1)
     x = torch.cat([s.reshape(2, 10, 8), q], 1).double()
     one_hot = support_one_hot(s).double()
-    w = (s.mean(2) + 0.1 * torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(3))).double().requires_grad_(True)
+    w = (
+        (s.mean(2) + 0.1 * torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(3)))
+        .double()
+        .requires_grad_(True)
+    )
     _terms(w, x, one_hot, 15.0, (0.1, 1.0, 0.1))["loss"].sum().backward()
     torch.testing.assert_close(tim_gradient(w.detach(), x, one_hot), w.grad, atol=1e-9, rtol=1e-7)
 
 
 def test_tim_gd_follows_torch_adam_on_the_autograd_loss():
-    from ssr_model.baselines.tim import _terms, tim_probs
     from ssr_model.baselines.episode_features import support_one_hot
+    from ssr_model.baselines.tim import _terms, tim_probs
 
     support, query, _ = toy_episodes(E=2, Q=15, D=8)
     s, q = torch.nn.functional.normalize(support, dim=-1), torch.nn.functional.normalize(query, dim=-1)
@@ -169,4 +176,6 @@ def test_tim_gd_follows_torch_adam_on_the_autograd_loss():
         opt.zero_grad()
         _terms(w, x, one_hot, 15.0, (0.1, 1.0, 0.1))["loss"].sum().backward()
         opt.step()
-    torch.testing.assert_close(tim_gd(support, query, iterations=30, lr=1e-2), tim_probs(w.detach(), q), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        tim_gd(support, query, iterations=30, lr=1e-2), tim_probs(w.detach(), q), atol=1e-4, rtol=0
+    )

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import oracle  # tests/model is put on sys.path by pytest (rootdir-less "prepend" import mode)
 import pytest
 import torch
 
-import oracle  # tests/model is put on sys.path by pytest (rootdir-less "prepend" import mode)
 from ssr_model.losses import info_bce
 from ssr_model.retrieval import RetrievalSSR, retrieval_dni_input_dim
 from ssr_model.subgraph import retrieval_pair_positions, retrieval_subgraph_vectors
@@ -14,7 +14,6 @@ D = 12
 HIDDEN = 32
 LR = 5e-2
 DTYPE = torch.float64
-
 
 
 # (k, steps)
@@ -102,9 +101,7 @@ def test_gradients_match_oracle(k, steps):
     grads = torch.autograd.grad(loss, params + [neighbours])
 
     per_query = [
-        oracle.info_bce(
-            oracle.retrieval_query(model, query[b], neighbours[b])[-1], positives[b], model.scale_cls[0]
-        )
+        oracle.info_bce(oracle.retrieval_query(model, query[b], neighbours[b])[-1], positives[b], model.scale_cls[0])
         for b in range(2)
     ]
     loss_ref = sum(per_query) / 2

@@ -1,5 +1,6 @@
 """The retrieval shortlist re-rankers on tiny graphs, against values worked out by hand or by
 a straightforward dense numpy computation written here."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -164,7 +165,11 @@ def test_superglobal_by_hand():
 
 def test_grids_and_names():
     grids = shortlist_grids(qe_n=(1, 3))
-    assert len(grids["alpha-DBA-QE"]) == 8 and [p.label() for p in grids["GNN"]] == ["k1=10,k2=4", "k1=26,k2=7", "k1=50,k2=10"]
+    assert len(grids["alpha-DBA-QE"]) == 8 and [p.label() for p in grids["GNN"]] == [
+        "k1=10,k2=4",
+        "k1=26,k2=7",
+        "k1=50,k2=10",
+    ]
     assert grids["SuperGlobal"][0].label() == "K=3,beta=0.15"
     assert RETRIEVAL_METHODS[-4:] == ("alpha-DBA-QE", "diffusion", "GNN", "SuperGlobal")
 
@@ -175,10 +180,12 @@ def test_each_reranker_returns_a_permutation_of_the_shortlist(fn):
     q = random_unit(4, 8, 6)
     top = np.argsort(-(q @ db.T), axis=1, kind="stable")[:, :20]
     nb = candidate_neighbours(db, top, k=10)
-    out = {"dba": lambda: alpha_dba_qe(q, db, top, nb, n_dba=3, n_qe=2)[:2],
-           "diffusion": lambda: diffusion_rerank(q, db, top, nb, k=5),
-           "gnn": lambda: gnn_rerank(q, db, top, k1=6, k2=3),
-           "superglobal": lambda: superglobal_rerank(q, db, top, K=3)[:2]}[fn]()
+    out = {
+        "dba": lambda: alpha_dba_qe(q, db, top, nb, n_dba=3, n_qe=2)[:2],
+        "diffusion": lambda: diffusion_rerank(q, db, top, nb, k=5),
+        "gnn": lambda: gnn_rerank(q, db, top, k1=6, k2=3),
+        "superglobal": lambda: superglobal_rerank(q, db, top, K=3)[:2],
+    }[fn]()
     ids, scores = out
     assert ids.shape == top.shape and (np.sort(ids, 1) == np.sort(top, 1)).all()
     assert (np.diff(scores, axis=1) <= 1e-6).all()

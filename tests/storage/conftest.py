@@ -1,5 +1,6 @@
 """A loopback HTTP server for the download tests (real HTTP, Range requests, dropped
 connections), shared by the files of tests/storage."""
+
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 

@@ -1,5 +1,6 @@
 """CIFAR-FS and mini-ImageNet as the authors publish and build them, fetched over a
 loopback HTTP server through ``ssr data download`` (fixtures: tests/authors_formats.py)."""
+
 import io
 import json
 
@@ -11,9 +12,11 @@ from storage.cli import main as cli_main
 from storage.fewshot import find_val_episodes, list_split, read_episode_json, val_episodes_name
 from tests.authors_formats import TAR_FILTER, cifar_fixture, cifar_fs_splits_zip, episodes_json, mini_imagenet_zip
 
-SPLITS = {"train": ["apple", "bear", "cattle", "crab", "dog"],
-          "val": ["butterfly", "lion", "shark", "tiger", "whale"],
-          "test": ["bus", "plain", "rose", "television", "tulip"]}
+SPLITS = {
+    "train": ["apple", "bear", "cattle", "crab", "dog"],
+    "val": ["butterfly", "lion", "shark", "tiger", "whale"],
+    "test": ["bus", "plain", "rose", "television", "tulip"],
+}
 NAMES = tuple(sorted(sum(SPLITS.values(), []) + ["maple_tree"]))  # maple_tree: in no split, dropped
 
 
@@ -38,16 +41,28 @@ def _download(name, root, url, capsys=None):
 
 def test_cifar_fs_is_built_as_the_authors_build_it(server, tmp_path, capsys):
     fixture = cifar_fixture(NAMES, per_class=8)
-    _serve_cifar(server, fixture, {val_episodes_name(5, 1, 15): (5, 1, 15), val_episodes_name(5, 5, 10): (5, 5, 10),
-                                   "val1000Episode_5_way_1_shot.json": (5, 1, 15),
-                                   "val1000Episode_5_way_5_shot.json": (5, 5, 10)})
+    _serve_cifar(
+        server,
+        fixture,
+        {
+            val_episodes_name(5, 1, 15): (5, 1, 15),
+            val_episodes_name(5, 5, 10): (5, 5, 10),
+            "val1000Episode_5_way_1_shot.json": (5, 1, 15),
+            "val1000Episode_5_way_5_shot.json": (5, 5, 10),
+        },
+    )
     assert _download("cifar-100", tmp_path, server.url + "/cifar-100-python.tar.gz", capsys)[0] == 0
     assert not (tmp_path / "cifar-fs").exists()  # needs the split lists too
     assert _download("cifar-fs-splits", tmp_path, server.url + "/cifar-fs-splits.zip", capsys)[0] == 0
     root = tmp_path / "cifar-fs"
     # download_cifar_fs.sh keeps val1000* but the two files without "_query"
-    assert sorted(p.name for p in root.iterdir()) == ["test", "train", "val", val_episodes_name(5, 1, 15),
-                                                      val_episodes_name(5, 5, 10)]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "test",
+        "train",
+        "val",
+        val_episodes_name(5, 1, 15),
+        val_episodes_name(5, 5, 10),
+    ]
     for split, classes in SPLITS.items():
         index = list_split(root, split)
         assert index.classes == sorted(classes) and len(index) == 16 * len(classes)
@@ -80,6 +95,7 @@ def test_a_repeated_file_name_keeps_the_authors_row_pairing(tmp_path):
     fixture.rows["test"] = (data, labels, files)
     (tmp_path / "cifar-100-python").mkdir()
     import tarfile
+
     with tarfile.open(fileobj=io.BytesIO(fixture.tarball())) as tf:
         tf.extractall(tmp_path, **TAR_FILTER)
     splits = tmp_path / "splits"
@@ -106,8 +122,11 @@ def test_an_episode_file_naming_missing_images_is_refused_and_nothing_is_left(se
     assert _download("cifar-100", tmp_path, server.url + "/cifar-100-python.tar.gz", capsys)[0] == 0
     code, out = _download("cifar-fs-splits", tmp_path, server.url + "/cifar-fs-splits.zip", capsys)
     assert code == 2 and out.err.count("\n") == 1
-    assert "val1000Episode_5_way_1_shot_15_query.json: episode 2: Query image 'lion/lion_s_999999.jpg' not found" \
-        in out.err and str(tmp_path / "cifar-fs" / "val") in out.err
+    assert (
+        "val1000Episode_5_way_1_shot_15_query.json: episode 2: Query image 'lion/lion_s_999999.jpg' not found"
+        in out.err
+        and str(tmp_path / "cifar-fs" / "val") in out.err
+    )
     assert not (tmp_path / "cifar-fs").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary build left
 
@@ -126,6 +145,7 @@ def test_mini_imagenet_zip_is_laid_out_as_download_miniimagenet_sh(server, tmp_p
     counts = {"train_train": 3, "train_val": 1, "train_test": 1, "val": 5, "test": 5}
     probe = mini_imagenet_zip(counts, per_class=4)
     import zipfile
+
     names = zipfile.ZipFile(io.BytesIO(probe)).namelist()
     val = {}
     for n in names:
@@ -133,7 +153,8 @@ def test_mini_imagenet_zip_is_laid_out_as_download_miniimagenet_sh(server, tmp_p
         if parts[1] == "val":
             val.setdefault(parts[2], []).append(parts[3])
     server.files["/Mini-ImageNet.zip"] = mini_imagenet_zip(
-        counts, per_class=4, extra={val_episodes_name(5, 1, 3): episodes_json(val, 2, 5, 1, 3)})
+        counts, per_class=4, extra={val_episodes_name(5, 1, 3): episodes_json(val, 2, 5, 1, 3)}
+    )
     code, out = _download("mini-imagenet", tmp_path, server.url + "/Mini-ImageNet.zip", capsys)
     assert code == 0
     root = tmp_path / "mini-imagenet"
@@ -153,6 +174,7 @@ def test_released_backbones_are_found_where_the_download_puts_them(server, tmp_p
 
     from storage.checkpoints import RELEASED_BACKBONES, released_backbone
     from storage.errors import StorageError
+
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:  # the authors' zip: pre_trained_models/<Dataset>/<file>.pth
         for (dataset, _), rel in RELEASED_BACKBONES.items():
@@ -164,8 +186,11 @@ def test_released_backbones_are_found_where_the_download_puts_them(server, tmp_p
     root = tmp_path / "backbones"
     assert released_backbone(root, "cifar-fs", "wrn-28-10") == root / "CIFAR-FS" / "WRN_Cos_netFeatBest62.561.pth"
     assert released_backbone(root, "mini-imagenet", "conv4-64").read_bytes() == b"weights"
-    with pytest.raises(StorageError, match=r"TieredImageNet/tieredImageNet_ResNet12\.pth: released backbone not found "
-                                           r"\(run `ssr data download fewshot-backbones-tiered --root "):
+    with pytest.raises(
+        StorageError,
+        match=r"TieredImageNet/tieredImageNet_ResNet12\.pth: released backbone not found "
+        r"\(run `ssr data download fewshot-backbones-tiered --root ",
+    ):
         released_backbone(root, "tiered-imagenet", "resnet12")
     with pytest.raises(StorageError, match="no released conv4-64 backbone for dataset 'glyphs'"):
         released_backbone(root, "glyphs", "conv4-64")

@@ -31,8 +31,9 @@ def test_register_into_an_outer_parser(tmp_path):
 
 
 def test_module_entry_point():
-    out = subprocess.run([sys.executable, "-m", "storage.cli", "data", "download", "--help"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "storage.cli", "data", "download", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and "cifar-100" in out.stdout
 
 
@@ -40,9 +41,16 @@ def _features(path, x, split, ids=None):
     import numpy as np
 
     from storage.features import write_features
+
     ids = np.arange(len(x)) if ids is None else ids
-    write_features(path, ids=ids, labels=np.zeros(len(x), np.int64), splits=[split] * len(x), embeddings=x,
-                   metadata={"dataset": "t", "backbone": "none", "checkpoint_hash": "-"})
+    write_features(
+        path,
+        ids=ids,
+        labels=np.zeros(len(x), np.int64),
+        splits=[split] * len(x),
+        embeddings=x,
+        metadata={"dataset": "t", "backbone": "none", "checkpoint_hash": "-"},
+    )
 
 
 def test_topk_builds_a_cosine_store_from_features_tables(tmp_path, capsys):
@@ -51,12 +59,28 @@ def test_topk_builds_a_cosine_store_from_features_tables(tmp_path, capsys):
     import numpy as np
 
     from storage.simstore import SimilarityStore
+
     rng = np.random.default_rng(0)
     q, db = rng.standard_normal((30, 8)).astype(np.float32), 3 * rng.standard_normal((90, 8)).astype(np.float32)
     _features(tmp_path / "q.parquet", q, "query", ids=np.arange(30) + 500)
     _features(tmp_path / "db.parquet", db, "database")
-    assert main(["data", "topk", str(tmp_path / "q.parquet"), str(tmp_path / "db.parquet"), "--out", str(tmp_path / "s"),
-                 "--k", "7", "--shard-size", "8"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "topk",
+                str(tmp_path / "q.parquet"),
+                str(tmp_path / "db.parquet"),
+                "--out",
+                str(tmp_path / "s"),
+                "--k",
+                "7",
+                "--shard-size",
+                "8",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     assert json.loads(out.out)["shards"] == 4 and out.err.splitlines()[-1] == "shard 4/4"
     store = SimilarityStore(tmp_path / "s")
@@ -65,11 +89,45 @@ def test_topk_builds_a_cosine_store_from_features_tables(tmp_path, capsys):
     np.testing.assert_array_equal(got, np.argsort(-cos, axis=1)[:, :7])
     np.testing.assert_array_equal(np.concatenate([s.query_ids for s in store.iter_shards()]), np.arange(30) + 500)
     # the same again resumes (nothing to do); an IVF store into the same folder is refused
-    assert main(["data", "topk", str(tmp_path / "q.parquet"), str(tmp_path / "db.parquet"), "--out", str(tmp_path / "s"),
-                 "--k", "7", "--shard-size", "8"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "topk",
+                str(tmp_path / "q.parquet"),
+                str(tmp_path / "db.parquet"),
+                "--out",
+                str(tmp_path / "s"),
+                "--k",
+                "7",
+                "--shard-size",
+                "8",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["data", "topk", str(tmp_path / "q.parquet"), str(tmp_path / "db.parquet"), "--out", str(tmp_path / "s"),
-                 "--k", "7", "--shard-size", "8", "--search", "ivf", "--nlist", "2"]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "topk",
+                str(tmp_path / "q.parquet"),
+                str(tmp_path / "db.parquet"),
+                "--out",
+                str(tmp_path / "s"),
+                "--k",
+                "7",
+                "--shard-size",
+                "8",
+                "--search",
+                "ivf",
+                "--nlist",
+                "2",
+            ]
+        )
+        == 2
+    )
     assert "existing store has search=" in capsys.readouterr().err
 
 
@@ -78,13 +136,42 @@ def test_topk_one_file_with_splits_and_ivf(tmp_path, capsys):
 
     from storage.features import write_features
     from storage.simstore import SimilarityStore
+
     x = np.random.default_rng(1).standard_normal((200, 8)).astype(np.float32)
-    write_features(tmp_path / "f.parquet", ids=np.arange(200), labels=np.zeros(200, np.int64),
-                   splits=["query"] * 20 + ["database"] * 180, embeddings=x,
-                   metadata={"dataset": "t", "backbone": "none", "checkpoint_hash": "-"})
+    write_features(
+        tmp_path / "f.parquet",
+        ids=np.arange(200),
+        labels=np.zeros(200, np.int64),
+        splits=["query"] * 20 + ["database"] * 180,
+        embeddings=x,
+        metadata={"dataset": "t", "backbone": "none", "checkpoint_hash": "-"},
+    )
     f = str(tmp_path / "f.parquet")
-    assert main(["data", "topk", f, f, "--out", str(tmp_path / "s"), "--k", "5", "--query-split", "query",
-                 "--database-split", "database", "--search", "ivf", "--nlist", "4", "--nprobe", "4"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "topk",
+                f,
+                f,
+                "--out",
+                str(tmp_path / "s"),
+                "--k",
+                "5",
+                "--query-split",
+                "query",
+                "--database-split",
+                "database",
+                "--search",
+                "ivf",
+                "--nlist",
+                "4",
+                "--nprobe",
+                "4",
+            ]
+        )
+        == 0
+    )
     store = SimilarityStore(tmp_path / "s")
     sh = store.read_shard(0)
     assert store.manifest["search"] == {"method": "ivf", "nlist": 4, "nprobe": 4, "seed": 0}
@@ -93,12 +180,30 @@ def test_topk_one_file_with_splits_and_ivf(tmp_path, capsys):
 
 def test_topk_bad_input_names_the_file(tmp_path, capsys):
     import numpy as np
+
     _features(tmp_path / "q.parquet", np.ones((4, 8), np.float32), "query")
     _features(tmp_path / "db.parquet", np.ones((9, 6), np.float32), "database")
-    assert main(["data", "topk", str(tmp_path / "q.parquet"), str(tmp_path / "db.parquet"), "--out", str(tmp_path / "s")]) == 2
+    assert (
+        main(["data", "topk", str(tmp_path / "q.parquet"), str(tmp_path / "db.parquet"), "--out", str(tmp_path / "s")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "db.parquet" in err and "8" in err and err.count("\n") == 1
-    assert main(["data", "topk", str(tmp_path / "q.parquet"), str(tmp_path / "q.parquet"), "--out", str(tmp_path / "s"),
-                 "--k", "4", "--exclude-self"]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "topk",
+                str(tmp_path / "q.parquet"),
+                str(tmp_path / "q.parquet"),
+                "--out",
+                str(tmp_path / "s"),
+                "--k",
+                "4",
+                "--exclude-self",
+            ]
+        )
+        == 2
+    )
     assert "k=4 but the database has 4 items (one is excluded as self)" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()

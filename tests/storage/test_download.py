@@ -27,8 +27,17 @@ def _landmark_zip():
 
 
 def test_sources_table():
-    assert {"ssr-landmark-features", "fewshot-backbones", "fewshot-backbones-tiered", "cifar-fs-splits", "cifar-100",
-            "mini-imagenet", "tiered-imagenet", "roxford5k-gnd", "rparis6k-gnd"} <= set(SOURCES)
+    assert {
+        "ssr-landmark-features",
+        "fewshot-backbones",
+        "fewshot-backbones-tiered",
+        "cifar-fs-splits",
+        "cifar-100",
+        "mini-imagenet",
+        "tiered-imagenet",
+        "roxford5k-gnd",
+        "rparis6k-gnd",
+    } <= set(SOURCES)
     assert SOURCES["cifar-100"].archive == "tar.gz"
     assert direct_url(SOURCES["mini-imagenet"].url).endswith("?dl=1")
 
@@ -36,8 +45,9 @@ def test_sources_table():
 def test_download_unpacks_and_renames(server, tmp_path):
     data = _landmark_zip()
     server.files["/landmark.zip"] = data
-    out = download("ssr-landmark-features", tmp_path, url=server.url + "/landmark.zip",
-                   sha256=hashlib.sha256(data).hexdigest())
+    out = download(
+        "ssr-landmark-features", tmp_path, url=server.url + "/landmark.zip", sha256=hashlib.sha256(data).hexdigest()
+    )
     assert sorted(p.name for p in out.iterdir()) == ["gl18_resnet101_roxford5k.pkl", "gl18_resnet101_sfm120k.pkl"]
     assert not list((tmp_path / "downloads").glob("*.part"))
 
@@ -81,10 +91,13 @@ def test_http_errors_and_unknown_name(server, tmp_path, capsys):
 
 
 def test_backbones_and_tiered_merge(server, tmp_path):
-    server.files["/pre_trained_models.zip"] = _zip({
-        "pre_trained_models/CIFAR-FS/Conv4_64_Cos_netFeatBest.pth": b"c",
-        "pre_trained_models/MiniImageNet/WRN_Cos_netFeatBest64.653.pth": b"m",
-        "pre_trained_models/TieredImageNet/old.pth": b"old"})
+    server.files["/pre_trained_models.zip"] = _zip(
+        {
+            "pre_trained_models/CIFAR-FS/Conv4_64_Cos_netFeatBest.pth": b"c",
+            "pre_trained_models/MiniImageNet/WRN_Cos_netFeatBest64.653.pth": b"m",
+            "pre_trained_models/TieredImageNet/old.pth": b"old",
+        }
+    )
     server.files["/TieredImageNet.zip"] = _zip({"TieredImageNet/WRN_netFeatBest.pth": b"t"})
     download("fewshot-backbones-tiered", tmp_path, url=server.url + "/TieredImageNet.zip")
     out = download("fewshot-backbones", tmp_path, url=server.url + "/pre_trained_models.zip")
@@ -99,7 +112,9 @@ def test_gnd_file_download_is_validated(server, tmp_path):
     assert (out / "gnd_roxford5k.pkl").is_file()
     gnd["gnd"][0]["easy"] = [5]
     server.files["/gnd_rparis6k.pkl"] = pickle.dumps(gnd)
-    with pytest.raises(DataValueError, match=r"downloads/gnd_rparis6k\.pkl: query 0: field 'easy' has index 5 outside \[0, 2\)"):
+    with pytest.raises(
+        DataValueError, match=r"downloads/gnd_rparis6k\.pkl: query 0: field 'easy' has index 5 outside \[0, 2\)"
+    ):
         download("rparis6k-gnd", tmp_path, url=server.url + "/gnd_rparis6k.pkl")
 
 

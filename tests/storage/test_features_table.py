@@ -16,9 +16,12 @@ def _emb(n=10, d=8, seed=0):
 def _raw_table(n=4, d=8, **over):
     """A table written without write_features' validation (to craft bad files)."""
     emb = over.pop("emb", _emb(n, d))
-    cols = {"id": pa.array(np.arange(n), pa.int64()), "label": pa.array([f"c{i % 2}" for i in range(n)]),
-            "split": pa.array(["train"] * n),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1])}
+    cols = {
+        "id": pa.array(np.arange(n), pa.int64()),
+        "label": pa.array([f"c{i % 2}" for i in range(n)]),
+        "split": pa.array(["train"] * n),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1]),
+    }
     cols.update(over)
     return pa.table({k: v for k, v in cols.items() if v is not None})
 
@@ -26,9 +29,15 @@ def _raw_table(n=4, d=8, **over):
 def test_round_trip_with_string_labels_and_paths(tmp_path):
     p = tmp_path / "features.parquet"
     emb = _emb(10, 8)
-    write_features(p, ids=np.arange(100, 110), labels=[f"c{i % 3}" for i in range(10)],
-                   splits=["train"] * 6 + ["val"] * 4, embeddings=emb, paths=[f"c/{i}.png" for i in range(10)],
-                   metadata=META)
+    write_features(
+        p,
+        ids=np.arange(100, 110),
+        labels=[f"c{i % 3}" for i in range(10)],
+        splits=["train"] * 6 + ["val"] * 4,
+        embeddings=emb,
+        paths=[f"c/{i}.png" for i in range(10)],
+        metadata=META,
+    )
     t = read_features(p)
     np.testing.assert_array_equal(t.ids, np.arange(100, 110))
     np.testing.assert_array_equal(t.embeddings, emb)
@@ -60,24 +69,38 @@ def test_write_validation(tmp_path):
     with pytest.raises(DataValueError, match=r"f\.parquet: embedding of id 7 has NaN or inf"):
         write_features(p, ids=[5, 6, 7], labels=[0, 1, 2], splits="train", embeddings=emb, metadata=META)
     with pytest.raises(SchemaError, match=r"metadata lacks \['checkpoint_hash'\]"):
-        write_features(p, ids=[0, 1, 2], labels=[0, 1, 2], splits="train", embeddings=_emb(3, 4),
-                       metadata={"dataset": "x", "backbone": "y"})
+        write_features(
+            p,
+            ids=[0, 1, 2],
+            labels=[0, 1, 2],
+            splits="train",
+            embeddings=_emb(3, 4),
+            metadata={"dataset": "x", "backbone": "y"},
+        )
     with pytest.raises(SchemaError, match="label has 2 rows, expected 3"):
         write_features(p, ids=[0, 1, 2], labels=[0, 1], splits="train", embeddings=_emb(3, 4), metadata=META)
     with pytest.raises(SchemaError, match="embedding has dim 4, but metadata dim says 8"):
-        write_features(p, ids=[0, 1, 2], labels=[0, 1, 2], splits="train", embeddings=_emb(3, 4),
-                       metadata={**META, "dim": "8"})
+        write_features(
+            p, ids=[0, 1, 2], labels=[0, 1, 2], splits="train", embeddings=_emb(3, 4), metadata={**META, "dim": "8"}
+        )
     assert not p.exists()
 
 
-@pytest.mark.parametrize("change, error, message", [
-    ({"split": None}, SchemaError, r"bad\.parquet: missing column\(s\) \['split'\]"),
-    ({"extra": pa.array([1, 2, 3, 4])}, SchemaError, r"bad\.parquet: unexpected column\(s\) \['extra'\]"),
-    ({"id": pa.array([0, 1, 2, 2], pa.int64())}, DataValueError, r"bad\.parquet: id 2 is duplicated"),
-    ({"label": pa.array(["a", None, "b", "c"])}, DataValueError, r"bad\.parquet: label is missing for id 1"),
-    ({"id": pa.array([0, 1, 2, 3], pa.int32())}, SchemaError, r"bad\.parquet: id has type int32, expected int64"),
-    ({"embedding": pa.array([[1.0], [2.0], [3.0], [4.0]])}, SchemaError, r"bad\.parquet: embedding has type list<.*double>, expected fixed_size_list<float32>\[D\]"),
-])
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        ({"split": None}, SchemaError, r"bad\.parquet: missing column\(s\) \['split'\]"),
+        ({"extra": pa.array([1, 2, 3, 4])}, SchemaError, r"bad\.parquet: unexpected column\(s\) \['extra'\]"),
+        ({"id": pa.array([0, 1, 2, 2], pa.int64())}, DataValueError, r"bad\.parquet: id 2 is duplicated"),
+        ({"label": pa.array(["a", None, "b", "c"])}, DataValueError, r"bad\.parquet: label is missing for id 1"),
+        ({"id": pa.array([0, 1, 2, 3], pa.int32())}, SchemaError, r"bad\.parquet: id has type int32, expected int64"),
+        (
+            {"embedding": pa.array([[1.0], [2.0], [3.0], [4.0]])},
+            SchemaError,
+            r"bad\.parquet: embedding has type list<.*double>, expected fixed_size_list<float32>\[D\]",
+        ),
+    ],
+)
 def test_bad_tables(tmp_path, change, error, message):
     p = tmp_path / "bad.parquet"
     pq.write_table(_raw_table(**change), p)
@@ -110,7 +133,9 @@ def test_dim_checks(tmp_path):
 
 def test_truncated_missing_and_non_parquet(tmp_path):
     p = tmp_path / "features.parquet"
-    write_features(p, ids=np.arange(50), labels=np.zeros(50, int), splits="train", embeddings=_emb(50, 16), metadata=META)
+    write_features(
+        p, ids=np.arange(50), labels=np.zeros(50, int), splits="train", embeddings=_emb(50, 16), metadata=META
+    )
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2])
     with pytest.raises(CorruptFileError, match=r"features\.parquet: not a readable Parquet file"):
@@ -133,8 +158,9 @@ def test_lookup_reads_only_the_row_groups_of_the_ids_asked_for(tmp_path, monkeyp
     assert pq.ParquetFile(p).metadata.num_row_groups == 6
     read = []
     real = pq.ParquetFile.iter_batches
-    monkeypatch.setattr(pq.ParquetFile, "iter_batches",
-                        lambda self, *a, **kw: read.append(kw.get("row_groups")) or real(self, *a, **kw))
+    monkeypatch.setattr(
+        pq.ParquetFile, "iter_batches", lambda self, *a, **kw: read.append(kw.get("row_groups")) or real(self, *a, **kw)
+    )
     got, found = lookup_embeddings(p, np.array([23, 12, 29, 12]), expected_dim=4)
     assert read == [[1, 2]] and found.all()
     np.testing.assert_array_equal(got, emb[[23, 12, 29, 12]])
@@ -171,8 +197,16 @@ def test_read_ids_reads_the_id_column_in_row_order(tmp_path):
     write_features(p, ids=ids, labels=[0] * 4, splits="database", embeddings=np.ones((4, 3)), metadata=META)
     got = read_ids(p)
     assert got.dtype == np.int64 and got.tolist() == [7, 3, 1000, 5]
-    pq.write_table(pa.table({"id": pa.array([1, 1], pa.int64()), "label": [0, 0], "split": ["a", "a"],
-                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array([0.0, 1.0], pa.float32()), 1)}),
-                   tmp_path / "dup.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array([1, 1], pa.int64()),
+                "label": [0, 0],
+                "split": ["a", "a"],
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array([0.0, 1.0], pa.float32()), 1),
+            }
+        ),
+        tmp_path / "dup.parquet",
+    )
     with pytest.raises(DataValueError, match=r"dup\.parquet: id 1 is duplicated"):
         read_ids(tmp_path / "dup.parquet")

@@ -6,7 +6,7 @@ from PIL import Image
 
 from storage.augment import TrainTransform, augment
 from storage.errors import CorruptFileError, DatasetLayoutError
-from storage.fewshot import DATASET_SPECS, DatasetSpec, list_split, load_images, read_episode_json
+from storage.fewshot import DATASET_SPECS, list_split, load_images, read_episode_json
 
 
 def make_split(root, split="val", n_classes=4, n_images=6, size=32, mode="RGB"):
@@ -36,7 +36,8 @@ def test_specs_follow_the_table():
     assert (cifar.train, mini.train, tiered.train) == (
         TrainTransform("random", 32, padding=4, flip=True, jitter=0.4),
         TrainTransform("random", 80, padding=8, flip=True, jitter=0.4),
-        TrainTransform("random-resized", 84, flip=True, jitter=0.0))
+        TrainTransform("random-resized", 84, flip=True, jitter=0.0),
+    )
     glyphs = DATASET_SPECS["glyphs"]
     assert (glyphs.channels, glyphs.mean, glyphs.std, glyphs.image_size) == (1, (0.5,), (0.5,), 32)
 
@@ -67,13 +68,15 @@ def test_test_transforms_match_the_authors(tmp_path):
     tiered = DATASET_SPECS["tiered-imagenet"]
     got = load_images(tmp_path / "val", ["c/wide.png"], tiered)[0]
     want = np.asarray(Image.fromarray(wide).resize((92, 92), Image.BILINEAR).crop((4, 4, 88, 88)), np.float32) / 255
-    np.testing.assert_allclose(got, ((want - np.float32(tiered.mean)) / np.float32(tiered.std)).transpose(2, 0, 1),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        got, ((want - np.float32(tiered.mean)) / np.float32(tiered.std)).transpose(2, 0, 1), rtol=1e-6, atol=1e-6
+    )
     mini = DATASET_SPECS["mini-imagenet"]
     got = load_images(tmp_path / "val", ["c/mini.png"], mini)[0]
     want = wide[2:82, 2:82].astype(np.float32) / 255
-    np.testing.assert_allclose(got, ((want - np.float32(mini.mean)) / np.float32(mini.std)).transpose(2, 0, 1),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        got, ((want - np.float32(mini.mean)) / np.float32(mini.std)).transpose(2, 0, 1), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_training_augmentation_is_seeded_and_the_authors(tmp_path):
@@ -89,10 +92,15 @@ def test_training_augmentation_is_seeded_and_the_authors(tmp_path):
     assert not np.array_equal(a, c) and not np.array_equal(a, plain)
     # RandomCrop(32, padding=4) without flip or jitter: a shifted copy with zero borders
     img = Image.fromarray(np.full((32, 32, 3), 200, np.uint8))
-    crops = [np.asarray(augment(img, TrainTransform("random", 32, padding=4, flip=False), np.random.default_rng(s)))
-             for s in range(20)]
+    crops = [
+        np.asarray(augment(img, TrainTransform("random", 32, padding=4, flip=False), np.random.default_rng(s)))
+        for s in range(20)
+    ]
     assert all(c.shape == (32, 32, 3) and set(np.unique(c)) <= {0, 200} for c in crops)
-    assert len({int((c == 0).sum()) for c in crops}) > 1 and max((c == 0).mean() for c in crops) <= 1 - (28 / 32) ** 2 + 1e-9
+    assert (
+        len({int((c == 0).sum()) for c in crops}) > 1
+        and max((c == 0).mean() for c in crops) <= 1 - (28 / 32) ** 2 + 1e-9
+    )
     # ColorJitter(0.4, 0.4, 0.4) keeps a grey image grey and scales it by at most 1.4 (brightness)
     grey = Image.fromarray(np.full((32, 32, 3), 100, np.uint8))
     for s in range(10):
@@ -138,10 +146,16 @@ def test_missing_and_corrupt_image(tmp_path):
 def test_episode_json_paths_and_prefixes(tmp_path):
     make_split(tmp_path, n_classes=4, n_images=5)
     idx = list_split(tmp_path, "val")
-    episodes = [{"Support": [["class2/img00.png"], ["class0/img03.png"]],
-                 "Query": [["class2/img01.png", "class2/img04.png"], ["class0/img00.png", "class0/img02.png"]]},
-                {"Support": [["/some/where/val/class1/img02.png"], ["val\\class3\\img00.png"]],
-                 "Query": [["./class1/img00.png"], ["val/class3/img01.png"]]}]
+    episodes = [
+        {
+            "Support": [["class2/img00.png"], ["class0/img03.png"]],
+            "Query": [["class2/img01.png", "class2/img04.png"], ["class0/img00.png", "class0/img02.png"]],
+        },
+        {
+            "Support": [["/some/where/val/class1/img02.png"], ["val\\class3\\img00.png"]],
+            "Query": [["./class1/img00.png"], ["val/class3/img01.png"]],
+        },
+    ]
     path = tmp_path / "val1000Episode_2_way_1_shot.json"
     path.write_text(json.dumps(episodes))
     back = read_episode_json(path, idx)
@@ -157,7 +171,10 @@ def test_episode_json_errors(tmp_path):
     make_split(tmp_path, n_classes=2, n_images=3)
     idx = list_split(tmp_path, "val")
     path = tmp_path / "eps.json"
-    good = {"Support": [["class0/img00.png"], ["class1/img00.png"]], "Query": [["class0/img01.png"], ["class1/img01.png"]]}
+    good = {
+        "Support": [["class0/img00.png"], ["class1/img00.png"]],
+        "Query": [["class0/img01.png"], ["class1/img01.png"]],
+    }
     path.write_text(json.dumps([good, {**good, "Query": [["class0/img01.png"], ["class1/missing.png"]]}]))
     with pytest.raises(DatasetLayoutError, match=r"eps\.json: episode 1: Query image 'class1/missing.png' not found"):
         read_episode_json(path, idx)
@@ -175,7 +192,9 @@ def test_episode_json_errors(tmp_path):
         read_episode_json(path, idx)
     for content, got in (({"Support": []}, "dict"), ([], "an empty list")):
         path.write_text(json.dumps(content))
-        with pytest.raises(DatasetLayoutError, match=rf"eps\.json: expected a non-empty JSON list of episodes, got {got}"):
+        with pytest.raises(
+            DatasetLayoutError, match=rf"eps\.json: expected a non-empty JSON list of episodes, got {got}"
+        ):
             read_episode_json(path, idx)
     with pytest.raises(DatasetLayoutError, match=r"absent\.json: episode file not found"):
         read_episode_json(tmp_path / "absent.json", idx)
@@ -186,12 +205,17 @@ def test_episode_json_errors(tmp_path):
 def test_episode_json_limit_and_source(tmp_path):
     make_split(tmp_path, n_classes=2, n_images=3)
     idx = list_split(tmp_path, "val")
-    good = {"Support": [["class0/img00.png"], ["class1/img00.png"]], "Query": [["class0/img01.png"], ["class1/img01.png"]]}
+    good = {
+        "Support": [["class0/img00.png"], ["class1/img00.png"]],
+        "Query": [["class0/img01.png"], ["class1/img01.png"]],
+    }
     path = tmp_path / "eps.json"
     path.write_text(json.dumps([good, good, {"Support": "broken"}]))
     assert len(read_episode_json(path, idx, limit=2)) == 2  # episodes past the limit are not read
     path.write_text(json.dumps([{**good, "Query": [["class0/img01.png"], ["class1/gone.png"]]}]))
     with pytest.raises(DatasetLayoutError, match=rf"Query image 'class1/gone.png' not found in {tmp_path / 'val'}$"):
         read_episode_json(path, idx)
-    with pytest.raises(DatasetLayoutError, match=r"Query image 'class1/gone.png' not found in feat.parquet, split 'val'$"):
+    with pytest.raises(
+        DatasetLayoutError, match=r"Query image 'class1/gone.png' not found in feat.parquet, split 'val'$"
+    ):
         read_episode_json(path, idx, source="feat.parquet, split 'val'")

@@ -1,4 +1,5 @@
 """Tests of the built-in glyph dataset (size "small": a few seconds per build)."""
+
 from __future__ import annotations
 
 import io
@@ -44,8 +45,11 @@ def build_c(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    }
 
 
 def _classes(root: Path) -> dict[str, list[str]]:
@@ -71,7 +75,10 @@ def test_rebuild_replaces_stale_output_and_leaves_no_temp_folders(build_c):
     root, result = build_c
     assert not result["cached"]
     assert not (root / "glyphs" / "stale.txt").exists()
-    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".glyphs.lock")) == ["glyphs", "glyphs-retrieval"]
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".glyphs.lock")) == [
+        "glyphs",
+        "glyphs-retrieval",
+    ]
 
 
 def test_splits_are_disjoint_with_64_16_20_proportion(build_a):
@@ -145,7 +152,7 @@ def test_retrieval_ground_truth_is_plain_and_consistent(build_a):
     root, result = build_a
     test_dir = root / "glyphs-retrieval" / "test"
     raw = (test_dir / GND_NAME).read_bytes()
-    assert raw[:2] == b"\x80\x04"                      # protocol 4
+    assert raw[:2] == b"\x80\x04"  # protocol 4
     gnd = _NoClasses(io.BytesIO(raw)).load()
     assert set(gnd) == {"imlist", "qimlist", "gnd"}
     imlist, qimlist = gnd["imlist"], gnd["qimlist"]
@@ -193,31 +200,42 @@ def test_rerun_is_cached_and_touches_nothing(build_a):
 
 def test_no_lookalike_characters_are_kept(build_a):
     pool = {c.char for c in gf.class_pool(gf.load_fonts())}
-    assert "A" in pool and "\u0391" not in pool and "\u0410" not in pool       # Latin, Greek, Cyrillic A
-    assert "o" in pool and "\u03bf" not in pool and "\u043e" not in pool       # Latin, Greek, Cyrillic o
-    assert "." in pool and "\u00b7" not in pool                                # full stop / middle dot
-    assert "o" in pool and "O" in pool                                         # case pairs stay
+    assert "A" in pool and "\u0391" not in pool and "\u0410" not in pool  # Latin, Greek, Cyrillic A
+    assert "o" in pool and "\u03bf" not in pool and "\u043e" not in pool  # Latin, Greek, Cyrillic o
+    assert "." in pool and "\u00b7" not in pool  # full stop / middle dot
+    assert "o" in pool and "O" in pool  # case pairs stay
     assert len(pool) >= 1200
     meta = json.loads((build_a[0] / "glyphs" / "classes.json").read_text(encoding="utf-8"))
     assert {m["char"] for m in meta.values()} <= pool
 
 
-@pytest.mark.parametrize(("item", "expected"), [
-    ({"char": "B"}, None),
-    ({}, "easy"),
-    ({"font": "DejaVuSans-Bold.ttf"}, "easy"),
-    ({"font": "STIXGeneral.ttf"}, "hard"),
-    ({"aug": {"rotation_deg": 20.0}}, "hard"),
-    ({"aug": {"scale": 1.2}}, "hard"),
-    ({"removed": 0.2}, "hard"),
-    ({"removed": 0.5}, "junk"),
-    ({"aug": {"rotation_deg": -90.0}}, "junk"),
-])
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ({"char": "B"}, None),
+        ({}, "easy"),
+        ({"font": "DejaVuSans-Bold.ttf"}, "easy"),
+        ({"font": "STIXGeneral.ttf"}, "hard"),
+        ({"aug": {"rotation_deg": 20.0}}, "hard"),
+        ({"aug": {"scale": 1.2}}, "hard"),
+        ({"removed": 0.2}, "hard"),
+        ({"removed": 0.5}, "junk"),
+        ({"aug": {"rotation_deg": -90.0}}, "junk"),
+    ],
+)
 def test_ground_truth_rule(item, expected):
     query = {"char": "A", "font": "DejaVuSans.ttf", "aug": {}}
     full = {"char": "A", "font": "DejaVuSans-Oblique.ttf", "removed": 0.0, **item}
-    full["aug"] = {"rotation_deg": 5.0, "scale": 1.05, "shear": 0.1, "dx": 1.0, "dy": -2.0, "stroke": 1,
-                   "occlusion": None, **item.get("aug", {})}
+    full["aug"] = {
+        "rotation_deg": 5.0,
+        "scale": 1.05,
+        "shear": 0.1,
+        "dx": 1.0,
+        "dy": -2.0,
+        "stroke": 1,
+        "occlusion": None,
+        **item.get("aug", {}),
+    }
     assert gr.label_for(query, full, gf.family_of) == expected
 
 

@@ -1,17 +1,24 @@
 """Few-shot on a user's image folder: mixed formats, modes and sizes."""
+
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from storage.errors import CorruptFileError, DataValueError, DatasetLayoutError
+from storage.errors import CorruptFileError, DatasetLayoutError, DataValueError
 from storage.fewshot import list_split, load_images
 from storage.image_folder import channel_stats, folder_spec, image_folder_spec, parse_normalization, verify_images
 
 # (mode, extension, size): every class folder gets one of each
-KINDS = [("RGB", "png", (40, 30)), ("RGBA", "png", (25, 50)), ("L", "jpg", (64, 64)), ("P", "gif", (17, 23)),
-         ("CMYK", "jpg", (33, 20)), ("RGB", "jpeg", (90, 60))]
+KINDS = [
+    ("RGB", "png", (40, 30)),
+    ("RGBA", "png", (25, 50)),
+    ("L", "jpg", (64, 64)),
+    ("P", "gif", (17, 23)),
+    ("CMYK", "jpg", (33, 20)),
+    ("RGB", "jpeg", (90, 60)),
+]
 
 
 def _image(mode, size, rng):
@@ -37,7 +44,9 @@ def _expected_stats(root, size):
     pixels = []
     for f in sorted((root / "train").rglob("*.*")):
         with Image.open(f) as img:
-            pixels.append(np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), np.float64).reshape(-1, 3))
+            pixels.append(
+                np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), np.float64).reshape(-1, 3)
+            )
     x = np.concatenate(pixels) / 255.0
     return x.mean(axis=0), x.std(axis=0)
 
@@ -76,8 +85,14 @@ def test_normalization_choices(tmp_path):
     spec = image_folder_spec(root, 24, "0.1,0.2,0.3,0.4,0.5,0.6")
     assert spec.mean == (0.1, 0.2, 0.3) and spec.std == (0.4, 0.5, 0.6)
     assert parse_normalization("AUTO") is None
-    for bad, message in [("0.5", "has 1 numbers"), ("0.1,0.2,0.3,0.4", "has 4 numbers"), ("x,y", "not understood"),
-                         ("0.5,0", "std must be > 0"), ("120,60", "0-255 scale"), ("cifar", "not understood")]:
+    for bad, message in [
+        ("0.5", "has 1 numbers"),
+        ("0.1,0.2,0.3,0.4", "has 4 numbers"),
+        ("x,y", "not understood"),
+        ("0.5,0", "std must be > 0"),
+        ("120,60", "0-255 scale"),
+        ("cifar", "not understood"),
+    ]:
         with pytest.raises(ValueError, match=message):
             parse_normalization(bad)
 

@@ -1,5 +1,6 @@
 """The authors' landmark pickles (their exact keys, (D, N) layout) as cached features tables,
 the seeded-hash SfM-120k hold-out, the validation ground truth and the bad-input errors."""
+
 import pickle
 
 import numpy as np
@@ -7,8 +8,13 @@ import pytest
 
 from storage.errors import DataValueError, SchemaError, StorageError
 from storage.features import read_features
-from storage.landmark_tables import (holdout_clusters, import_test_set, import_train_set, landmark_pickle,
-                                     validation_ground_truth)
+from storage.landmark_tables import (
+    holdout_clusters,
+    import_test_set,
+    import_train_set,
+    landmark_pickle,
+    validation_ground_truth,
+)
 from storage.landmarks import read_gnd, read_gnd_json
 
 D, N, Q = 8, 12, 3
@@ -16,11 +22,30 @@ D, N, Q = 8, 12, 3
 
 def _test_pickle(root, name="roxford5k", seed=0, **override):
     rng = np.random.default_rng(seed)
-    obj = {"database": rng.standard_normal((D, N)).astype(np.float32),  # (D, N) as published
-           "query": rng.standard_normal((D, Q)).astype(np.float32),
-           "gt": [{"easy": np.array([0, 1]), "hard": np.array([2]), "junk": np.array([3]), "bbx": np.array([1.0, 2.0, 9.0, 9.5])},
-                  {"easy": np.array([4]), "hard": np.array([], np.int64), "junk": np.array([], np.int64), "bbx": np.array([0.0, 0.0, 5.0, 5.0])},
-                  {"easy": np.array([], np.int64), "hard": np.array([5, 6]), "junk": np.array([11]), "bbx": np.array([3.0, 3.0, 4.0, 4.0])}]}
+    obj = {
+        "database": rng.standard_normal((D, N)).astype(np.float32),  # (D, N) as published
+        "query": rng.standard_normal((D, Q)).astype(np.float32),
+        "gt": [
+            {
+                "easy": np.array([0, 1]),
+                "hard": np.array([2]),
+                "junk": np.array([3]),
+                "bbx": np.array([1.0, 2.0, 9.0, 9.5]),
+            },
+            {
+                "easy": np.array([4]),
+                "hard": np.array([], np.int64),
+                "junk": np.array([], np.int64),
+                "bbx": np.array([0.0, 0.0, 5.0, 5.0]),
+            },
+            {
+                "easy": np.array([], np.int64),
+                "hard": np.array([5, 6]),
+                "junk": np.array([11]),
+                "bbx": np.array([3.0, 3.0, 4.0, 4.0]),
+            },
+        ],
+    }
     obj.update(override)
     path = root / f"gl18_resnet101_{name}.pkl"
     path.write_bytes(pickle.dumps(obj, protocol=2))
@@ -29,8 +54,10 @@ def _test_pickle(root, name="roxford5k", seed=0, **override):
 
 def _sfm_pickle(root, n_clusters=40, per=3, dim=D, **override):
     rng = np.random.default_rng(5)
-    obj = {"database": rng.standard_normal((dim, n_clusters * per)).astype(np.float32),
-           "cluster": np.repeat(np.arange(n_clusters), per).astype(np.int32)}
+    obj = {
+        "database": rng.standard_normal((dim, n_clusters * per)).astype(np.float32),
+        "cluster": np.repeat(np.arange(n_clusters), per).astype(np.int32),
+    }
     obj.update(override)
     path = root / "gl18_resnet101_sfm120k.pkl"
     path.write_bytes(pickle.dumps({k: v for k, v in obj.items() if v is not None}, protocol=4))
@@ -104,10 +131,14 @@ def test_validation_ground_truth():
 
 
 def test_read_gnd_json_or_pickle(tmp_path):
-    raw = {"imlist": [f"i{j}" for j in range(4)], "qimlist": ["q"],
-           "gnd": [{"easy": [0], "hard": [3], "junk": [], "bbx": None}]}
+    raw = {
+        "imlist": [f"i{j}" for j in range(4)],
+        "qimlist": ["q"],
+        "gnd": [{"easy": [0], "hard": [3], "junk": [], "bbx": None}],
+    }
     (tmp_path / "g.pkl").write_bytes(pickle.dumps(raw))
     import json
+
     (tmp_path / "g.json").write_text(json.dumps(raw))
     assert list(read_gnd(tmp_path / "g.pkl", n_db=4).gnd[0]["hard"]) == [3]
     assert read_gnd(tmp_path / "g.json").qimlist == ["q"]
@@ -132,19 +163,26 @@ def test_bad_inputs_one_line_nothing_partial(tmp_path):
     assert "\n" not in str(err.value) and _nothing_left(cache)
     # training D differing from the test set's
     _sfm_pickle(tmp_path, dim=D + 2)
-    with pytest.raises(DataValueError, match=rf"sfm120k\.pkl: database has D={D + 2}, but the test features have D={D}"):
+    with pytest.raises(
+        DataValueError, match=rf"sfm120k\.pkl: database has D={D + 2}, but the test features have D={D}"
+    ):
         import_train_set(tmp_path, cache, holdout_fraction=0.2, expected_dim=D)
     assert _nothing_left(cache)
     # query D differing from the database's
     rng = np.random.default_rng(1)
     _test_pickle(tmp_path, "rparis6k", query=rng.standard_normal((D - 2, Q)).astype(np.float32))
-    with pytest.raises(DataValueError, match=r"rparis6k\.pkl: 'query' is \(6, 3\) and 'database' is \(8, 12\): query and "
-                                             r"database features must have the same D") as err:
+    with pytest.raises(
+        DataValueError,
+        match=r"rparis6k\.pkl: 'query' is \(6, 3\) and 'database' is \(8, 12\): query and "
+        r"database features must have the same D",
+    ) as err:
         import_test_set(tmp_path, "rparis6k", tmp_path / "c2")
     assert "\n" not in str(err.value) and _nothing_left(tmp_path / "c2")
     # ground truth naming a database index out of range
     bad_gt = [{"easy": np.array([N]), "hard": np.array([], np.int64), "junk": np.array([], np.int64), "bbx": None}] * Q
     _test_pickle(tmp_path, "rparis6k", gt=bad_gt)
-    with pytest.raises(DataValueError, match=rf"rparis6k\.pkl\['gt'\]: query 0: field 'easy' has index {N} outside \[0, {N}\)"):
+    with pytest.raises(
+        DataValueError, match=rf"rparis6k\.pkl\['gt'\]: query 0: field 'easy' has index {N} outside \[0, {N}\)"
+    ):
         import_test_set(tmp_path, "rparis6k", tmp_path / "c3")
     assert _nothing_left(tmp_path / "c3")

@@ -11,9 +11,14 @@ from storage.landmarks import import_landmarks, read_gnd_json, read_landmark_pic
 
 
 def _gnd(n_db=6, n_q=2):
-    return {"imlist": [f"im{i}" for i in range(n_db)], "qimlist": [f"q{i}" for i in range(n_q)],
-            "gnd": [{"easy": [0, 1], "hard": [2], "junk": [], "bbx": [1.0, 2.0, 30.5, 40.0]},
-                    {"easy": np.array([3]), "hard": [], "junk": [4, 5], "bbx": None}][:n_q]}
+    return {
+        "imlist": [f"im{i}" for i in range(n_db)],
+        "qimlist": [f"q{i}" for i in range(n_q)],
+        "gnd": [
+            {"easy": [0, 1], "hard": [2], "junk": [], "bbx": [1.0, 2.0, 30.5, 40.0]},
+            {"easy": np.array([3]), "hard": [], "junk": [4, 5], "bbx": None},
+        ][:n_q],
+    }
 
 
 def _dump(path, obj, protocol=4):
@@ -28,13 +33,24 @@ def test_read_revisited_gnd(tmp_path):
     assert gt.gnd[0]["bbx"] == [1.0, 2.0, 30.5, 40.0] and gt.gnd[1]["bbx"] is None
 
 
-@pytest.mark.parametrize("mutate, error, message", [
-    (lambda g: g.pop("qimlist"), SchemaError, r"gnd\.pkl: missing key 'qimlist'"),
-    (lambda g: g["gnd"][1].pop("junk"), SchemaError, r"gnd\.pkl: query 1: missing field 'junk'"),
-    (lambda g: g["gnd"][0].update(hard=[6]), DataValueError, r"gnd\.pkl: query 0: field 'hard' has index 6 outside \[0, 6\)"),
-    (lambda g: g["gnd"][0].update(bbx=[1, 2]), SchemaError, r"gnd\.pkl: query 0: field 'bbx' must be 4 finite numbers"),
-    (lambda g: g["gnd"].pop(), SchemaError, r"gnd\.pkl: gnd has 1 entries, expected one per query \(2\)"),
-])
+@pytest.mark.parametrize(
+    "mutate, error, message",
+    [
+        (lambda g: g.pop("qimlist"), SchemaError, r"gnd\.pkl: missing key 'qimlist'"),
+        (lambda g: g["gnd"][1].pop("junk"), SchemaError, r"gnd\.pkl: query 1: missing field 'junk'"),
+        (
+            lambda g: g["gnd"][0].update(hard=[6]),
+            DataValueError,
+            r"gnd\.pkl: query 0: field 'hard' has index 6 outside \[0, 6\)",
+        ),
+        (
+            lambda g: g["gnd"][0].update(bbx=[1, 2]),
+            SchemaError,
+            r"gnd\.pkl: query 0: field 'bbx' must be 4 finite numbers",
+        ),
+        (lambda g: g["gnd"].pop(), SchemaError, r"gnd\.pkl: gnd has 1 entries, expected one per query \(2\)"),
+    ],
+)
 def test_gnd_errors(tmp_path, mutate, error, message):
     g = _gnd()
     mutate(g)
@@ -76,7 +92,12 @@ def test_import_landmarks_cli(tmp_path, capsys):
     assert db.paths == [f"im{i}" for i in range(6)] and set(db.splits) == {"database"}
     q = read_features(out / "query.parquet")
     np.testing.assert_allclose(q.embeddings, Q.T)
-    assert json.loads((out / "gnd.json").read_text())["gnd"][1] == {"easy": [3], "hard": [], "junk": [4, 5], "bbx": None}
+    assert json.loads((out / "gnd.json").read_text())["gnd"][1] == {
+        "easy": [3],
+        "hard": [],
+        "junk": [4, 5],
+        "bbx": None,
+    }
     assert read_gnd_json(out / "gnd.json").qimlist == ["q0", "q1"]
     # ground truth that does not fit the features: one clear line, exit code 2
     bad = _dump(tmp_path / "gnd_bad.pkl", _gnd(n_db=7))
@@ -87,8 +108,9 @@ def test_import_landmarks_cli(tmp_path, capsys):
 
 def test_import_sfm120k_without_gnd(tmp_path):
     X = np.random.default_rng(2).standard_normal((3, 5)).astype(np.float32)
-    out = import_landmarks(_dump(tmp_path / "gl18_resnet101_sfm120k.pkl", {"X": X, "cluster": np.array([0, 0, 1, 1, 2])}),
-                           tmp_path / "out")
+    out = import_landmarks(
+        _dump(tmp_path / "gl18_resnet101_sfm120k.pkl", {"X": X, "cluster": np.array([0, 0, 1, 1, 2])}), tmp_path / "out"
+    )
     assert set(out) == {"database"}
     t = read_features(out["database"])
     assert list(t.labels) == [0, 0, 1, 1, 2] and t.metadata["dataset"] == "sfm120k"

@@ -1,4 +1,5 @@
 """Users' own embeddings: list columns in storage.features, few-shot tables, retrieval folders."""
+
 import json
 import os
 import pickle
@@ -12,8 +13,14 @@ import pytest
 from storage.errors import DataValueError, SchemaError, StorageError
 from storage.features import iter_features, lookup_embeddings, read_features, read_ids, read_metadata
 from storage.landmarks import read_gnd
-from storage.own_data import (check_usable, import_fewshot_table, import_retrieval_folder, label_ground_truth,
-                              read_retrieval_folder, usable_classes)
+from storage.own_data import (
+    check_usable,
+    import_fewshot_table,
+    import_retrieval_folder,
+    label_ground_truth,
+    read_retrieval_folder,
+    usable_classes,
+)
 
 
 def _emb(n, d, seed=0):
@@ -23,29 +30,49 @@ def _emb(n, d, seed=0):
 def _frame(n=12, d=4, seed=0, splits=("train", "val", "test"), id0=0, labels=None):
     """A pandas frame as a user writes it: a column of numpy rows (list<double> in Parquet)."""
     emb = _emb(n, d, seed).astype(np.float64)
-    return pd.DataFrame({"id": np.arange(id0, id0 + n), "label": labels if labels is not None else [f"c{i % 3}" for i in range(n)],
-                         "split": [splits[i % len(splits)] for i in range(n)], "embedding": list(emb)})
+    return pd.DataFrame(
+        {
+            "id": np.arange(id0, id0 + n),
+            "label": labels if labels is not None else [f"c{i % 3}" for i in range(n)],
+            "split": [splits[i % len(splits)] for i in range(n)],
+            "embedding": list(emb),
+        }
+    )
 
 
 def _raw(n=4, d=4, emb=None, **cols):
     """A pyarrow table with a list<float> embedding column (rows may differ in length)."""
     rows = emb if emb is not None else [list(r) for r in _emb(n, d)]
-    base = {"id": pa.array(np.arange(len(rows)), pa.int64()), "label": pa.array(["a"] * len(rows)),
-            "split": pa.array(["train"] * len(rows)), "embedding": pa.array(rows, pa.list_(pa.float32()))}
+    base = {
+        "id": pa.array(np.arange(len(rows)), pa.int64()),
+        "label": pa.array(["a"] * len(rows)),
+        "split": pa.array(["train"] * len(rows)),
+        "embedding": pa.array(rows, pa.list_(pa.float32())),
+    }
     base.update(cols)
     return pa.table({k: v for k, v in base.items() if v is not None})
 
 
 # --- storage.features reads list columns ------------------------------------------------
 
-@pytest.mark.parametrize("typ", [pa.list_(pa.float32()), pa.list_(pa.float64()), pa.large_list(pa.float32()),
-                                 pa.large_list(pa.float64()), pa.list_(pa.float64(), 5)])
+
+@pytest.mark.parametrize(
+    "typ",
+    [
+        pa.list_(pa.float32()),
+        pa.list_(pa.float64()),
+        pa.large_list(pa.float32()),
+        pa.large_list(pa.float64()),
+        pa.list_(pa.float64(), 5),
+    ],
+)
 def test_features_reads_list_columns_as_float32(tmp_path, typ):
     emb = _emb(7, 5)
     p = tmp_path / "x.parquet"
     table = _raw(emb=[list(map(float, r)) for r in emb])
-    pq.write_table(table.set_column(3, "embedding", pa.array([list(map(float, r)) for r in emb], typ)), p,
-                   row_group_size=3)
+    pq.write_table(
+        table.set_column(3, "embedding", pa.array([list(map(float, r)) for r in emb], typ)), p, row_group_size=3
+    )
     t = read_features(p, accept_lists=True)
     assert t.embeddings.dtype == np.float32 and t.embeddings.shape == (7, 5)
     np.testing.assert_allclose(t.embeddings, emb, rtol=1e-6)
@@ -60,8 +87,11 @@ def test_features_refuses_lists_without_the_flag_and_bad_lengths(tmp_path):
     p = tmp_path / "x.parquet"
     rows = [[0.0, 1.0, 2.0, 3.0]] * 17 + [[1.0, 2.0, 3.0]] + [[0.5] * 4]
     pq.write_table(_raw(emb=rows, id=pa.array(np.arange(19), pa.int64())), p, row_group_size=5)
-    with pytest.raises(SchemaError, match=r"x\.parquet: embedding has type list<.*float>, expected fixed_size_list"
-                                          r"<float32>\[D\] \(a list<float> column .*accept_lists=True"):
+    with pytest.raises(
+        SchemaError,
+        match=r"x\.parquet: embedding has type list<.*float>, expected fixed_size_list"
+        r"<float32>\[D\] \(a list<float> column .*accept_lists=True",
+    ):
         read_features(p)
     message = r"^x\.parquet: embedding: row id 17 has length 3, expected 4$"
     with pytest.raises(DataValueError, match=message):
@@ -94,6 +124,7 @@ def test_features_list_column_with_metadata_dim_and_expected_dim(tmp_path):
 
 # --- few-shot tables ------------------------------------------------------------------
 
+
 def test_pandas_table_imports_to_a_canonical_table(tmp_path):
     df = _frame(12, 4)
     src = tmp_path / "mine.parquet"
@@ -104,7 +135,12 @@ def test_pandas_table_imports_to_a_canonical_table(tmp_path):
     assert out.path.parent == tmp_path / "cache" and out.path.name.startswith("mine-")
     assert pq.ParquetFile(out.path).schema_arrow.field("embedding").type == pa.list_(pa.float32(), 4)
     meta = read_metadata(out.path)
-    assert meta["backbone"] == "none" and meta["dim"] == "4" and meta["dataset"] == "mine" and len(meta["source_hash"]) == 16
+    assert (
+        meta["backbone"] == "none"
+        and meta["dim"] == "4"
+        and meta["dataset"] == "mine"
+        and len(meta["source_hash"]) == 16
+    )
     t = read_features(out.path, split="val")
     np.testing.assert_allclose(t.embeddings, np.stack(df.embedding[df.split == "val"]).astype(np.float32))
     assert t.labels.tolist() == df.label[df.split == "val"].tolist()
@@ -119,10 +155,19 @@ def test_pandas_table_imports_to_a_canonical_table(tmp_path):
 def test_pyarrow_fixed_size_float32_and_int_labels(tmp_path):
     emb = _emb(6, 3)
     src = tmp_path / "t.parquet"
-    pq.write_table(pa.table({"id": pa.array(np.arange(10, 16), pa.int32()), "label": pa.array(np.arange(6) % 2),
-                             "split": pa.array(["train"] * 3 + ["test"] * 3),
-                             "path": pa.array([f"img/{i}.jpg" for i in range(6)]), "extra": pa.array(np.ones(6)),
-                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), 3)}), src)
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array(np.arange(10, 16), pa.int32()),
+                "label": pa.array(np.arange(6) % 2),
+                "split": pa.array(["train"] * 3 + ["test"] * 3),
+                "path": pa.array([f"img/{i}.jpg" for i in range(6)]),
+                "extra": pa.array(np.ones(6)),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), 3),
+            }
+        ),
+        src,
+    )
     out = import_fewshot_table(src, tmp_path / "c")
     t = read_features(out.path)
     assert t.ids.tolist() == list(range(10, 16)) and t.labels.dtype == np.int64 and t.paths[2] == "img/2.jpg"
@@ -134,8 +179,14 @@ def test_polars_table(tmp_path):
     pl = pytest.importorskip("polars")
     emb = _emb(5, 3)
     src = tmp_path / "p.parquet"
-    pl.DataFrame({"id": list(range(5)), "label": ["a", "b", "a", "b", "a"], "split": ["train"] * 5,
-                  "embedding": [list(map(float, r)) for r in emb]}).write_parquet(src)
+    pl.DataFrame(
+        {
+            "id": list(range(5)),
+            "label": ["a", "b", "a", "b", "a"],
+            "split": ["train"] * 5,
+            "embedding": [list(map(float, r)) for r in emb],
+        }
+    ).write_parquet(src)
     t = read_features(import_fewshot_table(src, tmp_path / "c").path)
     np.testing.assert_allclose(t.embeddings, emb, rtol=1e-6)
 
@@ -160,17 +211,22 @@ def _write(path, table):
     return path
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"label": None}, r"^x\.parquet: missing column 'label' \(expected columns id, label, split, embedding"),
-    ({"split": None}, r"^x\.parquet: missing column 'split'"),
-    ({"embedding": None}, r"^x\.parquet: missing column 'embedding'"),
-    ({"id": None}, r"^x\.parquet: missing column 'id'"),
-    ({"split": pa.array(["train", "val", "tset", "test"])},
-     r"^x\.parquet: split: unknown value 'tset' at id 2 \(expected one of train, val, test\)$"),
-    ({"id": pa.array([0, 1, 1, 3])}, r"^x\.parquet: id 1 is duplicated"),
-    ({"label": pa.array([1.5, 2.5, 1.5, 2.5])}, r"^x\.parquet: label has type double, expected int or string$"),
-    ({"label": pa.array(["a", None, "b", "c"])}, r"^x\.parquet: label is missing for id 1$"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"label": None}, r"^x\.parquet: missing column 'label' \(expected columns id, label, split, embedding"),
+        ({"split": None}, r"^x\.parquet: missing column 'split'"),
+        ({"embedding": None}, r"^x\.parquet: missing column 'embedding'"),
+        ({"id": None}, r"^x\.parquet: missing column 'id'"),
+        (
+            {"split": pa.array(["train", "val", "tset", "test"])},
+            r"^x\.parquet: split: unknown value 'tset' at id 2 \(expected one of train, val, test\)$",
+        ),
+        ({"id": pa.array([0, 1, 1, 3])}, r"^x\.parquet: id 1 is duplicated"),
+        ({"label": pa.array([1.5, 2.5, 1.5, 2.5])}, r"^x\.parquet: label has type double, expected int or string$"),
+        ({"label": pa.array(["a", None, "b", "c"])}, r"^x\.parquet: label is missing for id 1$"),
+    ],
+)
 def test_bad_fewshot_tables(tmp_path, change, message):
     src = _write(tmp_path / "x.parquet", _raw(**change))
     with pytest.raises(StorageError, match=message):
@@ -178,13 +234,19 @@ def test_bad_fewshot_tables(tmp_path, change, message):
     assert not list((tmp_path / "c").glob("*")) if (tmp_path / "c").exists() else True
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([[1.0, 2.0, 3.0, 4.0]] * 17 + [[1.0, 2.0, 3.0]], r"^x\.parquet: embedding: row id 17 has length 3, expected 4$"),
-    ([[]] + [[1.0]] * 3, r"^x\.parquet: embedding: row id 0 has length 0, expected a non-empty list"),
-    ([[1.0, 2.0]] * 5 + [[1.0, float("nan")]], r"^x\.parquet: embedding of id 5 has NaN or inf values$"),
-    ([[1.0, 2.0]] * 2 + [[float("inf"), 1.0]], r"^x\.parquet: embedding of id 2 has NaN or inf values$"),
-    ([[1.0, 2.0], None], r"^x\.parquet: embedding is missing for id 1$"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (
+            [[1.0, 2.0, 3.0, 4.0]] * 17 + [[1.0, 2.0, 3.0]],
+            r"^x\.parquet: embedding: row id 17 has length 3, expected 4$",
+        ),
+        ([[]] + [[1.0]] * 3, r"^x\.parquet: embedding: row id 0 has length 0, expected a non-empty list"),
+        ([[1.0, 2.0]] * 5 + [[1.0, float("nan")]], r"^x\.parquet: embedding of id 5 has NaN or inf values$"),
+        ([[1.0, 2.0]] * 2 + [[float("inf"), 1.0]], r"^x\.parquet: embedding of id 2 has NaN or inf values$"),
+        ([[1.0, 2.0], None], r"^x\.parquet: embedding is missing for id 1$"),
+    ],
+)
 def test_bad_embeddings_name_the_id_and_leave_no_output(tmp_path, rows, message):
     src = _write(tmp_path / "x.parquet", _raw(emb=rows))
     with pytest.raises(DataValueError, match=message):
@@ -197,7 +259,9 @@ def test_folder_checks_dim_label_type_and_ids_across_files(tmp_path):
     src.mkdir()
     _frame(4, 4).to_parquet(src / "a.parquet")
     _frame(4, 8, id0=10).to_parquet(src / "b.parquet")
-    with pytest.raises(SchemaError, match=r"^b\.parquet: embedding has D=8, but a\.parquet has D=4; the files of f must"):
+    with pytest.raises(
+        SchemaError, match=r"^b\.parquet: embedding has D=8, but a\.parquet has D=4; the files of f must"
+    ):
         import_fewshot_table(src, tmp_path / "c")
     _frame(4, 4, id0=3).to_parquet(src / "b.parquet")
     with pytest.raises(DataValueError, match=r"^b\.parquet: id 3 is duplicated \(also in a\.parquet\)"):
@@ -216,13 +280,17 @@ def test_usable_classes_and_check_usable():
     usable, left_out = usable_classes(labels, 16)
     assert usable == ["c", "d", "e"] and left_out == {"a": 4, "b": 2}
     assert check_usable("test", labels, 3, 16, "mine.parquet") == ["c", "d", "e"]
-    with pytest.raises(DataValueError, match=r"^mine\.parquet: split 'test' has 3 classes with >= 16 items, "
-                                             r"n_way is 5 \(left out: a \(4\), b \(2\)\)$"):
+    with pytest.raises(
+        DataValueError,
+        match=r"^mine\.parquet: split 'test' has 3 classes with >= 16 items, "
+        r"n_way is 5 \(left out: a \(4\), b \(2\)\)$",
+    ):
         check_usable("test", labels, 5, 16, "mine.parquet")
     assert usable_classes(np.array([3, 3, 1]), 2) == ([3], {1: 1})
 
 
 # --- retrieval folders ----------------------------------------------------------------
+
 
 def _retrieval_folder(root, d=6, n_train=60, n_db=20, n_q=4, gnd=None, db_d=None):
     root.mkdir()
@@ -276,8 +344,11 @@ def test_retrieval_folder_without_gnd_uses_labels(tmp_path):
 
 
 def test_retrieval_folder_with_gnd_pkl(tmp_path):
-    gnd = {"imlist": [], "qimlist": ["q0", "q1", "q2", "q3"],
-           "gnd": [{"easy": [0, 2], "hard": [3], "junk": []} for _ in range(4)]}
+    gnd = {
+        "imlist": [],
+        "qimlist": ["q0", "q1", "q2", "q3"],
+        "gnd": [{"easy": [0, 2], "hard": [3], "junk": []} for _ in range(4)],
+    }
     root = _retrieval_folder(tmp_path / "g", gnd=gnd)
     own = read_retrieval_folder(root)
     assert own.gnd_path == root / "gnd.pkl" and own.ground_truth.gnd[0]["hard"].tolist() == [3]
@@ -288,11 +359,17 @@ def test_retrieval_folder_with_gnd_pkl(tmp_path):
 
 def test_retrieval_folder_errors(tmp_path):
     root = _retrieval_folder(tmp_path / "dim", db_d=8)
-    with pytest.raises(SchemaError, match=r"^database\.parquet: embedding has D=8, but train\.parquet has D=6; "
-                                          r"train, queries and database must have the same D$"):
+    with pytest.raises(
+        SchemaError,
+        match=r"^database\.parquet: embedding has D=8, but train\.parquet has D=6; "
+        r"train, queries and database must have the same D$",
+    ):
         read_retrieval_folder(root)
-    gnd = {"imlist": [], "qimlist": ["q0", "q1", "q2", "q3"],
-           "gnd": [{"easy": [0, 20], "hard": [], "junk": []} for _ in range(4)]}
+    gnd = {
+        "imlist": [],
+        "qimlist": ["q0", "q1", "q2", "q3"],
+        "gnd": [{"easy": [0, 20], "hard": [], "junk": []} for _ in range(4)],
+    }
     root = _retrieval_folder(tmp_path / "range", gnd=gnd)
     with pytest.raises(DataValueError, match=r"gnd\.pkl: query 0: field 'easy' has index 20 outside \[0, 20\)"):
         read_retrieval_folder(root)
@@ -311,8 +388,9 @@ def test_retrieval_folder_errors(tmp_path):
     t = pq.read_table(root / "database.parquet")
     rows = t.column("embedding").to_pylist()
     rows[7][2] = float("nan")
-    pq.write_table(t.set_column(t.schema.get_field_index("embedding"), "embedding", pa.array(rows)),
-                   root / "database.parquet")
+    pq.write_table(
+        t.set_column(t.schema.get_field_index("embedding"), "embedding", pa.array(rows)), root / "database.parquet"
+    )
     read_retrieval_folder(root)  # values are checked on import
     with pytest.raises(DataValueError, match=r"^database\.parquet: embedding of id 1007 has NaN or inf values$"):
         import_retrieval_folder(root, tmp_path / "cache")
@@ -321,15 +399,23 @@ def test_retrieval_folder_errors(tmp_path):
 
 def test_feature_table_writer_streams_batches_atomically(tmp_path):
     from storage.features import FeatureTableWriter
+
     meta = {"dataset": "x", "backbone": "none", "checkpoint_hash": "none"}
     p = tmp_path / "w.parquet"
     with FeatureTableWriter(p, dim=3, label_type=pa.string(), metadata=meta, has_path=True) as w:
         w.write(ids=np.arange(2), labels=["a", "b"], splits="train", embeddings=np.ones((2, 3)), paths=["p0", "p1"])
-        w.write(ids=np.arange(2, 5), labels=pa.array(["a", "c", "c"]), splits=["val", "test", "test"],
-                embeddings=np.zeros((3, 3)), paths=["p2", "p3", "p4"])
+        w.write(
+            ids=np.arange(2, 5),
+            labels=pa.array(["a", "c", "c"]),
+            splits=["val", "test", "test"],
+            embeddings=np.zeros((3, 3)),
+            paths=["p2", "p3", "p4"],
+        )
     t = read_features(p)
     assert t.ids.tolist() == list(range(5)) and t.splits.tolist()[2:] == ["val", "test", "test"] and t.paths[4] == "p4"
-    assert t.metadata["dim"] == "3" and pq.ParquetFile(p).schema_arrow.field("embedding").type == pa.list_(pa.float32(), 3)
+    assert t.metadata["dim"] == "3" and pq.ParquetFile(p).schema_arrow.field("embedding").type == pa.list_(
+        pa.float32(), 3
+    )
     q = tmp_path / "dup.parquet"
     with pytest.raises(DataValueError, match=r"^dup\.parquet: id 1 is duplicated"):
         with FeatureTableWriter(q, dim=3, label_type=pa.int64(), metadata=meta) as w:

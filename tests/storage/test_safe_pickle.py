@@ -15,9 +15,14 @@ class _Evil:
 
 @pytest.mark.parametrize("protocol", [0, 2, 4, 5])
 def test_round_trip_containers_and_numpy(tmp_path, protocol):
-    obj = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": [1, 2.5, None, True, "s", b"x"],
-           "c": (np.int64(7), np.float64(0.5)), "d": {1, 2}, "e": np.array(["u", "v"], dtype=object),
-           "f": np.zeros(3, dtype=[("x", "<i4"), ("y", "<f8")])}
+    obj = {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "b": [1, 2.5, None, True, "s", b"x"],
+        "c": (np.int64(7), np.float64(0.5)),
+        "d": {1, 2},
+        "e": np.array(["u", "v"], dtype=object),
+        "f": np.zeros(3, dtype=[("x", "<i4"), ("y", "<f8")]),
+    }
     p = tmp_path / "ok.pkl"
     p.write_bytes(pickle.dumps(obj, protocol=protocol))
     out = safe_load(p)

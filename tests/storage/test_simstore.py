@@ -26,7 +26,9 @@ def _brute(q, db, k, exclude_diag=False):
 
 def test_build_matches_brute_force(tmp_path):
     q, db = _feats(70, seed=1), _feats(200, seed=2)
-    store = build_topk_store(q, np.arange(70) + 1000, db, np.arange(200), tmp_path / "s", 12, shard_size=25, block_size=8, db_block_size=64)
+    store = build_topk_store(
+        q, np.arange(70) + 1000, db, np.arange(200), tmp_path / "s", 12, shard_size=25, block_size=8, db_block_size=64
+    )
     assert (store.k, store.n_queries, store.n_shards) == (12, 70, 3) and store.is_complete()
     ids, scores = _brute(q, db, 12)
     shards = list(store.iter_shards())
@@ -35,8 +37,13 @@ def test_build_matches_brute_force(tmp_path):
     np.testing.assert_array_equal(np.concatenate([s.neighbor_ids for s in shards]), ids)
     np.testing.assert_allclose(np.concatenate([s.scores for s in shards]), scores, rtol=1e-5, atol=1e-6)
     m = json.loads((tmp_path / "s" / "_manifest.json").read_text())
-    assert m["shards"][2] | {"sha256": None} == {"file": "part-00002.parquet", "first_row": 50, "n_rows": 20,
-                                                 "complete": True, "sha256": None}
+    assert m["shards"][2] | {"sha256": None} == {
+        "file": "part-00002.parquet",
+        "first_row": 50,
+        "n_rows": 20,
+        "complete": True,
+        "sha256": None,
+    }
     assert set(m["source_hashes"]) == {"queries", "database"}
     t = pq.read_table(tmp_path / "s" / "part-00000.parquet")
     assert t.schema.field("neighbor_ids").type == pa.list_(pa.int64(), 12)
@@ -45,8 +52,17 @@ def test_build_matches_brute_force(tmp_path):
 
 def test_exclude_self(tmp_path):
     x = _feats(60)
-    store = build_topk_store(x, np.arange(60), x, np.arange(60), tmp_path / "s", 5, shard_size=100, exclude_self=True,
-                             source_hashes={"features": "h1"})
+    store = build_topk_store(
+        x,
+        np.arange(60),
+        x,
+        np.arange(60),
+        tmp_path / "s",
+        5,
+        shard_size=100,
+        exclude_self=True,
+        source_hashes={"features": "h1"},
+    )
     sh = store.read_shard(0)
     ids, _ = _brute(x, x, 5, exclude_diag=True)
     np.testing.assert_array_equal(sh.neighbor_ids, ids)
@@ -97,8 +113,7 @@ def test_rerun_with_other_inputs_is_refused(tmp_path):
 
 
 def test_distributed_write_protocol(tmp_path):
-    store = create_store(tmp_path / "s", k=3, n_queries=5, n_shards=2, shard_size=3,
-                         source_hashes={"f": "x"}, n_db=10)
+    store = create_store(tmp_path / "s", k=3, n_queries=5, n_shards=2, shard_size=3, source_hashes={"f": "x"}, n_db=10)
     assert store.pending_shards() == [0, 1] and not store.is_complete()
     info = store.write_shard(1, np.array([3, 4]), np.array([[1, 2, 3], [4, 5, 6]]), np.ones((2, 3)))
     assert SimilarityStore(tmp_path / "s").pending_shards() == [0, 1]  # manifest untouched
@@ -109,7 +124,9 @@ def test_distributed_write_protocol(tmp_path):
         reopened.read_shard(0)
     with pytest.raises(SchemaError, match=r"part-00000\.parquet: neighbor_ids has shape \(3, 2\), expected \(3, 3\)"):
         store.write_shard(0, np.arange(3), np.zeros((3, 2)), np.zeros((3, 2)))
-    with pytest.raises(DataValueError, match=r"part-00000\.parquet: neighbor_ids of query_id 1 has id 10 outside \[0, 10\)"):
+    with pytest.raises(
+        DataValueError, match=r"part-00000\.parquet: neighbor_ids of query_id 1 has id 10 outside \[0, 10\)"
+    ):
         store.write_shard(0, np.arange(3), np.array([[0, 1, 2], [10, 1, 2], [0, 1, 2]]), np.zeros((3, 3)))
     with pytest.raises(DataValueError, match=r"part-00000\.parquet: scores of query_id 2 has NaN"):
         store.write_shard(0, np.arange(3), np.zeros((3, 3)), np.array([[0, 0, 0], [0, 0, 0], [0, np.nan, 0]]))
@@ -117,29 +134,50 @@ def test_distributed_write_protocol(tmp_path):
 
 def _write_raw_shard(store, i, table):
     pq.write_table(table, store.shard_path(i))
-    info = {"file": simstore.shard_file(i), "first_row": store.shard_rows(i)[0], "n_rows": store.shard_rows(i)[1],
-            "complete": True}
+    info = {
+        "file": simstore.shard_file(i),
+        "first_row": store.shard_rows(i)[0],
+        "n_rows": store.shard_rows(i)[1],
+        "complete": True,
+    }
     store.mark_complete(i, info)
 
 
 def _table(n, k, ids=None, scores=None, **extra):
     ids = np.zeros((n, k), np.int64) if ids is None else ids
     scores = np.zeros((n, k), np.float32) if scores is None else scores
-    cols = {"query_id": pa.array(np.arange(n), pa.int64()),
-            "neighbor_ids": pa.array([list(r) for r in ids], pa.list_(pa.int64())),
-            "scores": pa.array([list(r) for r in scores], pa.list_(pa.float32()))}
+    cols = {
+        "query_id": pa.array(np.arange(n), pa.int64()),
+        "neighbor_ids": pa.array([list(r) for r in ids], pa.list_(pa.int64())),
+        "scores": pa.array([list(r) for r in scores], pa.list_(pa.float32())),
+    }
     cols.update(extra)
     return pa.table({k: v for k, v in cols.items() if v is not None})
 
 
-@pytest.mark.parametrize("table, error, message", [
-    (_table(4, 2), ManifestError, r"part-00000\.parquet: neighbor_ids row 0 has length 2, manifest K is 3"),
-    (_table(3, 3), ManifestError, r"part-00000\.parquet: has 3 rows, manifest says 4"),
-    (_table(4, 3, scores=None, extra=pa.array([1, 2, 3, 4])), SchemaError, r"part-00000\.parquet: columns .*extra \['extra'\]"),
-    (_table(4, 3, scores=None, query_id=None), SchemaError, r"part-00000\.parquet: .*missing \['query_id'\]"),
-    (_table(4, 3, ids=np.full((4, 3), 99)), DataValueError, r"part-00000\.parquet: neighbor_ids of query_id 0 has id 99 outside \[0, 10\)"),
-    (_table(4, 3, scores=np.full((4, 3), np.inf, np.float32)), DataValueError, r"part-00000\.parquet: scores of query_id 0 has NaN or inf"),
-])
+@pytest.mark.parametrize(
+    "table, error, message",
+    [
+        (_table(4, 2), ManifestError, r"part-00000\.parquet: neighbor_ids row 0 has length 2, manifest K is 3"),
+        (_table(3, 3), ManifestError, r"part-00000\.parquet: has 3 rows, manifest says 4"),
+        (
+            _table(4, 3, scores=None, extra=pa.array([1, 2, 3, 4])),
+            SchemaError,
+            r"part-00000\.parquet: columns .*extra \['extra'\]",
+        ),
+        (_table(4, 3, scores=None, query_id=None), SchemaError, r"part-00000\.parquet: .*missing \['query_id'\]"),
+        (
+            _table(4, 3, ids=np.full((4, 3), 99)),
+            DataValueError,
+            r"part-00000\.parquet: neighbor_ids of query_id 0 has id 99 outside \[0, 10\)",
+        ),
+        (
+            _table(4, 3, scores=np.full((4, 3), np.inf, np.float32)),
+            DataValueError,
+            r"part-00000\.parquet: scores of query_id 0 has NaN or inf",
+        ),
+    ],
+)
 def test_reader_rejects_bad_shards(tmp_path, table, error, message):
     store = create_store(tmp_path / "s", k=3, n_queries=4, n_shards=1, shard_size=4, n_db=10)
     _write_raw_shard(store, 0, table)
@@ -158,7 +196,9 @@ def test_non_parquet_shard_and_manifest_mismatches(tmp_path):
     mpath = tmp_path / "s" / "_manifest.json"
     m = json.loads(mpath.read_text())
     (tmp_path / "s" / "part-00002.parquet").write_bytes(store.shard_path(1).read_bytes())
-    with pytest.raises(ManifestError, match=r"manifest\.json: directory holds part-00002\.parquet but the manifest lists only 2 shards"):
+    with pytest.raises(
+        ManifestError, match=r"manifest\.json: directory holds part-00002\.parquet but the manifest lists only 2 shards"
+    ):
         SimilarityStore(tmp_path / "s")
     (tmp_path / "s" / "part-00002.parquet").unlink()
     m["shards"] = m["shards"][:1]
@@ -166,7 +206,10 @@ def test_non_parquet_shard_and_manifest_mismatches(tmp_path):
     with pytest.raises(ManifestError, match="lists 1 shards, but n_shards is 2"):
         SimilarityStore(tmp_path / "s")
     m = json.loads(mpath.read_text())
-    m["n_shards"], m["shards"] = 2, m["shards"] + [{"file": "part-00001.parquet", "first_row": 10, "n_rows": 9, "complete": True}]
+    m["n_shards"], m["shards"] = (
+        2,
+        m["shards"] + [{"file": "part-00001.parquet", "first_row": 10, "n_rows": 9, "complete": True}],
+    )
     mpath.write_text(json.dumps(m))
     with pytest.raises(ManifestError, match=r"shard 1 \(part-00001\.parquet\): first_row/n_rows 10/9, expected 10/10"):
         SimilarityStore(tmp_path / "s")
@@ -194,8 +237,9 @@ def _ids(store):
 def test_ivf_probing_every_list_is_exact(tmp_path):
     x = _clustered(400)
     spec = topk.TopkSearch(method="ivf", nlist=8, nprobe=8)
-    store = build_topk_store(x, np.arange(400), x, np.arange(400), tmp_path / "s", 10, shard_size=150,
-                             exclude_self=True, search=spec)
+    store = build_topk_store(
+        x, np.arange(400), x, np.arange(400), tmp_path / "s", 10, shard_size=150, exclude_self=True, search=spec
+    )
     ids, scores = _brute(x, x, 10, exclude_diag=True)
     np.testing.assert_array_equal(_ids(store), ids)
     np.testing.assert_allclose(np.concatenate([s.scores for s in store.iter_shards()]), scores, rtol=1e-5, atol=1e-6)
@@ -265,7 +309,9 @@ def test_store_reads_as_a_parquet_dataset_and_with_duckdb(tmp_path):
     meta = pq.read_schema(tmp_path / "s" / "part-00000.parquet").metadata
     assert meta[b"ssr.k"] == b"7" and meta[b"ssr.method"] == store.method.encode() == b"top-k exact"
     ids, _ = _brute(q, db, 7)
-    rows = duckdb.sql(f"SELECT query_id, neighbor_ids FROM read_parquet('{tmp_path / 's'}/*.parquet') ORDER BY query_id").fetchall()
+    rows = duckdb.sql(
+        f"SELECT query_id, neighbor_ids FROM read_parquet('{tmp_path / 's'}/*.parquet') ORDER BY query_id"
+    ).fetchall()
     assert [r[0] for r in rows] == list(range(500, 530))
     np.testing.assert_array_equal(np.array([r[1] for r in rows]), ids)
 
@@ -278,8 +324,15 @@ def test_version_1_store_is_still_read(tmp_path):
     path = tmp_path / "s" / "part-00000.parquet"
     table = pq.read_table(path)
     offsets = pa.array(np.arange(0, 10 * 5 + 1, 5, dtype=np.int32))
-    old = pa.table({"query_id": table["query_id"],
-                    **{c: pa.ListArray.from_arrays(offsets, table[c].combine_chunks().flatten()) for c in ("neighbor_ids", "scores")}})
+    old = pa.table(
+        {
+            "query_id": table["query_id"],
+            **{
+                c: pa.ListArray.from_arrays(offsets, table[c].combine_chunks().flatten())
+                for c in ("neighbor_ids", "scores")
+            },
+        }
+    )
     pq.write_table(old, path)
     (tmp_path / "s" / "_manifest.json").rename(tmp_path / "s" / "manifest.json")
     store = SimilarityStore(tmp_path / "s")

@@ -1,4 +1,5 @@
 """storage.topk: the block-wise search on its own (the store built with it: test_simstore.py)."""
+
 import numpy as np
 import pytest
 

@@ -1,5 +1,6 @@
 """Fixtures of the task tests: small synthetic inputs, and Prefect's run logger and progress
 artifacts switched off so that a task's ``.fn`` runs without a Prefect server."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,8 +12,17 @@ from ssr_tasks.config import FewShotParams, RetrievalParams
 # The smallest settings of each pipeline that still run every step.
 TINY_FEWSHOT = dict(
     backbone=dict(pretrain_epochs=1, pretrain_batch_size=8),
-    train=dict(n_way=3, n_shot=1, n_query=4, max_steps=2, hidden=16, iterations_first=4, iterations_next=2, val_every=2,
-               batch_episodes=2),
+    train=dict(
+        n_way=3,
+        n_shot=1,
+        n_query=4,
+        max_steps=2,
+        hidden=16,
+        iterations_first=4,
+        iterations_next=2,
+        val_every=2,
+        batch_episodes=2,
+    ),
     sweep={"lr_dni": [0.1]},
     evaluation=dict(eval_shots=[1, 2], n_val_episodes=6, n_test_episodes=8, n_eval_actors=1),
     baselines=dict(krecip_k1=[3], krecip_k2=[2], krecip_lambda=[0.3, 0.5]),
@@ -21,8 +31,16 @@ TINY_FEWSHOT = dict(
 TINY_RETRIEVAL = dict(
     data=dict(glyphs_size="small", holdout_fraction=0.3),
     backbone=dict(pretrain_epochs=1),
-    train=dict(k=10, hidden=16, sequence_length=60, min_positives=0, iterations=4, val_every=2, batch_queries=4,
-               n_val_queries=10),
+    train=dict(
+        k=10,
+        hidden=16,
+        sequence_length=60,
+        min_positives=0,
+        iterations=4,
+        val_every=2,
+        batch_queries=4,
+        n_val_queries=10,
+    ),
     sweep={"lr_dni": [1e-3]},
     baselines=dict(qe_n_grid=[1, 3], krecip_pairs=[(10, 5)], krecip_lambda=[0.3]),
     evaluation=dict(shard_size=16, n_rerank_actors=1),

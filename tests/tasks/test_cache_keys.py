@@ -6,6 +6,7 @@ unrelated field changed (a new sweep point, another evaluation setting). The tas
 by walking ``ssr_tasks`` (a new task is checked without being listed here), and one cached
 task's key is computed for parameters that differ in one group at a time.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -70,8 +71,11 @@ def whole_params_arguments(task: Task) -> list[str]:
     for name in inspect.signature(task.fn).parameters:
         if name not in hints:
             found.append(f"{name} (not annotated)")
-        elif any(issubclass(c, WHOLE) or (issubclass(c, BaseModel) and any(issubclass(w, c) for w in WHOLE))
-                 for c in classes_in(hints[name]) if isinstance(c, type)):
+        elif any(
+            issubclass(c, WHOLE) or (issubclass(c, BaseModel) and any(issubclass(w, c) for w in WHOLE))
+            for c in classes_in(hints[name])
+            if isinstance(c, type)
+        ):
             found.append(name)
     return found
 
@@ -80,8 +84,12 @@ TASKS = prefect_tasks()
 
 
 def test_the_tasks_are_found():
-    assert {"ssr_tasks.backbone.get_backbone", "ssr_tasks.fewshot.tasks.validation_episodes",
-            "ssr_tasks.retrieval.tasks.rank_methods", "ssr_tasks.fewshot.report.write_report"} <= set(TASKS)
+    assert {
+        "ssr_tasks.backbone.get_backbone",
+        "ssr_tasks.fewshot.tasks.validation_episodes",
+        "ssr_tasks.retrieval.tasks.rank_methods",
+        "ssr_tasks.fewshot.report.write_report",
+    } <= set(TASKS)
     assert sum(map(is_cached, TASKS.values())) >= 10
 
 
@@ -91,8 +99,10 @@ def test_no_task_takes_the_whole_parameters(name):
     if name in WHOLE_PARAMS_UNCACHED:
         assert not is_cached(task), f"{name} takes the whole parameters: it must not be cached"
         return
-    assert not whole, (f"{name} takes the whole parameters in {', '.join(whole)}: pass it the groups (or fields) it "
-                       "reads, so that its cache key is what it reads")
+    assert not whole, (
+        f"{name} takes the whole parameters in {', '.join(whole)}: pass it the groups (or fields) it "
+        "reads, so that its cache key is what it reads"
+    )
 
 
 def test_the_check_catches_a_task_that_takes_the_whole_parameters():
@@ -129,15 +139,20 @@ def key_of(task: Task, params: RetrievalParams, given: dict[str, Any]) -> str:
         elif isinstance(params, hints[name]):
             inputs[name] = params
         else:
-            [group] = [getattr(params, g) for g in type(params).model_fields if isinstance(getattr(params, g), hints[name])]
+            [group] = [
+                getattr(params, g) for g in type(params).model_fields if isinstance(getattr(params, g), hints[name])
+            ]
             inputs[name] = group
     return RunFolderCache().compute_key(types.SimpleNamespace(task=task), inputs, {})
 
 
 def rank_methods_key(params: RetrievalParams) -> str:
     """The cache key of ``rank_methods`` called as flows/retrieval.py calls it."""
-    return key_of(retrieval.rank_methods, params, {"k": params.k_max, "shard_size": params.evaluation.shard_size,
-                                                  "features": FEATURES, "work_dir": "/runs/work"})
+    return key_of(
+        retrieval.rank_methods,
+        params,
+        {"k": params.k_max, "shard_size": params.evaluation.shard_size, "features": FEATURES, "work_dir": "/runs/work"},
+    )
 
 
 def changed(params: RetrievalParams, group: str, **fields) -> RetrievalParams:
@@ -156,10 +171,17 @@ def test_rank_methods_keys_on_the_groups_it_takes_and_not_on_the_others():
     assert rank_methods_key(changed(base, "evaluation", shard_size=7)) != key  # the shard size, passed alone
 
     # groups it does not take: changing them cannot miss its cache
-    for group, fields in (("data", {"holdout_seed": 3}), ("backbone", {"pretrain_epochs": 2}),
-                          ("evaluation", {"n_rerank_actors": 3}), ("sweep", None)):
-        other = (base.model_copy(update={"sweep": {"lr_dni": [1e-3, 1e-2]}}) if group == "sweep"
-                 else changed(base, group, **fields))
+    for group, fields in (
+        ("data", {"holdout_seed": 3}),
+        ("backbone", {"pretrain_epochs": 2}),
+        ("evaluation", {"n_rerank_actors": 3}),
+        ("sweep", None),
+    ):
+        other = (
+            base.model_copy(update={"sweep": {"lr_dni": [1e-3, 1e-2]}})
+            if group == "sweep"
+            else changed(base, group, **fields)
+        )
         assert other != base and rank_methods_key(other) == key, f"rank_methods' key changed with {group}"
     assert rank_methods_key(base.model_copy(update={"device": "cuda", "model_name": "other"})) == key
 

@@ -1,6 +1,7 @@
 """The product's episode sampler: each way a different class, no image used twice in an episode.
 
 (Moved here from tests/storage, which tested a second sampler that the product did not use.)"""
+
 from __future__ import annotations
 
 import numpy as np

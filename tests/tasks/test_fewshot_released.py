@@ -1,5 +1,6 @@
 """The authors' released models through the few-shot tasks: ``netSSRBest.pth`` evaluated
 without training, a SIB backbone followed by training, and their bad inputs refused."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,22 +18,30 @@ from ssr_tasks.fewshot.episodes import load_split, sample_episodes
 from ssr_tasks.fewshot.handoffs import KReciprocal
 from storage.checkpoints import save_checkpoint
 from storage.fewshot import DATASET_SPECS, list_split, load_images
-
 from tests.tasks.conftest import grouped
 
-SMALL = dict(data=dict(dataset="cifar-fs"), backbone=dict(name="conv4-64"), train=dict(n_way=5, n_shot=1, n_query=3),
-             sweep={"lr_dni": [1e-3]}, evaluation=dict(eval_shots=[1], n_val_episodes=4, n_test_episodes=6, n_eval_actors=1),
-             baselines=dict(krecip_k1=[3], krecip_k2=[2], krecip_lambda=[0.3]), device="cpu")
+SMALL = dict(
+    data=dict(dataset="cifar-fs"),
+    backbone=dict(name="conv4-64"),
+    train=dict(n_way=5, n_shot=1, n_query=3),
+    sweep={"lr_dni": [1e-3]},
+    evaluation=dict(eval_shots=[1], n_val_episodes=4, n_test_episodes=6, n_eval_actors=1),
+    baselines=dict(krecip_k1=[3], krecip_k2=[2], krecip_lambda=[0.3]),
+    device="cpu",
+)
 
 
 @pytest.fixture
 def released_params(authors_cifar_fs):
     root, checkpoint, _, _ = authors_cifar_fs
-    return FewShotParams(**grouped(SMALL, data={"data_root": str(root)}, backbone={"released_checkpoint": str(checkpoint)}))
+    return FewShotParams(
+        **grouped(SMALL, data={"data_root": str(root)}, backbone={"released_checkpoint": str(checkpoint)})
+    )
 
 
-def test_released_checkpoint_scores_equal_the_model_built_by_hand(task_env, ray_local, authors_cifar_fs,
-                                                                  released_params, tmp_path):
+def test_released_checkpoint_scores_equal_the_model_built_by_hand(
+    task_env, ray_local, authors_cifar_fs, released_params, tmp_path
+):
     root, checkpoint, net_state, ssr_state = authors_cifar_fs
     saved = torch.load(checkpoint, weights_only=True)  # the authors' key names (their networks.py and ssr.py)
     assert set(saved) == {"SSR", "netFeat", "nbStep"} and saved["nbStep"] == 2
@@ -68,7 +77,9 @@ def test_released_checkpoint_scores_equal_the_model_built_by_hand(task_env, ray_
     scores = model.eval()(support, query)
     protos = F.normalize(support.mean(2), dim=-1)
     baseline = F.normalize(query, dim=-1) @ protos.transpose(1, 2)
-    np.testing.assert_allclose(result.ssr_by_step[-1], (scores.argmax(-1) == labels).float().mean(-1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        result.ssr_by_step[-1], (scores.argmax(-1) == labels).float().mean(-1).numpy(), atol=1e-6
+    )
     np.testing.assert_allclose(result.baseline, (baseline.argmax(-1) == labels).float().mean(-1).numpy(), atol=1e-6)
     assert len(result.ssr_by_step) == 3  # before refining, after step 1, after step 2
 
@@ -77,13 +88,27 @@ def test_sib_backbone_then_online_training(task_env, ray_local, authors_cifar_fs
     root, _, net_state, _ = authors_cifar_fs
     released = root.parent / "backbones" / "CIFAR-FS" / "Conv4_64_Cos_netFeatBest.pth"
     save_checkpoint(released, net_state)  # where `ssr data download fewshot-backbones` puts it
-    p = FewShotParams(**grouped(SMALL, data={"data_root": str(root)}, backbone={"checkpoint": "released"},
-                                train={"train_augment": "online", "hidden": 8, "max_steps": 2, "iterations_first": 2,
-                                       "iterations_next": 1, "val_every": 1, "batch_episodes": 1}))
+    p = FewShotParams(
+        **grouped(
+            SMALL,
+            data={"data_root": str(root)},
+            backbone={"checkpoint": "released"},
+            train={
+                "train_augment": "online",
+                "hidden": 8,
+                "max_steps": 2,
+                "iterations_first": 2,
+                "iterations_next": 1,
+                "val_every": 1,
+                "batch_episodes": 1,
+            },
+        )
+    )
     t, work = p.train, str(tmp_path)
     data = tasks.prepare_data.fn(p.data, t.episode, work)
-    backbone = get_backbone.fn(p.backbone, spec_name(p.data.dataset), t.seed, data.root, str(tmp_path / "backbones"),
-                               p.device)
+    backbone = get_backbone.fn(
+        p.backbone, spec_name(p.data.dataset), t.seed, data.root, str(tmp_path / "backbones"), p.device
+    )
     assert backbone.path == str(released.resolve())
     features = tasks.extract_features.fn(data, backbone, work, p.device)
     val = tasks.validation_episodes.fn(p.evaluation.n_val_episodes, t.episode, t.seed, features, data, work)
@@ -112,7 +137,9 @@ def test_bad_inputs_exit_2_in_one_line_and_write_nothing(authors_cifar_fs, tmp_p
     first = text.split('"Query": [["')[1].split('"')[0]
     bad.write_text(text.replace(first, first.replace(".jpg", "_missing.jpg"), 1))
     code, err = _run([*base, "--set", f"data.data_root={root}", "--set", f"data.val_episodes_json={bad}"], capsys)
-    assert code == 2 and err.count("\n") == 1 and "episodes.json: episode 0: Query image" in err and "_missing.jpg" in err
+    assert (
+        code == 2 and err.count("\n") == 1 and "episodes.json: episode 0: Query image" in err and "_missing.jpg" in err
+    )
 
     wrong = [*base, "--set", f"data.data_root={root}", "--set", f"backbone.released_checkpoint={checkpoint}"]
     code, err = _run([*wrong, "--set", "backbone.name=resnet12"], capsys)
@@ -121,11 +148,23 @@ def test_bad_inputs_exit_2_in_one_line_and_write_nothing(authors_cifar_fs, tmp_p
 
     garbage = tmp_path / "netSSRBest.pth"
     torch.save({"netFeat": {"features.0.weight": torch.ones(3)}, "SSR": ssr_state, "nbStep": 2}, garbage)
-    code, err = _run([*base, "--set", f"data.data_root={root}", "--set", f"backbone.released_checkpoint={garbage}"], capsys)
+    code, err = _run(
+        [*base, "--set", f"data.data_root={root}", "--set", f"backbone.released_checkpoint={garbage}"], capsys
+    )
     assert code == 2 and "keys fit none of conv4-64, resnet12, wrn-28-10 for cifar-fs images" in err
 
     torch.save({"netFeat": net_state, "SSR": ssr_state, "nbStep": 2}, garbage)
-    code, err = _run([*base, "--set", f"data.data_root={root}", "--set", f"backbone.released_checkpoint={garbage}",
-                      "--set", "train.n_query=15"], capsys)
+    code, err = _run(
+        [
+            *base,
+            "--set",
+            f"data.data_root={root}",
+            "--set",
+            f"backbone.released_checkpoint={garbage}",
+            "--set",
+            "train.n_query=15",
+        ],
+        capsys,
+    )
     assert code == 2 and "SSR's DNI takes" in err and "n_query=15 per class" in err
     assert not (tmp_path / "home").exists()

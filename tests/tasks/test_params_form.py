@@ -1,5 +1,6 @@
 """The flow's UI form: parameters in groups, every field says what it is; the sweep is checked
 against the train group; the flat names of earlier releases still load, with a warning."""
+
 from __future__ import annotations
 
 import warnings
@@ -51,7 +52,9 @@ def test_the_sweep_takes_fields_of_the_train_group(model, train):
 
 
 def test_train_augment_is_not_swept():
-    with pytest.raises(ValidationError, match=r"sweep: 'train_augment' is not a field of the train group that can be swept"):
+    with pytest.raises(
+        ValidationError, match=r"sweep: 'train_augment' is not a field of the train group that can be swept"
+    ):
         FewShotParams(sweep={"train_augment": [1]})  # sweep values are numbers; train_augment is never swept
 
 
@@ -61,18 +64,37 @@ def test_retrieval_k_max_is_the_largest_k_of_any_trial():
 
 
 def test_flat_names_of_earlier_releases_still_load_with_a_deprecation_warning():
-    flat = dict(dataset="glyphs", backbone="conv4-64", backbone_checkpoint="/ckpt.pt", n_shot_train=2, n_way=3,
-                hidden=32, lr_dni_grid=[0.1, 0.2], eval_shots=[1], krecip_lambda=[0.5], device="cpu")
-    with pytest.warns(DeprecationWarning, match=r"flat parameter names are deprecated: .*n_shot_train -> train\.n_shot"):
+    flat = dict(
+        dataset="glyphs",
+        backbone="conv4-64",
+        backbone_checkpoint="/ckpt.pt",
+        n_shot_train=2,
+        n_way=3,
+        hidden=32,
+        lr_dni_grid=[0.1, 0.2],
+        eval_shots=[1],
+        krecip_lambda=[0.5],
+        device="cpu",
+    )
+    with pytest.warns(
+        DeprecationWarning, match=r"flat parameter names are deprecated: .*n_shot_train -> train\.n_shot"
+    ):
         old = FewShotParams(**flat)
-    new = FewShotParams(data={"dataset": "glyphs"}, backbone={"name": "conv4-64", "checkpoint": "/ckpt.pt"},
-                        train={"n_shot": 2, "n_way": 3, "hidden": 32}, sweep={"lr_dni": [0.1, 0.2]},
-                        evaluation={"eval_shots": [1]}, baselines={"krecip_lambda": [0.5]}, device="cpu")
+    new = FewShotParams(
+        data={"dataset": "glyphs"},
+        backbone={"name": "conv4-64", "checkpoint": "/ckpt.pt"},
+        train={"n_shot": 2, "n_way": 3, "hidden": 32},
+        sweep={"lr_dni": [0.1, 0.2]},
+        evaluation={"eval_shots": [1]},
+        baselines={"krecip_lambda": [0.5]},
+        device="cpu",
+    )
     assert old == new
     with pytest.warns(DeprecationWarning, match=r"lr_dni_grid -> sweep\.lr_dni.*k -> train\.k"):
         retrieval = RetrievalParams(lr_dni_grid=[1e-3], k=20, holdout_seed=2, shard_size=9)
-    assert retrieval == RetrievalParams(sweep={"lr_dni": [1e-3]}, train={"k": 20}, data={"holdout_seed": 2},
-                                        evaluation={"shard_size": 9})
+    assert retrieval == RetrievalParams(
+        sweep={"lr_dni": [1e-3]}, train={"k": 20}, data={"holdout_seed": 2}, evaluation={"shard_size": 9}
+    )
     # a flat name next to its group: the flat value is merged into the group
     with pytest.warns(DeprecationWarning):
         mixed = FewShotParams(train={"hidden": 64}, n_way=4)

@@ -5,6 +5,7 @@ The trainables count their steps in a file of their ``TrialWorkspace``, so what 
 resumed from is visible in what it finished with; marker files count how often each trial
 started, and make it fail exactly once at a chosen step.
 """
+
 from __future__ import annotations
 
 import json
@@ -103,14 +104,22 @@ def test_a_retried_trial_resumes_from_its_last_checkpoint(ray_local, tmp_path, m
 def test_an_interrupted_grid_is_restored_and_its_live_callbacks_are_this_calls(ray_local, tmp_path, marks, caplog):
     (marks / "fail-2-at-3").touch()
     storage = tmp_path / "ray"
-    with pytest.raises(TrialsFailed, match=r"1 trial\(s\) of interrupted failed after 0 retries: .*x=2 at step 3") as err:
+    with pytest.raises(
+        TrialsFailed, match=r"1 trial\(s\) of interrupted failed after 0 retries: .*x=2 at step 3"
+    ) as err:
         tune_grid(make_counting_trainable(marks), points(1, 2), "interrupted", storage, max_failures=0)
     assert set(err.value.finished) == {"x=1"} and err.value.finished["x=1"] is not None
 
     fractions = []
     with caplog.at_level(logging.INFO, logger="ssr_tasks.ray_grid"):
-        done = tune_grid(make_counting_trainable(marks), points(1, 2), "interrupted", storage, max_failures=0,
-                         progress=fractions.append)
+        done = tune_grid(
+            make_counting_trainable(marks),
+            points(1, 2),
+            "interrupted",
+            storage,
+            max_failures=0,
+            progress=fractions.append,
+        )
     assert starts(marks, 1) == 1 and starts(marks, 2) == 2  # the finished trial was kept, the failed one resumed
     done["x=2"].to_directory(str(tmp_path / "x2"))
     assert json.loads((tmp_path / "x2" / SUMMARY).read_text())["resumed_at"] == 2
@@ -126,8 +135,16 @@ def test_run_grid_keeps_finished_trials_and_resumes_the_rest(ray_local, tmp_path
     first, second = {"lr_dni": 0.1}, {"lr_dni": 0.2}
 
     def grid():
-        return run_grid(make_counting_trial(), RetrievalTrainParams(), {"lr_dni": [0.1, 0.2]}, name="toy",
-                        inputs=str(marks), ckpt_root=ckpt_root, storage_path=storage, max_failures=0)
+        return run_grid(
+            make_counting_trial(),
+            RetrievalTrainParams(),
+            {"lr_dni": [0.1, 0.2]},
+            name="toy",
+            inputs=str(marks),
+            ckpt_root=ckpt_root,
+            storage_path=storage,
+            max_failures=0,
+        )
 
     with pytest.raises(TrialsFailed):
         grid()

@@ -1,5 +1,6 @@
 """``run_grid`` sweeps any field of a training config, not only lr_dni: each trial receives the
 config object itself with its point applied, and its folder is named after the point."""
+
 from __future__ import annotations
 
 import re
@@ -15,9 +16,17 @@ def make_recording_trial():
         from ssr_tasks.config import RetrievalTrainParams
 
         cfg = trial.config
-        seen = {"is_params": isinstance(cfg, RetrievalTrainParams), "k": cfg.k, "k_is_int": type(cfg.k) is int,
-                "hidden": cfg.hidden, "lr": cfg.lr, "label": trial.label, "point": dict(trial.point),
-                "inputs": trial.inputs, "device": trial.device}
+        seen = {
+            "is_params": isinstance(cfg, RetrievalTrainParams),
+            "k": cfg.k,
+            "k_is_int": type(cfg.k) is int,
+            "hidden": cfg.hidden,
+            "lr": cfg.lr,
+            "label": trial.label,
+            "point": dict(trial.point),
+            "inputs": trial.inputs,
+            "device": trial.device,
+        }
         trial.workspace.report({"iteration": 1, "progress": 0.5})
         return seen, {"best_val_map": 0.0}
 
@@ -27,8 +36,15 @@ def make_recording_trial():
 def test_run_grid_sweeps_a_non_lr_field_and_trials_get_the_config(ray_local, tmp_path):
     base = RetrievalTrainParams(k=50, hidden=256, lr=0.05)
     ckpt_root = tmp_path / "trials"
-    results = run_grid(make_recording_trial(), base, {"k": [7, 5], "hidden": [8]}, name="sweep-k",
-                       inputs="features.parquet", ckpt_root=ckpt_root, storage_path=tmp_path / "ray")
+    results = run_grid(
+        make_recording_trial(),
+        base,
+        {"k": [7, 5], "hidden": [8]},
+        name="sweep-k",
+        inputs="features.parquet",
+        ckpt_root=ckpt_root,
+        storage_path=tmp_path / "ray",
+    )
 
     # the sweep's order (k as given: 7 then 5), not sorted and not Tune's completion order
     assert [r.point for r in results] == [{"hidden": 8, "k": 7}, {"hidden": 8, "k": 5}]

@@ -1,4 +1,5 @@
 """The shared infrastructure: the resume helper of the three training loops, and device selection."""
+
 from __future__ import annotations
 
 import pytest
@@ -32,7 +33,10 @@ def test_checkpoint_round_trip_restores_states_and_progress(tmp_path):
 def test_a_checkpoint_of_other_objects_is_not_restored(tmp_path):
     net = torch.nn.Linear(3, 2)
     TrainingCheckpoint(tmp_path / "last.pt", net=net).save(LoopState(done=1))
-    assert TrainingCheckpoint(tmp_path / "last.pt", net=net, optim=torch.optim.SGD(net.parameters(), lr=1.0)).restore() is None
+    assert (
+        TrainingCheckpoint(tmp_path / "last.pt", net=net, optim=torch.optim.SGD(net.parameters(), lr=1.0)).restore()
+        is None
+    )
 
 
 def test_finished_marker(tmp_path):
@@ -50,7 +54,9 @@ def test_interrupted_backbone_pretraining_resumes_to_the_same_weights(tmp_path, 
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        pretrain_backbone(tiny_image_dataset, "cifar-fs", "conv4-64", tmp_path / "resumed.pt", progress=stop_after_first_epoch, **kw)
+        pretrain_backbone(
+            tiny_image_dataset, "cifar-fs", "conv4-64", tmp_path / "resumed.pt", progress=stop_after_first_epoch, **kw
+        )
     assert (tmp_path / "resumed.last.pt").exists() and not (tmp_path / "resumed.pt").exists()
     resumed = pretrain_backbone(tiny_image_dataset, "cifar-fs", "conv4-64", tmp_path / "resumed.pt", **kw)
     assert not (tmp_path / "resumed.last.pt").exists()

@@ -1,4 +1,5 @@
 """Every retrieval Prefect task's ``.fn`` on the small built-in glyph set, in seconds."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,12 +9,23 @@ import pytest
 
 from ssr_model.baselines import KReciprocalPoint
 from ssr_tasks.backbone import get_backbone
-from ssr_tasks.retrieval import report, tasks
 from ssr_tasks.handoffs import Trials
+from ssr_tasks.retrieval import report, tasks
 from ssr_tasks.retrieval.handoffs import Rankings, Reranked, RetrievalData, RetrievalFeatures
 from storage.simstore import SimilarityStore
 
-METHODS = ["features", "AQE", "AQEwD", "alpha-QE", "DQE", "k-reciprocal", "alpha-DBA-QE", "diffusion", "GNN", "SuperGlobal"]
+METHODS = [
+    "features",
+    "AQE",
+    "AQEwD",
+    "alpha-QE",
+    "DQE",
+    "k-reciprocal",
+    "alpha-DBA-QE",
+    "diffusion",
+    "GNN",
+    "SuperGlobal",
+]
 
 
 @pytest.fixture
@@ -24,8 +36,9 @@ def data(task_env, tiny_retrieval_params, glyphs_small, ssr_home):
 @pytest.fixture
 def features(data, tiny_retrieval_params, pipeline_dir):
     p = tiny_retrieval_params
-    backbone = get_backbone.fn(p.backbone, p.data.entry.spec, p.train.seed, data.fewshot_root,
-                               str(pipeline_dir / "backbones"), p.device)
+    backbone = get_backbone.fn(
+        p.backbone, p.data.entry.spec, p.train.seed, data.fewshot_root, str(pipeline_dir / "backbones"), p.device
+    )
     return tasks.extract_features.fn(p.data, p.k_max, data, backbone, str(pipeline_dir), p.device)
 
 
@@ -41,15 +54,19 @@ def test_prepare_data_names_ground_truth_and_images(data, glyphs_small):
 
 def test_extract_features_writes_database_query_and_train_splits(features, glyphs_small):
     assert isinstance(features, RetrievalFeatures) and features.dim == 256
-    assert (features.n_database, features.n_queries) == (glyphs_small["n_retrieval"]["database"], glyphs_small["n_retrieval"]["queries"])
+    assert (features.n_database, features.n_queries) == (
+        glyphs_small["n_retrieval"]["database"],
+        glyphs_small["n_retrieval"]["queries"],
+    )
 
 
 def test_k_larger_than_the_database_is_refused_before_training(data, tiny_retrieval_params, pipeline_dir):
     from ssr_tasks.handoffs import Backbone
 
     with pytest.raises(ValueError, match=r"k: 100000 is larger than the database \(500 images\)"):
-        tasks.extract_features.fn(tiny_retrieval_params.data, 100_000, data, Backbone("x", "conv4-64", "glyphs"),
-                                  str(pipeline_dir))
+        tasks.extract_features.fn(
+            tiny_retrieval_params.data, 100_000, data, Backbone("x", "conv4-64", "glyphs"), str(pipeline_dir)
+        )
 
 
 def test_rank_methods_writes_a_store_and_query_table_per_method(features, tiny_retrieval_params, pipeline_dir):
@@ -67,8 +84,9 @@ def test_features_of_another_glyph_rendering_get_their_own_table(features, data,
     # glyphs of any seed are rendered into the same folder: the paths in `data` alone would reuse this table
     p = tiny_retrieval_params
     other = p.data.model_copy(update={"data_seed": 1})
-    backbone = get_backbone.fn(p.backbone, p.data.entry.spec, p.train.seed, data.fewshot_root,
-                               str(pipeline_dir / "backbones"))  # the one `features` used
+    backbone = get_backbone.fn(
+        p.backbone, p.data.entry.spec, p.train.seed, data.fewshot_root, str(pipeline_dir / "backbones")
+    )  # the one `features` used
     again = tasks.extract_features.fn(other, p.k_max, data, backbone, str(pipeline_dir))
     assert again.path != features.path and Path(again.path).exists()
 

@@ -1,4 +1,5 @@
 """Few-shot training: episodes, curriculum, checkpoint resume equal to an undisturbed run."""
+
 from __future__ import annotations
 
 import json
@@ -7,15 +8,26 @@ import numpy as np
 import pytest
 import torch
 
-from ssr_tasks.fewshot.episodes import fixed_episodes, load_split, sample_episodes
 from ssr_tasks.config import FewShotTrainParams
+from ssr_tasks.fewshot.episodes import fixed_episodes, load_split, sample_episodes
 from ssr_tasks.fewshot.train import train_curriculum
 
 
 def small_cfg(**kw):
     """A tiny training config (the features' width, 16, is read from the table)."""
-    base = dict(n_way=3, n_shot=1, n_query=4, hidden=16, lr_dni=1e-2, max_steps=2,
-                iterations_first=8, iterations_next=4, batch_episodes=2, val_every=4, seed=3)
+    base = dict(
+        n_way=3,
+        n_shot=1,
+        n_query=4,
+        hidden=16,
+        lr_dni=1e-2,
+        max_steps=2,
+        iterations_first=8,
+        iterations_next=4,
+        batch_episodes=2,
+        val_every=4,
+        seed=3,
+    )
     return FewShotTrainParams(**{**base, **kw})
 
 
@@ -50,8 +62,11 @@ def test_fixed_episodes_maps_paths_and_names_missing(tmp_path, synthetic_feature
     assert len(fixed_episodes(val, tmp_path / "eps.json", limit=2)) == 2
     bad = [{"Support": [["val-c0/0.png"], ["nope/9.png"]], "Query": [["val-c0/1.png"], ["val-c1/1.png"]]}]
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match=r"bad.json: episode 0: Support image 'nope/9.png' not found in .*"
-                                         r"features.parquet, split 'val'"):
+    with pytest.raises(
+        ValueError,
+        match=r"bad.json: episode 0: Support image 'nope/9.png' not found in .*"
+        r"features.parquet, split 'val'",
+    ):
         fixed_episodes(val, tmp_path / "bad.json")
 
 
@@ -79,7 +94,7 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path, synthetic_feat
     class Interrupt(Exception):
         pass
 
-    def crash_once(row, state={"crashed": False}):
+    def crash_once(row, state={"crashed": False}):  # noqa: B006 - the default is the state kept across calls
         if row["steps"] == 1 and row["iteration"] == 4 and not state["crashed"]:
             state["crashed"] = True
             raise Interrupt

@@ -1,13 +1,14 @@
 """Re-ranking stores: the plain worker, then the Ray actor pool on real Parquet shards."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
+from ssr_tasks.config import RetrievalTrainParams
 from ssr_tasks.retrieval.handoffs import RetrievalModel
 from ssr_tasks.retrieval.rerank import ShardReranker, rerank_store
-from ssr_tasks.config import RetrievalTrainParams
 from storage.features import write_features
 from storage.simstore import SimilarityStore, build_topk_store
 
@@ -23,8 +24,17 @@ def setup(tmp_path_factory):
     q = rng.normal(size=(25, D)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     meta = {"dataset": "t", "backbone": "t", "checkpoint_hash": "-", "dim": str(D)}
-    write_features(root / "db.parquet", ids=np.arange(80), labels=["db"] * 80, splits=["database"] * 80, embeddings=db, metadata=meta)
-    write_features(root / "q.parquet", ids=np.arange(25), labels=["q"] * 25, splits=["query"] * 25, embeddings=q, metadata=meta)
+    write_features(
+        root / "db.parquet",
+        ids=np.arange(80),
+        labels=["db"] * 80,
+        splits=["database"] * 80,
+        embeddings=db,
+        metadata=meta,
+    )
+    write_features(
+        root / "q.parquet", ids=np.arange(25), labels=["q"] * 25, splits=["query"] * 25, embeddings=q, metadata=meta
+    )
     build_topk_store(q, np.arange(25), db, np.arange(80), root / "topk", K_STORE, shard_size=7)
     torch.manual_seed(0)
     cfg = RetrievalTrainParams(k=K, steps=1, lr_dni=0.5, hidden=16)
@@ -43,7 +53,7 @@ def expected(root, model, q):
 
 def test_plain_worker_reorders_only_the_top_k(setup):
     root, model, q = setup
-    for (qids, ids), shard in zip(expected(root, model, q), SimilarityStore(root / "topk").iter_shards()):
+    for (_qids, ids), shard in zip(expected(root, model, q), SimilarityStore(root / "topk").iter_shards()):
         assert np.array_equal(np.sort(ids[:, :K], 1), np.sort(shard.neighbor_ids[:, :K], 1))
         assert np.array_equal(ids[:, K:], shard.neighbor_ids[:, K:])
 
@@ -73,8 +83,14 @@ def test_any_unique_database_ids(setup, tmp_path):
     db = read_features(root / "db.parquet")
     perm = np.random.default_rng(1).permutation(len(db))
     ids = 1000 + 3 * np.arange(len(db))  # id of row r before the shuffle
-    write_features(tmp_path / "db.parquet", ids=ids[perm], labels=["db"] * len(db), splits="database",
-                   embeddings=db.embeddings[perm], metadata=db.metadata)
+    write_features(
+        tmp_path / "db.parquet",
+        ids=ids[perm],
+        labels=["db"] * len(db),
+        splits="database",
+        embeddings=db.embeddings[perm],
+        metadata=db.metadata,
+    )
     build_topk_store(q, np.arange(25), db.embeddings, ids, tmp_path / "topk", K_STORE, shard_size=7)
     worker = ShardReranker(str(tmp_path / "db.parquet"), model)
     plain = {int(i): row for qids, rows in expected(root, model, q) for i, row in zip(qids, rows)}

@@ -1,4 +1,5 @@
 """Retrieval plain code: training sequences, training/resume, rankings and re-ranked orders."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -85,14 +86,25 @@ def test_training_resumes_to_the_same_model(tmp_path):
     emb, labels = clusters(n_clusters=10, per=30, noise=2.0)
     held = clusters(n_clusters=4, per=8, noise=2.0, seed=5)
     val = _validation(*held)
-    cfg = RetrievalTrainParams(k=10, hidden=16, lr_dni=0.1, iterations=6, val_every=2, batch_queries=4, lr=0.05,
-                               sequence_length=100, min_positives=3)
+    cfg = RetrievalTrainParams(
+        k=10,
+        hidden=16,
+        lr_dni=0.1,
+        iterations=6,
+        val_every=2,
+        batch_queries=4,
+        lr=0.05,
+        sequence_length=100,
+        min_positives=3,
+    )
     clean = train_retrieval(cfg, emb, labels, val, tmp_path / "clean")
     assert [h["iteration"] for h in clean["history"]] == [0, 2, 4, 6]
     assert clean["best_val"] == max(h["val_map"] for h in clean["history"])
-    assert any(h["iteration"] == clean["best_iteration"] and h["val_map"] == clean["best_val"] for h in clean["history"])
+    assert any(
+        h["iteration"] == clean["best_iteration"] and h["val_map"] == clean["best_val"] for h in clean["history"]
+    )
 
-    def crash(row, state={"n": 0}):
+    def crash(row, state={"n": 0}):  # noqa: B006 - the default is the state kept across calls
         state["n"] += 1
         if state["n"] == 2:
             raise KeyboardInterrupt
@@ -127,9 +139,17 @@ def test_baselines_are_chosen_on_validation():
     assert tried[f"k-reciprocal {choice.krecip.label()}"] == max(tried[f"k-reciprocal {p.label()}"] for p in points)
     for name, point in choice.shortlist:
         assert tried[f"{name} {point.label()}"] == max(v for k, v in tried.items() if k.startswith(f"{name} "))
-    assert set(choice.as_params()) == {"chosen.qe_n.AQE", "chosen.qe_n.AQEwD", "chosen.qe_n.alpha-QE", "chosen.qe_n.DQE",
-                                       "chosen.krecip", "chosen.alpha-DBA-QE", "chosen.diffusion", "chosen.GNN",
-                                       "chosen.SuperGlobal"}
+    assert set(choice.as_params()) == {
+        "chosen.qe_n.AQE",
+        "chosen.qe_n.AQEwD",
+        "chosen.qe_n.alpha-QE",
+        "chosen.qe_n.DQE",
+        "chosen.krecip",
+        "chosen.alpha-DBA-QE",
+        "chosen.diffusion",
+        "chosen.GNN",
+        "chosen.SuperGlobal",
+    }
 
 
 def test_methods_pick_the_rows_and_only_their_settings_are_chosen():
@@ -165,8 +185,18 @@ def test_method_rankings_and_rerank_order(tmp_path):
     q, db = emb[:5], emb[5:]
     choice = BaselineChoice((("AQE", 2), ("AQEwD", 2), ("alpha-QE", 2), ("DQE", 2)), KReciprocalPoint(20, 6, 0.3), ())
     methods = method_rankings(q, db, choice)
-    assert [m.name for m in methods] == ["features", "AQE", "AQEwD", "alpha-QE", "DQE", "k-reciprocal", "alpha-DBA-QE",
-                                         "diffusion", "GNN", "SuperGlobal"]
+    assert [m.name for m in methods] == [
+        "features",
+        "AQE",
+        "AQEwD",
+        "alpha-QE",
+        "DQE",
+        "k-reciprocal",
+        "alpha-DBA-QE",
+        "diffusion",
+        "GNN",
+        "SuperGlobal",
+    ]
     for m in methods:
         assert m.ranks.shape == (5, len(db))
         assert (np.sort(m.ranks, 1) == np.arange(len(db))).all()
@@ -176,6 +206,8 @@ def test_method_rankings_and_rerank_order(tmp_path):
     # reversing the stored top-4 must reverse exactly those 4 and keep the rest
     out = create_store(tmp_path / "r", 4, 5, 3, 2)
     for shard in store.iter_shards():
-        out.mark_complete(shard.index, out.write_shard(shard.index, shard.query_ids, shard.neighbor_ids[:, ::-1].copy(), shard.scores))
+        out.mark_complete(
+            shard.index, out.write_shard(shard.index, shard.query_ids, shard.neighbor_ids[:, ::-1].copy(), shard.scores)
+        )
     ranks = ranks_after_rerank(tmp_path / "r", m.ranks)
     assert (ranks[:, :4] == m.ranks[:, :4][:, ::-1]).all() and (ranks[:, 4:] == m.ranks[:, 4:]).all()

@@ -1,5 +1,6 @@
 """Registered models are servable: pyfunc with dict inputs, a fresh process without the
 project, and ``mlflow models serve --env-manager local`` answering ``POST /invocations``."""
+
 from __future__ import annotations
 
 import contextlib
@@ -35,24 +36,39 @@ def registry(tmp_path_factory):
     reranker = RetrievalReranker(RetrievalSSR(D, K, steps=1, lr_dni=0.1, hidden=8)).eval()
     with tracker.run("fewshot"):
         tracker.log_metrics({"test_1shot_ssr": 61.5})
-        fs = tracker.log_and_register(fewshot, "fs", {"dataset": "d", "backbone": "b"}, val_metric=1.0,
-                                      description="| method | acc |\n|---|---|\n| SSR | 61.5 |",
-                                      model_description="SSR few-shot classifier")
+        fs = tracker.log_and_register(
+            fewshot,
+            "fs",
+            {"dataset": "d", "backbone": "b"},
+            val_metric=1.0,
+            description="| method | acc |\n|---|---|\n| SSR | 61.5 |",
+            model_description="SSR few-shot classifier",
+        )
     with tracker.run("retrieval"):
         rt = tracker.log_and_register(reranker, "rt", {"dataset": "d", "backbone": "b"}, val_metric=1.0)
-    return {"root": root, "uri": tracker.uri, "client": tracker.client, "fewshot": (fewshot, fs), "retrieval": (reranker, rt)}
+    return {
+        "root": root,
+        "uri": tracker.uri,
+        "client": tracker.client,
+        "fewshot": (fewshot, fs),
+        "retrieval": (reranker, rt),
+    }
 
 
 def _fewshot_input(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"support": rng.standard_normal((N_WAY, 2, D)).astype(np.float32),
-            "query": rng.standard_normal((n, D)).astype(np.float32)}
+    return {
+        "support": rng.standard_normal((N_WAY, 2, D)).astype(np.float32),
+        "query": rng.standard_normal((n, D)).astype(np.float32),
+    }
 
 
 def _retrieval_input(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"query": rng.standard_normal((2, D)).astype(np.float32),
-            "neighbours": rng.standard_normal((2, K, D)).astype(np.float32)}
+    return {
+        "query": rng.standard_normal((2, D)).astype(np.float32),
+        "neighbours": rng.standard_normal((2, K, D)).astype(np.float32),
+    }
 
 
 def _expected_fewshot(model, inputs) -> np.ndarray:
@@ -78,8 +94,9 @@ def test_pyfunc_takes_dicts_with_any_number_of_queries(registry, monkeypatch):
         np.testing.assert_array_equal(out, _expected_fewshot(fewshot, inputs))
     reranker, _ = registry["retrieval"]
     inputs = _retrieval_input()
-    np.testing.assert_array_equal(mlflow.pyfunc.load_model("models:/rt@champion").predict(inputs),
-                                  _expected_order(reranker, inputs))
+    np.testing.assert_array_equal(
+        mlflow.pyfunc.load_model("models:/rt@champion").predict(inputs), _expected_order(reranker, inputs)
+    )
     # mlflow.pytorch keeps giving the nn.Module with its methods
     assert isinstance(mlflow.pytorch.load_model("models:/fs@champion"), FewShotClassifier)
 
@@ -120,7 +137,9 @@ def test_fresh_process_without_the_project_loads_the_model(registry, tmp_path):
     """)
     env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"]}
     env.pop("PYTHONPATH", None)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("OK (7,)") and os.getcwd() not in last.split(" ", 2)[-1]
@@ -137,11 +156,34 @@ def _free_port() -> int:
 def test_mlflow_models_serve_answers_invocations(registry, tmp_path):
     port = _free_port()
     bin_dir = os.path.dirname(sys.executable)  # `mlflow models serve` starts `uvicorn` from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"], "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": registry["uri"],
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    }
     log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([os.path.join(bin_dir, "mlflow"), "models", "serve", "-m",
-                             "models:/fs@champion", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            os.path.join(bin_dir, "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/fs@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 240
         while True:
@@ -153,8 +195,9 @@ def test_mlflow_models_serve_answers_invocations(registry, tmp_path):
                 time.sleep(1)
         inputs = _fewshot_input(6, seed=3)
         body = json.dumps({"inputs": {k: v.tolist() for k, v in inputs.items()}}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=60) as resp:
             predictions = json.load(resp)["predictions"]
         np.testing.assert_array_equal(np.asarray(predictions), _expected_fewshot(registry["fewshot"][0], inputs))

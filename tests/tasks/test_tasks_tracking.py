@@ -1,4 +1,5 @@
 """The MLflow adapter against a real SQLite tracking store and registry."""
+
 from __future__ import annotations
 
 import os
@@ -80,7 +81,9 @@ def test_two_stores_in_one_process_stay_apart(tmp_path):
     """Two pipelines with different run folders in one process: each registers into its own
     store, and no MLflow URI is left in the environment for the next one to inherit."""
     env_before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    trackers = [Tracker("e", tmp_path / name, tracking_uri=f"sqlite:///{tmp_path / name / 'mlflow.db'}") for name in "ab"]
+    trackers = [
+        Tracker("e", tmp_path / name, tracking_uri=f"sqlite:///{tmp_path / name / 'mlflow.db'}") for name in "ab"
+    ]
     for i, tracker in enumerate(trackers):
         with tracker.run(f"run {i}"):
             tracker.log_and_register(_model(), f"m-{i}", {"dataset": "d", "backbone": "b"}, val_metric=1.0)
@@ -100,8 +103,10 @@ def test_runs_left_running_by_a_killed_process_are_closed(tracker, tmp_path):
 
     from ssr_tasks.liveness import PROCESS_TAG, process_gone, process_tag
 
-    code = ("import sys; from ssr_tasks.tracking import Tracker; t = Tracker('test-exp', None, tracking_uri=sys.argv[1]); "
-            "cm = t.run('killed'); r = cm.__enter__(); print(r.info.run_id, flush=True); import time; time.sleep(600)")
+    code = (
+        "import sys; from ssr_tasks.tracking import Tracker; t = Tracker('test-exp', None, tracking_uri=sys.argv[1]); "
+        "cm = t.run('killed'); r = cm.__enter__(); print(r.info.run_id, flush=True); import time; time.sleep(600)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, tracker.uri], stdout=subprocess.PIPE, text=True)
     killed_id = proc.stdout.readline().strip()
     assert tracker.client.get_run(killed_id).info.status == "RUNNING"
@@ -109,15 +114,22 @@ def test_runs_left_running_by_a_killed_process_are_closed(tracker, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
-    elsewhere = tracker.client.create_run(tracker.experiment_id, run_name="on another host",
-                                          tags={PROCESS_TAG: "another-host-name:1:1"})
+    elsewhere = tracker.client.create_run(
+        tracker.experiment_id, run_name="on another host", tags={PROCESS_TAG: "another-host-name:1:1"}
+    )
     untagged = tracker.client.create_run(tracker.experiment_id, run_name="opened by another tool")
     with tracker.run("this process") as mine:
         assert tracker.close_orphans() == 1
-        statuses = {r: tracker.client.get_run(r).info.status
-                    for r in (killed_id, elsewhere.info.run_id, untagged.info.run_id, mine.info.run_id)}
-    assert statuses == {killed_id: "KILLED", elsewhere.info.run_id: "RUNNING", untagged.info.run_id: "RUNNING",
-                        mine.info.run_id: "RUNNING"}
+        statuses = {
+            r: tracker.client.get_run(r).info.status
+            for r in (killed_id, elsewhere.info.run_id, untagged.info.run_id, mine.info.run_id)
+        }
+    assert statuses == {
+        killed_id: "KILLED",
+        elsewhere.info.run_id: "RUNNING",
+        untagged.info.run_id: "RUNNING",
+        mine.info.run_id: "RUNNING",
+    }
     assert process_tag().startswith(f"{socket.gethostname()}:{os.getpid()}:")
     host, pid, start = process_tag().split(":")
     assert process_gone(f"{host}:{pid}:{int(start or 0) + 1}")  # the same pid, another process (a reused pid)
@@ -134,14 +146,21 @@ def test_a_model_that_did_not_improve_is_registered_without_moving_any_alias(tra
 
 
 def test_the_retrieval_report_says_when_ssr_did_not_improve():
-    from ssr_tasks.retrieval.handoffs import RetrievalTrial, Validation
-    from ssr_tasks.retrieval.report import NOT_IMPROVED, labels_only, ssr_improved
     from ssr_tasks.config import RetrievalTrainParams
     from ssr_tasks.handoffs import Trials
+    from ssr_tasks.retrieval.handoffs import RetrievalTrial, Validation
+    from ssr_tasks.retrieval.report import NOT_IMPROVED, labels_only, ssr_improved
 
     def trial(best_iteration):
-        return RetrievalTrial(RetrievalTrainParams(), "lr_dni=0.1", 8, 0.5, "best.pt",
-                              (Validation(0, 0.5), Validation(10, 0.4)), best_iteration)
+        return RetrievalTrial(
+            RetrievalTrainParams(),
+            "lr_dni=0.1",
+            8,
+            0.5,
+            "best.pt",
+            (Validation(0, 0.5), Validation(10, 0.4)),
+            best_iteration,
+        )
 
     assert not ssr_improved(Trials((trial(0),))) and ssr_improved(Trials((trial(10),)))
     assert NOT_IMPROVED == "SSR did not improve on validation; its rows equal the inputs."

@@ -1,5 +1,6 @@
 """Training-episode features (``train_augment``): the features table, N views extracted once,
 and online augmentation through the frozen backbone; each a pure function of (episodes, iteration)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 from ssr_model.backbones import build_backbone
-from ssr_tasks.fewshot.episodes import load_split, sample_episodes
 from ssr_tasks.config import FewShotTrainParams
+from ssr_tasks.fewshot.episodes import load_split, sample_episodes
 from ssr_tasks.fewshot.train import train_curriculum
 from ssr_tasks.fewshot.train_features import OnlineFeatures, TrainAugment, ViewFeatures, extract_views, training_source
 from storage.features import write_features
@@ -27,8 +28,15 @@ def setup(authors_cifar_fs, tmp_path_factory):
     index = list_split(root, "train")
     with torch.no_grad():
         emb = net(torch.from_numpy(load_images(index, index.paths, DATASET_SPECS["cifar-fs"]))).numpy()
-    table = write_features(out / "features.parquet", ids=np.arange(len(emb)), labels=[index.classes[c] for c in index.labels],
-                           splits="train", embeddings=emb, paths=index.paths, metadata=META)
+    table = write_features(
+        out / "features.parquet",
+        ids=np.arange(len(emb)),
+        labels=[index.classes[c] for c in index.labels],
+        splits="train",
+        embeddings=emb,
+        paths=index.paths,
+        metadata=META,
+    )
     return root, net, load_split(table, "train"), out
 
 
@@ -68,8 +76,9 @@ def test_online_features_are_augmented_images_through_the_frozen_backbone(setup)
     eps = sample_episodes(train, 1, 5, 1, 3, seed=0)
     support, query, _ = source.gather(eps, 11, "cpu")
     rows = np.concatenate([eps.support.reshape(-1), eps.query.reshape(-1)])
-    x = load_images(source.images, [train.paths[i] for i in rows], DATASET_SPECS["cifar-fs"],
-                    rng=np.random.default_rng([3, 11]))
+    x = load_images(
+        source.images, [train.paths[i] for i in rows], DATASET_SPECS["cifar-fs"], rng=np.random.default_rng([3, 11])
+    )
     with torch.no_grad():
         want = net(torch.from_numpy(x))
     torch.testing.assert_close(support.reshape(5, -1), want[:5])
@@ -82,7 +91,8 @@ def test_training_runs_on_views(setup, tmp_path):
     views = extract_views(root, "cifar-fs", net, 3, out / "views.parquet", META, seed=1)  # made once per module
     source = training_source(TrainAugment("views", 3), train, seed=0, views_path=str(views))
     val_eps = sample_episodes(train, 2, 5, 1, 3, seed=5)
-    cfg = FewShotTrainParams(n_way=5, n_query=3, hidden=8, lr_dni=1e-3, max_steps=1, iterations_first=2, val_every=1,
-                             batch_episodes=1)  # on the 256-wide features of the table
+    cfg = FewShotTrainParams(
+        n_way=5, n_query=3, hidden=8, lr_dni=1e-3, max_steps=1, iterations_first=2, val_every=1, batch_episodes=1
+    )  # on the 256-wide features of the table
     summary = train_curriculum(cfg, source, train, val_eps, tmp_path)
     assert summary["best_steps"] == 1 and len(summary["stages"][0]["history"]) == 2
