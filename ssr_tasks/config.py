@@ -335,7 +335,7 @@ class FewShotEvalParams(_Params):
     methods: list[str] = Field(
         default_factory=lambda: list(FEWSHOT_METHODS),
         description="Rows of the results table, each with its ms and peak memory per episode: baseline, "
-        "k-reciprocal, ssr, and the peers simpleshot, bd-cspn, tim, pt-map, laplacianshot on the same features and "
+        "k-reciprocal, ssr, and the peers simpleshot, bd-cspn, tim, alpha-tim, pt-map, laplacianshot on the same features and "
         "test episodes; SSR is trained and registered whatever the rows (paper: baseline, k-reciprocal, ssr)",
     )
     query_balance: str = Field(
