@@ -102,8 +102,8 @@ def cmd_run(args) -> int:
         for err in exc.errors():
             print(f"ssr run: {_error_line(err)}", file=sys.stderr)
         return 2
-    if args.pipeline == "fewshot":  # bad data or checkpoints: one line and exit 2 before anything starts
-        from ssr_tasks.fewshot.inputs import check_inputs
+    if isinstance(params, FewShotParams):  # bad data or checkpoints: one line and exit 2 before anything starts
+        from ssr_tasks.fewshot.inputs import check_inputs  # lazy: `ssr run` only (Prefect and the data stores)
 
         try:
             check_inputs(params, default_run_dir())
@@ -114,8 +114,9 @@ def cmd_run(args) -> int:
     if unreachable:
         print(f"ssr run: {unreachable}", file=sys.stderr)
         return 3
-    if args.pipeline == "retrieval" and params.data.dataset != "glyphs-retrieval":
+    if isinstance(params, RetrievalParams) and params.data.dataset != "glyphs-retrieval":
         # the authors' pickles are imported (once, cached) before the flow, so bad input is one line
+        # lazy: `ssr run retrieval` only (Prefect, Ray and the retrieval tasks)
         from ssr_tasks.retrieval.tasks import check_holdout, data_for_run, import_landmark_data
 
         try:
@@ -123,14 +124,16 @@ def cmd_run(args) -> int:
         except (ValueError, OSError) as exc:  # storage errors are ValueErrors
             print(f"ssr run: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
             return 2
+    # lazy: Prefect, torch and the pipelines load only for `ssr run`: the other commands stay quick
     from flows.failures import one_line, quiet_console_tracebacks
-    from flows.ssr_flow import (
-        ssr,  # Prefect, torch and the pipelines load only for `ssr run`: the other commands stay quick
-    )
+    from flows.ssr_flow import ssr
 
     quiet_console_tracebacks()
     try:
-        result = ssr(pipeline=args.pipeline, **{args.pipeline: params})
+        if isinstance(params, FewShotParams):
+            result = ssr(pipeline="fewshot", fewshot=params)
+        else:
+            result = ssr(pipeline="retrieval", retrieval=params)
     except Exception as exc:  # one line here; the tracebacks are in the Prefect logs of the run
         print(f"ssr run: {one_line(exc)} (traceback in the Prefect logs of the flow run)", file=sys.stderr)
         return 1
@@ -159,7 +162,8 @@ def cmd_rerank(args) -> int:
     if unreachable:
         print(f"ssr rerank: {unreachable}", file=sys.stderr)
         return 3
-    from ssr_tasks.retrieval.user_rerank import rerank_features  # torch, Ray and MLflow load only for this command
+    # lazy: torch, Ray and MLflow load only for this command
+    from ssr_tasks.retrieval.user_rerank import rerank_features
 
     try:
         out = rerank_features(
@@ -181,11 +185,11 @@ def cmd_rerank(args) -> int:
         return 2
     print(f"top-K store: {out.topk} ({out.n_queries} queries, k={out.k})")
     print(f"re-ranked store: {out.reranked}")
-    if out.map_before is not None and args.gnd == "labels":  # label matches: one mAP, one mP@10
+    if out.map_before is not None and out.map_after is not None and args.gnd == "labels":  # label matches: one mAP
         print("(%)       mAP     mP@10    (ground truth: label matches)")
         for label, maps in (("before", out.map_before), ("after", out.map_after)):
             print(f"{label:<9} {maps['medium']:7.2f} {maps['mP@10 medium']:7.2f}")
-    elif out.map_before is not None:
+    elif out.map_before is not None and out.map_after is not None:
         print("mAP (%)    easy    medium  hard")
         for label, maps in (("before", out.map_before), ("after", out.map_after)):
             print(f"{label:<9} {maps['easy']:7.2f} {maps['medium']:7.2f} {maps['hard']:7.2f}")
@@ -217,7 +221,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_watch(args) -> int:
-    from flows.watch import watch  # Prefect's client loads only for this command
+    from flows.watch import watch  # lazy: Prefect's client loads only for this command
 
     state = watch(
         args.flow_run_id, interval=args.interval, timeout=args.timeout, out=lambda line: print(line, flush=True)

@@ -7,6 +7,9 @@ import logging
 import sys
 import types
 
+from prefect import Task
+from prefect.logging.handlers import PrefectConsoleHandler
+
 
 class _NoRunTracebacks(logging.Filter):
     """Console only: the errors of flow and task runs carry their traceback to the Prefect
@@ -18,8 +21,6 @@ class _NoRunTracebacks(logging.Filter):
 
 def quiet_console_tracebacks() -> None:
     """Install the filter on Prefect's console handler (set up when Prefect is imported)."""
-    from prefect.logging.handlers import PrefectConsoleHandler
-
     for handler in logging.getLogger().handlers:
         if isinstance(handler, PrefectConsoleHandler) and not any(
             isinstance(f, _NoRunTracebacks) for f in handler.filters
@@ -29,8 +30,6 @@ def quiet_console_tracebacks() -> None:
 
 def _task_names() -> dict[types.CodeType, str]:
     """Code object of every loaded pipeline task's function -> the task's name."""
-    from prefect import Task
-
     names = {}
     for module_name, module in list(sys.modules.items()):
         if module is None or not module_name.startswith(("ssr_tasks", "flows")):
@@ -45,13 +44,14 @@ def failed_step(exc: BaseException) -> str:
     """The innermost pipeline task in the exception's traceback ("the flow" when none)."""
     names, step = _task_names(), "the flow"
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        tb = exc.__traceback__
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        tb = cur.__traceback__
         while tb is not None:
             step = names.get(tb.tb_frame.f_code, step)
             tb = tb.tb_next
-        exc = exc.__cause__ or exc.__context__
+        cur = cur.__cause__ or cur.__context__
     return step
 
 

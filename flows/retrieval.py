@@ -8,6 +8,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from flows.common import prefect_tags
 from ssr_tasks.backbone import get_backbone
 from ssr_tasks.config import RetrievalParams
+from ssr_tasks.handoffs import required
 from ssr_tasks.pipeline import pipeline_run
 from ssr_tasks.retrieval import report, tasks
 from ssr_tasks.services import init_ray
@@ -24,9 +25,9 @@ def retrieval_pipeline(params: RetrievalParams = RetrievalParams()) -> dict:
         backbone = (
             get_backbone(
                 params.backbone,
-                params.data.entry.spec,
+                required(params.data.entry.spec, "the image spec of the data set"),
                 params.train.seed,
-                data.fewshot_root,
+                required(data.fewshot_root, "the glyphs' few-shot root"),
                 str(run.backbones),
                 device,
             )

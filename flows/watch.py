@@ -11,25 +11,26 @@ import time
 from collections.abc import Callable
 from uuid import UUID
 
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterType,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
+    TaskRunFilter,
+    TaskRunFilterState,
+    TaskRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.sorting import ArtifactSort, LogSort
+
 
 def status_line(client, root: UUID, started: float) -> tuple[str, bool, str]:
     """(line, final?, state name) of the flow run ``root`` and its subflows."""
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        ArtifactFilterType,
-        FlowRunFilter,
-        FlowRunFilterId,
-        FlowRunFilterParentFlowRunId,
-        LogFilter,
-        LogFilterFlowRunId,
-        TaskRunFilter,
-        TaskRunFilterState,
-        TaskRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
-    from prefect.client.schemas.sorting import ArtifactSort, LogSort
-
     run = client.read_flow_run(root)
     children = client.read_flow_runs(
         flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[root]))
@@ -61,8 +62,6 @@ def status_line(client, root: UUID, started: float) -> tuple[str, bool, str]:
 
 def watch(flow_run_id: str, interval: float = 5.0, timeout: float = 5400.0, out: Callable[[str], None] = print) -> str:
     """Print a status line every ``interval`` seconds until the run ends; returns its final state name."""
-    from prefect.client.orchestration import get_client
-
     root, started = UUID(str(flow_run_id)), time.time()
     with get_client(sync_client=True) as client:
         while True:

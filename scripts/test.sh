@@ -8,6 +8,11 @@ bash scripts/bootstrap.sh
 export PYTHONHASHSEED=0
 echo "== import-linter (package layering) =="
 lint-imports --no-cache
+echo "== ruff =="
+ruff check flows ssr_tasks ssr_model storage tests benchmarks
+ruff format --check flows ssr_tasks ssr_model storage tests benchmarks
+echo "== mypy =="
+mypy flows ssr_tasks ssr_model storage
 # The browser tests drive Debian's Chromium (never a Playwright browser download). Without
 # it they skip, saying so; install it here when we are root and apt works.
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -20,6 +20,8 @@ CPU for (1616, 1024) and (640, 4096) inputs.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,9 +80,9 @@ class DNI(nn.Module):
         norm_in, fc1, _, norm1 = self.layer1
         fc2, _, norm2 = self.layer2
         inplace = not torch.is_grad_enabled()  # the ReLU may overwrite its input at inference
-        h = row_instance_norm(x, norm_in)
-        h = row_instance_norm(F.relu(fc1(h), inplace=inplace), norm1)
-        h = row_instance_norm(F.relu(fc2(h), inplace=inplace), norm2)
+        h = row_instance_norm(x, cast(nn.InstanceNorm1d, norm_in))
+        h = row_instance_norm(F.relu(fc1(h), inplace=inplace), cast(nn.InstanceNorm1d, norm1))
+        h = row_instance_norm(F.relu(fc2(h), inplace=inplace), cast(nn.InstanceNorm1d, norm2))
         return self.layer3(h)
 
     def extra_repr(self) -> str:

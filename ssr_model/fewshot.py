@@ -52,6 +52,9 @@ class FewShotSSR(nn.Module):
     the same in every mode.
     """
 
+    pair_rows: torch.Tensor  # buffers (register_buffer in __init__)
+    pair_cols: torch.Tensor
+
     def __init__(
         self,
         feat_dim: int,

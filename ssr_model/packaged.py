@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ssr_model.fewshot import FewShotSSR
+
 
 class FewShotClassifier(nn.Module):
     """Backbone (optional) + FewShotSSR.
@@ -30,7 +32,7 @@ class FewShotClassifier(nn.Module):
     other queries of its group.
     """
 
-    def __init__(self, ssr: nn.Module, backbone: nn.Module | None = None):
+    def __init__(self, ssr: FewShotSSR, backbone: nn.Module | None = None):
         super().__init__()
         self.ssr = ssr
         self.backbone = backbone

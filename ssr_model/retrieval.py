@@ -46,6 +46,9 @@ class RetrievalSSR(nn.Module):
     updates and the output is detached. Same values in every mode.
     """
 
+    pair_rows: torch.Tensor  # buffers (register_buffer in __init__)
+    pair_cols: torch.Tensor
+
     def __init__(
         self,
         feat_dim: int,

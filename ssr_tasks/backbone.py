@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ def pretrain_backbone(
     cache = _image_cache(index, spec)
     torch.manual_seed(seed)
     net = build_backbone(backbone, spec.image_size, in_channels=spec.channels).to(device)
-    head = CosineClassifier(net.out_dim, len(index.classes)).to(device)
+    head = CosineClassifier(cast(int, net.out_dim), len(index.classes)).to(device)
     params = list(net.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
@@ -184,7 +185,7 @@ def extract_features(
         return out_path
     spec = dataset_spec(dataset)
     net = load_backbone(backbone, dataset, checkpoint, device)
-    ids, labels, split_col, paths, embs = [], [], [], [], []
+    labels, split_col, paths, embs = [], [], [], []
     for split in splits:
         index = list_split(Path(data_root), split)
         feats = extract_split_features(net, index, spec, device, batch_size)

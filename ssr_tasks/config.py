@@ -162,6 +162,8 @@ class _Pipeline(_Params):
     """What both tracks' top-level parameters do: flat (pre-group) names still load, and the
     sweep is checked against the train group."""
 
+    FLAT: ClassVar[dict[str, tuple[str, str]]]  # flat name -> (group, field); each pipeline sets its own
+
     @model_validator(mode="before")
     @classmethod
     def _flat_names(cls, data: Any) -> Any:
@@ -217,7 +219,7 @@ def regroup(data: Mapping[str, Any], flat: Mapping[str, tuple[str, str]]) -> tup
 class FewShotDataParams(_Params):
     """Where the images come from and how validation episodes are found."""
 
-    dataset: FewShotDataset = Field(
+    dataset: FewShotDataset = Field(  # type: ignore[valid-type]  # Literal built from the registry's names
         "glyphs",
         description="Built-in glyphs; a paper dataset under data_root (cifar-fs, mini-imagenet, "
         "tiered-imagenet); image-folder: your images {train,val,test}/<class>/<image>; features: your embeddings "
@@ -474,7 +476,7 @@ RetrievalDataset = Literal[datasets.names("retrieval")]  # type: ignore[valid-ty
 class RetrievalDataParams(_Params):
     """The test set and the training clusters, and which clusters are held out for validation."""
 
-    dataset: RetrievalDataset = Field(
+    dataset: RetrievalDataset = Field(  # type: ignore[valid-type]  # Literal built from the registry's names
         "glyphs-retrieval",
         description="Built-in glyphs; a revisited test set (roxford5k, rparis6k) with SSR "
         "trained on SfM-120k; or features: your labelled embeddings (train, queries, database tables); all but "
@@ -675,4 +677,4 @@ class RetrievalParams(_Pipeline):
     @property
     def k_max(self) -> int:
         """The largest k of any trial (the stores and the held-out set must serve it)."""
-        return max([self.train.k, *self.sweep.get("k", [])])
+        return int(max([self.train.k, *self.sweep.get("k", [])]))

@@ -10,6 +10,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Generic, Protocol, TypeVar
 
+_V = TypeVar("_V")
+
+
+def required(value: _V | None, what: str) -> _V:
+    """``value``, which the validated parameters guarantee where this is called; a ValueError
+    naming ``what`` when it is missing after all."""
+    if value is None:
+        raise ValueError(f"{what}: missing (required here)")
+    return value
+
 
 @dataclass(frozen=True)
 class Backbone:

@@ -55,6 +55,6 @@ def store_uri(uri: str) -> str:
 
 def mlflow_client(uri: str) -> Any:
     """An ``MlflowClient`` on ``uri`` (as ``store_uri`` gave it) for tracking and registry alike."""
-    from mlflow import MlflowClient  # MLflow takes seconds to import; only the steps that track pay for it
+    from mlflow import MlflowClient  # lazy: MLflow takes seconds to import; only the steps that track pay for it
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -35,13 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from pydantic import BaseModel
 from ray import tune
 
 from ssr_tasks.config import sweep_points
-from ssr_tasks.handoffs import TrialTracking
+from ssr_tasks.handoffs import TrialTracking, required
 from ssr_tasks.liveness import PROCESS_TAG, process_tag
 from ssr_tasks.taskkit import short_hash
 from ssr_tasks.tracking import metric_name
@@ -158,8 +159,6 @@ Trainable = Callable[[Trial], tuple[dict, dict]]
 
 def _run_trial(config: dict, train_fn: Trainable, base: Any, inputs: Any) -> None:
     """The Tune function trainable of every grid: builds the ``Trial`` and finishes it."""
-    import torch  # the trial's thread count; torch is loaded by every trainable anyway
-
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     point = config["points"][config["label"]]
     with TrialWorkspace() as ws:
@@ -384,7 +383,8 @@ def tune_grid(
         grid = tuner.fit()
     finally:
         _LIVE_CALLBACKS.pop(name, None)
-    finished = {r.config["label"]: r.checkpoint for r in grid if r.error is None}
+    results = [grid[i] for i in range(len(grid))]  # ResultGrid is indexable (no __iter__ in its type)
+    finished = {required(r.config, "a trial's config")["label"]: r.checkpoint for r in results if r.error is None}
     if grid.errors:
         msgs = "; ".join(str(e).strip().splitlines()[-1] for e in grid.errors)
         raise TrialsFailed(

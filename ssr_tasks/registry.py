@@ -19,7 +19,7 @@ CHAMPION = "champion"
 
 
 def _alias_version(client: Any, name: str, alias: str) -> Any:
-    from mlflow.exceptions import MlflowException  # MLflow is imported when a step tracks (mlflow_store)
+    from mlflow.exceptions import MlflowException  # lazy: MLflow is imported when a step tracks (mlflow_store)
 
     try:
         return client.get_model_version_by_alias(name, alias)
@@ -79,7 +79,7 @@ def register_logged_model(
     half-made version and puts back the aliases it had already moved before re-raising, so no
     alias is lost or left on a missing version.
     """
-    from mlflow.exceptions import MlflowException  # MLflow: see _alias_version
+    from mlflow.exceptions import MlflowException  # lazy: MLflow, see _alias_version
 
     try:
         client.get_registered_model(name)
@@ -139,7 +139,7 @@ def load_registered_model(uri: str, tracking_uri: str | None = None) -> Any:
     registry URI (a Ray actor has none set)."""
     tracking_uri = tracking_uri or mlflow_tracking_uri()
     check_mlflow(tracking_uri)
-    import mlflow.artifacts
+    import mlflow.artifacts  # lazy: MLflow, see _alias_version (the CLI imports this module)
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 

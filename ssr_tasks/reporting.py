@@ -170,10 +170,10 @@ def plot_accuracy_vs_cost(points: Sequence[tuple[str, int, np.ndarray, float]], 
 
 
 def _plt():
-    import matplotlib  # plotting only: matplotlib is slow to import and not needed by the rest
+    import matplotlib  # lazy: plotting only: matplotlib is slow to import and not needed by the rest
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: see matplotlib above
 
     return plt
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ssr_tasks import ssr_pyfunc
 
@@ -30,8 +31,7 @@ MODEL_NAME = "model"  # the LoggedModel's name (MLflow's ``log_model(name=...)``
 
 
 def pip_requirements() -> list[str]:
-    import mlflow
-    import torch
+    import mlflow  # lazy: MLflow takes seconds to import; only the steps that track pay for it (tracking)
 
     return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
 
@@ -39,7 +39,7 @@ def pip_requirements() -> list[str]:
 def model_signature(model: Any):
     """Named float32 tensor inputs (``ssr_pyfunc.input_shapes``) -> int64 class ids (n,) or
     re-ranked positions (B, k)."""
-    from mlflow.models.signature import ModelSignature
+    from mlflow.models.signature import ModelSignature  # lazy: MLflow, see pip_requirements
     from mlflow.types.schema import Schema, TensorSpec
 
     inputs = Schema(
@@ -55,7 +55,7 @@ def save_servable(model: Any, path: str, mlflow_model: Any = None) -> None:
     ``python_function`` flavor is served by ``ssr_pyfunc`` (dict inputs, any number of
     queries), a signature, an input example, ``ssr_model`` as code and pinned requirements.
     ``mlflow_model``: the ``mlflow.models.Model`` to fill in (ids of the logged model)."""
-    import mlflow.pytorch
+    import mlflow.pytorch  # lazy: MLflow, see pip_requirements
     from mlflow.models import Model
 
     mlflow_model = mlflow_model if mlflow_model is not None else Model()
@@ -75,7 +75,7 @@ def save_servable(model: Any, path: str, mlflow_model: Any = None) -> None:
 
 def _link_step_metrics(client: Any, run_id: str, model_id: str, step: int) -> None:
     """The run's metrics at ``step`` become metrics of the logged model too (as ``Model.log`` does)."""
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric  # lazy: MLflow, see pip_requirements
 
     linked = [
         Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, run_id=run_id)
@@ -91,7 +91,7 @@ def log_servable(client: Any, experiment_id: str, run_id: str, model: Any, step:
     """Log ``model`` (``save_servable``) as a LoggedModel output of the run ``run_id``, with
     the run's params and its metrics at ``step``. Returns MLflow's ``ModelInfo``
     (``model_uri`` ``models:/<model_id>``, ``model_id``, ``run_id``)."""
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus  # lazy: MLflow, see pip_requirements
     from mlflow.models import Model
 
     params = {key: str(value) for key, value in client.get_run(run_id).data.params.items()}

@@ -67,7 +67,7 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 512) -> dict:
     address by the machine's address and its gRPC servers listen on all interfaces; the
     token is what keeps other hosts out (docs/reliability.md, security).
     """
-    import ray  # Ray is heavy: the CLI and the MLflow helpers here must not pay for it
+    import ray  # lazy: Ray is heavy: the CLI and the MLflow helpers here must not pay for it
 
     if ray.is_initialized():
         return ray.cluster_resources()
@@ -90,14 +90,14 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 512) -> dict:
 
 def cluster_has_gpu() -> bool:
     """Decide GPU requests from the cluster (asking for a GPU that is not there hangs)."""
-    import ray  # Ray: see init_ray
+    import ray  # lazy: Ray, see init_ray
 
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
 def pool_size(requested: int, use_gpu: bool) -> int:
     """Actors for a pool: one per GPU, else one per CPU minus one of headroom."""
-    import ray  # Ray: see init_ray
+    import ray  # lazy: Ray, see init_ray
 
     if requested > 0:
         return requested

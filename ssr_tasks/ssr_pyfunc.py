@@ -32,7 +32,7 @@ class SSRPredictor:
     """``predict(model_input)`` over a loaded ``FewShotClassifier`` or ``RetrievalReranker``."""
 
     def __init__(self, model: torch.nn.Module):
-        self.model = model.eval()
+        self.model: Any = model.eval()  # duck-typed: a FewShotClassifier, or a RetrievalReranker (has rerank)
         self.kind = "retrieval" if hasattr(model, "rerank") else "fewshot"
         self.inputs = RETRIEVAL_INPUTS if self.kind == "retrieval" else FEWSHOT_INPUTS
 
@@ -67,14 +67,14 @@ class SSRPredictor:
 
 def _load_pyfunc(data_path: str, model_config: dict | None = None) -> SSRPredictor:
     """MLflow's hook: ``data_path`` is the pytorch flavor's data folder of the model."""
-    import mlflow.pytorch  # only when a model is loaded: importing this module stays cheap
+    import mlflow.pytorch  # lazy: only when a model is loaded: importing this module stays cheap
 
     return SSRPredictor(mlflow.pytorch.load_model(os.path.dirname(os.path.abspath(data_path)), map_location="cpu"))
 
 
 def input_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Each input's shape, -1 where any size is accepted (the model signature)."""
-    ssr = model.ssr
+    ssr: Any = model.ssr  # the packaged FewShotSSR or RetrievalSSR
     if hasattr(model, "rerank"):
         return {"query": (-1, ssr.feat_dim), "neighbours": (-1, ssr.k, ssr.feat_dim)}
     return {"support": (ssr.n_way, -1, ssr.feat_dim), "query": (-1, ssr.feat_dim)}

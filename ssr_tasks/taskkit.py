@@ -16,7 +16,8 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
@@ -33,7 +34,7 @@ class RunFolderCache(CachePolicy):
     ``key_storage`` is read when a task runs, so it follows ``SSR_HOME`` of that run.
     """
 
-    @property  # type: ignore[override]
+    @property  # type: ignore[misc]  # a property over CachePolicy's key_storage field: follows SSR_HOME
     def key_storage(self) -> Path:
         return default_run_dir() / "prefect" / "cache-keys"
 
@@ -69,7 +70,7 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return not isinstance(exc, _DETERMINISTIC_OS_ERRORS)
     if "ray" in sys.modules:  # a Ray error can only exist once Ray was imported
-        import ray.exceptions
+        import ray.exceptions  # lazy: only when Ray is already loaded (never imports it)
 
         return isinstance(exc, tuple(getattr(ray.exceptions, name) for name in _RAY_TRANSIENT))
     return False
@@ -94,7 +95,8 @@ class Progress:
     """
 
     def __init__(self, key: str, description: str):
-        self.id = create_progress_artifact(progress=0.0, key=key, description=description)
+        # sync context: Prefect's sync_compatible returns the UUID itself, not a coroutine
+        self.id = cast(UUID, create_progress_artifact(progress=0.0, key=key, description=description))
         # a bar only on a terminal: in worker logs it would be a smear of carriage returns
         self.bar = tqdm(
             total=100,

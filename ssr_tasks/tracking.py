@@ -82,7 +82,7 @@ class Tracker:
         parts = urllib.parse.urlsplit(self.uri)
         if parts.scheme in ("http", "https"):
             base = urllib.parse.urlunsplit(
-                parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+                parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else ""))
             )
         else:
             base = f"http://127.0.0.1:{os.environ.get('SSR_MLFLOW_PORT', '5000')}"
@@ -133,14 +133,14 @@ class Tracker:
         return len(orphans)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: MLflow loads only when a step tracks (see mlflow_store)
 
         items = [Param(k, v) for k, v in flatten(params).items()]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, model_id: str | None = None) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: as in log_params
 
         now = int(time.time() * 1000)
         items = [Metric(metric_name(k), float(v), now, step or 0, model_id=model_id) for k, v in metrics.items()]

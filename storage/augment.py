@@ -79,7 +79,7 @@ def _resized_crop_box(w: int, h: int, rng: np.random.Generator) -> tuple[int, in
 def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
     """A random area (8-100 %) and aspect ratio (3/4-4/3) crop, resized to ``size`` square."""
     left, top, cw, ch = _resized_crop_box(img.size[0], img.size[1], rng)
-    return img.crop((left, top, left + cw, top + ch)).resize((size, size), Image.BILINEAR)
+    return img.crop((left, top, left + cw, top + ch)).resize((size, size), Image.Resampling.BILINEAR)
 
 
 def color_jitter(img: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:
@@ -100,7 +100,7 @@ def augment(img: Image.Image, t: TrainTransform, rng: np.random.Generator) -> Im
     else:
         img = random_resized_crop(img, t.size, rng)
     if t.flip and rng.random() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if t.jitter > 0:
         img = color_jitter(img, t.jitter, rng)
     return img

@@ -88,7 +88,7 @@ def write_features(
     *,
     ids: Sequence[int] | np.ndarray,
     labels: Sequence | np.ndarray,
-    splits: str | Sequence[str],
+    splits: str | Sequence[str] | np.ndarray,
     embeddings: np.ndarray,
     paths: Sequence[str] | None = None,
     metadata: Mapping[str, str],

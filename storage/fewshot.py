@@ -136,7 +136,7 @@ def _transform(img: Image.Image, spec: DatasetSpec, source: Path, rng: np.random
     else:
         if spec.resize is not None:
             h, w = spec.resize
-            img = img.resize((w, h), Image.BILINEAR)
+            img = img.resize((w, h), Image.Resampling.BILINEAR)
         if spec.center_crop is not None:
             c = spec.center_crop
             w, h = img.size

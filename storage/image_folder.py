@@ -41,6 +41,7 @@ SPLITS = ("train", "val", "test")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STATS_VERSION = "1"
+RGB = tuple[float, float, float]  # one value per channel
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def list_image_folder(root: str | os.PathLike) -> dict[str, SplitIndex]:
     return out
 
 
-def parse_normalization(value: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+def parse_normalization(value: str) -> tuple[RGB, RGB] | None:
     """``auto`` -> None (computed); ``imagenet`` -> ImageNet mean/std; ``"m,s"`` or
     ``"m1,m2,m3,s1,s2,s3"`` -> those numbers (on the [0, 1] scale, std > 0). Anything else
     is a ValueError saying what is accepted."""
@@ -90,7 +91,7 @@ def parse_normalization(value: str) -> tuple[tuple[float, ...], tuple[float, ...
     if len(numbers) == 2:
         mean, std = (numbers[0],) * 3, (numbers[1],) * 3
     elif len(numbers) == 6:
-        mean, std = tuple(numbers[:3]), tuple(numbers[3:])
+        mean, std = (numbers[0], numbers[1], numbers[2]), (numbers[3], numbers[4], numbers[5])
     else:
         raise ValueError(f"normalization: {value!r} has {len(numbers)} numbers; {expected}")
     if not all(math.isfinite(v) for v in numbers) or min(std) <= 0:
@@ -106,7 +107,7 @@ def _open_rgb(path: Path, size: int) -> np.ndarray:
     """(size, size, 3) float64 in [0, 1]: the image converted to RGB and resized."""
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB").resize((size, size), Image.BILINEAR)
+            rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     except FileNotFoundError:
         raise DatasetLayoutError(f"{path}: image not found") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
@@ -152,7 +153,11 @@ def channel_stats(index: SplitIndex, image_size: int, cache_dir: str | os.PathLi
             f"{index.root}: channel {c} has the same value in every pixel of the split "
             "(std 0); give normalization explicitly"
         )
-    stats = ChannelStats(tuple(float(v) for v in mean), tuple(float(v) for v in std), len(index.paths))
+    stats = ChannelStats(
+        (float(mean[0]), float(mean[1]), float(mean[2])),
+        (float(std[0]), float(std[1]), float(std[2])),
+        len(index.paths),
+    )
     if cache is not None:
         atomic_write_text(
             cache,

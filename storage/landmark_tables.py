@@ -230,15 +230,15 @@ def validation_ground_truth(
         )
     rng = np.random.default_rng(seed)
     taken = np.zeros(len(uniq), np.int64)
-    queries = []
+    picked: list[int] = []
     for i in rng.permutation(len(clusters)):
-        if len(queries) == n_queries:
+        if len(picked) == n_queries:
             break
         c = inverse[i]
         if taken[c] < counts[c] - 1:
             taken[c] += 1
-            queries.append(i)
-    queries = np.sort(np.asarray(queries, np.int64))
+            picked.append(i)
+    queries = np.sort(np.asarray(picked, np.int64))
     is_query = np.zeros(len(clusters), bool)
     is_query[queries] = True
     database = np.flatnonzero(~is_query)

@@ -150,7 +150,7 @@ def _pick(obj: dict, keys: tuple[str, ...]) -> tuple[str | None, Any]:
     return None, None
 
 
-def _as_matrix(value: Any, source: str, key: str) -> np.ndarray:
+def _as_matrix(value: Any, source: str, key: str | None) -> np.ndarray:
     arr = np.asarray(value)
     if arr.ndim != 2 or arr.dtype.kind not in "fiu":
         raise SchemaError(f"{source}: '{key}' must be a 2-D numeric array, got shape {arr.shape} dtype {arr.dtype}")

@@ -96,6 +96,11 @@ class ResNet12(nn.Module):
     Forward: images (B, in_channels, H, W) -> features (B, 640 * (H//16) * (W//16)).
     """
 
+    layer1: nn.Sequential  # submodules (add_module in __init__)
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, image_size: int, in_channels: int = 3, drop_rate: float = 0.0, drop_block_size: int = 5) -> None:
         super().__init__()
         self.image_size = image_size

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 __all__ = ["k_reciprocal", "fewshot_k_reciprocal"]
 
@@ -233,7 +234,5 @@ def fewshot_k_reciprocal(prototypes, queries, k1: int = 20, k2: int = 6, lambda_
 
     out = k_reciprocal(euclid(qry, protos), euclid(qry, qry), euclid(protos, protos), k1, k2, lambda_value)
     if is_torch:
-        import torch
-
         return torch.from_numpy(out).to(device)
     return out

@@ -75,7 +75,7 @@ class EpisodeIndices:
         path = Path(path)
         tmp = path.with_suffix(".tmp.npz")
         extra = {} if self.query_labels is None else {"query_labels": self.query_labels}
-        np.savez(tmp, support=self.support, query=self.query, **extra)
+        np.savez(tmp, support=self.support, query=self.query, **extra)  # type: ignore[arg-type]  # numpy stub: **arrays vs allow_pickle
         tmp.replace(path)
         return path
 

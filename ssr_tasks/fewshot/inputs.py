@@ -12,6 +12,7 @@ from ssr_tasks.backbone import load_backbone, spec_name
 from ssr_tasks.config import FewShotParams, default_run_dir
 from ssr_tasks.fewshot.episodes import load_split
 from ssr_tasks.fewshot.released import check_released
+from ssr_tasks.handoffs import required
 from storage.checkpoints import released_backbone
 from storage.fewshot import find_val_episodes, list_split, read_episode_json
 from storage.image_folder import list_image_folder, verify_images
@@ -26,7 +27,9 @@ def check_inputs(params: FewShotParams, run_dir: Path | None = None) -> None:
     usable classes; every image of an image folder is opened."""
     data, bb, train = params.data, params.backbone, params.train
     if data.entry.loader == "features":
-        imported = import_fewshot_table(data.data_root, Path(run_dir or default_run_dir()) / "data" / "features")
+        imported = import_fewshot_table(
+            required(data.data_root, "data.data_root"), Path(run_dir or default_run_dir()) / "data" / "features"
+        )
         need = {
             "train": train.n_shot + train.n_query,
             "val": train.n_shot + train.n_query,
@@ -39,12 +42,12 @@ def check_inputs(params: FewShotParams, run_dir: Path | None = None) -> None:
             check_usable(split, [table.classes[c] for c in table.labels], train.n_way, min_count, str(data.data_root))
         return
     if data.dataset == "image-folder":
-        for index in list_image_folder(data.data_root).values():
+        for index in list_image_folder(required(data.data_root, "data.data_root")).values():
             verify_images(index)
     spec = spec_name(data.dataset)
     root = None
     if data.dataset != "glyphs":  # the built-in data is made by the run itself
-        root = Path(data.data_root).expanduser()
+        root = Path(required(data.data_root, "data.data_root")).expanduser()
         val = [list_split(root, split) for split in ("train", "val", "test")][1]
         episodes = (
             Path(data.val_episodes_json)

@@ -117,8 +117,8 @@ def evaluate_with_pool(
 
     peers: peer methods (``ssr_model.baselines.PEER_METHODS`` names) scored on the same episodes;
     every method's time and peak memory are measured in the actors."""
-    import ray  # Ray is heavy and only needed where a pool runs
-    from ray.util import ActorPool
+    import ray  # lazy: Ray is heavy and only needed where a pool runs
+    from ray.util import ActorPool  # lazy: Ray, as above
 
     use_gpu = device == "cuda"
     n = min(pool_size(n_actors, use_gpu), max(1, -(-len(episodes) // chunk)))
@@ -134,5 +134,5 @@ def evaluate_with_pool(
         if progress is not None:
             progress(i + 1, len(chunks))
     for a in actors:
-        ray.kill(a)
+        ray.kill(a)  # type: ignore[arg-type]  # Ray stub: ray.remote(cls).options(...).remote() is an ActorHandle
     return EpisodeScores.merge(results)

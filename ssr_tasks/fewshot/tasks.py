@@ -51,7 +51,7 @@ from ssr_tasks.fewshot.handoffs import (
 from ssr_tasks.fewshot.ray_jobs import FewShotTrialInputs, evaluate_with_pool, run_trials
 from ssr_tasks.fewshot.released import unpack_released
 from ssr_tasks.fewshot.train_features import TrainAugment, extract_views
-from ssr_tasks.handoffs import Backbone, Features, Trials, TrialTracking
+from ssr_tasks.handoffs import Backbone, Features, Trials, TrialTracking, required
 from ssr_tasks.taskkit import CACHE, Progress, retry_transient, short_hash
 from storage.checkpoints import file_sha256
 from storage.features import read_metadata
@@ -67,7 +67,7 @@ def prepare_data(data: FewShotDataParams, episode: EpisodeShape, run_dir: str) -
     embeddings table (checked when it is imported, ``import_features``)."""
     logger = get_run_logger()
     if data.entry.loader == "features":
-        root = Path(data.data_root).expanduser().resolve()
+        root = Path(required(data.data_root, "data.data_root")).expanduser().resolve()
         val_json = Path(data.val_episodes_json) if data.val_episodes_json else None
         return FewShotData(str(root), str(val_json) if val_json else None)
     if data.entry.loader == "glyphs":
@@ -75,7 +75,7 @@ def prepare_data(data: FewShotDataParams, episode: EpisodeShape, run_dir: str) -
         root = Path(info["fewshot_root"])
         val_json = root / f"val_episodes_{episode.n_shot}shot.json"
     else:
-        root = Path(data.data_root).expanduser().resolve()
+        root = Path(required(data.data_root, "data.data_root")).expanduser().resolve()
         val_json = Path(data.val_episodes_json) if data.val_episodes_json else None
         if val_json is None:
             val_json = find_val_episodes(root, episode.n_way, episode.n_shot, episode.n_query)
@@ -118,7 +118,9 @@ def import_features(data_params: FewShotDataParams, run_dir: str) -> Features:
     """A user's embeddings table (``dataset: features``) imported once as a features table
     under ``<run_dir>/data/features``: no backbone; its train split trains SSR, val
     chooses, test scores."""
-    imported = import_fewshot_table(data_params.data_root, Path(run_dir) / "data" / "features")
+    imported = import_fewshot_table(
+        required(data_params.data_root, "data.data_root"), Path(run_dir) / "data" / "features"
+    )
     get_run_logger().info(
         "features: %s, D=%d, %s",
         imported.path.name,
@@ -164,7 +166,12 @@ def released_model(
     and SSR weights; no pretraining and no training follow. The files are named after the
     checkpoint's content (``unpack_released``)."""
     released = unpack_released(
-        backbone.released_checkpoint, backbone.name, spec_name(dataset), episode.n_way, episode.n_query, Path(work_dir)
+        required(backbone.released_checkpoint, "backbone.released_checkpoint"),
+        backbone.name,
+        spec_name(dataset),
+        episode.n_way,
+        episode.n_query,
+        Path(work_dir),
     )
     get_run_logger().info(
         "released model %s: %s backbone, SSR with %d steps, hidden %d; skipping pretraining and training",

@@ -24,6 +24,7 @@ import torch
 
 from ssr_tasks.backbone import dataset_spec
 from ssr_tasks.fewshot.episodes import EpisodeIndices, SplitFeatures, gather
+from ssr_tasks.handoffs import required
 from storage.features import read_features, write_features
 from storage.fewshot import SplitIndex, list_split, load_images
 
@@ -106,7 +107,8 @@ class OnlineFeatures:
         S = episodes.support.shape[2]
         rng = np.random.default_rng([self.seed, iteration])
         rows = np.concatenate([episodes.support.reshape(-1), episodes.query.reshape(-1)])
-        x = load_images(self.images, [self.split.paths[i] for i in rows], dataset_spec(self.dataset), rng=rng)
+        paths = required(self.split.paths, f"{self.split.source}: image paths (online augmentation)")
+        x = load_images(self.images, [paths[i] for i in rows], dataset_spec(self.dataset), rng=rng)
         self.net.eval()
         feats = self.net(torch.from_numpy(x).to(device)).float()
         n_sup = E * W * S
@@ -183,10 +185,10 @@ def training_source(
 ) -> EpisodeFeatures:
     """The source of training-episode features for ``augment`` (see the module docstring)."""
     if augment.mode == "views":
-        return ViewFeatures(train, read_views(Path(views_path), train), seed)
+        return ViewFeatures(train, read_views(Path(required(views_path, "views_path")), train), seed)
     if augment.mode == "online":
-        images = list_split(Path(data_root), "train")
+        images = list_split(Path(required(data_root, "data_root")), "train")
         if train.paths is not None and list(images.paths) != list(train.paths):
             raise ValueError(f"{images.root}: its images differ from those of {train.source}")
-        return OnlineFeatures(train, net.to(device).eval(), images, dataset, seed)
+        return OnlineFeatures(train, required(net, "net").to(device).eval(), images, required(dataset, "dataset"), seed)
     return TableFeatures(train)

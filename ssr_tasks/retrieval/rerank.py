@@ -116,8 +116,8 @@ def rerank_store(
     """Re-rank every pending shard of ``store_dir`` into ``out_dir`` with a pool of Ray actors
     (one GPU each when ``device`` is "cuda"); each actor loads the database rows of
     ``db_split`` (all rows when None) and the model once."""
-    import ray  # Ray is heavy and only needed where a pool runs
-    from ray.util import ActorPool
+    import ray  # lazy: Ray is heavy and only needed where a pool runs
+    from ray.util import ActorPool  # lazy: Ray, as above
 
     src = SimilarityStore(Path(store_dir))
     out = create_store(
@@ -147,6 +147,6 @@ def rerank_store(
         if progress is not None:
             progress(done, len(pending))
     for a in actors:
-        ray.kill(a)
+        ray.kill(a)  # type: ignore[arg-type]  # Ray stub: ray.remote(cls).options(...).remote() is an ActorHandle
     log.info("re-ranking: %d shard(s) of %s done with %d actor(s)", len(pending), Path(store_dir).name, n)
     return Path(out_dir)

@@ -86,7 +86,7 @@ def scaled_lr_dni(
 
 
 def holdout_fraction_for_k(
-    cluster_sizes: Sequence[int],
+    cluster_sizes: Sequence[int] | np.ndarray,
     k: int,
     n_val_queries: int,
     db_per_k: float = 4.0,

@@ -27,7 +27,7 @@ from ssr_tasks.config import (
     sweep_points,
 )
 from ssr_tasks.device import cluster_device, local_device
-from ssr_tasks.handoffs import Backbone, Trials, TrialTracking
+from ssr_tasks.handoffs import Backbone, Trials, TrialTracking, required
 from ssr_tasks.retrieval.evaluate import choose_baselines, method_rankings, shortlist_points, write_ranking_store
 from ssr_tasks.retrieval.handoffs import (
     MethodStore,
@@ -84,7 +84,7 @@ def data_for_run(params: RetrievalParams) -> RetrievalDataParams:
     data = params.data
     if not (params.from_data and data.entry.loader == "features"):
         return data
-    table = Path(data.data_root) / "train.parquet"
+    table = Path(required(data.data_root, "data.data_root")) / "train.parquet"
     try:
         labels = pq.read_table(table, columns=["label"]).column("label").to_numpy(zero_copy_only=False)
     except (OSError, KeyError, pa.ArrowException) as exc:
@@ -131,7 +131,7 @@ def settings_from_data(
 def check_holdout(data: RetrievalData, train: RetrievalTrainParams, k: int) -> None:
     """Refuse, before anything trains, a held-out validation set too small for ``k``: its
     database (held-out items that are not validation queries) must hold at least k items."""
-    held = read_features(Path(data.train), split="val")
+    held = read_features(Path(required(data.train, "the training table")), split="val")
     _, database, _ = validation_ground_truth(np.asarray(held.labels), train.n_val_queries, train.seed)
     if len(database) < k:
         raise ValueError(
@@ -150,7 +150,7 @@ def import_landmark_data(params: RetrievalDataParams, run_dir: str | Path) -> Re
     Bad files raise StorageError."""
     if params.entry.loader == "features":
         imported = import_retrieval_folder(
-            params.data_root,
+            required(params.data_root, "data.data_root"),
             Path(run_dir) / "data" / "features",
             holdout_fraction=params.holdout_fraction,
             holdout_seed=params.holdout_seed,
@@ -158,9 +158,9 @@ def import_landmark_data(params: RetrievalDataParams, run_dir: str | Path) -> Re
         test, train = imported.test, imported.train
     else:
         cache = Path(run_dir) / "data" / "landmarks"
-        test = import_test_set(params.data_root, params.dataset, cache)
+        test = import_test_set(required(params.data_root, "data.data_root"), params.dataset, cache)
         train = import_train_set(
-            params.data_root,
+            required(params.data_root, "data.data_root"),
             cache,
             holdout_fraction=params.holdout_fraction,
             holdout_seed=params.holdout_seed,
@@ -180,7 +180,7 @@ def import_landmark_data(params: RetrievalDataParams, run_dir: str | Path) -> Re
         params.holdout_seed,
     )
     return RetrievalData(
-        str(Path(params.data_root).resolve()),
+        str(Path(required(params.data_root, "data.data_root")).resolve()),
         str(test.gnd),
         database=str(test.database),
         queries=str(test.query),
@@ -216,6 +216,7 @@ def extract_features(
         raise ValueError(f"k: {k} is larger than the database ({len(gt.imlist)} images)")
     if not data.needs_backbone:
         return _join_test_tables(data, Path(work_dir), len(gt.imlist), len(gt.qimlist))
+    backbone = required(backbone, "the backbone of the glyph images")
     holdout = [params.holdout_fraction, params.holdout_seed]
     glyphs = [params.data_seed, params.glyphs_size]
     out = Path(work_dir) / f"retrieval-features-{short_hash([backbone.path, asdict(data), holdout, glyphs])}.parquet"
@@ -227,8 +228,8 @@ def extract_features(
 def _join_test_tables(data: RetrievalData, work_dir: Path, n_db: int, n_queries: int) -> RetrievalFeatures:
     out = work_dir / f"retrieval-features-{short_hash([data.database, data.queries])}.parquet"
     if not out.exists():
-        db = read_features(Path(data.database))
-        qs = read_features(Path(data.queries), expected_dim=db.dim)
+        db = read_features(Path(required(data.database, "the database table")))
+        qs = read_features(Path(required(data.queries, "the queries table")), expected_dim=db.dim)
         N, Q = len(db), len(qs)
         paths = db.paths + qs.paths if db.paths is not None and qs.paths is not None else None
         write_features(
@@ -247,19 +248,19 @@ def _extract(
     params: RetrievalDataParams, data: RetrievalData, backbone: Backbone, gt, out: Path, device: Device
 ) -> None:
     spec = dataset_spec(backbone.spec)
-    device = local_device(device)
-    net = load_backbone(backbone.name, backbone.spec, Path(backbone.path), device)
-    images = Path(data.images)
+    dev = local_device(device)
+    net = load_backbone(backbone.name, backbone.spec, Path(backbone.path), dev)
+    images = Path(required(data.images, "the glyph images"))
 
     def names_index(names: list[str]) -> SplitIndex:
         return SplitIndex(
             root=images, paths=[f"{n}.png" for n in names], labels=np.zeros(len(names), np.int64), classes=["-"]
         )
 
-    db = extract_split_features(net, names_index(gt.imlist), spec, device)
-    qs = extract_split_features(net, names_index(gt.qimlist), spec, device)
+    db = extract_split_features(net, names_index(gt.imlist), spec, dev)
+    qs = extract_split_features(net, names_index(gt.qimlist), spec, dev)
     train_idx = list_split(Path(data.root), "train")
-    tr = extract_split_features(net, train_idx, spec, device)
+    tr = extract_split_features(net, train_idx, spec, dev)
     emb = np.concatenate([db, qs, tr])
     clusters = [train_idx.classes[c] for c in train_idx.labels]
     held = holdout_clusters(np.asarray(clusters), params.holdout_fraction, params.holdout_seed)
@@ -406,7 +407,7 @@ def rank_methods(
         out.append(MethodStore(m.name, str(store.path), str(queries)))
     ranks = stores / "ranks.npz"
     tmp = ranks.with_suffix(".tmp.npz")
-    np.savez(tmp, **{m.name: m.ranks for m in methods})
+    np.savez(tmp, **{m.name: m.ranks for m in methods})  # type: ignore[arg-type]  # numpy stub: **arrays vs allow_pickle
     tmp.replace(ranks)
     return Rankings(str(ranks), str(database), tuple(out), choice)
 

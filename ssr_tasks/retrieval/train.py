@@ -80,7 +80,9 @@ def draw_sequences(
         raise ValueError(f"k: expected 1 <= k <= {L} (items per sequence), got {k}")
     rng = np.random.default_rng(seed)
     max_draws = max_draws or max(100_000, 1000 * n)
-    qs, nbs, pos = [], [], []
+    qs: list[int] = []
+    nbs: list[np.ndarray] = []
+    pos: list[np.ndarray] = []
     draws = 0
     while len(qs) < n and draws < max_draws:
         draws += 1
@@ -202,11 +204,13 @@ def train_retrieval(
         best = validation_map(model, val, device)
         state = LoopState(0, best, [{"iteration": 0, "val_map": best, "loss": float("nan")}])
         _save_best(model, out_dir / "best.pt")
-    seqs, period = None, -1
+    seqs: Sequences | None = None
+    period = -1
     for it in range(state.done, cfg.iterations):
         if it // cfg.val_every != period:
             period = it // cfg.val_every
             seqs = period_sequences(cfg, emb, labels, period)
+        assert seqs is not None  # drawn at the first iteration (period starts at -1)
         model.train()
         s = (it - period * cfg.val_every) * cfg.batch_queries
         sl = slice(s, s + cfg.batch_queries)

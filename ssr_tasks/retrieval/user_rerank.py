@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ssr_model.metrics import revisited_map
+from ssr_tasks.config import Device
 from ssr_tasks.device import cluster_device
 from ssr_tasks.registry import load_registered_model
 from ssr_tasks.retrieval.handoffs import RegisteredRetrievalModel
@@ -77,6 +78,8 @@ def _store_ranks(store: Path, query_ids: np.ndarray, db_ids: np.ndarray) -> np.n
             out = np.empty((len(query_ids), shard.neighbor_ids.shape[1]), np.int64)
         rows = np.asarray([q_row[int(i)] for i in shard.query_ids])
         out[rows] = order[np.searchsorted(db_ids[order], shard.neighbor_ids)]
+    if out is None:
+        raise ValueError(f"{store}: the similarity store holds no shards")
     return out
 
 
@@ -152,7 +155,7 @@ def rerank_features(
     k: int | None = None,
     gnd: Path | str | None = None,
     n_actors: int = 0,
-    device: str = "auto",
+    device: Device = "auto",
     shard_size: int = 50_000,
     progress: Callable[[int, int], None] | None = None,
 ) -> RerankOutput:

@@ -130,7 +130,7 @@ def _render_class(task: ClassTask, renderer: GlyphRenderer, seed: int, fs_root: 
     for k in range(task.n_train_renderings):
         img, _ = renderer.render(str(rng.choice(valid)), ch, sample_mild_aug(rng))
         _write(rt_root / "train" / folder / f"{folder}_{k:02d}.png", png_bytes(img))
-    query = None
+    query: dict | None = None
     if task.query_name is not None:
         font, aug = str(rng.choice(valid)), sample_mild_aug(rng)
         img, _ = renderer.render(font, ch, aug)
@@ -144,7 +144,7 @@ def _render_class(task: ClassTask, renderer: GlyphRenderer, seed: int, fs_root: 
         }
     database = []
     for name, design in zip(task.db_names, task.db_designs):
-        font, aug = gr.sample_item(design, query and query["font"], valid, gf.family_of, rng)
+        font, aug = gr.sample_item(design, query["font"] if query else None, valid, gf.family_of, rng)
         img, removed = renderer.render(font, ch, aug)
         _write(rt_root / "test" / "jpg" / f"{name}.png", png_bytes(img))
         database.append(

@@ -187,7 +187,7 @@ def _render_centred(font: ImageFont.FreeTypeFont, ch: str, canvas: int) -> np.nd
     w, h = glyph.size
     if max(w, h) > canvas:
         s = canvas / max(w, h)
-        glyph = glyph.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+        glyph = glyph.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BILINEAR)
         w, h = glyph.size
     out = Image.new("L", (canvas, canvas))
     out.paste(glyph, ((canvas - w) // 2, (canvas - h) // 2))
@@ -220,7 +220,7 @@ def class_pool(fonts: list[FontFile], min_fonts: int = MIN_FONTS) -> list[GlyphC
         for ch in f.chars:
             cover.setdefault(ch, []).append(f.name)
     chars = sorted((c for c, names in cover.items() if len(names) >= min_fonts), key=ord)
-    dropped = set()
+    dropped: set[str] = set()
     present = set(chars)
     for group in _HOMOGLYPHS:
         if group[0] in present:

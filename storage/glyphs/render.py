@@ -130,7 +130,7 @@ class GlyphRenderer:
         w, h = glyph.size
         if max(w, h) > _MAX_GLYPH_HI:
             s = _MAX_GLYPH_HI / max(w, h)
-            glyph = glyph.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+            glyph = glyph.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BILINEAR)
             w, h = glyph.size
         base = Image.new("L", (_HI, _HI))
         base.paste(glyph, ((_HI - w) // 2, (_HI - h) // 2))
@@ -162,7 +162,9 @@ class GlyphRenderer:
             changed = _rank3(arr, np.maximum if aug.stroke > 0 else np.minimum)
             if aug.stroke > 0 or changed.sum(dtype=np.int64) >= _MIN_INK_KEPT * arr.sum(dtype=np.int64):
                 img = Image.fromarray(changed, mode="L")
-        img = img.transform((_HI, _HI), Image.AFFINE, _inverse_affine(aug), resample=Image.BILINEAR)
+        img = img.transform(
+            (_HI, _HI), Image.Transform.AFFINE, _inverse_affine(aug), resample=Image.Resampling.BILINEAR
+        )
         img = img.reduce(2)
         removed = 0.0
         if aug.occlusion is not None:

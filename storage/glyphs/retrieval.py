@@ -39,7 +39,7 @@ def label_for(query: dict, item: dict, family_of) -> str | None:
     """
     if item["char"] != query["char"]:
         return None
-    aug = Aug(**{k: (tuple(v) if k == "occlusion" and v is not None else v) for k, v in item["aug"].items()})
+    aug = Aug(**{k: (tuple(v) if k == "occlusion" and v is not None else v) for k, v in item["aug"].items()})  # type: ignore[arg-type]  # the fields of Aug.to_json
     if item["removed"] >= JUNK_REMOVED or abs(aug.rotation_deg) >= JUNK_ROTATION_DEG:
         return "junk"
     if (
