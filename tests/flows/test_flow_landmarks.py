@@ -77,6 +77,14 @@ def test_landmark_pickles_to_results(ssr_home, ray_local, prefect_harness, tmp_p
         "DQE + SSR",
         "k-reciprocal",
         "k-reciprocal + SSR",
+        "alpha-DBA-QE",
+        "alpha-DBA-QE + SSR",
+        "diffusion",
+        "diffusion + SSR",
+        "GNN",
+        "GNN + SSR",
+        "SuperGlobal",
+        "SuperGlobal + SSR",
     ]
     for protocol in ("easy", "medium", "hard"):
         want = revisitop_map(raw["query"], raw["database"], raw["gt"], protocol)
