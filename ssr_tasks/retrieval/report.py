@@ -79,9 +79,12 @@ def write_report(
     first = reranked[0].name
     figures = {"map_by_method.png": reporting.plot_map_by_method(rows)}
     if data.images is not None:  # published features come without their images
-        figures["reranked_example.png"] = example_figure(
-            gt, Path(data.images), initial[first], after[first], name=first
-        )
+        try:
+            figures["reranked_example.png"] = example_figure(
+                gt, Path(data.images), initial[first], after[first], name=first
+            )
+        except FileNotFoundError as exc:  # a user's path column naming files that are not there
+            log.warning("reranked example: no figure, %s", exc)
     notes = []
     columns = COLUMNS
     if labels_only(gt.gnd):
@@ -122,7 +125,11 @@ def example_figure(
     q = int(np.argmax(gains))
 
     def load(name: str) -> np.ndarray:
-        return np.asarray(Image.open(images / f"{name}.png"))
+        # the glyphs name images without their extension; a user's path column gives the file itself
+        for path in (images / name, images / f"{name}.png", images / f"{name}.jpg"):
+            if path.is_file():
+                return np.asarray(Image.open(path).convert("RGB"))
+        raise FileNotFoundError(f"{images / name}: image of the example query or its results not found")
 
     rows = {
         label: [(load(gt.imlist[i]), reporting.gt_label(gnd[q], int(i))) for i in ranks[q, :top]]

@@ -179,9 +179,13 @@ def import_landmark_data(params: RetrievalDataParams, run_dir: str | Path) -> Re
         params.holdout_fraction,
         params.holdout_seed,
     )
+    root = Path(required(params.data_root, "data.data_root")).resolve()
+    # a user's tables whose rows carry image paths (relative to data_root, or absolute) get the example figure
+    carries_paths = params.entry.loader == "features" and "path" in pq.read_schema(test.database).names
     return RetrievalData(
-        str(Path(required(params.data_root, "data.data_root")).resolve()),
+        str(root),
         str(test.gnd),
+        images=str(root) if carries_paths else None,
         database=str(test.database),
         queries=str(test.query),
         train=str(train.table),

@@ -104,12 +104,18 @@ def retrieval_folder(root, with_gnd: bool):
     db, db_labels, centres = clustered(rng, 20, 6, 0.9)
     qs, q_labels, _ = clustered(rng, 20, 1, 0.9, centres)
     qs, q_labels = qs[:12], q_labels[:12]
-    pd.DataFrame({"id": np.arange(len(db)) + 1000, "label": db_labels, "embedding": list(db)}).to_parquet(
-        root / "database.parquet"
-    )
-    pd.DataFrame({"id": np.arange(len(qs)) + 5000, "label": q_labels, "embedding": list(qs)}).to_parquet(
-        root / "queries.parquet"
-    )
+    db_frame = pd.DataFrame({"id": np.arange(len(db)) + 1000, "label": db_labels, "embedding": list(db)})
+    q_frame = pd.DataFrame({"id": np.arange(len(qs)) + 5000, "label": q_labels, "embedding": list(qs)})
+    if not with_gnd:  # rows that carry image paths (relative to the folder) get the re-ranked example figure
+        from PIL import Image
+
+        (root / "img").mkdir()
+        for frame, prefix in ((db_frame, "db"), (q_frame, "q")):
+            frame["path"] = [f"img/{prefix}{i}.png" for i in range(len(frame))]
+            for rel, c in zip(frame["path"], frame["label"]):
+                Image.fromarray(np.full((8, 8, 3), 10 * int(c), np.uint8)).save(root / rel)
+    db_frame.to_parquet(root / "database.parquet")
+    q_frame.to_parquet(root / "queries.parquet")
     if with_gnd:
         gnd = []
         for c in q_labels:
@@ -170,6 +176,8 @@ def test_retrieval_on_labelled_embeddings_then_rerank(ssr_home, ray_local, prefe
     grid = sorted(float(t.data.tags["ssr.trial"].removeprefix("lr_dni=")) for t in nested)
     assert len(grid) == 3 and grid[2] / grid[0] == pytest.approx(10, rel=0.05)  # from_data: lr* x (0.3, 1, 3)
     assert float(run.data.params["chosen.lr_dni"]) in grid
+    plots = {a.path for a in client.list_artifacts(result["run_id"], "plots")}
+    assert ("plots/reranked_example.png" in plots) == (not with_gnd)
 
     # the model the run registered re-ranks new tables of the same D, scored by their labels
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{ssr_home / 'mlflow.db'}", "SSR_HOME": str(ssr_home)}
