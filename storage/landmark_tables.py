@@ -82,7 +82,7 @@ def _cache_dir(cache_root: Path, source: Path, extra: str = "") -> Path:
     return cache_root / f"{source.stem}-{key}"
 
 
-def _build_once(final: Path, build) -> Path:
+def build_once(final: Path, build) -> Path:
     """Run ``build(tmp_dir)`` into a temporary sibling folder and rename it to ``final``; an
     existing ``final`` is reused as it is (it only ever appears complete)."""
     if final.is_dir():
@@ -118,7 +118,7 @@ def import_test_set(data_root: str | os.PathLike, dataset: str, cache_root: str 
                 f"{source}: no ground truth; expected key 'gt' with one dict per query (fields easy, hard, junk, bbx)"
             )
 
-    out = _build_once(_cache_dir(Path(cache_root), source), build)
+    out = build_once(_cache_dir(Path(cache_root), source), build)
     db, q, gnd = out / "database.parquet", out / "query.parquet", out / "gnd.json"
     return LandmarkTestSet(db, q, gnd, int(read_metadata(db)["dim"]))
 
@@ -199,7 +199,7 @@ def import_train_set(
             metadata=meta,
         )
 
-    out = _build_once(_cache_dir(Path(cache_root), source, f"{holdout_fraction}|{holdout_seed}"), build)
+    out = build_once(_cache_dir(Path(cache_root), source, f"{holdout_fraction}|{holdout_seed}"), build)
     table = out / TRAIN_TABLE
     meta = read_metadata(table)
     dim = int(meta["dim"])

@@ -33,9 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +51,7 @@ from storage.features import (
     first_row_dim,
     read_metadata,
 )
-from storage.landmark_tables import TRAIN_TABLE, LandmarkTestSet, LandmarkTrainSet, holdout_clusters
+from storage.landmark_tables import TRAIN_TABLE, LandmarkTestSet, LandmarkTrainSet, build_once, holdout_clusters
 from storage.landmarks import RevisitedGroundTruth, read_gnd, write_gnd_json
 
 FEWSHOT_SPLITS = ("train", "val", "test")
@@ -589,26 +587,6 @@ class ImportedRetrieval:
     train: LandmarkTrainSet
 
 
-def _build_once(final: Path, build: Callable[[Path], None]) -> Path:
-    """Build into a temporary sibling folder and rename it to ``final``; reuse ``final``."""
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        build(tmp)
-        os.replace(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if final.is_dir():  # another process finished the same import first
-            return final
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
 def import_retrieval_folder(
     root: str | os.PathLike, cache_dir: str | os.PathLike, *, holdout_fraction: float = 0.05, holdout_seed: int = 0
 ) -> ImportedRetrieval:
@@ -706,5 +684,5 @@ def _import_retrieval(
         ) as writer:
             _copy_rows(uf, writer, ids=ids, out_ids=ids, labels=labels, splits=np.where(held, "val", "train"))
 
-    _build_once(test_dir, build_test)
-    _build_once(train_dir, build_train)
+    build_once(test_dir, build_test)
+    build_once(train_dir, build_train)
