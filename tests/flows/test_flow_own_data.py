@@ -45,6 +45,7 @@ def fewshot_table(tmp_path_factory):
     rows += [{"split": "test", "label": "test-tiny", "embedding": e} for e in tiny]
     df = pd.DataFrame(rows)
     df.insert(0, "id", np.arange(len(df)) * 7 + 100)
+    df = df.sample(frac=1.0, random_state=0)  # rows shuffled: splits and classes interleaved, ids out of order
     path = tmp_path_factory.mktemp("own-fewshot") / "embeddings.parquet"
     df.to_parquet(path)  # pandas: embedding as list<double>
     return path
