@@ -41,7 +41,9 @@ from storage.glyphs import fonts as gf
 from storage.glyphs import retrieval as gr
 from storage.glyphs.render import GlyphRenderer, png_bytes, sample_fewshot_aug, sample_mild_aug
 
-GENERATOR_VERSION = "2"
+# 3: the test classes of size "default" hold 60 renderings (2 before, 20); the first 20 of
+# every class are the version-2 files, byte for byte.
+GENERATOR_VERSION = "3"
 FEWSHOT_DIR = "glyphs"
 RETRIEVAL_DIR = "glyphs-retrieval"
 GND_NAME = "gnd_glyphs-retrieval.pkl"
@@ -53,10 +55,14 @@ _MIN_IMAGES_FOR_WORKERS = 8000
 
 @dataclass(frozen=True)
 class GlyphsSize:
-    """How much to generate. per_query: (easy, hard, junk) database designs per query."""
+    """How much to generate. images_per_class: few-shot renderings of a train or val class;
+    test_images_per_class: of a test class (more, so that imbalanced Dirichlet query sets
+    need no repeated image, see docs/glyphs.md); per_query: (easy, hard, junk) database
+    designs per query."""
 
     n_classes: int
     images_per_class: int
+    test_images_per_class: int
     n_val_episodes: int
     n_queries: int
     n_database: int
@@ -68,6 +74,7 @@ SIZES = {
     "small": GlyphsSize(
         n_classes=100,
         images_per_class=20,
+        test_images_per_class=20,
         n_val_episodes=50,
         n_queries=20,
         n_database=500,
@@ -77,6 +84,7 @@ SIZES = {
     "default": GlyphsSize(
         n_classes=1000,
         images_per_class=20,
+        test_images_per_class=60,
         n_val_episodes=1000,
         n_queries=70,
         n_database=5000,
@@ -124,7 +132,7 @@ def _render_class(task: ClassTask, renderer: GlyphRenderer, seed: int, fs_root: 
     for k in range(task.n_fewshot):
         font = order[k % len(order)]
         img, _ = renderer.render(font, ch, sample_fewshot_aug(rng))
-        _write(fs_root / task.split / folder / f"{folder}_{k:02d}.png", png_bytes(img))
+        _write(fs_root / task.split / folder / image_name(folder, k, task.n_fewshot), png_bytes(img))
         fewshot_fonts.append(font)
     rng = np.random.default_rng([seed, ord(ch), 1])
     for k in range(task.n_train_renderings):
@@ -158,6 +166,16 @@ def _render_class(task: ClassTask, renderer: GlyphRenderer, seed: int, fs_root: 
             }
         )
     return {"folder": folder, "fonts": fewshot_fonts, "n_fonts": len(valid), "query": query, "database": database}
+
+
+def image_name(folder: str, k: int, n_images: int) -> str:
+    """File name of a class's k-th few-shot rendering: two digits, more when the class has over 100."""
+    return f"{folder}_{k:0{max(2, len(str(n_images - 1)))}d}.png"
+
+
+def split_sizes(cfg: GlyphsSize) -> dict[str, int]:
+    """Few-shot renderings per class of each split."""
+    return {"train": cfg.images_per_class, "val": cfg.images_per_class, "test": cfg.test_images_per_class}
 
 
 def _render_chunk(args: tuple) -> list[dict]:
@@ -208,7 +226,7 @@ def _plan(pool: list[gf.GlyphClass], cfg: GlyphsSize, seed: int) -> list[ClassTa
                     c.char,
                     split,
                     c.fonts,
-                    cfg.images_per_class,
+                    split_sizes(cfg)[split],
                     cfg.train_per_cluster if split == "train" else 0,
                     query_name.get(c.char),
                     tuple(n for n, _ in mine),
@@ -242,7 +260,7 @@ def _episodes(val_classes: list[str], n_images: int, n_shot: int, n: int, seed: 
         for w in ways:
             folder = val_classes[int(w)]
             picks = rng.permutation(n_images)[: n_shot + N_QUERY]
-            paths = [f"{folder}/{folder}_{int(k):02d}.png" for k in picks]
+            paths = [f"{folder}/{image_name(folder, int(k), n_images)}" for k in picks]
             support.append(paths[:n_shot])
             query.append(paths[n_shot:])
         out.append({"Support": support, "Query": query})
@@ -278,7 +296,8 @@ def _build(fs_root: Path, rt_root: Path, seed: int, size: str, workers: int) -> 
     for n_shot in (1, 5):
         eps = _episodes(val, cfg.images_per_class, n_shot, cfg.n_val_episodes, seed)
         _write_json(fs_root / f"val_episodes_{n_shot}shot.json", eps, compact=True)
-    n_images = cfg.n_classes * cfg.images_per_class
+    per_split = split_sizes(cfg)
+    n_images = sum(n_classes[s] * per_split[s] for s in n_classes)
     versions = {"generator_version": GENERATOR_VERSION, "seed": seed, "size": size}
     _write_json(
         fs_root / "dataset.json",
@@ -289,7 +308,7 @@ def _build(fs_root: Path, rt_root: Path, seed: int, size: str, workers: int) -> 
             "image_size": 32,
             "mode": "L",
             "n_classes": n_classes,
-            "images_per_class": cfg.images_per_class,
+            "images_per_class": per_split,
             "n_images": n_images,
             "val_episodes": {"n_way": N_WAY, "n_query": N_QUERY, "n_episodes": cfg.n_val_episodes},
             "fonts": gf.font_versions(fonts),
