@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from storage.distractors import import_distractors
 from storage.download import SOURCES, download
 from storage.errors import StorageError
 from storage.glyphs import prepare_glyphs
@@ -33,6 +34,23 @@ def _import_landmarks(args: argparse.Namespace) -> int:
     written = import_landmarks(Path(args.pickle), Path(args.out), gnd_path=args.gnd)
     for key, path in written.items():
         print(f"{key}: {path}")
+    return 0
+
+
+def _import_distractors(args: argparse.Namespace) -> int:
+    done = import_distractors(args.table, args.distractors, out=args.out, block_rows=args.block_rows)
+    print(
+        json.dumps(
+            {
+                "table": str(done.table),
+                "rows_before": done.n_before,
+                "added": done.n_added,
+                "first_id": done.first_id,
+                "dim": done.dim,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 
@@ -90,7 +108,9 @@ def _set_handler(p: argparse.ArgumentParser, fn) -> None:
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``data`` command group to an argparse subparsers object."""
     data = subparsers.add_parser("data", help="prepare, download and import data sets")
-    sub = data.add_subparsers(dest="data_command", required=True, metavar="{prepare,download,import-landmarks,topk}")
+    sub = data.add_subparsers(
+        dest="data_command", required=True, metavar="{prepare,download,import-landmarks,import-distractors,topk}"
+    )
 
     p = sub.add_parser("prepare", help="render the built-in glyphs dataset (no download)")
     p.add_argument(
@@ -124,6 +144,15 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--gnd", default=None, help="revisitop ground-truth pickle (gnd_<dataset>.pkl)")
     _set_handler(p, _import_landmarks)
+
+    p = sub.add_parser(
+        "import-distractors", help="append distractor features (e.g. R1M) to a test database's features table"
+    )
+    p.add_argument("table", help="the test database's features table, e.g. <import>/database.parquet")
+    p.add_argument("distractors", help=".npy (memory-mapped), revisitop-style .pkl or .parquet; (N, D) or (D, N)")
+    p.add_argument("--out", default=None, help="write here instead of replacing TABLE (atomically)")
+    p.add_argument("--block-rows", type=int, default=65_536, help="rows per block and row group (default: %(default)s)")
+    _set_handler(p, _import_distractors)
 
     p = sub.add_parser("topk", help="build (or resume) a top-K similarity store from features tables")
     p.add_argument("queries", help="features table (Parquet) of the queries")
