@@ -505,6 +505,41 @@ def iter_features(
         raise CorruptFileError(f"{path}: cannot read rows (truncated or corrupt: {exc})") from exc
 
 
+def iter_embeddings(
+    path: str | os.PathLike,
+    block_rows: int = 65_536,
+    split: str | None = None,
+    expected_dim: int | None = None,
+    normalise: bool = False,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The database of a features table as blocks, for top-k searches that stream it:
+    ``(ids (n,) int64, embeddings (n, D) float32)`` of at most ``block_rows`` rows each, in
+    row order, only rows of ``split`` when given (empty blocks skipped), L2-normalised
+    rows when ``normalise``. Reads only the id, split and embedding columns; memory is one
+    block. The table's schema is checked first (:func:`iter_features` also reads labels and
+    paths)."""
+    path = Path(path)
+    pf = _open(path)
+    dim, _, _ = _check_schema(path, pf, expected_dim)
+    columns = ["id", "embedding"] + (["split"] if split is not None else [])
+    try:
+        for batch in pf.iter_batches(batch_size=block_rows, columns=columns):
+            if split is not None:
+                batch = batch.filter(pc.equal(batch.column("split"), split))
+                if not len(batch):
+                    continue
+            ids = batch.column("id").to_numpy(zero_copy_only=False).astype(np.int64)
+            emb = embedding_array(batch.column("embedding"), ids, dim, path.name)
+            bad = _first_nonfinite(ids, emb)
+            if bad is not None:
+                raise DataValueError(f"{path.name}: embedding of id {bad} has NaN or inf values")
+            if normalise:
+                emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            yield ids, emb
+    except (pa.ArrowException, OSError) as exc:
+        raise CorruptFileError(f"{path}: cannot read rows (truncated or corrupt: {exc})") from exc
+
+
 def _row_groups_overlapping(pf: pq.ParquetFile, lo: int, hi: int) -> list[int]:
     """Row groups whose ``id`` statistics overlap [lo, hi] (all of them where a row group
     has no statistics)."""
@@ -578,13 +613,20 @@ def lookup_embeddings(
     return emb, found
 
 
-def read_ids(path: str | os.PathLike, *, accept_lists: bool = False) -> np.ndarray:
+def read_ids(path: str | os.PathLike, *, accept_lists: bool = False, split: str | None = None) -> np.ndarray:
     """The ids (N,) int64 of a features table in row order (validates the schema and the
-    ids; reads no embeddings, except the first row of a list column without metadata dim)."""
+    ids; reads no embeddings, except the first row of a list column without metadata dim);
+    with ``split``, only those of its rows (the rows :func:`iter_embeddings` yields)."""
     path = Path(path)
     pf = _open(path)
     _check_schema(path, pf, None, accept_lists)
-    return _check_ids(path, pf)
+    ids = _check_ids(path, pf)
+    if split is None:
+        return ids
+    mask = pc.equal(pf.read(columns=["split"]).column("split"), split).to_numpy(zero_copy_only=False)
+    if not mask.any():
+        raise DataValueError(f"{path.name}: no rows with split '{split}'")
+    return ids[mask.astype(bool)]
 
 
 def read_metadata(path: str | os.PathLike, *, accept_lists: bool = False) -> dict[str, str]:

@@ -22,7 +22,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from storage.atomic import atomic_path, atomic_write_text
 from storage.errors import CorruptFileError, DataValueError, ManifestError, SchemaError
-from storage.features import features_hash, read_features
+from storage.features import features_hash, iter_embeddings, read_features, read_ids, read_metadata
 from storage.hashing import file_sha256
 from storage.topk import TopkSearch, ivf_index, row_blocks, topk_search, train_ivf_centroids
 
@@ -460,10 +460,17 @@ def _ivf_centroids(path: Path, db: np.ndarray, nlist: int, seed: int) -> np.ndar
     return c
 
 
+DatabaseBlocks = Callable[[int], Iterable[np.ndarray]]
+"""A database streamed from a file: called with a block size, yields its rows (n, D) float32
+block by block, in order (e.g. the embeddings of :func:`storage.features.iter_embeddings`)."""
+
+STREAM_TILE_BYTES = 256 << 20  # (queries x database block) score tile of a streamed search
+
+
 def build_topk_store(
     queries: np.ndarray,
     query_ids: np.ndarray,
-    database: np.ndarray,
+    database: np.ndarray | DatabaseBlocks,
     database_ids: np.ndarray,
     out_dir: str | os.PathLike,
     k: int,
@@ -491,18 +498,39 @@ def build_topk_store(
     more copy of it, O(Nd * D); its centroids are kept in the store as ``ivf-centroids.npy``
     so that a resumed build uses the same index). progress(done, total) is called after
     each shard.
+
+    database may also be a :data:`DatabaseBlocks` (a table read block by block,
+    ``database_ids`` its ids in row order; source_hashes then required): the exact search
+    reads it once per block of queries (blocks of up to ``STREAM_TILE_BYTES`` of scores,
+    e.g. 4,096 queries against 16,384 rows), so the database is never held whole; memory
+    O(query block * db_block_size + Nq * k). An IVF search holds it whole in its index
+    anyway, so it is read into memory first.
     """
     search = search or TopkSearch()
     if metric != "ip":
         raise ValueError(f"metric must be 'ip' (inner product), got {metric!r}")
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    db = np.ascontiguousarray(database, dtype=np.float32)
     qids = np.asarray(query_ids).astype(np.int64)
     dbids = np.asarray(database_ids).astype(np.int64)
+    if callable(database) and search.method == "ivf":  # the index holds every row anyway
+        database = np.concatenate([np.asarray(b, np.float32) for b in database(db_block_size)], axis=0)
+    if callable(database):
+        if source_hashes is None:
+            raise ValueError(f"{out_dir}: a streamed database needs source_hashes (the files' hashes)")
+        db = np.zeros((0, q.shape[-1]), np.float32)  # shape checks only; rows come from the stream
+        Nd = len(dbids)
+        blocks = database
+        block_size = max(block_size, STREAM_TILE_BYTES // (4 * db_block_size))
+    else:
+        db = np.ascontiguousarray(database, dtype=np.float32)
+        Nd = db.shape[0]
+
+        def blocks(size: int) -> Iterable[np.ndarray]:
+            return row_blocks(db, size)
+
     if q.ndim != 2 or db.ndim != 2 or q.shape[1] != db.shape[1]:
         raise ValueError(f"queries {q.shape} and database {db.shape} must be (Nq, D) and (Nd, D) with the same D")
     Nq, D = q.shape
-    Nd = db.shape[0]
     if qids.shape != (Nq,) or dbids.shape != (Nd,):
         raise ValueError(f"query_ids {qids.shape} / database_ids {dbids.shape} must be ({Nq},) / ({Nd},)")
     limit = Nd - 1 if exclude_self else Nd
@@ -536,7 +564,7 @@ def build_topk_store(
             rows = slice(first + a, first + min(n_rows, a + block_size))
             nids[a : a + block_size], scores[a : a + block_size] = topk_search(
                 q[rows],
-                row_blocks(db, db_block_size),
+                blocks(db_block_size),
                 k,
                 database_ids=dbids,
                 query_ids=qids[rows],
@@ -571,11 +599,7 @@ def build_topk_store_from_tables(
     the same inputs."""
     q = read_features(queries, split=query_split)
     same_file = Path(database).resolve() == Path(queries).resolve()
-    db = (
-        q
-        if same_file and database_split == query_split
-        else read_features(database, split=database_split, expected_dim=q.dim)
-    )
+    self_search = same_file and database_split == query_split
 
     def unit(x: np.ndarray) -> np.ndarray:
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) if normalise else x
@@ -588,12 +612,24 @@ def build_topk_store_from_tables(
         "normalised": str(normalise),
     }
     xq = unit(q.embeddings)
-    xdb = xq if db is q else unit(db.embeddings)
+    xdb: np.ndarray | DatabaseBlocks = xq
+    db_ids = q.ids
+    if not self_search:
+        # the database is streamed from its table, block by block (never read whole)
+        db_dim = int(read_metadata(database)["dim"])
+        if db_dim != q.dim:
+            raise SchemaError(f"{Path(database).name}: embedding has dim {db_dim}, expected {q.dim} (the queries')")
+        db_ids = read_ids(database, split=database_split)
+
+        def xdb(block_rows: int) -> Iterator[np.ndarray]:
+            for _, emb in iter_embeddings(database, block_rows, database_split, q.dim, normalise):
+                yield emb
+
     return build_topk_store(
         xq,
         q.ids,
         xdb,
-        db.ids,
+        db_ids,
         Path(out_dir),
         k,
         shard_size=shard_size,
