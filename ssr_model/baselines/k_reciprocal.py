@@ -29,11 +29,20 @@ version. Remaining differences against the loop are float32 summation order (~1e
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-__all__ = ["k_reciprocal", "fewshot_k_reciprocal"]
+__all__ = ["KRECIP_SHORTLIST", "k_reciprocal", "k_reciprocal_shortlist", "fewshot_k_reciprocal"]
+
+KRECIP_SHORTLIST = 1000  # items of each query's initial ranking re-ranked (retrieval; all when N is smaller)
+
+# (feats (M, D) float32) -> (ids (M, m) database rows, sims (M, m)): the top-m of each row
+# against the whole database, best first; and (feats) -> (M,) the lowest similarity to it
+TopSearch = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+LowestSearch = Callable[[np.ndarray], np.ndarray]
 
 _GATHER_ELEMENTS = 1 << 22  # bound on the gathered entries per Jaccard chunk
 
@@ -79,27 +88,29 @@ def _top_ranks(dist: np.ndarray, m: int, boundaries: tuple[int, ...]) -> np.ndar
     return ranks
 
 
-def _membership(ranks: np.ndarray, m: int, N: int) -> sp.csr_matrix:
-    """Boolean (N, N) CSR with row i marking ranks[i, :m]."""
+def _membership(ranks: np.ndarray, m: int, N: int, known: np.ndarray | None = None) -> sp.csr_matrix:
+    """Boolean (N, N) CSR with row i marking ranks[i, :m]; rows where ``known`` (N,) is
+    False are empty (nodes whose lists were not searched)."""
     m = min(m, ranks.shape[1])
-    rows = np.repeat(np.arange(N), m)
-    cols = ranks[:, :m].ravel()
+    nodes = np.arange(N) if known is None else np.flatnonzero(known)
+    rows = np.repeat(nodes, m)
+    cols = ranks[nodes, :m].ravel()
     return sp.csr_matrix((np.ones(rows.size, dtype=np.int32), (rows, cols)), shape=(N, N))
 
 
-def _reciprocal(ranks: np.ndarray, k: int, N: int) -> sp.csr_matrix:
+def _reciprocal(ranks: np.ndarray, k: int, N: int, known: np.ndarray | None = None) -> sp.csr_matrix:
     """(N, N) 0/1 int32 CSR: j in R_k(i) iff j in top-(k+1)(i) and i in top-(k+1)(j)."""
-    top = _membership(ranks, k + 1, N)
+    top = _membership(ranks, k + 1, N, known)
     rec = top.multiply(top.T).tocsr()
     rec.eliminate_zeros()
     return rec
 
 
-def _expanded_sets(ranks: np.ndarray, k1: int, N: int) -> sp.csr_matrix:
+def _expanded_sets(ranks: np.ndarray, k1: int, N: int, known: np.ndarray | None = None) -> sp.csr_matrix:
     """(N, N) 0/1 CSR of the expanded k1-reciprocal sets (step 3)."""
     half = int(np.around(k1 / 2.0))
-    rec = _reciprocal(ranks, k1, N)
-    rec_half = _reciprocal(ranks, half, N)
+    rec = _reciprocal(ranks, k1, N, known)
+    rec_half = _reciprocal(ranks, half, N, known)
     half_size = np.diff(rec_half.indptr)
     # overlap[i, c] = |R(i) & R_h(c)|, read only at c in R(i)
     overlap = (rec @ rec_half.T).multiply(rec).tocoo()
@@ -200,6 +211,137 @@ def k_reciprocal(
     jaccard = _jaccard(V, n_query)
     final = jaccard * (1 - lambda_value) + dist[:n_query] * lambda_value
     return final[:, n_query:].astype(np.float32, copy=False)
+
+
+def _merge_lists(ids_a: np.ndarray, sims_a: np.ndarray, ids_b: np.ndarray, sims_b: np.ndarray, m: int) -> np.ndarray:
+    """The m best of two candidate lists per row (higher similarity first, then lower id)."""
+    ids = np.concatenate([ids_a, ids_b], axis=1)
+    sims = np.concatenate([sims_a, sims_b], axis=1)
+    order = np.lexsort((ids, -sims), axis=1)[:, :m]
+    return np.take_along_axis(ids, order, axis=1)
+
+
+def k_reciprocal_shortlist(
+    query_feats: np.ndarray,
+    db_feats: np.ndarray,
+    topk_ids: np.ndarray,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    *,
+    search: TopSearch,
+    lowest: LowestSearch,
+) -> tuple[np.ndarray, np.ndarray]:
+    """k-reciprocal re-ranking of each query's shortlist, with bounded memory at any N.
+
+    The graph is the one of :func:`k_reciprocal` (queries and database items, squared
+    Euclidean distances of L2-normalised features, each row divided by its largest), but
+    neighbour lists are searched only for the nodes the shortlists need: the queries and
+    the U distinct items of ``topk_ids`` (level 0), then the items of their lists
+    (level 1), m = max(k1 + 1, k2, round(k1 / 2) + 1) each, by ``search`` (a streamed top-m
+    search of the database, e.g. on the actor pool) merged with the queries. A node whose
+    list was not searched (level 2) counts as not reciprocal. A row's largest distance
+    comes from ``lowest`` (the lowest similarity to it, a top-1 search on negated scores).
+    The Jaccard distance and the final distance are computed only between each query and
+    its shortlist. When the shortlists cover the database (K = N), every node is searched
+    and the result equals :func:`k_reciprocal`'s (up to float32 rounding).
+
+    Args:
+        query_feats: (Q, D) float32, L2-normalised; db_feats: (N, D) (any array-like that
+            gathers rows, e.g. a memory map), L2-normalised; topk_ids: (Q, K) database rows,
+            each query's shortlist (its initial top-K).
+        search, lowest: the database searches (see ``TopSearch`` / ``LowestSearch``).
+
+    Returns:
+        ids (Q, K) the shortlist re-ranked (closest first) and dist (Q, K) float32 their
+        re-ranked distances. Memory: O(L * (m + D)) for the L <= (Q + U) * (m + 1) searched
+        and listed nodes, plus the searches' (a block of database rows), never N x N.
+    """
+    Q, D = query_feats.shape
+    K = topk_ids.shape[1]
+    N = db_feats.shape[0]
+    half = int(np.around(k1 / 2.0))
+    m = min(max(k1 + 1, k2, half + 1), Q + N)
+    qf = np.ascontiguousarray(query_feats, dtype=np.float32)
+    # nodes: queries 0..Q-1, database row j is node Q + j; ``local`` maps node -> row here
+    nodes: list[np.ndarray] = []
+    lists: list[np.ndarray] = []
+
+    def search_nodes(new: np.ndarray) -> np.ndarray:
+        """Top-m node lists of the nodes ``new`` (sorted node ids), over queries and database."""
+        feats = np.concatenate(
+            [qf[new[new < Q]], np.asarray(db_feats[new[new >= Q] - Q], dtype=np.float32)], axis=0
+        ).reshape(-1, D)
+        db_ids, db_sims = search(feats, min(m, N))
+        q_sims = feats @ qf.T  # (M, Q)
+        q_ids = np.broadcast_to(np.arange(Q), q_sims.shape)
+        return _merge_lists(q_ids, q_sims.astype(np.float32), db_ids + Q, db_sims.astype(np.float32), m)
+
+    level0 = np.concatenate([np.arange(Q), Q + np.unique(np.asarray(topk_ids, dtype=np.int64))])
+    lists0 = search_nodes(level0)
+    level1 = np.setdiff1d(np.unique(lists0), level0)
+    lists1 = search_nodes(level1) if len(level1) else np.zeros((0, m), np.int64)
+    nodes, lists = [level0, level1], [lists0, lists1]
+    searched = np.concatenate(nodes)
+    order = np.argsort(searched, kind="stable")
+    searched, node_lists = searched[order], np.concatenate(lists, axis=0)[order]
+    every = np.union1d(searched, np.unique(node_lists))  # (n_loc,) node ids, sorted
+    n_loc = len(every)
+    known = np.zeros(n_loc, dtype=bool)
+    known[np.searchsorted(every, searched)] = True
+    ranks = np.zeros((n_loc, m), dtype=np.int64)
+    ranks[known] = np.searchsorted(every, node_lists)
+    feats = np.concatenate(
+        [qf[every[every < Q]], np.asarray(db_feats[every[every >= Q] - Q], dtype=np.float32)], axis=0
+    ).reshape(-1, D)
+    # largest squared distance of each known row: 2 - 2 * (lowest similarity over all nodes)
+    low = np.full(n_loc, np.inf, dtype=np.float32)
+    kf = feats[known]
+    low[known] = np.minimum(np.asarray(lowest(kf), dtype=np.float32), (kf @ qf.T).min(axis=1))
+    max_sq = np.maximum(2.0 - 2.0 * low, 1e-12).astype(np.float32)
+
+    def o_values(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """O[row, col]: squared distance over the row's largest, for local index pairs."""
+        sims = np.einsum("nd,nd->n", feats[rows], feats[cols])
+        d = np.sqrt(np.maximum(2.0 - 2.0 * sims, 0.0)).astype(np.float32)
+        return (d * d) / max_sq[rows]
+
+    expanded = _expanded_sets(ranks, k1, n_loc, known)
+    rows = np.repeat(np.arange(n_loc), np.diff(expanded.indptr))
+    weight = np.exp(-o_values(rows, expanded.indices))
+    row_sum = np.bincount(rows, weights=weight, minlength=n_loc).astype(np.float32)
+    V = sp.csr_matrix(
+        (weight / row_sum[rows], expanded.indices, expanded.indptr), shape=(n_loc, n_loc), dtype=np.float32
+    )
+    # rows of the Jaccard: the queries and the shortlist items (local indices)
+    q_loc = np.searchsorted(every, np.arange(Q))
+    g_loc = np.searchsorted(every, Q + np.asarray(topk_ids, dtype=np.int64))  # (Q, K)
+    need = np.unique(np.concatenate([q_loc, g_loc.ravel()]))
+    if k2 != 1:
+        kk = min(k2, Q + N)
+        sel = sp.csr_matrix(
+            (np.ones(len(need) * kk, np.float32), (np.repeat(np.arange(len(need)), kk), ranks[need, :kk].ravel())),
+            shape=(len(need), n_loc),
+        )
+        Vn = (sel @ V).tocsr()
+        Vn.data = (Vn.data / np.float32(kk)).astype(np.float32)
+    else:
+        Vn = V[need].tocsr()
+    Vn.eliminate_zeros()
+    row_of = np.searchsorted(need, np.arange(n_loc))  # valid where the node is in need
+    ids_out = np.empty((Q, K), dtype=np.int64)
+    dist_out = np.empty((Q, K), dtype=np.float32)
+    for q in range(Q):
+        vq = Vn[row_of[q_loc[q]]].toarray().ravel()
+        G = Vn[row_of[g_loc[q]]]  # (K, n_loc) sparse
+        mins = np.minimum(G.data, vq[G.indices])
+        s = np.bincount(np.repeat(np.arange(K), np.diff(G.indptr)), weights=mins, minlength=K).astype(np.float32)
+        jaccard = 1 - s / (2.0 - s)
+        final = jaccard * (1 - lambda_value) + o_values(np.full(K, q_loc[q]), g_loc[q]) * lambda_value
+        order = np.argsort(final, kind="stable")
+        ids_out[q] = np.asarray(topk_ids[q])[order]
+        dist_out[q] = final[order]
+    return ids_out, dist_out
 
 
 def fewshot_k_reciprocal(prototypes, queries, k1: int = 20, k2: int = 6, lambda_value: float = 0.3):

@@ -9,10 +9,11 @@ with one top-k search of those candidates against the database, block by block: 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-__all__ = ["CandidateNeighbours", "candidate_neighbours", "topk_search"]
+__all__ = ["CandidateNeighbours", "LocalSearch", "NeighbourSearch", "candidate_neighbours", "topk_search"]
 
 
 def topk_search(
@@ -81,12 +82,42 @@ class CandidateNeighbours:
         return nbr[keep].reshape(-1, L)[:, :n], sim[keep].reshape(-1, L)[:, :n]
 
 
-def candidate_neighbours(db: np.ndarray, topk_ids: np.ndarray, k: int, db_block: int = 16384) -> CandidateNeighbours:
+def candidate_neighbours(
+    db: np.ndarray, topk_ids: np.ndarray, k: int, db_block: int = 16384, search: NeighbourSearch | None = None
+) -> CandidateNeighbours:
     """Neighbour lists (k others plus the item) of the union of the shortlists ``topk_ids`` (Q, W).
 
     One top-(k+1) search of the U <= Q * W distinct candidates against db (N, D), streamed in
-    blocks of ``db_block`` rows. Memory: O(U * (k + D)) plus one block of similarities.
+    blocks of ``db_block`` rows (or by ``search``, e.g. blocks of candidates on an actor
+    pool). Memory: O(U * (k + D)) plus one block of similarities.
     """
     ids = np.unique(np.asarray(topk_ids, dtype=np.int64))
-    nbr_ids, nbr_sims = topk_search(np.asarray(db[ids], dtype=np.float32), db, k + 1, db_block=db_block)
+    feats = np.asarray(db[ids], dtype=np.float32)
+    nbr_ids, nbr_sims = (search or LocalSearch(db, db_block)).top(feats, min(k + 1, db.shape[0]))
     return CandidateNeighbours(ids, nbr_ids, nbr_sims)
+
+
+class NeighbourSearch(Protocol):
+    """The database searches of the re-rankers: ``top(feats (M, D), k)`` -> (rows (M, k) int64,
+    sims (M, k) float32), the k most similar database rows, best first; ``lowest(feats, k)``
+    -> the same for the k least similar (lowest first), i.e. a top-k search on negated
+    scores. Implementations stream the database; ``ssr_tasks`` runs them on an actor pool."""
+
+    def top(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def lowest(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class LocalSearch:
+    """:class:`NeighbourSearch` in this process over db (N, D) (an array or a memory map),
+    streamed in blocks of ``db_block`` rows (:func:`topk_search`)."""
+
+    def __init__(self, db: np.ndarray, db_block: int = 16384):
+        self.db, self.db_block = db, db_block
+
+    def top(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return topk_search(feats, self.db, k, db_block=self.db_block)
+
+    def lowest(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, sims = topk_search(-np.asarray(feats, dtype=np.float32), self.db, k, db_block=self.db_block)
+        return ids, -sims

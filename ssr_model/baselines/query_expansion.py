@@ -81,23 +81,33 @@ def hard_margin_dual(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return alphas
 
 
-def dqe(query_feats: np.ndarray, db_feats: np.ndarray, ranks: np.ndarray, n: int) -> np.ndarray:
+def dqe(
+    query_feats: np.ndarray, db_feats: np.ndarray, ranks: np.ndarray, n: int, negatives: np.ndarray | None = None
+) -> np.ndarray:
     """Discriminative QE: a hard-margin linear SVM per query (SSR_METHOD section 6).
 
-    Positives: the query and its top-n items; negatives: the n + 1 lowest-ranked items
-    (the last columns of ``ranks``). Expanded query = normalised sum_i alpha_i y_i x_i with
-    the alphas of :func:`hard_margin_dual`.
+    Positives: the query and its top-n items; negatives: the n + 1 lowest-ranked items,
+    lowest last. ``negatives`` (Q, >= n + 1) database rows, lowest first (a top-k search on
+    negated scores, ``NeighbourSearch.lowest``), gives them without a full ranking: then
+    ``ranks`` needs only its first n columns, and memory is O(Q * n * D). Without it they
+    are the last columns of ``ranks`` (Q, N). Expanded query = normalised
+    sum_i alpha_i y_i x_i with the alphas of :func:`hard_margin_dual`.
     """
     items = _query_and_top(query_feats, db_feats, ranks, n)
     Q, K, D = items.shape
-    if 2 * K > ranks.shape[1] + 1:
-        raise ValueError(
-            f"dqe: n = {n} needs {K} negatives disjoint from the top-n, ranks have {ranks.shape[1]} columns"
-        )
-    negatives = db_feats[ranks[:, ranks.shape[1] - K :]]  # (Q, K, D)
+    n_items = db_feats.shape[0] if negatives is not None else ranks.shape[1]
+    if 2 * K > n_items + 1:
+        raise ValueError(f"dqe: n = {n} needs {K} negatives disjoint from the top-n, the database has {n_items} items")
+    if negatives is not None:
+        if negatives.shape[0] != Q or negatives.shape[1] < K:
+            raise ValueError(f"dqe: negatives {negatives.shape}, expected ({Q}, >= {K}) lowest-scored rows per query")
+        rows = np.asarray(negatives)[:, :K][:, ::-1]  # lowest last, as the last columns of a full ranking
+    else:
+        rows = ranks[:, ranks.shape[1] - K :]
+    negs = db_feats[rows]  # (Q, K, D)
     labels = np.concatenate([np.ones(K), -np.ones(K)])
     out = np.empty((Q, D), dtype=np.float64)
     for q in range(Q):
-        X = np.concatenate([items[q], negatives[q]], axis=0).astype(np.float64)  # (2K, D)
+        X = np.concatenate([items[q], negs[q]], axis=0).astype(np.float64)  # (2K, D)
         out[q] = (hard_margin_dual(X, labels) * labels) @ X
     return _normalise(out).astype(query_feats.dtype, copy=False)

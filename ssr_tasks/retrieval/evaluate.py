@@ -9,9 +9,20 @@ QE's n (per QE method), the k-reciprocal (k1, k2, lambda) and each shortlist re-
 setting are chosen on the validation set (held-out training clusters), by the
 medium-protocol mAP of the method itself, from their grids; the test queries are never
 used for a choice. The shortlist re-rankers that need neighbours of neighbours get them
-from one top-k search of the union of the shortlists against the database, block by block.
-Queries are few (tens), so their full rankings are held in memory; the re-ranking itself
-goes through Parquet stores and the actor pool like any large job.
+from the top-k search of the union of the shortlists against the database, block by block.
+
+Memory at any N (``search``: a ``NeighbourSearch``, by default in this process, or on the
+actor pool, ``ssr_tasks.retrieval.ray_jobs.CandidateSearchPool``): no method builds an
+N x N matrix or the neighbour lists of all N items. k-reciprocal re-ranks each query's
+top ``KRECIP_SHORTLIST`` (``k_reciprocal_shortlist``: lists of the queries, their
+shortlists and those lists' items only); the shortlist re-rankers get the lists of the
+union of the shortlists; DQE's negatives come from a top-k search on negated scores.
+Every method's ranking is its re-ranked top-W followed by the rest in initial order.
+What does scale with N is the evaluation itself: each row's ranking is held as (Q, N)
+int64 ranks plus (Q, N) float32 scores (12 bytes per query and database item: 0.8 GiB
+per row at Q = 70, N = 1M), because revisited mAP reads whole rankings; ``ranking``
+makes one (Q, N) float32 similarity matrix and its argsort at a time. Queries are few
+(tens); the SSR re-ranking goes through Parquet stores and the actor pool.
 """
 
 from __future__ import annotations
@@ -33,10 +44,10 @@ from ssr_model.baselines import (
     best_point,
     candidate_neighbours,
     dqe,
-    k_reciprocal,
     shortlist_grids,
 )
-from ssr_model.baselines.neighbours import CandidateNeighbours
+from ssr_model.baselines.k_reciprocal import KRECIP_SHORTLIST, k_reciprocal_shortlist
+from ssr_model.baselines.neighbours import CandidateNeighbours, LocalSearch, NeighbourSearch
 from ssr_model.metrics import revisited_map
 from ssr_tasks.retrieval.train import ValidationSet
 from storage.simstore import SimilarityStore, create_store
@@ -95,24 +106,34 @@ def ranking(query: np.ndarray, db: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ranks, np.take_along_axis(sims, ranks, axis=1)
 
 
-def _distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.maximum(2.0 - 2.0 * (a @ b.T), 0.0)).astype(np.float32)
-
-
-def krecip_ranking(query: np.ndarray, db: np.ndarray, point: KReciprocalPoint) -> tuple[np.ndarray, np.ndarray]:
-    """k-reciprocal ranking of L2-normalised query (Q, D) against db (N, D): (ranks, -distances)."""
-    final = np.asarray(
-        k_reciprocal(
-            _distance(query, db),
-            _distance(query, query),
-            _distance(db, db),
-            k1=point.k1,
-            k2=point.k2,
-            lambda_value=point.lambda_value,
-        )
+def krecip_ranking(
+    query: np.ndarray,
+    db: np.ndarray,
+    point: KReciprocalPoint,
+    *,
+    initial: tuple[np.ndarray, np.ndarray] | None = None,
+    search: NeighbourSearch | None = None,
+    width: int = KRECIP_SHORTLIST,
+) -> tuple[np.ndarray, np.ndarray]:
+    """k-reciprocal ranking of L2-normalised query (Q, D) against db (N, D): (ranks (Q, N),
+    scores (Q, N)), the top ``width`` re-ranked by k-reciprocal distance (score: minus the
+    distance), then the rest in initial order. initial: the features' (ranks, scores) when
+    already computed. Memory: that of ``k_reciprocal_shortlist`` plus the (Q, N) ranking;
+    equal to the full-graph k-reciprocal when width >= N."""
+    ranks, scores = initial if initial is not None else ranking(query, db)
+    W = min(db.shape[0], width)
+    s = search or LocalSearch(db)
+    ids, dist = k_reciprocal_shortlist(
+        query,
+        db,
+        ranks[:, :W],
+        k1=point.k1,
+        k2=point.k2,
+        lambda_value=point.lambda_value,
+        search=s.top,
+        lowest=lambda f: s.lowest(f, 1)[1][:, 0],
     )
-    ranks = np.argsort(final, axis=1, kind="stable")
-    return ranks, -np.take_along_axis(final, ranks, axis=1)
+    return _full_ranking(ids, -dist, ranks, scores)
 
 
 def _medium_map(ranks: np.ndarray, gnd: list[dict]) -> float:
@@ -134,7 +155,11 @@ def _selected(methods: Sequence[str] | None) -> tuple[str, ...]:
 
 
 def _shortlist_neighbours(
-    names: Sequence[str], db: np.ndarray, ranks: np.ndarray, points: Mapping[str, Sequence[ShortlistPoint]]
+    names: Sequence[str],
+    db: np.ndarray,
+    ranks: np.ndarray,
+    points: Mapping[str, Sequence[ShortlistPoint]],
+    search: NeighbourSearch | None = None,
 ) -> CandidateNeighbours | None:
     """One neighbour search serving every named method at every point: the union of the
     longest shortlist of those that need neighbours, against db, block by block."""
@@ -144,7 +169,7 @@ def _shortlist_neighbours(
         return None
     N = db.shape[0]
     width = min(N, max(w for w, _ in need))
-    return candidate_neighbours(db, ranks[:, :width], min(N - 1, max(k for _, k in need)))
+    return candidate_neighbours(db, ranks[:, :width], min(N - 1, max(k for _, k in need)), search=search)
 
 
 def _full_ranking(
@@ -190,34 +215,51 @@ def shortlist_points(baselines) -> dict[str, list[ShortlistPoint]]:
     )
 
 
+def expanded_query(
+    name: str, query: np.ndarray, db: np.ndarray, ranks: np.ndarray, n: int, search: NeighbourSearch | None = None
+) -> np.ndarray:
+    """The normalised expanded queries (Q, D) of QE method ``name`` with its n; DQE's n + 1
+    negatives come from a top-k search on negated scores (``search.lowest``), so no method
+    reads more than the first n columns of ranks (Q, >= n)."""
+    fn = dict(QE_METHODS)[name]
+    if name == "DQE":
+        negatives, _ = (search or LocalSearch(db)).lowest(query, n + 1)
+        return _normalise(np.asarray(dqe(query, db, ranks[:, :n], n, negatives=negatives), np.float32))
+    return _normalise(np.asarray(fn(query, db, ranks, n), np.float32))
+
+
 def choose_baselines(
     val: ValidationSet,
     qe_grid: Sequence[int],
     krecip_points: Sequence[KReciprocalPoint],
     methods: Sequence[str] | None = None,
     shortlist_points: Mapping[str, Sequence[ShortlistPoint]] | None = None,
+    search: NeighbourSearch | None = None,
 ) -> BaselineChoice:
     """QE's n (per QE method), the k-reciprocal point and each shortlist re-ranker's point with
     the best validation mAP, for the ``methods`` rows (default: all of ``RETRIEVAL_METHODS``).
     shortlist_points: the grid per shortlist re-ranker (default ``shortlist_grids()`` with
-    alpha-DBA-QE's n_qe from ``qe_grid``)."""
+    alpha-DBA-QE's n_qe from ``qe_grid``). search: the database searches (default: in this
+    process over val.database)."""
     rows = _selected(methods)
     grids = shortlist_points if shortlist_points is not None else shortlist_grids(qe_n=qe_grid)
     q, db, ranks = val.queries, val.database, val.initial
+    search = search or LocalSearch(db)
     tried: list[tuple[str, float]] = []
     qe_n = []
-    for name, fn in QE_METHODS:
+    for name, _ in QE_METHODS:
         if name not in rows:
             continue
         grid = [n for n in qe_grid if name != "DQE" or 2 * (n + 1) <= ranks.shape[1] + 1]
-        scores = [
-            _medium_map(ranking(_normalise(np.asarray(fn(q, db, ranks, n), np.float32)), db)[0], val.gnd) for n in grid
-        ]
+        scores = [_medium_map(ranking(expanded_query(name, q, db, ranks, n, search), db)[0], val.gnd) for n in grid]
         tried += [(f"{name} n={n}", s) for n, s in zip(grid, scores)]
         qe_n.append((name, best_point(grid, scores)[0]))
     krecip = None
     if "k-reciprocal" in rows:
-        scores = [_medium_map(krecip_ranking(q, db, p)[0], val.gnd) for p in krecip_points]
+        initial = ranks, np.take_along_axis(q @ db.T, ranks, axis=1)
+        scores = [
+            _medium_map(krecip_ranking(q, db, p, initial=initial, search=search)[0], val.gnd) for p in krecip_points
+        ]
         tried += [(f"k-reciprocal {p.label()}", s) for p, s in zip(krecip_points, scores)]
         krecip = best_point(list(krecip_points), scores)[0]
     names = [m for m in rows if m in SHORTLIST_METHODS]
@@ -225,7 +267,7 @@ def choose_baselines(
     chosen = []
     if names:
         initial_scores = np.take_along_axis(q @ db.T, ranks, axis=1)
-        neighbours = _shortlist_neighbours(names, db, ranks, points)
+        neighbours = _shortlist_neighbours(names, db, ranks, points, search)
         for m in names:
             scores = [
                 _medium_map(_shortlist_ranking(m, q, db, ranks, initial_scores, neighbours, p).ranks, val.gnd)
@@ -236,28 +278,33 @@ def choose_baselines(
     return BaselineChoice(tuple(qe_n), krecip, tuple(tried), tuple(chosen), rows)
 
 
-def method_rankings(query: np.ndarray, db: np.ndarray, choice: BaselineChoice) -> list[MethodRanking]:
-    """Initial rankings of the chosen rows (``choice.methods``) at the chosen settings. query (Q, D), db (N, D)."""
+def method_rankings(
+    query: np.ndarray, db: np.ndarray, choice: BaselineChoice, search: NeighbourSearch | None = None
+) -> list[MethodRanking]:
+    """Initial rankings of the chosen rows (``choice.methods``) at the chosen settings. query (Q, D), db (N, D).
+    search: the database searches of the re-rankers (default: in this process; an actor
+    pool, ``ray_jobs.CandidateSearchPool``, spreads them). Memory: see the module docstring."""
     query, db = _normalise(query), _normalise(db)
+    search = search or LocalSearch(db)
     ranks, scores = ranking(query, db)
     out = []
     if "features" in choice.methods:
         out.append(MethodRanking("features", query, ranks, scores))
-    for name, fn in QE_METHODS:
+    for name, _ in QE_METHODS:
         if name not in choice.methods:
             continue
-        q2 = _normalise(np.asarray(fn(query, db, ranks, choice.n_for(name)), dtype=np.float32))
+        q2 = expanded_query(name, query, db, ranks, choice.n_for(name), search)
         r2, s2 = ranking(q2, db)
         out.append(MethodRanking(name, q2, r2, s2))
     if "k-reciprocal" in choice.methods:
         if choice.krecip is None:
             raise ValueError("method_rankings: k-reciprocal is a row but the choice has no k-reciprocal point")
-        r3, s3 = krecip_ranking(query, db, choice.krecip)
+        r3, s3 = krecip_ranking(query, db, choice.krecip, initial=(ranks, scores), search=search)
         out.append(MethodRanking("k-reciprocal", query, r3, s3))
     names = [m for m in choice.methods if m in SHORTLIST_METHODS]
     if names:
         points = {m: [choice.point_for(m)] for m in names}
-        neighbours = _shortlist_neighbours(names, db, ranks, points)
+        neighbours = _shortlist_neighbours(names, db, ranks, points, search)
         out += [_shortlist_ranking(m, query, db, ranks, scores, neighbours, points[m][0]) for m in names]
     return out
 

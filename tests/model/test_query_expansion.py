@@ -68,3 +68,17 @@ def test_dqe_needs_disjoint_negatives():
 def test_n_out_of_range():
     with pytest.raises(ValueError, match="n = 5"):
         aqe(Q, DB, RANKS, 5)
+
+
+def test_dqe_negatives_from_a_lowest_search_equal_the_full_ranking():
+    from ssr_model.baselines.neighbours import LocalSearch
+
+    rng = np.random.default_rng(5)
+    db = _unit(rng.standard_normal((60, 6)))
+    q = _unit(rng.standard_normal((4, 6)))
+    ranks = np.argsort(-(q @ db.T), axis=1, kind="stable")
+    lowest, _ = LocalSearch(db, db_block=7).lowest(q, 4)
+    assert lowest.tolist() == ranks[:, ::-1][:, :4].tolist()  # lowest first
+    np.testing.assert_allclose(dqe(q, db, ranks[:, :3], 3, negatives=lowest), dqe(q, db, ranks, 3), atol=1e-10)
+    with pytest.raises(ValueError, match=r"negatives \(4, 2\), expected \(4, >= 4\)"):
+        dqe(q, db, ranks[:, :3], 3, negatives=lowest[:, :2])
