@@ -498,10 +498,32 @@ class RetrievalDataParams(_Params):
         "cluster id); the sweep's point, the checkpoint, QE's n and the k-reciprocal point are chosen on them",
     )
     holdout_seed: int = Field(0, description="Seed of the hash choosing the held-out clusters (paper: not used)")
+    distractors: int = Field(
+        0,
+        ge=0,
+        description="Glyphs only: extra database images rendered from characters that are neither queried nor "
+        "trained on, embedded by the same backbone in blocks (a built-in R1M; paper: not used)",
+    )
+    distractors_path: str | None = Field(
+        None,
+        description="Published or your features: a features table of distractors (`ssr data import-distractors`, "
+        "e.g. the revisitop 1M) appended to the test database (paper: R1M)",
+    )
 
     @model_validator(mode="after")
     def _real_dataset_needs_root(self) -> RetrievalDataParams:
         datasets.check_root("retrieval", self.dataset, self.data_root)
+        return self
+
+    @model_validator(mode="after")
+    def _distractors_fit_dataset(self) -> RetrievalDataParams:
+        glyphs = self.entry.loader == "glyphs"
+        if self.distractors and not glyphs:
+            raise ValueError(
+                f"distractors: rendered distractors are for the glyphs; for {self.dataset} set distractors_path"
+            )
+        if self.distractors_path and glyphs:
+            raise ValueError("distractors_path: the glyphs render their distractors; set distractors: N instead")
         return self
 
     @property

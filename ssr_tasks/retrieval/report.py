@@ -131,12 +131,17 @@ def example_figure(
                 return np.asarray(Image.open(path).convert("RGB"))
         raise FileNotFoundError(f"{images / name}: image of the example query or its results not found")
 
+    query = load(gt.qimlist[q])
+
+    def item(i: int) -> np.ndarray:  # distractors (rows after the ground truth's imlist) have no image file
+        return load(gt.imlist[i]) if i < len(gt.imlist) else np.zeros_like(query)
+
     rows = {
-        label: [(load(gt.imlist[i]), reporting.gt_label(gnd[q], int(i))) for i in ranks[q, :top]]
+        label: [(item(int(i)), reporting.gt_label(gnd[q], int(i))) for i in ranks[q, :top]]
         for label, ranks in ((name, initial), (f"{name} + SSR", reranked))
     }
     return reporting.plot_reranked_example(
-        load(gt.qimlist[q]), rows, f"query {gt.qimlist[q]}: medium AP {gains[q]:+.1f} points with SSR"
+        query, rows, f"query {gt.qimlist[q]}: medium AP {gains[q]:+.1f} points with SSR"
     )
 
 

@@ -28,6 +28,7 @@ from ssr_tasks.config import (
 )
 from ssr_tasks.device import cluster_device, local_device
 from ssr_tasks.handoffs import Backbone, Trials, TrialTracking, required
+from ssr_tasks.retrieval.distractors import feature_distractors, glyph_distractors
 from ssr_tasks.retrieval.evaluate import choose_baselines, method_rankings, shortlist_points, write_ranking_store
 from ssr_tasks.retrieval.handoffs import (
     MethodStore,
@@ -219,14 +220,22 @@ def extract_features(
     if k > len(gt.imlist):
         raise ValueError(f"k: {k} is larger than the database ({len(gt.imlist)} images)")
     if not data.needs_backbone:
-        return _join_test_tables(data, Path(work_dir), len(gt.imlist), len(gt.qimlist))
+        joined = _join_test_tables(data, Path(work_dir), len(gt.imlist), len(gt.qimlist))
+        if not params.distractors_path:
+            return joined
+        table, n = feature_distractors(Path(joined.path), params.distractors_path)  # appended, streamed
+        return RetrievalFeatures(str(table), joined.dim, joined.n_database + n, joined.n_queries, joined.train_path)
     backbone = required(backbone, "the backbone of the glyph images")
     holdout = [params.holdout_fraction, params.holdout_seed]
     glyphs = [params.data_seed, params.glyphs_size]
     out = Path(work_dir) / f"retrieval-features-{short_hash([backbone.path, asdict(data), holdout, glyphs])}.parquet"
     if not out.exists():
         _extract(params, data, backbone, gt, out, device)
-    return RetrievalFeatures(str(out), int(read_metadata(out)["dim"]), len(gt.imlist), len(gt.qimlist), str(out))
+    dim = int(read_metadata(out)["dim"])
+    if params.distractors:  # the test table with the distractors appended; training reads the table without them
+        test = glyph_distractors(params, data, backbone, out, Path(work_dir), device)
+        return RetrievalFeatures(str(test), dim, len(gt.imlist) + params.distractors, len(gt.qimlist), str(out))
+    return RetrievalFeatures(str(out), dim, len(gt.imlist), len(gt.qimlist), str(out))
 
 
 def _join_test_tables(data: RetrievalData, work_dir: Path, n_db: int, n_queries: int) -> RetrievalFeatures:

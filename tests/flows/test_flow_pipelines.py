@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ssr_tasks.config import FewShotParams, RetrievalParams
+from storage.features import read_features
+from storage.simstore import SimilarityStore
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,7 +27,8 @@ TINY_FEWSHOT = dict(
     model_name="ssr-fewshot",
 )
 TINY_RETRIEVAL = dict(
-    data=dict(glyphs_size="small", holdout_fraction=0.3),
+    # 200 rendered distractors appended to the 500-item test database (issue 20, item 4)
+    data=dict(glyphs_size="small", holdout_fraction=0.3, distractors=200),
     backbone=dict(pretrain_epochs=1),
     # 30 iterations at lr 0.01: enough for SSR to beat its untrained start on validation, so the champion moves
     train=dict(
@@ -148,5 +152,12 @@ def test_retrieval_flow_end_to_end(ssr_home, ray_local, prefect_harness, glyphs_
         for p in ("easy", "medium", "hard"):
             assert 0.0 <= row[f"mAP {p}"] <= 100.0
     assert result["model_uri"] == "models:/ssr-retrieval/1"
+    # 200 distractors after the test database's 500 items: in the table, and among the features' top-K
+    (table,) = ssr_home.rglob("retrieval-features-*-distractors-200.parquet")
+    db = read_features(table, split="database")
+    assert len(db) == 700 and set(db.labels[500:]) == {"distractor"} and set(db.labels[:500]) == {"db"}
+    (store,) = ssr_home.rglob("stores/*/features/topk")
+    top = np.concatenate([s.neighbor_ids for s in SimilarityStore(store).iter_shards()])
+    assert top.shape[0] == 20 and top.max() >= 500 and top.max() < 700  # distractors are ranked, as negatives
     out = run_snippet_fresh("retrieval", ssr_home)
     assert "re-ranked ids" in out
