@@ -1,4 +1,5 @@
-"""Ray side of the retrieval track: the Tune trainable of retrieval SSR training.
+"""Ray side of the retrieval track: the Tune trainable of retrieval SSR training, and the
+candidate search pool of the re-rankers (``CandidateSearchPool``).
 
 The re-ranking actor pool is in ``ssr_tasks.retrieval.rerank`` next to its plain worker.
 """
@@ -8,12 +9,18 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ssr_tasks.config import RetrievalTrainParams
 from ssr_tasks.handoffs import TrialTracking
 from ssr_tasks.ray_grid import Trial, run_grid
 from ssr_tasks.retrieval.handoffs import RetrievalTrial
 from ssr_tasks.retrieval.train import load_training_data, train_retrieval
+from storage.features import iter_embeddings
+from storage.topk import row_blocks, topk_search
 
 
 @dataclass(frozen=True)
@@ -71,3 +78,94 @@ def run_trials(
         tracking=tracking,
     )
     return [RetrievalTrial.from_summary(r.config, r.label, feat_dim, r.summary) for r in done]
+
+
+class CandidateSearcher:
+    """Plain class behind a candidate-search actor: exact top-k (and lowest-k) database rows
+    of blocks of feature rows, scoring the database block by block (``storage.topk``).
+
+    database: the (N, D) float32 L2-normalised rows (an array; in the pool, one copy in
+    Ray's object store shared by the actors of a node), or the path of a features table,
+    read block by block (``iter_embeddings`` of ``split``, normalised) at every call, so an
+    actor never holds it. threads: BLAS threads per call (1 in the pool: one per actor CPU).
+    Memory per call: one (M, db_block) score tile plus the (M, k) results.
+    """
+
+    def __init__(self, database: Any, split: str | None = "database", db_block: int = 16384, threads: int = 1):
+        self.database, self.split, self.db_block, self.threads = database, split, db_block, threads
+
+    def _blocks(self):
+        if isinstance(self.database, (str, Path)):
+            return (emb for _, emb in iter_embeddings(self.database, self.db_block, self.split, normalise=True))
+        return row_blocks(self.database, self.db_block)
+
+    def top(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """feats (M, D) -> database rows (M, k) int64 and similarities (M, k) float32, best first."""
+        with threadpool_limits(self.threads):
+            return topk_search(np.asarray(feats, dtype=np.float32), self._blocks(), k)
+
+    def lowest(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k least similar database rows (M, k), lowest first, and their similarities."""
+        with threadpool_limits(self.threads):
+            rows, sims = topk_search(-np.asarray(feats, dtype=np.float32), self._blocks(), k)
+        return rows, -sims
+
+
+class CandidateSearchPool:
+    """A ``NeighbourSearch`` (``ssr_model.baselines.neighbours``) run on a pool of Ray actors:
+    the rows to search are cut into blocks of ``rows_per_task`` and each block is one task
+    on a ``CandidateSearcher`` actor, so a cluster shortens the candidate searches of the
+    re-rankers (k-reciprocal, alpha-DBA, diffusion) and DQE's negatives. Results come back
+    in row order. database: an (N, D) array (put once in the object store) or a features
+    table path (each actor streams it). Use as a context manager, or call ``close``.
+    """
+
+    def __init__(
+        self,
+        database: Any,
+        n_actors: int = 0,
+        *,
+        split: str | None = "database",
+        rows_per_task: int = 1024,
+        db_block: int = 16384,
+    ):
+        import ray  # lazy: Ray is heavy and only needed where a pool runs
+        from ray.util import ActorPool  # lazy: Ray, as above
+
+        from ssr_tasks.services import pool_size
+
+        self.rows_per_task = rows_per_task
+        source = database if isinstance(database, (str, Path)) else ray.put(np.ascontiguousarray(database, np.float32))
+        Actor = ray.remote(CandidateSearcher).options(num_cpus=1, max_restarts=2, max_task_retries=2)
+        self.actors = [
+            Actor.remote(str(source) if isinstance(source, Path) else source, split, db_block, 1)
+            for _ in range(pool_size(n_actors, use_gpu=False))
+        ]
+        self.pool = ActorPool(self.actors)
+
+    def _map(self, method: str, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        feats = np.asarray(feats, dtype=np.float32)
+        blocks = [feats[a : a + self.rows_per_task] for a in range(0, len(feats), self.rows_per_task)]
+        if not blocks:
+            return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        parts = list(self.pool.map(lambda a, b: getattr(a, method).remote(b, k), blocks))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def top(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._map("top", feats, k)
+
+    def lowest(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._map("lowest", feats, k)
+
+    def close(self) -> None:
+        import ray  # lazy: Ray, as above
+
+        for a in self.actors:
+            ray.kill(a)  # type: ignore[arg-type]  # Ray stub: ray.remote(cls).options(...).remote() is an ActorHandle
+        self.actors = []
+
+    def __enter__(self) -> CandidateSearchPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

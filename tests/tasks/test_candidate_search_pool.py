@@ -1,0 +1,48 @@
+"""The re-rankers' candidate searches on the Ray actor pool give what the in-process search gives."""
+
+import numpy as np
+
+from ssr_model.baselines import KReciprocalPoint
+from ssr_model.baselines.neighbours import LocalSearch
+from ssr_tasks.retrieval.evaluate import BaselineChoice, method_rankings
+from ssr_tasks.retrieval.ray_jobs import CandidateSearcher, CandidateSearchPool
+from storage.features import write_features
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_searcher_reads_an_array_or_a_table_alike(tmp_path):
+    rng = np.random.default_rng(0)
+    db, feats = _unit(rng.standard_normal((300, 8))), _unit(rng.standard_normal((9, 8)))
+    table = write_features(
+        tmp_path / "db.parquet",
+        ids=np.arange(300),
+        labels=np.zeros(300, int),
+        splits="database",
+        embeddings=3 * db,  # the table's rows are normalised as they are read
+        metadata={"dataset": "d", "backbone": "b", "checkpoint_hash": "h"},
+    )
+    ref = LocalSearch(db, db_block=64)
+    for source in (db, str(table)):
+        s = CandidateSearcher(source, db_block=64)
+        for got, want in ((s.top(feats, 5), ref.top(feats, 5)), (s.lowest(feats, 3), ref.lowest(feats, 3))):
+            assert got[0].tolist() == want[0].tolist()
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+
+
+def test_pool_rankings_equal_the_local_ones(ray_local):
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((12, 16))
+    emb = _unit(np.repeat(centres, 6, axis=0) + 0.8 * rng.standard_normal((72, 16)))
+    q, db = emb[:6], emb[6:]
+    choice = BaselineChoice(
+        (("DQE", 2),), KReciprocalPoint(5, 3, 0.3), (), methods=("features", "DQE", "k-reciprocal", "diffusion")
+    )
+    local = method_rankings(q, db, choice)
+    with CandidateSearchPool(db, n_actors=2, rows_per_task=16) as pool:
+        pooled = method_rankings(q, db, choice, search=pool)
+    for a, b in zip(local, pooled):
+        assert a.name == b.name and a.ranks.tolist() == b.ranks.tolist()
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
