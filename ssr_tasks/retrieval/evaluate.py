@@ -30,8 +30,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ssr_model.baselines import (
     RETRIEVAL_METHODS,
@@ -47,12 +49,48 @@ from ssr_model.baselines import (
     shortlist_grids,
 )
 from ssr_model.baselines.k_reciprocal import KRECIP_SHORTLIST, k_reciprocal_shortlist
-from ssr_model.baselines.neighbours import CandidateNeighbours, LocalSearch, NeighbourSearch
+from ssr_model.baselines.neighbours import CandidateNeighbours, NeighbourSearch
 from ssr_model.metrics import revisited_map
 from ssr_tasks.retrieval.train import ValidationSet
+from storage.features import iter_embeddings
 from storage.simstore import SimilarityStore, create_store
+from storage.topk import row_blocks, topk_search
 
 QE_METHODS: tuple[tuple[str, Callable], ...] = (("AQE", aqe), ("AQEwD", aqe_wd), ("alpha-QE", alpha_qe), ("DQE", dqe))
+
+
+class CandidateSearcher:
+    """Plain class behind a candidate-search actor: exact top-k (and lowest-k) database rows
+    of blocks of feature rows, scoring the database block by block (``storage.topk``).
+
+    database: the (N, D) float32 L2-normalised rows (an array; in the pool, one copy in
+    Ray's object store shared by the actors of a node), or the path of a features table,
+    read block by block (``iter_embeddings`` of ``split``, normalised) at every call, so an
+    actor never holds it. threads: BLAS threads per call (1 in the pool: one per actor CPU;
+    None: as the process has). The default ``NeighbourSearch`` of this module, in process.
+    Memory per call: one (M, db_block) score tile plus the (M, k) results.
+    """
+
+    def __init__(
+        self, database: Any, split: str | None = "database", db_block: int = 16384, threads: int | None = None
+    ):
+        self.database, self.split, self.db_block, self.threads = database, split, db_block, threads
+
+    def _blocks(self):
+        if isinstance(self.database, (str, Path)):
+            return (emb for _, emb in iter_embeddings(self.database, self.db_block, self.split, normalise=True))
+        return row_blocks(self.database, self.db_block)
+
+    def top(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """feats (M, D) -> database rows (M, k) int64 and similarities (M, k) float32, best first."""
+        with threadpool_limits(self.threads):
+            return topk_search(np.asarray(feats, dtype=np.float32), self._blocks(), k)
+
+    def lowest(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k least similar database rows (M, k), lowest first, and their similarities."""
+        with threadpool_limits(self.threads):
+            rows, sims = topk_search(-np.asarray(feats, dtype=np.float32), self._blocks(), k)
+        return rows, -sims
 
 
 @dataclass(frozen=True)
@@ -122,7 +160,7 @@ def krecip_ranking(
     equal to the full-graph k-reciprocal when width >= N."""
     ranks, scores = initial if initial is not None else ranking(query, db)
     W = min(db.shape[0], width)
-    s = search or LocalSearch(db)
+    s = search or CandidateSearcher(db)
     ids, dist = k_reciprocal_shortlist(
         query,
         db,
@@ -223,7 +261,7 @@ def expanded_query(
     reads more than the first n columns of ranks (Q, >= n)."""
     fn = dict(QE_METHODS)[name]
     if name == "DQE":
-        negatives, _ = (search or LocalSearch(db)).lowest(query, n + 1)
+        negatives, _ = (search or CandidateSearcher(db)).lowest(query, n + 1)
         return _normalise(np.asarray(dqe(query, db, ranks[:, :n], n, negatives=negatives), np.float32))
     return _normalise(np.asarray(fn(query, db, ranks, n), np.float32))
 
@@ -244,7 +282,7 @@ def choose_baselines(
     rows = _selected(methods)
     grids = shortlist_points if shortlist_points is not None else shortlist_grids(qe_n=qe_grid)
     q, db, ranks = val.queries, val.database, val.initial
-    search = search or LocalSearch(db)
+    search = search or CandidateSearcher(db)
     tried: list[tuple[str, float]] = []
     qe_n = []
     for name, _ in QE_METHODS:
@@ -285,7 +323,7 @@ def method_rankings(
     search: the database searches of the re-rankers (default: in this process; an actor
     pool, ``ray_jobs.CandidateSearchPool``, spreads them). Memory: see the module docstring."""
     query, db = _normalise(query), _normalise(db)
-    search = search or LocalSearch(db)
+    search = search or CandidateSearcher(db)
     ranks, scores = ranking(query, db)
     out = []
     if "features" in choice.methods:

@@ -12,15 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from ssr_tasks.config import RetrievalTrainParams
 from ssr_tasks.handoffs import TrialTracking
 from ssr_tasks.ray_grid import Trial, run_grid
+from ssr_tasks.retrieval.evaluate import CandidateSearcher
 from ssr_tasks.retrieval.handoffs import RetrievalTrial
 from ssr_tasks.retrieval.train import load_training_data, train_retrieval
-from storage.features import iter_embeddings
-from storage.topk import row_blocks, topk_search
 
 
 @dataclass(frozen=True)
@@ -80,37 +78,6 @@ def run_trials(
     return [RetrievalTrial.from_summary(r.config, r.label, feat_dim, r.summary) for r in done]
 
 
-class CandidateSearcher:
-    """Plain class behind a candidate-search actor: exact top-k (and lowest-k) database rows
-    of blocks of feature rows, scoring the database block by block (``storage.topk``).
-
-    database: the (N, D) float32 L2-normalised rows (an array; in the pool, one copy in
-    Ray's object store shared by the actors of a node), or the path of a features table,
-    read block by block (``iter_embeddings`` of ``split``, normalised) at every call, so an
-    actor never holds it. threads: BLAS threads per call (1 in the pool: one per actor CPU).
-    Memory per call: one (M, db_block) score tile plus the (M, k) results.
-    """
-
-    def __init__(self, database: Any, split: str | None = "database", db_block: int = 16384, threads: int = 1):
-        self.database, self.split, self.db_block, self.threads = database, split, db_block, threads
-
-    def _blocks(self):
-        if isinstance(self.database, (str, Path)):
-            return (emb for _, emb in iter_embeddings(self.database, self.db_block, self.split, normalise=True))
-        return row_blocks(self.database, self.db_block)
-
-    def top(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """feats (M, D) -> database rows (M, k) int64 and similarities (M, k) float32, best first."""
-        with threadpool_limits(self.threads):
-            return topk_search(np.asarray(feats, dtype=np.float32), self._blocks(), k)
-
-    def lowest(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The k least similar database rows (M, k), lowest first, and their similarities."""
-        with threadpool_limits(self.threads):
-            rows, sims = topk_search(-np.asarray(feats, dtype=np.float32), self._blocks(), k)
-        return rows, -sims
-
-
 class CandidateSearchPool:
     """A ``NeighbourSearch`` (``ssr_model.baselines.neighbours``) run on a pool of Ray actors:
     the rows to search are cut into blocks of ``rows_per_task`` and each block is one task
@@ -135,7 +102,9 @@ class CandidateSearchPool:
         from ssr_tasks.services import pool_size
 
         self.rows_per_task = rows_per_task
+        # the pool keeps the database's object reference, so that a restarted actor finds it
         source = database if isinstance(database, (str, Path)) else ray.put(np.ascontiguousarray(database, np.float32))
+        self.database_ref = source
         Actor = ray.remote(CandidateSearcher).options(num_cpus=1, max_restarts=2, max_task_retries=2)
         self.actors = [
             Actor.remote(str(source) if isinstance(source, Path) else source, split, db_block, 1)
