@@ -570,6 +570,19 @@ class RetrievalTrainParams(_Params):
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (paper: 0.9)")
     weight_decay: float = Field(5e-4, ge=0.0, description="SGD weight decay (paper: 5e-4)")
     n_val_queries: int = Field(70, ge=1, description="Held-out queries of the validation mAP")
+    val_protocol: Literal["mirror-test", "held-out"] = Field(
+        "mirror-test",
+        description="Validation set: mirror-test (queries spread over the held-out clusters, one each before any "
+        "second; the database padded with items of training clusters as distractors until positives per database "
+        "item match the test set's; the baselines' neighbour counts scaled by the validation / test database sizes, "
+        "docs/validation.md) or held-out (the held-out clusters only, grids as given)",
+    )
+    val_database: int = Field(
+        0,
+        ge=0,
+        description="Validation database size (held-out items, then distractors from the training clusters); "
+        "0: set from the test set under mirror-test, the held-out items only under held-out",
+    )
     seed: int = Field(0, description="Seed of sequences and initialisation (paper: not given)")
 
     def build(self, feat_dim: int) -> RetrievalSSR:
@@ -609,6 +622,11 @@ class RetrievalBaselineParams(_Params):
     )
     superglobal_beta_grid: list[PositiveFloat] = Field(
         default_factory=lambda: [0.15, 0.3], min_length=1, description="SuperGlobal: beta tried (paper: 0.15)"
+    )
+    val_vs_test: bool = Field(
+        True,
+        description="Also score every grid point on the test queries, beside its validation mAP (val_vs_test.csv, "
+        "for judging the validation; never used for a choice)",
     )
     methods: list[str] = Field(
         default_factory=lambda: list(RETRIEVAL_METHODS),

@@ -210,15 +210,17 @@ def import_train_set(
 
 
 def validation_ground_truth(
-    clusters: np.ndarray, n_queries: int, seed: int
+    clusters: np.ndarray, n_queries: int, seed: int, spread: bool = False
 ) -> tuple[np.ndarray, np.ndarray, RevisitedGroundTruth]:
     """A revisited-format validation set over held-out items with cluster labels (M,).
 
     Up to ``n_queries`` queries are drawn (seeded) so that each query's cluster keeps at
     least one other item; the database is every item that is not a query, as in a real
-    test set. Per query: ``easy`` = the database items of its cluster, ``hard`` and
-    ``junk`` = none. Returns (query rows (Q,), database rows (M - Q,), ground truth whose
-    indices are positions in the database rows).
+    test set. spread: every cluster gives one query before any gives a second (so queries
+    keep as many positives as the clusters allow, as a test set's do); otherwise items are
+    taken in a random order. Per query: ``easy`` = the database items of its cluster,
+    ``hard`` and ``junk`` = none. Returns (query rows (Q,), database rows (M - Q,), ground
+    truth whose indices are positions in the database rows).
     """
     clusters = np.asarray(clusters)
     uniq, inverse, counts = np.unique(clusters, return_inverse=True, return_counts=True)
@@ -231,7 +233,15 @@ def validation_ground_truth(
     rng = np.random.default_rng(seed)
     taken = np.zeros(len(uniq), np.int64)
     picked: list[int] = []
-    for i in rng.permutation(len(clusters)):
+    order = rng.permutation(len(clusters))
+    if spread:  # an item's round is how many items of its cluster came before it in the random order
+        seen = np.zeros(len(uniq), np.int64)
+        rounds = np.empty(len(order), np.int64)
+        for pos, i in enumerate(order):
+            rounds[pos] = seen[inverse[i]]
+            seen[inverse[i]] += 1
+        order = order[np.argsort(rounds, kind="stable")]
+    for i in order:
         if len(picked) == n_queries:
             break
         c = inverse[i]

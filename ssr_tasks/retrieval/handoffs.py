@@ -49,6 +49,7 @@ class RetrievalFeatures:
     n_database: int
     n_queries: int
     train_path: str
+    gnd: str | None = None  # the test set's ground truth (the validation mirrors its profile)
 
 
 @dataclass(frozen=True)
@@ -162,14 +163,31 @@ class Rankings:
     database: str
     methods: tuple[MethodStore, ...]
     choice: BaselineChoice
+    val_vs_test: str | None = None  # CSV: every grid point's validation and test mAP
+    costs: tuple[RetrievalCost, ...] = ()  # each method's initial ranking, measured in an actor
+    features: str | None = None  # the test features table (splits query and database) the costs were measured on
+
+
+@dataclass(frozen=True)
+class RetrievalCost:
+    """What one call of a method cost on all ``n_queries`` test queries, measured in a Ray actor:
+    wall ms per query, CPU seconds of the call, and its peak MiB (``ssr_tasks.costs``)."""
+
+    name: str
+    ms_per_query: float
+    peak_mib: float
+    cpu_seconds: float
+    n_queries: int
 
 
 @dataclass(frozen=True)
 class Reranked:
-    """A method's store after SSR re-ranking (same schema as its top-K store)."""
+    """A method's store after SSR re-ranking (same schema as its top-K store); cost: SSR's
+    re-ranking of the method's top-k, measured in an actor."""
 
     name: str
     store: str
+    cost: RetrievalCost | None = None
 
 
 RetrievalTrials = Trials[RetrievalTrial]  # the grid's trials; ``.best`` by validation score

@@ -18,8 +18,10 @@ from ssr_tasks import reporting
 from ssr_tasks.config import RetrievalParams
 from ssr_tasks.handoffs import RegisteredModel
 from ssr_tasks.reporting import ResultsReport
+from ssr_tasks.retrieval.costs import plus_ssr
 from ssr_tasks.retrieval.evaluate import BaselineChoice, map_row, ranks_after_rerank
-from ssr_tasks.retrieval.handoffs import Rankings, Reranked, RetrievalData, RetrievalTrials
+from ssr_tasks.retrieval.handoffs import Rankings, Reranked, RetrievalCost, RetrievalData, RetrievalTrials
+from ssr_tasks.retrieval.validation import read_val_vs_test, write_val_vs_test
 from ssr_tasks.tracking import Tracker
 from storage.landmark_tables import BACKBONE as LANDMARK_BACKBONE
 from storage.landmarks import RevisitedGroundTruth, read_gnd
@@ -36,6 +38,82 @@ COLUMNS = ["method", "mAP easy", "mAP medium", "mAP hard", "mP@10 medium", "mP@1
 # so the table has one mAP and one mP@10 (the medium protocol's, which equal the easy one's).
 LABEL_COLUMNS = ["method", "mAP", "mP@10"]
 NOT_IMPROVED = "SSR did not improve on validation; its rows equal the inputs."
+COSTS_CSV = "costs.csv"  # numeric costs per row (the table shows the peak as text, "< 1 MiB" below 1)
+VAL_VS_TEST_CSV = "val_vs_test.csv"
+
+
+def cost_columns(n_queries: int) -> list[str]:
+    """The cost columns: ms per query, the peak MiB of one call on all ``n_queries`` queries, its CPU seconds."""
+    return ["ms/query", f"peak MiB (Q={n_queries})", "CPU s"]
+
+
+def cost_cells(cost: RetrievalCost) -> dict:
+    ms, peak, cpu = cost_columns(cost.n_queries)
+    return {
+        ms: float(f"{cost.ms_per_query:.3g}"),
+        peak: reporting.fmt_peak_mib(cost.peak_mib),
+        cpu: round(cost.cpu_seconds, 3),
+    }
+
+
+def row_costs(rankings: Rankings, reranked: Sequence[Reranked]) -> dict[str, RetrievalCost]:
+    """The cost of every row: each method's ranking call, and "<method> + SSR" = that call then SSR's."""
+    out = {c.name: c for c in rankings.costs}
+    for r in reranked:
+        if r.name in out:
+            both = plus_ssr(out[r.name], r.cost)
+            if both is not None:
+                out[both.name] = both
+    return out
+
+
+def plot_map_vs_cost(rows: Sequence[Mapping], costs: Mapping[str, RetrievalCost]):
+    """mAP medium against ms per query (log x) of every row with a measured cost; "+ SSR" rows
+    hollow, in their method's colour, joined to it by a line."""
+    plt = reporting._plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colours = plt.get_cmap("tab10")
+    bases = [r["method"] for r in rows if not r["method"].endswith(" + SSR") and r["method"] in costs]
+    by_name = {r["method"]: r for r in rows}
+    for i, name in enumerate(bases):
+        colour = colours(i % 10)
+        x0, y0 = costs[name].ms_per_query, by_name[name]["mAP medium"]
+        ax.plot([x0], [y0], "o", color=colour, label=name)
+        plus = f"{name} + SSR"
+        if plus in costs and plus in by_name:
+            x1, y1 = costs[plus].ms_per_query, by_name[plus]["mAP medium"]
+            ax.plot([x0, x1], [y0, y1], "-", color=colour, lw=0.8)
+            ax.plot([x1], [y1], "o", mfc="none", color=colour)
+    ax.plot([], [], "o", mfc="none", color="grey", label="+ SSR")
+    ax.set_xscale("log")
+    ax.set_xlabel("ms per query (one call on all test queries, in a Ray actor; log scale)")
+    ax.set_ylabel("mAP medium (%)")
+    ax.set_title("Accuracy against cost per retrieval method", fontsize=9)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def write_costs(costs: Mapping[str, RetrievalCost], path: Path) -> Path:
+    """The measured costs as CSV (method, ms_per_query, peak_mib, cpu_seconds, n_queries), atomically."""
+    lines = ["method,ms_per_query,peak_mib,cpu_seconds,n_queries"]
+    lines += [
+        f"{c.name},{c.ms_per_query:.6g},{c.peak_mib:.6g},{c.cpu_seconds:.6g},{c.n_queries}" for c in costs.values()
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_costs(path: Path) -> list[dict]:
+    """The rows of a costs.csv, numbers as floats."""
+    out = []
+    for line in path.read_text().splitlines()[1:]:
+        name, ms, peak, cpu, n = line.rsplit(",", 4)
+        out.append({"method": name, "ms_per_query": float(ms), "peak_mib": float(peak), "cpu_seconds": float(cpu)})
+    return out
 
 
 def labels_only(gnd: Sequence[Mapping]) -> bool:
@@ -76,8 +154,19 @@ def write_report(
             rows[-1]["mAP medium"],
             rows[-1]["mAP hard"],
         )
+    costs = row_costs(rankings, reranked)
+    for row in rows:
+        if row["method"] in costs:
+            row.update(cost_cells(costs[row["method"]]))
     first = reranked[0].name
     figures = {"map_by_method.png": reporting.plot_map_by_method(rows)}
+    if costs:
+        figures["map_vs_cost.png"] = plot_map_vs_cost(rows, costs)
+        write_costs(costs, Path(out_dir) / COSTS_CSV)
+    if rankings.val_vs_test is not None:  # the table beside results.csv (its Markdown keeps the note)
+        src = Path(rankings.val_vs_test)
+        note = src.with_suffix(".md").read_text().split("\n\n")[1] if src.with_suffix(".md").is_file() else ""
+        write_val_vs_test(read_val_vs_test(src), Path(out_dir) / VAL_VS_TEST_CSV, note)
     if data.images is not None:  # published features come without their images
         try:
             figures["reranked_example.png"] = example_figure(
@@ -97,6 +186,12 @@ def write_report(
     if not improved:
         log.warning(NOT_IMPROVED)
         notes.append(NOT_IMPROVED)
+    if costs:
+        columns = columns + cost_columns(next(iter(costs.values())).n_queries)
+        notes.append(
+            "Costs: one call of each method on all test queries in a Ray actor with one CPU thread (ms per query, "
+            "its peak memory, its CPU seconds); a '+ SSR' row adds SSR's re-ranking of the method's top-k."
+        )
     return reporting.write_report(rows, columns, figures, Path(out_dir), notes)
 
 
@@ -191,6 +286,18 @@ def log_and_register(
         tracker.set_tags({"ssr.note": NOT_IMPROVED})
     tracker.log_file(Path(report.csv), "results")
     tracker.log_file(Path(report.md), "results")
+    results_dir = Path(report.csv).parent
+    if (results_dir / COSTS_CSV).is_file():
+        for c in read_costs(results_dir / COSTS_CSV):
+            key = c["method"].replace(" + ", "_plus_").replace(" ", "_")
+            tracker.log_metrics(
+                {f"{key}_ms_per_query": c["ms_per_query"], f"{key}_cpu_seconds": c["cpu_seconds"]}
+                | ({} if np.isnan(c["peak_mib"]) else {f"{key}_peak_mib": c["peak_mib"]})
+            )
+        tracker.log_file(results_dir / COSTS_CSV, "results")
+    for name in (VAL_VS_TEST_CSV, Path(VAL_VS_TEST_CSV).with_suffix(".md").name):
+        if (results_dir / name).is_file():
+            tracker.log_file(results_dir / name, "results")
     for _, path in report.figures:
         tracker.log_file(Path(path), "plots")
     best = trials.best

@@ -18,12 +18,14 @@ top-k similarities, and 600 iterations were short. ``RetrievalParams.from_data``
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from ssr_model import RetrievalSSR
+from ssr_model.baselines import KReciprocalPoint, ShortlistPoint
 from ssr_tasks.retrieval.train import topk_ap
 
 
@@ -183,3 +185,85 @@ def relaxed_sequence_filter(
         mp -= 1
         stats = sequence_pass_stats(emb, labels, k, L, mp, max_ap, n_draws=300, seed=seed)
     return L, mp, stats
+
+
+@dataclass(frozen=True)
+class ProtocolProfile:
+    """What an evaluation set looks like to a re-ranker (issue 20 item 6): ``n_queries``,
+    ``n_database`` items, and the mean number per query of ``easy``, ``hard`` and ``junk``
+    database items (revisited protocol; a validation set from clusters has easy only)."""
+
+    name: str
+    n_queries: int
+    n_database: int
+    easy: float
+    hard: float
+    junk: float
+
+    @property
+    def positives(self) -> float:
+        """Positives per query of the medium protocol (easy + hard), the one choices are made on."""
+        return self.easy + self.hard
+
+    def row(self, k1_grid: Sequence[int] = (40, 80, 160), scale: float = 1.0) -> dict:
+        """A table row: sizes, positives, positives per 1,000 database items, and for each k1 of
+        the test grid the share of the database it covers and its multiple of the positives;
+        scale: the factor applied to k1 on this set (a validation set's ``scaled_count``)."""
+        out: dict = {
+            "set": self.name,
+            "queries": self.n_queries,
+            "database": self.n_database,
+            "easy/query": round(self.easy, 1),
+            "hard/query": round(self.hard, 1),
+            "junk/query": round(self.junk, 1),
+            "positives per 1k db": round(1000 * self.positives / max(1, self.n_database), 2),
+        }
+        for k1 in k1_grid:
+            k = scaled_count(k1, scale)
+            out[f"k1={k1}: % of db"] = round(100 * min(1.0, k / max(1, self.n_database)), 1)
+            out[f"k1={k1} / positives"] = round(k / max(self.positives, 1e-9), 1)
+        return out
+
+
+def protocol_profile(name: str, gnd: Sequence[Mapping], n_database: int) -> ProtocolProfile:
+    """The profile of a revisited-format ground truth (one dict per query, ``easy``/``hard``/
+    ``junk`` database indices) over ``n_database`` items."""
+    counts = np.array([[len(g.get(key, ())) for key in ("easy", "hard", "junk")] for g in gnd], dtype=np.float64)
+    mean = counts.mean(0) if len(counts) else np.zeros(3)
+    return ProtocolProfile(name, len(gnd), int(n_database), float(mean[0]), float(mean[1]), float(mean[2]))
+
+
+def mirrored_database_size(val_positives: float, n_held_database: int, n_available: int, test: ProtocolProfile) -> int:
+    """Validation database size with the test's positives per database item:
+    ``val_positives * test.n_database / test.positives``, at least the held-out items
+    (``n_held_database``) and at most the held-out plus training items (``n_available``)."""
+    if test.positives <= 0:
+        return n_held_database
+    target = round(val_positives * test.n_database / test.positives)
+    return int(min(n_available, max(n_held_database, target)))
+
+
+# Arguments of the grids that count neighbours in the database (scaled with its size); QE's and
+# alpha-DBA-QE's n count top items among the positives and are not scaled.
+SCALED_ARGUMENTS = ("k", "k1", "k2", "K")
+
+
+def scaled_count(k: int, scale: float) -> int:
+    """``round(k * scale)``, at least 1."""
+    return max(1, int(round(k * scale)))
+
+
+def scaled_krecip(points: Sequence[KReciprocalPoint], scale: float) -> list[KReciprocalPoint]:
+    """k-reciprocal points with k1 and k2 scaled (lambda kept), in the same order."""
+    return [replace(p, k1=scaled_count(p.k1, scale), k2=scaled_count(p.k2, scale)) for p in points]
+
+
+def scaled_shortlist(points: Mapping[str, Sequence[ShortlistPoint]], scale: float) -> dict[str, list[ShortlistPoint]]:
+    """Each shortlist re-ranker's points with their neighbour counts (``SCALED_ARGUMENTS``) scaled, same order."""
+
+    def one(p: ShortlistPoint) -> ShortlistPoint:
+        return ShortlistPoint(
+            tuple((k, scaled_count(int(v), scale) if k in SCALED_ARGUMENTS else v) for k, v in p.values)
+        )
+
+    return {m: [one(p) for p in ps] for m, ps in points.items()}

@@ -6,7 +6,7 @@ Each returns a typed hand-off (``ssr_tasks.retrieval.handoffs``) of file paths a
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
-from ssr_model.baselines import krecip_grid
 from ssr_tasks.backbone import dataset_spec, extract_split_features, load_backbone
 from ssr_tasks.config import (
     Device,
@@ -28,8 +27,9 @@ from ssr_tasks.config import (
 )
 from ssr_tasks.device import cluster_device, local_device
 from ssr_tasks.handoffs import Backbone, Trials, TrialTracking, required
+from ssr_tasks.retrieval.costs import measure_methods, measure_ssr
 from ssr_tasks.retrieval.distractors import feature_distractors, glyph_distractors
-from ssr_tasks.retrieval.evaluate import choose_baselines, method_rankings, shortlist_points, write_ranking_store
+from ssr_tasks.retrieval.evaluate import method_rankings, write_ranking_store
 from ssr_tasks.retrieval.handoffs import (
     MethodStore,
     Rankings,
@@ -43,6 +43,15 @@ from ssr_tasks.retrieval.ray_jobs import run_trials
 from ssr_tasks.retrieval.rerank import rerank_store
 from ssr_tasks.retrieval.settings import holdout_fraction_for_k, relaxed_sequence_filter, scaled_lr_dni
 from ssr_tasks.retrieval.train import load_training_data, load_validation
+from ssr_tasks.retrieval.validation import (
+    choose_on_validation,
+    grid_scale,
+    mirror_validation,
+    read_test_set,
+    score_on_test,
+    val_vs_test_rows,
+    write_val_vs_test,
+)
 from ssr_tasks.taskkit import CACHE, Progress, retry_transient, short_hash
 from storage.checkpoints import file_sha256
 from storage.features import read_features, read_metadata, write_features
@@ -215,7 +224,19 @@ def extract_features(
 
     The glyph images are rendered into the same folder whatever their seed and size, so the
     table's name carries ``data_seed`` and ``glyphs_size``: the paths in ``data`` alone would
-    hand back another rendering's features."""
+    hand back another rendering's features. ``gnd``: the test ground truth, whose profile
+    the validation mirrors (``ssr_tasks.retrieval.validation``)."""
+    return replace(_features(params, k, data, backbone, work_dir, device), gnd=data.gnd)
+
+
+def _features(
+    params: RetrievalDataParams,
+    k: int,
+    data: RetrievalData,
+    backbone: Backbone | None,
+    work_dir: str,
+    device: Device,
+) -> RetrievalFeatures:
     gt = read_gnd(Path(data.gnd))
     if k > len(gt.imlist):
         raise ValueError(f"k: {k} is larger than the database ({len(gt.imlist)} images)")
@@ -320,7 +341,9 @@ def train_ssr(
 ) -> RetrievalTrials:
     """Ray Tune grid over the points of ``sweep`` of SSR trained on retrieval sequences from the
     training clusters; the trial and its checkpoint with the best validation mAP (held-out
-    clusters) win. tracking: each trial logs to its nested MLflow run while it trains."""
+    clusters) win. tracking: each trial logs to its nested MLflow run while it trains.
+    Under ``val_protocol: mirror-test`` the validation database is sized from the test set first."""
+    train = mirror_validation(train, features)
     root = Path(work_dir) / f"ssr-{short_hash([train.model_dump(), features.train_path])}"
     logger = get_run_logger()
     points = sweep_points(sweep)
@@ -373,18 +396,30 @@ def rank_methods(
     initial rankings of every method (features, QE variants, k-reciprocal), each as a top-K
     store with its query table, plus the database table (row = id) for the re-ranking actors.
     The stores' folder is named after the features, the choice, the stores' K and shard size.
-    k: the largest k of any trial; train: its n_val_queries and seed draw the validation queries."""
-    val = load_validation(Path(features.train_path), train.n_val_queries, train.seed, features.dim)
-    choice = choose_baselines(
-        val,
-        baselines.qe_n_grid,
-        krecip_grid(baselines.krecip_pairs, baselines.krecip_lambda),
-        methods=baselines.methods,
-        shortlist_points=shortlist_points(baselines),
+    k: the largest k of any trial; train: its n_val_queries and seed draw the validation queries.
+
+    Under ``val_protocol: mirror-test`` the validation mirrors the test set and the grids'
+    neighbour counts are scaled to its database (``ssr_tasks.retrieval.validation``). With
+    ``baselines.val_vs_test`` every grid point is also scored on the test queries, for the
+    val_vs_test table only. Each method's ranking call is measured in a Ray actor (``costs``)."""
+    logger = get_run_logger()
+    train = mirror_validation(train, features)
+    mirror = train.val_protocol == "mirror-test"
+    val = load_validation(
+        Path(features.train_path),
+        train.n_val_queries,
+        train.seed,
+        features.dim,
+        n_database=train.val_database,
+        spread=mirror,
     )
-    get_run_logger().info(
-        "baselines chosen on validation (%d held-out queries): %s",
+    scale = grid_scale(train, len(val.database), features.n_database)
+    choice, val_label = choose_on_validation(val, baselines, scale)
+    logger.info(
+        "baselines chosen on validation (%d held-out queries, %d database items, neighbour counts x %.3g): %s",
         len(val.queries),
+        len(val.database),
+        scale,
         ", ".join(f"{k.removeprefix('chosen.')} {v}" for k, v in choice.as_params().items()),
     )
     db = read_features(Path(features.path), split="database")
@@ -422,7 +457,24 @@ def rank_methods(
     tmp = ranks.with_suffix(".tmp.npz")
     np.savez(tmp, **{m.name: m.ranks for m in methods})  # type: ignore[arg-type]  # numpy stub: **arrays vs allow_pickle
     tmp.replace(ranks)
-    return Rankings(str(ranks), str(database), tuple(out), choice)
+    table = None
+    if baselines.val_vs_test and features.gnd is not None:
+        q, d = read_test_set(features)
+        test_map = score_on_test(q, d, read_gnd(Path(features.gnd)).gnd, baselines)
+        note = (
+            f"Validation: {len(val.queries)} held-out queries against {len(val.database)} items "
+            f"({train.val_protocol}); test: {len(q)} queries against {len(d)} items; validation neighbour counts "
+            f"= test's x {scale:.3g}."
+        )
+        table = write_val_vs_test(val_vs_test_rows(choice, val_label, test_map), stores / "val_vs_test.csv", note)
+    costs = measure_methods(features.path, choice)
+    for c in costs:
+        logger.info(
+            "cost %s: %.3g ms/query, peak %.3g MiB, %.3g CPU s", c.name, c.ms_per_query, c.peak_mib, c.cpu_seconds
+        )
+    return Rankings(
+        str(ranks), str(database), tuple(out), choice, str(table) if table else None, costs, str(features.path)
+    )
 
 
 @task(name="rerank-store", retries=1, retry_condition_fn=retry_transient)
@@ -446,4 +498,15 @@ def rerank(
         device=cluster_device(device),
         progress=progress,
     )
-    return Reranked(method.name, str(out))
+    cost = None
+    if rankings.features is not None:  # SSR's call on this method's top-k, measured in an actor
+        cost = measure_ssr(
+            rankings.features,
+            method.name,
+            model,
+            method.topk,
+            method.queries,
+            rankings.database,
+            cluster_device(device),
+        )
+    return Reranked(method.name, str(out), cost)

@@ -118,10 +118,23 @@ class ValidationSet:
     gnd: list[dict]
 
     @classmethod
-    def from_clusters(cls, emb: np.ndarray, labels: np.ndarray, n_queries: int, seed: int) -> ValidationSet:
-        """emb (M, D) L2-normalised held-out rows, labels (M,) their clusters."""
-        rows, db_rows, gt = validation_ground_truth(labels, n_queries, seed)
+    def from_clusters(
+        cls,
+        emb: np.ndarray,
+        labels: np.ndarray,
+        n_queries: int,
+        seed: int,
+        distractors: np.ndarray | None = None,
+        spread: bool = False,
+    ) -> ValidationSet:
+        """emb (M, D) L2-normalised held-out rows, labels (M,) their clusters; distractors (X, D)
+        L2-normalised rows of other clusters appended to the database (negatives of every
+        query); spread: queries one per cluster before any second
+        (``storage.landmark_tables.validation_ground_truth``)."""
+        rows, db_rows, gt = validation_ground_truth(labels, n_queries, seed, spread=spread)
         q, db = emb[rows], emb[db_rows]
+        if distractors is not None and len(distractors):
+            db = np.concatenate([db, distractors.astype(db.dtype, copy=False)])
         return cls(q, db, np.argsort(-(q @ db.T), axis=1, kind="stable"), gt.gnd)
 
 
@@ -266,15 +279,53 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def load_validation(train_table: Path, n_queries: int, seed: int, feat_dim: int | None = None) -> ValidationSet:
-    """The validation set of the held-out rows (split ``val``) of a training table."""
+def distractor_rows(n_rows: int, n_wanted: int, seed: int) -> np.ndarray:
+    """``min(n_wanted, n_rows)`` distinct rows of ``n_rows`` (sorted), drawn with ``default_rng([seed, 1])``."""
+    n = max(0, min(n_wanted, n_rows))
+    return np.sort(np.random.default_rng([seed, 1]).choice(n_rows, size=n, replace=False))
+
+
+def load_validation(
+    train_table: Path,
+    n_queries: int,
+    seed: int,
+    feat_dim: int | None = None,
+    n_database: int = 0,
+    spread: bool = False,
+    train_rows: np.ndarray | None = None,
+) -> ValidationSet:
+    """The validation set of the held-out rows (split ``val``) of a training table.
+
+    n_database: database size wanted; when the held-out items left after the queries are
+    fewer, rows of split ``train`` (``train_rows``, L2-normalised, else read from the table)
+    drawn with ``distractor_rows`` fill it up to that size or to all of them; 0: none.
+    spread: queries one per held-out cluster before any second."""
     held = read_features(Path(train_table), split="val", expected_dim=feat_dim)
-    return ValidationSet.from_clusters(_unit(held.embeddings), np.asarray(held.labels), n_queries, seed)
+    labels = np.asarray(held.labels)
+    distractors = None
+    if n_database:
+        _, db_rows, _ = validation_ground_truth(labels, n_queries, seed, spread=spread)
+        n_extra = n_database - len(db_rows)
+        if n_extra > 0:
+            if train_rows is None:
+                train_rows = _unit(read_features(Path(train_table), split="train", expected_dim=feat_dim).embeddings)
+            distractors = train_rows[distractor_rows(len(train_rows), n_extra, seed)]
+    return ValidationSet.from_clusters(_unit(held.embeddings), labels, n_queries, seed, distractors, spread)
 
 
 def load_training_data(train_table: Path, cfg: RetrievalTrainParams) -> tuple[np.ndarray, np.ndarray, ValidationSet]:
     """Training rows (split ``train``: L2-normalised features (N, D), cluster labels (N,))
-    and the validation set of the held-out rows of ``train_table``."""
+    and the validation set of the held-out rows of ``train_table`` (``cfg.val_protocol``,
+    ``cfg.val_database``: see ``load_validation``)."""
     train = read_features(Path(train_table), split="train")
-    val = load_validation(Path(train_table), cfg.n_val_queries, cfg.seed, train.dim)
-    return _unit(train.embeddings), np.asarray(train.labels), val
+    emb = _unit(train.embeddings)
+    val = load_validation(
+        Path(train_table),
+        cfg.n_val_queries,
+        cfg.seed,
+        train.dim,
+        n_database=cfg.val_database,
+        spread=cfg.val_protocol == "mirror-test",
+        train_rows=emb,
+    )
+    return emb, np.asarray(train.labels), val

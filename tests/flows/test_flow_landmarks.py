@@ -95,7 +95,25 @@ def test_landmark_pickles_to_results(ssr_home, ray_local, prefect_harness, tmp_p
     assert result["model_uri"] == "models:/ssr-retrieval-landmarks/1"
     csv_path = max(Path(ssr_home).rglob("results.csv"), key=lambda path: path.stat().st_mtime)
     with open(csv_path) as f:
-        assert next(csv.reader(f)) == ["method", "mAP easy", "mAP medium", "mAP hard", "mP@10 medium", "mP@10 hard"]
+        assert next(csv.reader(f)) == [
+            "method",
+            "mAP easy",
+            "mAP medium",
+            "mAP hard",
+            "mP@10 medium",
+            "mP@10 hard",
+            "ms/query",
+            "peak MiB (Q=10)",
+            "CPU s",
+        ]
+    # issue 20: costs measured in actors for every row; every grid point's validation and test mAP beside them
+    assert all(r["ms/query"] > 0 and r["CPU s"] >= 0 and r["peak MiB (Q=10)"] for r in rows.values())
+    with open(csv_path.parent / "val_vs_test.csv") as f:
+        vvt = list(csv.DictReader(f))
+    assert {r["method"] for r in vvt} == set(rows) - {"features"} - {m for m in rows if m.endswith(" + SSR")}
+    assert [r["test setting"] for r in vvt if r["method"] == "k-reciprocal"] == ["k1=10,k2=5,lambda=0.3"]
+    assert all(float(r["test mAP medium"]) >= 0 and r["validation mAP medium"] for r in vvt)
+    assert (csv_path.parent / "map_vs_cost.png").is_file()
 
 
 def test_paper_retrieval_preset_has_the_paper_settings():

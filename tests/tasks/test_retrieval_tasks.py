@@ -119,4 +119,24 @@ def test_train_rerank_and_report(features, data, tiny_retrieval_params, pipeline
     assert [r["method"] for r in out.rows] == ["features", "features + SSR", "AQE", "AQE + SSR"]
     for row in out.rows:
         assert all(0.0 <= row[f"mAP {k}"] <= 100.0 for k in ("easy", "medium", "hard"))
-    assert {name for name, _ in out.figures} == {"map_by_method.png", "reranked_example.png"}
+    assert {name for name, _ in out.figures} == {"map_by_method.png", "reranked_example.png", "map_vs_cost.png"}
+    # costs (issue 20 item 1): measured in actors, a "+ SSR" row costs its method's call plus SSR's
+    cost = {c.name: c for c in rankings.costs}
+    assert [c.name for c in rankings.costs] == METHODS and all(r.cost is not None for r in reranked)
+    rows = {r["method"]: r for r in out.rows}
+    peak = f"peak MiB (Q={features.n_queries})"
+    for name in ("features", "AQE"):
+        ssr = next(r.cost for r in reranked if r.name == name)
+        assert rows[name]["ms/query"] == float(f"{cost[name].ms_per_query:.3g}") > 0
+        both = cost[name].ms_per_query + ssr.ms_per_query
+        assert rows[f"{name} + SSR"]["ms/query"] == float(f"{both:.3g}")
+        assert rows[f"{name} + SSR"][peak] == report.reporting.fmt_peak_mib(max(cost[name].peak_mib, ssr.peak_mib))
+        assert rows[name][peak] == "< 1 MiB" or float(rows[name][peak].replace(",", "")) >= 1
+    assert cost["k-reciprocal"].peak_mib > 1  # it builds (Q + N) x (Q + N) distances: measurable
+    # every grid point's validation and test mAP beside results.csv, the chosen points marked
+    table = Path(out.csv).parent / "val_vs_test.csv"
+    vvt = report.read_val_vs_test(table)
+    assert {r["method"] for r in vvt} == set(METHODS) - {"features"}
+    chosen = {(r["method"], r["test setting"]) for r in vvt if r["chosen on validation"]}
+    assert ("k-reciprocal", rankings.choice.krecip.label()) in chosen
+    assert table.with_suffix(".md").is_file() and (Path(out.csv).parent / "costs.csv").is_file()
