@@ -21,4 +21,4 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
     >/tmp/ssr-apt-chromium.log 2>&1 || echo "chromium not installed (see /tmp/ssr-apt-chromium.log); browser tests will skip"
 fi
 echo "== pytest =="
-exec python -m pytest -q "$@"
+exec python -m pytest -q --durations=30 "$@"
