@@ -506,8 +506,9 @@ class RetrievalDataParams(_Params):
     )
     distractors_path: str | None = Field(
         None,
-        description="Published or your features: a features table of distractors (`ssr data import-distractors`, "
-        "e.g. the revisitop 1M) appended to the test database (paper: R1M)",
+        description="Published or your features: distractor features (.npy, revisitop .pkl or .parquet; (N, D) or "
+        "(D, N); e.g. the revisitop 1M) appended to the test database as `ssr data import-distractors` does "
+        "(paper: R1M)",
     )
 
     @model_validator(mode="after")

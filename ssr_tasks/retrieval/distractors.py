@@ -2,8 +2,8 @@
 
 Glyphs: N renderings of characters that are neither queried nor trained on, embedded by
 the run's backbone block by block (``storage.glyphs.distractors``). Published features
-(rOxford5k / rParis6k, a user's tables): a features table of distractors, e.g. the
-revisitop 1M imported by ``ssr data import-distractors``. Either way the result is a new
+(rOxford5k / rParis6k, a user's tables): a file of distractor features, e.g. the
+revisitop 1M, appended as ``ssr data import-distractors`` does. Either way the result is a new
 test table: the test table's rows, then the distractors as split ``database``, streamed.
 """
 
@@ -22,6 +22,7 @@ from ssr_tasks.device import local_device
 from ssr_tasks.handoffs import Backbone, required
 from ssr_tasks.retrieval.handoffs import RetrievalData
 from ssr_tasks.taskkit import short_hash
+from storage.distractors import import_distractors
 from storage.errors import StorageError
 from storage.features import read_metadata
 from storage.glyphs import GENERATOR_VERSION
@@ -92,21 +93,21 @@ def glyph_distractors(
 
 
 def feature_distractors(test_table: Path, distractors_path: str) -> tuple[Path, int]:
-    """``test_table`` with every row of the features table ``distractors_path`` appended as
-    database items (built once, named after the table's path, size and modification time);
-    and the number of distractors."""
+    """``test_table`` with the distractors of ``distractors_path`` appended as database items
+    (``storage.distractors.import_distractors``, what ``ssr data import-distractors`` runs:
+    .npy memory-mapped, a revisitop-style pickle or Parquet, (N, D) or (D, N); streamed),
+    built once into a table named after the source's path, size and modification time; and
+    the number of distractors."""
     source = Path(distractors_path)
     if not source.is_file():
         raise StorageError(
-            f"{source}: data.distractors_path: distractor features table not found "
-            "(`ssr data import-distractors` writes it)"
+            f"{source}: data.distractors_path: distractor features not found (.npy, revisitop .pkl or .parquet)"
         )
     st = source.stat()
-    n = pq.ParquetFile(source).metadata.num_rows
     out = test_table.with_name(
         f"{test_table.stem}-distractors-{short_hash([str(source.resolve()), st.st_size, st.st_mtime_ns])}.parquet"
     )
     if not out.exists():
-        log.info("distractors: appending %d rows of %s to the test database", n, source)
-        append_database_rows(test_table, [source], n, out)
-    return out, n
+        log.info("distractors: appending %s to the test database", source)
+        import_distractors(test_table, source, out=out)
+    return out, pq.ParquetFile(out).metadata.num_rows - pq.ParquetFile(test_table).metadata.num_rows
