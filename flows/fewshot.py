@@ -44,6 +44,8 @@ def fewshot_pipeline(params: FewShotParams = FewShotParams()) -> dict:
         val = tasks.validation_episodes(
             evaluation.n_val_episodes, train.episode, train.seed, features, data, str(run.work)
         )
+        # one SSR model per query balance of the training episodes (train.query_balance); the first is the primary
+        balances = ["balanced"] if released else params.training_balances
         if released:  # the authors' model: evaluated as it is, with the sweep's first point
             trials = tasks.released_trials(
                 params.first_train, features, val, released, evaluation.n_eval_actors, device
@@ -54,21 +56,26 @@ def fewshot_pipeline(params: FewShotParams = FewShotParams()) -> dict:
                 if backbone is not None
                 else None
             )
-            val_by_shot = tuple(  # a sweep over n_shot: each shot count validates on its own episodes
+            val_by_shot = tuple(  # each shot count and query balance validates on its own episodes
                 (
                     shot,
+                    balance,
                     val
-                    if shot == train.n_shot
+                    if shot == train.n_shot and balance == "balanced"
                     else tasks.validation_episodes(
                         evaluation.n_val_episodes,
                         replace(train.episode, n_shot=shot),
                         train.seed,
                         features,
-                        tasks.prepare_data(params.data, replace(train.episode, n_shot=shot), str(run.run_dir)),
+                        data
+                        if shot == train.n_shot
+                        else tasks.prepare_data(params.data, replace(train.episode, n_shot=shot), str(run.run_dir)),
                         str(run.work),
+                        balance,
                     ),
                 )
                 for shot in tasks.training_shots(train, params.sweep)
+                for balance in balances
             )
             sweep = tasks.scaled_sweep(params.sweep, features) if params.from_data else params.sweep
             trials = tasks.train_ssr(
@@ -81,24 +88,26 @@ def fewshot_pipeline(params: FewShotParams = FewShotParams()) -> dict:
                 run.trial_tracking(prefect_tags()),
                 device,
                 val_by_shot,
+                tuple(balances),
             )
         krecip = tasks.choose_krecip(params.baselines, features, val, evaluation.n_eval_actors, device)
-        # each test column uses the model trained at its shot count when the sweep has one
+        # each test column uses the model trained at its shot count when the sweep has one, per query balance
         shots = [
             tasks.evaluate(
                 evaluation,
                 train.episode,
                 train.seed,
                 features,
-                trained_for(trials, shot, train.n_shot).model,
+                trained_for(trials, shot, train.n_shot, balances[0]).model,
                 krecip,
                 shot,
                 device,
+                tuple((b, trained_for(trials, shot, train.n_shot, b).model) for b in balances[1:]),
             )
             for shot in evaluation.eval_shots
         ]
         results = report.write_report(params, trials, krecip, shots, str(run.results))
-        registered = report.log_and_register(
+        registered, *others = report.log_and_register(
             run.tracker, params, trials, krecip, shots, results, backbone, prefect_tags()
         )
 
@@ -116,11 +125,19 @@ def fewshot_pipeline(params: FewShotParams = FewShotParams()) -> dict:
         create_markdown_artifact(
             key="fewshot-report",
             markdown=f"# SSR few-shot: {dataset}, {params.backbone.name}\n\n{results.markdown}\n"
-            f"Model: `{registered.model_uri}` (aliases moved: {list(registered.aliases) or 'none'})\n\n"
-            f"MLflow run `{registered.run_id}` in experiment `ssr-fewshot` (runs/{registered.run_id}); plots: "
+            + "".join(
+                f"Model: `{r.model_uri}` (aliases moved: {list(r.aliases) or 'none'})\n\n"
+                for r in (registered, *others)
+            )
+            + f"MLflow run `{registered.run_id}` in experiment `ssr-fewshot` (runs/{registered.run_id}); plots: "
             + ", ".join(f"`{name}`" for name, _ in results.figures)
             + "\n",
             description="Results table, model and plots",
         )
         print(results.markdown)
-        return {"results": list(results.rows), "markdown": results.markdown, **registered.as_dict()}
+        return {
+            "results": list(results.rows),
+            "markdown": results.markdown,
+            **registered.as_dict(),
+            "registered": [r.as_dict() for r in (registered, *others)],  # one model per training query balance
+        }

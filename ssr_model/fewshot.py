@@ -119,13 +119,10 @@ class FewShotSSR(nn.Module):
         p, q = unit_rows(prototypes), unit_rows(queries)
         return self.scale_cls * torch.bmm(q, p.transpose(1, 2))
 
-    def forward(self, support: torch.Tensor, query: torch.Tensor, return_all_steps: bool = False) -> torch.Tensor:
-        unbatched = support.dim() == 3
-        if unbatched:
-            support, query = support.unsqueeze(0), query.unsqueeze(0)
-        self._check_inputs(support, query)
-        keep_graph = self.training and torch.is_grad_enabled()
-
+    def _refine(
+        self, support: torch.Tensor, query: torch.Tensor, keep_graph: bool
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Prototypes and queries after 0..steps refinements; support (E, n_way, n_shot, D), query (E, n_query, D)."""
         rows, cols = self.pair_rows, self.pair_cols
         if rows.device != support.device:
             rows, cols = rows.to(support.device), cols.to(support.device)
@@ -133,11 +130,33 @@ class FewShotSSR(nn.Module):
         def build_vectors(prototypes: torch.Tensor, queries: torch.Tensor, query_gram: torch.Tensor) -> torch.Tensor:
             return fewshot_subgraph_vectors(prototypes, queries, rows, cols, query_gram)
 
-        states = refine(
+        return refine(
             support.mean(2),  # prototypes (E, n_way, D)
             query,  # (E, n_query, D)
             build_vectors, self.dni_support, self.dni_query, self.lr_dni, self.steps, keep_graph,
         )  # fmt: skip
+
+    def refine_episode(self, support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SSR's output features of a batch of episodes, for another classifier to read (``ssr+tim``, ``ssr+pt-map``).
+
+        SSR refines the class prototypes and the queries (``steps`` steps). Each support
+        feature moves by the refinement of its class prototype, so the refined support's
+        class means are the refined prototypes and a 1-shot support is the refined prototype
+        itself. support (E, n_way, n_shot, D), query (E, n_query, D) -> the same shapes,
+        detached (inference values, whatever the mode).
+        """
+        self._check_inputs(support, query)
+        prototypes, queries = self._refine(support, query, keep_graph=False)[-1]
+        refined_support = support.detach() + (prototypes - support.detach().mean(2)).unsqueeze(2)
+        return refined_support, queries
+
+    def forward(self, support: torch.Tensor, query: torch.Tensor, return_all_steps: bool = False) -> torch.Tensor:
+        unbatched = support.dim() == 3
+        if unbatched:
+            support, query = support.unsqueeze(0), query.unsqueeze(0)
+        self._check_inputs(support, query)
+        keep_graph = self.training and torch.is_grad_enabled()
+        states = self._refine(support, query, keep_graph)
         with torch.set_grad_enabled(keep_graph):
             if return_all_steps:
                 scores = torch.stack([self.class_scores(p, q) for p, q in states])

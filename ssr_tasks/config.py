@@ -39,6 +39,7 @@ from pydantic import (
 
 from ssr_model import FewShotSSR, RetrievalSSR
 from ssr_model.baselines import PEER_METHODS, RETRIEVAL_METHODS
+from ssr_model.baselines.peers import COMPOSED_METHODS
 from ssr_tasks import datasets
 
 FewShotDataset = Literal[datasets.names("fewshot")]  # type: ignore[valid-type]
@@ -55,7 +56,9 @@ def default_run_dir() -> Path:
     return Path(os.environ.get("SSR_HOME") or Path.cwd() / "runs").resolve()
 
 
-FEWSHOT_METHODS = ("baseline", "k-reciprocal", "ssr", *PEER_METHODS)
+FEWSHOT_METHODS = ("baseline", "k-reciprocal", "ssr", *PEER_METHODS, *COMPOSED_METHODS)
+# The rows of a run that does not name them: all but the compositions ssr+tim, ssr+pt-map (asked for by name).
+DEFAULT_FEWSHOT_METHODS = ("baseline", "k-reciprocal", "ssr", *PEER_METHODS)
 
 
 def query_balance_alpha(value: str) -> float | None:
@@ -304,6 +307,33 @@ class FewShotTrainParams(_Params):
         "through the frozen backbone every episode), views:N (N augmented views per image, extracted once) "
         "(paper: online)",
     )
+    query_balance: str | list[str] = Field(
+        "auto",
+        description="Query counts per class of the training and validation episodes, one SSR model per value: "
+        "balanced (n_query each), dirichlet:ALPHA (class counts of the n_way x n_query queries from "
+        "Dirichlet(ALPHA), as evaluation.query_balance), or a list of them, e.g. [balanced, dirichlet:2]; auto: "
+        "balanced, plus evaluation.query_balance when that is Dirichlet, so a Dirichlet run's table has SSR "
+        "trained both ways. Each model is registered apart: balanced under model_name, dirichlet:ALPHA under "
+        "<model_name>-dirichlet<ALPHA> (paper: balanced)",
+    )
+
+    @field_validator("query_balance")
+    @classmethod
+    def _train_query_balance(cls, v: str | list[str]) -> str | list[str]:
+        values = [v] if isinstance(v, str) else list(v)
+        if not values or len(set(values)) != len(values):
+            raise ValueError(f"query_balance: expected a value or a non-empty list without repeats, got {v}")
+        for value in values:
+            if value != "auto" or len(values) > 1:
+                query_balance_alpha(value)
+        return values[0] if len(values) == 1 else values
+
+    @property
+    def trained_balance(self) -> str:
+        """The query balance this config trains with ("auto": balanced); a list is refused (one per trial)."""
+        if not isinstance(self.query_balance, str):
+            raise ValueError(f"query_balance: one value per trial, got {self.query_balance}")
+        return "balanced" if self.query_balance == "auto" else self.query_balance
 
     @property
     def episode(self) -> EpisodeShape:
@@ -335,10 +365,11 @@ class FewShotEvalParams(_Params):
     n_val_episodes: int = Field(300, ge=1, description="Fixed validation episodes used (paper: 1,000)")
     n_test_episodes: int = Field(600, ge=1, description="Random test episodes per shot count (paper: 2,000)")
     methods: list[str] = Field(
-        default_factory=lambda: list(FEWSHOT_METHODS),
+        default_factory=lambda: list(DEFAULT_FEWSHOT_METHODS),
         description="Rows of the results table, each with its ms and peak memory per episode: baseline, "
         "k-reciprocal, ssr, and the peers simpleshot, bd-cspn, tim, alpha-tim, pt-map, laplacianshot on the same features and "
-        "test episodes; SSR is trained and registered whatever the rows (paper: baseline, k-reciprocal, ssr)",
+        "test episodes; also, asked for by name, the compositions ssr+tim and ssr+pt-map (TIM / PT-MAP on the trained "
+        "SSR's refined features); SSR is trained and registered whatever the rows (paper: baseline, k-reciprocal, ssr)",
     )
     query_balance: str = Field(
         "balanced",
@@ -392,7 +423,7 @@ class FewShotParams(_Pipeline):
     """
 
     # the test episodes' n_way and n_query shape the model; n_shot may be swept (one model per shot count)
-    NOT_SWEPT: ClassVar[tuple[str, ...]] = ("train_augment", "n_way", "n_query")
+    NOT_SWEPT: ClassVar[tuple[str, ...]] = ("train_augment", "n_way", "n_query", "query_balance")
     FLAT: ClassVar[dict[str, tuple[str, str]]] = {
         **{f: ("data", f) for f in ("dataset", "data_root", "val_episodes_json", "glyphs_size", "data_seed")},
         "backbone": ("backbone", "name"),
@@ -457,15 +488,34 @@ class FewShotParams(_Pipeline):
     def _methods_fit_the_episodes(self) -> FewShotParams:
         n_way, n_queries = self.train.n_way, self.train.n_way * self.train.n_query
         for name in self.evaluation.methods:
-            if name in PEER_METHODS:
+            peer = COMPOSED_METHODS[name].peer if name in COMPOSED_METHODS else name
+            if peer in PEER_METHODS:
                 for shot in self.evaluation.eval_shots:
                     try:
-                        PEER_METHODS[name].check(n_way, shot, n_queries)
+                        PEER_METHODS[peer].check(n_way, shot, n_queries)
                     except ValueError as exc:
                         raise ValueError(
                             f"evaluation.methods: {exc} ({n_way}-way {shot}-shot, {n_queries} queries)"
                         ) from None
         return self
+
+    @property
+    def training_balances(self) -> list[str]:
+        """The query balances SSR is trained with, one model each (``train.query_balance``; "auto":
+        balanced, plus ``evaluation.query_balance`` when that is Dirichlet). The first is the
+        primary model: the ``ssr`` metrics' and the plots' model."""
+        value = self.train.query_balance
+        if value == "auto":
+            test = self.evaluation.query_balance
+            return ["balanced"] if test == "balanced" else ["balanced", test]
+        return [value] if isinstance(value, str) else list(value)
+
+    def registered_name(self, query_balance: str) -> str:
+        """The registered model of SSR trained with ``query_balance``: ``model_name`` for balanced,
+        ``<model_name>-dirichlet<ALPHA>`` for dirichlet:ALPHA: models trained for different query
+        balances never compete for one champion."""
+        alpha = query_balance_alpha(query_balance)
+        return self.model_name if alpha is None else f"{self.model_name}-dirichlet{alpha:g}"
 
 
 # ---- retrieval ------------------------------------------------------------------------------------------

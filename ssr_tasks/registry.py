@@ -4,6 +4,10 @@ registered models back, all through an ``MlflowClient`` bound to one URI (``mlfl
 ``champion-<dataset>-<backbone>`` follows the best version per dataset and backbone;
 ``champion`` moves when the registry has none yet or when the new version beats the current
 champion trained on the same dataset and backbone (validation score, tag ``val_metric``).
+Versions of different kinds (``KIND_TAGS``: few-shot SSR trained on balanced or on
+Dirichlet query sets) never compete: a version never displaces an alias held by another kind.
+The few-shot pipeline also registers each kind under its own name
+(``FewShotParams.registered_name``), so each has its own champions.
 """
 
 from __future__ import annotations
@@ -16,6 +20,14 @@ from ssr_tasks.mlflow_store import mlflow_client, store_uri
 from ssr_tasks.services import check_mlflow, mlflow_tracking_uri, redact_uri
 
 CHAMPION = "champion"
+# Tags that make versions different models, with the value a version without the tag has:
+# SSR trained on balanced query sets or on Dirichlet ones (their validation episodes differ too).
+KIND_TAGS = {"query_balance": "balanced"}
+
+
+def same_kind(current_tags: Mapping[str, str], tags: Mapping[str, str]) -> bool:
+    """Whether two versions' tags name the same kind of model (``KIND_TAGS``)."""
+    return all(str(current_tags.get(k, default)) == str(tags.get(k, default)) for k, default in KIND_TAGS.items())
 
 
 def _alias_version(client: Any, name: str, alias: str) -> Any:
@@ -45,7 +57,7 @@ def _move_champions(
         current = _alias_version(client, name, alias)
         wins = current is None
         if current is not None:
-            same = all(current.tags.get(k) == str(tags.get(k)) for k in compare_on)
+            same = all(current.tags.get(k) == str(tags.get(k)) for k in compare_on) and same_kind(current.tags, tags)
             cur_val = float(current.tags.get("val_metric", "-inf"))
             # compare at the precision the tag stores, so an equal score never counts as a win
             wins = same and round(val_metric, 6) > cur_val

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ssr_model.baselines import peer_method
+from ssr_model.baselines.peers import COMPOSED_METHODS
 from ssr_model.metrics import accuracy_ci95
 
 
@@ -76,6 +77,7 @@ def fewshot_rows(
     costs: Mapping[int, Mapping[str, tuple[float, float]]] | None = None,
     queries: str | None = None,
     cost_episodes: int | None = None,
+    ssr_rows: Sequence[tuple[str, str, str]] | None = None,
 ) -> list[dict]:
     """Rows Baseline / k-reciprocal / SSR and the peers of ``methods`` (in that order), one
     accuracy column per shot count.
@@ -84,11 +86,18 @@ def fewshot_rows(
     costs: shot -> key (as in ``per_shot``, "ssr" for SSR) -> (ms per episode, peak MiB of one
     call on ``cost_episodes`` episodes), adding the columns "<shot>-shot ms/episode" and
     ``peak_column(shot, cost_episodes)``; queries: the query balance ("balanced",
-    "dirichlet:ALPHA"), adding the column "queries".
+    "dirichlet:ALPHA"), adding the column "queries"; ssr_rows: (label, accuracy key, cost key)
+    of each SSR model, in place of the one "ssr" row (SSR trained on balanced and on Dirichlet
+    query sets).
     """
-    rows = []
+    specs = []
     for name in methods:
-        label, key, cost_key = fewshot_method_row(name, krecip_label, best_steps)
+        if name == "ssr" and ssr_rows is not None:
+            specs += list(ssr_rows)
+        else:
+            specs.append(fewshot_method_row(name, krecip_label, best_steps))
+    rows = []
+    for label, key, cost_key in specs:
         row = {"method": label}
         if queries is not None:
             row["queries"] = queries_label(queries)
@@ -122,7 +131,9 @@ def fewshot_method_row(name: str, krecip_label: str, best_steps: int) -> tuple[s
         return f"k-reciprocal ({krecip_label})", "krecip", "krecip"
     if name == "ssr":
         return f"SSR (steps={best_steps})", f"ssr_step{best_steps}", "ssr"
-    key = name.replace("-", "_")
+    key = name.replace("-", "_").replace("+", "_")
+    if name in COMPOSED_METHODS:
+        return COMPOSED_METHODS[name].label, key, key
     return peer_method(name).label, key, key
 
 

@@ -73,6 +73,49 @@ PEER_METHODS: dict[str, PeerMethod] = {
 }
 
 
+@dataclass(frozen=True)
+class ComposedMethod:
+    """A peer method run on SSR's refined features (``ssr+<peer>``): the trained SSR refines the
+    episode's support and query features (``FewShotSSR.refine_episode``), then ``peer`` scores
+    them as it scores raw features. label: the results-table row."""
+
+    name: str
+    label: str
+    peer: str
+
+    def check(self, n_way: int, n_shot: int, n_query: int) -> None:
+        PEER_METHODS[self.peer].check(n_way, n_shot, n_query)
+
+    def score(
+        self,
+        refine: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        support: torch.Tensor,
+        query: torch.Tensor,
+        base_mean: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Scores (E, n_query, n_way) of the peer on ``refine(support, query)``."""
+        refined_support, refined_query = refine(support, query)
+        return PEER_METHODS[self.peer].score(refined_support, refined_query, base_mean)
+
+
+# Compositions: rows that need a trained SSR (no published system reports them).
+COMPOSED_METHODS: dict[str, ComposedMethod] = {
+    m.name: m
+    for m in (
+        ComposedMethod("ssr+tim", "SSR + TIM-GD (TIM on SSR's refined features)", "tim"),
+        ComposedMethod("ssr+pt-map", "SSR + PT-MAP (PT-MAP on SSR's refined features)", "pt-map"),
+    )
+}
+
+
+def composed_method(name: str) -> ComposedMethod:
+    """The composition called ``name``; an unknown name is refused with the known ones listed."""
+    try:
+        return COMPOSED_METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown composed method {name!r} (known: {', '.join(COMPOSED_METHODS)})") from None
+
+
 def peer_method(name: str) -> PeerMethod:
     """The method called ``name``; an unknown name is refused with the known ones listed."""
     try:

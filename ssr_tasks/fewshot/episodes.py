@@ -157,6 +157,25 @@ def sample_dirichlet_episodes(
     return EpisodeIndices(support, query, labels)
 
 
+def sample_balanced_or_dirichlet(
+    split: SplitFeatures, n_episodes: int, n_way: int, n_shot: int, n_query: int, alpha: float | None, seed: int
+) -> EpisodeIndices:
+    """Episodes of n_way x n_query queries: ``n_query`` per class when ``alpha`` is None
+    (``sample_episodes``), else class counts from Dirichlet(alpha) (``sample_dirichlet_episodes``),
+    as the test episodes of a ``query_balance``; training and validation episodes draw theirs so."""
+    if alpha is None:
+        return sample_episodes(split, n_episodes, n_way, n_shot, n_query, seed)
+    return sample_dirichlet_episodes(split, n_episodes, n_way, n_shot, n_way * n_query, alpha, seed)
+
+
+def query_labels(episodes: EpisodeIndices) -> torch.Tensor:
+    """Class index of each query, (E, n_query_total): ``query_labels``, or class-major for balanced episodes."""
+    if episodes.query_labels is not None:
+        return torch.from_numpy(episodes.query_labels)
+    E, W, Q = episodes.query.shape
+    return torch.arange(W).repeat_interleave(Q).expand(E, W * Q)
+
+
 def repeated_query_fraction(episodes: EpisodeIndices) -> float:
     """Share of queries that repeat an earlier query of the same episode (0 for balanced episodes)."""
     flat = episodes.query.reshape(len(episodes), -1)
@@ -187,10 +206,5 @@ def gather(split: SplitFeatures, episodes: EpisodeIndices, device: torch.device 
     (with ``query_labels``: query (E, n_query_total, D) and those labels)."""
     emb = torch.from_numpy(split.embeddings)
     support = emb[torch.from_numpy(episodes.support)]
-    if episodes.query_labels is not None:
-        query = emb[torch.from_numpy(episodes.query)]
-        return support.to(device), query.to(device), torch.from_numpy(episodes.query_labels).to(device)
-    E, W, Q = episodes.query.shape
-    query = emb[torch.from_numpy(episodes.query)].reshape(E, W * Q, -1)
-    labels = torch.arange(W).repeat_interleave(Q).expand(E, W * Q)
-    return support.to(device), query.to(device), labels.to(device)
+    query = emb[torch.from_numpy(episodes.query)].reshape(len(episodes), -1, emb.shape[1])
+    return support.to(device), query.to(device), query_labels(episodes).to(device)

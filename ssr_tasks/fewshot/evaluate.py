@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ssr_model.baselines import fewshot_k_reciprocal, peer_method
+from ssr_model.baselines.peers import COMPOSED_METHODS, composed_method
 from ssr_tasks.costs import MethodCost, measure_cost, peak_bytes_of_call
 from ssr_tasks.fewshot.episodes import EpisodeIndices, gather, load_split
 from ssr_tasks.fewshot.handoffs import FewShotModel, KReciprocal
@@ -64,9 +65,11 @@ class EpisodeScores:
     """Per-episode accuracies (E,) of each method on a batch of episodes.
 
     krecip: one array per k-reciprocal setting; ssr_by_step: SSR after 0..steps refinements
-    (empty without a model or with ``with_ssr=False``); peers: by peer method name
-    (``ssr_model.baselines.PEER_METHODS``); cost: by "baseline", ``krecip_key(params)``,
-    "ssr" (one call computes every step) and peer name.
+    (empty without a model or with ``with_ssr=False``); ssr_variants: the same for each other
+    SSR model by its name (``variant_key``); peers: by peer method name
+    (``ssr_model.baselines.PEER_METHODS``) and composition name (``COMPOSED_METHODS``,
+    ``ssr+tim``); cost: by "baseline", ``krecip_key(params)``, "ssr" (one call computes every
+    step), ``variant_key(name)`` and peer / composition name.
     """
 
     baseline: np.ndarray
@@ -74,6 +77,7 @@ class EpisodeScores:
     ssr_by_step: list[np.ndarray] = field(default_factory=list)
     peers: dict[str, np.ndarray] = field(default_factory=dict)
     cost: dict[str, MethodCost] = field(default_factory=dict)
+    ssr_variants: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     @staticmethod
     def merge(chunks: Sequence[EpisodeScores]) -> EpisodeScores:
@@ -85,11 +89,23 @@ class EpisodeScores:
             [np.concatenate([c.ssr_by_step[s] for c in chunks]) for s in range(len(first.ssr_by_step))],
             {m: np.concatenate([c.peers[m] for c in chunks]) for m in first.peers},
             {k: MethodCost.merge([c.cost[k] for c in chunks]) for k in first.cost},
+            {
+                v: [np.concatenate([c.ssr_variants[v][s] for c in chunks]) for s in range(len(steps))]
+                for v, steps in first.ssr_variants.items()
+            },
         )
 
 
+def variant_key(name: str) -> str:
+    """The cost key of the SSR model ``name`` of ``FewShotEvaluator``'s variants in ``EpisodeScores.cost``."""
+    return f"ssr:{name}"
+
+
 class FewShotEvaluator:
-    """Scores episodes of one split with a trained FewShotSSR (loaded once), or without a model."""
+    """Scores episodes of one split with a trained FewShotSSR (loaded once), or without a model.
+
+    variants: other trained SSR models by name (e.g. trained on Dirichlet query sets), scored
+    on the same episodes beside ``model``."""
 
     def __init__(
         self,
@@ -98,6 +114,7 @@ class FewShotEvaluator:
         model: FewShotModel | None,
         device: str = "cpu",
         threads: int | None = None,
+        variants: Sequence[tuple[str, FewShotModel]] = (),
     ):
         if threads:
             torch.set_num_threads(threads)
@@ -105,6 +122,7 @@ class FewShotEvaluator:
         self.features_path = Path(features_path)
         self.split = load_split(self.features_path, split, expected_dim=model.feat_dim if model else None)
         self.model = model.build().to(self.device) if model is not None else None
+        self.variants = {name: m.build().to(self.device) for name, m in variants}
         self._base_mean: torch.Tensor | None = None
         self._peak_measured: dict[str, int] = {}  # cost key -> episodes of the call whose CPU peak was measured
 
@@ -134,8 +152,13 @@ class FewShotEvaluator:
         krecip: Sequence[KReciprocal] = (),
         with_ssr: bool = True,
         peers: Sequence[str] = (),
+        compose_with: str = "",
     ) -> EpisodeScores:
-        """Accuracies and costs on a batch; peers: names in ``ssr_model.baselines.PEER_METHODS``."""
+        """Accuracies and costs on a batch; peers: names in ``ssr_model.baselines.PEER_METHODS``
+        and compositions (``COMPOSED_METHODS``: the peer on the refined features of the SSR
+        model ``compose_with``, a variant's name, "" for ``model``; skipped without a model or
+        with ``with_ssr=False``). A composition's cost is its whole call: SSR's refinement and
+        the peer."""
         support, query, labels = gather(self.split, episodes, self.device)
         E = len(episodes)
 
@@ -153,7 +176,23 @@ class FewShotEvaluator:
             model = self.model
             per_step, out.cost["ssr"] = self._cost("ssr", E, lambda: model(support, query, return_all_steps=True))
             out.ssr_by_step = [acc(scores) for scores in per_step]
+        for name, variant in self.variants.items() if with_ssr else ():
+            per_step, out.cost[variant_key(name)] = self._cost(
+                variant_key(name), E, partial(variant, support, query, return_all_steps=True)
+            )
+            out.ssr_variants[name] = [acc(scores) for scores in per_step]
         for name in peers:
+            if name in COMPOSED_METHODS:
+                refiner = self.variants[compose_with] if compose_with else self.model
+                if refiner is None or not with_ssr:
+                    continue
+                composed = composed_method(name)
+                composed.check(support.shape[1], support.shape[2], query.shape[1])
+                scores, out.cost[name] = self._cost(
+                    name, E, partial(composed.score, refiner.refine_episode, support, query, None)
+                )
+                out.peers[name] = acc(scores)
+                continue
             method = peer_method(name)
             method.check(support.shape[1], support.shape[2], query.shape[1])
             base_mean = self.base_mean() if method.centres_on_base else None

@@ -180,7 +180,9 @@ class ShotResult:
     k-reciprocal, and SSR after each refinement step (index 0: before refining); the peer
     methods by name (``ssr_model.baselines.PEER_METHODS``); each method's cost; the query
     balance of the episodes ("balanced" or "dirichlet:ALPHA") and the share of repeated
-    queries it needed (classes with fewer images than their Dirichlet count)."""
+    queries it needed (classes with fewer images than their Dirichlet count); the other SSR
+    models, by the query balance they were trained with, after each step (``ssr_variants``),
+    ``ssr`` being the run's primary model (``FewShotParams.training_balances``' first)."""
 
     shot: int
     baseline: tuple[float, ...]
@@ -190,13 +192,17 @@ class ShotResult:
     cost: tuple[MethodCostRow, ...] = ()
     query_balance: str = "balanced"
     repeated_queries: float = 0.0
+    ssr_variants: tuple[tuple[str, tuple[tuple[float, ...], ...]], ...] = ()
 
     def accuracies(self) -> dict[str, np.ndarray]:
         """By method name as in tables and metric names: baseline, krecip, ssr_step<s>, then
-        the peers (``peer_key``: simpleshot, bd_cspn, tim, pt_map, laplacianshot)."""
+        the peers (``peer_key``: simpleshot, bd_cspn, tim, pt_map, laplacianshot, ssr_tim,
+        ssr_pt_map), then the other SSR models (``ssr_key``: ssr_dirichlet2_step<s>)."""
         out = {"baseline": np.asarray(self.baseline), "krecip": np.asarray(self.krecip)}
         out.update({f"ssr_step{s}": np.asarray(a) for s, a in enumerate(self.ssr_by_step)})
         out.update({peer_key(name): np.asarray(a) for name, a in self.peers})
+        for balance, by_step in self.ssr_variants:
+            out.update({f"{ssr_key(balance)}_step{s}": np.asarray(a) for s, a in enumerate(by_step)})
         return out
 
     def costs(self) -> dict[str, MethodCostRow]:
@@ -204,20 +210,32 @@ class ShotResult:
 
 
 def peer_key(name: str) -> str:
-    """Metric key of a peer method name (``bd-cspn`` -> ``bd_cspn``)."""
-    return name.replace("-", "_")
+    """Metric key of a peer method or composition name (``bd-cspn`` -> ``bd_cspn``, ``ssr+pt-map`` -> ``ssr_pt_map``)."""
+    return name.replace("-", "_").replace("+", "_")
+
+
+def ssr_key(query_balance: str) -> str:
+    """Metric and cost key of an SSR model other than the primary, by the query balance it was
+    trained with: ``ssr_balanced``, ``ssr_dirichlet2`` (dirichlet:2), ``ssr_dirichlet0_5``."""
+    return "ssr_" + query_balance.replace("dirichlet:", "dirichlet").replace(".", "_")
 
 
 FewShotTrials = Trials[FewShotTrial]  # the grid's trials; ``.best`` by validation score
 
 
-def trained_for(trials: FewShotTrials, shot: int, base_shot: int) -> FewShotTrial:
+def trained_for(trials: FewShotTrials, shot: int, base_shot: int, query_balance: str | None = None) -> FewShotTrial:
     """The model a ``shot``-shot test column uses: the best trial (on its own ``shot``-shot
     validation episodes) among those trained at ``shot`` shots (``sweep: {n_shot: [1, 5]}``);
-    without one, the best of those trained at ``base_shot`` (the train group's n_shot)."""
+    without one, the best of those trained at ``base_shot`` (the train group's n_shot).
+    query_balance: only among the trials trained with that query balance
+    (``train.query_balance``; their validation episodes have it too, so only their scores
+    compare); None: among all."""
+    candidates = [
+        t for t in trials.trials if query_balance is None or t.config.trained_balance == query_balance
+    ] or list(trials.trials)
     pool = (
-        [t for t in trials.trials if t.config.n_shot == shot]
-        or [t for t in trials.trials if t.config.n_shot == base_shot]
-        or list(trials.trials)
+        [t for t in candidates if t.config.n_shot == shot]
+        or [t for t in candidates if t.config.n_shot == base_shot]
+        or candidates
     )
     return max(pool, key=lambda t: t.best_val)

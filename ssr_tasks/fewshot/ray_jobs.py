@@ -10,7 +10,7 @@ from pathlib import Path
 from ssr_tasks.backbone import load_backbone
 from ssr_tasks.config import FewShotTrainParams
 from ssr_tasks.fewshot.episodes import EpisodeIndices, load_split
-from ssr_tasks.fewshot.evaluate import EpisodeScores, FewShotEvaluator
+from ssr_tasks.fewshot.evaluate import EPISODES_PER_CALL, EpisodeScores, FewShotEvaluator
 from ssr_tasks.fewshot.handoffs import FewShotModel, FewShotTrial, KReciprocal, TrainingFeatures
 from ssr_tasks.fewshot.train import train_curriculum
 from ssr_tasks.fewshot.train_features import TrainAugment, training_source
@@ -29,10 +29,11 @@ class FewShotTrialInputs:
     features: str
     val_episodes: str
     training: TrainingFeatures | None = None
-    val_by_shot: tuple[tuple[int, str], ...] = ()  # a trial trained at n_shot validates on n_shot-shot episodes
+    # a trial trained at n_shot with a query balance validates on episodes of that shot count and balance
+    val_by_shot: tuple[tuple[int, str, str], ...] = ()  # (n_shot, query balance, .npz)
 
-    def val_for(self, n_shot: int) -> str:
-        return dict(self.val_by_shot).get(n_shot, self.val_episodes)
+    def val_for(self, n_shot: int, query_balance: str = "balanced") -> str:
+        return {(shot, b): path for shot, b, path in self.val_by_shot}.get((n_shot, query_balance), self.val_episodes)
 
 
 def fewshot_trial(trial: Trial[FewShotTrainParams]) -> tuple[dict, dict]:
@@ -58,7 +59,7 @@ def fewshot_trial(trial: Trial[FewShotTrainParams]) -> tuple[dict, dict]:
         device=trial.device,
     )
     val = load_split(Path(inputs.features), "val")
-    val_eps = EpisodeIndices.load(Path(inputs.val_for(cfg.n_shot)))
+    val_eps = EpisodeIndices.load(Path(inputs.val_for(cfg.n_shot, cfg.trained_balance)))
 
     def report(row: dict) -> None:
         done = row["iteration"] + (
@@ -109,14 +110,20 @@ def evaluate_with_pool(
     with_ssr: bool = True,
     n_actors: int = 0,
     device: str = "cpu",
-    chunk: int = 50,
+    chunk: int = EPISODES_PER_CALL,
     progress: Callable[[int, int], None] | None = None,
     peers: Sequence[str] = (),
+    variants: Sequence[tuple[str, FewShotModel]] = (),
+    compose_with: str = "",
 ) -> EpisodeScores:
     """Score episodes with a pool of Ray actors (model and features loaded once per actor, one GPU each on "cuda").
 
-    peers: peer methods (``ssr_model.baselines.PEER_METHODS`` names) scored on the same episodes;
-    every method's time and peak memory are measured in the actors."""
+    peers: peer methods (``ssr_model.baselines.PEER_METHODS`` names) and compositions
+    (``ssr+tim``, ``ssr+pt-map``: on the refined features of ``model``, or of the variant
+    named ``compose_with``) scored on the same episodes; variants: other SSR models by name,
+    scored beside ``model`` (``FewShotEvaluator``); every method's time and peak memory are
+    measured in the actors. chunk: episodes per actor call (``EPISODES_PER_CALL``, the E of
+    the peak-memory column)."""
     import ray  # lazy: Ray is heavy and only needed where a pool runs
     from ray.util import ActorPool  # lazy: Ray, as above
 
@@ -125,11 +132,12 @@ def evaluate_with_pool(
     Actor = ray.remote(FewShotEvaluator).options(
         num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=2, max_task_retries=2
     )
-    actors = [Actor.remote(str(features), split, model, device, 1) for _ in range(n)]
+    actors = [Actor.remote(str(features), split, model, device, 1, list(variants)) for _ in range(n)]
     pool = ActorPool(actors)
     chunks = [episodes.chunk(s, s + chunk) for s in range(0, len(episodes), chunk)]
     results = []
-    for i, res in enumerate(pool.map(lambda a, c: a.evaluate.remote(c, list(krecip), with_ssr, list(peers)), chunks)):
+    calls = pool.map(lambda a, c: a.evaluate.remote(c, list(krecip), with_ssr, list(peers), compose_with), chunks)
+    for i, res in enumerate(calls):
         results.append(res)
         if progress is not None:
             progress(i + 1, len(chunks))

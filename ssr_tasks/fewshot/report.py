@@ -8,13 +8,14 @@ from pathlib import Path
 
 from prefect import task
 
+from ssr_model.baselines.peers import COMPOSED_METHODS
 from ssr_model.metrics import accuracy_ci95
 from ssr_model.packaged import FewShotClassifier
 from ssr_tasks import reporting
 from ssr_tasks.backbone import load_backbone
 from ssr_tasks.config import FewShotParams
 from ssr_tasks.fewshot.evaluate import EPISODES_PER_CALL
-from ssr_tasks.fewshot.handoffs import FewShotTrials, KReciprocal, ShotResult, trained_for
+from ssr_tasks.fewshot.handoffs import FewShotTrials, KReciprocal, ShotResult, ssr_key, trained_for
 from ssr_tasks.handoffs import Backbone, RegisteredModel
 from ssr_tasks.reporting import ResultsReport
 from ssr_tasks.tracking import Tracker
@@ -34,13 +35,15 @@ def write_report(
     the query balance; per shot count accuracy, ms per episode and the peak MiB of one call
     on E episodes, E in the header) and plots."""
     base_shot = params.train.n_shot
-    best_steps = trained_for(trials, base_shot, base_shot).best_steps
+    balances = trained_balances(params, trials)
+    best_steps = trained_for(trials, base_shot, base_shot, balances[0]).best_steps
     per_shot = {r.shot: r.accuracies() for r in shots}
     costs = {r.shot: {c.key: (c.ms_per_episode, c.peak_mib_per_episode) for c in r.cost} for r in shots}
     ev = params.evaluation
     cost_episodes = min(EPISODES_PER_CALL, ev.n_test_episodes)  # the episodes of one evaluation call
+    ssr = ssr_rows(params, trials, balances)
     rows = reporting.fewshot_rows(
-        per_shot, krecip.label, best_steps, ev.methods, costs, ev.query_balance, cost_episodes=cost_episodes
+        per_shot, krecip.label, best_steps, ev.methods, costs, ev.query_balance, cost_episodes, ssr
     )
     columns = ["method", "queries"] + [
         col
@@ -49,8 +52,9 @@ def write_report(
     ]
     points = []
     for name in ev.methods:
-        label, key, cost_key = reporting.fewshot_method_row(name, krecip.label, best_steps)
-        points += [(label, s, per_shot[s][key], costs[s][cost_key][0]) for s in per_shot if cost_key in costs[s]]
+        specs = ssr if name == "ssr" else [reporting.fewshot_method_row(name, krecip.label, best_steps)]
+        for label, key, cost_key in specs:
+            points += [(label, s, per_shot[s][key], costs[s][cost_key][0]) for s in per_shot if cost_key in costs[s]]
     figures = {
         "accuracy_by_step.png": reporting.plot_accuracy_by_step(per_shot, best_steps),
         "training_curves.png": reporting.plot_training_curves(trials.trials),
@@ -61,6 +65,12 @@ def write_report(
         ),
     }
     notes = []
+    composed = [m for m in ev.methods if m in COMPOSED_METHODS]
+    if composed and len(balances) > 1:
+        used_balance = ev.query_balance if ev.query_balance in balances else balances[0]
+        notes.append(
+            f"{', '.join(composed)}: TIM / PT-MAP on the refined features of SSR trained {trained_label(used_balance)}."
+        )
     if len({t.config.n_shot for t in trials.trials}) > 1:  # a sweep over n_shot: say which model each column used
         used = {s: trained_for(trials, s, base_shot) for s in ev.eval_shots}
         notes.append(
@@ -74,6 +84,33 @@ def write_report(
     return reporting.write_report(rows, columns, figures, Path(out_dir), notes)
 
 
+def trained_balances(params: FewShotParams, trials: FewShotTrials) -> list[str]:
+    """The query balances the run's SSR models were trained with, primary first
+    (``FewShotParams.training_balances``; a released model: its own, balanced)."""
+    have = {t.config.trained_balance for t in trials.trials}
+    return [b for b in params.training_balances if b in have] or [trials.trials[0].config.trained_balance]
+
+
+def trained_label(query_balance: str) -> str:
+    """ "balanced" or "Dirichlet α=ALPHA" (how an SSR model was trained)."""
+    return reporting.queries_label(query_balance)
+
+
+def ssr_rows(params: FewShotParams, trials: FewShotTrials, balances: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(label, accuracy key, cost key) of each SSR model of the run. One model trained balanced
+    and tested on balanced queries keeps the row "SSR (steps=S)"; otherwise each row says how it
+    was trained: "SSR (trained balanced, steps=S)", "SSR (trained Dirichlet α=2, steps=S)"."""
+    base_shot = params.train.n_shot
+    named = len(balances) > 1 or balances[0] != "balanced" or params.evaluation.query_balance != "balanced"
+    rows = []
+    for i, balance in enumerate(balances):
+        steps = trained_for(trials, base_shot, base_shot, balance).best_steps
+        label = f"SSR (trained {trained_label(balance)}, steps={steps})" if named else f"SSR (steps={steps})"
+        key = "ssr" if i == 0 else ssr_key(balance)
+        rows.append((label, f"{key}_step{steps}", key))
+    return rows
+
+
 def log_and_register(
     tracker: Tracker,
     params: FewShotParams,
@@ -83,9 +120,11 @@ def log_and_register(
     report: ResultsReport,
     backbone: Backbone | None,
     tags: Mapping[str, str],
-) -> RegisteredModel:
+) -> tuple[RegisteredModel, ...]:
     """Into the open parent run: a nested run per trial, metrics, table, plots, and the
-    registered model (SSR + backbone), aliased ``champion`` when it wins on validation."""
+    registered model (SSR + backbone), aliased ``champion`` when it wins on validation: one
+    per query balance SSR was trained with (``FewShotParams.registered_name``), the primary
+    first."""
     for trial in trials.trials:
         with tracker.trial_run(f"trial {trial.label}", trial.label, tags) as live:
             if not live:  # a live run has its point's parameters already
@@ -98,9 +137,11 @@ def log_and_register(
                     )
                 offset += stage.history[-1].iteration if stage.history else 0
             tracker.log_metrics({"best_val_acc": 100 * trial.best_val, "best_steps": trial.best_steps})
-    best = trained_for(
-        trials, params.train.n_shot, params.train.n_shot
-    )  # registered: the model of the train group's shots
+    balances = trained_balances(params, trials)
+    n_shot = params.train.n_shot
+    # registered: the model of the train group's shots, one per query balance of training, primary first
+    models = [(b, trained_for(trials, n_shot, n_shot, b)) for b in balances]
+    best = models[0][1]
     metrics = {
         "best_val_acc": 100 * best.best_val,
         "best_steps": best.best_steps,
@@ -108,6 +149,9 @@ def log_and_register(
         "krecip_k2": krecip.k2,
         "krecip_lambda": krecip.lam,
     }
+    for balance, trial in models[1:]:
+        metrics[f"best_val_acc_{ssr_key(balance)}"] = 100 * trial.best_val
+        metrics[f"best_steps_{ssr_key(balance)}"] = trial.best_steps
     for res in shots:
         for key, accs in res.accuracies().items():
             mean, ci = accuracy_ci95(accs)
@@ -125,21 +169,27 @@ def log_and_register(
         tracker.log_file(Path(path), "plots")
     # embeddings given (dataset: features): the model classifies features, it has no backbone
     net = load_backbone(backbone.name, backbone.spec, Path(backbone.path)).cpu().eval() if backbone else None
-    model = FewShotClassifier(best.model.build(), net)
-    reg = tracker.log_and_register(
-        model,
-        params.model_name,
-        tags={
-            "dataset": params.data.dataset,
-            "backbone": params.backbone.name if backbone else "none",
-            "steps": str(best.best_steps),
-            "feat_dim": str(best.feat_dim),
-            "n_shot": str(best.config.n_shot),
-            "val_metric_name": "val_acc_1shot",
-        },
-        val_metric=100 * best.best_val,
-        description=f"{params.data.dataset}, {params.backbone.name}: test accuracy (%, 95% CI)\n\n{report.markdown}",
-        model_description=MODEL_DESCRIPTION,
-    )
-    tracker.log_metrics({"registered_version": reg.version})
-    return reg
+    registered = []
+    for balance, trial in models:
+        reg = tracker.log_and_register(
+            FewShotClassifier(trial.model.build(), net),
+            params.registered_name(balance),
+            tags={
+                "dataset": params.data.dataset,
+                "backbone": params.backbone.name if backbone else "none",
+                "steps": str(trial.best_steps),
+                "feat_dim": str(trial.feat_dim),
+                "n_shot": str(trial.config.n_shot),
+                "query_balance": balance,  # registry.KIND_TAGS: models trained so compete only among themselves
+                "val_metric_name": "val_acc_1shot" if balance == "balanced" else f"val_acc_1shot_{ssr_key(balance)}",
+            },
+            val_metric=100 * trial.best_val,
+            description=f"{params.data.dataset}, {params.backbone.name}, SSR trained on {trained_label(balance)} "
+            f"query sets: test accuracy (%, 95% CI)\n\n{report.markdown}",
+            model_description=MODEL_DESCRIPTION,
+        )
+        registered.append(reg)
+    tracker.log_metrics({"registered_version": registered[0].version})
+    for balance, reg in zip(balances[1:], registered[1:]):
+        tracker.log_metrics({f"registered_version_{ssr_key(balance)}": reg.version})
+    return tuple(registered)

@@ -12,6 +12,7 @@ import numpy as np
 from prefect import get_run_logger, task
 
 from ssr_model.baselines import PEER_METHODS
+from ssr_model.baselines.peers import COMPOSED_METHODS
 from ssr_tasks.backbone import encode_spec, load_backbone, spec_name
 from ssr_tasks.backbone import extract_features as extract_features_to
 from ssr_tasks.config import (
@@ -23,6 +24,7 @@ from ssr_tasks.config import (
     FewShotEvalParams,
     FewShotTrainParams,
     Sweep,
+    query_balance_alpha,
     sweep_points,
 )
 from ssr_tasks.device import cluster_device, local_device
@@ -31,10 +33,11 @@ from ssr_tasks.fewshot.episodes import (
     fixed_episodes,
     load_split,
     repeated_query_fraction,
+    sample_balanced_or_dirichlet,
     sample_dirichlet_episodes,
     sample_episodes,
 )
-from ssr_tasks.fewshot.evaluate import krecip_key
+from ssr_tasks.fewshot.evaluate import krecip_key, variant_key
 from ssr_tasks.fewshot.handoffs import (
     FewShotData,
     FewShotModel,
@@ -47,6 +50,7 @@ from ssr_tasks.fewshot.handoffs import (
     TrainingFeatures,
     ValidationEpisodes,
     peer_key,
+    ssr_key,
 )
 from ssr_tasks.fewshot.ray_jobs import FewShotTrialInputs, evaluate_with_pool, run_trials
 from ssr_tasks.fewshot.released import unpack_released
@@ -204,25 +208,40 @@ def extract_features(data: FewShotData, backbone: Backbone, work_dir: str, devic
 
 @task(name="validation-episodes", cache_policy=CACHE, persist_result=True)
 def validation_episodes(
-    n_val_episodes: int, episode: EpisodeShape, seed: int, features: Features, data: FewShotData, work_dir: str
+    n_val_episodes: int,
+    episode: EpisodeShape,
+    seed: int,
+    features: Features,
+    data: FewShotData,
+    work_dir: str,
+    query_balance: str = "balanced",
 ) -> ValidationEpisodes:
     """Fixed validation episodes as index arrays (.npz): the SIB JSON when present, else seeded;
-    reused when the file for the same features, source and shape exists."""
-    out = (
-        Path(work_dir)
-        / f"val-episodes-{short_hash([features.path, data.val_episodes_json, n_val_episodes, asdict(episode), seed])}.npz"
-    )
+    reused when the file for the same features, source and shape exists. query_balance
+    dirichlet:ALPHA: seeded episodes whose query class counts are drawn as the test's (the
+    SIB JSON holds balanced ones), for a model trained so (``train.query_balance``)."""
+    alpha = query_balance_alpha(query_balance)
+    json_path = data.val_episodes_json if alpha is None else None
+    key = [features.path, json_path, n_val_episodes, asdict(episode), seed] + ([] if alpha is None else [query_balance])
+    out = Path(work_dir) / f"val-episodes-{short_hash(key)}.npz"
     if out.exists():
         eps = EpisodeIndices.load(out)
         get_run_logger().info("validation: reusing %d %d-way episodes (%s)", len(eps), episode.n_way, out.name)
         return ValidationEpisodes(str(out))
     val = load_split(Path(features.path), "val")
-    if data.val_episodes_json:
-        eps = fixed_episodes(val, Path(data.val_episodes_json), limit=n_val_episodes)
+    if json_path:
+        eps = fixed_episodes(val, Path(json_path), limit=n_val_episodes)
     else:
-        eps = sample_episodes(val, n_val_episodes, episode.n_way, episode.n_shot, episode.n_query, seed=10_000 + seed)
+        n_way, n_shot, n_query = episode.n_way, episode.n_shot, episode.n_query
+        eps = sample_balanced_or_dirichlet(val, n_val_episodes, n_way, n_shot, n_query, alpha, seed=10_000 + seed)
     eps.save(out)
-    get_run_logger().info("validation: %d fixed %d-way %d-shot episodes", len(eps), episode.n_way, eps.support.shape[2])
+    get_run_logger().info(
+        "validation: %d fixed %d-way %d-shot episodes, queries %s",
+        len(eps),
+        episode.n_way,
+        eps.support.shape[2],
+        query_balance,
+    )
     return ValidationEpisodes(str(out))
 
 
@@ -288,20 +307,26 @@ def train_ssr(
     training: TrainingFeatures | None = None,
     tracking: TrialTracking | None = None,
     device: Device = "auto",
-    val_by_shot: tuple[tuple[int, ValidationEpisodes], ...] = (),
+    val_by_shot: tuple[tuple[int, str, ValidationEpisodes], ...] = (),
+    balances: tuple[str, ...] = (),
 ) -> FewShotTrials:
     """Ray Tune grid over the points of ``sweep``; each trial runs the steps curriculum and checkpoints.
 
     training: where episodes take their features (``training_features``); None: the features table.
     tracking: each trial logs to its nested MLflow run while it trains.
-    val_by_shot: validation episodes per shot count, for a sweep over n_shot (default: ``val``).
+    val_by_shot: validation episodes per (shot count, query balance), for a sweep over n_shot
+    or several query balances (default: ``val``).
+    balances: the query balances to train with (``FewShotParams.training_balances``), one
+    trial per point of the sweep each; empty or the train group's own: the sweep as it is.
     """
     inputs = FewShotTrialInputs(
         features.path,
         val.path,
         training if training and training.mode != "none" else None,
-        tuple((shot, v.path) for shot, v in val_by_shot),
+        tuple((shot, balance, v.path) for shot, balance, v in val_by_shot),
     )
+    if balances and list(balances) != [train.trained_balance]:
+        sweep = {**sweep, "query_balance": list(balances)}  # type: ignore[dict-item,arg-type]  # a trial per balance (strings)
     # a trial's folder is named after its point; this one after everything else it depends on
     root = Path(work_dir) / f"ssr-{short_hash([train.model_dump(), asdict(inputs)])}"
     points = sweep_points(sweep)
@@ -383,11 +408,16 @@ def evaluate(
     krecip: KReciprocal,
     shot: int,
     device: Device = "auto",
+    variants: tuple[tuple[str, FewShotModel], ...] = (),
 ) -> ShotResult:
     """Test episodes of the novel classes scored by Ray actors; per-episode accuracies and costs.
 
     Baseline, k-reciprocal and SSR are always scored; the peers of ``evaluation.methods`` on the
     same episodes. ``query_balance`` dirichlet:ALPHA draws the class counts of the queries.
+    variants: the other SSR models by the query balance they were trained with, scored on the
+    same episodes. The compositions of ``evaluation.methods`` (ssr+tim, ssr+pt-map) read the
+    refined features of the variant trained with the test's query balance when there is one,
+    else of ``model``.
     """
     test = load_split(Path(features.path), "test")
     seed = 20_000 + seed + shot
@@ -400,9 +430,11 @@ def evaluate(
             test, evaluation.n_test_episodes, n_way, shot, n_way * n_query, alpha, seed=seed
         )
     repeated = repeated_query_fraction(eps)
-    peers = [m for m in evaluation.methods if m in PEER_METHODS]
+    peers = [m for m in evaluation.methods if m in PEER_METHODS or m in COMPOSED_METHODS]
+    variant_names = [b for b, _ in variants]
+    compose_with = evaluation.query_balance if evaluation.query_balance in variant_names else ""
     progress = Progress(
-        f"eval-{shot}shot-{short_hash([features.path, model.weights, peers, evaluation.query_balance])}",
+        f"eval-{shot}shot-{short_hash([features.path, model.weights, peers, evaluation.query_balance, variants])}",
         f"Evaluation, {shot}-shot episodes",
     )
     get_run_logger().info(
@@ -424,8 +456,16 @@ def evaluate(
         device=cluster_device(device),
         progress=progress,
         peers=peers,
+        variants=variants,
+        compose_with=compose_with,
     )
-    keys = {"baseline": "baseline", krecip_key(krecip): "krecip", "ssr": "ssr", **{p: peer_key(p) for p in peers}}
+    keys = {
+        "baseline": "baseline",
+        krecip_key(krecip): "krecip",
+        "ssr": "ssr",
+        **{p: peer_key(p) for p in peers},
+        **{variant_key(b): ssr_key(b) for b in variant_names},
+    }
     cost = tuple(
         MethodCostRow(keys[k], c.ms_per_episode, c.peak_mib_per_episode, c.cpu_ms_per_episode)
         for k, c in res.cost.items()
@@ -439,6 +479,7 @@ def evaluate(
         cost,
         evaluation.query_balance,
         repeated,
+        tuple((b, tuple(tuple(a.tolist()) for a in res.ssr_variants[b])) for b in variant_names),
     )
 
 

@@ -18,8 +18,8 @@ import torch
 
 from ssr_model import FewShotSSR
 from ssr_model.losses import fewshot_cross_entropy
-from ssr_tasks.config import FewShotTrainParams
-from ssr_tasks.fewshot.episodes import EpisodeIndices, SplitFeatures, gather, sample_episodes
+from ssr_tasks.config import FewShotTrainParams, query_balance_alpha
+from ssr_tasks.fewshot.episodes import EpisodeIndices, SplitFeatures, gather, sample_balanced_or_dirichlet
 from ssr_tasks.fewshot.train_features import EpisodeFeatures, TableFeatures
 from ssr_tasks.resume import LoopState, TrainingCheckpoint, finished, mark_finished, stalled
 from storage.checkpoints import load_state_dict, save_checkpoint
@@ -73,6 +73,7 @@ def train_stage(
         model.parameters(), lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
     )
     episode_seed = cfg.seed * 1000 + steps
+    alpha = query_balance_alpha(cfg.trained_balance)  # imbalanced training queries, as the test's (train.query_balance)
     ckpt = TrainingCheckpoint(stage_dir / "last.pt", model=model, optim=opt)
     state = ckpt.restore()
     if state is None:
@@ -84,8 +85,14 @@ def train_stage(
             group["lr"] = lr * (0.1 if decay_at is not None and it >= decay_at else 1.0)
         model.train()
         # Episodes are a pure function of (seed, iteration): resume reproduces them exactly.
-        batch = sample_episodes(
-            train.split, cfg.batch_episodes, cfg.n_way, cfg.n_shot, cfg.n_query, seed=episode_seed * 10_000_000 + it
+        batch = sample_balanced_or_dirichlet(
+            train.split,
+            cfg.batch_episodes,
+            cfg.n_way,
+            cfg.n_shot,
+            cfg.n_query,
+            alpha,
+            seed=episode_seed * 10_000_000 + it,
         )
         support, query, labels = train.gather(batch, episode_seed * 10_000_000 + it, device)
         loss = fewshot_cross_entropy(model(support, query), labels)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ssr_tasks.backbone import dataset_spec
-from ssr_tasks.fewshot.episodes import EpisodeIndices, SplitFeatures, gather
+from ssr_tasks.fewshot.episodes import EpisodeIndices, SplitFeatures, gather, query_labels
 from ssr_tasks.handoffs import required
 from storage.features import read_features, write_features
 from storage.fewshot import SplitIndex, list_split, load_images
@@ -67,10 +67,6 @@ class TableFeatures:
         return gather(self.split, episodes, device)
 
 
-def _labels(E: int, W: int, Q: int) -> torch.Tensor:
-    return torch.arange(W).repeat_interleave(Q).expand(E, W * Q)
-
-
 @dataclass
 class ViewFeatures:
     """``views:N``: views (V, N, D) of the N training images; one view per image per episode."""
@@ -81,14 +77,14 @@ class ViewFeatures:
 
     def gather(self, episodes: EpisodeIndices, iteration: int, device):
         V = self.views.shape[0]
-        E, W, Q = episodes.query.shape
+        E = len(episodes)
         rng = np.random.default_rng([self.seed, iteration])
         sv = rng.integers(0, V, episodes.support.shape)
         qv = rng.integers(0, V, episodes.query.shape)
         emb = torch.from_numpy(self.views)
         support = emb[torch.from_numpy(sv), torch.from_numpy(episodes.support)]
-        query = emb[torch.from_numpy(qv), torch.from_numpy(episodes.query)].reshape(E, W * Q, -1)
-        return support.to(device), query.to(device), _labels(E, W, Q).to(device)
+        query = emb[torch.from_numpy(qv), torch.from_numpy(episodes.query)].reshape(E, -1, emb.shape[-1])
+        return support.to(device), query.to(device), query_labels(episodes).to(device)
 
 
 @dataclass
@@ -103,8 +99,7 @@ class OnlineFeatures:
 
     @torch.no_grad()
     def gather(self, episodes: EpisodeIndices, iteration: int, device):
-        E, W, Q = episodes.query.shape
-        S = episodes.support.shape[2]
+        E, W, S = episodes.support.shape
         rng = np.random.default_rng([self.seed, iteration])
         rows = np.concatenate([episodes.support.reshape(-1), episodes.query.reshape(-1)])
         paths = required(self.split.paths, f"{self.split.source}: image paths (online augmentation)")
@@ -113,8 +108,8 @@ class OnlineFeatures:
         feats = self.net(torch.from_numpy(x).to(device)).float()
         n_sup = E * W * S
         support = feats[:n_sup].reshape(E, W, S, -1)
-        query = feats[n_sup:].reshape(E, W * Q, -1)
-        return support, query, _labels(E, W, Q).to(device)
+        query = feats[n_sup:].reshape(E, -1, feats.shape[-1])
+        return support, query, query_labels(episodes).to(device)
 
 
 @torch.no_grad()
