@@ -92,8 +92,11 @@ def ivf_index(centroids: np.ndarray, database_blocks: Iterable[np.ndarray], npro
     return index
 
 
-def _exact(queries: np.ndarray, database_blocks: Iterable[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+def _exact(
+    queries: np.ndarray, database_blocks: Iterable[np.ndarray], k: int, lowest: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top k of queries (B, D) over the blocks: scores (B, k), rows (B, k), best first.
+    lowest: a (B,) float32 array that receives each query's lowest score (the same pass).
 
     Each block's (B, Nb) score tile is one BLAS matrix product; a ``faiss.ResultHeap``
     keeps the running top k. (A ``faiss.IndexFlatIP`` per block finds the same neighbours,
@@ -105,10 +108,13 @@ def _exact(queries: np.ndarray, database_blocks: Iterable[np.ndarray], k: int) -
     first_row = 0
     for block in database_blocks:
         scores = queries @ block.T  # (B, Nb)
+        if lowest is not None and scores.shape[1]:
+            np.minimum(lowest, scores.min(axis=1), out=lowest)
         # The heap breaks score ties towards the larger id, and -1 marks an empty slot: give
         # it -2 - row, so that the lower row wins a tie, as in a stable sort by score.
         heap.add_result_subset(every_query, scores, -2 - np.arange(first_row, first_row + block.shape[0]))
         first_row += block.shape[0]
+        del scores  # before the next tile is allocated: one tile at a time
     if first_row < k:
         raise ValueError(f"top-k search: k={k} but the database has {first_row} rows")
     heap.finalize()
@@ -124,6 +130,7 @@ def topk_search(
     query_ids: np.ndarray | None = None,
     exclude_self: bool = False,
     ivf: faiss.Index | None = None,
+    lowest: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k database items by inner product for queries (B, D) float32.
 
@@ -133,7 +140,8 @@ def topk_search(
     int64 id of each row (default: the row number). exclude_self drops the database item
     whose id equals the query's id in query_ids (B,); when none does, the (k+1)-th best is
     dropped instead. ivf: an index from :func:`ivf_index` over the same rows, searched
-    instead of scoring every item.
+    instead of scoring every item. lowest: exact search only, a (B,) float32 array that
+    receives each query's lowest score over the whole database (start it at +inf).
 
     Returns neighbor_ids (B, k) int64 and scores (B, k) float32, best first.
     """
@@ -141,7 +149,7 @@ def topk_search(
     B = q.shape[0]
     kk = k + 1 if exclude_self else k
     if ivf is None:
-        scores, rows = _exact(q, database_blocks, kk)
+        scores, rows = _exact(q, database_blocks, kk, lowest)
     else:
         scores, rows = ivf.search(q, kk)
         short = np.flatnonzero((rows < 0).any(axis=1))

@@ -39,10 +39,9 @@ __all__ = ["KRECIP_SHORTLIST", "k_reciprocal", "k_reciprocal_shortlist", "fewsho
 
 KRECIP_SHORTLIST = 1000  # items of each query's initial ranking re-ranked (retrieval; all when N is smaller)
 
-# (feats (M, D) float32) -> (ids (M, m) database rows, sims (M, m)): the top-m of each row
-# against the whole database, best first; and (feats) -> (M,) the lowest similarity to it
-TopSearch = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
-LowestSearch = Callable[[np.ndarray], np.ndarray]
+# (feats (M, D) float32, m) -> (ids (M, m) database rows, sims (M, m), lowest (M,)): the
+# top-m of each row against the whole database, best first, and its lowest similarity
+TopSearch = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 _GATHER_ELEMENTS = 1 << 22  # bound on the gathered entries per Jaccard chunk
 
@@ -230,7 +229,6 @@ def k_reciprocal_shortlist(
     lambda_value: float = 0.3,
     *,
     search: TopSearch,
-    lowest: LowestSearch,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k-reciprocal re-ranking of each query's shortlist, with bounded memory at any N.
 
@@ -241,7 +239,7 @@ def k_reciprocal_shortlist(
     (level 1), m = max(k1 + 1, k2, round(k1 / 2) + 1) each, by ``search`` (a streamed top-m
     search of the database, e.g. on the actor pool) merged with the queries. A node whose
     list was not searched (level 2) counts as not reciprocal. A row's largest distance
-    comes from ``lowest`` (the lowest similarity to it, a top-1 search on negated scores).
+    comes from its lowest similarity, found by the same search pass.
     The Jaccard distance and the final distance are computed only between each query and
     its shortlist. When the shortlists cover the database (K = N), every node is searched
     and the result equals :func:`k_reciprocal`'s (up to float32 rounding).
@@ -250,7 +248,7 @@ def k_reciprocal_shortlist(
         query_feats: (Q, D) float32, L2-normalised; db_feats: (N, D) (any array-like that
             gathers rows, e.g. a memory map), L2-normalised; topk_ids: (Q, K) database rows,
             each query's shortlist (its initial top-K).
-        search, lowest: the database searches (see ``TopSearch`` / ``LowestSearch``).
+        search: the database search (see ``TopSearch``), e.g. ``NeighbourSearch.top_with_lowest``.
 
     Returns:
         ids (Q, K) the shortlist re-ranked (closest first) and dist (Q, K) float32 their
@@ -263,28 +261,27 @@ def k_reciprocal_shortlist(
     half = int(np.around(k1 / 2.0))
     m = min(max(k1 + 1, k2, half + 1), Q + N)
     qf = np.ascontiguousarray(query_feats, dtype=np.float32)
-    # nodes: queries 0..Q-1, database row j is node Q + j; ``local`` maps node -> row here
-    nodes: list[np.ndarray] = []
-    lists: list[np.ndarray] = []
+    # nodes: queries 0..Q-1, database row j is node Q + j
 
-    def search_nodes(new: np.ndarray) -> np.ndarray:
-        """Top-m node lists of the nodes ``new`` (sorted node ids), over queries and database."""
+    def search_nodes(new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-m node lists (M, m) of the nodes ``new`` (sorted node ids) over queries and
+        database, and their lowest similarities (M,) over both."""
         feats = np.concatenate(
             [qf[new[new < Q]], np.asarray(db_feats[new[new >= Q] - Q], dtype=np.float32)], axis=0
         ).reshape(-1, D)
-        db_ids, db_sims = search(feats, min(m, N))
-        q_sims = feats @ qf.T  # (M, Q)
+        db_ids, db_sims, db_low = search(feats, min(m, N))
+        q_sims = (feats @ qf.T).astype(np.float32)  # (M, Q)
         q_ids = np.broadcast_to(np.arange(Q), q_sims.shape)
-        return _merge_lists(q_ids, q_sims.astype(np.float32), db_ids + Q, db_sims.astype(np.float32), m)
+        low = np.minimum(np.asarray(db_low, dtype=np.float32), q_sims.min(axis=1))
+        return _merge_lists(q_ids, q_sims, db_ids + Q, db_sims.astype(np.float32), m), low
 
     level0 = np.concatenate([np.arange(Q), Q + np.unique(np.asarray(topk_ids, dtype=np.int64))])
-    lists0 = search_nodes(level0)
+    lists0, low0 = search_nodes(level0)
     level1 = np.setdiff1d(np.unique(lists0), level0)
-    lists1 = search_nodes(level1) if len(level1) else np.zeros((0, m), np.int64)
-    nodes, lists = [level0, level1], [lists0, lists1]
-    searched = np.concatenate(nodes)
+    lists1, low1 = search_nodes(level1) if len(level1) else (np.zeros((0, m), np.int64), np.zeros(0, np.float32))
+    searched = np.concatenate([level0, level1])
     order = np.argsort(searched, kind="stable")
-    searched, node_lists = searched[order], np.concatenate(lists, axis=0)[order]
+    searched, node_lists = searched[order], np.concatenate([lists0, lists1], axis=0)[order]
     every = np.union1d(searched, np.unique(node_lists))  # (n_loc,) node ids, sorted
     n_loc = len(every)
     known = np.zeros(n_loc, dtype=bool)
@@ -294,10 +291,9 @@ def k_reciprocal_shortlist(
     feats = np.concatenate(
         [qf[every[every < Q]], np.asarray(db_feats[every[every >= Q] - Q], dtype=np.float32)], axis=0
     ).reshape(-1, D)
-    # largest squared distance of each known row: 2 - 2 * (lowest similarity over all nodes)
+    # largest squared distance of each known row: 2 - 2 * (its lowest similarity over all nodes)
     low = np.full(n_loc, np.inf, dtype=np.float32)
-    kf = feats[known]
-    low[known] = np.minimum(np.asarray(lowest(kf), dtype=np.float32), (kf @ qf.T).min(axis=1))
+    low[known] = np.concatenate([low0, low1])[order]
     max_sq = np.maximum(2.0 - 2.0 * low, 1e-12).astype(np.float32)
 
     def o_values(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:

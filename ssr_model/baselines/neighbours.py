@@ -107,6 +107,10 @@ class NeighbourSearch(Protocol):
 
     def lowest(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
+    def top_with_lowest(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``top(feats, k)`` and the lowest similarity of each row (M,), in one pass."""
+        ...
+
 
 class LocalSearch:
     """:class:`NeighbourSearch` in this process over db (N, D) (an array or a memory map),
@@ -121,3 +125,7 @@ class LocalSearch:
     def lowest(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         ids, sims = topk_search(-np.asarray(feats, dtype=np.float32), self.db, k, db_block=self.db_block)
         return ids, -sims
+
+    def top_with_lowest(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids, sims = self.top(feats, k)
+        return ids, sims, self.lowest(feats, 1)[1][:, 0]

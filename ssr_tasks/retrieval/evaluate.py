@@ -68,28 +68,48 @@ class CandidateSearcher:
     read block by block (``iter_embeddings`` of ``split``, normalised) at every call, so an
     actor never holds it. threads: BLAS threads per call (1 in the pool: one per actor CPU;
     None: as the process has). The default ``NeighbourSearch`` of this module, in process.
-    Memory per call: one (M, db_block) score tile plus the (M, k) results.
+    Memory per call: one (rows_per_call, db_block) float32 score tile (64 MiB at the
+    defaults) plus the (M, k) results, whatever M.
     """
 
     def __init__(
-        self, database: Any, split: str | None = "database", db_block: int = 16384, threads: int | None = None
+        self,
+        database: Any,
+        split: str | None = "database",
+        db_block: int = 16384,
+        threads: int | None = None,
+        rows_per_call: int = 1024,
     ):
         self.database, self.split, self.db_block, self.threads = database, split, db_block, threads
+        self.rows_per_call = rows_per_call
 
     def _blocks(self):
         if isinstance(self.database, (str, Path)):
             return (emb for _, emb in iter_embeddings(self.database, self.db_block, self.split, normalise=True))
         return row_blocks(self.database, self.db_block)
 
+    def _search(self, feats: np.ndarray, k: int, lowest: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        parts = []
+        with threadpool_limits(self.threads):
+            for a in range(0, max(len(feats), 1), self.rows_per_call):
+                low = None if lowest is None else lowest[a : a + self.rows_per_call]
+                parts.append(topk_search(feats[a : a + self.rows_per_call], self._blocks(), k, lowest=low))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def top_with_lowest(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`top` and each row's lowest similarity over the database (M,), in one pass."""
+        feats = np.asarray(feats, dtype=np.float32)
+        lowest = np.full(len(feats), np.inf, dtype=np.float32)
+        rows, sims = self._search(feats, k, lowest)
+        return rows, sims, lowest
+
     def top(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """feats (M, D) -> database rows (M, k) int64 and similarities (M, k) float32, best first."""
-        with threadpool_limits(self.threads):
-            return topk_search(np.asarray(feats, dtype=np.float32), self._blocks(), k)
+        return self._search(np.asarray(feats, dtype=np.float32), k)
 
     def lowest(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k least similar database rows (M, k), lowest first, and their similarities."""
-        with threadpool_limits(self.threads):
-            rows, sims = topk_search(-np.asarray(feats, dtype=np.float32), self._blocks(), k)
+        rows, sims = self._search(-np.asarray(feats, dtype=np.float32), k)
         return rows, -sims
 
 
@@ -168,8 +188,7 @@ def krecip_ranking(
         k1=point.k1,
         k2=point.k2,
         lambda_value=point.lambda_value,
-        search=s.top,
-        lowest=lambda f: s.lowest(f, 1)[1][:, 0],
+        search=s.top_with_lowest,
     )
     return _full_ranking(ids, -dist, ranks, scores)
 

@@ -112,19 +112,25 @@ class CandidateSearchPool:
         ]
         self.pool = ActorPool(self.actors)
 
-    def _map(self, method: str, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _map(self, method: str, feats: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
         feats = np.asarray(feats, dtype=np.float32)
         blocks = [feats[a : a + self.rows_per_task] for a in range(0, len(feats), self.rows_per_task)]
         if not blocks:
-            return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+            blocks = [feats[:0]]
         parts = list(self.pool.map(lambda a, b: getattr(a, method).remote(b, k), blocks))
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(len(parts[0])))
 
     def top(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._map("top", feats, k)
+        ids, sims = self._map("top", feats, k)
+        return ids, sims
 
     def lowest(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._map("lowest", feats, k)
+        ids, sims = self._map("lowest", feats, k)
+        return ids, sims
+
+    def top_with_lowest(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids, sims, low = self._map("top_with_lowest", feats, k)
+        return ids, sims, low
 
     def close(self) -> None:
         import ray  # lazy: Ray, as above

@@ -27,14 +27,14 @@ class CountingSearch(LocalSearch):
         super().__init__(db, db_block)
         self.rows = 0
 
-    def top(self, feats, k):
+    def top_with_lowest(self, feats, k):
         self.rows += len(feats)
-        return super().top(feats, k)
+        return super().top_with_lowest(feats, k)
 
 
 def _run(q, db, top, k1, k2, lam, db_block=7):
     s = CountingSearch(db, db_block)
-    ids, dist = k_reciprocal_shortlist(q, db, top, k1, k2, lam, search=s.top, lowest=lambda f: s.lowest(f, 1)[1][:, 0])
+    ids, dist = k_reciprocal_shortlist(q, db, top, k1, k2, lam, search=s.top_with_lowest)
     return ids, dist, s
 
 

@@ -67,3 +67,14 @@ def test_streamed_store_refuses_another_dim(tmp_path):
     )
     with pytest.raises(SchemaError, match=r"db.parquet: embedding has dim 5, expected 3"):
         build_topk_store_from_tables(q, db, tmp_path / "s", 2)
+
+
+def test_topk_search_reports_each_querys_lowest_score_in_the_same_pass():
+    from storage.topk import row_blocks, topk_search
+
+    rng = np.random.default_rng(2)
+    q, db = rng.standard_normal((4, 6)).astype(np.float32), rng.standard_normal((37, 6)).astype(np.float32)
+    low = np.full(4, np.inf, np.float32)
+    ids, _ = topk_search(q, row_blocks(db, 5), 3, lowest=low)
+    np.testing.assert_allclose(low, (q @ db.T).min(axis=1), rtol=1e-6)
+    assert ids.tolist() == np.argsort(-(q @ db.T), axis=1, kind="stable")[:, :3].tolist()
