@@ -35,7 +35,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-__all__ = ["KRECIP_SHORTLIST", "k_reciprocal", "k_reciprocal_shortlist", "fewshot_k_reciprocal"]
+__all__ = ["KRECIP_SHORTLIST", "NodeListCache", "k_reciprocal", "k_reciprocal_shortlist", "fewshot_k_reciprocal"]
 
 KRECIP_SHORTLIST = 1000  # items of each query's initial ranking re-ranked (retrieval; all when N is smaller)
 
@@ -220,6 +220,48 @@ def _merge_lists(ids_a: np.ndarray, sims_a: np.ndarray, ids_b: np.ndarray, sims_
     return np.take_along_axis(ids, order, axis=1)
 
 
+class NodeListCache:
+    """Node lists already searched by :func:`k_reciprocal_shortlist` for one set of queries
+    and database, to share between its calls (e.g. the points of a validation grid): node
+    id -> its top-m list (best first) and lowest similarity. A list of m entries serves any
+    m' <= m (its first m' entries are the top-m'); keep the cache with the queries and the
+    database it was filled from. Memory: O(nodes * m)."""
+
+    def __init__(self) -> None:
+        self.nodes = np.zeros(0, dtype=np.int64)  # sorted node ids
+        self.lists = np.zeros((0, 0), dtype=np.int64)
+        self.low = np.zeros(0, dtype=np.float32)
+
+    def lookup(self, new: np.ndarray, m: int) -> np.ndarray:
+        """Boolean (len(new),): which of the sorted ids ``new`` have a list of at least m."""
+        if self.lists.shape[1] < m or not len(self.nodes):
+            return np.zeros(len(new), dtype=bool)
+        pos = np.minimum(np.searchsorted(self.nodes, new), len(self.nodes) - 1)
+        return self.nodes[pos] == new
+
+    def get(self, new: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.searchsorted(self.nodes, new)
+        return self.lists[pos, :m], self.low[pos]
+
+    def add(self, new: np.ndarray, lists: np.ndarray, low: np.ndarray) -> None:
+        """Keep the lists of ``new`` (sorted, none cached at this width or more)."""
+        m = lists.shape[1]
+        if m < self.lists.shape[1]:  # narrower than the cache's lists: not kept
+            return
+        if m > self.lists.shape[1]:  # a wider search: narrower lists cannot serve it
+            self.nodes, self.lists, self.low = (
+                np.zeros(0, np.int64),
+                np.zeros((0, m), np.int64),
+                np.zeros(0, np.float32),
+            )
+        keep = ~np.isin(self.nodes, new)
+        nodes = np.concatenate([self.nodes[keep], new])
+        order = np.argsort(nodes, kind="stable")
+        self.nodes = nodes[order]
+        self.lists = np.concatenate([self.lists[keep], lists])[order]
+        self.low = np.concatenate([self.low[keep], low])[order]
+
+
 def k_reciprocal_shortlist(
     query_feats: np.ndarray,
     db_feats: np.ndarray,
@@ -229,6 +271,7 @@ def k_reciprocal_shortlist(
     lambda_value: float = 0.3,
     *,
     search: TopSearch,
+    cache: NodeListCache | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k-reciprocal re-ranking of each query's shortlist, with bounded memory at any N.
 
@@ -249,6 +292,8 @@ def k_reciprocal_shortlist(
             gathers rows, e.g. a memory map), L2-normalised; topk_ids: (Q, K) database rows,
             each query's shortlist (its initial top-K).
         search: the database search (see ``TopSearch``), e.g. ``NeighbourSearch.top_with_lowest``.
+        cache: lists searched by earlier calls on the same queries and database (and filled
+            by this one); run the widest m first.
 
     Returns:
         ids (Q, K) the shortlist re-ranked (closest first) and dist (Q, K) float32 their
@@ -265,7 +310,19 @@ def k_reciprocal_shortlist(
 
     def search_nodes(new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Top-m node lists (M, m) of the nodes ``new`` (sorted node ids) over queries and
-        database, and their lowest similarities (M,) over both."""
+        database, and their lowest similarities (M,) over both (from ``cache`` where it has them)."""
+        if cache is None:
+            return search_fresh(new)
+        hit = cache.lookup(new, m)
+        lists, low = np.empty((len(new), m), np.int64), np.empty(len(new), np.float32)
+        if hit.any():
+            lists[hit], low[hit] = cache.get(new[hit], m)
+        if not hit.all():
+            lists[~hit], low[~hit] = search_fresh(new[~hit])
+            cache.add(new[~hit], lists[~hit], low[~hit])
+        return lists, low
+
+    def search_fresh(new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         feats = np.concatenate(
             [qf[new[new < Q]], np.asarray(db_feats[new[new >= Q] - Q], dtype=np.float32)], axis=0
         ).reshape(-1, D)

@@ -48,7 +48,7 @@ from ssr_model.baselines import (
     dqe,
     shortlist_grids,
 )
-from ssr_model.baselines.k_reciprocal import KRECIP_SHORTLIST, k_reciprocal_shortlist
+from ssr_model.baselines.k_reciprocal import KRECIP_SHORTLIST, NodeListCache, k_reciprocal_shortlist
 from ssr_model.baselines.neighbours import CandidateNeighbours, NeighbourSearch
 from ssr_model.metrics import revisited_map
 from ssr_tasks.retrieval.train import ValidationSet
@@ -172,11 +172,13 @@ def krecip_ranking(
     initial: tuple[np.ndarray, np.ndarray] | None = None,
     search: NeighbourSearch | None = None,
     width: int = KRECIP_SHORTLIST,
+    cache: NodeListCache | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k-reciprocal ranking of L2-normalised query (Q, D) against db (N, D): (ranks (Q, N),
     scores (Q, N)), the top ``width`` re-ranked by k-reciprocal distance (score: minus the
     distance), then the rest in initial order. initial: the features' (ranks, scores) when
-    already computed. Memory: that of ``k_reciprocal_shortlist`` plus the (Q, N) ranking;
+    already computed. cache: node lists shared between calls on the same query and db (a
+    validation grid). Memory: that of ``k_reciprocal_shortlist`` plus the (Q, N) ranking;
     equal to the full-graph k-reciprocal when width >= N."""
     ranks, scores = initial if initial is not None else ranking(query, db)
     W = min(db.shape[0], width)
@@ -189,6 +191,7 @@ def krecip_ranking(
         k2=point.k2,
         lambda_value=point.lambda_value,
         search=s.top_with_lowest,
+        cache=cache,
     )
     return _full_ranking(ids, -dist, ranks, scores)
 
@@ -314,9 +317,16 @@ def choose_baselines(
     krecip = None
     if "k-reciprocal" in rows:
         initial = ranks, np.take_along_axis(q @ db.T, ranks, axis=1)
-        scores = [
-            _medium_map(krecip_ranking(q, db, p, initial=initial, search=search)[0], val.gnd) for p in krecip_points
-        ]
+        # one list search serves the grid: the widest lists first, narrower points reuse them
+        cache = NodeListCache()
+        by_width = sorted(range(len(krecip_points)), key=lambda i: -max(krecip_points[i].k1 + 1, krecip_points[i].k2))
+        found = {
+            i: _medium_map(
+                krecip_ranking(q, db, krecip_points[i], initial=initial, search=search, cache=cache)[0], val.gnd
+            )
+            for i in by_width
+        }
+        scores = [found[i] for i in range(len(krecip_points))]
         tried += [(f"k-reciprocal {p.label()}", s) for p, s in zip(krecip_points, scores)]
         krecip = best_point(list(krecip_points), scores)[0]
     names = [m for m in rows if m in SHORTLIST_METHODS]

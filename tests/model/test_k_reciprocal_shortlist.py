@@ -68,3 +68,26 @@ def test_a_short_list_searches_only_the_shortlists_and_their_lists():
     # searched: the queries and their U <= Q * K items, then those lists' new items
     U = len(np.unique(initial))
     assert Q + U < s.rows <= (Q + U) * (k1 + 2) and s.rows < N
+
+
+def test_a_cache_shared_by_a_grid_gives_the_same_results_with_fewer_searches():
+    from ssr_model.baselines.k_reciprocal import NodeListCache
+
+    Q, N, K = 3, 300, 30
+    q, db = _graph(Q, N, 8, seed=2)
+    initial = np.argsort(-(q @ db.T), axis=1, kind="stable")[:, :K]
+    grid = [(10, 6, 0.3), (10, 6, 0.5), (4, 3, 0.3), (7, 12, 0.3)]
+    cache, cached, fresh_rows = NodeListCache(), CountingSearch(db, 64), 0
+    for k1, k2, lam in sorted(grid, key=lambda p: -max(p[0] + 1, p[1])):
+        ids, dist, s = _run(q, db, initial, k1, k2, lam)
+        fresh_rows += s.rows
+        got = k_reciprocal_shortlist(q, db, initial, k1, k2, lam, search=cached.top_with_lowest, cache=cache)
+        assert got[0].tolist() == ids.tolist()
+        np.testing.assert_allclose(got[1], dist, rtol=1e-6)
+    assert 0 < cached.rows < fresh_rows / 2
+    # any order is correct (a narrower point first: the wider one replaces its lists)
+    cache = NodeListCache()
+    for k1, k2, lam in [(4, 3, 0.3), (10, 6, 0.3), (4, 3, 0.5)]:
+        want = _run(q, db, initial, k1, k2, lam)[0]
+        got = k_reciprocal_shortlist(q, db, initial, k1, k2, lam, search=cached.top_with_lowest, cache=cache)[0]
+        assert got.tolist() == want.tolist()
