@@ -4,6 +4,10 @@ Rows are items: ``query_feats`` (Q, D) and ``db_feats`` (N, D), both L2-normalis
 ``ranks`` (Q, N) holds database indices best first. Every function returns the expanded
 queries (Q, D), L2-normalised. ``n`` is the number of top-ranked database items used
 (``n = 0`` returns the queries unchanged, up to normalisation).
+
+Memory: every function reads only the first n columns of ``ranks`` and gathers (Q, n + 1, D)
+features (DQE: twice that, with its negatives from ``negatives``); nothing of size N, so
+``ranks`` may be a (Q, n) prefix (a top-n search) at any database size.
 """
 
 from __future__ import annotations

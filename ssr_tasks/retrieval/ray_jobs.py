@@ -83,8 +83,11 @@ class CandidateSearchPool:
     the rows to search are cut into blocks of ``rows_per_task`` and each block is one task
     on a ``CandidateSearcher`` actor, so a cluster shortens the candidate searches of the
     re-rankers (k-reciprocal, alpha-DBA, diffusion) and DQE's negatives. Results come back
-    in row order. database: an (N, D) array (put once in the object store) or a features
-    table path (each actor streams it). Use as a context manager, or call ``close``.
+    in row order. database: an (N, D) array (L2-normalised and put once in the object
+    store) or a features table path (each actor streams it, normalised). Use as a context
+    manager, or call ``close``. Wiring: ``with CandidateSearchPool(db) as pool:
+    method_rankings(q, db, choice, search=pool)`` (and ``choose_baselines(..., search=pool)``
+    with a pool over the validation database).
     """
 
     def __init__(
@@ -103,7 +106,12 @@ class CandidateSearchPool:
 
         self.rows_per_task = rows_per_task
         # the pool keeps the database's object reference, so that a restarted actor finds it
-        source = database if isinstance(database, (str, Path)) else ray.put(np.ascontiguousarray(database, np.float32))
+        source: Any
+        if isinstance(database, (str, Path)):
+            source = database
+        else:  # L2-normalised, as the re-rankers' database (a table is normalised as it is read)
+            db = np.asarray(database, dtype=np.float32)
+            source = ray.put(np.ascontiguousarray(db / np.maximum(np.linalg.norm(db, axis=1, keepdims=True), 1e-12)))
         self.database_ref = source
         Actor = ray.remote(CandidateSearcher).options(num_cpus=1, max_restarts=2, max_task_retries=2)
         self.actors = [

@@ -41,7 +41,7 @@ def test_pool_rankings_equal_the_local_ones(ray_local):
         (("DQE", 2),), KReciprocalPoint(5, 3, 0.3), (), methods=("features", "DQE", "k-reciprocal", "diffusion")
     )
     local = method_rankings(q, db, choice)
-    with CandidateSearchPool(db, n_actors=2, rows_per_task=16) as pool:
+    with CandidateSearchPool(3 * db, n_actors=2, rows_per_task=16) as pool:  # the pool normalises
         pooled = method_rankings(q, db, choice, search=pool)
     for a, b in zip(local, pooled):
         assert a.name == b.name and a.ranks.tolist() == b.ranks.tolist()
