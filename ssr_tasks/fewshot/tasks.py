@@ -495,7 +495,8 @@ def released_trials(
     """The released model as the only "trial", run with ``train`` (the sweep's first point):
     its accuracy on the validation episodes is its score (the registry's champion rule
     compares it like a trained one)."""
-    model = released.model(train, features.dim)
+    # the authors' model was trained on balanced episodes, whatever train.query_balance asks
+    model = released.model(train.model_copy(update={"query_balance": "balanced"}), features.dim)
     res = evaluate_with_pool(
         Path(features.path), "val", val.load(), model, n_actors=n_actors, device=cluster_device(device)
     )
