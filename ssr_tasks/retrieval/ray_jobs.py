@@ -111,7 +111,10 @@ class CandidateSearchPool:
             source = database
         else:  # L2-normalised, as the re-rankers' database (a table is normalised as it is read)
             db = np.asarray(database, dtype=np.float32)
-            source = ray.put(np.ascontiguousarray(db / np.maximum(np.linalg.norm(db, axis=1, keepdims=True), 1e-12)))
+            norms = np.linalg.norm(db, axis=1, keepdims=True)
+            if not np.allclose(norms, 1.0, atol=1e-5):  # rows already unit length are kept bit for bit
+                db = db / np.maximum(norms, 1e-12)
+            source = ray.put(np.ascontiguousarray(db))
         self.database_ref = source
         Actor = ray.remote(CandidateSearcher).options(num_cpus=1, max_restarts=2, max_task_retries=2)
         self.actors = [
