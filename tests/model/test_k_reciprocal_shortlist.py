@@ -32,9 +32,9 @@ class CountingSearch(LocalSearch):
         return super().top_with_lowest(feats, k)
 
 
-def _run(q, db, top, k1, k2, lam, db_block=7):
+def _run(q, db, top, k1, k2, lam, db_block=7, levels=1):
     s = CountingSearch(db, db_block)
-    ids, dist = k_reciprocal_shortlist(q, db, top, k1, k2, lam, search=s.top_with_lowest)
+    ids, dist = k_reciprocal_shortlist(q, db, top, k1, k2, lam, search=s.top_with_lowest, levels=levels)
     return ids, dist, s
 
 
@@ -52,22 +52,27 @@ def test_equals_the_full_graph_when_the_shortlist_covers_the_database(Q, N, D, k
     q, db = _graph(Q, N, D, seed=Q + N)
     full = _full(q, db, k1, k2, lam)
     initial = np.argsort(-(q @ db.T), axis=1, kind="stable")
-    ids, dist, _ = _run(q, db, initial, k1, k2, lam)
-    assert ids.tolist() == np.argsort(full, axis=1, kind="stable").tolist()
-    np.testing.assert_allclose(dist, np.take_along_axis(full, ids, axis=1), atol=1e-6, rtol=0)
+    for levels in (1, 2):
+        ids, dist, _ = _run(q, db, initial, k1, k2, lam, levels=levels)
+        assert ids.tolist() == np.argsort(full, axis=1, kind="stable").tolist()
+        np.testing.assert_allclose(dist, np.take_along_axis(full, ids, axis=1), atol=1e-6, rtol=0)
 
 
 def test_a_short_list_searches_only_the_shortlists_and_their_lists():
     Q, N, K, k1, k2 = 4, 400, 10, 5, 3
     q, db = _graph(Q, N, 8, seed=1)
     initial = np.argsort(-(q @ db.T), axis=1, kind="stable")[:, :K]
-    ids, dist, s = _run(q, db, initial, k1, k2, 0.3)
-    # each row is a permutation of its shortlist, by increasing distance
-    assert all(sorted(a) == sorted(b) for a, b in zip(ids.tolist(), initial.tolist()))
-    assert (np.diff(dist, axis=1) >= 0).all()
-    # searched: the queries and their U <= Q * K items, then those lists' new items
     U = len(np.unique(initial))
-    assert Q + U < s.rows <= (Q + U) * (k1 + 2) and s.rows < N
+    for levels in (1, 2):
+        ids, dist, s = _run(q, db, initial, k1, k2, 0.3, levels=levels)
+        # each row is a permutation of its shortlist, by increasing distance
+        assert all(sorted(a) == sorted(b) for a, b in zip(ids.tolist(), initial.tolist()))
+        assert (np.diff(dist, axis=1) >= 0).all()
+        # searched: the queries and their U <= Q * K items (levels 1), then those lists' new items
+        if levels == 1:
+            assert s.rows == Q + U
+        else:
+            assert Q + U < s.rows <= (Q + U) * (k1 + 2) and s.rows < N
 
 
 def test_a_cache_shared_by_a_grid_gives_the_same_results_with_fewer_searches():
