@@ -28,17 +28,21 @@ from ssr_tasks.ray_grid import SUMMARY, read_summary
 from storage.features import read_metadata
 
 
-def best_per_shot(run: Path, feat_dim: int) -> dict[int, FewShotTrial]:
-    """The finished trial with the best validation accuracy at each training shot count."""
+def best_per_shot(run: Path, feat_dim: int, train_balance: str = "balanced") -> dict[int, FewShotTrial]:
+    """The finished trial with the best validation accuracy at each training shot count, among
+    those trained with ``train_balance`` query sets (``train.query_balance``; only their
+    validation scores compare)."""
     best: dict[int, FewShotTrial] = {}
     for summary in sorted(run.glob(f"ssr-*/trials/*/{SUMMARY}")):
         config = FewShotTrainParams(**json.loads((summary.parent / "config.json").read_text()))
         label = summary.parent.name.rsplit("-", 1)[0]
+        if config.trained_balance != train_balance:
+            continue
         trial = FewShotTrial.from_summary(config, label, feat_dim, read_summary(summary.parent))
         if config.n_shot not in best or trial.best_val > best[config.n_shot].best_val:
             best[config.n_shot] = trial
     if not best:
-        raise SystemExit(f"{run}: no finished SSR trial (ssr-*/trials/*/{SUMMARY})")
+        raise SystemExit(f"{run}: no finished SSR trial trained {train_balance} (ssr-*/trials/*/{SUMMARY})")
     return best
 
 
@@ -57,14 +61,16 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=600)
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 5])
     ap.add_argument("--balance", default="balanced", help="balanced or dirichlet:ALPHA (test queries)")
+    ap.add_argument("--train-balance", default="balanced", help="SSR trained on these query sets (train.query_balance)")
     ap.add_argument("--seed", type=int, default=0, help="the run's train.seed (test episodes: 20,000 + seed + shot)")
     args = ap.parse_args()
     alpha = query_balance_alpha(args.balance)
 
     features = next(iter(sorted(args.run.glob("features-*.parquet"))))
-    trials = best_per_shot(args.run, int(read_metadata(features)["dim"]))
+    trials = best_per_shot(args.run, int(read_metadata(features)["dim"]), args.train_balance)
     for shot, t in sorted(trials.items()):
-        print(f"trained at {shot} shots: {t.label}, steps={t.best_steps}, validation {100 * t.best_val:.2f}%")
+        where = Path(t.best_path).resolve().relative_to(args.run.resolve())
+        print(f"trained at {shot} shots: {t.label}, steps={t.best_steps}, validation {100 * t.best_val:.2f}% ({where})")
     evaluators = {shot: FewShotEvaluator(str(features), "test", t.model, threads=1) for shot, t in trials.items()}
     test = next(iter(evaluators.values())).split
 
