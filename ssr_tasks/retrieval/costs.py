@@ -7,13 +7,15 @@ call made above what it started with, torch's through the profiler and numpy's /
 through tracemalloc) in a second, profiled call on the same input. A method is one row of
 ``method_rankings`` (its initial ranking at the chosen setting, full (Q, N) rankings as the
 pipeline computes them); SSR's cost is ``ShardReranker.rerank_arrays`` on a method's top-K
-store, the call the re-ranking actors make. The actor is fresh for each measuring task and
-takes one CPU, so the numbers are one core's.
+store, the call the re-ranking actors make. One fresh actor measures every method (one
+after another) and one measures SSR on every method's store; each takes one CPU, so the
+numbers are one core's.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,6 +90,7 @@ class CostProbe:
         table = read_features(Path(queries), expected_dim=model.feat_dim)
         qemb = F.normalize(torch.from_numpy(table.embeddings[np.argsort(table.ids, kind="stable")]), dim=-1, eps=1e-12)
         ids, scores = ids[order], scores[order]
+        reranker.rerank_arrays(qemb[:1], ids[:1], scores[:1])  # warm-up: torch's first call initialises kernels
         cost = self._measure(lambda: reranker.rerank_arrays(qemb, ids, scores), len(ids))
         return retrieval_cost(f"{name} + SSR", cost)
 
@@ -122,21 +125,20 @@ def measure_methods(features_path: str, choice: BaselineChoice, device: str = "c
 
 def measure_ssr(
     features_path: str,
-    name: str,
+    stores: Sequence[tuple[str, str, str]],
     model: RetrievalModel | RegisteredRetrievalModel,
-    store: str,
-    queries: str,
     db_table: str,
     device: str = "cpu",
-) -> RetrievalCost:
-    """SSR's re-ranking of one method's top-K store, measured in a fresh Ray actor (in this process
-    when Ray is not running)."""
+) -> tuple[RetrievalCost, ...]:
+    """SSR's re-ranking of each method's top-K store, stores: (method, top-K store, its query
+    table); measured one after another in one fresh Ray actor (in this process when Ray is not running)."""
     import ray  # lazy: as in _actor
 
     if not _ray_running():
-        return CostProbe(features_path, threads=None, device=device).ssr(name, model, store, queries, db_table)
+        probe = CostProbe(features_path, threads=None, device=device)
+        return tuple(probe.ssr(name, model, store, queries, db_table) for name, store, queries in stores)
     actor = _actor(features_path, device)
     try:
-        return ray.get(actor.ssr.remote(name, model, store, queries, db_table))
+        return tuple(ray.get([actor.ssr.remote(n, model, s, q, db_table) for n, s, q in stores]))
     finally:
         ray.kill(actor)

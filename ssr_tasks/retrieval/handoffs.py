@@ -182,12 +182,13 @@ class RetrievalCost:
 
 @dataclass(frozen=True)
 class Reranked:
-    """A method's store after SSR re-ranking (same schema as its top-K store); cost: SSR's
-    re-ranking of the method's top-k, measured in an actor."""
+    """A method's store after SSR re-ranking (same schema as its top-K store). ssr_costs: SSR's
+    re-ranking of each method's top-k ("<method> + SSR"), measured in one actor by the task of
+    the first method (empty on the others)."""
 
     name: str
     store: str
-    cost: RetrievalCost | None = None
+    ssr_costs: tuple[RetrievalCost, ...] = ()
 
 
 RetrievalTrials = Trials[RetrievalTrial]  # the grid's trials; ``.best`` by validation score

@@ -59,9 +59,10 @@ def cost_cells(cost: RetrievalCost) -> dict:
 def row_costs(rankings: Rankings, reranked: Sequence[Reranked]) -> dict[str, RetrievalCost]:
     """The cost of every row: each method's ranking call, and "<method> + SSR" = that call then SSR's."""
     out = {c.name: c for c in rankings.costs}
+    ssr = {c.name: c for r in reranked for c in r.ssr_costs}
     for r in reranked:
         if r.name in out:
-            both = plus_ssr(out[r.name], r.cost)
+            both = plus_ssr(out[r.name], ssr.get(f"{r.name} + SSR"))
             if both is not None:
                 out[both.name] = both
     return out
@@ -86,6 +87,7 @@ def plot_map_vs_cost(rows: Sequence[Mapping], costs: Mapping[str, RetrievalCost]
             ax.plot([x1], [y1], "o", mfc="none", color=colour)
     ax.plot([], [], "o", mfc="none", color="grey", label="+ SSR")
     ax.set_xscale("log")
+    ax.tick_params(axis="x", which="minor", labelbottom=False)  # minor labels overlap on a narrow range
     ax.set_xlabel("ms per query (one call on all test queries, in a Ray actor; log scale)")
     ax.set_ylabel("mAP medium (%)")
     ax.set_title("Accuracy against cost per retrieval method", fontsize=9)

@@ -34,6 +34,7 @@ from ssr_tasks.retrieval.handoffs import (
     MethodStore,
     Rankings,
     Reranked,
+    RetrievalCost,
     RetrievalData,
     RetrievalFeatures,
     RetrievalModel,
@@ -485,7 +486,8 @@ def rerank(
     model: RetrievalModel,
     device: Device = "auto",
 ) -> Reranked:
-    """Every shard of a method's top-K store re-ranked by SSR on a pool of Ray actors."""
+    """Every shard of a method's top-K store re-ranked by SSR on a pool of Ray actors; the first
+    method's task also measures SSR's cost on every method's store (``costs.measure_ssr``)."""
     out = Path(method.topk).parent / f"reranked-{short_hash([model.weights])}"
     progress = Progress(f"rerank-{short_hash([method.topk, model.weights])}", f"Re-ranking shards of {method.name}")
     rerank_store(
@@ -498,15 +500,14 @@ def rerank(
         device=cluster_device(device),
         progress=progress,
     )
-    cost = None
-    if rankings.features is not None:  # SSR's call on this method's top-k, measured in an actor
-        cost = measure_ssr(
+    costs: tuple[RetrievalCost, ...] = ()
+    if rankings.features is not None and method == rankings.methods[0]:
+        # SSR's call on every method's top-k, measured once per run in one actor (not once per method)
+        costs = measure_ssr(
             rankings.features,
-            method.name,
+            [(m.name, m.topk, m.queries) for m in rankings.methods],
             model,
-            method.topk,
-            method.queries,
             rankings.database,
             cluster_device(device),
         )
-    return Reranked(method.name, str(out), cost)
+    return Reranked(method.name, str(out), costs)
