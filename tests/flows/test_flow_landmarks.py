@@ -113,7 +113,16 @@ def test_landmark_pickles_to_results(ssr_home, ray_local, prefect_harness, tmp_p
     assert {r["method"] for r in vvt} == set(rows) - {"features"} - {m for m in rows if m.endswith(" + SSR")}
     assert [r["test setting"] for r in vvt if r["method"] == "k-reciprocal"] == ["k1=10,k2=5,lambda=0.3"]
     assert all(float(r["test mAP medium"]) >= 0 and r["validation mAP medium"] for r in vvt)
-    assert (csv_path.parent / "map_vs_cost.png").is_file()
+    assert any(Path(ssr_home).rglob("map_vs_cost.png"))  # the accuracy-against-cost plot, also logged to MLflow
+    import mlflow
+
+    uri = f"sqlite:///{Path(ssr_home) / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    metrics = client.get_run(result["run_id"]).data.metrics
+    assert metrics["features_ms_per_query"] > 0 and metrics["k-reciprocal_plus_SSR_ms_per_query"] > 0
+    assert {"GNN_peak_mib", "GNN_cpu_seconds"} <= set(metrics)
+    logged = {a.path for a in client.list_artifacts(result["run_id"], "results")}
+    assert {"results/val_vs_test.csv", "results/val_vs_test.md", "results/costs.csv"} <= logged
 
 
 def test_paper_retrieval_preset_has_the_paper_settings():
