@@ -241,6 +241,8 @@ def _method_child(args: argparse.Namespace) -> None:
     from storage.checkpoints import load_state_dict
     from storage.landmarks import read_gnd
 
+    limit = int(args.max_gib * 2**30)  # address space: a method that outgrows it fails here, not the machine
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     db = np.load(args.db, mmap_mode="r")
     queries = np.load(args.queries)
     gnd = read_gnd(Path(args.gnd)).gnd
@@ -365,6 +367,7 @@ def main() -> None:
     c = sub.add_parser("_method", help=argparse.SUPPRESS)
     for name in ("--db", "--queries", "--gnd", "--choice", "--model", "--method"):
         c.add_argument(name, required=True)
+    c.add_argument("--max-gib", type=float, default=12.0, help="address-space limit of the method's process")
     args = ap.parse_args()
     {"table": table_main, "topk": topk_main, "_method": _method_child}[args.mode](args)
 
