@@ -362,11 +362,17 @@ def k_reciprocal_shortlist(
     low[known] = np.concatenate([low0, low1])[order]
     max_sq = np.maximum(2.0 - 2.0 * low, 1e-12).astype(np.float32)
 
-    def o_values(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """O[row, col]: squared distance over the row's largest, for local index pairs."""
-        sims = np.einsum("nd,nd->n", feats[rows], feats[cols])
-        d = np.sqrt(np.maximum(2.0 - 2.0 * sims, 0.0)).astype(np.float32)
-        return (d * d) / max_sq[rows]
+    def o_values(rows: np.ndarray, cols: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+        """O[row, col]: squared distance over the row's largest, for local index pairs; the
+        pairs' features are gathered ``chunk`` pairs at a time (2 * chunk * D floats), not all
+        at once (the expanded sets hold millions of pairs at large N)."""
+        out = np.empty(len(rows), dtype=np.float32)
+        for s in range(0, len(rows), chunk):
+            r, c = rows[s : s + chunk], cols[s : s + chunk]
+            sims = np.einsum("nd,nd->n", feats[r], feats[c])
+            d = np.sqrt(np.maximum(2.0 - 2.0 * sims, 0.0)).astype(np.float32)
+            out[s : s + chunk] = (d * d) / max_sq[r]
+        return out
 
     expanded = _expanded_sets(ranks, k1, n_loc, known)
     rows = np.repeat(np.arange(n_loc), np.diff(expanded.indptr))
