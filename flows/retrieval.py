@@ -42,7 +42,13 @@ def retrieval_pipeline(params: RetrievalParams = RetrievalParams()) -> dict:
         )
         trials = tasks.train_ssr(train, sweep, features, str(run.work), run.trial_tracking(prefect_tags()), device)
         rankings = tasks.rank_methods(
-            params.baselines, train, params.k_max, params.evaluation.shard_size, features, str(run.work)
+            params.baselines,
+            train,
+            params.k_max,
+            params.evaluation.shard_size,
+            features,
+            str(run.work),
+            params.evaluation.n_search_actors,
         )
         reranked = [
             tasks.rerank(params.evaluation, rankings, method, trials.best.model, device) for method in rankings.methods

@@ -702,6 +702,13 @@ class RetrievalEvalParams(_Params):
 
     shard_size: int = Field(1000, ge=1, description="Queries per Parquet shard of the top-K stores (paper: not used)")
     n_rerank_actors: int = Field(0, ge=0, description="0: one per free CPU (GPU when present)")
+    n_search_actors: int = Field(
+        -1,
+        ge=-1,
+        description="Candidate searches of the re-rankers (k-reciprocal, alpha-DBA, diffusion, GNN, SuperGlobal; "
+        "DQE's negatives), cut into blocks of rows on a pool of Ray actors: -1 a pool only when the Ray cluster has "
+        "more than one node, else in the ranking task's own process; 0 one actor per free CPU; N actors",
+    )
 
 
 class RetrievalParams(_Pipeline):
@@ -734,7 +741,7 @@ class RetrievalParams(_Pipeline):
             )
         },
         **{f: ("baselines", f) for f in ("qe_n_grid", "krecip_pairs", "krecip_lambda")},
-        **{f: ("evaluation", f) for f in ("shard_size", "n_rerank_actors")},
+        **{f: ("evaluation", f) for f in ("shard_size", "n_rerank_actors", "n_search_actors")},
     }
 
     data: RetrievalDataParams = Field(default_factory=RetrievalDataParams, description="Test set and training clusters")

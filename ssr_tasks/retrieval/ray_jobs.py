@@ -6,7 +6,8 @@ The re-ranking actor pool is in ``ssr_tasks.retrieval.rerank`` next to its plain
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from ssr_tasks.ray_grid import Trial, run_grid
 from ssr_tasks.retrieval.evaluate import CandidateSearcher
 from ssr_tasks.retrieval.handoffs import RetrievalTrial
 from ssr_tasks.retrieval.train import load_training_data, train_retrieval
+from ssr_tasks.services import init_ray
 
 
 @dataclass(frozen=True)
@@ -155,3 +157,21 @@ class CandidateSearchPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def candidate_search(database: Any, n_actors: int) -> Iterator[CandidateSearchPool | None]:
+    """The search the re-rankers use for their candidates: a ``CandidateSearchPool`` of
+    ``n_actors`` (0: one per free CPU) or, with -1, a pool only on a Ray cluster of more than
+    one node (on one machine the blocks would share its cores with nothing gained: 1 against
+    2 actors measured no faster here, docs/benchmarks.md); None means the in-process search."""
+    import ray  # lazy: Ray, as above
+
+    if n_actors == -1:
+        n_actors = 0 if ray.is_initialized() and len([n for n in ray.nodes() if n.get("Alive")]) > 1 else -1
+    if n_actors < 0:
+        yield None
+        return
+    init_ray()
+    with CandidateSearchPool(database, n_actors) as pool:
+        yield pool

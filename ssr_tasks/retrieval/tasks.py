@@ -40,7 +40,7 @@ from ssr_tasks.retrieval.handoffs import (
     RetrievalModel,
     RetrievalTrials,
 )
-from ssr_tasks.retrieval.ray_jobs import run_trials
+from ssr_tasks.retrieval.ray_jobs import candidate_search, run_trials
 from ssr_tasks.retrieval.rerank import rerank_store
 from ssr_tasks.retrieval.settings import holdout_fraction_for_k, relaxed_sequence_filter, scaled_lr_dni
 from ssr_tasks.retrieval.train import load_training_data, load_validation
@@ -392,6 +392,7 @@ def rank_methods(
     shard_size: int,
     features: RetrievalFeatures,
     work_dir: str,
+    n_search_actors: int = -1,
 ) -> Rankings:
     """QE's n and the k-reciprocal point chosen on validation (held-out clusters), then the
     initial rankings of every method (features, QE variants, k-reciprocal), each as a top-K
@@ -402,7 +403,9 @@ def rank_methods(
     Under ``val_protocol: mirror-test`` the validation mirrors the test set and the grids'
     neighbour counts are scaled to its database (``ssr_tasks.retrieval.validation``). With
     ``baselines.val_vs_test`` every grid point is also scored on the test queries, for the
-    val_vs_test table only. Each method's ranking call is measured in a Ray actor (``costs``)."""
+    val_vs_test table only. Each method's ranking call is measured in a Ray actor (``costs``).
+    n_search_actors: the re-rankers' candidate searches on the test database run as blocks on
+    a Ray actor pool (``ray_jobs.candidate_search``; -1: only on a multi-node cluster)."""
     logger = get_run_logger()
     train = mirror_validation(train, features)
     mirror = train.val_protocol == "mirror-test"
@@ -425,7 +428,8 @@ def rank_methods(
     )
     db = read_features(Path(features.path), split="database")
     qt = read_features(Path(features.path), split="query")
-    methods = method_rankings(qt.embeddings, db.embeddings, choice)
+    with candidate_search(db.embeddings, n_search_actors) as pool:
+        methods = method_rankings(qt.embeddings, db.embeddings, choice, search=pool)
     k_store = min(len(db.ids), max(k, 100))
     # K and the shard size shape every top-K store (an existing store of another shape is refused)
     stores = Path(work_dir) / "stores" / short_hash([features.path, choice.as_params(), k_store, shard_size])

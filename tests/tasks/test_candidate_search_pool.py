@@ -46,3 +46,17 @@ def test_pool_rankings_equal_the_local_ones(ray_local):
     for a, b in zip(local, pooled):
         assert a.name == b.name and a.ranks.tolist() == b.ranks.tolist()
         np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_candidate_search_picks_the_pool_by_n_search_actors(ray_local):
+    from ssr_tasks.retrieval.ray_jobs import candidate_search
+
+    rng = np.random.default_rng(2)
+    db, feats = _unit(rng.standard_normal((200, 8))), _unit(rng.standard_normal((5, 8)))
+    with candidate_search(db, -1) as search:  # one local node: the in-process search
+        assert search is None
+    with candidate_search(db, 1) as search:
+        assert isinstance(search, CandidateSearchPool) and len(search.actors) == 1
+        got, want = search.top(feats, 4), LocalSearch(db).top(feats, 4)
+        assert got[0].tolist() == want[0].tolist()
+    assert search.actors == []  # closed on exit
