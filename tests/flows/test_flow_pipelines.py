@@ -156,7 +156,12 @@ def test_retrieval_flow_end_to_end(ssr_home, ray_local, prefect_harness, glyphs_
     (table,) = ssr_home.rglob("retrieval-features-*-distractors-200.parquet")
     db = read_features(table, split="database")
     assert len(db) == 700 and set(db.labels[500:]) == {"distractor"} and set(db.labels[:500]) == {"db"}
-    (store,) = ssr_home.rglob("stores/*/features/topk")
+    # the session's home holds other runs' stores too: this run's is the one over 700 database rows
+    (store,) = [
+        s
+        for s in ssr_home.rglob("stores/*/features/topk")
+        if len(read_features(s.parent.parent / "database.parquet")) == 700
+    ]
     top = np.concatenate([s.neighbor_ids for s in SimilarityStore(store).iter_shards()])
     assert top.shape[0] == 20 and top.max() >= 500 and top.max() < 700  # distractors are ranked, as negatives
     out = run_snippet_fresh("retrieval", ssr_home)
