@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ssr_tasks.config import RetrievalParams
+from tests.flows.test_flow_pipelines import RETRIEVAL_ROWS
 from tests.landmark_pickles import write_sfm_pickle, write_test_pickle
 
 TINY_LANDMARKS = dict(
@@ -64,28 +65,7 @@ def test_landmark_pickles_to_results(ssr_home, ray_local, prefect_harness, tmp_p
     params = RetrievalParams(**{**TINY_LANDMARKS, "data": {**TINY_LANDMARKS["data"], "data_root": str(tmp_path)}})
     result = ssr(pipeline="retrieval", retrieval=params)
     rows = {r["method"]: r for r in result["results"]}
-    assert list(rows) == [
-        "features",
-        "features + SSR",
-        "AQE",
-        "AQE + SSR",
-        "AQEwD",
-        "AQEwD + SSR",
-        "alpha-QE",
-        "alpha-QE + SSR",
-        "DQE",
-        "DQE + SSR",
-        "k-reciprocal",
-        "k-reciprocal + SSR",
-        "alpha-DBA-QE",
-        "alpha-DBA-QE + SSR",
-        "diffusion",
-        "diffusion + SSR",
-        "GNN",
-        "GNN + SSR",
-        "SuperGlobal",
-        "SuperGlobal + SSR",
-    ]
+    assert list(rows) == RETRIEVAL_ROWS
     for protocol in ("easy", "medium", "hard"):
         want = revisitop_map(raw["query"], raw["database"], raw["gt"], protocol)
         assert rows["features"][f"mAP {protocol}"] == pytest.approx(round(want, 2), abs=1e-9)
