@@ -243,9 +243,11 @@ def mirrored_database_size(val_positives: float, n_held_database: int, n_availab
     return int(min(n_available, max(n_held_database, target)))
 
 
-# Arguments of the grids that count neighbours in the database (scaled with its size); QE's and
-# alpha-DBA-QE's n count top items among the positives and are not scaled.
+# Arguments of the grids that count neighbours in the database (scaled with its size, ``scale``).
 SCALED_ARGUMENTS = ("k", "k1", "k2", "K")
+# Arguments that count top items expected to be positives of the item expanded (scaled with the
+# positives per query, ``qe_scale``): alpha-DBA-QE's n_qe and n_dba (see ``scaled_qe_n``).
+QE_ARGUMENTS = ("n_qe", "n_dba")
 
 
 def scaled_count(k: int, scale: float) -> int:
@@ -253,17 +255,68 @@ def scaled_count(k: int, scale: float) -> int:
     return max(1, int(round(k * scale)))
 
 
+def scaled_qe_n(n: int, qe_scale: float) -> int:
+    """A QE count on validation: ``round(n * qe_scale)``, at least 1; 0 (alpha-DBA-QE's "no DBA") stays 0.
+
+    Why QE's n is scaled by the positives per query (validation / test), not by the database:
+    AQE, AQEwD, alpha-QE and DQE average (or weigh) the query's top n, and what decides whether
+    that helps is how many of those n are positives, i.e. n against the number of positives the
+    query has (on a perfect ranking, a top-n holds min(n, P) positives). A validation query with
+    3.2 positives averaging its top 3 mixes in about as many negatives as a test query with 18.2
+    positives averaging its top 17, so n=3 on the test is n=round(3 * 3.2 / 18.2)=1 on
+    validation. alpha-DBA-QE's n_qe is the same count. Its n_dba averages each database item
+    with its own top n_dba; the items whose ranks decide the mAP are the positives, and a
+    positive's same-cluster items in the database are the query's other positives (plus junk
+    on the test), so the count that n_dba must stay below is again the positives per query:
+    it is scaled the same way. (Database items that are nobody's positive have other cluster
+    sizes, which the test ground truth does not give; they are left out of the argument.)
+    Under ``mirror-test`` the database is padded to the test's positives per item, so
+    ``qe_scale`` equals the database scale whenever the padding reached its target.
+    """
+    return 0 if n == 0 else scaled_count(n, qe_scale)
+
+
+def positives_scale(val_positives: float, test_positives: float) -> float:
+    """``qe_scale``: validation positives per query over the test's (1 when either is unknown or 0)."""
+    if val_positives <= 0 or test_positives <= 0:
+        return 1.0
+    return val_positives / test_positives
+
+
 def scaled_krecip(points: Sequence[KReciprocalPoint], scale: float) -> list[KReciprocalPoint]:
     """k-reciprocal points with k1 and k2 scaled (lambda kept), in the same order."""
     return [replace(p, k1=scaled_count(p.k1, scale), k2=scaled_count(p.k2, scale)) for p in points]
 
 
-def scaled_shortlist(points: Mapping[str, Sequence[ShortlistPoint]], scale: float) -> dict[str, list[ShortlistPoint]]:
-    """Each shortlist re-ranker's points with their neighbour counts (``SCALED_ARGUMENTS``) scaled, same order."""
+def scaled_point(p: ShortlistPoint, scale: float, qe_scale: float = 1.0) -> ShortlistPoint:
+    """One shortlist point with its neighbour counts (``SCALED_ARGUMENTS``) scaled by ``scale`` and
+    its QE counts (``QE_ARGUMENTS``) by ``qe_scale``; other arguments kept."""
 
-    def one(p: ShortlistPoint) -> ShortlistPoint:
-        return ShortlistPoint(
-            tuple((k, scaled_count(int(v), scale) if k in SCALED_ARGUMENTS else v) for k, v in p.values)
-        )
+    def one(k: str, v: float) -> float:
+        if k in SCALED_ARGUMENTS:
+            return scaled_count(int(v), scale)
+        if k in QE_ARGUMENTS:
+            return scaled_qe_n(int(v), qe_scale)
+        return v
 
-    return {m: [one(p) for p in ps] for m, ps in points.items()}
+    return ShortlistPoint(tuple((k, one(k, v)) for k, v in p.values))
+
+
+def scaled_shortlist(
+    points: Mapping[str, Sequence[ShortlistPoint]], scale: float, qe_scale: float = 1.0
+) -> dict[str, list[ShortlistPoint]]:
+    """Each shortlist re-ranker's points scaled (``scaled_point``), same order; duplicates kept (the
+    caller maps them back, ``validation.Grids``)."""
+    return {m: [scaled_point(p, scale, qe_scale) for p in ps] for m, ps in points.items()}
+
+
+def scaling_distance(test: Mapping[str, float], val: Mapping[str, float], scales: Mapping[str, float]) -> float:
+    """How far a validation point is from a test point's exact scaled values: the sum over the scaled
+    arguments of |log(test value * its scale / validation value)| (arguments at 0 or unscaled: 0).
+    Of several test points that round to the same validation point, the nearest stands for it."""
+    d = 0.0
+    for k, s in scales.items():
+        t, v = float(test.get(k, 0)), float(val.get(k, 0))
+        if t > 0 and v > 0:
+            d += abs(math.log(t * s / v))
+    return d

@@ -31,17 +31,23 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from scipy.stats import rankdata
 
 from ssr_model.baselines import KReciprocalPoint, ShortlistPoint, krecip_grid
 from ssr_tasks.config import RetrievalBaselineParams, RetrievalTrainParams
-from ssr_tasks.retrieval.evaluate import BaselineChoice, choose_baselines, shortlist_points
+from ssr_tasks.retrieval.evaluate import QE_METHODS, BaselineChoice, choose_baselines, shortlist_points
 from ssr_tasks.retrieval.handoffs import RetrievalFeatures
 from ssr_tasks.retrieval.settings import (
+    QE_ARGUMENTS,
+    SCALED_ARGUMENTS,
     ProtocolProfile,
     mirrored_database_size,
+    positives_scale,
     protocol_profile,
     scaled_krecip,
+    scaled_qe_n,
     scaled_shortlist,
+    scaling_distance,
 )
 from ssr_tasks.retrieval.train import ValidationSet
 from storage.features import read_features
@@ -108,66 +114,151 @@ def grid_scale(train: RetrievalTrainParams, n_val_database: int, n_test_database
     return n_val_database / n_test_database
 
 
+QE_NAMES = tuple(name for name, _ in QE_METHODS)
+
+
 @dataclass(frozen=True)
 class Grids:
-    """The test grids (as the baselines group gives them) and their scaled validation twins, same order."""
+    """The test grids (as the baselines group gives them) and their scaled validation twins, same order.
+
+    ``scale`` multiplies the neighbour counts (database sizes' ratio), ``qe_scale`` QE's n and
+    alpha-DBA-QE's n_qe / n_dba (positives per query's ratio, ``settings.scaled_qe_n``).
+    Rounding can send several test points to one validation point (n = 1, 3, 5, 7 all become
+    n = 1 at a scale of 0.18): validation tries each distinct point once, and a validation point
+    chosen stands for the test point whose exact scaled values are nearest to it
+    (``settings.scaling_distance``, the first in grid order on ties; ``to_test``)."""
 
     qe_n: tuple[int, ...]
     krecip: tuple[KReciprocalPoint, ...]
     shortlist: Mapping[str, Sequence[ShortlistPoint]]
     val_krecip: tuple[KReciprocalPoint, ...]
     val_shortlist: Mapping[str, Sequence[ShortlistPoint]]
+    val_qe_n: tuple[int, ...] = ()  # empty: as qe_n
+    scale: float = 1.0
+    qe_scale: float = 1.0
 
     @classmethod
-    def of(cls, baselines: RetrievalBaselineParams, scale: float) -> Grids:
+    def of(cls, baselines: RetrievalBaselineParams, scale: float, qe_scale: float | None = None) -> Grids:
+        """qe_scale: None takes ``scale`` (under mirror-test the database is padded to the test's
+        positives per item, so both ratios agree unless the padding was capped)."""
+        qs = scale if qe_scale is None else qe_scale
         kr = krecip_grid(baselines.krecip_pairs, baselines.krecip_lambda)
         sl = shortlist_points(baselines)
+        qe = tuple(baselines.qe_n_grid)
         return cls(
-            tuple(baselines.qe_n_grid), tuple(kr), sl, tuple(scaled_krecip(kr, scale)), scaled_shortlist(sl, scale)
+            qe,
+            tuple(kr),
+            sl,
+            tuple(scaled_krecip(kr, scale)),
+            scaled_shortlist(sl, scale, qs),
+            tuple(scaled_qe_n(n, qs) for n in qe),
+            scale,
+            qs,
         )
+
+    def points(self, method: str) -> list[tuple[Point, Point]]:
+        """(test point, validation point) of ``method``, in grid order."""
+        if method in QE_NAMES:
+            return list(zip(self.qe_n, self.val_qe_n or self.qe_n))
+        if method == "k-reciprocal":
+            return list(zip(self.krecip, self.val_krecip))
+        return list(zip(self.shortlist[method], self.val_shortlist[method]))
+
+    def methods(self) -> list[str]:
+        return [*QE_NAMES, "k-reciprocal", *self.shortlist]
+
+    def distinct_val(self, method: str) -> list:
+        """The validation points of ``method`` without repeats, in grid order (what validation tries)."""
+        return list(dict.fromkeys(v for _, v in self.points(method)))
+
+    def _scales(self, method: str, point: Point) -> dict[str, float]:
+        args = _args(point)
+        if method in QE_NAMES:
+            return {"n": self.qe_scale}
+        return {
+            k: (self.scale if k in SCALED_ARGUMENTS else self.qe_scale)
+            for k in args
+            if k in SCALED_ARGUMENTS or k in QE_ARGUMENTS
+        }
+
+    def to_test(self, method: str, val_point: Point) -> Point:
+        """The test point a chosen validation point stands for: of the test points that scale to it,
+        the one whose exact scaled values are nearest (``settings.scaling_distance``), first on ties."""
+        pairs = [(t, v) for t, v in self.points(method) if v == val_point]
+        if not pairs:
+            raise ValueError(f"{method}: {_label(val_point)} is not a point of the scaled validation grid")
+        va = _args(val_point)
+        dist = [scaling_distance(_args(t), va, self._scales(method, t)) for t, _ in pairs]
+        return pairs[int(np.argmin(dist))][0]
 
     def label_pairs(self) -> dict[str, list[tuple[str, str]]]:
         """Per method: (validation label, test label) of each point, in grid order."""
-        out = {"k-reciprocal": [(v.label(), t.label()) for v, t in zip(self.val_krecip, self.krecip)]}
-        for m, points in self.shortlist.items():
-            out[m] = [(v.label(), t.label()) for v, t in zip(self.val_shortlist[m], points)]
-        return out
+        return {m: [(_label(v), _label(t)) for t, v in self.points(m)] for m in self.methods()}
+
+
+Point = int | KReciprocalPoint | ShortlistPoint
+
+
+def _args(p: Point) -> dict[str, float]:
+    if isinstance(p, (int, np.integer)):
+        return {"n": int(p)}
+    if isinstance(p, KReciprocalPoint):
+        return {"k1": p.k1, "k2": p.k2}
+    return p.kwargs()
+
+
+def _label(p: Point) -> str:
+    return f"n={p}" if isinstance(p, (int, np.integer)) else p.label()
 
 
 def to_test_grid(choice: BaselineChoice, grids: Grids) -> BaselineChoice:
-    """A choice made on the scaled validation grids, as points of the test grids (same positions);
-    its ``val_map`` labelled by the test points."""
-    krecip = None if choice.krecip is None else grids.krecip[grids.val_krecip.index(choice.krecip)]
-    shortlist = tuple((m, grids.shortlist[m][list(grids.val_shortlist[m]).index(p)]) for m, p in choice.shortlist)
+    """A choice made on the scaled validation grids, as points of the test grids (``Grids.to_test``);
+    its ``val_map`` labelled by the test points, each test point with the score of its validation
+    point (test points that share a validation point share its score)."""
+    qe_n = tuple((m, int(grids.to_test(m, n))) for m, n in choice.qe_n)  # type: ignore[arg-type]  # QE points are ints
+    krecip = None if choice.krecip is None else grids.to_test("k-reciprocal", choice.krecip)
+    shortlist = tuple((m, grids.to_test(m, p)) for m, p in choice.shortlist)
     pairs = grids.label_pairs()
-    seen: dict[str, int] = {}
-    val_map = []
+    scores = dict(choice.val_map)
+    val_map: list[tuple[str, float]] = []
+    done: set[str] = set()
     for label, score in choice.val_map:
         method = next((m for m in pairs if label.startswith(f"{m} ")), None)
-        if method is None:  # QE's n is not scaled
+        if method is None:
             val_map.append((label, score))
             continue
-        i = seen.get(method, 0)
-        seen[method] = i + 1
-        val_map.append((f"{method} {pairs[method][i][1]}", score))
-    return replace(choice, krecip=krecip, shortlist=shortlist, val_map=tuple(val_map))
+        if method in done:
+            continue
+        done.add(method)
+        val_map += [(f"{method} {t}", scores[f"{method} {v}"]) for v, t in pairs[method] if f"{method} {v}" in scores]
+    return replace(choice, qe_n=qe_n, krecip=krecip, shortlist=shortlist, val_map=tuple(val_map))  # type: ignore[arg-type]
 
 
 def choose_on_validation(
-    val: ValidationSet, baselines: RetrievalBaselineParams, scale: float
+    val: ValidationSet, baselines: RetrievalBaselineParams, scale: float, *, qe_scale: float | None = None
 ) -> tuple[BaselineChoice, dict[str, str]]:
-    """The baselines' settings chosen on ``val`` over the grids scaled by ``scale``, as test-grid points;
-    and the validation label of each test label (for the val-vs-test table)."""
-    grids = Grids.of(baselines, scale)
+    """The baselines' settings chosen on ``val`` over the grids scaled by ``scale`` (neighbour counts)
+    and ``qe_scale`` (QE's n, alpha-DBA-QE's n_qe / n_dba; None: as ``scale``, see ``Grids.of``), as
+    test-grid points; and the validation label of each test label (for the val-vs-test table).
+    Each distinct validation point is tried once."""
+    grids = Grids.of(baselines, scale, qe_scale)
     choice = choose_baselines(
         val,
-        grids.qe_n,
-        grids.val_krecip,
+        grids.distinct_val("AQE"),
+        grids.distinct_val("k-reciprocal"),
         methods=baselines.methods,
-        shortlist_points={m: list(p) for m, p in grids.val_shortlist.items()},
+        shortlist_points={m: grids.distinct_val(m) for m in grids.shortlist},
     )
     val_label = {f"{m} {t}": f"{m} {v}" for m, pairs in grids.label_pairs().items() for v, t in pairs}
     return to_test_grid(choice, grids), val_label
+
+
+def qe_scale_for(train: RetrievalTrainParams, val: ValidationSet, test: ProtocolProfile | None) -> float:
+    """The factor of QE's n on validation: validation positives per query (medium) over the test's
+    under mirror-test; 1 under held-out or without a test ground truth."""
+    if train.val_protocol != "mirror-test" or test is None:
+        return 1.0
+    return positives_scale(protocol_profile("validation", val.gnd, len(val.database)).positives, test.positives)
 
 
 def score_on_test(
@@ -230,13 +321,11 @@ def val_vs_test_rows(
 
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    if len(a) < 2:
+    """Spearman's rank correlation with tied values given their average rank (test points that
+    share a validation point tie on validation); nan when either side is constant or has < 2 values."""
+    if len(a) < 2 or len(set(a)) < 2 or len(set(b)) < 2:
         return float("nan")
-    ra = np.argsort(np.argsort(a)).astype(float)
-    rb = np.argsort(np.argsort(b)).astype(float)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(np.corrcoef(rankdata(a), rankdata(b))[0, 1])
 
 
 def val_vs_test_summary(rows: Sequence[Mapping]) -> list[dict]:

@@ -10,13 +10,17 @@ from ssr_tasks.config import RetrievalBaselineParams, RetrievalTrainParams
 from ssr_tasks.retrieval.evaluate import BaselineChoice
 from ssr_tasks.retrieval.settings import (
     mirrored_database_size,
+    positives_scale,
     protocol_profile,
     scaled_krecip,
+    scaled_point,
+    scaled_qe_n,
     scaled_shortlist,
 )
 from ssr_tasks.retrieval.train import ValidationSet, distractor_rows, load_validation
 from ssr_tasks.retrieval.validation import (
     Grids,
+    choose_on_validation,
     to_test_grid,
     val_vs_test_rows,
     val_vs_test_summary,
@@ -70,7 +74,7 @@ def test_a_validation_choice_maps_to_the_test_point_at_its_position():
     bl = RetrievalBaselineParams(
         qe_n_grid=[1, 3], krecip_pairs=[(40, 20), (80, 40)], krecip_lambda=[0.3], methods=["AQE", "k-reciprocal"]
     )
-    grids = Grids.of(bl, 0.5)
+    grids = Grids.of(bl, 0.5, qe_scale=1.0)  # QE's n as given (its scaling: the tests below)
     assert grids.val_krecip == (KReciprocalPoint(20, 10, 0.3), KReciprocalPoint(40, 20, 0.3))
     val_choice = BaselineChoice(
         (("AQE", 3),),
@@ -128,3 +132,71 @@ def test_mirrored_validation_pads_the_database_with_training_items(tmp_path):
     with pytest.raises(ValueError):
         RetrievalTrainParams(val_protocol="test-set")  # type: ignore[arg-type]
     assert isinstance(padded, ValidationSet)
+
+
+def test_qe_counts_scale_by_the_positives_ratio_by_hand():
+    r = positives_scale(3.2, 18.2)  # glyphs: validation 3.2 positives per query, test 18.2
+    assert r == pytest.approx(0.1758, abs=1e-4)
+    # 1, 3, 5, 7, 9 x 0.1758 = 0.18, 0.53, 0.88, 1.23, 1.58: rounded, at least 1
+    assert [scaled_qe_n(n, r) for n in (1, 3, 5, 7, 9)] == [1, 1, 1, 1, 2]
+    assert scaled_qe_n(0, r) == 0  # alpha-DBA-QE's n_dba = 0 (no DBA) stays 0
+    assert positives_scale(0.0, 18.2) == 1.0 and positives_scale(3.2, 0.0) == 1.0
+    # alpha-DBA-QE: n_dba and n_qe follow qe_scale, GNN's k1/k2 the database scale
+    p = scaled_point(ShortlistPoint((("n_dba", 10), ("n_qe", 3))), 0.5, 0.2)
+    assert p.kwargs() == {"n_dba": 2, "n_qe": 1}  # 10 x 0.2 = 2, 3 x 0.2 = 0.6 -> 1
+    assert scaled_point(ShortlistPoint((("k1", 26), ("k2", 7))), 0.5, 0.2).kwargs() == {"k1": 13, "k2": 4}
+    assert scaled_point(ShortlistPoint((("K", 9), ("beta", 0.15))), 0.5, 0.2).kwargs() == {"K": 4, "beta": 0.15}
+
+
+def test_test_points_sharing_a_validation_point_map_to_the_nearest_by_hand():
+    bl = RetrievalBaselineParams(qe_n_grid=[1, 3, 5, 7, 9], superglobal_k_grid=[3, 6, 9], superglobal_beta_grid=[0.15])
+    grids = Grids.of(bl, 887 / 5000, qe_scale=3.2 / 18.2)
+    assert grids.val_qe_n == (1, 1, 1, 1, 2) and grids.distinct_val("DQE") == [1, 2]
+    # n=1 on validation: exact values 0.18, 0.53, 0.88, 1.23; |log(x / 1)| smallest for 0.88 -> test n=5
+    assert grids.to_test("AQE", 1) == 5 and grids.to_test("alpha-QE", 2) == 9
+    # SuperGlobal K = 3, 6, 9 x 0.1774 = 0.53, 1.06, 1.60 -> 1, 1, 2: K=1 stands for K=6 (|log 1.06| < |log 0.53|)
+    sg = [v.kwargs()["K"] for v in grids.distinct_val("SuperGlobal")]
+    assert sg == [1, 2]
+    assert grids.to_test("SuperGlobal", grids.distinct_val("SuperGlobal")[0]).kwargs()["K"] == 6
+    with pytest.raises(ValueError, match="AQE: n=4 is not a point"):
+        grids.to_test("AQE", 4)
+    # 1 and 4 at 0.5: 0.5 (at least 1) and 2: distinct points, each standing for itself
+    tie = Grids.of(RetrievalBaselineParams(qe_n_grid=[1, 4]), 1.0, qe_scale=0.5)
+    assert tie.val_qe_n == (1, 2) and tie.to_test("AQE", 1) == 1 and tie.to_test("AQE", 2) == 4
+    # held-out (scale 1): every grid as given, each point stands for itself
+    same = Grids.of(bl, 1.0)
+    assert same.val_qe_n == same.qe_n and same.val_krecip == same.krecip
+    assert all(same.to_test("SuperGlobal", p) == p for p in same.shortlist["SuperGlobal"])
+
+
+def test_shared_validation_points_give_their_score_to_each_test_point():
+    bl = RetrievalBaselineParams(qe_n_grid=[1, 3, 9], methods=["AQE"])
+    grids = Grids.of(bl, 1.0, qe_scale=0.2)  # 0.2, 0.6, 1.8 -> 1, 1, 2
+    val_choice = BaselineChoice((("AQE", 1),), None, (("AQE n=1", 20.0), ("AQE n=2", 15.0)), methods=("AQE",))
+    choice = to_test_grid(val_choice, grids)
+    assert choice.qe_n == (("AQE", 3),)  # 0.6 is nearer to 1 than 0.2 is
+    assert choice.val_map == (("AQE n=1", 20.0), ("AQE n=3", 20.0), ("AQE n=9", 15.0))
+    val_label = {"AQE n=1": "AQE n=1", "AQE n=3": "AQE n=1", "AQE n=9": "AQE n=2"}
+    rows = val_vs_test_rows(choice, val_label, [("AQE n=1", 30.0), ("AQE n=3", 31.0), ("AQE n=9", 29.0)])
+    assert [r["validation setting"] for r in rows] == ["n=1", "n=1", "n=2"]
+    assert [r["chosen on validation"] for r in rows] == ["", "yes", ""]
+    # average ranks: validation (1.5, 1.5, 0) -> 2.5, 2.5, 1; test 2, 3, 1: r = 0.866
+    s = val_vs_test_summary(rows)[0]
+    assert s["Spearman val/test"] == 0.87 and s["gap"] == 0.0
+
+
+def test_choose_on_validation_tries_each_distinct_point_and_answers_on_the_test_grid():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16))
+    clusters = np.repeat(np.arange(4), 6)
+    emb = centres[clusters] + 0.6 * rng.normal(size=(24, 16))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    val = ValidationSet.from_clusters(emb.astype(np.float32), clusters, 4, seed=0, spread=True)
+    bl = RetrievalBaselineParams(qe_n_grid=[1, 3, 5, 7, 9], methods=["AQE", "DQE"])
+    choice, val_label = choose_on_validation(val, bl, 1.0, qe_scale=0.2)  # val n: 1, 1, 1, 1, 2
+    assert {n for _, n in choice.qe_n} <= {1, 3, 5, 7, 9}
+    assert dict(choice.qe_n)["AQE"] in (5, 9)  # n=1 stands for 5 (1.0 exact), n=2 for 9
+    assert [label for label, _ in choice.val_map if label.startswith("AQE ")] == [f"AQE n={n}" for n in (1, 3, 5, 7, 9)]
+    assert val_label["AQE n=7"] == "AQE n=1" and val_label["AQE n=9"] == "AQE n=2"
+    same, _ = choose_on_validation(val, bl, 1.0)  # held-out: scale 1, nothing scaled
+    assert [label for label, _ in same.val_map if label.startswith("AQE ")] == [f"AQE n={n}" for n in (1, 3, 5, 7, 9)]
