@@ -30,6 +30,7 @@ import argparse
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +45,18 @@ from ssr_tasks.retrieval.settings import ProtocolProfile, mirrored_database_size
 from ssr_tasks.retrieval.train import load_validation  # noqa: E402
 from ssr_tasks.retrieval.validation import (  # noqa: E402
     choose_on_validation,
+    glyph_grader,
     grid_scale,
     markdown_table,
     mirror_validation,
+    qe_scale_for,
     read_test_set,
     score_on_test,
+    test_set_profile,
+    val_vs_test_rows,
+    val_vs_test_summary,
 )
-from storage.features import read_metadata  # noqa: E402
+from storage.features import read_features, read_metadata, write_features  # noqa: E402
 from storage.fewshot import list_split  # noqa: E402
 from storage.landmark_tables import holdout_clusters, landmark_pickle, validation_ground_truth  # noqa: E402
 from storage.landmarks import read_gnd, read_landmark_pickle  # noqa: E402
@@ -64,8 +70,11 @@ def profiles(
     holdout_seed: int,
     n_val_queries: int,
     seed: int,
+    grader: tuple[Path, Sequence[str]] | None = None,
 ) -> list[tuple[ProtocolProfile, float]]:
-    """(profile, k1 scale) of the test, the held-out validation and the mirrored validation."""
+    """(profile, k1 scale) of the test, the held-out validation and the mirrored validation; with
+    ``grader`` (a glyphs-retrieval root and the training images' paths, in the order of
+    ``clusters``) also the mirrored validation graded easy / hard / junk by the test's rule."""
     test = protocol_profile("test", test_gnd, n_test_db)
     held = holdout_clusters(clusters, holdout_fraction, holdout_seed)
     val_labels, n_train = np.asarray(clusters)[held], int((~held).sum())
@@ -74,14 +83,22 @@ def profiles(
     _, db, gt = validation_ground_truth(val_labels, n_val_queries, seed, spread=True)
     spread = protocol_profile("validation", gt.gnd, len(db))
     size = mirrored_database_size(spread.positives, len(db), len(db) + n_train, test)
-    new = protocol_profile("validation, mirror-test (after)", gt.gnd, size)
-    return [(test, 1.0), (old, 1.0), (new, size / n_test_db)]
+    new = protocol_profile("validation, mirror-test", gt.gnd, size)
+    out = [(test, 1.0), (old, 1.0), (new, size / n_test_db)]
+    if grader is not None:
+        root, paths = grader
+        grade = glyph_grader(root, [p for p, h in zip(paths, held) if h])
+        _, _, gt = validation_ground_truth(val_labels, n_val_queries, seed, spread=True, grade=grade)
+        out.append(
+            (protocol_profile("validation, mirror-test, graded by the test's rule", gt.gnd, size), size / n_test_db)
+        )
+    return out
 
 
-def glyph_inputs(root: Path) -> tuple[list[dict], int, np.ndarray]:
+def glyph_inputs(root: Path) -> tuple[list[dict], int, np.ndarray, list[str]]:
     gt = read_gnd(next((root / "test").glob("gnd_*.pkl")))
     train = list_split(root, "train")
-    return gt.gnd, len(gt.imlist), np.asarray([train.classes[c] for c in train.labels])
+    return gt.gnd, len(gt.imlist), np.asarray([train.classes[c] for c in train.labels]), list(train.paths)
 
 
 def landmark_inputs(data_root: Path, dataset: str) -> tuple[list[dict], int, np.ndarray]:
@@ -91,14 +108,26 @@ def landmark_inputs(data_root: Path, dataset: str) -> tuple[list[dict], int, np.
     return test.gt.gnd, len(test.database), np.asarray(sfm.cluster)
 
 
-def compare_choices(features: RetrievalFeatures, n_val_queries: int, seed: int) -> list[dict]:
-    """Per method: the point each protocol chooses and its test mAP (medium), the best test mAP of
-    the grid, and plain features' test mAP. Default grids (``RetrievalBaselineParams()``)."""
+VARIANTS = (  # (name, val_protocol, QE's n scaled)
+    ("held-out", "held-out", False),
+    ("mirror-test, QE n as given", "mirror-test", False),
+    ("mirror-test, QE n scaled", "mirror-test", True),
+)
+
+
+def compare_choices(features: RetrievalFeatures, n_val_queries: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Per method: the point each variant of the validation chooses and its test mAP (medium), the
+    best test mAP of the grid, and plain features' test mAP; and per variant and method the
+    Spearman correlation of validation and test mAP over the grid. Default grids."""
     baselines = RetrievalBaselineParams()
     q, db = read_test_set(features)
-    test_map = dict(score_on_test(q, db, read_gnd(Path(features.gnd or "")).gnd, baselines))
+    gnd = read_gnd(Path(features.gnd or "")).gnd
+    test_pairs = score_on_test(q, db, gnd, baselines)
+    test_map = dict(test_pairs)
+    test = test_set_profile(features)
     chosen: dict[str, dict[str, str]] = {}
-    for protocol in ("held-out", "mirror-test"):
+    spearman: list[dict] = []
+    for name, protocol, scale_n in VARIANTS:
         train = mirror_validation(
             RetrievalTrainParams(n_val_queries=n_val_queries, seed=seed, val_protocol=protocol), features
         )
@@ -110,31 +139,56 @@ def compare_choices(features: RetrievalFeatures, n_val_queries: int, seed: int) 
             n_database=train.val_database,
             spread=protocol == "mirror-test",
         )
-        choice, _ = choose_on_validation(val, baselines, grid_scale(train, len(val.database), features.n_database))
-        print(f"{protocol}: {len(val.queries)} queries, {len(val.database)} database items", file=sys.stderr)
+        scale = grid_scale(train, len(val.database), features.n_database)
+        qe_scale = qe_scale_for(train, val, test) if scale_n else 1.0
+        choice, val_label = choose_on_validation(val, baselines, scale, qe_scale=qe_scale)
+        print(
+            f"{name}: {len(val.queries)} queries, {len(val.database)} database items, "
+            f"neighbour counts x {scale:.4f}, QE n x {qe_scale:.4f}",
+            file=sys.stderr,
+        )
         labels = {f"{m} n={n}" for m, n in choice.qe_n} | {f"{m} {p.label()}" for m, p in choice.shortlist}
         if choice.krecip is not None:
             labels.add(f"k-reciprocal {choice.krecip.label()}")
-        chosen[protocol] = {label.split(" ", 1)[0]: label for label in labels}
+        chosen[name] = {label.split(" ", 1)[0]: label for label in labels}
+        summary = val_vs_test_summary(val_vs_test_rows(choice, val_label, test_pairs))
+        spearman.append({"validation": name, **{s["method"]: s["Spearman val/test"] for s in summary}})
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)
     dn = db / np.linalg.norm(db, axis=1, keepdims=True)
-    plain = revisited_map(np.argsort(-(qn @ dn.T), axis=1, kind="stable"), read_gnd(Path(features.gnd or "")).gnd)
-    rows = [{"method": "features (no setting)", "its test mAP": round(plain["medium"]["map"], 2)}]
-    for method in sorted(chosen["held-out"], key=RETRIEVAL_METHODS.index):
-        old, new = chosen["held-out"][method], chosen["mirror-test"][method]
-        rows.append(
-            {
-                "method": method,
-                "held-out picks": old.split(" ", 1)[1],
-                "its test mAP": round(test_map[old], 2),
-                "mirror-test picks": new.split(" ", 1)[1],
-                "its test mAP ": round(test_map[new], 2),
-                "best test mAP of the grid": round(
-                    max(v for k, v in test_map.items() if k.split(" ", 1)[0] == method), 2
-                ),
-            }
-        )
-    return rows
+    plain = revisited_map(np.argsort(-(qn @ dn.T), axis=1, kind="stable"), gnd)
+    rows = [{"method": "features (no setting)", "best test mAP of the grid": round(plain["medium"]["map"], 2)}]
+    for method in sorted(chosen[VARIANTS[0][0]], key=RETRIEVAL_METHODS.index):
+        row: dict = {"method": method}
+        for name, _, _ in VARIANTS:
+            label = chosen[name][method]
+            row[f"{name}: pick"] = label.split(" ", 1)[1]
+            row[f"{name}: test mAP"] = round(test_map[label], 2)
+        row["best test mAP of the grid"] = round(max(v for k, v in test_map.items() if k.split(" ", 1)[0] == method), 2)
+        rows.append(row)
+    return rows, spearman
+
+
+def resplit(features: RetrievalFeatures, fraction: float, holdout_seed: int, out_dir: Path) -> RetrievalFeatures:
+    """The features with the training rows' held-out clusters drawn again at ``fraction`` (a copy of
+    the table in ``out_dir``; the test rows unchanged). For measuring the hold-out's effect on the
+    choices without extracting features again (SSR is not retrained)."""
+    t = read_features(Path(features.train_path))
+    splits = np.asarray(t.splits, dtype=object)
+    rows = np.flatnonzero(np.isin(splits, ["train", "val"]))
+    held = holdout_clusters(np.asarray(t.labels)[rows], fraction, holdout_seed)
+    splits[rows] = np.where(held, "val", "train")
+    path = out_dir / f"resplit-{fraction:g}.parquet"
+    write_features(
+        path,
+        ids=t.ids,
+        labels=t.labels,
+        splits=splits.astype(str),
+        embeddings=t.embeddings,
+        paths=t.paths,
+        metadata={**t.metadata, "holdout_fraction": str(fraction)},
+    )
+    print(f"held out {fraction:g}: {int(held.sum())} of {len(rows)} training items", file=sys.stderr)
+    return replace(features, path=str(path), train_path=str(path))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -151,6 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--features", type=Path, help="a run's test features table (splits database, query)")
     p.add_argument("--train", type=Path, help="its training table (splits train, val); default: --features")
     p.add_argument("--gnd", type=Path, help="the test ground truth (with --features)")
+    p.add_argument(
+        "--resplit",
+        type=float,
+        help="with --features: hold out this fraction of the training clusters instead of the table's "
+        "(a copy of the table; SSR is not retrained)",
+    )
     args = p.parse_args(argv)
     if args.features:
         n_db = len(read_gnd(args.gnd).imlist)
@@ -162,29 +222,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             str(args.train or args.features),
             str(args.gnd),
         )
-        rows = compare_choices(feats, args.n_val_queries, args.seed)
-        print("\n## Choices of each protocol and their test mAP medium (default grids)\n")
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            if args.resplit:
+                feats = resplit(feats, args.resplit, args.holdout_seed, Path(tmp_dir))
+            rows, spearman = compare_choices(feats, args.n_val_queries, args.seed)
+        print("\n## Choices of each validation and their test mAP medium (default grids)\n")
         print(markdown_table(rows, list(rows[1])))
+        print("\n## Spearman correlation of validation and test mAP over each method's grid\n")
+        print(markdown_table(spearman, list(spearman[0])))
         return 0
-    sets = []
+    sets: list[tuple] = []
     if args.glyphs:
-        sets.append(("glyphs", *glyph_inputs(args.glyphs)))
+        gnd, n_db, clusters, paths = glyph_inputs(args.glyphs)
+        sets.append(("glyphs", gnd, n_db, clusters, (args.glyphs, paths)))
     if args.landmarks:
-        sets.append((f"{args.dataset} + SfM-120k", *landmark_inputs(args.landmarks, args.dataset)))
+        sets.append((f"{args.dataset} + SfM-120k", *landmark_inputs(args.landmarks, args.dataset), None))
     if args.fixtures:
         from tests.landmark_pickles import write_sfm_pickle, write_test_pickle
 
         tmp = Path(tempfile.mkdtemp())
         write_test_pickle(tmp)
         write_sfm_pickle(tmp)
-        sets.append(("test fixtures (roxford5k + SfM-120k formats)", *landmark_inputs(tmp, "roxford5k")))
+        sets.append(("test fixtures (roxford5k + SfM-120k formats)", *landmark_inputs(tmp, "roxford5k"), None))
     if not sets:
         p.error("give --glyphs, --landmarks or --fixtures")
-    for name, gnd, n_db, clusters in sets:
+    for name, gnd, n_db, clusters, grader in sets:
         rows = [
             pr.row(args.k1, scale)
             for pr, scale in profiles(
-                gnd, n_db, clusters, args.holdout_fraction, args.holdout_seed, args.n_val_queries, args.seed
+                gnd, n_db, clusters, args.holdout_fraction, args.holdout_seed, args.n_val_queries, args.seed, grader
             )
         ]
         print(

@@ -24,6 +24,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,7 +211,11 @@ def import_train_set(
 
 
 def validation_ground_truth(
-    clusters: np.ndarray, n_queries: int, seed: int, spread: bool = False
+    clusters: np.ndarray,
+    n_queries: int,
+    seed: int,
+    spread: bool = False,
+    grade: Callable[[int, np.ndarray], Sequence[str | None]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, RevisitedGroundTruth]:
     """A revisited-format validation set over held-out items with cluster labels (M,).
 
@@ -219,7 +224,10 @@ def validation_ground_truth(
     test set. spread: every cluster gives one query before any gives a second (so queries
     keep as many positives as the clusters allow, as a test set's do); otherwise items are
     taken in a random order. Per query: ``easy`` = the database items of its cluster,
-    ``hard`` and ``junk`` = none. Returns (query rows (Q,), database rows (M - Q,), ground
+    ``hard`` and ``junk`` = none; with ``grade``, ``grade(query row, rows of its cluster's
+    database items)`` labels each of those items ``"easy"``, ``"hard"``, ``"junk"`` or None (not
+    listed), as a test set's rule would (``validation.glyph_grader``); the draw is the same.
+    Returns (query rows (Q,), database rows (M - Q,), ground
     truth whose indices are positions in the database rows).
     """
     clusters = np.asarray(clusters)
@@ -253,14 +261,19 @@ def validation_ground_truth(
     is_query[queries] = True
     database = np.flatnonzero(~is_query)
     db_clusters = clusters[database]
-    gnd = [
-        {
-            "easy": np.flatnonzero(db_clusters == clusters[q]).astype(np.int64),
-            "hard": np.zeros(0, np.int64),
-            "junk": np.zeros(0, np.int64),
-            "bbx": None,
-        }
-        for q in queries
-    ]
+    gnd = []
+    for q in queries:
+        same = np.flatnonzero(db_clusters == clusters[q]).astype(np.int64)
+        entry: dict = {"easy": same, "hard": np.zeros(0, np.int64), "junk": np.zeros(0, np.int64), "bbx": None}
+        if grade is not None:
+            labels = list(grade(int(q), database[same]))
+            if len(labels) != len(same) or not set(labels) <= {"easy", "hard", "junk", None}:
+                raise DataValueError(
+                    f"validation grade: {len(labels)} labels {sorted(set(map(str, labels)))} for {len(same)} items; "
+                    "expected one of easy, hard, junk or None per item"
+                )
+            lab = np.asarray(labels, dtype=object)
+            entry.update({key: same[lab == key] for key in ("easy", "hard", "junk")})
+        gnd.append(entry)
     gt = RevisitedGroundTruth([str(int(i)) for i in database], [str(int(q)) for q in queries], gnd)
     return queries, database, gt

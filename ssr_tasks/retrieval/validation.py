@@ -25,7 +25,7 @@ import csv
 import io
 import logging
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -51,6 +51,9 @@ from ssr_tasks.retrieval.settings import (
 )
 from ssr_tasks.retrieval.train import ValidationSet
 from storage.features import read_features
+from storage.glyphs.dataset import retrieval_training_renderings
+from storage.glyphs.fonts import family_of
+from storage.glyphs.retrieval import label_for
 from storage.landmark_tables import validation_ground_truth
 from storage.landmarks import read_gnd
 
@@ -399,3 +402,61 @@ def read_test_set(features: RetrievalFeatures) -> tuple[np.ndarray, np.ndarray]:
     q = read_features(Path(features.path), split="query").embeddings
     db = read_features(Path(features.path), split="database", expected_dim=q.shape[1]).embeddings
     return q, db
+
+
+def glyph_grader(retrieval_root: Path, paths: Sequence[str]) -> Callable[[int, np.ndarray], list[str | None]]:
+    """The glyph test's ground-truth rule (``storage.glyphs.retrieval.label_for``) over held-out
+    training renderings, for ``validation_ground_truth(..., grade=)``.
+
+    paths: the held-out rows' image paths (``train/U+0041/U+0041_03.png``, as the features table
+    stores them, or relative to ``train/``), in the order of the labels given to
+    ``validation_ground_truth``. Each rendering's font and augmentation are recomputed from the
+    dataset's seed (``retrieval_training_renderings``, checked against the files). The rule then
+    says, per query and item of its cluster: easy (font of the query's family, mild transform,
+    under 10 % of the ink occluded), hard (another family, stronger transform or light
+    occlusion) or junk (40 % of the ink occluded or rotated 45 deg). The training renderings are
+    all mild and never occluded, so a validation item is easy or hard by font family only, and
+    never junk."""
+    rel = [p.removeprefix("train/") for p in paths]
+    for p, r in zip(paths, rel):
+        if r.count("/") != 1 or not r.startswith("U+"):
+            raise ValueError(f"glyph grader: path {p!r}; expected train/U+XXXX/U+XXXX_NN.png (a glyph training image)")
+    meta = retrieval_training_renderings(retrieval_root, {p.split("/")[0] for p in rel})
+    items = [meta[p] for p in rel]
+
+    def grade(query: int, rows: np.ndarray) -> list[str | None]:
+        return [label_for(items[query], items[int(r)], family_of) for r in rows]
+
+    return grade
+
+
+def graded_validation(
+    val: ValidationSet,
+    train_table: Path,
+    retrieval_root: Path,
+    n_queries: int,
+    seed: int,
+    spread: bool,
+) -> ValidationSet:
+    """``val`` (drawn by ``load_validation`` with the same n_queries, seed, spread) with its ground truth
+    graded easy / hard / junk by the glyph test's rule (``glyph_grader``). The held-out items come
+    first in its database, so the indices are unchanged; only the split of each query's positives
+    into easy and hard changes (their union is checked), and with it the easy and hard protocols.
+    The medium protocol, on which every choice is made, scores the same."""
+    t = pq.read_table(train_table, columns=["split", "path"])
+    splits = t.column("split").to_numpy(zero_copy_only=False)
+    labels, _ = _split_labels(train_table)
+    paths = [p for p, s in zip(t.column("path").to_pylist(), splits) if s == "val"]
+    _, _, gt = validation_ground_truth(
+        labels, n_queries, seed, spread=spread, grade=glyph_grader(Path(retrieval_root), paths)
+    )
+    if len(gt.gnd) != len(val.gnd) or any(
+        sorted(np.concatenate([g[k] for k in ("easy", "hard", "junk")]).tolist())
+        != sorted(np.asarray(v["easy"]).tolist())
+        for g, v in zip(gt.gnd, val.gnd)
+    ):
+        raise ValueError(
+            f"{train_table}: the graded validation set does not match the one given "
+            "(draw it with the same n_queries, seed and spread)"
+        )
+    return replace(val, gnd=gt.gnd)

@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import time
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +39,7 @@ import numpy as np
 
 from storage.glyphs import fonts as gf
 from storage.glyphs import retrieval as gr
-from storage.glyphs.render import GlyphRenderer, png_bytes, sample_fewshot_aug, sample_mild_aug
+from storage.glyphs.render import Aug, GlyphRenderer, png_bytes, sample_fewshot_aug, sample_mild_aug
 
 # 3: the test classes of size "default" hold 60 renderings (2 before, 20); the first 20 of
 # every class are the version-2 files, byte for byte.
@@ -117,6 +117,65 @@ def _write(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
+def _train_draws(rng: np.random.Generator, fonts: list[str], n: int) -> list[tuple[str, Aug]]:
+    """Font and mild augmentation of a training cluster's ``n`` retrieval renderings, in the order
+    ``_render_class`` draws them from ``rng`` (``default_rng([seed, code point, 1])``)."""
+    return [(str(rng.choice(fonts)), sample_mild_aug(rng)) for _ in range(n)]
+
+
+def retrieval_training_renderings(
+    retrieval_root: Path | str, folders: Iterable[str] | None = None, verify: bool = True
+) -> dict[str, dict]:
+    """The rendering parameters of the retrieval training images, recomputed from the seed.
+
+    retrieval_root: a ``glyphs-retrieval`` folder (its ``dataset.json`` gives seed and size);
+    folders: the training clusters wanted (``U+XXXX``; default all). Returns, per image path
+    relative to ``train/`` (``U+0041/U+0041_03.png``), the metadata the test's ground-truth rule
+    reads (``retrieval.label_for``): ``char``, ``font``, ``aug`` (``Aug.to_json()``), ``removed``.
+    The training renderings are mild and never occluded, so ``removed`` is 0. verify: render
+    each image again and require it to equal the file byte for byte (other fonts than the
+    build's would give other images: a clear error instead of wrong metadata).
+    """
+    root = Path(retrieval_root)
+    try:
+        info = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"{root / 'dataset.json'}: unreadable ({exc}); expected a built glyphs-retrieval folder"
+        ) from exc
+    if info.get("generator_version") != GENERATOR_VERSION or info.get("complete") is not True:
+        raise ValueError(
+            f"{root / 'dataset.json'}: generator_version {info.get('generator_version')!r}, complete "
+            f"{info.get('complete')!r}; expected a complete build of version {GENERATOR_VERSION}"
+        )
+    seed, n = int(info["seed"]), SIZES[info["size"]].train_per_cluster
+    fonts = gf.load_fonts()
+    renderer = GlyphRenderer({f.name: f.path for f in fonts})
+    wanted = (
+        sorted(folders) if folders is not None else sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    )
+    out: dict[str, dict] = {}
+    for folder in wanted:
+        if not folder.startswith("U+"):
+            raise ValueError(f"{root / 'train' / folder}: folder name {folder!r}; expected U+XXXX (a code point)")
+        ch = chr(int(folder[2:], 16))
+        renderer.clear()
+        valid = [f for f in sorted(f.name for f in fonts if ch in f.chars) if renderer.base(f, ch) is not None]
+        for k, (font, aug) in enumerate(_train_draws(np.random.default_rng([seed, ord(ch), 1]), valid, n)):
+            name = f"{folder}/{folder}_{k:02d}.png"
+            removed = 0.0
+            if verify:
+                img, removed = renderer.render(font, ch, aug)
+                path = root / "train" / name
+                if not path.is_file() or path.read_bytes() != png_bytes(img):
+                    raise ValueError(
+                        f"{path}: differs from its rendering recomputed from seed {seed} ({font}); the fonts or "
+                        "the generator changed since the build: rebuild the glyphs"
+                    )
+            out[name] = {"char": ch, "font": font, "aug": aug.to_json(), "removed": round(removed, 4)}
+    return out
+
+
 def _render_class(task: ClassTask, renderer: GlyphRenderer, seed: int, fs_root: Path, rt_root: Path) -> dict:
     renderer.clear()
     ch, folder = task.char, task.folder
@@ -135,8 +194,8 @@ def _render_class(task: ClassTask, renderer: GlyphRenderer, seed: int, fs_root: 
         _write(fs_root / task.split / folder / image_name(folder, k, task.n_fewshot), png_bytes(img))
         fewshot_fonts.append(font)
     rng = np.random.default_rng([seed, ord(ch), 1])
-    for k in range(task.n_train_renderings):
-        img, _ = renderer.render(str(rng.choice(valid)), ch, sample_mild_aug(rng))
+    for k, (font, aug) in enumerate(_train_draws(rng, valid, task.n_train_renderings)):
+        img, _ = renderer.render(font, ch, aug)
         _write(rt_root / "train" / folder / f"{folder}_{k:02d}.png", png_bytes(img))
     query: dict | None = None
     if task.query_name is not None:
