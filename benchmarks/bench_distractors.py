@@ -250,7 +250,7 @@ def _method_child(args: argparse.Namespace) -> None:
     choice = type(choice)(choice.qe_n, choice.krecip, (), choice.shortlist, (args.method,))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0, c0 = time.perf_counter(), time.process_time()
-    (m,) = method_rankings(queries, db, choice)
+    (m,) = method_rankings(queries, db, choice, normalised=True)  # unit rows: the map is never copied
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     summary = json.loads(Path(args.model).read_text())
     cfg = RetrievalTrainParams(**summary["config"])

@@ -1,15 +1,14 @@
-"""What each retrieval method costs (issue 20 item 1, issue 21 item 5), measured in a Ray actor.
+"""What SSR's re-ranking costs in the retrieval track (issue 20 item 1), measured in a Ray actor.
 
-``CostProbe`` is the plain class behind the actor: it loads the test queries and database
-once, then times one call of a method on all the queries with ``ssr_tasks.costs``: wall and
-CPU seconds of the call, then its peak memory (``peak_bytes_of_call``: the allocations the
-call made above what it started with, torch's through the profiler and numpy's / Python's
-through tracemalloc) in a second, profiled call on the same input. A method is one row of
-``method_rankings`` (its initial ranking at the chosen setting, full (Q, N) rankings as the
-pipeline computes them); SSR's cost is ``ShardReranker.rerank_arrays`` on a method's top-K
-store, the call the re-ranking actors make. One fresh actor measures every method (one
-after another) and one measures SSR on every method's store; each takes one CPU, so the
-numbers are one core's.
+The rows' own costs are measured where they are computed, on the pipeline's own call
+(``ssr_tasks.retrieval.ranker``). SSR's cost is measured here, once per run, on every row's
+top-K store: ``CostProbe.ssr`` times ``ShardReranker.rerank_arrays`` on all the queries of a
+store, the call the re-ranking actors make, with ``ssr_tasks.costs``: wall and CPU seconds of
+the call, then its peak memory in a second, profiled call on the same input
+(``peak_bytes_of_call``: torch's allocations through the profiler, numpy's and Python's
+through tracemalloc; the profiler would slow the timed call). The probe takes one CPU, so the
+numbers are one core's; it reads the database rows of the stores' neighbours only (the
+pipeline's memory-mapped ``database.npy``).
 """
 
 from __future__ import annotations
@@ -18,13 +17,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ssr_tasks.costs import MethodCost, measure_cost, peak_bytes_of_call
-from ssr_tasks.retrieval.evaluate import BaselineChoice, method_rankings
 from ssr_tasks.retrieval.handoffs import RegisteredRetrievalModel, RetrievalCost, RetrievalModel
 from ssr_tasks.retrieval.rerank import ShardReranker
 from storage.features import read_features
@@ -52,16 +51,12 @@ def plus_ssr(method: RetrievalCost, ssr: RetrievalCost | None) -> RetrievalCost 
 
 
 class CostProbe:
-    """Measures calls on the test set of a features table (splits 'query' and 'database').
+    """Measures SSR's re-ranking calls. threads: torch's threads in this process (1 in the actor: one CPU's cost)."""
 
-    threads: torch's threads in this process (1 in the actor: one CPU's cost)."""
-
-    def __init__(self, features_path: str, threads: int | None = 1, device: str = "cpu"):
+    def __init__(self, threads: int | None = 1, device: str = "cpu"):
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        self.query = read_features(Path(features_path), split="query").embeddings
-        self.db = read_features(Path(features_path), split="database", expected_dim=self.query.shape[1]).embeddings
 
     def _measure(self, fn, n_queries: int) -> MethodCost:
         with measure_cost(self.device, n_queries) as m:
@@ -71,11 +66,6 @@ class CostProbe:
         if self.device.type != "cuda":  # on CUDA the timed call measured its peak already
             cost = replace(cost, peak_bytes=peak_bytes_of_call(fn, self.device), peak_episodes=n_queries)
         return cost
-
-    def method(self, choice: BaselineChoice, name: str) -> RetrievalCost:
-        """One call of ``method_rankings`` for the row ``name`` alone, at the chosen setting."""
-        one = replace(choice, methods=(name,))
-        return retrieval_cost(name, self._measure(lambda: method_rankings(self.query, self.db, one), len(self.query)))
 
     def ssr(
         self, name: str, model: RetrievalModel | RegisteredRetrievalModel, store: str, queries: str, db_table: str
@@ -95,36 +85,13 @@ class CostProbe:
         return retrieval_cost(f"{name} + SSR", cost)
 
 
-def _actor(features_path: str, device: str):
-    import ray  # lazy: Ray is heavy and only needed where the probe runs as an actor
-
-    use_gpu = device == "cuda"
-    return ray.remote(CostProbe).options(num_cpus=1, num_gpus=1 if use_gpu else 0).remote(features_path, 1, device)
-
-
 def _ray_running() -> bool:
-    import ray  # lazy: as in _actor
+    import ray  # lazy: Ray is heavy and only needed where the probe runs as an actor
 
     return ray.is_initialized()
 
 
-def measure_methods(features_path: str, choice: BaselineChoice, device: str = "cpu") -> tuple[RetrievalCost, ...]:
-    """Each row of ``choice.methods`` measured in a fresh Ray actor (one for all rows, one after
-    another); in this process when Ray is not running (a task called alone, as in unit tests)."""
-    import ray  # lazy: as in _actor
-
-    if not _ray_running():
-        probe = CostProbe(features_path, threads=None, device=device)
-        return tuple(probe.method(choice, m) for m in choice.methods)
-    actor = _actor(features_path, device)
-    try:
-        return tuple(ray.get([actor.method.remote(choice, m) for m in choice.methods]))
-    finally:
-        ray.kill(actor)
-
-
 def measure_ssr(
-    features_path: str,
     stores: Sequence[tuple[str, str, str]],
     model: RetrievalModel | RegisteredRetrievalModel,
     db_table: str,
@@ -132,12 +99,13 @@ def measure_ssr(
 ) -> tuple[RetrievalCost, ...]:
     """SSR's re-ranking of each method's top-K store, stores: (method, top-K store, its query
     table); measured one after another in one fresh Ray actor (in this process when Ray is not running)."""
-    import ray  # lazy: as in _actor
+    import ray  # lazy: as in _ray_running
 
     if not _ray_running():
-        probe = CostProbe(features_path, threads=None, device=device)
+        probe = CostProbe(threads=None, device=device)
         return tuple(probe.ssr(name, model, store, queries, db_table) for name, store, queries in stores)
-    actor = _actor(features_path, device)
+    use_gpu = device == "cuda"
+    actor: Any = ray.remote(CostProbe).options(num_cpus=1, num_gpus=1 if use_gpu else 0).remote(1, device)
     try:
         return tuple(ray.get([actor.ssr.remote(n, model, s, q, db_table) for n, s, q in stores]))
     finally:

@@ -18,11 +18,14 @@ top ``KRECIP_SHORTLIST`` (``k_reciprocal_shortlist``: lists of the queries, thei
 shortlists and those lists' items only); the shortlist re-rankers get the lists of the
 union of the shortlists; DQE's negatives come from a top-k search on negated scores.
 Every method's ranking is its re-ranked top-W followed by the rest in initial order.
-What does scale with N is the evaluation itself: each row's ranking is held as (Q, N)
-int64 ranks plus (Q, N) float32 scores (12 bytes per query and database item: 0.8 GiB
-per row at Q = 70, N = 1M), because revisited mAP reads whole rankings; ``ranking``
-makes one (Q, N) float32 similarity matrix and its argsort at a time. Queries are few
-(tens); the SSR re-ranking goes through Parquet stores and the actor pool.
+What does scale with N is the evaluation itself: a row's ranking is (Q, N) int64 ranks
+plus (Q, N) float32 scores while it is computed (12 bytes per query and database item: 0.8
+GiB at Q = 70, N = 1M), because revisited mAP reads whole rankings; ``ranking`` makes one
+(Q, N) float32 similarity matrix and its argsort at a time. The pipeline holds one row at a
+time beside the initial ranking (``RankingSession``, ``ssr_tasks.retrieval.ranker``: each row
+is written as int32 ranks and dropped) and the database as a memory map; ``method_rankings``
+returns all rows at once. Queries are few (tens); the SSR re-ranking goes through Parquet
+stores and the actor pool.
 """
 
 from __future__ import annotations
@@ -64,9 +67,9 @@ class CandidateSearcher:
     of blocks of feature rows, scoring the database block by block (``storage.topk``).
 
     database: the (N, D) float32 L2-normalised rows (an array; in the pool, one copy in
-    Ray's object store shared by the actors of a node), or the path of a features table,
-    read block by block (``iter_embeddings`` of ``split``, normalised) at every call, so an
-    actor never holds it. threads: BLAS threads per call (1 in the pool: one per actor CPU;
+    Ray's object store shared by the actors of a node), the path of such rows as a ``.npy``
+    (memory-mapped at every call), or the path of a features table, read block by block
+    (``iter_embeddings`` of ``split``, normalised) at every call, so an actor never holds it. threads: BLAS threads per call (1 in the pool: one per actor CPU;
     None: as the process has). The default ``NeighbourSearch`` of this module, in process.
     Memory per call: one (rows_per_call, db_block) float32 score tile (64 MiB at the
     defaults) plus the (M, k) results, whatever M.
@@ -84,6 +87,8 @@ class CandidateSearcher:
         self.rows_per_call = rows_per_call
 
     def _blocks(self):
+        if isinstance(self.database, (str, Path)) and str(self.database).endswith(".npy"):
+            return row_blocks(np.load(self.database, mmap_mode="r"), self.db_block)  # rows already unit length
         if isinstance(self.database, (str, Path)):
             return (emb for _, emb in iter_embeddings(self.database, self.db_block, self.split, normalise=True))
         return row_blocks(self.database, self.db_block)
@@ -348,35 +353,86 @@ def choose_baselines(
     return BaselineChoice(tuple(qe_n), krecip, tuple(tried), tuple(chosen), rows)
 
 
+class RankingSession:
+    """The rows of ``choice.methods`` computed one at a time, sharing what they share: the
+    initial ranking of the queries (every row starts from it) and the candidate neighbours of
+    the shortlist re-rankers (one search for all of them, at the widest point). Each shared
+    stage is computed on first use and can be called alone, so that its cost can be
+    measured apart (``ssr_tasks.retrieval.ranker``).
+
+    query (Q, D), db (N, D): an array or a memory map; ``normalised=True`` when db's rows
+    are already unit length (a memory-mapped database is then never copied into memory).
+    Memory: a row's (Q, N) ranks and scores while it is computed, the initial (Q, N)
+    ranking throughout, the candidate neighbours of the shortlists (their (M, k) lists).
+    """
+
+    def __init__(
+        self,
+        query: np.ndarray,
+        db: np.ndarray,
+        choice: BaselineChoice,
+        search: NeighbourSearch | None = None,
+        normalised: bool = False,
+    ):
+        self.query = _normalise(np.asarray(query, dtype=np.float32))
+        self.db = db if normalised else _normalise(db)
+        self.choice = choice
+        self.search = search or CandidateSearcher(self.db)
+        self._initial: tuple[np.ndarray, np.ndarray] | None = None
+        self._neighbours: tuple[CandidateNeighbours | None] | None = None
+
+    @property
+    def shortlist_rows(self) -> list[str]:
+        return [m for m in self.choice.methods if m in SHORTLIST_METHODS]
+
+    def initial(self) -> tuple[np.ndarray, np.ndarray]:
+        """The features' ranking (ranks (Q, N), scores (Q, N)), computed once."""
+        if self._initial is None:
+            self._initial = ranking(self.query, self.db)
+        return self._initial
+
+    def neighbours(self) -> CandidateNeighbours | None:
+        """The candidate neighbours serving every shortlist row at its chosen point, computed once."""
+        if self._neighbours is None:
+            names = self.shortlist_rows
+            points = {m: [self.choice.point_for(m)] for m in names}
+            found = _shortlist_neighbours(names, self.db, self.initial()[0], points, self.search) if names else None
+            self._neighbours = (found,)
+        return self._neighbours[0]
+
+    def method(self, name: str) -> MethodRanking:
+        """The row ``name`` at its chosen setting."""
+        query, db, choice = self.query, self.db, self.choice
+        ranks, scores = self.initial()
+        if name == "features":
+            return MethodRanking("features", query, ranks, scores)
+        if name in dict(QE_METHODS):
+            q2 = expanded_query(name, query, db, ranks, choice.n_for(name), self.search)
+            r2, s2 = ranking(q2, db)
+            return MethodRanking(name, q2, r2, s2)
+        if name == "k-reciprocal":
+            if choice.krecip is None:
+                raise ValueError("method_rankings: k-reciprocal is a row but the choice has no k-reciprocal point")
+            r3, s3 = krecip_ranking(query, db, choice.krecip, initial=(ranks, scores), search=self.search)
+            return MethodRanking("k-reciprocal", query, r3, s3)
+        if name in SHORTLIST_METHODS:
+            return _shortlist_ranking(name, query, db, ranks, scores, self.neighbours(), choice.point_for(name))
+        raise ValueError(f"methods: unknown method {name!r} (known: {', '.join(RETRIEVAL_METHODS)})")
+
+
 def method_rankings(
-    query: np.ndarray, db: np.ndarray, choice: BaselineChoice, search: NeighbourSearch | None = None
+    query: np.ndarray,
+    db: np.ndarray,
+    choice: BaselineChoice,
+    search: NeighbourSearch | None = None,
+    normalised: bool = False,
 ) -> list[MethodRanking]:
     """Initial rankings of the chosen rows (``choice.methods``) at the chosen settings. query (Q, D), db (N, D).
     search: the database searches of the re-rankers (default: in this process; an actor
-    pool, ``ray_jobs.CandidateSearchPool``, spreads them). Memory: see the module docstring."""
-    query, db = _normalise(query), _normalise(db)
-    search = search or CandidateSearcher(db)
-    ranks, scores = ranking(query, db)
-    out = []
-    if "features" in choice.methods:
-        out.append(MethodRanking("features", query, ranks, scores))
-    for name, _ in QE_METHODS:
-        if name not in choice.methods:
-            continue
-        q2 = expanded_query(name, query, db, ranks, choice.n_for(name), search)
-        r2, s2 = ranking(q2, db)
-        out.append(MethodRanking(name, q2, r2, s2))
-    if "k-reciprocal" in choice.methods:
-        if choice.krecip is None:
-            raise ValueError("method_rankings: k-reciprocal is a row but the choice has no k-reciprocal point")
-        r3, s3 = krecip_ranking(query, db, choice.krecip, initial=(ranks, scores), search=search)
-        out.append(MethodRanking("k-reciprocal", query, r3, s3))
-    names = [m for m in choice.methods if m in SHORTLIST_METHODS]
-    if names:
-        points = {m: [choice.point_for(m)] for m in names}
-        neighbours = _shortlist_neighbours(names, db, ranks, points, search)
-        out += [_shortlist_ranking(m, query, db, ranks, scores, neighbours, points[m][0]) for m in names]
-    return out
+    pool, ``ray_jobs.CandidateSearchPool``, spreads them). All rows are held at once: the
+    pipeline computes them one at a time instead (``RankingSession``). Memory: see the module docstring."""
+    session = RankingSession(query, db, choice, search, normalised)
+    return [session.method(m) for m in choice.methods]
 
 
 def write_ranking_store(out_dir: Path, m: MethodRanking, k_store: int, shard_size: int, source: str) -> SimilarityStore:
@@ -394,6 +450,14 @@ def write_ranking_store(out_dir: Path, m: MethodRanking, k_store: int, shard_siz
         )
         store.mark_complete(i, info)
     return store
+
+
+def read_ranks(ranks_dir: str | Path, name: str) -> np.ndarray:
+    """A method's initial (Q, N) ranks as the ranking step wrote them (``ranks/<method>.npy``), memory-mapped."""
+    path = Path(ranks_dir) / f"{name}.npy"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no ranking of method {name!r} (expected the ranking step's output)")
+    return np.load(path, mmap_mode="r")
 
 
 def ranks_after_rerank(store_dir: Path, initial: np.ndarray) -> np.ndarray:

@@ -155,16 +155,17 @@ class MethodStore:
 
 @dataclass(frozen=True)
 class Rankings:
-    """Initial rankings of every method: full (Q, N) rankings in ``ranks`` (``.npz``, one array
-    per method name), one top-K store per method, the database table (row = id) the
-    re-ranking actors read, and the baseline settings chosen on validation."""
+    """Initial rankings of every method: full (Q, N) rankings in the folder ``ranks`` (one
+    int32 ``<method>.npy`` per method, read memory-mapped by ``evaluate.read_ranks``), one
+    top-K store per method, the database (``database.npy``: L2-normalised rows, row = id,
+    memory-mapped by the re-ranking actors), and the baseline settings chosen on validation."""
 
     ranks: str
     database: str
     methods: tuple[MethodStore, ...]
     choice: BaselineChoice
     val_vs_test: str | None = None  # CSV: every grid point's validation and test mAP
-    costs: tuple[RetrievalCost, ...] = ()  # each method's initial ranking, measured in an actor
+    costs: tuple[RetrievalCost, ...] = ()  # each method's initial ranking, measured in the ranking actor
     features: str | None = None  # the test features table (splits query and database) the costs were measured on
 
 

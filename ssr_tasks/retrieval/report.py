@@ -19,7 +19,7 @@ from ssr_tasks.config import RetrievalParams
 from ssr_tasks.handoffs import RegisteredModel
 from ssr_tasks.reporting import ResultsReport
 from ssr_tasks.retrieval.costs import plus_ssr
-from ssr_tasks.retrieval.evaluate import BaselineChoice, map_row, ranks_after_rerank
+from ssr_tasks.retrieval.evaluate import BaselineChoice, map_row, ranks_after_rerank, read_ranks
 from ssr_tasks.retrieval.handoffs import Rankings, Reranked, RetrievalCost, RetrievalData, RetrievalTrials
 from ssr_tasks.retrieval.validation import read_val_vs_test, write_val_vs_test
 from ssr_tasks.tracking import Tracker
@@ -141,13 +141,17 @@ def write_report(
 
     improved: False when validation chose the untrained SSR (the table says so in one sentence)."""
     gt = read_gnd(Path(data.gnd))
-    with np.load(rankings.ranks) as arrays:
-        initial = {name: arrays[name] for name in arrays.files}
-    rows, after = [], {}
-    for r in reranked:
-        after[r.name] = ranks_after_rerank(Path(r.store), initial[r.name])
-        rows.append(map_row(r.name, initial[r.name], gt.gnd))
-        rows.append(map_row(f"{r.name} + SSR", after[r.name], gt.gnd))
+    rows = []
+    first = reranked[0].name
+    example: tuple[np.ndarray, np.ndarray] | None = None
+    for r in reranked:  # one method's (Q, N) rankings at a time, memory-mapped
+        initial = read_ranks(rankings.ranks, r.name)
+        after = ranks_after_rerank(Path(r.store), initial)
+        rows.append(map_row(r.name, initial, gt.gnd))
+        rows.append(map_row(f"{r.name} + SSR", after, gt.gnd))
+        if r.name == first and data.images is not None:
+            example = np.array(initial), after
+        del initial, after
         log.info(
             "mAP %s: M %.2f H %.2f -> + SSR: M %.2f H %.2f",
             r.name,
@@ -160,7 +164,6 @@ def write_report(
     for row in rows:
         if row["method"] in costs:
             row.update(cost_cells(costs[row["method"]]))
-    first = reranked[0].name
     figures = {"map_by_method.png": reporting.plot_map_by_method(rows)}
     if costs:
         figures["map_vs_cost.png"] = plot_map_vs_cost(rows, costs)
@@ -169,11 +172,9 @@ def write_report(
         src = Path(rankings.val_vs_test)
         note = src.with_suffix(".md").read_text().split("\n\n")[1] if src.with_suffix(".md").is_file() else ""
         write_val_vs_test(read_val_vs_test(src), Path(out_dir) / VAL_VS_TEST_CSV, note)
-    if data.images is not None:  # published features come without their images
+    if data.images is not None and example is not None:  # published features come without their images
         try:
-            figures["reranked_example.png"] = example_figure(
-                gt, Path(data.images), initial[first], after[first], name=first
-            )
+            figures["reranked_example.png"] = example_figure(gt, Path(data.images), *example, name=first)
         except FileNotFoundError as exc:  # a user's path column naming files that are not there
             log.warning("reranked example: no figure, %s", exc)
     notes = []

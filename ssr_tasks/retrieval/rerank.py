@@ -31,6 +31,10 @@ class ShardReranker:
     """Plain class behind the Ray actor: the database features (any unique int ids; the
     stores hold those ids) and the model, each loaded once.
 
+    db_features: a features table (rows of ``db_split``, read into memory and normalised) or
+    the pipeline's ``database.npy`` (unit rows, id = row number; memory-mapped, so actors on
+    a node share its pages and each batch reads only its neighbours' rows).
+
     model: a ``RetrievalModel`` (trained weights) or a ``RegisteredRetrievalModel`` (a
     registry URI); anything with ``build()``, ``k`` and ``feat_dim``.
     """
@@ -46,11 +50,22 @@ class ShardReranker:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        table = read_features(Path(db_features), split=db_split, expected_dim=model.feat_dim)
         self.db_path = db_features
-        self.db_order = np.argsort(table.ids, kind="stable")
-        self.db_sorted_ids = table.ids[self.db_order]
-        self.db = F.normalize(torch.tensor(table.embeddings, dtype=torch.float32), dim=-1, eps=1e-12)
+        self.db: np.ndarray | torch.Tensor
+        if str(db_features).endswith(".npy"):  # the pipeline's database: unit rows, id = row, memory-mapped
+            self.db = np.load(db_features, mmap_mode="r")
+            if self.db.ndim != 2 or self.db.shape[1] != model.feat_dim:
+                raise ValueError(f"{db_features}: database of shape {self.db.shape}, expected (N, {model.feat_dim})")
+            self.db_sorted_ids = np.arange(len(self.db), dtype=np.int64)
+            self.db_order = self.db_sorted_ids
+        else:
+            table = read_features(Path(db_features), split=db_split, expected_dim=model.feat_dim)
+            self.db_order = np.argsort(table.ids, kind="stable")
+            self.db_sorted_ids = table.ids[self.db_order]
+            emb = np.array(table.embeddings, dtype=np.float32)  # one writable copy, normalised in place
+            del table
+            emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            self.db = torch.from_numpy(emb)
         self.model = model.build().to(self.device)
         self.k = model.k
         self.dim = model.feat_dim
@@ -85,7 +100,11 @@ class ShardReranker:
         ids_out, sc_out = neighbor_ids.copy(), scores.astype(np.float32).copy()
         for s in range(0, len(query), batch):
             ids = torch.from_numpy(np.array(neighbor_ids[s : s + batch, :k], dtype=np.int64))
-            nb = self.db[torch.from_numpy(self._rows(ids.numpy()))].to(self.device)
+            rows = self._rows(ids.numpy())
+            if isinstance(self.db, np.ndarray):  # gathered from the memory map: only these rows are read
+                nb = torch.from_numpy(np.asarray(self.db[rows.ravel()])).view(*rows.shape, -1).to(self.device)
+            else:
+                nb = self.db[torch.from_numpy(rows)].to(self.device)
             refined = self.model(query[s : s + batch].to(self.device), nb).float().cpu()
             order = refined.argsort(dim=-1, descending=True, stable=True)
             ids_out[s : s + batch, :k] = ids.gather(1, order).numpy()

@@ -27,9 +27,8 @@ from ssr_tasks.config import (
 )
 from ssr_tasks.device import cluster_device, local_device
 from ssr_tasks.handoffs import Backbone, Trials, TrialTracking, required
-from ssr_tasks.retrieval.costs import measure_methods, measure_ssr
+from ssr_tasks.retrieval.costs import measure_ssr
 from ssr_tasks.retrieval.distractors import feature_distractors, glyph_distractors
-from ssr_tasks.retrieval.evaluate import method_rankings, write_ranking_store
 from ssr_tasks.retrieval.handoffs import (
     MethodStore,
     Rankings,
@@ -40,7 +39,8 @@ from ssr_tasks.retrieval.handoffs import (
     RetrievalModel,
     RetrievalTrials,
 )
-from ssr_tasks.retrieval.ray_jobs import candidate_search, run_trials
+from ssr_tasks.retrieval.ranker import DATABASE_NPY, RANKS_DIR, rank_in_actor, write_database_npy
+from ssr_tasks.retrieval.ray_jobs import run_trials
 from ssr_tasks.retrieval.rerank import rerank_store
 from ssr_tasks.retrieval.settings import holdout_fraction_for_k, relaxed_sequence_filter, scaled_lr_dni
 from ssr_tasks.retrieval.train import load_training_data, load_validation
@@ -48,8 +48,6 @@ from ssr_tasks.retrieval.validation import (
     choose_on_validation,
     grid_scale,
     mirror_validation,
-    read_test_set,
-    score_on_test,
     val_vs_test_rows,
     write_val_vs_test,
 )
@@ -395,15 +393,20 @@ def rank_methods(
     n_search_actors: int = -1,
 ) -> Rankings:
     """QE's n and the k-reciprocal point chosen on validation (held-out clusters), then the
-    initial rankings of every method (features, QE variants, k-reciprocal), each as a top-K
-    store with its query table, plus the database table (row = id) for the re-ranking actors.
-    The stores' folder is named after the features, the choice, the stores' K and shard size.
+    initial rankings of every method (``baselines.methods``), each as a top-K store with its
+    query table and its (Q, N) ranks, plus the database as an L2-normalised ``database.npy``
+    (row = id; streamed from the features table once) that the ranking actor, the re-ranking
+    actors and the cost probe memory-map (``ranker``: the rows are computed one at a time in a
+    Ray actor and dropped once written, so memory does not grow with the number of rows nor
+    hold the database). The stores' folder is named after the features, the choice, the
+    stores' K and shard size.
     k: the largest k of any trial; train: its n_val_queries and seed draw the validation queries.
 
     Under ``val_protocol: mirror-test`` the validation mirrors the test set and the grids'
     neighbour counts are scaled to its database (``ssr_tasks.retrieval.validation``). With
     ``baselines.val_vs_test`` every grid point is also scored on the test queries, for the
-    val_vs_test table only. Each method's ranking call is measured in a Ray actor (``costs``).
+    val_vs_test table only (by the same actor, on the same memory map). Each row's cost is
+    that of the pipeline's own call, measured in the actor (``ranker``).
     n_search_actors: the re-rankers' candidate searches on the test database run as blocks on
     a Ray actor pool (``ray_jobs.candidate_search``; -1: only on a multi-node cluster)."""
     logger = get_run_logger()
@@ -426,59 +429,42 @@ def rank_methods(
         scale,
         ", ".join(f"{k.removeprefix('chosen.')} {v}" for k, v in choice.as_params().items()),
     )
-    db = read_features(Path(features.path), split="database")
-    qt = read_features(Path(features.path), split="query")
-    with candidate_search(db.embeddings, n_search_actors) as pool:
-        methods = method_rankings(qt.embeddings, db.embeddings, choice, search=pool)
-    k_store = min(len(db.ids), max(k, 100))
+    k_store = min(features.n_database, max(k, 100))
     # K and the shard size shape every top-K store (an existing store of another shape is refused)
     stores = Path(work_dir) / "stores" / short_hash([features.path, choice.as_params(), k_store, shard_size])
     stores.mkdir(parents=True, exist_ok=True)
-    database = stores / "database.parquet"
-    if not database.exists():
-        write_features(
-            database,
-            ids=np.arange(len(db.ids)),
-            labels=["db"] * len(db.ids),
-            splits=["database"] * len(db.ids),
-            embeddings=db.embeddings,
-            metadata={**db.metadata},
-        )
-    out = []
-    for m in methods:
-        queries = stores / f"queries-{m.name}.parquet"
-        if not queries.exists():
-            write_features(
-                queries,
-                ids=np.arange(len(m.query)),
-                labels=["query"] * len(m.query),
-                splits=["query"] * len(m.query),
-                embeddings=m.query.astype(np.float32),
-                metadata={**db.metadata, "method": m.name},
-            )
-        store = write_ranking_store(stores / m.name / "topk", m, k_store, shard_size, source=features.path)
-        out.append(MethodStore(m.name, str(store.path), str(queries)))
-    ranks = stores / "ranks.npz"
-    tmp = ranks.with_suffix(".tmp.npz")
-    np.savez(tmp, **{m.name: m.ranks for m in methods})  # type: ignore[arg-type]  # numpy stub: **arrays vs allow_pickle
-    tmp.replace(ranks)
-    table = None
-    if baselines.val_vs_test and features.gnd is not None:
-        q, d = read_test_set(features)
-        test_map = score_on_test(q, d, read_gnd(Path(features.gnd)).gnd, baselines)
-        note = (
-            f"Validation: {len(val.queries)} held-out queries against {len(val.database)} items "
-            f"({train.val_protocol}); test: {len(q)} queries against {len(d)} items; validation neighbour counts "
-            f"= test's x {scale:.3g}."
-        )
-        table = write_val_vs_test(val_vs_test_rows(choice, val_label, test_map), stores / "val_vs_test.csv", note)
-    costs = measure_methods(features.path, choice)
-    for c in costs:
+    database = write_database_npy(features.path, stores / DATABASE_NPY, features.n_database, features.dim)
+    ranked, test_map = rank_in_actor(
+        features,
+        str(database),
+        choice,
+        str(stores),
+        k_store,
+        shard_size,
+        n_search_actors,
+        baselines if baselines.val_vs_test and features.gnd is not None else None,
+    )
+    for r in ranked:
+        c = r.cost
         logger.info(
             "cost %s: %.3g ms/query, peak %.3g MiB, %.3g CPU s", c.name, c.ms_per_query, c.peak_mib, c.cpu_seconds
         )
+    table = None
+    if test_map is not None:
+        note = (
+            f"Validation: {len(val.queries)} held-out queries against {len(val.database)} items "
+            f"({train.val_protocol}); test: {features.n_queries} queries against {features.n_database} items; "
+            f"validation neighbour counts = test's x {scale:.3g}."
+        )
+        table = write_val_vs_test(val_vs_test_rows(choice, val_label, test_map), stores / "val_vs_test.csv", note)
     return Rankings(
-        str(ranks), str(database), tuple(out), choice, str(table) if table else None, costs, str(features.path)
+        str(stores / RANKS_DIR),
+        str(database),
+        tuple(r.store for r in ranked),
+        choice,
+        str(table) if table else None,
+        tuple(r.cost for r in ranked),
+        str(features.path),
     )
 
 
@@ -508,7 +494,6 @@ def rerank(
     if rankings.features is not None and method == rankings.methods[0]:
         # SSR's call on every method's top-k, measured once per run in one actor (not once per method)
         costs = measure_ssr(
-            rankings.features,
             [(m.name, m.topk, m.queries) for m in rankings.methods],
             model,
             rankings.database,

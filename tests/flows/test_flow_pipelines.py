@@ -158,7 +158,7 @@ def test_retrieval_flow_end_to_end(ssr_home, ray_local, prefect_harness, glyphs_
     (store,) = [
         s
         for s in ssr_home.rglob("stores/*/features/topk")
-        if len(read_features(s.parent.parent / "database.parquet")) == 700
+        if len(np.load(s.parent.parent / "database.npy", mmap_mode="r")) == 700
     ]
     top = np.concatenate([s.neighbor_ids for s in SimilarityStore(store).iter_shards()])
     assert top.shape[0] == 20 and top.max() >= 500 and top.max() < 700  # distractors are ranked, as negatives

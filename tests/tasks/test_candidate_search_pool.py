@@ -13,7 +13,7 @@ def _unit(x):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def test_searcher_reads_an_array_or_a_table_alike(tmp_path):
+def test_searcher_reads_an_array_a_table_or_a_npy_alike(tmp_path):
     rng = np.random.default_rng(0)
     db, feats = _unit(rng.standard_normal((300, 8))), _unit(rng.standard_normal((9, 8)))
     table = write_features(
@@ -24,8 +24,9 @@ def test_searcher_reads_an_array_or_a_table_alike(tmp_path):
         embeddings=3 * db,  # the table's rows are normalised as they are read
         metadata={"dataset": "d", "backbone": "b", "checkpoint_hash": "h"},
     )
+    np.save(tmp_path / "db.npy", db)  # the pipeline's database.npy: unit rows, memory-mapped
     ref = LocalSearch(db, db_block=64)
-    for source in (db, str(table)):
+    for source in (db, str(table), str(tmp_path / "db.npy")):
         s = CandidateSearcher(source, db_block=64)
         for got, want in ((s.top(feats, 5), ref.top(feats, 5)), (s.lowest(feats, 3), ref.lowest(feats, 3))):
             assert got[0].tolist() == want[0].tolist()

@@ -11,6 +11,7 @@ from ssr_model.baselines import KReciprocalPoint
 from ssr_tasks.backbone import get_backbone
 from ssr_tasks.handoffs import Trials
 from ssr_tasks.retrieval import report, tasks
+from ssr_tasks.retrieval.evaluate import read_ranks
 from ssr_tasks.retrieval.handoffs import Rankings, Reranked, RetrievalData, RetrievalFeatures
 from storage.simstore import SimilarityStore
 
@@ -72,8 +73,16 @@ def test_k_larger_than_the_database_is_refused_before_training(data, tiny_retrie
 def test_rank_methods_writes_a_store_and_query_table_per_method(features, tiny_retrieval_params, pipeline_dir):
     rankings = rank(tiny_retrieval_params, features, pipeline_dir)
     assert isinstance(rankings, Rankings) and [m.name for m in rankings.methods] == METHODS
-    with np.load(rankings.ranks) as ranks:
-        assert ranks["features"].shape == (features.n_queries, features.n_database)
+    ranks = read_ranks(rankings.ranks, "features")  # memory-mapped int32, one file per method
+    assert ranks.shape == (features.n_queries, features.n_database) and ranks.dtype == np.int32
+    db = np.load(rankings.database, mmap_mode="r")  # the re-rankers' database: unit rows, memory-mapped
+    assert db.shape == (features.n_database, features.dim)
+    np.testing.assert_allclose(np.linalg.norm(db, axis=1), 1.0, atol=1e-5)
+    # every row's cost was measured on the pipeline's own call, and each row starts from the initial ranking
+    costs = {c.name: c for c in rankings.costs}
+    assert list(costs) == METHODS and all(c.n_queries == features.n_queries for c in costs.values())
+    assert all(c.ms_per_query > 0 and c.cpu_seconds >= 0 and c.peak_mib > 0 for c in costs.values())
+    assert all(c.ms_per_query >= costs["features"].ms_per_query for c in costs.values())
     assert rankings.choice.n_for("AQE") in (1, 3) and rankings.choice.krecip == KReciprocalPoint(10, 5, 0.3)
     for m in rankings.methods:
         store = SimilarityStore(m.topk)
