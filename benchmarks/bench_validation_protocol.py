@@ -55,6 +55,7 @@ from ssr_tasks.retrieval.validation import (  # noqa: E402
     test_set_profile,
     val_vs_test_rows,
     val_vs_test_summary,
+    write_val_vs_test,
 )
 from storage.features import read_features, read_metadata, write_features  # noqa: E402
 from storage.fewshot import list_split  # noqa: E402
@@ -115,10 +116,13 @@ VARIANTS = (  # (name, val_protocol, QE's n scaled)
 )
 
 
-def compare_choices(features: RetrievalFeatures, n_val_queries: int, seed: int) -> tuple[list[dict], list[dict]]:
+def compare_choices(
+    features: RetrievalFeatures, n_val_queries: int, seed: int, rows_out: Path | None = None
+) -> tuple[list[dict], list[dict]]:
     """Per method: the point each variant of the validation chooses and its test mAP (medium), the
     best test mAP of the grid, and plain features' test mAP; and per variant and method the
-    Spearman correlation of validation and test mAP over the grid. Default grids."""
+    Spearman correlation of validation and test mAP over the grid. Default grids. rows_out: a folder
+    that receives each variant's val-vs-test table (``val_vs_test-<variant>.csv`` and ``.md``)."""
     baselines = RetrievalBaselineParams()
     q, db = read_test_set(features)
     gnd = read_gnd(Path(features.gnd or "")).gnd
@@ -151,7 +155,11 @@ def compare_choices(features: RetrievalFeatures, n_val_queries: int, seed: int) 
         if choice.krecip is not None:
             labels.add(f"k-reciprocal {choice.krecip.label()}")
         chosen[name] = {label.split(" ", 1)[0]: label for label in labels}
-        summary = val_vs_test_summary(val_vs_test_rows(choice, val_label, test_pairs))
+        vvt = val_vs_test_rows(choice, val_label, test_pairs)
+        if rows_out is not None:
+            slug = name.replace(", ", "-").replace(" ", "-")
+            write_val_vs_test(vvt, rows_out / f"val_vs_test-{slug}.csv", f"{name}: QE n x {qe_scale:.4f}")
+        summary = val_vs_test_summary(vvt)
         spearman.append({"validation": name, **{s["method"]: s["Spearman val/test"] for s in summary}})
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)
     dn = db / np.linalg.norm(db, axis=1, keepdims=True)
@@ -211,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with --features: hold out this fraction of the training clusters instead of the table's "
         "(a copy of the table; SSR is not retrained)",
     )
+    p.add_argument("--rows-out", type=Path, help="with --features: write each variant's val-vs-test table here")
     args = p.parse_args(argv)
     if args.features:
         n_db = len(read_gnd(args.gnd).imlist)
@@ -225,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp_dir:
             if args.resplit:
                 feats = resplit(feats, args.resplit, args.holdout_seed, Path(tmp_dir))
-            rows, spearman = compare_choices(feats, args.n_val_queries, args.seed)
+            rows, spearman = compare_choices(feats, args.n_val_queries, args.seed, args.rows_out)
         print("\n## Choices of each validation and their test mAP medium (default grids)\n")
         print(markdown_table(rows, list(rows[1])))
         print("\n## Spearman correlation of validation and test mAP over each method's grid\n")

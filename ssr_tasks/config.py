@@ -674,6 +674,12 @@ class RetrievalBaselineParams(_Params):
     superglobal_beta_grid: list[PositiveFloat] = Field(
         default_factory=lambda: [0.15, 0.3], min_length=1, description="SuperGlobal: beta tried (paper: 0.15)"
     )
+    val_scale_qe: bool = Field(
+        False,
+        description="Under val_protocol mirror-test, also scale QE's n and alpha-DBA-QE's n_qe / n_dba on validation by "
+        "the positives per query (validation / test); off: measured on the glyphs it did not pick better points "
+        "(docs/validation.md)",
+    )
     val_vs_test: bool = Field(
         True,
         description="Also score every grid point on the test queries, beside its validation mAP (val_vs_test.csv, "

@@ -308,15 +308,3 @@ def scaled_shortlist(
     """Each shortlist re-ranker's points scaled (``scaled_point``), same order; duplicates kept (the
     caller maps them back, ``validation.Grids``)."""
     return {m: [scaled_point(p, scale, qe_scale) for p in ps] for m, ps in points.items()}
-
-
-def scaling_distance(test: Mapping[str, float], val: Mapping[str, float], scales: Mapping[str, float]) -> float:
-    """How far a validation point is from a test point's exact scaled values: the sum over the scaled
-    arguments of |log(test value * its scale / validation value)| (arguments at 0 or unscaled: 0).
-    Of several test points that round to the same validation point, the nearest stands for it."""
-    d = 0.0
-    for k, s in scales.items():
-        t, v = float(test.get(k, 0)), float(val.get(k, 0))
-        if t > 0 and v > 0:
-            d += abs(math.log(t * s / v))
-    return d

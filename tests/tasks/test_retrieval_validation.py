@@ -148,23 +148,26 @@ def test_qe_counts_scale_by_the_positives_ratio_by_hand():
     assert scaled_point(ShortlistPoint((("K", 9), ("beta", 0.15))), 0.5, 0.2).kwargs() == {"K": 4, "beta": 0.15}
 
 
-def test_test_points_sharing_a_validation_point_map_to_the_nearest_by_hand():
+def test_test_points_sharing_a_validation_point_map_to_the_first_by_hand():
     bl = RetrievalBaselineParams(qe_n_grid=[1, 3, 5, 7, 9], superglobal_k_grid=[3, 6, 9], superglobal_beta_grid=[0.15])
     grids = Grids.of(bl, 887 / 5000, qe_scale=3.2 / 18.2)
     assert grids.val_qe_n == (1, 1, 1, 1, 2) and grids.distinct_val("DQE") == [1, 2]
-    # n=1 on validation: exact values 0.18, 0.53, 0.88, 1.23; |log(x / 1)| smallest for 0.88 -> test n=5
-    assert grids.to_test("AQE", 1) == 5 and grids.to_test("alpha-QE", 2) == 9
-    # SuperGlobal K = 3, 6, 9 x 0.1774 = 0.53, 1.06, 1.60 -> 1, 1, 2: K=1 stands for K=6 (|log 1.06| < |log 0.53|)
-    sg = [v.kwargs()["K"] for v in grids.distinct_val("SuperGlobal")]
-    assert sg == [1, 2]
-    assert grids.to_test("SuperGlobal", grids.distinct_val("SuperGlobal")[0]).kwargs()["K"] == 6
+    # n=1 on validation stands for test n=1 (the first of 1, 3, 5, 7), n=2 for n=9
+    assert grids.to_test("AQE", 1) == 1 and grids.to_test("alpha-QE", 2) == 9
+    # SuperGlobal K = 3, 6, 9 x 0.1774 = 0.53, 1.06, 1.60 -> 1, 1, 2: K=1 stands for K=3
+    sg = grids.distinct_val("SuperGlobal")
+    assert [v.kwargs()["K"] for v in sg] == [1, 2]
+    assert (
+        grids.to_test("SuperGlobal", sg[0]).kwargs()["K"] == 3
+        and grids.to_test("SuperGlobal", sg[1]).kwargs()["K"] == 9
+    )
     with pytest.raises(ValueError, match="AQE: n=4 is not a point"):
         grids.to_test("AQE", 4)
-    # 1 and 4 at 0.5: 0.5 (at least 1) and 2: distinct points, each standing for itself
-    tie = Grids.of(RetrievalBaselineParams(qe_n_grid=[1, 4]), 1.0, qe_scale=0.5)
-    assert tie.val_qe_n == (1, 2) and tie.to_test("AQE", 1) == 1 and tie.to_test("AQE", 2) == 4
+    # QE's n is scaled only when asked (val_scale_qe) or given; the neighbour counts always
+    assert Grids.of(bl, 0.2).val_qe_n == (1, 3, 5, 7, 9)
+    assert Grids.of(bl.model_copy(update={"val_scale_qe": True}), 0.2).val_qe_n == (1, 1, 1, 1, 2)
     # held-out (scale 1): every grid as given, each point stands for itself
-    same = Grids.of(bl, 1.0)
+    same = Grids.of(bl.model_copy(update={"val_scale_qe": True}), 1.0)
     assert same.val_qe_n == same.qe_n and same.val_krecip == same.krecip
     assert all(same.to_test("SuperGlobal", p) == p for p in same.shortlist["SuperGlobal"])
 
@@ -172,17 +175,18 @@ def test_test_points_sharing_a_validation_point_map_to_the_nearest_by_hand():
 def test_shared_validation_points_give_their_score_to_each_test_point():
     bl = RetrievalBaselineParams(qe_n_grid=[1, 3, 9], methods=["AQE"])
     grids = Grids.of(bl, 1.0, qe_scale=0.2)  # 0.2, 0.6, 1.8 -> 1, 1, 2
-    val_choice = BaselineChoice((("AQE", 1),), None, (("AQE n=1", 20.0), ("AQE n=2", 15.0)), methods=("AQE",))
+    val_choice = BaselineChoice((("AQE", 2),), None, (("AQE n=1", 15.0), ("AQE n=2", 20.0)), methods=("AQE",))
     choice = to_test_grid(val_choice, grids)
-    assert choice.qe_n == (("AQE", 3),)  # 0.6 is nearer to 1 than 0.2 is
-    assert choice.val_map == (("AQE n=1", 20.0), ("AQE n=3", 20.0), ("AQE n=9", 15.0))
+    assert choice.qe_n == (("AQE", 9),)
+    assert choice.val_map == (("AQE n=1", 15.0), ("AQE n=3", 15.0), ("AQE n=9", 20.0))
     val_label = {"AQE n=1": "AQE n=1", "AQE n=3": "AQE n=1", "AQE n=9": "AQE n=2"}
     rows = val_vs_test_rows(choice, val_label, [("AQE n=1", 30.0), ("AQE n=3", 31.0), ("AQE n=9", 29.0)])
     assert [r["validation setting"] for r in rows] == ["n=1", "n=1", "n=2"]
-    assert [r["chosen on validation"] for r in rows] == ["", "yes", ""]
-    # average ranks: validation (1.5, 1.5, 0) -> 2.5, 2.5, 1; test 2, 3, 1: r = 0.866
+    assert [r["chosen on validation"] for r in rows] == ["", "", "yes"]
+    # average ranks: validation (15, 15, 20) -> 1.5, 1.5, 3; test (30, 31, 29) -> 2, 3, 1:
+    # deviations (-0.5, -0.5, 1) and (0, 1, -1): r = -1.5 / sqrt(1.5 * 2) = -0.866
     s = val_vs_test_summary(rows)[0]
-    assert s["Spearman val/test"] == 0.87 and s["gap"] == 0.0
+    assert s["Spearman val/test"] == -0.87 and s["gap"] == 2.0
 
 
 def test_choose_on_validation_tries_each_distinct_point_and_answers_on_the_test_grid():
@@ -195,7 +199,7 @@ def test_choose_on_validation_tries_each_distinct_point_and_answers_on_the_test_
     bl = RetrievalBaselineParams(qe_n_grid=[1, 3, 5, 7, 9], methods=["AQE", "DQE"])
     choice, val_label = choose_on_validation(val, bl, 1.0, qe_scale=0.2)  # val n: 1, 1, 1, 1, 2
     assert {n for _, n in choice.qe_n} <= {1, 3, 5, 7, 9}
-    assert dict(choice.qe_n)["AQE"] in (5, 9)  # n=1 stands for 5 (1.0 exact), n=2 for 9
+    assert dict(choice.qe_n)["AQE"] in (1, 9)  # n=1 stands for 1 (the first of 1, 3, 5, 7), n=2 for 9
     assert [label for label, _ in choice.val_map if label.startswith("AQE ")] == [f"AQE n={n}" for n in (1, 3, 5, 7, 9)]
     assert val_label["AQE n=7"] == "AQE n=1" and val_label["AQE n=9"] == "AQE n=2"
     same, _ = choose_on_validation(val, bl, 1.0)  # held-out: scale 1, nothing scaled
