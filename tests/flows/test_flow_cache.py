@@ -12,22 +12,21 @@ from tests.flows.test_flow_pipelines import TINY_FEWSHOT
 
 
 @pytest.mark.slow
-def test_second_run_completes_after_the_run_folder_is_deleted(tmp_path, monkeypatch, ray_local, prefect_harness):
+def test_second_run_completes_after_the_run_folder_is_deleted(tiny_fewshot_twice, monkeypatch):
+    """The run folder of tiny_fewshot_twice (two runs, Prefect cache records written by the
+    second) is deleted, and the same flow runs again there."""
     from flows.ssr_flow import ssr
 
-    home = tmp_path / "runs"
-    monkeypatch.setenv("SSR_HOME", str(home))
+    runs = tiny_fewshot_twice
+    assert runs.cache_keys_after_first  # the cache records live in the run folder
+    _assert_trials_logged_live(runs.trials_of_first)
+    assert runs.second["model_uri"] == "models:/ssr-cache/2"  # the same registry, while the folder lives
+    monkeypatch.setenv("SSR_HOME", str(runs.home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = FewShotParams(
-        **{**TINY_FEWSHOT, "evaluation": {**TINY_FEWSHOT["evaluation"], "eval_shots": [1]}, "model_name": "ssr-cache"}
-    )
-    first = ssr(pipeline="fewshot", fewshot=params)
-    assert (home / "prefect" / "cache-keys").is_dir()  # the cache records live in the run folder
-    _assert_trials_logged_live(home, first["run_id"])
-    shutil.rmtree(home)
-    second = ssr(pipeline="fewshot", fewshot=params)  # nothing cached may point into the deleted folder
-    assert second["model_uri"] == "models:/ssr-cache/1"  # a new registry: the old one went with the folder
-    assert [r["method"] for r in second["results"]] == [r["method"] for r in first["results"]]
+    shutil.rmtree(runs.home)
+    third = ssr(pipeline="fewshot", fewshot=runs.params)  # nothing cached may point into the deleted folder
+    assert third["model_uri"] == "models:/ssr-cache/1"  # a new registry: the old one went with the folder
+    assert [r["method"] for r in third["results"]] == [r["method"] for r in runs.first["results"]]
 
 
 def test_cache_key_counts_only_the_groups_a_task_takes():
@@ -62,15 +61,9 @@ def test_cache_key_counts_only_the_groups_a_task_takes():
     assert key(base) != key(changed(train={"seed": 5}))  # the seed of pretraining, passed alone
 
 
-def _assert_trials_logged_live(home, parent_run_id: str) -> None:
+def _assert_trials_logged_live(trials) -> None:
     """Each trial's nested run got Tune's reports while training (``progress`` is logged only
     then), and the report afterwards reused that run instead of making another."""
-    import mlflow
-
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    client = mlflow.MlflowClient(uri, uri)
-    parent = client.get_run(parent_run_id)
-    nested = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    assert [r.data.tags["ssr.trial"] for r in nested] == ["lr_dni=0.1"]
-    assert len(client.get_metric_history(nested[0].info.run_id, "progress")) >= 2
-    assert "best_val_acc" in nested[0].data.metrics and nested[0].info.status == "FINISHED"
+    assert [t.tag for t in trials] == ["lr_dni=0.1"]
+    assert trials[0].n_progress >= 2
+    assert "best_val_acc" in trials[0].metrics and trials[0].status == "FINISHED"

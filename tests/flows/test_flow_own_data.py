@@ -3,8 +3,10 @@ real `ssr` flow under the shared Prefect harness, real Ray and a real MLflow SQL
 
 - few-shot on a pandas-written embeddings table (list<double> rows, string labels, no
   project metadata), one test class too small for an episode;
-- retrieval on a labelled embeddings folder, with gnd.pkl (revisitop format) and without
-  (label matches), then `ssr rerank --gnd labels` with the model the run registered.
+- retrieval on a labelled embeddings folder without a ground-truth file (label matches): the
+  whole flow, then `ssr rerank --gnd labels` with the model the run registered; the same
+  folder with gnd.pkl (revisitop format) through the flow's import and the report's scoring
+  only (the whole flow on revisitop pickles is test_flow_landmarks).
 """
 
 from __future__ import annotations
@@ -142,31 +144,82 @@ OWN_RETRIEVAL = dict(
         n_val_queries=10,
     ),
     sweep=dict(lr_dni=[1e-2]),
-    baselines=dict(qe_n_grid=[1, 2], krecip_pairs=[(10, 5)], krecip_lambda=[0.3]),
+    # every method runs on the user's data, each with one grid point (the grids themselves are
+    # the landmark and glyph flow tests' business): seconds instead of a minute
+    baselines=dict(
+        qe_n_grid=[1, 2],
+        krecip_pairs=[(10, 5)],
+        krecip_lambda=[0.3],
+        dba_n_grid=[1],
+        diffusion_k_grid=[10],
+        gnn_k_pairs=[(10, 4)],
+        superglobal_k_grid=[3],
+        superglobal_beta_grid=[0.15],
+    ),
     evaluation=dict(shard_size=8, n_rerank_actors=1),
     device="cpu",
     from_data=True,
 )
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("with_gnd", [True, False], ids=["gnd.pkl", "labels"])
-def test_retrieval_on_labelled_embeddings_then_rerank(ssr_home, ray_local, prefect_harness, tmp_path, with_gnd):
-    from flows.ssr_flow import ssr
-
-    root = retrieval_folder(tmp_path / "own", with_gnd)
-    name = f"ssr-own-retrieval-{'gnd' if with_gnd else 'labels'}"
-    params = RetrievalParams(
+def own_retrieval_params(root: Path, name: str) -> RetrievalParams:
+    return RetrievalParams(
         **{**OWN_RETRIEVAL, "data": {**OWN_RETRIEVAL["data"], "data_root": str(root)}, "model_name": name}
     )
-    result = ssr(pipeline="retrieval", retrieval=params)
+
+
+def test_retrieval_folder_with_gnd_pkl_through_the_flows_import(tmp_path):
+    """gnd.pkl (revisitop format) goes through the flow's own import (the body of its
+    prepare-retrieval-data task, after the from_data holdout sizing): the ground truth it keeps
+    is the file's, row for row, and the report's scoring of it has Easy / Medium / Hard. The
+    whole flow on a labelled folder is the next test; label matches are its ground truth."""
+    from ssr_tasks.retrieval.evaluate import map_row
+    from ssr_tasks.retrieval.report import labels_only
+    from ssr_tasks.retrieval.tasks import data_for_run, prepare_data
+    from storage.features import read_features
+    from storage.landmarks import read_gnd
+    from tests.flows.test_flow_landmarks import revisitop_map
+
+    root = retrieval_folder(tmp_path / "own", with_gnd=True)
+    params = own_retrieval_params(root, "ssr-own-retrieval-gnd")
+    data_params = data_for_run(params)
+    assert data_params.holdout_fraction != OWN_RETRIEVAL["data"]["holdout_fraction"]  # sized from the data
+    data = prepare_data.fn(data_params, str(tmp_path / "run"))
+    assert data.images is None  # no path column: the report draws no re-ranked example
+    gt = read_gnd(data.gnd)
+    with open(root / "gnd.pkl", "rb") as f:
+        given = pickle.load(f)["gnd"]
+    assert [{key: g[key].tolist() for key in ("easy", "hard", "junk")} for g in gt.gnd] == given
+    assert not labels_only(gt.gnd)  # the table keeps the revisited columns
+
+    queries, database = read_features(data.queries), read_features(data.database)
+    want_q, want_db = pd.read_parquet(root / "queries.parquet"), pd.read_parquet(root / "database.parquet")
+    q_emb, db_emb = np.asarray(queries.embeddings), np.asarray(database.embeddings)
+    # rows kept in the file's order: the ground truth's database indices still point at them
+    np.testing.assert_allclose(q_emb, np.stack(want_q["embedding"]), rtol=1e-6)
+    np.testing.assert_allclose(db_emb, np.stack(want_db["embedding"]), rtol=1e-6)
+    ranks = np.argsort(-(q_emb @ db_emb.T), axis=1, kind="stable")  # (Q, N), the features row's ranking
+    row = map_row("features", ranks, gt.gnd)
+    raw = [{key: np.asarray(g[key]) for key in ("easy", "hard", "junk")} for g in given]
+    for protocol in ("easy", "medium"):
+        want = revisitop_map(np.stack(want_q["embedding"]).T, np.stack(want_db["embedding"]).T, raw, protocol)
+        assert row[f"mAP {protocol}"] == pytest.approx(round(want, 2), abs=0.011)
+    assert "mAP hard" in row  # no hard items in this file: the column is there, its value is the protocol's
+
+
+@pytest.mark.slow
+def test_retrieval_on_labelled_embeddings_then_rerank(ssr_home, ray_local, prefect_harness, tmp_path):
+    from flows.ssr_flow import ssr
+
+    root = retrieval_folder(tmp_path / "own", with_gnd=False)
+    name = "ssr-own-retrieval-labels"
+    result = ssr(pipeline="retrieval", retrieval=own_retrieval_params(root, name))
     rows = result["results"]
     assert [r["method"] for r in rows][:2] == ["features", "features + SSR"]
-    if with_gnd:
-        assert {"mAP easy", "mAP medium", "mAP hard"} <= set(rows[0])
-    else:  # label matches: one mAP, one mP@10, and the table says why
-        assert "mAP" in rows[0] and "mAP hard" not in result["markdown"]
-        assert "label matches" in result["markdown"]
+    assert [r["method"] for r in rows][::2] == list(RetrievalParams().baselines.methods)  # every method, + SSR
+    # label matches: one mAP, one mP@10, and the table says why
+    assert "mAP" in rows[0] and "mAP hard" not in result["markdown"]
+    assert "label matches" in result["markdown"]
     assert result["model_uri"].startswith(f"models:/{name}/")
     import mlflow
 
@@ -178,7 +231,7 @@ def test_retrieval_on_labelled_embeddings_then_rerank(ssr_home, ray_local, prefe
     assert len(grid) == 3 and grid[2] / grid[0] == pytest.approx(10, rel=0.05)  # from_data: lr* x (0.3, 1, 3)
     assert float(run.data.params["chosen.lr_dni"]) in grid
     plots = {a.path for a in client.list_artifacts(result["run_id"], "plots")}
-    assert ("plots/reranked_example.png" in plots) == (not with_gnd)
+    assert "plots/reranked_example.png" in plots  # the rows carry image paths
 
     # the model the run registered re-ranks new tables of the same D, scored by their labels
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{ssr_home / 'mlflow.db'}", "SSR_HOME": str(ssr_home)}

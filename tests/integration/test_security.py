@@ -149,7 +149,8 @@ TINY_FEWSHOT = dict(
     backbone=dict(pretrain_epochs=1),
     train=dict(max_steps=1, hidden=16, iterations_first=4, iterations_next=2, val_every=2),
     sweep={"lr_dni": [1e-3]},
-    evaluation=dict(n_val_episodes=5, n_test_episodes=10, eval_shots=[1]),
+    # the paper's rows only: the peers' rows log through the same code (test_flow_pipelines runs them)
+    evaluation=dict(n_val_episodes=5, n_test_episodes=10, eval_shots=[1], methods=["baseline", "k-reciprocal", "ssr"]),
     baselines=dict(krecip_k1=[10], krecip_k2=[5], krecip_lambda=[0.3]),
     model_name="ssr-security-check",
 )
