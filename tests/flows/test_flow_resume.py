@@ -6,7 +6,9 @@ process from Tune's driver-side callback when a trial reports its second validat
 first Tune checkpoint is recorded by then). The rerun restores the Tune experiment
 (``Tuner.restore``), the trial resumes from that checkpoint, and the data, backbone and
 features are reused; its results table and SSR weights equal those of an undisturbed run in
-another run folder.
+another run folder, started at the same time as the killed run (the two overlap on 2 cores).
+All three runs take the preset with the Baseline / k-reciprocal / SSR rows only (``--set
+evaluation.methods=...``): the rows the test compares, without the peers' cost.
 
 A SIGKILLed flow process leaves orphans behind: Prefect's temporary API server and Ray's
 dashboard and runtime-env agents (Ray's GCS, raylet and workers die with the driver). The
@@ -30,6 +32,7 @@ import torch
 SSR = [str(Path(sys.executable).parent / "ssr")]
 SSR_KILLED = [sys.executable, str(Path(__file__).with_name("ssr_killed_mid_training.py"))]
 _GROUPS: list[int] = []  # process groups of the runs, reaped at the end
+METHODS = '["baseline", "k-reciprocal", "ssr"]'
 
 
 def _home(tmp_path: Path, name: str, ssr_home: Path) -> Path:
@@ -44,7 +47,7 @@ class Run:
         self.returncode, self.stdout, self.stderr, self.pgid = returncode, stdout, stderr, pgid
 
 
-def _run(home: Path, command: list[str] = SSR) -> Run:
+def _start(home: Path, command: list[str] = SSR) -> tuple[subprocess.Popen, Path, Path]:
     env = {**os.environ, "SSR_HOME": str(home)}
     for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
         env.pop(key, None)
@@ -52,19 +55,32 @@ def _run(home: Path, command: list[str] = SSR) -> Run:
     out, err = home.parent / f"{tag}.out", home.parent / f"{tag}.err"
     with open(out, "w") as fo, open(err, "w") as fe:
         proc = subprocess.Popen(
-            [*command, "run", "fewshot", "--preset", "reproduce-fewshot-tiny"],
+            [
+                *command,
+                "run",
+                "fewshot",
+                "--preset",
+                "reproduce-fewshot-tiny",
+                "--set",
+                f"evaluation.methods={METHODS}",
+            ],
             env=env,
             stdout=fo,
             stderr=fe,
             start_new_session=True,
         )
-        try:
-            rc = proc.wait(timeout=600)
-        except subprocess.TimeoutExpired:
-            _reap(proc.pid)
-            raise
-    _GROUPS.append(proc.pid)
+    _GROUPS.append(proc.pid)  # reaped at the end, whatever happens
+    return proc, out, err
+
+
+def _finish(started: tuple[subprocess.Popen, Path, Path]) -> Run:
+    proc, out, err = started
+    rc = proc.wait(timeout=600)
     return Run(rc, out.read_text(), err.read_text(), proc.pid)
+
+
+def _run(home: Path, command: list[str] = SSR) -> Run:
+    return _finish(_start(home, command))
 
 
 def _reap(pgid: int) -> None:
@@ -98,9 +114,7 @@ def test_flow_killed_during_training_resumes_to_the_undisturbed_result(tmp_path,
 
 def _kill_and_resume(tmp_path: Path, ssr_home: Path) -> None:
     clean_home = _home(tmp_path, "clean", ssr_home)
-    clean = _run(clean_home)
-    assert clean.returncode == 0, clean.stderr[-3000:]
-    assert len(_table(clean.stdout)) == 3, clean.stdout
+    undisturbed = _start(clean_home)  # runs beside the killed run and its rerun, in its own folder
 
     home = _home(tmp_path, "killed", ssr_home)
     killed = _run(home, SSR_KILLED)
@@ -112,6 +126,9 @@ def _kill_and_resume(tmp_path: Path, ssr_home: Path) -> None:
     stamps = [p.stat().st_mtime_ns for p in cached]
 
     resumed = _run(home)
+    clean = _finish(undisturbed)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    assert len(_table(clean.stdout)) == 3, clean.stdout
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _table(resumed.stdout) == _table(clean.stdout)
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # backbone and features reused, not redone
