@@ -14,10 +14,17 @@ Only labels and ground truth are read (no features, no training):
     python benchmarks/bench_validation_protocol.py --landmarks DATA_ROOT --dataset roxford5k
     python benchmarks/bench_validation_protocol.py --fixtures      # the tests' SfM-120k-format pickles
 
+With ``--glyphs`` a fourth row grades the mirrored validation easy / hard / junk by the glyph
+test's rule (``validation.glyph_grader``).
+
 With a run's features table (``retrieval-features-*.parquet``: splits database, query, train,
-val) and the test ground truth, it also makes the baselines' choices under both protocols
-and scores every grid point on the test queries (medium mAP), so the two choices compare
-on the same features and code:
+val) and the test ground truth, it also makes the baselines' choices under three validations
+(held-out; mirror-test with QE's n as given; mirror-test with QE's n scaled by the positives
+per query) and scores every grid point on the test queries (medium mAP), so the choices
+compare on the same features and code; it prints each pick's test mAP and the Spearman
+correlation of validation and test mAP per method (``--rows-out DIR``: each variant's
+val-vs-test table; ``--resplit F``: hold out another fraction of the training clusters, a
+copy of the table, SSR not retrained):
 
     python benchmarks/bench_validation_protocol.py --features TABLE --gnd GND [--train TABLE]
 

@@ -13,7 +13,13 @@ database while on the test (5,000 items, 18 positives per query) it covers 3%
 - every neighbour count of the baselines' grids (k-reciprocal k1/k2, diffusion k, GNN
   k1/k2, SuperGlobal K) is scaled by (validation database) / (test database) on validation,
   so a point covers the same share of either database; the point chosen maps back to the
-  test grid's point at the same position.
+  test grid's point at the same position (the first of several that round to the same one);
+- with ``baselines.val_scale_qe`` QE's n and alpha-DBA-QE's n_qe / n_dba are scaled by the
+  positives per query (validation / test); off by default, it picked no better point on the
+  glyphs (docs/validation.md);
+- ``glyph_grader`` / ``graded_validation`` label held-out glyph items easy / hard / junk by the
+  glyph test's rule (rendering parameters recomputed from the seed); medium-protocol choices
+  do not change, since training renderings are never junk.
 
 ``val_vs_test_rows`` puts each grid point's validation mAP beside its test mAP (medium
 protocol, the one choices are made on). The test side is for judging the validation only.
