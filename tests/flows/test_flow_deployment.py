@@ -1,10 +1,13 @@
 """Integration: a real Prefect server and process worker on 127.0.0.1, deployments from
 deploy/prefect.yaml (registered without SSR_PROJECT_DIR: the pull step finds the project),
 `prefect deployment run ssr/reproduce-fewshot-tiny --watch`, then the MLflow registry and
-the Prefect artifacts are checked."""
+the Prefect artifacts are checked. The run is given the preset's parameters with only the
+Baseline / k-reciprocal / SSR rows (`--params`): the peers' rows are test_flow_pipelines'
+business, and the worker polls every 2 s instead of 10 (PREFECT_WORKER_QUERY_SECONDS)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +20,12 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 @pytest.mark.services
 def test_deployment_run_from_the_cli(services_env):
+    from flows.cli import presets
+
     home, env = services_env
+    env["PREFECT_WORKER_QUERY_SECONDS"] = "2"  # the worker takes the run within 2 s
+    fewshot = presets()["reproduce-fewshot-tiny"]["fewshot"]
+    fewshot = {**fewshot, "evaluation": {**fewshot["evaluation"], "methods": ["baseline", "k-reciprocal", "ssr"]}}
     ssr_bin = str(Path(sys.executable).parent / "ssr")
     try:
         started = subprocess.run([ssr_bin, "services", "start"], env=env, capture_output=True, text=True, timeout=300)
@@ -31,7 +39,11 @@ def test_deployment_run_from_the_cli(services_env):
                 "deployment",
                 "run",
                 "ssr/reproduce-fewshot-tiny",
+                "--params",
+                json.dumps({"fewshot": fewshot}),  # Prefect merges run parameters over the deployment's by name
                 "--watch",
+                "--watch-interval",
+                "1",
                 "--watch-timeout",
                 "900",
             ],
@@ -50,6 +62,9 @@ def test_deployment_run_from_the_cli(services_env):
         client = mlflow.MlflowClient(uri, registry_uri=uri)
         mv = client.get_model_version_by_alias("ssr-fewshot-tiny", "champion")
         assert mv.tags["dataset"] == "glyphs"
+        run_params = client.get_run(mv.run_id).data.params  # the run took the preset with --params' rows
+        assert run_params["evaluation.methods"] == str(["baseline", "k-reciprocal", "ssr"]), run_params
+        assert run_params["evaluation.n_test_episodes"] == "20" and run_params["train.hidden"] == "32", run_params
         check = subprocess.run(
             [
                 sys.executable,
