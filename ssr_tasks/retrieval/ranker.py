@@ -213,7 +213,7 @@ class MethodRanker:
         from ssr_tasks.retrieval.validation import score_on_test
         from storage.landmarks import read_gnd
 
-        return score_on_test(self.query, self.db, read_gnd(Path(gnd_path)).gnd, baselines)
+        return score_on_test(self.query, self.db, read_gnd(Path(gnd_path)).gnd, baselines, normalised=True)
 
 
 def _row_paths(out_dir: Path, name: str) -> tuple[Path, Path, Path, Path]:

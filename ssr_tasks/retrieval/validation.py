@@ -252,12 +252,17 @@ def qe_scale_for(train: RetrievalTrainParams, val: ValidationSet, test: Protocol
 
 
 def score_on_test(
-    query: np.ndarray, db: np.ndarray, gnd: list[dict], baselines: RetrievalBaselineParams
+    query: np.ndarray,
+    db: np.ndarray,
+    gnd: list[dict],
+    baselines: RetrievalBaselineParams,
+    normalised: bool = False,
 ) -> tuple[tuple[str, float], ...]:
     """Test medium mAP of every grid point of the baselines group (``choose_baselines`` run on the
-    test queries as if they were a validation set; its choice is discarded). query (Q, D), db (N, D)."""
+    test queries as if they were a validation set; its choice is discarded). query (Q, D), db (N, D);
+    ``normalised``: db's rows are unit length already (a memory map is then used as it is, not copied)."""
     q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
-    d = db / np.maximum(np.linalg.norm(db, axis=1, keepdims=True), 1e-12)
+    d = db if normalised else db / np.maximum(np.linalg.norm(db, axis=1, keepdims=True), 1e-12)
     test = ValidationSet(q, d, np.argsort(-(q @ d.T), axis=1, kind="stable"), gnd)
     grids = Grids.of(baselines, 1.0)
     return choose_baselines(
