@@ -36,7 +36,7 @@ from ssr_tasks.fewshot.episodes import (
 )
 from ssr_tasks.fewshot.evaluate import EpisodeScores, FewShotEvaluator, krecip_key
 from ssr_tasks.fewshot.handoffs import FewShotTrial, KReciprocal
-from ssr_tasks.ray_grid import SUMMARY
+from ssr_tasks.ray_grid import SUMMARY, read_summary
 from storage.features import read_metadata
 
 
@@ -46,7 +46,8 @@ def best_trial(run: Path, feat_dim: int) -> FewShotTrial:
     for summary in sorted(run.glob(f"ssr-*/trials/*/{SUMMARY}")):
         config = FewShotTrainParams(**json.loads((summary.parent / "config.json").read_text()))
         label = summary.parent.name.rsplit("-", 1)[0]  # trial_dir: the point's label, then a hash of the point
-        trials.append(FewShotTrial.from_summary(config, label, feat_dim, json.loads(summary.read_text())))
+        # read_summary makes the summary's best_path absolute (it is stored relative to the trial folder)
+        trials.append(FewShotTrial.from_summary(config, label, feat_dim, read_summary(summary.parent)))
     if not trials:
         raise SystemExit(f"{run}: no finished SSR trial (ssr-*/trials/*/{SUMMARY})")
     return max(trials, key=lambda t: t.best_val)
