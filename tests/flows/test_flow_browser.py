@@ -4,7 +4,10 @@ It starts the local services (`ssr services start`: Prefect server, process work
 UI), triggers a custom run of ssr/reproduce-fewshot-tiny from the Prefect UI with one
 parameter changed in the form, waits for the run page to say Completed, and finds the
 registered model (alias `champion`) and the run's plots in the MLflow UI. Screenshots go to
-test-artifacts/browser/ (docs/ui-tour.md uses a few of them).
+test-artifacts/browser/ (docs/ui-tour.md uses a few of them). It waits on what the pages show
+(Playwright's waits; two 1 s pauses let dialogs and a table settle: the UIs poll, so never go
+network-idle). While the run trains it reads the run's state from the API and parks the page;
+the worker polls its pool every 2 s (PREFECT_WORKER_QUERY_SECONDS) instead of 10.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ SHOTS = ROOT / "test-artifacts" / "browser"
 DEPLOYMENT = "reproduce-fewshot-tiny"
 RUN_TIMEOUT_S = 600
 UI_TIMEOUT_MS = 90_000  # single-page apps on a busy 2-core machine
+POLL_MS = 2_000  # one wait for a page change; the interval between two reads of a run's state
 
 pytestmark = [
     pytest.mark.slow,
@@ -105,38 +109,44 @@ def flow_run_state(api_url: str, flow_run_id: str) -> str:
 
 
 def wait_completed_in_ui(page, env: dict, flow_run_id: str) -> None:
-    """Waits for the flow-run page to show Completed; fails early when the run ends otherwise."""
-    badge = page.get_by_text("Completed", exact=True).first
+    """Waits for the run to end, then for its page to show Completed; fails early when the run
+    ends otherwise. While the run trains the page is parked on about:blank: a live run page
+    keeps headless Chromium's software renderer busy (about half a core, measured with ps),
+    which the flow run needs on 2 cores. The API state is read every POLL_MS."""
+    run_url = page.url
+    page.goto("about:blank")
     deadline = time.time() + RUN_TIMEOUT_S
-    state, completed_since = None, None
+    state = None
     while time.time() < deadline:
-        if badge.is_visible():
-            return
         state = flow_run_state(env["PREFECT_API_URL"], flow_run_id)
         if state in ("FAILED", "CRASHED", "CANCELLED"):
             log = Path(env["SSR_HOME"]) / "services" / "prefect-worker.log"
             pytest.fail(f"flow run {flow_run_id} ended {state}; worker log: {log.read_text()[-3000:]}")
         if state == "COMPLETED":
-            completed_since = completed_since or time.time()
-            if time.time() - completed_since > 30:  # the page polls; reload if it missed the change
-                page.reload()
-                completed_since = time.time()
-        time.sleep(5)
-    pytest.fail(f"flow run {flow_run_id} not Completed in the UI within {RUN_TIMEOUT_S} s (API state: {state})")
+            page.goto(run_url)
+            page.get_by_text("Completed", exact=True).first.wait_for()
+            return
+        time.sleep(POLL_MS / 1000)
+    pytest.fail(f"flow run {flow_run_id} not Completed within {RUN_TIMEOUT_S} s (API state: {state})")
 
 
 def trigger_custom_run(page, prefect_ui: str) -> str:
     """Deployments page -> ssr / reproduce-fewshot-tiny -> Run -> Custom run, n_test_episodes 20 -> 10."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     page.goto(f"{prefect_ui}/deployments")
     row = page.get_by_role("row").filter(has=page.get_by_role("link", name=DEPLOYMENT, exact=True))
     page.get_by_role("link", name=DEPLOYMENT, exact=True).wait_for()
     assert "ssr" in row.inner_text().split(), row.inner_text()  # the flow name under the deployment name
     deadline = time.time() + 180  # "Not Ready" until the worker has polled the pool once
-    while not row.get_by_text("Ready", exact=True).is_visible():
-        assert time.time() < deadline, f"deployment not Ready (no worker polling?): {row.inner_text()}"
-        time.sleep(10)
-        page.reload()
-        row.wait_for()
+    while True:
+        try:
+            row.get_by_text("Ready", exact=True).wait_for(timeout=5 * POLL_MS)
+            break
+        except PlaywrightTimeout:
+            assert time.time() < deadline, f"deployment not Ready (no worker polling?): {row.inner_text()}"
+            page.reload()
+            row.wait_for()
     shot(page, "01-prefect-deployments")
 
     page.get_by_role("link", name=DEPLOYMENT, exact=True).click()
@@ -176,7 +186,7 @@ def check_results_artifact(page, subflow_id: str) -> None:
     shot(page, "06-prefect-subflow-artifacts")
     page.get_by_text("fewshot-results").first.click()
     page.get_by_text("SSR").first.wait_for()
-    time.sleep(1)
+    time.sleep(1)  # the whole table drawn before the screenshot (the page polls: never network-idle)
     shot(page, "07-prefect-results-table")
 
 
@@ -193,7 +203,7 @@ def check_mlflow(page, mlflow_ui: str, flow_run_ids: list[str]) -> None:
     """Models page -> ssr-fewshot-tiny shows `champion`; experiment ssr-fewshot -> latest run -> plots."""
     page.goto(f"{mlflow_ui}/#/models")
     page.get_by_role("link", name="ssr-fewshot-tiny", exact=True).wait_for()
-    time.sleep(1)
+    time.sleep(1)  # the dialogs open a moment after the list (the UI polls: never network-idle)
     dismiss_mlflow_popups(page)
     shot(page, "08-mlflow-registered-models")
     page.get_by_role("link", name="ssr-fewshot-tiny", exact=True).click()
@@ -222,14 +232,16 @@ def check_mlflow(page, mlflow_ui: str, flow_run_ids: list[str]) -> None:
     page.get_by_text("plots", exact=True).click()
     page.get_by_text("training_curves.png", exact=True).wait_for()
     page.get_by_text("accuracy_by_step.png", exact=True).click()
-    page.get_by_role("img", name="plots/accuracy_by_step.png").wait_for()  # the preview pane
-    time.sleep(2)
+    preview = page.get_by_role("img", name="plots/accuracy_by_step.png")  # the preview pane
+    preview.wait_for()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=preview.element_handle())
     shot(page, "11-mlflow-run-plots")
 
 
 def test_custom_run_from_the_prefect_ui_then_mlflow_ui(services_env, chromium_page):
     page = chromium_page
     home, env = services_env
+    env["PREFECT_WORKER_QUERY_SECONDS"] = "2"  # the worker takes the run within 2 s
     ssr_bin = str(Path(sys.executable).parent / "ssr")
     try:
         t0 = time.time()
