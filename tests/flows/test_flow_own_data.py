@@ -144,18 +144,7 @@ OWN_RETRIEVAL = dict(
         n_val_queries=10,
     ),
     sweep=dict(lr_dni=[1e-2]),
-    # every method runs on the user's data, each with one grid point (the grids themselves are
-    # the landmark and glyph flow tests' business): seconds instead of a minute
-    baselines=dict(
-        qe_n_grid=[1, 2],
-        krecip_pairs=[(10, 5)],
-        krecip_lambda=[0.3],
-        dba_n_grid=[1],
-        diffusion_k_grid=[10],
-        gnn_k_pairs=[(10, 4)],
-        superglobal_k_grid=[3],
-        superglobal_beta_grid=[0.15],
-    ),
+    baselines=dict(qe_n_grid=[1, 2], krecip_pairs=[(10, 5)], krecip_lambda=[0.3]),
     evaluation=dict(shard_size=8, n_rerank_actors=1),
     device="cpu",
     from_data=True,
