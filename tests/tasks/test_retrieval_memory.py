@@ -14,30 +14,38 @@ import pytest
 # 149 GiB; the database itself is 49 MiB and allocated before the baseline.
 BUDGET_MIB = 256
 
-SCRIPT = textwrap.dedent(
+# Both scripts: N = 200,000 clustered unit rows (D = 64), queries near the first rows, every
+# row at small k-reciprocal / QE settings, and the peak RSS (VmHWM) read from /proc.
+PRELUDE = textwrap.dedent(
     """
     import json
     import numpy as np
     from ssr_model.baselines import KReciprocalPoint
     from ssr_tasks.retrieval.evaluate import BaselineChoice, CandidateSearcher, method_rankings
 
+    def kib(key):
+        return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
+
+    def data(Q, N=200_000, D=64):
+        rng = np.random.default_rng(0)
+        centres = rng.standard_normal((N // 50, D), dtype=np.float32)
+        db = centres[rng.integers(0, len(centres), N)] + 0.7 * rng.standard_normal((N, D), dtype=np.float32)
+        db /= np.linalg.norm(db, axis=1, keepdims=True)
+        q = db[:Q] + 0.1 * rng.standard_normal((Q, D), dtype=np.float32)
+        qe = (("AQE", 3), ("AQEwD", 3), ("alpha-QE", 3), ("DQE", 3))
+        return db, q, BaselineChoice(qe, KReciprocalPoint(5, 3, 0.3), ())
+    """
+)
+
+SCRIPT = PRELUDE + textwrap.dedent(
+    """
     class Counting(CandidateSearcher):
         rows = 0
         def _search(self, feats, k, lowest=None):
             Counting.rows += len(feats)
             return super()._search(feats, k, lowest)
 
-    def kib(key):
-        return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
-
-    N, D, Q = 200_000, 64, 2
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((N // 50, D), dtype=np.float32)
-    db = centres[rng.integers(0, len(centres), N)] + 0.7 * rng.standard_normal((N, D), dtype=np.float32)
-    db /= np.linalg.norm(db, axis=1, keepdims=True)
-    q = db[:Q] + 0.1 * rng.standard_normal((Q, D), dtype=np.float32)
-    qe = (("AQE", 3), ("AQEwD", 3), ("alpha-QE", 3), ("DQE", 3))
-    choice = BaselineChoice(qe, KReciprocalPoint(5, 3, 0.3), ())
+    db, q, choice = data(2)
     method_rankings(q, db[:3000], choice)  # loads the code and the allocators' pools
     open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM, the peak RSS
     before = kib("VmRSS")
@@ -73,30 +81,21 @@ def test_every_method_at_200k_stays_within_the_budget():
 # held at once in memory as ``method_rankings`` returns them, from the table read whole: 731 MiB.
 PIPELINE_BUDGET_MIB = 450
 
-PIPELINE_SCRIPT = textwrap.dedent(
+PIPELINE_SCRIPT = PRELUDE + textwrap.dedent(
     """
-    import json, tempfile
+    import tempfile
     from pathlib import Path
-    import numpy as np
-    from ssr_model.baselines import KReciprocalPoint
-    from ssr_tasks.retrieval.evaluate import BaselineChoice, method_rankings, read_ranks
+    from ssr_tasks.retrieval.evaluate import read_ranks
     from ssr_tasks.retrieval.ranker import MethodRanker, write_database_npy
     from storage.features import write_features
 
-    def kib(key):
-        return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
-
     N, D, Q = 200_000, 64, 20
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((N // 50, D), dtype=np.float32)
-    db = centres[rng.integers(0, len(centres), N)] + 0.7 * rng.standard_normal((N, D), dtype=np.float32)
-    q = db[:Q] + 0.1 * rng.standard_normal((Q, D), dtype=np.float32)
-    choice = BaselineChoice((("AQE", 3), ("AQEwD", 3), ("alpha-QE", 3), ("DQE", 3)), KReciprocalPoint(5, 3, 0.3), ())
+    db, q, choice = data(Q)
     work = Path(tempfile.mkdtemp())
     table = write_features(work / "f.parquet", ids=np.arange(N + Q), labels=np.zeros(N + Q, int),
         splits=["database"] * N + ["query"] * Q, embeddings=np.concatenate([db, q]),
         metadata={"dataset": "d", "backbone": "b", "checkpoint_hash": "h"})
-    del db, centres
+    del db
     warm = np.load(write_database_npy(table, work / "warm.npy", N, D), mmap_mode="r")[:3000]
     method_rankings(q, warm, choice, normalised=True)  # loads the code and the allocators' pools
     open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM, the peak RSS
