@@ -48,8 +48,10 @@ class Run:
 
 
 def _start(home: Path, command: list[str] = SSR) -> tuple[subprocess.Popen, Path, Path]:
-    env = {**os.environ, "SSR_HOME": str(home)}
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+    # each home its own Prefect home: the undisturbed run and the killed run start their
+    # temporary Prefect servers at the same time, and must not share one SQLite database
+    env = {**os.environ, "SSR_HOME": str(home), "PREFECT_HOME": str(home / "prefect-home")}
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PREFECT_API_DATABASE_CONNECTION_URL"):
         env.pop(key, None)
     tag = f"{home.name}-{os.urandom(3).hex()}"
     out, err = home.parent / f"{tag}.out", home.parent / f"{tag}.err"
