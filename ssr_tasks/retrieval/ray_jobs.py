@@ -163,8 +163,10 @@ class CandidateSearchPool:
 def candidate_search(database: Any, n_actors: int) -> Iterator[CandidateSearchPool | None]:
     """The search the re-rankers use for their candidates: a ``CandidateSearchPool`` of
     ``n_actors`` (0: one per free CPU) or, with -1, a pool only on a Ray cluster of more than
-    one node (on one machine the blocks would share its cores with nothing gained: 1 against
-    2 actors measured no faster here, docs/benchmarks.md); None means the in-process search."""
+    one node (on one machine the search stays in the caller's process, whose cores the
+    pipeline's other actors share; on the idle 2-core machine 2 actors searched 1.79x as fast
+    as 1, docs/benchmarks.md, so 0 is worth setting on a machine with free cores); None means
+    the in-process search."""
     import ray  # lazy: Ray, as above
 
     if n_actors == -1:
