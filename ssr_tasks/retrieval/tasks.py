@@ -48,6 +48,8 @@ from ssr_tasks.retrieval.validation import (
     choose_on_validation,
     grid_scale,
     mirror_validation,
+    qe_scale_for,
+    test_set_profile,
     val_vs_test_rows,
     write_val_vs_test,
 )
@@ -421,7 +423,9 @@ def rank_methods(
         spread=mirror,
     )
     scale = grid_scale(train, len(val.database), features.n_database)
-    choice, val_label = choose_on_validation(val, baselines, scale)
+    # opted in (baselines.val_scale_qe): QE's n scaled by the measured positives-per-query ratio
+    qe_scale = qe_scale_for(train, val, test_set_profile(features)) if baselines.val_scale_qe else None
+    choice, val_label = choose_on_validation(val, baselines, scale, qe_scale=qe_scale)
     logger.info(
         "baselines chosen on validation (%d held-out queries, %d database items, neighbour counts x %.3g): %s",
         len(val.queries),
