@@ -61,11 +61,16 @@ SCRIPT = PRELUDE + textwrap.dedent(
 )
 
 
+def run_script(script: str, timeout: int) -> dict:
+    """The script in a fresh Python process (its peak RSS is its own); its last line, as JSON."""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 def test_every_method_at_200k_stays_within_the_budget():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = run_script(SCRIPT, timeout=600)
     print(f"N=200,000: peak RSS growth {res['growth_mib']:.1f} MiB, {res['searched_rows']:,} rows searched")
     assert len(res["rows"]) == 10 and all(s == [2, 200_000] for s in res["shapes"])
     assert res["growth_mib"] < BUDGET_MIB
@@ -114,9 +119,7 @@ PIPELINE_SCRIPT = PRELUDE + textwrap.dedent(
 
 @pytest.mark.slow
 def test_the_pipelines_ranking_step_at_200k_stays_within_the_budget():
-    out = subprocess.run([sys.executable, "-c", PIPELINE_SCRIPT], capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = run_script(PIPELINE_SCRIPT, timeout=900)
     print(f"ranking step, N=200,000, Q=20: peak RSS growth {res['growth_mib']:.1f} MiB")
     assert len(res["rows"]) == 10 and all(s == [20, 200_000] for s in res["shapes"])
     assert res["growth_mib"] < PIPELINE_BUDGET_MIB
