@@ -7,7 +7,9 @@ for each N of ``--sizes``:
 
 1. once: the glyphs, the backbone (``--backbone`` or pretrained here), the features of the
    test set and the training clusters, every method's setting chosen on the validation
-   queries (held-out clusters, the pipeline's grids), SSR trained on the training clusters;
+   queries as the pipeline chooses them (its grids, ``--val-protocol``: mirror-test, the
+   pipeline's default, or held-out), made once and used at every N; SSR trained on the
+   training clusters;
 2. per N: the distractors' features (reused from a smaller N's blocks), the database as a
    memory-mapped .npy (test database first, then the distractors; L2-normalised);
 3. per method, in a fresh process (so its peak RSS is its own): the method's ranking of the
@@ -145,30 +147,53 @@ def _base_table(data: dict, backbone: Path, home: Path) -> Path:
     return out
 
 
-def _choose_and_train(base: Path, home: Path, iterations: int) -> tuple[Path, Path]:
-    """Every method's setting chosen on validation (the pipeline's default grids), and SSR
-    trained on the training clusters (the pipeline's defaults, lr_dni 1e-2)."""
-    from ssr_model.baselines import krecip_grid
+def _choose_and_train(base: Path, gnd: Path, home: Path, iterations: int, protocol: str) -> tuple[Path, Path]:
+    """Every method's setting chosen on validation and SSR trained on the training clusters, as
+    the pipeline's ``rank_methods`` / ``train_retrieval`` do for the test set without distractors:
+    the pipeline's default grids, its validation protocol (``protocol``: ``mirror-test``, the
+    default, or ``held-out``), its neighbour-count scaling, lr_dni 1e-2. The choices are made
+    once (at N = 0) and used at every N. Cached per protocol and iteration count."""
     from ssr_tasks.config import RetrievalBaselineParams, RetrievalTrainParams
-    from ssr_tasks.retrieval.evaluate import choose_baselines, shortlist_points
+    from ssr_tasks.retrieval.handoffs import RetrievalFeatures
     from ssr_tasks.retrieval.train import load_validation, train_retrieval
+    from ssr_tasks.retrieval.validation import choose_on_validation, grid_scale, mirror_validation
     from storage.features import read_features
 
-    choice_path, model_path = home / "choice.pkl", home / "ssr" / "summary.json"
-    cfg = RetrievalTrainParams(lr_dni=1e-2, iterations=iterations)
-    val = load_validation(base, cfg.n_val_queries, cfg.seed)
+    test_db = read_features(base, split="database")
+    n_queries = len(read_features(base, split="query").ids)
+    features = RetrievalFeatures(
+        path=str(base),
+        dim=test_db.dim,
+        n_database=len(test_db.ids),
+        n_queries=n_queries,
+        train_path=str(base),
+        gnd=str(gnd),
+    )
+    cfg = mirror_validation(RetrievalTrainParams(lr_dni=1e-2, iterations=iterations, val_protocol=protocol), features)
+    choice_path = home / f"choice-{protocol}.pkl"
+    model_path = home / f"ssr-{protocol}-{iterations}" / "summary.json"
+    val = load_validation(
+        base,
+        cfg.n_val_queries,
+        cfg.seed,
+        n_database=cfg.val_database,
+        spread=protocol == "mirror-test",
+    )
     if not choice_path.exists():
-        b = RetrievalBaselineParams()
+        scale = grid_scale(cfg, len(val.database), features.n_database)
         t0 = time.perf_counter()
-        choice = choose_baselines(
-            val, b.qe_n_grid, krecip_grid(b.krecip_pairs, b.krecip_lambda), shortlist_points=shortlist_points(b)
+        choice, _ = choose_on_validation(val, RetrievalBaselineParams(), scale)
+        _log(
+            f"settings chosen on {protocol} validation ({len(val.queries)} queries, {len(val.database)} database "
+            f"items, neighbour counts x {scale:.3g}) in {time.perf_counter() - t0:.0f} s: {choice.as_params()}"
         )
-        _log(f"settings chosen on validation in {time.perf_counter() - t0:.0f} s: {choice.as_params()}")
-        choice_path.write_bytes(pickle.dumps(choice))
+        tmp = choice_path.with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps(choice))
+        os.replace(tmp, choice_path)
     if not model_path.exists():
         train = read_features(base, split="train")
         t0 = time.perf_counter()
-        summary = train_retrieval(cfg, _unit(train.embeddings), np.asarray(train.labels), val, home / "ssr")
+        summary = train_retrieval(cfg, _unit(train.embeddings), np.asarray(train.labels), val, model_path.parent)
         _log(f"SSR trained in {time.perf_counter() - t0:.0f} s, validation mAP {100 * summary['best_val']:.2f}")
     return choice_path, model_path
 
@@ -297,11 +322,11 @@ def table_main(args: argparse.Namespace) -> None:
     data = prepare_glyphs(Path(args.glyphs_root) if args.glyphs_root else home / "data", seed=0, size="default")
     backbone = _backbone(args, Path(data["fewshot_root"]), home)
     base = _base_table(data, backbone, home)
-    choice, model = _choose_and_train(base, home, args.ssr_iterations)
+    gnd = Path(data["retrieval_root"]) / "test" / GND_NAME
+    choice, model = _choose_and_train(base, gnd, home, args.ssr_iterations, args.val_protocol)
     queries = home / "queries.npy"
     if not queries.exists():
         np.save(queries, _unit(read_features(base, split="query").embeddings))
-    gnd = Path(data["retrieval_root"]) / "test" / GND_NAME
     setup = time.perf_counter() - start
     _log(f"setup (glyphs, backbone, features, choices, SSR) {setup:.0f} s")
     methods = args.methods or list(RETRIEVAL_METHODS)
@@ -356,6 +381,12 @@ def main() -> None:
     t.add_argument("--glyphs-root", default=None, help="folder holding (or to hold) the default-size glyphs")
     t.add_argument("--backbone", default=None, help="conv4-64 state dict pretrained on the glyphs (else pretrained)")
     t.add_argument("--ssr-iterations", type=int, default=600)
+    t.add_argument(
+        "--val-protocol",
+        choices=["mirror-test", "held-out"],
+        default="mirror-test",
+        help="validation the choices and SSR's checkpoint are made on (the pipeline's train.val_protocol)",
+    )
     t.add_argument("--budget-min", type=float, default=60.0)
     t.add_argument("--methods", nargs="*", default=None)
     k = sub.add_parser("topk", help="top-K store builds at D = 2048 on synthetic features")
