@@ -260,6 +260,7 @@ def _method_child(args: argparse.Namespace) -> None:
     """One method on one database, in this fresh process; prints one JSON line."""
     import torch
 
+    from benchmarks.bench_scale import status_kb
     from ssr_model.metrics import revisited_map
     from ssr_tasks.config import RetrievalTrainParams
     from ssr_tasks.retrieval.evaluate import method_rankings
@@ -273,7 +274,7 @@ def _method_child(args: argparse.Namespace) -> None:
     gnd = read_gnd(Path(args.gnd)).gnd
     choice = pickle.loads(Path(args.choice).read_bytes())
     choice = type(choice)(choice.qe_n, choice.krecip, (), choice.shortlist, (args.method,))
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = status_kb("self", "VmRSS")
     t0, c0 = time.perf_counter(), time.process_time()
     (m,) = method_rankings(queries, db, choice, normalised=True)  # unit rows: the map is never copied
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -304,7 +305,9 @@ def _method_child(args: argparse.Namespace) -> None:
                 "ms_per_query": 1000 * seconds / Q,
                 "cpu_s": cpu,
                 "ssr_ms_per_query": 1000 * ssr_seconds / Q,
-                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                # VmHWM: this process's own peak. ru_maxrss is not: Linux carries the parent's
+                # peak across fork + exec, so a child of a 1 GiB parent reports >= 1 GiB
+                "peak_rss_mib": status_kb("self", "VmHWM") / 1024,
                 "rss_after_imports_mib": rss0 / 1024,
             }
         )
