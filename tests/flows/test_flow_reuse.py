@@ -15,3 +15,11 @@ def test_outputs_are_reused_without_the_prefect_cache(tiny_fewshot_twice):
     assert len(runs.outputs) >= 4, runs.outputs
     assert [r["method"] for r in runs.second["results"]] == [r["method"] for r in runs.first["results"]]
     assert runs.changed == [], runs.changed
+
+    def accuracies(rows):  # times and memory are measured anew by each run
+        return [{k: v for k, v in r.items() if "ms/episode" not in k and "MiB" not in k} for r in rows]
+
+    assert accuracies(runs.second["results"]) == accuracies(runs.first["results"])
+    # registered again with the same validation score: the champion alias stays on version 1
+    assert runs.first["version"] == 1 and "champion" in runs.first["aliases"]
+    assert runs.second["version"] == 2 and runs.second["aliases"] == [], runs.second
