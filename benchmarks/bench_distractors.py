@@ -155,7 +155,7 @@ def _choose_and_train(base: Path, gnd: Path, home: Path, iterations: int, protoc
     once (at N = 0) and used at every N. Cached per protocol and iteration count."""
     from ssr_tasks.config import RetrievalBaselineParams, RetrievalTrainParams
     from ssr_tasks.retrieval.handoffs import RetrievalFeatures
-    from ssr_tasks.retrieval.train import load_validation, train_retrieval
+    from ssr_tasks.retrieval.train import train_retrieval, validation_of
     from ssr_tasks.retrieval.validation import choose_on_validation, grid_scale, mirror_validation
     from storage.features import read_features
 
@@ -172,13 +172,7 @@ def _choose_and_train(base: Path, gnd: Path, home: Path, iterations: int, protoc
     cfg = mirror_validation(RetrievalTrainParams(lr_dni=1e-2, iterations=iterations, val_protocol=protocol), features)
     choice_path = home / f"choice-{protocol}.pkl"
     model_path = home / f"ssr-{protocol}-{iterations}" / "summary.json"
-    val = load_validation(
-        base,
-        cfg.n_val_queries,
-        cfg.seed,
-        n_database=cfg.val_database,
-        spread=protocol == "mirror-test",
-    )
+    val = validation_of(cfg, base)
     if not choice_path.exists():
         scale = grid_scale(cfg, len(val.database), features.n_database)
         t0 = time.perf_counter()

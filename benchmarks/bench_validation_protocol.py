@@ -49,7 +49,7 @@ from ssr_model.metrics import revisited_map  # noqa: E402
 from ssr_tasks.config import RetrievalBaselineParams, RetrievalTrainParams  # noqa: E402
 from ssr_tasks.retrieval.handoffs import RetrievalFeatures  # noqa: E402
 from ssr_tasks.retrieval.settings import ProtocolProfile, mirrored_database_size, protocol_profile  # noqa: E402
-from ssr_tasks.retrieval.train import load_validation  # noqa: E402
+from ssr_tasks.retrieval.train import validation_of  # noqa: E402
 from ssr_tasks.retrieval.validation import (  # noqa: E402
     choose_on_validation,
     glyph_grader,
@@ -142,14 +142,7 @@ def compare_choices(
         train = mirror_validation(
             RetrievalTrainParams(n_val_queries=n_val_queries, seed=seed, val_protocol=protocol), features
         )
-        val = load_validation(
-            Path(features.train_path),
-            n_val_queries,
-            seed,
-            features.dim,
-            n_database=train.val_database,
-            spread=protocol == "mirror-test",
-        )
+        val = validation_of(train, Path(features.train_path), features.dim)
         scale = grid_scale(train, len(val.database), features.n_database)
         qe_scale = qe_scale_for(train, val, test) if scale_n else 1.0
         choice, val_label = choose_on_validation(val, baselines, scale, qe_scale=qe_scale)

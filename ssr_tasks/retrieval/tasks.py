@@ -43,7 +43,7 @@ from ssr_tasks.retrieval.ranker import DATABASE_NPY, RANKS_DIR, rank_in_actor, w
 from ssr_tasks.retrieval.ray_jobs import run_trials
 from ssr_tasks.retrieval.rerank import rerank_store
 from ssr_tasks.retrieval.settings import holdout_fraction_for_k, relaxed_sequence_filter, scaled_lr_dni
-from ssr_tasks.retrieval.train import load_training_data, load_validation
+from ssr_tasks.retrieval.train import load_training_data, validation_of
 from ssr_tasks.retrieval.validation import (
     choose_on_validation,
     grid_scale,
@@ -413,15 +413,7 @@ def rank_methods(
     a Ray actor pool (``ray_jobs.candidate_search``; -1: only on a multi-node cluster)."""
     logger = get_run_logger()
     train = mirror_validation(train, features)
-    mirror = train.val_protocol == "mirror-test"
-    val = load_validation(
-        Path(features.train_path),
-        train.n_val_queries,
-        train.seed,
-        features.dim,
-        n_database=train.val_database,
-        spread=mirror,
-    )
+    val = validation_of(train, Path(features.train_path), features.dim)
     scale = grid_scale(train, len(val.database), features.n_database)
     # opted in (baselines.val_scale_qe): QE's n scaled by the measured positives-per-query ratio
     qe_scale = qe_scale_for(train, val, test_set_profile(features)) if baselines.val_scale_qe else None

@@ -319,13 +319,20 @@ def load_training_data(train_table: Path, cfg: RetrievalTrainParams) -> tuple[np
     ``cfg.val_database``: see ``load_validation``)."""
     train = read_features(Path(train_table), split="train")
     emb = _unit(train.embeddings)
-    val = load_validation(
+    return emb, np.asarray(train.labels), validation_of(cfg, train_table, train.dim, train_rows=emb)
+
+
+def validation_of(
+    cfg: RetrievalTrainParams, train_table: Path, feat_dim: int | None = None, train_rows: np.ndarray | None = None
+) -> ValidationSet:
+    """The validation set ``cfg`` asks for (``load_validation`` with its n_val_queries, seed,
+    val_database and val_protocol: queries spread over the clusters under mirror-test)."""
+    return load_validation(
         Path(train_table),
         cfg.n_val_queries,
         cfg.seed,
-        train.dim,
+        feat_dim,
         n_database=cfg.val_database,
         spread=cfg.val_protocol == "mirror-test",
-        train_rows=emb,
+        train_rows=train_rows,
     )
-    return emb, np.asarray(train.labels), val
