@@ -354,7 +354,7 @@ def tune_grid(
     trainable = tune.with_resources(trainable, {"cpu": 1, "gpu": 1} if device == "cuda" else {"cpu": 1})
     _LIVE_CALLBACKS[name] = grid_callback(len(points), progress, tracking)
     try:
-        if tune.Tuner.can_restore(experiment):
+        if tune.Tuner.can_restore(experiment) and not _unreadable_state(experiment):
             log.info(
                 "resuming the Tune experiment %s: finished trials are kept, the others continue from "
                 "their last checkpoint",
@@ -391,6 +391,31 @@ def tune_grid(
             f"{len(grid.errors)} trial(s) of {name} failed after {max_failures} retries: {msgs}", finished
         )
     return finished
+
+
+def _unreadable_state(experiment: str) -> bool:
+    """True when a local experiment's newest ``experiment_state-*.json`` cannot be read: a process
+    killed while Tune was writing it leaves it empty, and ``Tuner.restore`` then brings the
+    trials back without their configs (every retry fails with KeyError 'points'). Such an
+    experiment is moved aside (``<name>.unreadable-<time>``) and the grid starts afresh; its
+    trials' finished outputs outside Tune (``run_grid``'s trial folders) are still reused."""
+    folder = Path(experiment)
+    states = sorted(folder.glob("experiment_state-*.json")) if folder.is_dir() else []
+    if not states:
+        return False
+    try:
+        json.loads(states[-1].read_text())
+        return False
+    except (OSError, ValueError):
+        aside = folder.with_name(f"{folder.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        log.warning(
+            "%s: unreadable (%s is empty or cut short); starting the grid afresh, old folder kept as %s",
+            experiment,
+            states[-1].name,
+            aside,
+        )
+        folder.rename(aside)
+        return True
 
 
 def _install(checkpoint, dest: Path) -> None:

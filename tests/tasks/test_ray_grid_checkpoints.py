@@ -162,3 +162,25 @@ def test_run_grid_keeps_finished_trials_and_resumes_the_rest(ray_local, tmp_path
     grid()  # everything finished: not even Tune runs again
     assert starts(marks, 0.1) == 1 and starts(marks, 0.2) == 2
     assert experiment.is_dir()
+
+
+def test_a_grid_whose_experiment_state_was_cut_short_starts_afresh(ray_local, tmp_path, marks, caplog):
+    """A process killed while Tune wrote its experiment state leaves the file empty (seen on a CI
+    run of the resume flow test); Tuner.restore then brought the trial back without its config
+    (KeyError 'points' on every retry). The grid is run afresh instead, the old folder kept aside."""
+    (marks / "fail-2-at-3").touch()
+    storage = tmp_path / "ray"
+    with pytest.raises(TrialsFailed):
+        tune_grid(make_counting_trainable(marks), points(1, 2), "cut", storage, max_failures=0)
+    states = sorted((storage / "cut").glob("experiment_state-*.json"))
+    assert states
+    states[-1].write_text("")  # as a SIGKILL in the middle of the write leaves it
+
+    with caplog.at_level(logging.INFO, logger="ssr_tasks.ray_grid"):
+        done = tune_grid(make_counting_trainable(marks), points(1, 2), "cut", storage, max_failures=0)
+    assert set(done) == {"x=1", "x=2"}
+    assert starts(marks, 1) == 2 and starts(marks, 2) == 2  # both ran again from the start
+    lines = [r.getMessage() for r in caplog.records if r.name == "ssr_tasks.ray_grid"]
+    assert any("unreadable" in line and "starting the grid afresh" in line for line in lines), lines
+    assert not any(line.startswith("resuming the Tune experiment") for line in lines)
+    assert [p.name.split(".unreadable-")[0] for p in storage.glob("cut.unreadable-*")] == ["cut"]
